@@ -1,0 +1,246 @@
+"""Sans-IO chunk reassembly with a resume bitmap.
+
+Theory of operation
+    Chunks arrive in any order, any number of times, from the shared artifact topic or from
+    per-device re-sends. ``Reassembly`` decides what to do with each one; the bytes go to a
+    ``ChunkSink`` (memory here, a file in agent.runtime). Rules:
+
+    * sizes are capped before anything is stored: the declared total against ``max_bytes``,
+      every chunk against its exact expected length (full ``chunk_size``, shorter only last);
+    * a duplicate with identical bytes is a no-op (``Added.DUPLICATE``);
+    * a duplicate with different bytes raises ConflictingChunkError and changes nothing;
+    * completion is reported only after the sink's SHA-256 matches the manifest (``finish``);
+      a mismatch raises IntegrityError and clears the bitmap so the transfer starts over.
+
+    Resume: ``to_bytes()`` snapshots the bitmap and the per-chunk fingerprints. The shell must
+    make the chunk data durable (fsync) *before* it persists a snapshot that mentions it; on
+    restart ``from_bytes()`` restores it and ``missing_ranges()`` says what to request again.
+    A snapshot that fails its CRC or describes another artifact raises StorageError, and the
+    shell starts that transfer from zero (it is always safe to forget chunks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from agent.errors import (
+    ArtifactTooLargeError,
+    ChunkOutOfRangeError,
+    ConflictingChunkError,
+    IntegrityError,
+    StorageError,
+)
+
+FINGERPRINT_SIZE = 16
+_SNAPSHOT_MAGIC = b"EFR1"
+_SNAPSHOT_HEADER = struct.Struct(">4s16sIIQ32s")
+
+
+class ChunkSink(Protocol):
+    """Where reassembled bytes go: random-access writes and a digest of the whole."""
+
+    def write_at(self, offset: int, data: bytes) -> None: ...
+
+    def sha256(self) -> bytes: ...
+
+
+class MemorySink:
+    """In-memory sink for tests and for small artifacts."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(size)
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        self.buffer[offset : offset + len(data)] = data
+
+    def sha256(self) -> bytes:
+        return hashlib.sha256(self.buffer).digest()
+
+
+class Added(Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Progress:
+    received: int
+    total: int
+    bytes_received: int
+    total_bytes: int
+
+    @property
+    def fraction(self) -> float:
+        return self.received / self.total if self.total else 1.0
+
+
+def _fingerprint(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=FINGERPRINT_SIZE).digest()
+
+
+class Reassembly:
+    """Tracks which chunks of one artifact are stored; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        *,
+        artifact_id: str,
+        chunk_count: int,
+        chunk_size: int,
+        total_size: int,
+        sha256: str,
+        max_bytes: int,
+    ) -> None:
+        if total_size > max_bytes:
+            raise ArtifactTooLargeError(total_size, max_bytes)
+        if chunk_size <= 0 or chunk_count != -(-total_size // chunk_size):
+            raise ChunkOutOfRangeError(
+                f"{chunk_count} chunks of {chunk_size} bytes cannot hold {total_size} bytes", index=chunk_count
+            )
+        self.artifact_id = artifact_id
+        self.chunk_count = chunk_count
+        self.chunk_size = chunk_size
+        self.total_size = total_size
+        self.sha256 = bytes.fromhex(sha256)
+        self._prints: list[bytes | None] = [None] * chunk_count
+        self._received = 0
+        self._verified = False
+
+    # -- feeding ----------------------------------------------------------------------------------
+
+    def expected_length(self, index: int) -> int:
+        if index == self.chunk_count - 1:
+            return self.total_size - index * self.chunk_size
+        return self.chunk_size
+
+    def add(self, index: int, data: bytes, sink: ChunkSink) -> Added:
+        """Store one decrypted chunk; idempotent for identical duplicates."""
+        if not 0 <= index < self.chunk_count:
+            raise ChunkOutOfRangeError(f"chunk index {index} outside 0..{self.chunk_count - 1}", index=index)
+        if len(data) != self.expected_length(index):
+            raise ChunkOutOfRangeError(
+                f"chunk {index} is {len(data)} bytes, expected {self.expected_length(index)}", index=index
+            )
+        fp = _fingerprint(data)
+        known = self._prints[index]
+        if known is not None:
+            if known != fp:
+                raise ConflictingChunkError(index)
+            return Added.DUPLICATE
+        sink.write_at(index * self.chunk_size, data)
+        self._prints[index] = fp
+        self._received += 1
+        return Added.NEW
+
+    def has(self, index: int) -> bool:
+        return 0 <= index < self.chunk_count and self._prints[index] is not None
+
+    @property
+    def complete(self) -> bool:
+        """Every chunk is stored (not yet digest-checked: see ``finish``)."""
+        return self._received == self.chunk_count
+
+    @property
+    def verified(self) -> bool:
+        return self._verified
+
+    def finish(self, sink: ChunkSink) -> None:
+        """Check the whole artifact's digest; the only way to reach ``verified``."""
+        if not self.complete:
+            raise IntegrityError(f"artifact incomplete: {self._received} of {self.chunk_count} chunks")
+        if sink.sha256() != self.sha256:
+            self.reset()
+            raise IntegrityError("reassembled artifact does not match its SHA-256; starting the transfer over")
+        self._verified = True
+
+    def reset(self) -> None:
+        self._prints = [None] * self.chunk_count
+        self._received = 0
+        self._verified = False
+
+    # -- what is missing --------------------------------------------------------------------------
+
+    def progress(self) -> Progress:
+        stored = sum(self.expected_length(i) for i, p in enumerate(self._prints) if p is not None)
+        return Progress(self._received, self.chunk_count, stored, self.total_size)
+
+    def missing_ranges(self, limit: int = 1024) -> tuple[tuple[int, int], ...]:
+        """Half-open [start, end) runs of missing chunk indexes, at most ``limit`` of them."""
+        ranges: list[tuple[int, int]] = []
+        start: int | None = None
+        for i, p in enumerate(self._prints):
+            if p is None and start is None:
+                start = i
+            elif p is not None and start is not None:
+                ranges.append((start, i))
+                start = None
+                if len(ranges) >= limit:
+                    return tuple(ranges)
+        if start is not None:
+            ranges.append((start, self.chunk_count))
+        return tuple(ranges[:limit])
+
+    # -- resume snapshots ---------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Snapshot: header, bitmap, fingerprints, CRC-32 of everything before it."""
+        bitmap = bytearray(-(-self.chunk_count // 8))
+        prints = bytearray()
+        for i, p in enumerate(self._prints):
+            if p is not None:
+                bitmap[i // 8] |= 1 << (i % 8)
+                prints += p
+        body = (
+            _SNAPSHOT_HEADER.pack(
+                _SNAPSHOT_MAGIC,
+                bytes.fromhex(self.artifact_id),
+                self.chunk_count,
+                self.chunk_size,
+                self.total_size,
+                self.sha256,
+            )
+            + bytes(bitmap)
+            + bytes(prints)
+        )
+        return body + struct.pack(">I", zlib.crc32(body))
+
+    def restore(self, snapshot: bytes) -> None:
+        """Load a snapshot taken by ``to_bytes`` for this same artifact; StorageError if unusable."""
+        if len(snapshot) < _SNAPSHOT_HEADER.size + 4:
+            raise StorageError("resume snapshot truncated")
+        body, crc = snapshot[:-4], struct.unpack(">I", snapshot[-4:])[0]
+        if zlib.crc32(body) != crc:
+            raise StorageError("resume snapshot fails its checksum")
+        magic, art, count, size, total, digest = _SNAPSHOT_HEADER.unpack_from(body)
+        if (magic, art.hex(), count, size, total, digest) != (
+            _SNAPSHOT_MAGIC,
+            self.artifact_id,
+            self.chunk_count,
+            self.chunk_size,
+            self.total_size,
+            self.sha256,
+        ):
+            raise StorageError("resume snapshot describes a different artifact")
+        offset = _SNAPSHOT_HEADER.size
+        bitmap = body[offset : offset + -(-count // 8)]
+        offset += len(bitmap)
+        prints: list[bytes | None] = [None] * count
+        received = 0
+        for i in range(count):
+            if bitmap[i // 8] & (1 << (i % 8)):
+                fp = body[offset : offset + FINGERPRINT_SIZE]
+                if len(fp) != FINGERPRINT_SIZE:
+                    raise StorageError("resume snapshot truncated")
+                prints[i] = fp
+                offset += FINGERPRINT_SIZE
+                received += 1
+        if offset != len(body):
+            raise StorageError("resume snapshot has trailing bytes")
+        self._prints = prints
+        self._received = received
+        self._verified = False

@@ -1,0 +1,87 @@
+"""The shared contract between server and agent: topics, messages, the security envelope.
+
+Pure: stdlib and ``cryptography`` only. The server imports this package; nothing here
+imports the server, paho, numpy or an inference runtime.
+"""
+
+from agent.protocol.envelope import (
+    CHUNK_HEADER_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    ENVELOPE_VERSION,
+    ChunkOpener,
+    SealedArtifact,
+    TrustAnchor,
+    key_id,
+    open_command,
+    open_desired,
+    seal_artifact,
+    seal_command,
+    seal_desired,
+    unwrap_key,
+    wrap_key,
+)
+from agent.protocol.messages import (
+    SCHEMA_VERSION,
+    ActiveModel,
+    ArtifactInfo,
+    ChunkRequest,
+    Command,
+    DesiredState,
+    EnrollRequest,
+    Event,
+    GoldenCase,
+    HealthSpec,
+    ModelRef,
+    RuntimeSpec,
+    StateReport,
+    Telemetry,
+    TensorData,
+    TensorSpec,
+    WrappedKey,
+    decode_up,
+    encode,
+)
+from agent.protocol.topics import Channel, artifact_topic, device_topic, parse_topic
+
+PROTOCOL_VERSION = SCHEMA_VERSION
+
+__all__ = [
+    "CHUNK_HEADER_SIZE",
+    "DEFAULT_CHUNK_SIZE",
+    "ENVELOPE_VERSION",
+    "PROTOCOL_VERSION",
+    "SCHEMA_VERSION",
+    "ActiveModel",
+    "ArtifactInfo",
+    "Channel",
+    "ChunkOpener",
+    "ChunkRequest",
+    "Command",
+    "DesiredState",
+    "EnrollRequest",
+    "Event",
+    "GoldenCase",
+    "HealthSpec",
+    "ModelRef",
+    "RuntimeSpec",
+    "SealedArtifact",
+    "StateReport",
+    "Telemetry",
+    "TensorData",
+    "TensorSpec",
+    "TrustAnchor",
+    "WrappedKey",
+    "artifact_topic",
+    "decode_up",
+    "device_topic",
+    "encode",
+    "key_id",
+    "open_command",
+    "open_desired",
+    "parse_topic",
+    "seal_artifact",
+    "seal_command",
+    "seal_desired",
+    "unwrap_key",
+    "wrap_key",
+]

@@ -1,0 +1,1 @@
+"""Operator subcommands. Each module exposes ``register(subparsers)``; server.cli lists them."""
