@@ -10,8 +10,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from agent import __version__
+from server.config import default_home
 
 #: Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = ()
@@ -26,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="server state directory (registry, models, builds, keys); default $EDGEFLEET_HOME or "
+        "~/.local/share/edgefleet",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -42,4 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.parse_args([*(argv or sys.argv[1:]), "--help"])
         return 2
+    if args.home is None:
+        args.home = default_home()
     return int(handler(args))
