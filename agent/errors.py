@@ -25,6 +25,7 @@
     │   ├── HealthCheckError               warm-up / health check failed (carries the reason)
     │   └── InferenceError                 a request failed inside the runtime
     ├── StorageError                   disk-side failure (full disk, missing version, corrupt journal)
+    │   ├── DiskFullError                  no space (ENOSPC/EDQUOT) or under the configured free-space floor
     │   └── VersionNotKeptError            rollback target is not in the local store
     ├── ConfigError                    invalid configuration, with the offending field
     └── TransportError                 MQTT-side failure (carries paho's reason code)
@@ -220,6 +221,10 @@ class InferenceError(ModelError):
 
 class StorageError(EdgeError):
     code = "storage"
+
+
+class DiskFullError(StorageError):
+    code = "disk_full"
 
 
 class VersionNotKeptError(StorageError):
