@@ -131,6 +131,22 @@ class HttpConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_connections: int = 64
+    idle_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How the runtimes run models (agent.runtime.inference.InferenceOptions documents each field)."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    cache_dir: Path | None = None
+    trt_fp16: bool = True
+    trt_workspace_bytes: int = 1 << 30
+    litert_interpreters: int = 1
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,7 @@ class AgentConfig:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
 
@@ -247,8 +264,23 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         enabled=http.flag("enabled", True),
         host=http.text("host", "127.0.0.1", max_len=253),
         port=http.integer("port", 8080, lo=0, hi=65535),
+        max_body_bytes=http.integer("max_body_bytes", 16 * 1024 * 1024, lo=1024, hi=1 << 30),
+        max_connections=http.integer("max_connections", 64, lo=1, hi=1024),
+        idle_timeout_s=http.number("idle_timeout_s", 30.0, lo=0.1, hi=3600),
     )
     http.done()
+
+    inference = top.section("inference")
+    inference_cfg = InferenceConfig(
+        intra_op_threads=inference.integer("intra_op_threads", 0, lo=0, hi=256),
+        inter_op_threads=inference.integer("inter_op_threads", 1, lo=0, hi=64),
+        allow_spinning=inference.flag("allow_spinning", False),
+        cache_dir=inference.opt_path("cache_dir"),
+        trt_fp16=inference.flag("trt_fp16", True),
+        trt_workspace_bytes=inference.integer("trt_workspace_bytes", 1 << 30, lo=1 << 20, hi=1 << 40),
+        litert_interpreters=inference.integer("litert_interpreters", 1, lo=1, hi=16),
+    )
+    inference.done()
 
     log = top.section("log")
     log_cfg = LogConfig(format=log.choice("format", "json", LOG_FORMATS), level=log.choice("level", "info", LOG_LEVELS))
@@ -270,6 +302,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         lifecycle=lifecycle_cfg,
         telemetry=telemetry_cfg,
         http=http_cfg,
+        inference=inference_cfg,
         log=log_cfg,
         source=source,
     )

@@ -34,9 +34,7 @@ def generate_device_key(path: Path) -> X25519PrivateKey:
     if path.exists():
         raise ConfigError(f"{path} already exists; refusing to replace a device key", field="keys.device_key")
     key = X25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, pem, mode=0o600)
     atomic_write(path.with_suffix(".pub"), (public_key_b64(key.public_key()) + "\n").encode(), mode=0o644)
@@ -95,9 +93,8 @@ def public_key_b64(key: X25519PublicKey) -> str:
 
 
 def fingerprint(key: X25519PublicKey | Ed25519PublicKey) -> str:
-    """What an operator compares at enrollment: SHA-256 of the raw public key, hex in groups of four."""
-    digest = hashlib.sha256(raw_public(key)).hexdigest()
-    return "SHA256:" + ":".join(digest[i : i + 4] for i in range(0, 32, 4))
+    """What an operator compares at enrollment (docs/protocol.md 4.5): first 8 bytes of SHA-256 of the raw key, hex."""
+    return hashlib.sha256(raw_public(key)).digest()[:8].hex()
 
 
 def _read_key_file(path: Path, field_name: str) -> bytes:

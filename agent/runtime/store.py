@@ -258,6 +258,16 @@ class ModelStore:
             return None
         return data if isinstance(data, dict) else None
 
+    def save_last_desired(self, blob: bytes) -> None:
+        """The last accepted signed desired state (its expiry is reported; re-verified when read)."""
+        atomic_write(self.root / "desired", blob, mode=0o600)
+
+    def load_last_desired(self) -> bytes | None:
+        try:
+            return (self.root / "desired").read_bytes()
+        except OSError:
+            return None
+
     # -- space -----------------------------------------------------------------------------------------
 
     def free_bytes(self) -> int:
@@ -270,9 +280,7 @@ class ModelStore:
         """DiskFullError unless ``needed`` bytes fit and leave ``min_free_bytes`` free."""
         free = self.free_bytes()
         if free - needed < self.min_free_bytes:
-            raise DiskFullError(
-                f"{what} needs {needed} bytes; {free} free and {self.min_free_bytes} must stay free"
-            )
+            raise DiskFullError(f"{what} needs {needed} bytes; {free} free and {self.min_free_bytes} must stay free")
 
     # -- partial downloads -----------------------------------------------------------------------------
 
