@@ -293,10 +293,16 @@ class Agent:
         )
         if problems:
             self._error_event("storage", f"journal damaged ({'; '.join(problems)}); recovered from the other copy")
-        for answer in self._execute_all(effects):
+        # Serve the committed version first and get online; the rest of the resume step (continue a
+        # download, verify again, roll back) runs once the device is reachable and says so.
+        split = next(i for i, e in enumerate(effects) if isinstance(e, ServeCommitted)) + 1
+        for answer in self._execute_all(effects[:split]):
             self._feed(answer)
         self._after_events()
         self.link.start()
+        for answer in self._execute_all(effects[split:]):
+            self._feed(answer)
+        self._after_events()
         self._telemetry_next = self.monotonic() + self.config.telemetry.interval_s
         self._telemetry_since = self.host.now()
         self._telemetry_window_start = self.monotonic()
