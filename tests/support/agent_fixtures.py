@@ -66,6 +66,7 @@ def deploy_and_commit(
     which: str = "good",
     *,
     timeout: float = 60.0,
+    chunk_size: int = 16 * 1024,
     **health: Any,
 ) -> None:
     """Deploy ``which`` as ``version`` and wait until it is committed and serving."""
@@ -76,6 +77,7 @@ def deploy_and_commit(
         agent_models.ref(version),
         runtime=agent_models.ONNX,
         health=models.health(**health),
+        chunk_size=chunk_size,
     )
     event = fleet.wait_event(
         agent.device_id,
