@@ -68,12 +68,13 @@ __all__ = ["HealthReport", "LoadedModel", "ModelHost", "Served", "ServingStats"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadedModel:
     """One loaded session of one version (contract: CONTRACTS.md section 6).
 
     ``inputs``/``outputs`` are as the runtime reports them; ``backend`` and ``providers`` say what
     actually runs it (after CPU fallback); ``load_id`` tells two loads of the same file apart.
+    Compared by identity: each load is its own session, even of the same file.
     """
 
     ref: ModelRef
@@ -352,7 +353,7 @@ class ModelHost:
 
     def _slot_of(self, model: LoadedModel) -> _Slot:
         slot = self._slots.get(model.load_id)
-        if slot is None or slot.state in (_State.DRAINING, _State.RELEASED) or slot.model != model:
+        if slot is None or slot.state in (_State.DRAINING, _State.RELEASED) or slot.model is not model:
             raise ModelError(f"{model.ref.name} v{model.ref.version} is not loaded in this host (released or unloaded)")
         return slot
 

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -128,6 +129,13 @@ class _Server(ThreadingHTTPServer):
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %r", client_address, exc)  # clients hang up; that is normal
+        else:
+            log.error("error on connection from %s", client_address, exc_info=exc)
 
     def close_request(self, request: Any) -> None:
         with self.connections_lock:

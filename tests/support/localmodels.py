@@ -22,7 +22,7 @@ class DigitsData:
 
 
 def digits_data() -> DigitsData:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy, only when training
 
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float32)  # pixel intensities 0..16, as the data set has them
@@ -61,14 +61,17 @@ def _train_mlp(data: DigitsData, *, hidden: int, seed: int, epochs: int = 60) ->
 
 
 def write_digits_onnx(path: Path, *, seed: int = 0, hidden: int = 32) -> Path:
-    """Train (once per seed) and write ``input`` float32[N,64] (0..16) -> ``logits`` [N,10], ``probabilities`` [N,10]."""
+    """Train (once per seed) and write ``input`` float32[N,64] (0..16) -> ``logits``, ``probabilities`` [N,10]."""
     if path.exists():
         return path
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    import onnx  # noqa: PLC0415 - only when the cached file is missing
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
     w1, b1, w2, b2 = _train_mlp(digits_data(), hidden=hidden, seed=seed)
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in zip((w1, b1, w2, b2), ("w1", "b1", "w2", "b2"))]
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in zip((w1, b1, w2, b2), ("w1", "b1", "w2", "b2"), strict=True)
+    ]
     nodes = [
         helper.make_node("MatMul", ["input", "w1"], ["h0"]),
         helper.make_node("Add", ["h0", "b1"], ["h1"]),

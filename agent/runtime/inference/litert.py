@@ -15,6 +15,7 @@ and the model runs on the CPU kernels (XNNPACK), like ONNX Runtime's CPU fallbac
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 from collections.abc import Mapping
@@ -164,9 +165,23 @@ def _load_delegates(module: Any, requested: tuple[str, ...]) -> tuple[list[Any],
             if name.lower() not in ("cpu", "xnnpack"):
                 log.info("LiteRT has no delegate called %r; skipped", name)
             continue
+        if not _library_present(library):
+            log.warning("LiteRT delegate %s needs %s, which this device does not have; running on CPU", name, library)
+            continue
         try:
             delegates.append(module.load_delegate(library))
             names.append(name)
         except (ValueError, OSError, RuntimeError) as exc:
             log.warning("LiteRT delegate %s (%s) did not load: %s; running on CPU", name, library, exc)
     return delegates, tuple(names)
+
+
+def _library_present(library: str) -> bool:
+    """Whether the dynamic loader can find ``library`` (checked first: a failed load_delegate leaves noise)."""
+    if "/" in library:
+        return Path(library).is_file()
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
