@@ -166,6 +166,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it (curl asks for bodies over 1 MiB)."""
+        raw = self.headers.get("Content-Length", "")
+        if raw.isdigit() and int(raw) > self.server.config.max_body_bytes:
+            self.close_connection = True
+            self._send_json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"body of {raw} bytes is over the {self.server.config.max_body_bytes}-byte limit"},
+            )
+            return False
+        return super().handle_expect_100()
+
     # -- dispatch ----------------------------------------------------------------------------------
 
     def do_GET(self) -> None:

@@ -200,6 +200,21 @@ def test_oversized_and_unsized_bodies_are_refused_before_reading(
     assert status == 413 and "limit" in json.loads(payload)["error"]
     c.close()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % (MAX_BODY * 4)
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413")  # refused before the client sent a byte of body
+    good = json.dumps(infer_body(np.ones((1, 64), np.float32))).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(good)
+        )
+        assert raw.recv(4096).startswith(b"HTTP/1.1 100")
+        raw.sendall(good)
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         raw.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.1 411")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:

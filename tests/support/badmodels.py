@@ -174,7 +174,7 @@ def slow_variant(src: Path, dst: Path, *, extra_ms: float, size: int = 256) -> P
 
     Calibrates once: times a short loop with onnxruntime, then sizes the loop for ``extra_ms``.
     """
-    import onnxruntime as ort  # noqa: PLC0415 - only the slow variant needs a runtime
+    import onnxruntime as ort
 
     probe_iters = 20
     probe = _matmul_loop_variant(src, dst, probe_iters, size)

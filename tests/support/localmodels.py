@@ -22,7 +22,7 @@ class DigitsData:
 
 
 def digits_data() -> DigitsData:
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy, only when training
+    from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float32)  # pixel intensities 0..16, as the data set has them
@@ -64,8 +64,8 @@ def write_digits_onnx(path: Path, *, seed: int = 0, hidden: int = 32) -> Path:
     """Train (once per seed) and write ``input`` float32[N,64] (0..16) -> ``logits``, ``probabilities`` [N,10]."""
     if path.exists():
         return path
-    import onnx  # noqa: PLC0415 - only when the cached file is missing
-    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
     w1, b1, w2, b2 = _train_mlp(digits_data(), hidden=hidden, seed=seed)
     inits = [
