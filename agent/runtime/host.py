@@ -171,7 +171,8 @@ class ModelHost:
             if self._closed:
                 session.close()
                 raise ModelLoadError("model host is closed")
-            self._slots[model.load_id] = _Slot(model, session)
+            with self._lock:
+                self._slots[model.load_id] = _Slot(model, session)
         log.info(
             "loaded %s v%d (%s, %s) in %.1f ms",
             ref.name,
