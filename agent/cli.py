@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import datetime as dt
 import getpass
-import importlib
 import json
 import logging
 import os
@@ -33,6 +32,10 @@ from agent.errors import ConfigError, EdgeError
 from agent.runtime.agent import Agent
 from agent.runtime.config import AgentConfig, BrokerConfig, HttpConfig, KeysConfig, load_config, render_config
 from agent.runtime.fsutil import atomic_write
+from agent.runtime.host import ModelHost
+from agent.runtime.http import HttpConfig as ServerHttpConfig
+from agent.runtime.http import InferenceHttpServer
+from agent.runtime.inference import InferenceOptions
 from agent.runtime.keys import (
     fingerprint,
     generate_device_key,
@@ -242,12 +245,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_host(config: Any) -> Any:
-    """The serving runtime (agent.runtime.host), configured from ``[inference]``."""
-    inference = importlib.import_module("agent.runtime.inference")
-    host_module = importlib.import_module("agent.runtime.host")
+def _make_host(config: AgentConfig) -> ModelHost:
+    """The serving runtime, configured from ``[inference]``."""
     c = config.inference
-    options = inference.InferenceOptions(
+    options = InferenceOptions(
         intra_op_threads=c.intra_op_threads,
         inter_op_threads=c.inter_op_threads,
         allow_spinning=c.allow_spinning,
@@ -256,23 +257,23 @@ def _make_host(config: Any) -> Any:
         trt_workspace_bytes=c.trt_workspace_bytes,
         litert_interpreters=c.litert_interpreters,
     )
-    return host_module.ModelHost(options)
+    return ModelHost(options)
 
 
-def _start_http(config: Any, host: Any) -> Any:
+def _start_http(config: AgentConfig, host: ModelHost) -> InferenceHttpServer | None:
     if not config.http.enabled:
         return None
-    http = importlib.import_module("agent.runtime.http")
     h = config.http
-    server_config = http.HttpConfig(
+    server_config = ServerHttpConfig(
         host=h.host,
         port=h.port,
         max_body_bytes=h.max_body_bytes,
         max_connections=h.max_connections,
         idle_timeout_s=h.idle_timeout_s,
+        allow_remote=h.allow_remote,
     )
     try:
-        return http.InferenceHttpServer(host, server_config).start()
+        return InferenceHttpServer(host, server_config).start()
     except OSError as exc:
         raise ConfigError(f"cannot serve HTTP on {h.host}:{h.port}: {exc.strerror or exc}", field="http.port") from exc
 

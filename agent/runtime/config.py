@@ -51,7 +51,7 @@ from agent.protocol.topics import DEVICE_ID_PATTERN
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 (Jetson JetPack 6)
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+    import tomli as tomllib
 
 T = TypeVar("T")
 MAX_CONFIG_BYTES = 256 * 1024
@@ -134,6 +134,7 @@ class HttpConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_connections: int = 64
     idle_timeout_s: float = 30.0
+    allow_remote: bool = False  # serving beyond loopback must be asked for explicitly
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         max_body_bytes=http.integer("max_body_bytes", 16 * 1024 * 1024, lo=1024, hi=1 << 30),
         max_connections=http.integer("max_connections", 64, lo=1, hi=1024),
         idle_timeout_s=http.number("idle_timeout_s", 30.0, lo=0.1, hi=3600),
+        allow_remote=http.flag("allow_remote", False),
     )
     http.done()
 
