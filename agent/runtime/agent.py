@@ -229,6 +229,7 @@ class Agent:
         self._telemetry_since: float | None = None
         self._telemetry_window_start = 0.0
         self._state_dirty = True
+        self._published_lifecycle: State | None = None
         self._started = threading.Event()
         self._stopping = False
 
@@ -455,6 +456,8 @@ class Agent:
             log.critical("cannot write the journal: %s", exc.message)
             self._error_event(exc.code, f"cannot write the journal: {exc.message}")
         self._state_dirty = True
+        if record.state is not self._published_lifecycle:
+            self._publish_state()  # one retained StateReport per transition (another follows the side effects)
 
     def _report(self, report: Report) -> None:
         self._event(
@@ -1158,6 +1161,7 @@ class Agent:
         )
 
     def _publish_state(self) -> None:
+        self._published_lifecycle = self.machine.state
         report = self._state_report()
         self._publish(device_topic(self.device_id, Channel.STATE), encode(report), retain=True)
         status = report.to_dict() | {

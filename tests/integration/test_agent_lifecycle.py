@@ -50,6 +50,9 @@ def test_deploy_v1_then_v2(fleet: FleetServer, models: AgentModels, agent_factor
     positions = [kinds.index(k) for k in expected]
     assert positions == sorted(positions), kinds
 
+    seen = {s.lifecycle for s in fleet.log(agent.device_id).states}
+    assert {"idle", "downloading", "verifying", "staged", "warming", "probation"} <= seen, "a StateReport per transition"
+
     deploy_and_commit(fleet, agent, models, 2, "good_v2")
     v2_logits = assert_serves(agent, models)
     np.testing.assert_allclose(v1_logits, v2_logits, rtol=1e-5, atol=1e-5)
