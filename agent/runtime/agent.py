@@ -263,7 +263,7 @@ class Agent:
         for problem in problems:
             log.error("journal slot unreadable: %s", problem)
         if record is None:
-            record = self._record_from_store(bool(problems))
+            record = self._record_from_store()
         removed = self.store.cleanup(record)
         if removed:
             log.info("removed leftovers of an interrupted run", extra={"fields": {"paths": removed}})
@@ -293,7 +293,8 @@ class Agent:
             },
         )
         if problems:
-            self._error_event("storage", f"journal damaged ({'; '.join(problems)}); recovered from the other copy")
+            how = "recovered from the other copy" if record.serial else "rebuilt from the store's current version"
+            self._error_event("storage", f"journal damaged ({'; '.join(problems)}); {how}")
         # Serve the committed version first and get online; the rest of the resume step (continue a
         # download, verify again, roll back) runs once the device is reachable and says so.
         split = next(i for i, e in enumerate(effects) if isinstance(e, ServeCommitted)) + 1
@@ -309,14 +310,14 @@ class Agent:
         self._telemetry_window_start = self.monotonic()
         self._started.set()
 
-    def _record_from_store(self, damaged: bool) -> JournalRecord:
+    def _record_from_store(self) -> JournalRecord:
         """No readable journal: start from what the store says is current (a fresh device has nothing)."""
         current = self.store.current()
         if current is None:
             return JournalRecord()
         versions = {v.ref.name: v.ref.version for v in reversed(self.store.kept())}
         log.warning("no usable journal; serving the store's current version %s", _ref_text(current.ref))
-        return JournalRecord(committed=current.ref, committed_versions=versions, serial=2 if damaged else 0)
+        return JournalRecord(committed=current.ref, committed_versions=versions)
 
     def shutdown(self) -> None:
         self._stopping = True

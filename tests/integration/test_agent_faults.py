@@ -176,3 +176,28 @@ def test_retained_desired_is_not_reprocessed_on_restart(
     kinds = fleet.kinds(agent.device_id, mark)
     assert not [k for k in kinds if k.startswith(("desired.", "download.", "lifecycle."))], kinds
     assert_serves(agent, models)
+
+
+def test_corrupted_committed_model_falls_back_to_a_kept_version(
+    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+) -> None:
+    """Bit rot in the committed model file (found by its digest at start): serve the previous kept version."""
+    agent = agent_factory()
+    deploy_and_commit(fleet, agent, models, 1)
+    deploy_and_commit(fleet, agent, models, 2, "good_v2")
+    agent.stop()
+    (current,) = [p for p in (agent.store_dir / "models" / "digits").iterdir() if p.name.startswith("2-")]
+    model_file = current / "model.onnx"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    mark = fleet.event_count(agent.device_id)
+    agent.start()
+    event = fleet.wait_event(agent.device_id, "lifecycle.rolled_back", after=mark)
+    assert event.model == agent_models.ref(2)
+    assert event.data["phase"] == "startup" and event.data["restored"] == {"name": "digits", "version": 1}
+    assert "changed on disk" in event.message
+    still_serving(fleet, agent, models, 1)
+    journal = agent.journal()
+    assert journal is not None and journal.committed == agent_models.ref(1)
+    assert journal.committed_versions == {"digits": 1}, "v2 may be deployed again once it is fixed"

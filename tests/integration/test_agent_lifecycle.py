@@ -51,7 +51,7 @@ def test_deploy_v1_then_v2(fleet: FleetServer, models: AgentModels, agent_factor
     assert positions == sorted(positions), kinds
 
     seen = {s.lifecycle for s in fleet.log(agent.device_id).states}
-    assert {"idle", "downloading", "verifying", "staged", "warming", "probation"} <= seen, "a StateReport per transition"
+    assert {"idle", "downloading", "verifying", "staged", "warming", "probation"} <= seen, "one per transition"
 
     deploy_and_commit(fleet, agent, models, 2, "good_v2")
     v2_logits = assert_serves(agent, models)
