@@ -22,8 +22,8 @@ Theory of operation
          that record. The shell executes effects in order, so the journal always names the
          state before a side effect runs (kill -9 at any point resumes from the journal, see
          journal.py's table). One exception, on purpose: the reports that end a rollback are
-         published *before* the journal write that ends it, so a crash in between repeats the
-         (idempotent) rollback and its report: at least once, never lost. A commit is the
+         published *before* the journal write that ends it (so is a startup fallback's), so a crash
+         in between repeats the (idempotent) rollback and its report: at least once, never lost. A commit is the
          other way round: it is announced only once it is durable.
       2. ``committed`` changes only on a commit (probation passed), on a finished operator
          switch, or on a startup fallback. It never names a candidate.
@@ -667,8 +667,8 @@ class UpdateMachine:
             ]
         versions = {**r.committed_versions, ev.serving.name: ev.serving.version}
         new = r.next(committed=ev.serving, committed_versions=versions, attempts=r.attempts)
+        # reported before the journal write (rule 1): a crash in between falls back, and reports, again
         return new, [
-            Commit(ev.serving),
             Report(
                 "lifecycle.rolled_back",
                 ev.failed,
@@ -677,6 +677,8 @@ class UpdateMachine:
                 message=ev.reason,
                 data={"reason": ev.reason, "check": "load", "restored": _ref_dict(ev.serving), "phase": "startup"},
             ),
+            _JOURNAL_HERE,
+            Commit(ev.serving),
         ]
 
 

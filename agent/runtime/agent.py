@@ -230,6 +230,7 @@ class Agent:
         self._telemetry_window_start = 0.0
         self._state_dirty = True
         self._published_lifecycle: State | None = None
+        self._head_done = False  # nothing is reported before the committed version serves
         self._started = threading.Event()
         self._stopping = False
 
@@ -300,6 +301,7 @@ class Agent:
         split = next(i for i, e in enumerate(effects) if isinstance(e, ServeCommitted)) + 1
         for answer in self._execute_all(effects[:split]):
             self._feed(answer)
+        self._head_done = True
         self._after_events()
         self.link.start()
         for answer in self._execute_all(effects[split:]):
@@ -407,6 +409,8 @@ class Agent:
                 self._error_event(exc.code, exc.message)
                 continue
             pending.extend(self._execute_all(effects))
+            if self._head_done and self.machine.state is not self._published_lifecycle:
+                self._publish_state()  # one retained StateReport per transition, after its side effects
 
     def _execute_all(self, effects: list[Effect]) -> list[Event]:
         """Run effects in order; collect the events they answer with (fed after all of them ran)."""
@@ -457,8 +461,6 @@ class Agent:
             log.critical("cannot write the journal: %s", exc.message)
             self._error_event(exc.code, f"cannot write the journal: {exc.message}")
         self._state_dirty = True
-        if record.state is not self._published_lifecycle:
-            self._publish_state()  # one retained StateReport per transition (another follows the side effects)
 
     def _report(self, report: Report) -> None:
         self._event(

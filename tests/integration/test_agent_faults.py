@@ -27,8 +27,11 @@ pytestmark = pytest.mark.broker
 
 
 def still_serving(fleet: FleetServer, agent: AgentProcess, models: AgentModels, version: int) -> None:
-    state = fleet.wait_state(agent.device_id, lambda s: s.lifecycle == "idle" and s.active is not None)
-    assert state.active is not None and (state.active.version, state.active.state) == (version, "committed")
+    state = fleet.wait_state(
+        agent.device_id,
+        lambda s: s.online and s.lifecycle == "idle" and s.active is not None and s.active.version == version,
+    )
+    assert state.active is not None and state.active.state == "committed"
     assert agent.running
     assert_serves(agent, models)
 

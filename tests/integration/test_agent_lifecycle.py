@@ -174,7 +174,9 @@ def test_rollback_activate_and_pin_need_no_chunks(
     assert result.data["ok"] is True, result.data
     assert result.data["action"] == "rollback"
     assert result.data["active"] == {"name": "digits", "version": 1}
-    state = fleet.wait_state(agent.device_id, lambda s: s.active is not None and s.active.version == 1)
+    state = fleet.wait_state(
+        agent.device_id, lambda s: s.lifecycle == "idle" and s.active is not None and s.active.version == 1
+    )
     assert state.lifecycle == "idle" and state.kept == (1, 2)
     assert "lifecycle.committed" in fleet.kinds(agent.device_id, mark)
     agent.wait_http_ready()
