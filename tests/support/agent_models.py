@@ -36,16 +36,25 @@ class AgentModels:
         return Path(getattr(self, which)).read_bytes()
 
     def health(self, *, probation_s: float = 1.0, latency_budget_ms: float = 50.0, min_requests: int = 0) -> HealthSpec:
-        return HealthSpec(
-            inputs=(TensorSpec(self.input_name, "float32", (1, 1, 8, 8)),),
-            outputs=(TensorSpec("logits", "float32", (-1, 10)),),
-            latency_budget_ms=latency_budget_ms,
-            probation_s=probation_s,
-            probation_min_requests=min_requests,
-            max_error_rate=0.05,
-            max_latency_regression=3.0,
-            warmup_runs=3,
+        return digits_health(
+            self.input_name, probation_s=probation_s, latency_budget_ms=latency_budget_ms, min_requests=min_requests
         )
+
+
+def digits_health(
+    input_name: str = "pixels", *, probation_s: float = 1.0, latency_budget_ms: float = 50.0, min_requests: int = 0
+) -> HealthSpec:
+    """The health spec the digits classifier ships with in these tests (one 8x8 image per probe)."""
+    return HealthSpec(
+        inputs=(TensorSpec(input_name, "float32", (1, 1, 8, 8)),),
+        outputs=(TensorSpec("logits", "float32", (-1, 10)),),
+        latency_budget_ms=latency_budget_ms,
+        probation_s=probation_s,
+        probation_min_requests=min_requests,
+        max_error_rate=0.05,
+        max_latency_regression=3.0,
+        warmup_runs=3,
+    )
 
 
 def build(directory: Path) -> AgentModels:
