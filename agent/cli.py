@@ -289,7 +289,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     saved = store.read_status() or {}
     pid = saved.get("pid")
     running = isinstance(pid, int) and _alive(pid)
-    api = _local_api(config) if running and config.http.enabled else None
+    serving_name = record.committed.name if record and record.committed else None
+    api = _local_api(config, serving_name) if running and config.http.enabled else None
     kept = [
         {
             "version": v.ref.version,
@@ -334,16 +335,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _local_api(config: Any) -> dict[str, Any]:
+def _local_api(config: AgentConfig, model: str | None) -> dict[str, Any]:
+    """Readiness, and what the running agent's HTTP API says it serves (its live view, not the journal's)."""
     base = f"http://{config.http.host}:{config.http.port}"
-    out: dict[str, Any] = {"url": base, "ready": False}
-    url = f"{base}/v2/health/ready"
+    out: dict[str, Any] = {"url": base, "ready": _get_json(f"{base}/v2/health/ready") is not None}
+    if model is not None:
+        meta = _get_json(f"{base}/v2/models/{model}")
+        if isinstance(meta, dict):
+            out["model"] = {
+                "name": meta.get("name"),
+                "versions": meta.get("versions"),
+                "platform": meta.get("platform"),
+            }
+        stats = _get_json(f"{base}/v2/models/{model}/stats")
+        if isinstance(stats, dict):
+            out["stats"] = stats
+    return out
+
+
+def _get_json(url: str) -> Any:
+    """GET a loopback URL of the agent; None on any failure or non-200."""
     with (
         contextlib.suppress(OSError, urllib.error.URLError, ValueError),
         urllib.request.urlopen(url, timeout=1.0) as response,  # noqa: S310 - the agent's own loopback URL
     ):
-        out["ready"] = response.status == 200
-    return out
+        body = response.read()
+        return json.loads(body) if response.status == 200 and body else ({} if response.status == 200 else None)
+    return None
 
 
 def _status_table(s: dict[str, Any]) -> str:
@@ -353,7 +371,12 @@ def _status_table(s: dict[str, Any]) -> str:
     serving = s.get("serving")
     serving_text = f"{ref(serving)} ({serving.get('state')})" if isinstance(serving, dict) else "-"
     api = s.get("local_api")
-    api_text = f"{api['url']} ({'ready' if api['ready'] else 'not ready'})" if api else "-"
+    api_text = "-"
+    if api:
+        api_text = f"{api['url']} ({'ready' if api['ready'] else 'not ready'})"
+        stats = api.get("stats")
+        if isinstance(stats, dict):
+            api_text += f", v{stats.get('version')}: {stats.get('requests')} requests, {stats.get('errors')} errors"
     kept = ", ".join(f"v{k['version']}" for k in s["kept"]) or "-"
     rows = [
         ("device", f"{s['device_id']} ({s['profile']})"),

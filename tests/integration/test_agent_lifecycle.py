@@ -227,6 +227,7 @@ def test_ping_purge_and_status(fleet: FleetServer, models: AgentModels, agent_fa
     assert status["committed"] == {"name": "digits", "version": 3}
     assert [k["version"] for k in status["kept"]] == [3]
     assert status["local_api"]["ready"] is True
+    assert status["local_api"]["model"]["versions"] == ["3"], "the live view of the running agent"
     table = subprocess.run(
         [sys.executable, "-m", "agent", "status", "--config", str(agent.config_path)],
         capture_output=True,
