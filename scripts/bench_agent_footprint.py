@@ -32,14 +32,15 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support (the real models) lives beside the installed packages
 
-from tests.support.serving_models import digits_onnx  # noqa: E402
+from tests.support.models import real_model  # noqa: E402
 
 BARE = """
 import sys, time, numpy as np, onnxruntime as ort
 so = ort.SessionOptions(); so.intra_op_num_threads = 1
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 shape = lambda i: [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-feeds = {i.name: np.ones(shape(i), np.float32) for i in s.get_inputs()}
+kind = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+feeds = {i.name: np.ones(shape(i), kind[i.type]) for i in s.get_inputs()}
 s.run(None, feeds)
 print("ready", flush=True)
 sys.stdin.read()
@@ -89,9 +90,11 @@ def exercise(port: int, model: Path) -> None:
     """A few real requests, so the serving process holds what serving needs (threads, buffers)."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     inputs = []
+    datatypes = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
     for arg in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-        inputs.append({"name": arg.name, "shape": shape, "datatype": "FP32", "data": np.ones(shape).ravel().tolist()})
+        data = np.ones(shape, int).ravel().tolist()
+        inputs.append({"name": arg.name, "shape": shape, "datatype": datatypes[arg.type], "data": data})
     body = json.dumps({"inputs": inputs}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for _ in range(20):
@@ -109,13 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="15 s idle window instead of 30 s")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--model", type=Path, help="ONNX model (default: the digits classifier)")
+    parser.add_argument(
+        "--model", default="digits", help="a shared real ONNX model by name, or a path (default: digits)"
+    )
     parser.add_argument("--idle-s", type=float, help="idle window in seconds")
     args = parser.parse_args(argv)
     idle_s = args.idle_s or (15.0 if args.quick else 30.0)
-    model = args.model
-    if model is None:
-        model = digits_onnx()
+    model = (
+        real_model(args.model).path if "/" not in args.model and not args.model.endswith(".onnx") else Path(args.model)
+    )
 
     bare, _ = start(BARE, model)
     serving, extra = start(SERVING, model)

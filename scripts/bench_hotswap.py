@@ -51,7 +51,7 @@ from agent.runtime.host import ModelHost  # noqa: E402
 from agent.runtime.http import HttpConfig, InferenceHttpServer  # noqa: E402
 from agent.runtime.inference import InferenceOptions  # noqa: E402
 from tests.support.badmodels import identity_variant  # noqa: E402
-from tests.support.serving_models import digits_onnx  # noqa: E402
+from tests.support.models import NAMES, real_model  # noqa: E402
 
 # -- the serving process -------------------------------------------------------------------------
 
@@ -156,8 +156,19 @@ class Sample:
     version: str
 
 
-def request_body(model_path: Path) -> tuple[bytes, dict[str, np.ndarray]]:
-    """One realistic request for the model: a digit for the digits model, probe inputs otherwise."""
+def resolve_model(spec: str) -> tuple[Path, dict[str, np.ndarray] | None]:
+    """A shared real model by name (with one sample of its evaluation data) or an ONNX file by path."""
+    if spec in NAMES:
+        model = real_model(spec)
+        if model.format != "onnx":
+            raise SystemExit(f"{spec} is a {model.format} model; this benchmark serves ONNX models")
+        data = model.load("evaluation", limit=1)
+        return model.path, {t.name: data[t.name] for t in model.inputs}
+    return Path(spec), None
+
+
+def request_body(model_path: Path, sample: dict[str, np.ndarray] | None) -> tuple[bytes, dict[str, np.ndarray]]:
+    """One request: the real sample when there is one, else probe inputs built from the model's inputs."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     feeds: dict[str, np.ndarray] = {}
     inputs = []
@@ -169,8 +180,11 @@ def request_body(model_path: Path) -> tuple[bytes, dict[str, np.ndarray]]:
     for arg in session.get_inputs():
         datatype, dtype = dtypes[arg.type]
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-        if dtype is np.float32:
-            array = np.random.default_rng(0).random(shape, dtype=np.float32) * 16
+        if sample is not None:
+            array = sample[arg.name].astype(dtype)
+            shape = list(array.shape)
+        elif dtype is np.float32:
+            array = np.random.default_rng(0).random(shape, dtype=np.float32)
         else:
             array = np.ones(shape, dtype)
         feeds[arg.name] = array
@@ -226,9 +240,7 @@ def ms(samples: list[Sample]) -> list[float]:
 # -- the benchmark ---------------------------------------------------------------------------------
 
 
-def build_models(model: Path | None, work: Path) -> tuple[Path, Path]:
-    if model is None:
-        model = digits_onnx()
+def build_models(model: Path, work: Path) -> tuple[Path, Path]:
     v1 = work / "v1.onnx"
     v1.write_bytes(model.read_bytes())
     return v1, identity_variant(model, work / "v2.onnx")
@@ -255,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--clients", type=int, default=4, help="closed-loop client connections (default 4)")
     parser.add_argument("--swaps", type=int, help="version switches (default 10 quick, 30 full; at least 10)")
-    parser.add_argument("--model", type=Path, help="ONNX model to serve (default: the digits classifier)")
+    parser.add_argument(
+        "--model",
+        default="digits",
+        help=f"a shared real model ({', '.join(n for n in NAMES if n != 'selfie')}) or an ONNX file (default: digits)",
+    )
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_child:
@@ -268,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     sequential_n = 300 if args.quick else 2000
 
     with tempfile.TemporaryDirectory() as tmp:
-        v1, v2 = build_models(args.model, Path(tmp))
-        body, feeds = request_body(v1)
+        source, sample = resolve_model(args.model)
+        v1, v2 = build_models(source, Path(tmp))
+        body, feeds = request_body(v1, sample)
         files = {1: v1, 2: v2}
         raw = raw_baseline(v1, feeds, sequential_n)
 
@@ -340,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "http_overhead_p50_ms": (pct(http_seq, 50) or 0) - (pct(raw, 50) or 0),
         "http_over_raw_p50": (pct(http_seq, 50) or 0) / (pct(raw, 50) or 1),
         "command_path": "serving process stdin (ModelHost load+check+activate); MQTT command path not included",
+        "model": args.model,
         "quick": args.quick,
     }
     print_table(results)
