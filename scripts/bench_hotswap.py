@@ -259,6 +259,21 @@ def raw_baseline(v1: Path, feeds: dict[str, np.ndarray], n: int) -> list[float]:
     return out
 
 
+def host_baseline(v1: Path, feeds: dict[str, np.ndarray], n: int) -> list[float]:
+    """The same request through ModelHost in-process: the host's own cost without HTTP."""
+    with ModelHost(InferenceOptions(intra_op_threads=1)) as host:
+        host.activate(
+            host.load(v1, ref=ModelRef("bench", 1), runtime=RuntimeSpec(format="onnx", runtime="onnxruntime"))
+        )
+        host.infer(feeds)
+        out = []
+        for _ in range(n):
+            start = time.monotonic()
+            host.infer(feeds)
+            out.append((time.monotonic() - start) * 1e3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         body, feeds = request_body(v1, sample)
         files = {1: v1, 2: v2}
         raw = raw_baseline(v1, feeds, sequential_n)
+        in_process = host_baseline(v1, feeds, sequential_n)
 
         proc = ServingProcess()
         try:
@@ -352,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "drain_ms_max": max(r["drain_ms"] for r in replies),
         "raw_p50_ms": pct(raw, 50),
         "raw_p99_ms": pct(raw, 99),
+        "host_p50_ms": pct(in_process, 50),
+        "host_overhead_p50_ms": (pct(in_process, 50) or 0) - (pct(raw, 50) or 0),
         "http_p50_ms": pct(http_seq, 50),
         "http_p99_ms": pct(http_seq, 99),
         "http_overhead_p50_ms": (pct(http_seq, 50) or 0) - (pct(raw, 50) or 0),
@@ -391,6 +409,7 @@ def print_table(r: dict[str, Any]) -> None:
             "",
         ),
         ("raw session p50 / p99 ms", f"{f(r['raw_p50_ms'])} / {f(r['raw_p99_ms'])}", "baseline"),
+        ("ModelHost in-process p50 ms (overhead)", f"{f(r['host_p50_ms'])} ({f(r['host_overhead_p50_ms'])})", ""),
         ("HTTP p50 / p99 ms (1 client)", f"{f(r['http_p50_ms'])} / {f(r['http_p99_ms'])}", ""),
         ("HTTP overhead p50 ms (ratio)", f"{f(r['http_overhead_p50_ms'])} ({f(r['http_over_raw_p50'])}x)", ""),
     ]
