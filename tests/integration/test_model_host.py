@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +22,7 @@ from agent.errors import (
     ModelNotReadyError,
 )
 from agent.protocol.messages import GoldenCase, ModelRef, RuntimeSpec
-from agent.runtime.host import ModelHost
+from agent.runtime.host import ModelHost, Served
 from agent.runtime.inference import InferenceOptions
 from agent.runtime.tensors import tensor_from_array
 from tests.support import badmodels
@@ -326,3 +327,35 @@ def test_local_api_casts_within_a_kind_and_refuses_lossy_casts(digits: Path) -> 
         assert model.stats().requests == 2
     with pytest.raises(ModelLoadError):
         LocalModel.open(digits.with_suffix(".pt"))
+
+
+def test_a_request_in_flight_finishes_on_the_old_session_which_is_released_after(
+    host: ModelHost, digits: Path, variants: dict[str, Path]
+) -> None:
+    slow = host.load(variants["slow"], ref=V1, runtime=ONNX)  # ~1 s per inference
+    host.activate(slow)
+    result: list[object] = []
+    request = threading.Thread(target=lambda: result.append(host.run({"pixels": ONE})))
+    request.start()
+    while not host._slots[slow.load_id].inflight:
+        pass
+    fast = host.load(digits, ref=V2, runtime=ONNX)
+    assert host.activate(fast) is slow  # returns at once: it does not wait for the request
+    assert host.active is fast and set(host.loaded()) == {slow, fast}  # the old one drains
+    assert host.run({"pixels": ONE}).model is fast  # new requests go to the new version meanwhile
+    request.join()
+    served = result[0]
+    assert isinstance(served, Served) and served.model is slow and served.outputs["logits"].shape == (1, 10)
+    assert host.loaded() == [fast]  # released once its last request drained
+
+
+def test_a_missing_runtime_is_a_clear_load_error(
+    host: ModelHost, digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # neither LiteRT package importable
+    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
+    with pytest.raises(ModelLoadError, match="no LiteRT runtime"):
+        host.load(selfie_tflite(), ref=ModelRef("selfie", 1), runtime=TFLITE)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ModelLoadError, match="onnxruntime is not installed"):
+        host.load(digits, ref=V1, runtime=ONNX)
