@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_child(bare)
 
     results: dict[str, Any] = {
-        "model": str(model.name),
+        "model": args.model,
         "driver": args.driver,
         "rss_bare_mb": mem_bare["rss_mb"],
         "rss_agent_mb": mem_agent["rss_mb"],
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         ("idle CPU bare, % of a core", f"{results['idle_cpu_bare_percent']:.2f}", "baseline"),
     ]
     width = max(len(a) for a, _, _ in rows)
-    print(f"footprint: {what}, model {model.name}")
+    print(f"footprint: {what}, model {args.model}")
     print(f"{'':<{width}}  {'measured':<16}  target")
     for name, value, target in rows:
         print(f"{name:<{width}}  {value:<16}  {target}")
