@@ -523,6 +523,8 @@ class NewDeployment:
     #: (device_id, profile, wave, previous_version)
     devices: Sequence[tuple[str, str, int, int | None]]
     wave_count: int
+    #: devices already running this exact version: recorded as committed, nothing is sent
+    already_committed: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -530,6 +532,20 @@ class StoredDesired:
     """What ``store_desired`` hands to the signer: the row's new seq and issue/expiry times."""
 
     device_id: str
+    seq: int
+    issued_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class StoredCommand:
+    """What ``store_commands`` hands to the signer."""
+
+    command_id: str
+    device_id: str
+    action: str
+    model: str | None
+    version: int | None
     seq: int
     issued_at: float
     expires_at: float
@@ -965,6 +981,11 @@ class FleetRegistry:
                      _json(dict(b.health))),
                 )
             self._insert_deployment_devices(conn, new.deployment_id, new.devices, now)
+            conn.executemany(
+                "UPDATE deployment_devices SET state = 'committed', reason = 'already running this version',"
+                " progress = 1.0, finished_at = ? WHERE deployment_id = ? AND device_id = ?",
+                [(now, new.deployment_id, d) for d in new.already_committed],
+            )
             return self._get_deployment(conn, new.deployment_id)
 
     def _insert_deployment_devices(
@@ -1209,7 +1230,7 @@ class FleetRegistry:
     def store_commands(
         self,
         items: Sequence[tuple[str, str, str, str | None, int | None]],
-        sign: Callable[[str, str, int, float, float, str | None, int | None], bytes],
+        sign: Callable[[StoredCommand], bytes],
         *,
         batch_id: str,
         ttl_s: float,
@@ -1222,7 +1243,7 @@ class FleetRegistry:
         ids = []
         for command_id, device_id, action, model, version in items:
             seq = self.next_seq(tx, device_id)
-            blob = sign(command_id, device_id, seq, now, now + ttl_s, model, version)
+            blob = sign(StoredCommand(command_id, device_id, action, model, version, seq, now, now + ttl_s))
             tx.execute(
                 "INSERT INTO commands (command_id, batch_id, device_id, action, model, version, seq, issued_at,"
                 " expires_at, blob, status, deployment_id, created_by)"
@@ -1252,8 +1273,6 @@ class FleetRegistry:
         rows = self._read().execute(
             "SELECT * FROM commands WHERE batch_id = ? ORDER BY device_id", (batch_id,)
         ).fetchall()
-        if not rows:
-            raise NotFoundError(f"unknown command batch {batch_id!r}")
         return [_command(r) for r in rows]
 
     def expire_commands(self, now: float) -> int:
@@ -1329,6 +1348,12 @@ class FleetRegistry:
             return False
         if r.session < row["session"]:
             return False
+        if bool(row["online"]) != r.online:
+            self._server_event(
+                conn, r.device_id, "device.online" if r.online else "device.offline", "info",
+                f"device {r.device_id} is {'online' if r.online else 'offline'} (session {r.session})", None,
+                {"session": r.session}, now=now,
+            )
         if not r.online:
             # the Will (or a clean goodbye): keep the last known model state, just mark offline
             conn.execute(
