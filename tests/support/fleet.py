@@ -1,0 +1,78 @@
+"""Helpers for control-plane tests: a server home on a test broker, small real ONNX builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
+from server.broker import MosquittoBroker
+from server.builds import Build, StaticBuilds
+from server.config import ServerConfig, config_from_mapping
+from server.keys import init_signing_key, load_signing_key
+
+
+def write_onnx(path: Path, *, seed: int, inputs: int = 64, outputs: int = 10, hidden: int = 256) -> Path:
+    """A small real ONNX model (MatMul -> Relu -> MatMul) with seeded weights; different seed, different bytes."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((inputs, hidden)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((hidden, outputs)).astype(np.float32) * 0.1
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "edgefleet-test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, outputs])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def health(inputs: int = 64, outputs: int = 10, probation_s: float = 0.5) -> HealthSpec:
+    return HealthSpec(
+        inputs=(TensorSpec("x", "float32", (1, inputs)),),
+        outputs=(TensorSpec("y", "float32", (1, outputs)),),
+        latency_budget_ms=50.0,
+        probation_s=probation_s,
+    )
+
+
+def onnx_builds(root: Path, model: str, versions: list[int], profiles: list[str], *, chunk_size: int = 16 * 1024,
+                builds: StaticBuilds | None = None, hidden: int = 256) -> StaticBuilds:
+    builds = builds or StaticBuilds()
+    for v in versions:
+        for p in profiles:
+            path = write_onnx(root / f"{model}-v{v}-{p}.onnx", seed=v * 100 + len(p), hidden=hidden)
+            builds.add(Build(model=model, version=v, profile=p, variant="fp32", path=path,
+                             runtime=RuntimeSpec("onnx", "onnxruntime"), health=health(),
+                             chunk_size=chunk_size, compression="lzma"))
+    return builds
+
+
+def server_config(home: Path, broker: MosquittoBroker, **overrides: dict[str, Any]) -> ServerConfig:
+    data: dict[str, dict[str, Any]] = {
+        "broker": {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"srv-{home.name}"},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "publisher": {"chunk_window_s": 0.2},
+        "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 30.0},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    home.mkdir(parents=True, exist_ok=True)
+    init_signing_key(ServerConfig(home=home).paths)
+    return config_from_mapping(home, data)
+
+
+def public_key(config: ServerConfig):  # type: ignore[no-untyped-def]
+    return load_signing_key(config.paths).public_key()
