@@ -118,15 +118,22 @@ class Reassembly:
             return self.total_size - index * self.chunk_size
         return self.chunk_size
 
-    def add(self, index: int, data: bytes, sink: ChunkSink) -> Added:
-        """Store one decrypted chunk; idempotent for identical duplicates."""
+    def add(self, index: int, data: bytes, sink: ChunkSink, *, fingerprint: bytes | None = None) -> Added:
+        """Store one decrypted chunk; idempotent for identical duplicates.
+
+        ``fingerprint`` identifies the chunk's content for duplicate detection; pass the AEAD tag
+        (``OpenedChunk.tag``, already a keyed 16-byte MAC of the chunk) to skip hashing it again.
+        Use the same kind of fingerprint for the whole transfer, snapshots included.
+        """
         if not 0 <= index < self.chunk_count:
             raise ChunkOutOfRangeError(f"chunk index {index} outside 0..{self.chunk_count - 1}", index=index)
         if len(data) != self.expected_length(index):
             raise ChunkOutOfRangeError(
                 f"chunk {index} is {len(data)} bytes, expected {self.expected_length(index)}", index=index
             )
-        fp = _fingerprint(data)
+        fp = fingerprint if fingerprint is not None else _fingerprint(data)
+        if len(fp) != FINGERPRINT_SIZE:
+            raise ValueError(f"fingerprint must be {FINGERPRINT_SIZE} bytes")
         known = self._prints[index]
         if known is not None:
             if known != fp:

@@ -36,7 +36,6 @@ Nothing is decrypted before the manifest that carries its key has passed every c
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import lzma
@@ -78,6 +77,7 @@ from agent.protocol.messages import (
     WrappedKey,
     decode_payload,
     dump_json,
+    strict_b64decode,
 )
 
 ENVELOPE_VERSION = 1
@@ -166,10 +166,9 @@ def verify_payload(blob: bytes, kind: Kind, trust: TrustAnchor) -> bytes:
     payload_b64 = env.get("payload")
     if not isinstance(payload_b64, str) or not isinstance(sigs, list) or not 1 <= len(sigs) <= 4:
         raise MalformedMessageError(f"signed {kind}: needs a payload and 1-4 signatures")
-    try:
-        payload = base64.b64decode(payload_b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MalformedMessageError(f"signed {kind}: payload is not base64") from exc
+    payload = strict_b64decode(payload_b64)
+    if payload is None:
+        raise MalformedMessageError(f"signed {kind}: payload is not canonical base64")
     message = pae(payload_type, payload)
     for sig in sigs:
         if not isinstance(sig, dict):
@@ -178,9 +177,12 @@ def verify_payload(blob: bytes, kind: Kind, trust: TrustAnchor) -> bytes:
         sig_b64 = sig.get("sig")
         if public_key is None or not isinstance(sig_b64, str):
             continue
+        signature = strict_b64decode(sig_b64)
+        if signature is None:
+            continue
         try:
-            public_key.verify(base64.b64decode(sig_b64, validate=True), message)
-        except (InvalidSignature, binascii.Error, ValueError):
+            public_key.verify(signature, message)
+        except InvalidSignature:
             continue
         return payload
     raise SignatureError(f"signed {kind}: no valid signature by a trusted server key")
@@ -298,10 +300,14 @@ def chunk_count(size: int, chunk_size: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkHeader:
-    artifact_id: str
+    raw_artifact_id: bytes
     index: int
     count: int
     length: int
+
+    @property
+    def artifact_id(self) -> str:
+        return self.raw_artifact_id.hex()
 
 
 def parse_chunk_header(wire: bytes) -> ChunkHeader:
@@ -321,7 +327,7 @@ def parse_chunk_header(wire: bytes) -> ChunkHeader:
         )
     if count == 0 or index >= count:
         raise ChunkOutOfRangeError(f"chunk index {index} outside count {count}", index=index)
-    return ChunkHeader(artifact_id.hex(), index, count, length)
+    return ChunkHeader(artifact_id, index, count, length)
 
 
 def seal_chunk(aead: AESGCM, artifact_id: str, index: int, count: int, plaintext: bytes) -> bytes:
@@ -329,6 +335,13 @@ def seal_chunk(aead: AESGCM, artifact_id: str, index: int, count: int, plaintext
         CHUNK_MAGIC, ENVELOPE_VERSION, 0, 0, bytes.fromhex(artifact_id), index, count, len(plaintext) + TAG_SIZE
     )
     return header + aead.encrypt(chunk_nonce(index), plaintext, header)
+
+
+@dataclass(frozen=True)
+class OpenedChunk:
+    index: int
+    data: bytes
+    tag: bytes  # the AEAD tag: a keyed fingerprint of this chunk, reusable for duplicate detection
 
 
 class ChunkOpener:
@@ -345,8 +358,12 @@ class ChunkOpener:
 
     def open(self, wire: bytes) -> tuple[int, bytes]:
         """Return (index, plaintext) or raise; a chunk of another artifact or count never decrypts."""
+        opened = self.open_chunk(wire)
+        return opened.index, opened.data
+
+    def open_chunk(self, wire: bytes) -> OpenedChunk:
         header = parse_chunk_header(wire)
-        if header.artifact_id != self._info.artifact_id:
+        if header.raw_artifact_id != self._artifact_id:
             raise DecryptionError(
                 f"chunk belongs to artifact {header.artifact_id}, not {self._info.artifact_id}", index=header.index
             )
@@ -356,11 +373,12 @@ class ChunkOpener:
             )
         if header.length != self.expected_length(header.index) + TAG_SIZE:
             raise ChunkOutOfRangeError(f"chunk {header.index} has the wrong length", index=header.index)
+        view = memoryview(wire)
         try:
-            plain = self._aead.decrypt(chunk_nonce(header.index), wire[CHUNK_HEADER_SIZE:], wire[:CHUNK_HEADER_SIZE])
+            plain = self._aead.decrypt(chunk_nonce(header.index), view[CHUNK_HEADER_SIZE:], view[:CHUNK_HEADER_SIZE])
         except InvalidTag as exc:
             raise DecryptionError(f"chunk {header.index} failed authentication", index=header.index) from exc
-        return header.index, plain
+        return OpenedChunk(header.index, plain, bytes(view[-TAG_SIZE:]))
 
 
 # -- whole artifacts (server side) ----------------------------------------------------------------------

@@ -95,10 +95,9 @@ def _get_choice(d: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str
 
 def _get_b64(d: Mapping[str, Any], key: str, *, size: int | None = None, max_size: int = 1 << 20) -> bytes:
     text = _get_str(d, key, max_len=(max_size * 4) // 3 + 8)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MalformedMessageError(f"field {key!r} is not valid base64", field=key) from exc
+    raw = strict_b64decode(text)
+    if raw is None:
+        raise MalformedMessageError(f"field {key!r} is not canonical base64", field=key)
     if size is not None and len(raw) != size:
         raise MalformedMessageError(f"field {key!r} must decode to {size} bytes, got {len(raw)}", field=key)
     return raw
@@ -106,6 +105,19 @@ def _get_b64(d: Mapping[str, Any], key: str, *, size: int | None = None, max_siz
 
 def _get_obj(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Json:
     return _get(d, key, dict, optional=optional)
+
+
+def strict_b64decode(text: str) -> bytes | None:
+    """Standard base64 with padding, rejecting non-canonical encodings (set padding bits, whitespace).
+
+    Without the re-encode check, flipping an unused padding bit would give a *different* string that
+    decodes to the same bytes; we want every bit of a signed message to matter.
+    """
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if base64.b64encode(raw).decode("ascii") == text else None
 
 
 def b64(data: bytes) -> str:

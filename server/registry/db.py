@@ -46,8 +46,9 @@ class Database:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                                       check_same_thread=True)
+                conn = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=True
+                )
             except sqlite3.Error as exc:
                 raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
             conn.row_factory = sqlite3.Row
