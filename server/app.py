@@ -24,7 +24,7 @@ from pathlib import Path
 from agent.protocol.messages import ChunkRequest
 from server.api import Api, ApiHttpServer
 from server.artifacts import ArtifactStore
-from server.builds import BuildSource, NoBuilds
+from server.builds import BuildSource, default_build_source
 from server.chunks import ChunkServer
 from server.config import ServerConfig
 from server.errors import ServerError
@@ -87,7 +87,7 @@ class FleetServer:
         self.registry = open_registry(config)
         self.signer = Signer(load_signing_key(config.paths))
         self.artifacts = ArtifactStore(config.paths.artifacts_dir, self.registry)
-        self.builds = builds or NoBuilds()
+        self.builds = builds or default_build_source(config.home)
         self.publish_stats = PublishStats()
         self._wake = threading.Event()
         self._stop = threading.Event()

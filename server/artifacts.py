@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.protocol.envelope import CHUNK_HEADER_SIZE, TAG_SIZE, seal_artifact
 from agent.protocol.messages import ArtifactInfo
-from server.builds import Build
+from server.builds import BuildLike
 from server.errors import ModelError, RegistryError
 from server.keys import atomic_write
 from server.registry.fleet import ArtifactRecord, FleetRegistry
@@ -55,7 +55,7 @@ class ArtifactStore:
     def path(self, artifact_id: str) -> Path:
         return self.root / artifact_id[:2] / f"{artifact_id}.efa"
 
-    def seal_build(self, build: Build) -> ArtifactRecord:
+    def seal_build(self, build: BuildLike) -> ArtifactRecord:
         """The artifact for ``build``'s file: reused if this content was sealed before, else sealed now."""
         try:
             size = build.path.stat().st_size

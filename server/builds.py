@@ -32,12 +32,35 @@ class Build:
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
 
+class BuildLike(Protocol):
+    """The fields of a build the control plane reads (the catalog's Build has them too)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def profile(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def runtime(self) -> RuntimeSpec: ...
+    @property
+    def health(self) -> HealthSpec: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def compression(self) -> str: ...
+
+
 class BuildSource(Protocol):
     def has_version(self, model: str, version: int) -> bool:
         """Whether ``model`` version ``version`` is registered at all."""
         ...
 
-    def get_build(self, model: str, version: int, profile: str) -> Build | None:
+    def get_build(self, model: str, version: int, profile: str) -> BuildLike | None:
         """The variant built for ``profile``, or None when there is none (yet)."""
         ...
 
@@ -48,7 +71,7 @@ class NoBuilds:
     def has_version(self, model: str, version: int) -> bool:
         return False
 
-    def get_build(self, model: str, version: int, profile: str) -> Build | None:
+    def get_build(self, model: str, version: int, profile: str) -> BuildLike | None:
         return None
 
 
@@ -67,3 +90,26 @@ class StaticBuilds:
 
     def get_build(self, model: str, version: int, profile: str) -> Build | None:
         return self.builds.get((model, version, profile))
+
+
+class CatalogBuilds:
+    """Adapter over the compression pipeline's catalog (``server.registry.catalog.Catalog``)."""
+
+    def __init__(self, catalog: Any) -> None:
+        self.catalog = catalog
+
+    def has_version(self, model: str, version: int) -> bool:
+        return self.catalog.get_model_version(model, version) is not None
+
+    def get_build(self, model: str, version: int, profile: str) -> BuildLike | None:
+        build: BuildLike | None = self.catalog.get_build(model, version, profile)
+        return build
+
+
+def default_build_source(home: Path) -> BuildSource:
+    """The catalog of the server home when the compression pipeline is installed, else NoBuilds."""
+    try:
+        from server.registry.catalog import Catalog  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        return NoBuilds()
+    return CatalogBuilds(Catalog.open(home))

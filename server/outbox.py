@@ -20,7 +20,7 @@ from collections.abc import Callable
 from agent.protocol.topics import Channel, device_topic
 from server.config import ServerConfig
 from server.errors import PublishError
-from server.registry.fleet import FleetRegistry, StoredDesired
+from server.registry.fleet import CommandRecord, DesiredRecord, FleetRegistry, StoredDesired
 from server.signing import Signer
 
 log = logging.getLogger("edgefleet.outbox")
@@ -54,33 +54,35 @@ class Outbox:
         return self.registry.acquire_lease(OUTBOX_LEASE, self.owner, self.config.rollout.lease_ttl_s, now=now)
 
     def flush(self, now: float | None = None) -> int:
+        """Publish every owed row, per device in seq order (a pin must not overtake its command)."""
         now = now or self._clock()
-        published = 0
-        desired = self.registry.unpublished_desired()
+        owed: list[tuple[str, int, str, object]] = [
+            (r.device_id, r.seq, "desired", r) for r in self.registry.unpublished_desired()
+        ]
+        owed += [(c.device_id, c.seq, "command", c) for c in self.registry.unpublished_commands(now)]
+        owed.sort(key=lambda item: (item[0], item[1]))
         done: list[tuple[str, int]] = []
+        sent: list[str] = []
         try:
-            for row in desired:
-                self._publish(device_topic(row.device_id, Channel.DESIRED), row.blob, True)
-                done.append((row.device_id, row.seq))
+            for device_id, seq, kind, row in owed:
+                if kind == "desired":
+                    assert isinstance(row, DesiredRecord)
+                    self._publish(device_topic(device_id, Channel.DESIRED), row.blob, True)
+                    done.append((device_id, seq))
+                else:
+                    assert isinstance(row, CommandRecord)
+                    self._publish(device_topic(device_id, Channel.COMMAND), row.blob, False)
+                    sent.append(row.command_id)
         finally:
             if done:
                 self.registry.mark_desired_published(done)
-                published += len(done)
                 if self._on_published:
                     self._on_published("desired", len(done))
-        commands = self.registry.unpublished_commands(now)
-        sent: list[str] = []
-        try:
-            for cmd in commands:
-                self._publish(device_topic(cmd.device_id, Channel.COMMAND), cmd.blob, False)
-                sent.append(cmd.command_id)
-        finally:
             if sent:
                 self.registry.mark_commands_published(sent, self._clock())
-                published += len(sent)
                 if self._on_published:
                     self._on_published("command", len(sent))
-        return published
+        return len(done) + len(sent)
 
     def housekeeping(self, now: float | None = None) -> None:
         now = now or self._clock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,12 +48,8 @@ def parse_public_key(text: str) -> str:
 
 
 def fingerprint(public_key_b64: str) -> str:
-    """Short human-comparable fingerprint (SHA-256, first 8 bytes, colon-separated hex)."""
-    import hashlib  # noqa: PLC0415 - tiny and local
-
-    raw = base64.b64decode(public_key_b64)
-    digest = hashlib.sha256(raw).digest()[:8].hex()
-    return ":".join(digest[i : i + 4] for i in range(0, 16, 4))
+    """The key fingerprint operators compare (docs/protocol.md 4.5): first 8 bytes of SHA-256, hex."""
+    return hashlib.sha256(base64.b64decode(public_key_b64)).digest()[:8].hex()
 
 
 class Signer:

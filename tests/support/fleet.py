@@ -76,3 +76,79 @@ def server_config(home: Path, broker: MosquittoBroker, **overrides: dict[str, An
 
 def public_key(config: ServerConfig):  # type: ignore[no-untyped-def]
     return load_signing_key(config.paths).public_key()
+
+
+class Fleet:
+    """An in-process FleetServer on a test broker plus device stand-ins; closes everything it made."""
+
+    def __init__(self, tmp: Path, broker: MosquittoBroker, builds: StaticBuilds, **overrides: dict[str, Any]) -> None:
+        from server.app import FleetServer
+
+        self.tmp = tmp
+        self.broker = broker
+        self.builds = builds
+        self.config = server_config(tmp / "home", broker, **overrides)
+        self.server = FleetServer(self.config, builds=builds).start()
+        self.devices: list[Any] = []
+
+    @property
+    def service(self):  # type: ignore[no-untyped-def]
+        return self.server.service
+
+    def device(self, device_id: str, *, profile: str = "rpi4", groups: tuple[str, ...] = ("g",),
+               connect: bool = True, seed: tuple[str, int] | None = None, fail: set[int] | None = None,
+               register: bool = True) -> Any:
+        from tests.support.device import SimDevice
+
+        d = SimDevice(device_id, host=self.broker.host, port=self.broker.port,
+                      server_public_key=public_key(self.config), profile=profile, fail_versions=fail)
+        if seed:
+            d.seed(*seed)
+        if register:
+            self.service.register_device(device_id, profile=profile, public_key=d.public_key_b64, groups=groups)
+        self.devices.append(d)
+        if connect:
+            d.connect()
+        return d
+
+    def wait_online(self, *devices: Any, timeout: float = 10.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            online = {d.device_id for d in self.server.registry.list_devices() if d.online}
+            if all(d.device_id in online for d in devices):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("devices did not come online")
+
+    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        detail: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            detail = self.service.deployment_detail(deployment_id)
+            if detail["status"] in statuses:
+                return detail
+            time.sleep(0.1)
+        raise TimeoutError(f"deployment {deployment_id} is {detail.get('status')}, not {statuses}: "
+                           f"{[(d['device_id'], d['state'], d['reason']) for d in detail.get('devices', [])]}")
+
+    def wait_rows(self, deployment_id: str, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        detail: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            detail = self.service.deployment_detail(deployment_id)
+            rows = {d["device_id"]: d for d in detail["devices"]}
+            if predicate(rows):
+                return detail
+            time.sleep(0.1)
+        raise TimeoutError(f"condition not met: {[(d['device_id'], d['state']) for d in detail['devices']]}")
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.server.stop()
