@@ -157,7 +157,16 @@ class SimDevice:
                 sock.close()
         c.loop_stop()
 
-    close = disconnect
+    def close(self) -> None:
+        """End of test: disconnect quickly (a clean DISCONNECT, no Will)."""
+        self._closing = True
+        c, self.client = self.client, None
+        self.connected.clear()
+        for t in self._timers:
+            t.cancel()
+        if c is not None:
+            c.disconnect()
+            c.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if getattr(rc, "is_failure", False):
