@@ -154,7 +154,7 @@ def test_bad_requests_get_clear_errors_and_change_nothing(fleet: Fleet) -> None:
         svc.deploy("m:1", target="device:nope", actor="t")
     with pytest.raises(NotFoundError, match="unknown group"):
         svc.deploy("m:1", target="group:missing", actor="t")
-    with pytest.raises(InvalidRequestError, match="no variant of m:1 is built for profile.*coral"):
+    with pytest.raises(InvalidRequestError, match=r"no variant of m:1 is built for profile.*coral"):
         svc.deploy("m:1", target="group:other", actor="t")
     with pytest.raises(InvalidRequestError, match="MODEL:VERSION"):
         svc.deploy("m", target="all", actor="t")
