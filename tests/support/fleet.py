@@ -60,14 +60,16 @@ def onnx_builds(root: Path, model: str, versions: list[int], profiles: list[str]
     return builds
 
 
-def server_config(home: Path, broker: MosquittoBroker, **overrides: dict[str, Any]) -> ServerConfig:
+def server_config(
+    home: Path, mqtt: MosquittoBroker, overrides: dict[str, dict[str, Any]] | None = None
+) -> ServerConfig:
     data: dict[str, dict[str, Any]] = {
-        "broker": {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"srv-{home.name}"},
+        "broker": {"url": f"mqtt://{mqtt.host}:{mqtt.port}", "client_id": f"srv-{home.name}"},
         "api": {"host": "127.0.0.1", "port": 0},
         "publisher": {"chunk_window_s": 0.2},
         "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 30.0},
     }
-    for section, values in overrides.items():
+    for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     home.mkdir(parents=True, exist_ok=True)
     init_signing_key(ServerConfig(home=home).paths)
@@ -81,13 +83,14 @@ def public_key(config: ServerConfig):  # type: ignore[no-untyped-def]
 class Fleet:
     """An in-process FleetServer on a test broker plus device stand-ins; closes everything it made."""
 
-    def __init__(self, tmp: Path, broker: MosquittoBroker, builds: StaticBuilds, **overrides: dict[str, Any]) -> None:
+    def __init__(self, tmp: Path, broker: MosquittoBroker, builds: StaticBuilds,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
         from server.app import FleetServer
 
         self.tmp = tmp
         self.broker = broker
         self.builds = builds
-        self.config = server_config(tmp / "home", broker, **overrides)
+        self.config = server_config(tmp / "home", broker, overrides)
         self.server = FleetServer(self.config, builds=builds).start()
         self.devices: list[Any] = []
 
