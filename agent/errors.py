@@ -23,7 +23,10 @@
     ├── ModelError                     a model could not be served
     │   ├── ModelLoadError                 runtime refused to load it
     │   ├── HealthCheckError               warm-up / health check failed (carries the reason)
+    │   ├── ModelNotReadyError             nothing is being served yet (HTTP 503)
+    │   ├── ModelNotFoundError             asked for a model name/version that is not being served (HTTP 404)
     │   └── InferenceError                 a request failed inside the runtime
+    │       └── InvalidInputError              the request's tensors do not fit the model (HTTP 400)
     ├── StorageError                   disk-side failure (full disk, missing version, corrupt journal)
     │   └── VersionNotKeptError            rollback target is not in the local store
     ├── ConfigError                    invalid configuration, with the offending field
@@ -216,6 +219,29 @@ class HealthCheckError(ModelError):
 
 class InferenceError(ModelError):
     code = "inference"
+
+
+class InvalidInputError(InferenceError, ValueError):
+    """The caller's tensors do not fit the model (missing, unknown, wrong dtype or shape): never the model's fault."""
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+
+
+class ModelNotReadyError(ModelError):
+    code = "model_not_ready"
+
+
+class ModelNotFoundError(ModelError):
+    code = "model_not_found"
+
+    def __init__(self, message: str, *, name: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.version = version
 
 
 class StorageError(EdgeError):

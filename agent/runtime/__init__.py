@@ -1,0 +1,1 @@
+"""The agent's side effects: MQTT, the model store on disk, inference backends, the local API, telemetry."""
