@@ -28,6 +28,7 @@
     │   └── InferenceError                 a request failed inside the runtime
     │       └── InvalidInputError              the request's tensors do not fit the model (HTTP 400)
     ├── StorageError                   disk-side failure (full disk, missing version, corrupt journal)
+    │   ├── DiskFullError                  no space (ENOSPC/EDQUOT) or under the configured free-space floor
     │   └── VersionNotKeptError            rollback target is not in the local store
     ├── ConfigError                    invalid configuration, with the offending field
     └── TransportError                 MQTT-side failure (carries paho's reason code)
@@ -246,6 +247,10 @@ class ModelNotFoundError(ModelError):
 
 class StorageError(EdgeError):
     code = "storage"
+
+
+class DiskFullError(StorageError):
+    code = "disk_full"
 
 
 class VersionNotKeptError(StorageError):

@@ -1,0 +1,82 @@
+"""Durable file writes: temp file, fsync, rename, fsync of the directory (balena's writeFileAtomic).
+
+After ``atomic_write`` returns, a power cut leaves either the old file or the new one, never a
+mix, and the rename itself is on disk. Temp files carry ``TMP_MARKER`` in their name so a start
+after a crash can sweep the ones a dead process left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+from agent.errors import DiskFullError, StorageError
+
+TMP_MARKER = ".tmp-"
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """Translate an OSError at the seam; a full disk gets its own type so it can be reported as such."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(f"{what}: {exc.strerror or exc}")
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` durably; StorageError (DiskFullError) on failure, old file intact."""
+    tmp = path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; keys must end up exactly 0600
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(exc, f"cannot write {path}") from exc
+
+
+def atomic_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` with one rename (readers see the old target or the new one)."""
+    tmp = link.with_name(f"{link.name}{TMP_MARKER}{os.getpid()}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(target)
+        tmp.replace(link)
+        fsync_dir(link.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(exc, f"cannot point {link} at {target}") from exc
+
+
+def sweep_temp_files(directory: Path) -> list[Path]:
+    """Remove temp files left by a process that died mid-write (any depth); returns what was removed."""
+    removed: list[Path] = []
+    if not directory.exists():
+        return removed
+    for path in directory.rglob(f"*{TMP_MARKER}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            path.unlink()
+            removed.append(path)
+    return removed

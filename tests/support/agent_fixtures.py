@@ -1,0 +1,109 @@
+"""pytest fixtures for agent tests against the session broker: a test server, real models, agent processes.
+
+Import the fixtures into a test module (``from tests.support.agent_fixtures import *``-style, by name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.broker import MosquittoBroker
+from tests.support import agent_models
+from tests.support.agent_models import AgentModels
+from tests.support.agent_process import AgentProcess
+from tests.support.fleet_server import FleetServer, unique_device_id
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> AgentModels:
+    return agent_models.build(tmp_path_factory.mktemp("agent-models"))
+
+
+@pytest.fixture
+def fleet(broker: MosquittoBroker) -> Iterator[FleetServer]:
+    server = FleetServer(broker.host, broker.port)
+    yield server
+    server.close()
+
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path, broker: MosquittoBroker, fleet: FleetServer) -> Iterator[AgentFactory]:
+    """``agent_factory(settings=..., prefix=...)`` -> a started agent; all are killed at teardown."""
+    made: list[AgentProcess] = []
+
+    def make(*, settings: dict[str, Any] | None = None, prefix: str = "dev", start: bool = True) -> AgentProcess:
+        agent = AgentProcess(
+            tmp_path,
+            unique_device_id(prefix),
+            broker_host=broker.host,
+            broker_port=broker.port,
+            server=fleet,
+            settings=settings,
+        )
+        made.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    for agent in made:
+        agent.kill()
+
+
+def deploy_and_commit(
+    fleet: FleetServer,
+    agent: AgentProcess,
+    models: AgentModels,
+    version: int,
+    which: str = "good",
+    *,
+    timeout: float = 60.0,
+    chunk_size: int = 16 * 1024,
+    **health: Any,
+) -> None:
+    """Deploy ``which`` as ``version`` and wait until it is committed and serving."""
+    mark = fleet.event_count(agent.device_id)
+    fleet.deploy(
+        agent.device_id,
+        models.bytes_of(which),
+        agent_models.ref(version),
+        runtime=agent_models.ONNX,
+        health=models.health(**health),
+        chunk_size=chunk_size,
+    )
+    event = fleet.wait_event(
+        agent.device_id,
+        lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back", "lifecycle.failed"),
+        after=mark,
+        timeout=timeout,
+    )
+    assert event.kind == "lifecycle.committed", (
+        f"{event.kind}: {event.message} {event.data}\n{agent.log_text()[-4000:]}"
+    )
+    assert event.model == agent_models.ref(version)
+    fleet.wait_state(
+        agent.device_id,
+        lambda s: s.lifecycle == "idle" and s.active is not None and s.active.version == version,
+        timeout=timeout,
+    )
+
+
+def assert_serves(agent: AgentProcess, models: AgentModels, *, samples: int = 16) -> np.ndarray:
+    """The local HTTP API answers with finite logits that classify real digits correctly."""
+    x = models.samples[:samples]
+    status, body = agent.infer(agent_models.NAME, models.input_name, x)
+    assert status == 200, body
+    (output,) = [o for o in body["outputs"] if o["name"] == "logits"]
+    logits = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    assert np.isfinite(logits).all()
+    accuracy = float((logits.argmax(1) == models.labels[:samples]).mean())
+    assert accuracy >= 0.9, f"served model classifies only {accuracy:.0%} of real digits"
+    return logits

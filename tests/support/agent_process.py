@@ -1,0 +1,206 @@
+"""A real agent process for tests: ``python -m agent run --config ...`` with a generated config.
+
+Keys are real files made by the agent's own key code; the device is enrolled with the test
+server; timeouts are short through the config (never sleeps in product code). ``kill()`` is
+SIGKILL. Logs (JSON lines) go to ``agent.log`` in the device's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.core.journal import JournalRecord
+from agent.runtime.keys import generate_device_key
+from agent.runtime.store import ModelStore
+from server.broker import free_port
+from tests.support.fleet_server import FleetServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Test-speed settings; each is a documented config knob.
+FAST = {
+    "transfer": {"chunk_timeout_s": 0.5, "chunk_timeout_max_s": 2.0, "progress_interval_s": 0.5},
+    "lifecycle": {"probation_check_s": 0.1, "restart_limit": 3},
+    "telemetry": {"interval_s": 1.0},
+    "broker": {"reconnect_min_s": 0.2, "reconnect_max_s": 1.0, "keepalive_s": 10},
+    "log": {"format": "json", "level": "info"},
+    "inference": {"intra_op_threads": 1},
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    lines: list[str] = []
+    tables = {k: v for k, v in settings.items() if isinstance(v, dict)}
+    for key, value in settings.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for table, values in tables.items():
+        lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class AgentProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        device_id: str,
+        *,
+        broker_host: str,
+        broker_port: int,
+        server: FleetServer,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.dir = workdir / device_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store_dir = self.dir / "store"
+        self.log_path = self.dir / "agent.log"
+        key = generate_device_key(self.dir / "device.key")
+        server.write_public_key(self.dir / "server.pub")
+        server.enroll(device_id, key.public_key())
+        self.http_port = free_port()
+        merged: dict[str, Any] = {
+            "device_id": device_id,
+            "profile": "x86_64-onnx-test",
+            "store_dir": str(self.store_dir),
+            "broker": {"host": broker_host, "port": broker_port},
+            "keys": {"device_key": "device.key", "server_keys": ["server.pub"]},
+            "http": {"port": self.http_port},
+        }
+        for section, values in FAST.items():
+            merged[section] = {**values, **merged.get(section, {})}
+        for key_name, value in (settings or {}).items():
+            if isinstance(value, dict):
+                merged[key_name] = {**merged.get(key_name, {}), **value}
+            else:
+                merged[key_name] = value
+        self.config_path = write_config(self.dir / "agent.toml", merged)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    # -- process control ---------------------------------------------------------------------------------------
+
+    def start(self) -> AgentProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        self.starts += 1
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no clean shutdown, no Last Will suppression, nothing flushed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- looking inside ------------------------------------------------------------------------------------------
+
+    def journal(self) -> JournalRecord | None:
+        record, _ = ModelStore(self.store_dir).read_journal()
+        return record
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    # -- the local inference API ---------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def http(self, path: str, body: dict[str, Any] | None = None, *, timeout: float = 10.0) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"} if data else {}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            try:
+                return exc.code, json.loads(payload or b"null")
+            except ValueError:
+                return exc.code, payload.decode(errors="replace")
+
+    def infer(self, model: str, name: str, array: np.ndarray) -> tuple[int, Any]:
+        body = {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": "FP32",
+                    "data": array.astype(np.float32).ravel().tolist(),
+                }
+            ]
+        }
+        return self.http(f"/v2/models/{model}/infer", body)
+
+    def wait_http_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                status, _ = self.http("/v2/health/ready", timeout=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"agent HTTP not ready within {timeout}s:\n{self.log_text()[-3000:]}")

@@ -1,0 +1,104 @@
+"""Agent configuration: defaults, relative paths, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.runtime.config import AgentConfig, BrokerConfig, KeysConfig, load_config, render_config
+
+MINIMAL = 'device_id = "pi-0042"\nprofile = "rpi4-aarch64-tflite-int8"\nstore_dir = "store"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.device_id == "pi-0042"
+    assert config.store_dir == tmp_path / "store", "relative paths are relative to the config file"
+    assert config.keys.device_key == tmp_path / "device.key"
+    assert config.models.keep_versions == 3
+    assert config.transfer.chunk_timeout_s == 5.0
+    assert (config.broker.host, config.broker.port, config.broker.tls) == ("127.0.0.1", 1883, False)
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
+    assert config.log.format == "json"
+
+
+def test_tls_changes_the_default_port_and_password_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    config = load_config(write(tmp_path, MINIMAL + '[broker]\ntls = true\npassword_file = "pw"\nusername = "pi"\n'))
+    assert config.broker.port == 8883
+    assert config.broker.password == "s3cret"
+    assert "s3cret" not in repr(config), "secrets stay out of logs"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ("[models]\nkeep_versions = 0\n", "models.keep_versions"),
+        ('[models]\nkeep_versions = "3"\n', "models.keep_versions"),
+        ("[transfer]\nchunk_timeout_s = -1\n", "transfer.chunk_timeout_s"),
+        ("[transfer]\nchunk_timeout_s = 10\nchunk_timeout_max_s = 5\n", "transfer.chunk_timeout_max_s"),
+        ("[broker]\nport = 70000\n", "broker.port"),
+        ('[broker]\ntls = "yes"\n', "broker.tls"),
+        ('[broker]\npassword = "a"\npassword_file = "b"\n', "broker.password"),
+        ('[broker]\nclient_cert = "c.pem"\n', "broker.client_cert"),
+        ('[log]\nformat = "xml"\n', "log.format"),
+        ("[telemetry]\nintervall_s = 5\n", "telemetry.intervall_s"),
+        ("surprise = 1\n", "surprise"),
+        ("[http]\nport = true\n", "http.port"),
+    ],
+)
+def test_bad_values_name_their_field(tmp_path: Path, extra: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert info.value.field == field, info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('profile = "p"\nstore_dir = "s"\n', "device_id"),
+        ('device_id = "has space"\nprofile = "p"\nstore_dir = "s"\n', "device_id"),
+        ('device_id = "d"\nstore_dir = "s"\n', "profile"),
+    ],
+)
+def test_required_and_validated_identity(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.field == field
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "device_id = \n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_rendered_config_loads_back_identically(tmp_path: Path) -> None:
+    original = AgentConfig(
+        device_id="jetson-7",
+        profile="jetson-orin-onnx-fp16",
+        store_dir=tmp_path / "store",
+        broker=BrokerConfig(host="mqtt.local", port=8883, tls=True, ca_cert=tmp_path / "ca.crt", username="jetson-7"),
+        keys=KeysConfig(device_key=tmp_path / "device.key", server_keys=(tmp_path / "a.pub", tmp_path / "b.pub")),
+    )
+    path = write(tmp_path, render_config(original))
+    loaded = load_config(path)
+    assert (loaded.device_id, loaded.profile, loaded.store_dir) == (
+        "jetson-7",
+        "jetson-orin-onnx-fp16",
+        tmp_path / "store",
+    )
+    assert loaded.broker == original.broker
+    assert loaded.keys == original.keys
+    assert loaded.models == original.models
+    assert loaded.transfer == original.transfer
+    assert loaded.http == original.http

@@ -1,0 +1,100 @@
+"""Journal records round-trip, refuse damage, and the resume table says what each state becomes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.core.journal import (
+    LOOP_TABLE,
+    RESUME_TABLE,
+    Failure,
+    JournalRecord,
+    Resume,
+    State,
+    Via,
+    resume_action,
+)
+from agent.errors import StorageError
+from agent.protocol.messages import ModelRef
+
+refs = st.builds(ModelRef, st.sampled_from(["digits", "ocr-det", "m.v_2"]), st.integers(0, 2**31))
+records = st.builds(
+    JournalRecord,
+    state=st.sampled_from(State),
+    committed=st.none() | refs,
+    committed_versions=st.dictionaries(st.sampled_from(["a", "b", "digits"]), st.integers(0, 2**31), max_size=3),
+    target=st.none() | refs,
+    artifact_id=st.none() | st.text("0123456789abcdef", min_size=32, max_size=32),
+    deployment_id=st.none() | st.text(min_size=1, max_size=20),
+    via=st.none() | st.sampled_from(Via),
+    restore=st.none() | refs,
+    swapped=st.booleans(),
+    failure=st.none()
+    | st.builds(Failure, st.sampled_from(["warming", "probation"]), st.just("health_check"), st.text(max_size=50)),
+    last_seq=st.integers(0, 2**40),
+    attempts=st.integers(0, 10),
+    serial=st.integers(0, 2**40),
+)
+
+
+@given(records)
+def test_round_trip(record: JournalRecord) -> None:
+    assert JournalRecord.from_bytes(record.to_bytes()) == record
+
+
+@given(records, st.data())
+def test_any_single_byte_change_is_detected(record: JournalRecord, data: st.DataObject) -> None:
+    blob = bytearray(record.to_bytes())
+    i = data.draw(st.integers(0, len(blob) - 1))
+    blob[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(StorageError):
+        JournalRecord.from_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("cut", [0, 3, 11, 12, 40])
+def test_truncated_record_is_refused(cut: int) -> None:
+    blob = JournalRecord(committed=ModelRef("digits", 3)).to_bytes()
+    with pytest.raises(StorageError):
+        JournalRecord.from_bytes(blob[:cut])
+
+
+def test_oversized_record_is_refused_before_parsing() -> None:
+    with pytest.raises(StorageError, match="cap"):
+        JournalRecord.from_bytes(b"EFJ1" + bytes(70_000))
+
+
+def test_next_bumps_serial_and_clears_attempts() -> None:
+    r = JournalRecord(serial=4, attempts=2)
+    n = r.next(state=State.DOWNLOADING)
+    assert (n.serial, n.attempts, n.state) == (5, 0, State.DOWNLOADING)
+
+
+EXPECTED_RESUME = {
+    State.IDLE: Resume.SERVE,
+    State.DOWNLOADING: Resume.CONTINUE_DOWNLOAD,
+    State.VERIFYING: Resume.REVERIFY,
+    State.STAGED: Resume.CONTINUE_WARMUP,
+    State.WARMING: Resume.ROLL_BACK,
+    State.PROBATION: Resume.ROLL_BACK,
+    State.ROLLING_BACK: Resume.FINISH_ROLLBACK,
+}
+EXPECTED_LOOP = {
+    State.IDLE: Resume.SERVE_FALLBACK,
+    State.DOWNLOADING: Resume.ABANDON,
+    State.VERIFYING: Resume.ABANDON,
+    State.STAGED: Resume.ABANDON,
+    State.WARMING: Resume.ROLL_BACK,
+    State.PROBATION: Resume.ROLL_BACK,
+    State.ROLLING_BACK: Resume.ABANDON,
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_resume_table(state: State) -> None:
+    assert set(RESUME_TABLE) == set(State)
+    assert set(LOOP_TABLE) == set(RESUME_TABLE.values())
+    assert resume_action(JournalRecord(state=state, attempts=0), restart_limit=3) is EXPECTED_RESUME[state]
+    assert resume_action(JournalRecord(state=state, attempts=2), restart_limit=3) is EXPECTED_RESUME[state]
+    assert resume_action(JournalRecord(state=state, attempts=3), restart_limit=3) is EXPECTED_LOOP[state]
