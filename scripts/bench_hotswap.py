@@ -251,32 +251,40 @@ def build_models(model: Path, work: Path) -> tuple[Path, Path]:
     return v1, identity_variant(model, work / "v2.onnx")
 
 
-def raw_baseline(v1: Path, feeds: dict[str, np.ndarray], n: int) -> list[float]:
+def sequential_baselines(
+    v1: Path, feeds: dict[str, np.ndarray], port: int, path: str, body: bytes, n: int
+) -> tuple[list[float], list[float], list[float]]:
+    """One request at a time, interleaved so machine noise hits all three alike: straight to an
+    ``onnxruntime.InferenceSession`` (the baseline), through ModelHost in-process, and over HTTP."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     session = ort.InferenceSession(str(v1), so, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    out = []
-    for _ in range(n):
-        start = time.monotonic()
-        session.run(None, feeds)
-        out.append((time.monotonic() - start) * 1e3)
-    return out
-
-
-def host_baseline(v1: Path, feeds: dict[str, np.ndarray], n: int) -> list[float]:
-    """The same request through ModelHost in-process: the host's own cost without HTTP."""
+    raw: list[float] = []
+    hosted: list[float] = []
+    over_http: list[float] = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     with ModelHost(InferenceOptions(intra_op_threads=1)) as host:
         host.activate(
             host.load(v1, ref=ModelRef("bench", 1), runtime=RuntimeSpec(format="onnx", runtime="onnxruntime"))
         )
-        host.infer(feeds)
-        out = []
-        for _ in range(n):
+        for i in range(n + 5):  # the first rounds warm up all three paths
             start = time.monotonic()
+            session.run(None, feeds)
+            mid = time.monotonic()
             host.infer(feeds)
-            out.append((time.monotonic() - start) * 1e3)
-    return out
+            end = time.monotonic()
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            done = time.monotonic()
+            if response.status != 200:
+                raise RuntimeError(f"baseline request answered {response.status}")
+            if i >= 5:
+                raw.append((mid - start) * 1e3)
+                hosted.append((end - mid) * 1e3)
+                over_http.append((done - end) * 1e3)
+    conn.close()
+    return raw, hosted, over_http
 
 
 SWAP_TAIL_S = 0.1  # how long after a swap completes requests still count as "during the swap"
@@ -462,24 +470,19 @@ def main(argv: list[str] | None = None) -> int:
     swaps += swaps % 4  # whole deploy/rollback cycles
     steady_s = 4.0 if args.quick else 15.0
     gap_s = 0.25 if args.quick else 0.5  # between switches, so requests also run between them
-    sequential_n = 300 if args.quick else 2000
+    sequential_n = 300 if args.quick else 1000
 
     with tempfile.TemporaryDirectory() as tmp:
         source, sample = resolve_model(args.model)
         v1, v2 = build_models(source, Path(tmp))
         files = {1: v1, 2: v2}
         raw_body, feeds = request_body(v1, sample)
-        raw = raw_baseline(v1, feeds, sequential_n)
-        in_process = host_baseline(v1, feeds, sequential_n)
 
         driver: HostDriver | AgentDriver = (AgentDriver if args.driver == "agent" else HostDriver)(files, Path(tmp))
         body = raw_body
         path = f"/v2/models/{driver.model}/infer"
         try:
-            # sequential: one client, one request at a time, against the raw session's numbers
-            http_seq = ms(
-                run_clients(driver.port, path, body, 1, 0, during=lambda: time.sleep(max(1.0, sequential_n / 1500)))
-            )
+            raw, in_process, http_seq = sequential_baselines(v1, feeds, driver.port, path, body, sequential_n)
             steady = run_clients(driver.port, path, body, args.clients, steady_s)
             done: list[dict[str, Any]] = []
 
