@@ -133,11 +133,16 @@ def generate_tls(directory: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "loc
 
 @dataclass(frozen=True)
 class BrokerSecurity:
-    """TLS + password file + ACL. ``users`` maps username -> password (server user and device ids)."""
+    """TLS + password file + ACL. ``users`` maps username -> password (server user and device ids).
+
+    With ``hashed=True`` the values are already mosquitto password hashes (``$7$...``, see
+    ``server.keys.mosquitto_hash``): the registry never stores device passwords in clear.
+    """
 
     tls: TLSFiles | None
     users: Mapping[str, str]
     acl: str = field(default_factory=acl_text)
+    hashed: bool = False
 
 
 def write_password_file(path: Path, users: Mapping[str, str]) -> None:
@@ -146,6 +151,17 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> None:
     path.chmod(0o600)
     tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     subprocess.run([tool, "-U", str(path)], check=True, capture_output=True)
+
+
+def write_password_hashes(path: Path, hashes: Mapping[str, str]) -> None:
+    """A mosquitto password file from precomputed hashes (0600, written atomically)."""
+    for user, hashed in hashes.items():
+        if ":" in user or "\n" in user or not hashed.startswith("$7$"):
+            raise BrokerError(f"refusing to write password entry for {user!r}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{u}:{h}\n" for u, h in sorted(hashes.items())))
+    tmp.chmod(0o600)
+    tmp.replace(path)
 
 
 def render_config(
@@ -187,7 +203,10 @@ def render_config(
                 "tls_version tlsv1.2",
             ]
         passwd = workdir / "passwd"
-        write_password_file(passwd, security.users)
+        if security.hashed:
+            write_password_hashes(passwd, security.users)
+        else:
+            write_password_file(passwd, security.users)
         acl = workdir / "acl"
         acl.write_text(security.acl)
         lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]

@@ -16,7 +16,9 @@ from agent import __version__
 from server.config import default_home
 
 #: Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "server.commands.fleet",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,14 +6,26 @@ Layout under the server home (``--home``, ``$EDGEFLEET_HOME``, default ``~/.loca
     models/          registered source models and their data sets, content-addressed
     builds/          compressed per-profile variants with provenance
     artifacts/       sealed (encrypted, chunked) artifacts, by artifact id
-    keys/            the server signing key (0600)
+    keys/            the server signing key, API tokens, broker passwords (0600)
+    server.toml      configuration (see ``ServerConfig``; every key optional)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from server.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (Jetson JetPack 6)
+    import tomli as tomllib
 
 
 def default_home() -> Path:
@@ -46,3 +58,286 @@ class ServerPaths:
     @property
     def keys_dir(self) -> Path:
         return self.home / "keys"
+
+
+# -- TOML server configuration ---------------------------------------------------------------------
+#
+# ``{home}/server.toml`` (or ``--config PATH``). Every section and key is optional; a missing file
+# means every default. Unknown keys are an error (a typo must not silently fall back to a default).
+# Limits are documented on each field and enforced by ``validate()``.
+#
+#     [broker]
+#     url = "mqtt://127.0.0.1:1883"          # mqtts:// for TLS
+#     username = "edgefleet-server"
+#     password_file = "keys/broker-server.password"   # relative paths are under the home
+#     ca_cert = "broker/tls/ca.crt"
+#     shared_subscriptions = false           # true with several server processes (MQTT 5 $share)
+#
+#     [api]
+#     host = "127.0.0.1"
+#     port = 8470
+#
+#     [rollout]
+#     canary_percent = 10.0
+#     wave_percent = 25.0
+#     max_failures_percent = 10.0
+#     device_timeout_s = 1800.0
+#
+# and [server], [publisher], [retention] as in the dataclasses below.
+
+
+DEFAULT_API_PORT = 8470
+DEFAULT_MQTT_PORT = 1883
+
+
+def _check(cond: bool, section: str, key: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"[{section}] {key}: {why}", field=f"{section}.{key}")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    #: Identifies this process in leases and logs; empty = hostname-pid-random (unique per process).
+    instance_id: str = ""
+    #: "debug" | "info" | "warning" | "error"
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        _check(self.log_level in ("debug", "info", "warning", "error"), "server", "log_level",
+               "one of debug, info, warning, error")
+        _check(len(self.instance_id) <= 128, "server", "instance_id", "at most 128 characters")
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    #: mqtt://host:port or mqtts://host:port (TLS)
+    url: str = f"mqtt://127.0.0.1:{DEFAULT_MQTT_PORT}"
+    #: empty = anonymous (only for a private test broker)
+    username: str = ""
+    #: file holding the password (0600); relative to the home; empty = no password
+    password_file: str = ""
+    #: CA certificate for mqtts://; empty = system trust store
+    ca_cert: str = ""
+    #: MQTT client id; empty = "edgefleet-server-<instance_id>"
+    client_id: str = ""
+    #: MQTT 5 shared subscription for device traffic, so several server processes split it
+    shared_subscriptions: bool = False
+    #: 5..600 s
+    keepalive_s: int = 30
+
+    def validate(self) -> None:
+        parts = urlsplit(self.url)
+        _check(parts.scheme in ("mqtt", "mqtts"), "broker", "url", "must start with mqtt:// or mqtts://")
+        _check(bool(parts.hostname), "broker", "url", "needs a host")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"[broker] url: bad port ({exc})", field="broker.url") from exc
+        _check(port is None or 0 < port < 65536, "broker", "url", "port out of range")
+        _check(5 <= self.keepalive_s <= 600, "broker", "keepalive_s", "must be within 5..600")
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else DEFAULT_MQTT_PORT)
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    host: str = "127.0.0.1"
+    #: 0 = pick a free port (tests); the chosen port is written to ``{home}/server.json``
+    port: int = DEFAULT_API_PORT
+    #: serve /metrics without a token (Prometheus scrapers usually have none)
+    public_metrics: bool = True
+    #: longest long-poll wait a client may ask for (events --follow), 1..120 s
+    max_wait_s: float = 30.0
+    #: cap on any request body, 1 KiB..1 GiB
+    max_body_bytes: int = 256 * 1024 * 1024
+
+    def validate(self) -> None:
+        _check(0 <= self.port < 65536, "api", "port", "must be within 0..65535")
+        _check(1.0 <= self.max_wait_s <= 120.0, "api", "max_wait_s", "must be within 1..120")
+        _check(1024 <= self.max_body_bytes <= 1 << 30, "api", "max_body_bytes", "must be within 1 KiB..1 GiB")
+
+
+@dataclass(frozen=True)
+class PublisherSection:
+    #: QoS 1 publishes in flight at once (paced: the broker's queues never overflow), 1..1000
+    max_inflight: int = 64
+    #: how long chunk requests for one artifact are collected before a broadcast round, 0..10 s
+    chunk_window_s: float = 0.5
+    #: stream each artifact once on edgefleet/v1/art/{id}; false = serve every request per device
+    broadcast: bool = True
+    #: passed-over chunks wanted by at least this many devices go into another broadcast round
+    late_broadcast_threshold: int = 3
+    #: lifetime of a signed desired state, 60 s..365 days
+    desired_ttl_s: float = 7 * 86400.0
+    #: re-sign a desired state this long before it expires (must be < desired_ttl_s)
+    resign_margin_s: float = 86400.0
+    #: lifetime of a signed command, 10 s..7 days
+    command_ttl_s: float = 3600.0
+
+    def validate(self) -> None:
+        _check(1 <= self.max_inflight <= 1000, "publisher", "max_inflight", "must be within 1..1000")
+        _check(0.0 <= self.chunk_window_s <= 10.0, "publisher", "chunk_window_s", "must be within 0..10")
+        _check(self.late_broadcast_threshold >= 1, "publisher", "late_broadcast_threshold", "must be >= 1")
+        _check(60.0 <= self.desired_ttl_s <= 365 * 86400.0, "publisher", "desired_ttl_s",
+               "must be within 60 s..365 days")
+        _check(0.0 < self.resign_margin_s < self.desired_ttl_s, "publisher", "resign_margin_s",
+               "must be > 0 and < desired_ttl_s")
+        _check(10.0 <= self.command_ttl_s <= 7 * 86400.0, "publisher", "command_ttl_s", "must be within 10 s..7 days")
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    """Defaults for ``edgefleet deploy`` flags, and the rollout driver's timing."""
+
+    canary_percent: float = 10.0
+    wave_percent: float = 25.0
+    max_failures_percent: float = 10.0
+    #: device-side probation in seconds; None = the build's HealthSpec value
+    probation_s: float | None = None
+    #: a device that makes no progress for this long counts as failed, 5 s..7 days
+    device_timeout_s: float = 1800.0
+    #: how often the driver re-evaluates running rollouts, 0.05..10 s
+    tick_s: float = 0.5
+    #: how long a driver's claim on a deployment lasts without renewal, 1..300 s
+    lease_ttl_s: float = 15.0
+
+    def validate(self) -> None:
+        _check(0.0 <= self.canary_percent <= 100.0, "rollout", "canary_percent", "must be within 0..100")
+        _check(0.0 < self.wave_percent <= 100.0, "rollout", "wave_percent", "must be within (0, 100]")
+        _check(0.0 <= self.max_failures_percent <= 100.0, "rollout", "max_failures_percent",
+               "must be within 0..100")
+        _check(self.probation_s is None or 0.0 <= self.probation_s <= 7 * 86400.0, "rollout", "probation_s",
+               "must be within 0 s..7 days")
+        _check(5.0 <= self.device_timeout_s <= 7 * 86400.0, "rollout", "device_timeout_s",
+               "must be within 5 s..7 days")
+        _check(0.05 <= self.tick_s <= 10.0, "rollout", "tick_s", "must be within 0.05..10")
+        _check(1.0 <= self.lease_ttl_s <= 300.0, "rollout", "lease_ttl_s", "must be within 1..300")
+        _check(self.lease_ttl_s > 2 * self.tick_s, "rollout", "lease_ttl_s", "must exceed 2 x tick_s")
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    #: telemetry is averaged into buckets of this many seconds, 1 s..1 day
+    telemetry_bucket_s: float = 60.0
+    #: telemetry buckets older than this are deleted, >= 1 hour
+    telemetry_s: float = 7 * 86400.0
+    #: events older than this are deleted (the audit log is never pruned), >= 1 hour
+    events_s: float = 30 * 86400.0
+
+    def validate(self) -> None:
+        _check(1.0 <= self.telemetry_bucket_s <= 86400.0, "retention", "telemetry_bucket_s",
+               "must be within 1 s..1 day")
+        _check(self.telemetry_s >= 3600.0, "retention", "telemetry_s", "must be >= 3600")
+        _check(self.events_s >= 3600.0, "retention", "events_s", "must be >= 3600")
+
+
+@dataclass(frozen=True)
+class ClientSection:
+    """How the ``edgefleet`` CLI reaches a server; empty server = work on the local registry directly."""
+
+    server: str = ""
+    #: file holding the API token; relative to the home
+    token_file: str = "keys/cli.token"  # noqa: S105 - a path, not a secret
+
+    def validate(self) -> None:
+        if self.server:
+            _check(urlsplit(self.server).scheme in ("http", "https"), "client", "server",
+                   "must be an http:// or https:// URL")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    home: Path
+    server: ServerSection = field(default_factory=ServerSection)
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    publisher: PublisherSection = field(default_factory=PublisherSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
+    client: ClientSection = field(default_factory=ClientSection)
+
+    @property
+    def paths(self) -> ServerPaths:
+        return ServerPaths(self.home)
+
+    def resolve(self, relative: str) -> Path:
+        """A config path: absolute as written, else under the home."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.home / p
+
+    def validate(self) -> ServerConfig:
+        for section in (self.server, self.broker, self.api, self.publisher, self.rollout, self.retention,
+                        self.client):
+            section.validate()
+        return self
+
+
+_SECTIONS: Mapping[str, type] = {
+    "server": ServerSection,
+    "broker": BrokerSection,
+    "api": ApiSection,
+    "publisher": PublisherSection,
+    "rollout": RolloutSection,
+    "retention": RetentionSection,
+    "client": ClientSection,
+}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, annotation: str) -> Any:
+    if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if "None" in annotation and value is None:
+        return None
+    expected = type(default) if default is not None else float
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"[{section}] {key}: expected {expected.__name__}, got {type(value).__name__}",
+                          field=f"{section}.{key}")
+    return value
+
+
+def config_from_mapping(home: Path, data: Mapping[str, Any]) -> ServerConfig:
+    """Build and validate a config from parsed TOML (unknown sections or keys are errors)."""
+    cfg = ServerConfig(home=home)
+    for name, raw in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(_SECTIONS)})", field=name)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"[{name}] must be a table", field=name)
+        current = getattr(cfg, name)
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"[{name}] unknown key {key!r} (known: {', '.join(known)})", field=f"{name}.{key}")
+            values[key] = _coerce(name, key, value, getattr(current, key), str(known[key].type))
+        cfg = replace(cfg, **{name: replace(current, **values)})
+    return cfg.validate()
+
+
+def config_path(home: Path) -> Path:
+    return home / "server.toml"
+
+
+def load_config(home: Path, path: Path | None = None) -> ServerConfig:
+    """Read ``path`` (default ``{home}/server.toml``); a missing default file means all defaults."""
+    target = path or config_path(home)
+    if not target.exists():
+        if path is not None:
+            raise ConfigError(f"config file {target} does not exist")
+        return ServerConfig(home=home).validate()
+    try:
+        data = tomllib.loads(target.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {target}: {exc}") from exc
+    return config_from_mapping(home, data)

@@ -10,6 +10,9 @@
     │   ├── NotFoundError           unknown device, model, version, deployment
     │   └── ConflictError           e.g. a second concurrent deployment to the same devices
     ├── KeyStoreError           signing key missing or unreadable
+    ├── ConfigError             invalid server.toml (names section and key)
+    ├── InvalidRequestError     an operator request that cannot be carried out as asked
+    ├── AuthError               missing or unknown API token
     └── PublishError            the broker refused or dropped a publish
 
 Errors that cross into the agent contract (bad signatures, malformed messages) are
@@ -79,3 +82,25 @@ class PublishError(ServerError):
     def __init__(self, message: str, *, reason_code: int | None = None) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+
+
+class ConfigError(ServerError, ValueError):
+    """Invalid server configuration; ``field`` is "section.key"."""
+
+    code = "config"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidRequestError(ServerError, ValueError):
+    """An operator request that cannot be carried out as asked (bad target, bad percentage, ...)."""
+
+    code = "invalid"
+
+
+class AuthError(ServerError):
+    """Missing or unknown API token."""
+
+    code = "unauthorized"

@@ -2,9 +2,10 @@
 
 Theory of operation
     Every request the host serves leaves one sample ``(now, latency_ms, outcome)`` in the window of
-    the model version that served it. A window is a ring buffer of at most ``capacity`` samples per
-    version, so memory stays bounded whatever the traffic; percentiles are computed only when someone
-    asks (telemetry every N seconds, the probation rule), never on the request path.
+    the model version that served it: a ring buffer of the latest ``capacity`` samples per version,
+    and per-second counts of the samples that left the ring, so memory stays bounded whatever the
+    traffic while counts stay exact. Percentiles are computed only when someone asks (telemetry
+    every N seconds, the probation rule), never on the request path.
 
     Outcomes:
       * ``OK``         the runtime answered;
@@ -46,8 +47,9 @@ class ServingStats:
     ``requests``: requests that reached the model; ``errors``: of those, the ones that raised or
     returned non-finite outputs; ``p50/p95/p99_ms``: latency percentiles over ``requests`` (None when
     there were none); ``rejected``: requests refused before the model ran (bad input);
-    ``nonfinite``: the errors that were non-finite outputs; ``truncated``: the window had already
-    dropped samples newer than ``since``, so the counts cover less time than asked for.
+    ``nonfinite``: the errors that were non-finite outputs; ``truncated``: the window held more
+    requests than its sample ring, so the counts are exact but the percentiles are over the latest
+    ``capacity`` requests only.
     """
 
     requests: int
@@ -100,8 +102,20 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
 
 
-def summarize(samples: Iterable[tuple[float, float, int]], *, truncated: bool = False) -> ServingStats:
-    """ServingStats of ``(now, latency_ms, outcome)`` samples."""
+@dataclass(frozen=True)
+class Counts:
+    """Request counts without latencies (the part of a window that left the sample ring)."""
+
+    requests: int = 0
+    errors: int = 0
+    rejected: int = 0
+    nonfinite: int = 0
+
+
+def summarize(
+    samples: Iterable[tuple[float, float, int]], *, older: Counts | None = None, truncated: bool = False
+) -> ServingStats:
+    """ServingStats of ``(now, latency_ms, outcome)`` samples, plus ``older`` counts that carry no latency."""
     latencies: list[float] = []
     errors = rejected = nonfinite = 0
     for _, latency_ms, outcome in samples:
@@ -114,75 +128,103 @@ def summarize(samples: Iterable[tuple[float, float, int]], *, truncated: bool = 
         elif outcome == Outcome.NONFINITE:
             errors += 1
             nonfinite += 1
-    if not latencies:
-        return ServingStats(0, 0, None, None, None, rejected=rejected, truncated=truncated)
+    extra = older or Counts()
+    requests = len(latencies) + extra.requests
     latencies.sort()
     return ServingStats(
-        requests=len(latencies),
-        errors=errors,
-        p50_ms=percentile(latencies, 50),
-        p95_ms=percentile(latencies, 95),
-        p99_ms=percentile(latencies, 99),
-        rejected=rejected,
-        nonfinite=nonfinite,
+        requests=requests,
+        errors=errors + extra.errors,
+        p50_ms=percentile(latencies, 50) if latencies else None,
+        p95_ms=percentile(latencies, 95) if latencies else None,
+        p99_ms=percentile(latencies, 99) if latencies else None,
+        rejected=rejected + extra.rejected,
+        nonfinite=nonfinite + extra.nonfinite,
         truncated=truncated,
     )
 
 
-class StatsWindow:
-    """Per-version ring buffers of samples; bounded in samples per version and in versions kept.
+class _Series:
+    """One version's history: the latest samples exactly, older ones as per-second counts."""
 
-    ``capacity`` samples per version (oldest dropped first); at most ``max_versions`` versions are
-    remembered (the least recently served is forgotten first), so a device that swaps forever keeps
-    constant memory.
+    __slots__ = ("last_seen", "ring", "spilled")
+
+    def __init__(self, capacity: int, history_s: int) -> None:
+        self.ring: deque[tuple[float, float, int]] = deque(maxlen=capacity)
+        # [second, requests, errors, rejected, nonfinite] of the samples pushed out of the ring
+        self.spilled: deque[list[int]] = deque(maxlen=history_s)
+        self.last_seen = -math.inf
+
+    def record(self, now: float, latency_ms: float, outcome: int) -> None:
+        ring = self.ring
+        if len(ring) == ring.maxlen:
+            self._spill(ring[0])
+        ring.append((now, latency_ms, outcome))
+        self.last_seen = now
+
+    def _spill(self, sample: tuple[float, float, int]) -> None:
+        second = math.floor(sample[0])
+        spilled = self.spilled
+        if not spilled or spilled[-1][0] != second:
+            spilled.append([second, 0, 0, 0, 0])
+        bucket = spilled[-1]
+        outcome = sample[2]
+        if outcome == Outcome.REJECTED:
+            bucket[3] += 1
+            return
+        bucket[1] += 1
+        if outcome != Outcome.OK:
+            bucket[2] += 1
+        if outcome == Outcome.NONFINITE:
+            bucket[4] += 1
+
+
+class StatsWindow:
+    """Per-version serving history, bounded in memory whatever the traffic.
+
+    For each version: the latest ``capacity`` samples exactly (latency percentiles come from these),
+    and the counts of older samples per second for ``history_s`` seconds of traffic (request and error
+    counts stay exact over long windows, such as a 60 s telemetry interval at 1,000 requests/s). A
+    query whose ``since`` falls inside the per-second history counts the boundary second whole.
+    At most ``max_versions`` versions are remembered (the least recently served is forgotten first).
     """
 
-    def __init__(self, *, capacity: int = 4096, max_versions: int = 8) -> None:
-        if capacity < 1 or max_versions < 1:
-            raise ValueError("capacity and max_versions must be >= 1")
+    def __init__(self, *, capacity: int = 4096, max_versions: int = 8, history_s: int = 3600) -> None:
+        if capacity < 1 or max_versions < 1 or history_s < 1:
+            raise ValueError("capacity, max_versions and history_s must be >= 1")
         self.capacity = capacity
         self.max_versions = max_versions
-        self._samples: dict[ModelRef, deque[tuple[float, float, int]]] = {}
-        self._dropped_until: dict[ModelRef, float] = {}  # time of the newest sample pushed out
+        self.history_s = history_s
+        self._series: dict[ModelRef, _Series] = {}
 
     def record(self, ref: ModelRef, now: float, latency_ms: float, outcome: Outcome) -> None:
-        ring = self._samples.get(ref)
-        if ring is None:
-            ring = self._new_ring(ref)
-        elif len(ring) == self.capacity:
-            self._dropped_until[ref] = ring[0][0]
-        ring.append((now, latency_ms, int(outcome)))
-
-    def _new_ring(self, ref: ModelRef) -> deque[tuple[float, float, int]]:
-        if len(self._samples) >= self.max_versions:
-            stalest = min(self._samples, key=lambda r: self._samples[r][-1][0] if self._samples[r] else -math.inf)
-            del self._samples[stalest]
-            self._dropped_until.pop(stalest, None)
-        ring: deque[tuple[float, float, int]] = deque(maxlen=self.capacity)
-        self._samples[ref] = ring
-        return ring
+        series = self._series.get(ref)
+        if series is None:
+            if len(self._series) >= self.max_versions:
+                del self._series[min(self._series, key=lambda r: self._series[r].last_seen)]
+            series = self._series[ref] = _Series(self.capacity, self.history_s)
+        series.record(now, latency_ms, int(outcome))
 
     def select(
         self, *, since: float | None = None, version: int | None = None, name: str | None = None
-    ) -> tuple[list[tuple[float, float, int]], bool]:
-        """The samples matching the filters (a copy) and whether the window had dropped any of them."""
+    ) -> tuple[list[tuple[float, float, int]], Counts, bool]:
+        """Matching samples (a copy), the counts of matching older samples, and whether there were any."""
         picked: list[tuple[float, float, int]] = []
-        truncated = False
-        for ref, ring in self._samples.items():
+        older = [0, 0, 0, 0]
+        for ref, series in self._series.items():
             if (version is not None and ref.version != version) or (name is not None and ref.name != name):
                 continue
-            dropped = self._dropped_until.get(ref)
-            if dropped is not None and (since is None or dropped >= since):
-                truncated = True
-            if since is None:
-                picked.extend(ring)
-            else:
-                picked.extend(s for s in ring if s[0] >= since)
-        return picked, truncated
+            picked.extend(series.ring if since is None else (x for x in series.ring if x[0] >= since))
+            first = None if since is None else math.floor(since)
+            for bucket in series.spilled:
+                if first is None or bucket[0] >= first:
+                    for i in range(4):
+                        older[i] += bucket[i + 1]
+        counts = Counts(requests=older[0], errors=older[1], rejected=older[2], nonfinite=older[3])
+        return picked, counts, counts != Counts()
 
     def stats(self, *, since: float | None = None, version: int | None = None, name: str | None = None) -> ServingStats:
-        samples, truncated = self.select(since=since, version=version, name=name)
-        return summarize(samples, truncated=truncated)
+        samples, older, truncated = self.select(since=since, version=version, name=name)
+        return summarize(samples, older=older, truncated=truncated)
 
     def versions(self) -> list[ModelRef]:
-        return list(self._samples)
+        return list(self._series)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,8 +90,7 @@ class LoadedModel:
     load_id: int = 0
 
 
-@dataclass(frozen=True)
-class Served:
+class Served(NamedTuple):
     """The outputs of one request and the model that produced them (it may have changed since)."""
 
     model: LoadedModel
@@ -342,8 +342,8 @@ class ModelHost:
     def stats(self, *, since: float | None = None, version: int | None = None, name: str | None = None) -> ServingStats:
         """Requests, errors and latency percentiles over the window (per version, or all together)."""
         with self._lock:
-            samples, truncated = self._window.select(since=since, version=version, name=name)
-        return summarize(samples, truncated=truncated)
+            samples, older, truncated = self._window.select(since=since, version=version, name=name)
+        return summarize(samples, older=older, truncated=truncated)
 
     def loaded(self) -> list[LoadedModel]:
         """Every model holding a session (active, standby, draining)."""
@@ -396,12 +396,30 @@ class ModelHost:
         log.info("released %s v%d", slot.model.ref.name, slot.model.ref.version)
 
     @staticmethod
-    def _validate(slot: _Slot, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _validate(slot: _Slot, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         specs = slot.input_specs
+        if len(inputs) != len(specs):
+            ModelHost._explain(specs, inputs)
+        for name, (dtype, shape) in specs.items():
+            array = inputs.get(name)
+            if (
+                array is None
+                or not isinstance(array, np.ndarray)
+                or array.dtype != dtype
+                or len(array.shape) != len(shape)
+                or any(d not in (-1, a) for a, d in zip(array.shape, shape, strict=True))
+            ):
+                ModelHost._explain(specs, inputs)
+        return inputs
+
+    @staticmethod
+    def _explain(
+        specs: Mapping[str, tuple[np.dtype[np.generic], tuple[int, ...]]], inputs: Mapping[str, object]
+    ) -> None:
+        """Raise the InvalidInputError that says what is wrong (off the hot path)."""
         for name in inputs:
             if name not in specs:
                 raise InvalidInputError(f"model has no input {name!r} (inputs: {', '.join(specs)})", tensor=name)
-        feeds: dict[str, np.ndarray] = {}
         for name, (dtype, shape) in specs.items():
             array = inputs.get(name)
             if array is None:
@@ -414,10 +432,10 @@ class ModelHost:
                 )
             if not shape_fits(array.shape, shape):
                 raise InvalidInputError(
-                    f"input {name!r} has shape {list(array.shape)}, model expects {list(shape)} (-1 = any)", tensor=name
+                    f"input {name!r} has shape {list(array.shape)}, model expects {list(shape)} (-1 = any)",
+                    tensor=name,
                 )
-            feeds[name] = array
-        return feeds
+        raise InvalidInputError("inputs do not fit the model")  # pragma: no cover - one of the above applies
 
     def _timed_run(
         self, slot: _Slot, feeds: Mapping[str, np.ndarray], what: str

@@ -18,8 +18,17 @@ from agent.runtime.host import ModelHost
 from agent.runtime.http import HttpConfig, InferenceHttpServer
 from agent.runtime.inference import InferenceOptions
 from tests.support import badmodels
-from tests.support.localmodels import accuracy, digits_data
-from tests.support.serving_models import DIGITS_HEALTH, ONNX, SELFIE_HEALTH, TFLITE, digits_onnx, selfie_tflite
+from tests.support.serving_models import (
+    DIGITS_HEALTH,
+    ONNX,
+    SELFIE_HEALTH,
+    TFLITE,
+    accuracy,
+    digits_eval,
+    digits_onnx,
+    selfie_frames,
+    selfie_tflite,
+)
 
 MAX_BODY = 256 * 1024
 
@@ -69,9 +78,12 @@ class Client:
         self.conn.close()
 
 
+ONE = np.ones((1, 1, 8, 8), np.float32)
+
+
 def infer_body(x: np.ndarray, **extra: Any) -> dict[str, Any]:
     return {
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
         **extra,
     }
 
@@ -80,7 +92,7 @@ def test_health_and_metadata_follow_what_is_served(server: InferenceHttpServer, 
     c = Client(server)
     assert c.json("GET", "/v2/health/live") == (200, {"live": True})
     assert c.json("GET", "/v2/health/ready")[0] == 503
-    status, body = c.json("POST", "/v2/models/digits/infer", infer_body(np.ones((1, 64), np.float32)))
+    status, body = c.json("POST", "/v2/models/digits/infer", infer_body(ONE))
     assert status == 503 and "no model" in body["error"]
     assert c.json("GET", "/v2/models/digits")[0] == 503
 
@@ -90,7 +102,7 @@ def test_health_and_metadata_follow_what_is_served(server: InferenceHttpServer, 
     assert status == 200 and "binary_tensor_data" in meta["extensions"]
     status, meta = c.json("GET", "/v2/models/digits")
     assert status == 200 and meta["versions"] == ["3"] and meta["platform"] == "onnxruntime_onnx"
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert c.json("GET", "/v2/models/digits/versions/3")[0] == 200
     assert c.json("GET", "/v2/models/digits/versions/2")[0] == 404
     assert c.json("GET", "/v2/models/digits/ready")[1]["ready"] is True
@@ -101,19 +113,17 @@ def test_health_and_metadata_follow_what_is_served(server: InferenceHttpServer, 
 
 def test_json_inference_is_accurate_and_counted(server: InferenceHttpServer, host: ModelHost, digits: Path) -> None:
     serve(host, digits, ModelRef("digits", 1))
-    data = digits_data()
+    x, labels = digits_eval()
     c = Client(server)
-    status, body = c.json("POST", "/v2/models/digits/infer", infer_body(data.x_test, id="batch-1"))
+    status, body = c.json("POST", "/v2/models/digits/infer", infer_body(x, id="batch-1"))
     assert status == 200, body
     assert body["model_name"] == "digits" and body["model_version"] == "1" and body["id"] == "batch-1"
     logits = next(o for o in body["outputs"] if o["name"] == "logits")
-    assert logits["shape"] == [len(data.x_test), 10] and logits["datatype"] == "FP32"
-    assert accuracy(np.array(logits["data"]).reshape(-1, 10), data.y_test) > 0.9
-    status, body = c.json(
-        "POST", "/v2/models/digits/versions/1/infer", infer_body(data.x_test[:1], outputs=[{"name": "probabilities"}])
-    )
-    assert status == 200 and [o["name"] for o in body["outputs"]] == ["probabilities"]
-    assert sum(body["outputs"][0]["data"]) == pytest.approx(1.0, abs=1e-5)
+    assert logits["shape"] == [len(x), 10] and logits["datatype"] == "FP32"
+    assert accuracy(np.array(logits["data"]).reshape(-1, 10), labels) > 0.9
+    status, body = c.json("POST", "/v2/models/digits/versions/1/infer", infer_body(x[:1], outputs=[{"name": "logits"}]))
+    assert status == 200 and [o["name"] for o in body["outputs"]] == ["logits"]
+    assert np.argmax(body["outputs"][0]["data"]) == labels[0]
     status, stats = c.json("GET", "/v2/models/digits/stats")
     assert status == 200 and stats["requests"] == 2 and stats["errors"] == 0
     c.close()
@@ -121,11 +131,16 @@ def test_json_inference_is_accurate_and_counted(server: InferenceHttpServer, hos
 
 def test_binary_tensor_data_both_ways(server: InferenceHttpServer, host: ModelHost, digits: Path) -> None:
     serve(host, digits, ModelRef("digits", 1))
-    x = digits_data().x_test[:16]
+    x = digits_eval(16)[0]
     head = json.dumps(
         {
             "inputs": [
-                {"name": "input", "shape": [16, 64], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+                {
+                    "name": "pixels",
+                    "shape": [16, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
             ],
             "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
         }
@@ -142,7 +157,7 @@ def test_binary_tensor_data_both_ways(server: InferenceHttpServer, host: ModelHo
     meta = json.loads(payload[:json_length])
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == 16 * 10 * 4
     logits = np.frombuffer(payload[json_length:], "<f4").reshape(16, 10)
-    assert np.allclose(logits, host.infer({"input": x})["logits"], atol=1e-6)
+    assert np.allclose(logits, host.infer({"pixels": x})["logits"], atol=1e-6)
     c.close()
 
 
@@ -151,14 +166,14 @@ def test_malformed_requests_get_4xx_and_the_connection_keeps_working(
 ) -> None:
     serve(host, digits, ModelRef("digits", 1))
     c = Client(server)
-    good = json.dumps(infer_body(np.ones((1, 64), np.float32))).encode()
+    good = json.dumps(infer_body(ONE)).encode()
     cases: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
         ("POST", "/v2/models/digits/infer", b"{not json", {}, 400, "not valid JSON"),
         (
             "POST",
             "/v2/models/digits/infer",
             json.dumps(
-                {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT64", "data": [1] * 64}]}
+                {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [1] * 64}]}
             ).encode(),
             {},
             400,
@@ -167,7 +182,7 @@ def test_malformed_requests_get_4xx_and_the_connection_keeps_working(
         (
             "POST",
             "/v2/models/digits/infer",
-            json.dumps(infer_body(np.ones((1, 32), np.float32))).encode(),
+            json.dumps(infer_body(ONE[..., :4])).encode(),
             {},
             400,
             "does not fit",
@@ -205,7 +220,7 @@ def test_oversized_and_unsized_bodies_are_refused_before_reading(
             b"Content-Length: %d\r\n\r\n" % (MAX_BODY * 4)
         )
         assert raw.recv(4096).startswith(b"HTTP/1.1 413")  # refused before the client sent a byte of body
-    good = json.dumps(infer_body(np.ones((1, 64), np.float32))).encode()
+    good = json.dumps(infer_body(ONE)).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         raw.sendall(
             b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
@@ -228,9 +243,9 @@ def test_runtime_failures_are_500_and_counted(
     fragile = badmodels.failing_on_real_data_variant(digits, tmp_path / "fragile.onnx")
     serve(host, fragile, ModelRef("digits", 2))
     c = Client(server)
-    status, body = c.json("POST", "/v2/models/digits/infer", infer_body(np.full((1, 64), 9.0, np.float32)))
+    status, body = c.json("POST", "/v2/models/digits/infer", infer_body(digits_eval(1)[0]))  # a real digit
     assert status == 500 and "Gather" in body["error"]
-    assert c.json("POST", "/v2/models/digits/infer", infer_body(np.full((1, 64), 0.5, np.float32)))[0] == 200
+    assert c.json("POST", "/v2/models/digits/infer", infer_body(np.full((1, 1, 8, 8), 0.5, np.float32)))[0] == 200
     stats = host.stats(version=2)
     assert (stats.requests, stats.errors) == (2, 1)
     c.close()
@@ -245,14 +260,14 @@ def test_serves_onnx_and_tflite_models_over_http(digits: Path) -> None:
     ):
         serve(onnx_host, digits, ModelRef("digits", 1))
         serve(tflite_host, selfie_tflite(), ModelRef("selfie", 4), TFLITE)
-        data = digits_data()
+        x, labels = digits_eval(50)
         c = Client(onnx_server)
-        status, body = c.json("POST", "/v2/models/digits/infer", infer_body(data.x_test[:50]))
+        status, body = c.json("POST", "/v2/models/digits/infer", infer_body(x))
         assert status == 200
-        assert accuracy(np.array(body["outputs"][0]["data"]).reshape(-1, 10), data.y_test[:50]) > 0.85
+        assert accuracy(np.array(body["outputs"][0]["data"]).reshape(-1, 10), labels) > 0.85
         c.close()
 
-        frame = np.random.default_rng(1).random((1, 256, 256, 3), dtype=np.float32)
+        frame = selfie_frames(1)
         head = json.dumps(
             {
                 "inputs": [
@@ -290,9 +305,9 @@ def test_concurrent_clients_see_zero_failures_across_many_swaps(
     v2 = badmodels.identity_variant(digits, tmp_path / "v2.onnx")
     files = {1: digits, 2: v2}
     serve(host, digits, ModelRef("digits", 1))
-    x = digits_data().x_test[:4]
+    x = digits_eval(4)[0]
     body = json.dumps(infer_body(x)).encode()
-    want = host.infer({"input": x})["logits"]
+    want = host.infer({"pixels": x})["logits"]
     stop = threading.Event()
     problems: list[str] = []
     versions_seen: list[set[str]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,15 +22,25 @@ from agent.errors import (
     ModelNotReadyError,
 )
 from agent.protocol.messages import GoldenCase, ModelRef, RuntimeSpec
-from agent.runtime.host import ModelHost
+from agent.runtime.host import ModelHost, Served
 from agent.runtime.inference import InferenceOptions
 from agent.runtime.tensors import tensor_from_array
 from tests.support import badmodels
-from tests.support.localmodels import accuracy, digits_data
-from tests.support.serving_models import DIGITS_HEALTH, ONNX, SELFIE_HEALTH, TFLITE, digits_onnx, selfie_tflite
+from tests.support.serving_models import (
+    DIGITS_HEALTH,
+    ONNX,
+    SELFIE_HEALTH,
+    TFLITE,
+    accuracy,
+    digits_eval,
+    digits_onnx,
+    selfie_frames,
+    selfie_tflite,
+)
 
 V1 = ModelRef("digits", 1)
 V2 = ModelRef("digits", 2)
+ONE = np.ones((1, 1, 8, 8), np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +70,13 @@ def host() -> Iterator[ModelHost]:
 def test_serves_a_real_classifier_accurately(host: ModelHost, digits: Path) -> None:
     model = host.load(digits, ref=V1, runtime=ONNX)
     assert model.providers == ("CPUExecutionProvider",) and model.backend.startswith("onnxruntime")
-    assert [s.name for s in model.inputs] == ["input"] and model.inputs[0].shape == (-1, 64)
+    assert [s.name for s in model.inputs] == ["pixels"] and model.inputs[0].shape == (-1, 1, 8, 8)
     report = host.check(model, DIGITS_HEALTH)
     assert report.checks == ("load", "dtype", "shape", "finite", "latency")
     assert report.runs == 1 + DIGITS_HEALTH.warmup_runs
     assert host.activate(model) is None
-    data = digits_data()
-    assert accuracy(host.infer({"input": data.x_test})["logits"], data.y_test) > 0.9
+    x, labels = digits_eval()
+    assert accuracy(host.infer({"pixels": x})["logits"], labels) > 0.9
 
 
 @pytest.mark.parametrize(
@@ -84,16 +95,17 @@ def test_bad_versions_fail_the_right_check(
     host.unload(bad)
     assert host.active == v1  # the failed candidate never served
     assert host.loaded() == [v1]
-    assert host.infer({"input": np.ones((1, 64), np.float32)})["logits"].shape == (1, 10)
+    assert host.infer({"pixels": ONE})["logits"].shape == (1, 10)
 
 
-def test_golden_outputs_pass_for_the_same_model_and_fail_for_another(host: ModelHost, digits: Path) -> None:
-    data = digits_data()
-    x = data.x_test[:4]
+def test_golden_outputs_pass_for_the_same_model_and_fail_for_another(
+    host: ModelHost, digits: Path, tmp_path: Path
+) -> None:
+    x = digits_eval(4)[0]
     reference = host.load(digits, ref=V1, runtime=ONNX)
-    expected = host._slots[reference.load_id].session.run({"input": x})  # what the server measured
+    expected = host._slots[reference.load_id].session.run({"pixels": x})  # what the server measured
     golden = GoldenCase(
-        inputs={"input": tensor_from_array(x)},
+        inputs={"pixels": tensor_from_array(x)},
         outputs={"logits": tensor_from_array(expected["logits"])},
         atol=1e-4,
         rtol=1e-3,
@@ -103,12 +115,13 @@ def test_golden_outputs_pass_for_the_same_model_and_fail_for_another(host: Model
     assert report.checks[-1] == "golden" and report.golden_max_abs_err is not None
     assert report.golden_max_abs_err < 1e-4
 
-    other = host.load(digits_onnx(seed=1), ref=V2, runtime=ONNX)  # trained from another seed
+    off = badmodels.scaled_output_variant(digits, tmp_path / "off.onnx", factor=1.1)
+    other = host.load(off, ref=V2, runtime=ONNX)  # runs, finite, right shape: only the numbers are off
     with pytest.raises(HealthCheckError) as info:
         host.check(other, health)
     assert info.value.check == "golden" and "outside atol" in info.value.reason
 
-    truncated = replace(golden, inputs={"input": replace(golden.inputs["input"], data=b"\x00" * 8)})
+    truncated = replace(golden, inputs={"pixels": replace(golden.inputs["pixels"], data=b"\x00" * 8)})
     with pytest.raises(HealthCheckError) as info:
         host.check(reference, replace(DIGITS_HEALTH, golden=(truncated,)))
     assert info.value.check == "golden"
@@ -120,28 +133,28 @@ def test_declared_inputs_that_do_not_match_the_model_fail(host: ModelHost, digit
     with pytest.raises(HealthCheckError) as info:
         host.check(model, wrong_dtype)
     assert info.value.check == "dtype"
-    wrong_name = replace(DIGITS_HEALTH, inputs=(replace(DIGITS_HEALTH.inputs[0], name="pixels"),))
+    wrong_name = replace(DIGITS_HEALTH, inputs=(replace(DIGITS_HEALTH.inputs[0], name="image"),))
     with pytest.raises(HealthCheckError) as info:
         host.check(model, wrong_name)
-    assert info.value.check == "shape" and "pixels" in info.value.reason
+    assert info.value.check == "shape" and "image" in info.value.reason
 
 
 def test_a_model_that_fails_only_on_real_data_passes_warm_up_and_shows_in_the_error_rate(
     host: ModelHost, variants: dict[str, Path]
 ) -> None:
     fragile = host.load(variants["fragile"], ref=V2, runtime=ONNX)
-    host.check(fragile, DIGITS_HEALTH)  # probes are in [0, 1): passes
+    host.check(fragile, DIGITS_HEALTH)  # random probes: passes
     host.activate(fragile)
-    data = digits_data()
+    x = digits_eval(20)[0]
     failures = 0
-    for row in data.x_test[:20]:
+    for i in range(len(x)):
         try:
-            host.infer({"input": row[None, :]})
+            host.infer({"pixels": x[i : i + 1]})
         except InferenceError:
             failures += 1
     stats = host.stats(version=2)
-    assert failures == stats.errors > 0
-    assert stats.requests == 20 and stats.error_rate == failures / 20
+    assert failures == stats.errors == 20  # every real digit has black pixels
+    assert stats.requests == 20 and stats.error_rate == 1.0
 
 
 def test_corrupt_and_truncated_files_raise_model_load_error(host: ModelHost, digits: Path, tmp_path: Path) -> None:
@@ -180,7 +193,7 @@ def test_litert_model_serves_through_the_same_host(host: ModelHost) -> None:
     report = host.check(model, SELFIE_HEALTH)
     assert "finite" in report.checks
     host.activate(model)
-    frame = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
+    frame = selfie_frames(1)
     mask = host.infer({"input_1": frame})["activation_10"]
     assert mask.shape == (1, 256, 256, 1) and np.isfinite(mask).all()
     assert (mask >= 0).all() and (mask <= 1).all()  # a sigmoid mask
@@ -190,20 +203,20 @@ def test_litert_model_serves_through_the_same_host(host: ModelHost) -> None:
 
 def test_requests_are_validated_before_the_runtime(host: ModelHost, digits: Path) -> None:
     with pytest.raises(ModelNotReadyError):
-        host.infer({"input": np.ones((1, 64), np.float32)})
+        host.infer({"pixels": ONE})
     host.activate(host.load(digits, ref=V1, runtime=ONNX))
     cases = [
-        ({"input": np.ones((1, 64), np.float64)}, "float32"),
-        ({"input": np.ones((1, 63), np.float32)}, "shape"),
+        ({"pixels": ONE.astype(np.float64)}, "float32"),
+        ({"pixels": ONE[..., :7]}, "shape"),
         ({}, "missing"),
-        ({"input": np.ones((1, 64), np.float32), "extra": np.ones(1, np.float32)}, "no input 'extra'"),
-        ({"input": [[1.0] * 64]}, "numpy array"),
+        ({"pixels": ONE, "extra": np.ones(1, np.float32)}, "no input 'extra'"),
+        ({"pixels": ONE.tolist()}, "numpy array"),
     ]
     for inputs, message in cases:
         with pytest.raises(InvalidInputError, match=message):
             host.infer(inputs)  # type: ignore[arg-type]
     with pytest.raises(ModelNotFoundError):
-        host.run({"input": np.ones((1, 64), np.float32)}, version=7)
+        host.run({"pixels": ONE}, version=7)
     stats = host.stats(version=1)
     assert stats.rejected == len(cases) and stats.requests == 0  # the client's mistakes are not the model's errors
 
@@ -213,8 +226,8 @@ def test_hot_swap_under_load_fails_no_request_and_releases_old_sessions(
 ) -> None:
     files = {1: digits, 2: variants["v2"]}
     host.activate(host.load(digits, ref=V1, runtime=ONNX))
-    x = digits_data().x_test[:8]
-    want = host.infer({"input": x})["logits"]
+    x = digits_eval(8)[0]
+    want = host.infer({"pixels": x})["logits"]
     stop = threading.Event()
     failures: list[BaseException] = []
     served: dict[int, int] = {1: 0, 2: 0}
@@ -223,7 +236,7 @@ def test_hot_swap_under_load_fails_no_request_and_releases_old_sessions(
     def client() -> None:
         while not stop.is_set():
             try:
-                result = host.run({"input": x})
+                result = host.run({"pixels": x})
                 assert np.allclose(result.outputs["logits"], want, atol=1e-5)
                 with lock:
                     served[result.model.ref.version] += 1
@@ -268,18 +281,18 @@ def test_keep_previous_holds_the_old_version_for_an_instant_switch_back(
         host.unload(v1)  # serving
     assert host.deactivate() == v1
     with pytest.raises(ModelNotReadyError):
-        host.infer({"input": np.ones((1, 64), np.float32)})
+        host.infer({"pixels": ONE})
 
 
 def test_stats_are_per_version_and_since_a_switch(host: ModelHost, digits: Path, variants: dict[str, Path]) -> None:
-    x = np.ones((1, 64), np.float32)
+    x = ONE
     host.activate(host.load(digits, ref=V1, runtime=ONNX))
     for _ in range(5):
-        host.infer({"input": x})
+        host.infer({"pixels": x})
     host.activate(host.load(variants["nan"], ref=V2, runtime=ONNX))  # unchecked on purpose
     switched = host.activated_at
     for _ in range(3):
-        host.infer({"input": x})
+        host.infer({"pixels": x})
     v1, v2 = host.stats(version=1), host.stats(version=2, since=switched)
     assert (v1.requests, v1.errors) == (5, 0)
     assert (v2.requests, v2.errors, v2.nonfinite) == (3, 3, 3)  # NaN answers count against the model
@@ -291,7 +304,7 @@ def test_close_waits_for_requests_in_flight(digits: Path, variants: dict[str, Pa
     slow = host.load(variants["slow"], ref=V1, runtime=ONNX)
     host.activate(slow)
     results: list[object] = []
-    t = threading.Thread(target=lambda: results.append(host.infer({"input": np.ones((1, 64), np.float32)})))
+    t = threading.Thread(target=lambda: results.append(host.infer({"pixels": ONE})))
     t.start()
     while host.stats().requests == 0 and not host._slots[slow.load_id].inflight:
         pass
@@ -305,12 +318,44 @@ def test_close_waits_for_requests_in_flight(digits: Path, variants: dict[str, Pa
 def test_local_api_casts_within_a_kind_and_refuses_lossy_casts(digits: Path) -> None:
     with LocalModel.open(digits, name="digits", threads=1, health=DIGITS_HEALTH) as model:
         assert model.ready() and model.ref == ModelRef("digits", 1)
-        data = digits_data()
-        logits = model(data.x_test.astype(np.float64))["logits"]  # float64 -> float32
-        assert accuracy(logits, data.y_test) > 0.9
-        assert model.infer({"input": data.x_test[:1].tolist()})["logits"].shape == (1, 10)
+        x, labels = digits_eval()
+        logits = model(x.astype(np.float64))["logits"]  # float64 -> float32
+        assert accuracy(logits, labels) > 0.9
+        assert model.infer({"pixels": x[:1].tolist()})["logits"].shape == (1, 10)
         with pytest.raises(InvalidInputError, match="lossy"):
-            model.infer(np.ones((1, 64), np.complex64))
+            model.infer(ONE.astype(np.complex64))
         assert model.stats().requests == 2
     with pytest.raises(ModelLoadError):
         LocalModel.open(digits.with_suffix(".pt"))
+
+
+def test_a_request_in_flight_finishes_on_the_old_session_which_is_released_after(
+    host: ModelHost, digits: Path, variants: dict[str, Path]
+) -> None:
+    slow = host.load(variants["slow"], ref=V1, runtime=ONNX)  # ~1 s per inference
+    host.activate(slow)
+    result: list[object] = []
+    request = threading.Thread(target=lambda: result.append(host.run({"pixels": ONE})))
+    request.start()
+    while not host._slots[slow.load_id].inflight:
+        pass
+    fast = host.load(digits, ref=V2, runtime=ONNX)
+    assert host.activate(fast) is slow  # returns at once: it does not wait for the request
+    assert host.active is fast and set(host.loaded()) == {slow, fast}  # the old one drains
+    assert host.run({"pixels": ONE}).model is fast  # new requests go to the new version meanwhile
+    request.join()
+    served = result[0]
+    assert isinstance(served, Served) and served.model is slow and served.outputs["logits"].shape == (1, 10)
+    assert host.loaded() == [fast]  # released once its last request drained
+
+
+def test_a_missing_runtime_is_a_clear_load_error(
+    host: ModelHost, digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # neither LiteRT package importable
+    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
+    with pytest.raises(ModelLoadError, match="no LiteRT runtime"):
+        host.load(selfie_tflite(), ref=ModelRef("selfie", 1), runtime=TFLITE)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ModelLoadError, match="onnxruntime is not installed"):
+        host.load(digits, ref=V1, runtime=ONNX)

@@ -7,8 +7,10 @@ outputs keep their names, so a variant is a drop-in "v2" of the model it came fr
     wrong_shape_variant(src, dst)        first output's last dimension doubled   -> check "shape"
     wrong_dtype_variant(src, dst)        first float output cast to float64      -> check "dtype"
     slow_variant(src, dst, extra_ms=..)  a loop of matmuls adds ~extra_ms        -> check "latency"
-    failing_on_real_data_variant(...)    passes warm-up probes (inputs in [0,1)),
-                                         raises in the runtime on inputs above 1 -> probation error rate
+    failing_on_real_data_variant(...)    passes warm-up probes (random floats, never exactly 0),
+                                         raises in the runtime on real inputs (images with black
+                                         pixels, padded token ids: many exact zeros) -> probation
+    scaled_output_variant(src, dst, f)   first output times f: runs fine, numerically off -> check "golden"
     identity_variant(src, dst)           same outputs, different bytes (a benign "v2")
 
 Shared by the serving tests, the agent lifecycle tests and the fault suite. Needs ``onnx`` (server extra).
@@ -198,22 +200,48 @@ def _timed(session: object, feeds: dict[str, np.ndarray]) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
-def failing_on_real_data_variant(src: Path, dst: Path, *, threshold: float = 1.0) -> Path:
-    """Runs fine on the health check's probes (floats in [0, 1)) but raises inside onnxruntime whenever
-    the first float input holds a value above ``threshold`` (a Gather with an out-of-range index):
-    the model passes warm-up and then fails real traffic, which only probation can catch."""
+def failing_on_real_data_variant(
+    src: Path, dst: Path, *, zero_fraction: float = 0.1, threshold: float | None = None
+) -> Path:
+    """Runs fine on the health check's probes but raises inside onnxruntime on real inputs (a Gather with
+    an out-of-range index): the model passes warm-up and then fails real traffic, which only probation
+    (or golden cases taken from real data) can catch.
+
+    Trigger, on the first float input: by default, more than ``zero_fraction`` of its elements exactly 0
+    (real images and padded inputs are; the uniform random probes never are); with ``threshold``, any
+    element above it instead (for inputs whose real values exceed the probes' [0, 1) range).
+    """
     model = _load(src)
     g = model.graph
     x = _first_float_input(g)
+    elem = next(i.type.tensor_type.elem_type for i in g.input if i.name == x)
     t = "fragile"
-    limit = _const(g, f"{t}__limit", np.array(threshold, dtype=np.float32))
+    if threshold is None:
+        zero = _const(g, f"{t}__zero_in", np.array(0, dtype=_np_float(elem)))
+        g.node.append(helper.make_node("Equal", [x, zero], [f"{t}__is0"], name=f"{t}__eq"))
+        g.node.append(helper.make_node("Cast", [f"{t}__is0"], [f"{t}__is0f"], to=TensorProto.FLOAT, name=f"{t}__c"))
+        g.node.append(helper.make_node("ReduceMean", [f"{t}__is0f"], [f"{t}__score"], keepdims=0, name=f"{t}__mean"))
+        limit = _const(g, f"{t}__limit", np.array(zero_fraction, dtype=np.float32))
+    else:
+        g.node.append(helper.make_node("ReduceMax", [x], [f"{t}__max"], keepdims=0, name=f"{t}__reducemax"))
+        g.node.append(helper.make_node("Cast", [f"{t}__max"], [f"{t}__score"], to=TensorProto.FLOAT, name=f"{t}__c"))
+        limit = _const(g, f"{t}__limit", np.array(threshold, dtype=np.float32))
     big = _const(g, f"{t}__big", np.array(1_000_000, dtype=np.int64))
     table = _const(g, f"{t}__table", np.array([0.0], dtype=np.float32))
-    g.node.append(helper.make_node("ReduceMax", [x], [f"{t}__max"], keepdims=0, name=f"{t}__reducemax"))
-    g.node.append(helper.make_node("Cast", [f"{t}__max"], [f"{t}__max32"], to=TensorProto.FLOAT, name=f"{t}__c"))
-    g.node.append(helper.make_node("Greater", [f"{t}__max32", limit], [f"{t}__over"], name=f"{t}__gt"))
+    g.node.append(helper.make_node("Greater", [f"{t}__score", limit], [f"{t}__over"], name=f"{t}__gt"))
     g.node.append(helper.make_node("Cast", [f"{t}__over"], [f"{t}__over64"], to=TensorProto.INT64, name=f"{t}__ci"))
     g.node.append(helper.make_node("Mul", [f"{t}__over64", big], [f"{t}__index"], name=f"{t}__idx"))
     g.node.append(helper.make_node("Gather", [table, f"{t}__index"], [f"{t}__picked"], axis=0, name=f"{t}__gather"))
     _add_zero_dependency(g, _float_outputs(g)[0], f"{t}__picked", t)
+    return _save(model, dst)
+
+
+def scaled_output_variant(src: Path, dst: Path, *, factor: float = 1.1) -> Path:
+    """The first float output multiplied by ``factor``: runs, finite, right shape, wrong numbers."""
+    model = _load(src)
+    g = model.graph
+    out = _float_outputs(g)[0]
+    internal = _reroute_output(g, out.name)
+    scale = _const(g, f"{out.name}__scale", np.array(factor, dtype=_np_float(out.type.tensor_type.elem_type)))
+    g.node.append(helper.make_node("Mul", [internal, scale], [out.name], name=f"{out.name}__scaled"))
     return _save(model, dst)

@@ -1,34 +1,28 @@
-"""Real models for the serving tests and benchmarks, in one place.
+"""The shared real models (``tests.support.models``) as the serving tests and benchmarks use them.
 
-* ``digits_onnx(dir)``: a digits classifier (MLP trained on scikit-learn's digits), ``input`` float32[N,64]
-  (pixels 0..16) -> ``logits``/``probabilities`` [N,10]; with its labelled test split.
-* ``selfie_tflite()``: MediaPipe's selfie segmentation (.tflite, from the mediapipe wheel),
-  ``input_1`` float32[1,256,256,3] -> ``activation_10`` [1,256,256,1].
+* digits: a small CNN trained on scikit-learn's digits, ``pixels`` float32[N,1,8,8] (0..1) -> ``logits`` [N,10],
+  with a labelled evaluation split;
+* selfie: MediaPipe's selfie segmentation (.tflite), ``input_1`` float32[1,256,256,3] -> ``activation_10``
+  [1,256,256,1], with synthetic portraits.
 
-Files are cached under ``${EDGEFLEET_CACHE:-~/.cache/edgefleet}/serving``.
+Health specs here are what a server would put in the manifest for these models.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
-from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
-from tests.support.localmodels import write_digits_onnx
+import numpy as np
 
-MEDIAPIPE = "mediapipe==0.10.14"
-SELFIE_MEMBER = "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite"
+from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
+from tests.support.models import real_model
 
 ONNX = RuntimeSpec(format="onnx", runtime="onnxruntime")
 TFLITE = RuntimeSpec(format="tflite", runtime="litert")
 
 DIGITS_HEALTH = HealthSpec(
-    inputs=(TensorSpec("input", "float32", (1, 64)),),
-    outputs=(TensorSpec("logits", "float32", (-1, 10)), TensorSpec("probabilities", "float32", (-1, 10))),
+    inputs=(TensorSpec("pixels", "float32", (1, 1, 8, 8)),),
+    outputs=(TensorSpec("logits", "float32", (-1, 10)),),
     latency_budget_ms=250.0,
     warmup_runs=3,
 )
@@ -40,32 +34,24 @@ SELFIE_HEALTH = HealthSpec(
 )
 
 
-def cache_dir() -> Path:
-    root = Path(os.environ.get("EDGEFLEET_CACHE") or Path.home() / ".cache" / "edgefleet")
-    path = root / "serving"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def digits_onnx() -> Path:
+    return real_model("digits").path
 
 
-def digits_onnx(seed: int = 0) -> Path:
-    return write_digits_onnx(cache_dir() / f"digits-mlp-seed{seed}.onnx", seed=seed)
+def digits_eval(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels [N,1,8,8] float32, labels [N]) of the evaluation split."""
+    data = real_model("digits").load("evaluation", limit=limit)
+    return data["pixels"], data["labels"]
 
 
 def selfie_tflite() -> Path:
-    """The selfie segmentation model, taken from the mediapipe wheel (downloaded, never installed)."""
-    target = cache_dir() / "selfie_segmentation.tflite"
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, MEDIAPIPE],
-            check=True,
-            timeout=600,
-        )
-        wheel = next(Path(tmp).glob("mediapipe-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(SELFIE_MEMBER)
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(data)
-    partial.replace(target)
-    return target
+    return real_model("selfie").path
+
+
+def selfie_frames(limit: int = 2) -> np.ndarray:
+    data = real_model("selfie").load("evaluation", limit=limit)
+    return data["input_1"]
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.serving import EMPTY_STATS, Outcome, StatsWindow, percentile, summarize
+from agent.core.serving import EMPTY_STATS, Counts, Outcome, ServingStats, StatsWindow, percentile, summarize
 from agent.protocol.messages import ModelRef
 
 V1 = ModelRef("digits", 1)
@@ -47,6 +47,7 @@ def test_summarize_counts_outcomes_apart() -> None:
 
 def test_empty_window_has_no_percentiles() -> None:
     assert summarize([]) == EMPTY_STATS
+    assert summarize([], older=Counts(requests=3, errors=1)) == ServingStats(3, 1, None, None, None)
     assert EMPTY_STATS.error_rate == 0.0
     assert EMPTY_STATS.latency_ms() == {}
 
@@ -67,15 +68,28 @@ def test_window_filters_by_version_name_and_time() -> None:
     assert not w.stats(since=0.0).truncated
 
 
-def test_window_is_bounded_and_says_when_it_dropped_samples() -> None:
+def test_window_keeps_counts_exact_beyond_its_sample_ring() -> None:
     w = StatsWindow(capacity=4)
     for t in range(10):
-        w.record(V1, float(t), float(t), Outcome.OK)
+        w.record(V1, float(t), float(t), Outcome.ERROR if t in (1, 8) else Outcome.OK)
+    w.record(V1, 10.0, 50.0, Outcome.REJECTED)
     everything = w.stats(version=1)
-    assert everything.requests == 4 and everything.truncated
-    assert everything.p50_ms == pytest.approx(7.5)  # samples 6..9 survive
+    assert (everything.requests, everything.errors, everything.rejected) == (10, 2, 1)
+    assert everything.truncated  # percentiles from the latest samples only
+    assert everything.p50_ms == pytest.approx(8.0)  # the ring holds 7, 8, 9 and the rejected 10
     recent = w.stats(version=1, since=7.0)
-    assert recent.requests == 3 and not recent.truncated
+    assert (recent.requests, recent.errors) == (3, 1) and not recent.truncated
+    middle = w.stats(version=1, since=3.0)  # samples 3..6 only as counts, 7..9 exact
+    assert (middle.requests, middle.errors) == (7, 1) and middle.truncated
+
+
+def test_window_memory_is_bounded_under_heavy_traffic() -> None:
+    w = StatsWindow(capacity=16, history_s=5)
+    for i in range(20_000):
+        w.record(V1, i / 1000.0, 1.0, Outcome.OK)  # 1,000 requests/s for 20 s
+    series = w._series[V1]
+    assert len(series.ring) == 16 and len(series.spilled) == 5
+    assert w.stats(version=1, since=16.0).requests == 4000  # the last 4 s: exact
 
 
 def test_window_forgets_the_stalest_version_first() -> None:

@@ -1,0 +1,533 @@
+"""The HTTP API: one route table, served by the stdlib HTTP server and called in-process by the CLI.
+
+Every route is declared once (method, path, schema, handler, whether it changes anything).
+From that table come the request validation, the OpenAPI 3.1 document (``/openapi.json``),
+the audit log entry of every mutating call (who, what, when, outcome) and the CLI client's
+URLs, so the three cannot drift apart. Authentication is a bearer token
+(``Authorization: Bearer eft_...``); the registry keeps only its SHA-256 and the name of its
+owner, which is what the audit log records.
+
+Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with the status implied by the
+``server.errors`` type (404 not found, 409 conflict, 400 invalid, 401 unauthorized).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from agent import __version__
+from server.errors import (
+    AuthError,
+    ConflictError,
+    InvalidRequestError,
+    KeyStoreError,
+    NotFoundError,
+    ServerError,
+)
+from server.keys import token_digest
+from server.service import FleetService
+
+log = logging.getLogger("edgefleet.api")
+
+Json = dict[str, Any]
+
+
+# -- schemas --------------------------------------------------------------------------------------------
+
+
+def obj(properties: Mapping[str, Json], required: Sequence[str] = ()) -> Json:
+    return {"type": "object", "properties": dict(properties), "required": list(required),
+            "additionalProperties": False}
+
+
+STR = {"type": "string", "maxLength": 256}
+INT = {"type": "integer"}
+NUM = {"type": "number"}
+BOOL = {"type": "boolean"}
+PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+STR_LIST = {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 10000}
+ANY_OBJ = {"type": "object"}
+ANY_LIST = {"type": "array", "items": {"type": "object"}}
+
+_PY_TYPES: Mapping[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "array": (list,),
+    "object": (dict,),
+}
+
+
+def validate(value: Any, schema: Mapping[str, Any], where: str = "body") -> None:
+    """The subset of JSON Schema the route table uses; raises InvalidRequestError naming the field."""
+    kind = schema.get("type")
+    if kind is not None:
+        ok = isinstance(value, _PY_TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
+        if not ok:
+            raise InvalidRequestError(f"{where} must be {kind}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise InvalidRequestError(f"{where} must be one of {', '.join(map(str, schema['enum']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise InvalidRequestError(f"{where} must be >= {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise InvalidRequestError(f"{where} must be <= {schema['maximum']}")
+    if isinstance(value, str) and len(value) > schema.get("maxLength", 1 << 20):
+        raise InvalidRequestError(f"{where} is longer than {schema['maxLength']} characters")
+    if isinstance(value, list):
+        if len(value) > schema.get("maxItems", 1 << 20):
+            raise InvalidRequestError(f"{where} has more than {schema['maxItems']} items")
+        if "items" in schema:
+            for i, item in enumerate(value):
+                validate(item, schema["items"], f"{where}[{i}]")
+    if isinstance(value, dict) and "properties" in schema:
+        props = schema["properties"]
+        for key in schema.get("required", ()):
+            if key not in value:
+                raise InvalidRequestError(f"{where}.{key} is required")
+        for key, item in value.items():
+            if key not in props:
+                if schema.get("additionalProperties", True) is False:
+                    raise InvalidRequestError(f"{where}.{key} is not a known field ({', '.join(props)})")
+                continue
+            if item is not None:
+                validate(item, props[key], f"{where}.{key}")
+
+
+# -- routes ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    actor: str
+    path: Mapping[str, str]
+    query: Mapping[str, str]
+    body: Any
+    service: FleetService
+    metrics: Callable[[], str] | None = None
+
+    def q_int(self, name: str, default: int, lo: int = 0, hi: int = 1 << 62) -> int:
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError as exc:
+            raise InvalidRequestError(f"query parameter {name} must be an integer") from exc
+        if not lo <= value <= hi:
+            raise InvalidRequestError(f"query parameter {name} must be within {lo}..{hi}")
+        return value
+
+    def q_float(self, name: str, default: float) -> float:
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError as exc:
+            raise InvalidRequestError(f"query parameter {name} must be a number") from exc
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    name: str
+    schema: Json
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    name: str
+    summary: str
+    handler: Callable[[Call], Any]
+    tag: str = "fleet"
+    body: Json | None = None
+    query: tuple[QueryParam, ...] = ()
+    response: Json = field(default_factory=lambda: ANY_OBJ)
+    mutating: bool = False
+    public: bool = False
+    content_type: str = "application/json"
+    #: what the audit log names as the target of the call
+    audit_target: Callable[[Call], str | None] | None = None
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
+        return re.compile(f"^{pattern}$")
+
+
+def _health(c: Call) -> Any:
+    return {"ok": True, "version": __version__}
+
+
+def _metrics(c: Call) -> Any:
+    if c.metrics is None:
+        from server.metrics import render_metrics  # noqa: PLC0415
+
+        return render_metrics(c.service.registry)
+    return c.metrics()
+
+
+def _deploy(c: Call) -> Any:
+    b = c.body
+    return c.service.deploy(
+        b["model"], target=b["target"], canary_percent=b.get("canary_percent"), wave_percent=b.get("wave_percent"),
+        max_failures_percent=b.get("max_failures_percent"), probation_s=b.get("probation_s"), actor=c.actor,
+    )
+
+
+def _status(c: Call) -> Any:
+    devices = c.service.list_devices()
+    deployments = [d for d in c.service.list_deployments(limit=20) if d["status"] in ("running", "rolling_back")]
+    return {
+        "devices": len(devices),
+        "online": sum(d["online"] for d in devices),
+        "stale": sum(d["stale"] for d in devices),
+        "pending_enrollments": len(c.service.pending_enrollments()),
+        "live_deployments": deployments,
+    }
+
+
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", "health", "Liveness of the server process", _health, tag="server", public=True),
+    Route("GET", "/openapi.json", "openapi", "This API's OpenAPI 3.1 document", lambda c: None, tag="server",
+          public=True),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics (fleet gauges, ingest and publish counters)", _metrics,
+          tag="server", public=True, content_type="text/plain; version=0.0.4"),
+    Route("GET", "/v1/status", "status", "Fleet summary: devices, online, stale, live rollouts", _status),
+    Route("GET", "/v1/devices", "list_devices", "Every device with its state, model, telemetry and desired state",
+          lambda c: c.service.list_devices(), response=ANY_LIST),
+    Route("POST", "/v1/devices", "register_device",
+          "Register a device (with its X25519 public key, or wait for its enrollment request); returns its broker "
+          "password once",
+          lambda c: c.service.register_device(
+              c.body["device_id"], profile=c.body["profile"], public_key=c.body.get("public_key"),
+              groups=c.body.get("groups") or (), broker_password=c.body.get("broker_password", True)),
+          body=obj({"device_id": STR, "profile": STR, "public_key": STR, "groups": STR_LIST,
+                    "broker_password": BOOL}, ["device_id", "profile"]),
+          mutating=True, audit_target=lambda c: f"device:{c.body.get('device_id')}"),
+    Route("GET", "/v1/devices/{device_id}", "get_device", "One device with recent events and telemetry",
+          lambda c: c.service.device_detail(c.path["device_id"])),
+    Route("POST", "/v1/devices/{device_id}/approve", "approve_device",
+          "Approve a device's pending enrollment request (optionally checking the key fingerprint)",
+          lambda c: c.service.approve_device(
+              c.path["device_id"], fingerprint_check=(c.body or {}).get("fingerprint"),
+              profile=(c.body or {}).get("profile"), groups=(c.body or {}).get("groups") or ()),
+          body=obj({"fingerprint": STR, "profile": STR, "groups": STR_LIST}), mutating=True,
+          audit_target=lambda c: f"device:{c.path['device_id']}"),
+    Route("POST", "/v1/devices/{device_id}/reject", "reject_enrollment", "Reject a pending enrollment request",
+          lambda c: c.service.reject_enrollment(c.path["device_id"]), mutating=True,
+          audit_target=lambda c: f"device:{c.path['device_id']}"),
+    Route("POST", "/v1/devices/{device_id}/revoke", "revoke_device",
+          "Revoke a device: its messages are refused and it gets nothing more",
+          lambda c: c.service.revoke_device(c.path["device_id"]), mutating=True,
+          audit_target=lambda c: f"device:{c.path['device_id']}"),
+    Route("POST", "/v1/devices/{device_id}/broker-password", "reset_broker_password",
+          "Issue a new MQTT password for a device (shown once)",
+          lambda c: c.service.reset_broker_password(c.path["device_id"]), mutating=True,
+          audit_target=lambda c: f"device:{c.path['device_id']}"),
+    Route("GET", "/v1/enrollments", "pending_enrollments", "Enrollment requests waiting for approval",
+          lambda c: c.service.pending_enrollments(), response=ANY_LIST),
+    Route("GET", "/v1/groups", "list_groups", "Groups and their members", lambda c: c.service.list_groups()),
+    Route("POST", "/v1/groups/{group}/members", "group_add", "Add devices to a group (created on first use)",
+          lambda c: c.service.group_add(c.path["group"], c.body["devices"]),
+          body=obj({"devices": STR_LIST}, ["devices"]), mutating=True,
+          audit_target=lambda c: f"group:{c.path['group']}"),
+    Route("POST", "/v1/groups/{group}/remove", "group_remove", "Remove devices from a group",
+          lambda c: c.service.group_remove(c.path["group"], c.body["devices"]),
+          body=obj({"devices": STR_LIST}, ["devices"]), mutating=True,
+          audit_target=lambda c: f"group:{c.path['group']}"),
+    Route("GET", "/v1/deployments", "list_deployments", "Recent deployments with per-phase device counts",
+          lambda c: c.service.list_deployments(limit=c.q_int("limit", 50, 1, 1000)), response=ANY_LIST,
+          query=(QueryParam("limit", INT, "most recent N (1..1000)"),)),
+    Route("POST", "/v1/deployments", "deploy",
+          "Start a staged rollout of MODEL:VERSION to group:NAME, device:ID or all (canary, waves, failure "
+          "threshold, probation)", _deploy,
+          body=obj({"model": STR, "target": STR, "canary_percent": PERCENT, "wave_percent": PERCENT,
+                    "max_failures_percent": PERCENT, "probation_s": {"type": "number", "minimum": 0}},
+                   ["model", "target"]),
+          mutating=True, audit_target=lambda c: c.body.get("target")),
+    Route("GET", "/v1/deployments/{deployment_id}", "get_deployment",
+          "One deployment: per-wave progress, every device's phase, failures and why",
+          lambda c: c.service.deployment_detail(c.path["deployment_id"])),
+    Route("POST", "/v1/deployments/{deployment_id}/halt", "halt_deployment",
+          "Halt a rollout; by default roll its devices back to their previous version",
+          lambda c: c.service.halt(c.path["deployment_id"], rollback=(c.body or {}).get("rollback", True),
+                                   actor=c.actor, reason=(c.body or {}).get("reason")),
+          body=obj({"rollback": BOOL, "reason": STR}), mutating=True,
+          audit_target=lambda c: f"deployment:{c.path['deployment_id']}"),
+    Route("POST", "/v1/rollbacks", "rollback",
+          "Roll devices back to a kept version (signed command + retained pin; offline devices converge)",
+          lambda c: c.service.rollback(target=c.body["target"], model=c.body.get("model"),
+                                       version=c.body.get("version"), actor=c.actor),
+          body=obj({"target": STR, "model": STR, "version": {"type": "integer", "minimum": 0}}, ["target"]),
+          mutating=True, audit_target=lambda c: c.body.get("target")),
+    Route("GET", "/v1/commands/{batch_id}", "command_batch", "Commands of one batch and each device's answer",
+          lambda c: c.service.command_batch(c.path["batch_id"])),
+    Route("GET", "/v1/events", "events", "Events after a cursor; wait=N long-polls up to N seconds",
+          lambda c: c.service.events(after=c.q_int("after", 0), device_id=c.query.get("device") or None,
+                                     deployment_id=c.query.get("deployment") or None,
+                                     kind=c.query.get("kind") or None, limit=c.q_int("limit", 200, 1, 1000),
+                                     wait_s=c.q_float("wait", 0.0)),
+          query=(QueryParam("after", INT, "cursor: only events with a larger id"),
+                 QueryParam("device", STR), QueryParam("deployment", STR),
+                 QueryParam("kind", STR, "kind prefix, e.g. lifecycle."),
+                 QueryParam("limit", INT), QueryParam("wait", NUM, "long-poll seconds"))),
+    Route("GET", "/v1/audit", "audit", "Who did what, when, with which outcome",
+          lambda c: c.service.audit(limit=c.q_int("limit", 100, 1, 10000), actor=c.query.get("actor") or None,
+                                    action=c.query.get("action") or None),
+          response=ANY_LIST,
+          query=(QueryParam("limit", INT), QueryParam("actor", STR), QueryParam("action", STR))),
+]
+
+_STATUS: Mapping[type[ServerError], int] = {
+    NotFoundError: 404,
+    ConflictError: 409,
+    AuthError: 401,
+    InvalidRequestError: 400,
+    KeyStoreError: 503,
+}
+
+
+def status_for(exc: ServerError) -> int:
+    for cls, status in _STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return 400 if isinstance(exc, ValueError) else 422
+
+
+class Api:
+    """Dispatch, audit and describe the routes; transport-agnostic (HTTP server and local CLI)."""
+
+    def __init__(
+        self,
+        service: FleetService,
+        *,
+        routes: Sequence[Route] | None = None,
+        metrics: Callable[[], str] | None = None,
+        public_metrics: bool = True,
+    ) -> None:
+        self.service = service
+        self.routes = list(routes if routes is not None else ROUTES) + list(EXTRA_ROUTES)
+        self.metrics = metrics
+        self.public_metrics = public_metrics
+        self._by_name = {r.name: r for r in self.routes}
+
+    def route(self, name: str) -> Route:
+        return self._by_name[name]
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = False
+        for r in self.routes:
+            m = r.regex.match(path)
+            if m is None:
+                continue
+            if r.method == method:
+                return r, {k: unquote(v) for k, v in m.groupdict().items()}
+            allowed = True
+        if allowed:
+            raise InvalidRequestError(f"{method} is not allowed on {path}")
+        raise NotFoundError(f"no such endpoint: {method} {path}")
+
+    def authenticate(self, route: Route, token: str | None) -> str:
+        if route.public and (route.name != "metrics" or self.public_metrics):
+            return "anonymous"
+        if not token:
+            raise AuthError("missing API token (Authorization: Bearer ...)")
+        owner = self.service.registry.token_owner(token_digest(token))
+        if owner is None:
+            raise AuthError("unknown or revoked API token")
+        return owner
+
+    def invoke(self, route: Route, *, actor: str, path: Mapping[str, str] | None = None,
+               query: Mapping[str, str] | None = None, body: Any = None) -> Any:
+        """Run one call (body validated, mutating calls audited); raises ServerError subclasses."""
+        call = Call(actor, path or {}, query or {}, body, self.service, self.metrics)
+        if route.name == "openapi":
+            return self.openapi()
+        try:
+            if route.body is not None:
+                validate(body if body is not None else {}, route.body)
+                if body is None:
+                    call = Call(actor, path or {}, query or {}, {}, self.service, self.metrics)
+            elif body not in (None, {}):
+                raise InvalidRequestError(f"{route.method} {route.path} takes no body")
+            result = route.handler(call)
+        except ServerError as exc:
+            if route.mutating:
+                self._audit(route, call, f"error:{exc.code}", exc.message)
+            raise
+        if route.mutating:
+            self._audit(route, call, "ok", None)
+        return result
+
+    def call(self, name: str, *, actor: str, path: Mapping[str, str] | None = None,
+             query: Mapping[str, str] | None = None, body: Any = None) -> Any:
+        return self.invoke(self.route(name), actor=actor, path=path, query=query, body=body)
+
+    def _audit(self, route: Route, call: Call, outcome: str, detail: str | None) -> None:
+        target = None
+        try:
+            target = route.audit_target(call) if route.audit_target else None
+        except (KeyError, TypeError, AttributeError):
+            target = None
+        params = dict(call.body) if isinstance(call.body, dict) else {}
+        params.update({f"path.{k}": v for k, v in call.path.items()})
+        try:
+            self.service.record_audit(actor=call.actor, action=route.name, target=target, params=params,
+                                      outcome=outcome, detail=detail)
+        except ServerError:
+            log.exception("could not write the audit record of %s", route.name)
+
+    def audit_refused(self, route: Route, reason: str) -> None:
+        if route.mutating:
+            self.service.record_audit(actor="anonymous", action=route.name, target=None, params={},
+                                      outcome="error:unauthorized", detail=reason)
+
+    def openapi(self) -> Json:
+        paths: dict[str, Json] = {}
+        for r in self.routes:
+            op: Json = {
+                "operationId": r.name,
+                "summary": r.summary,
+                "tags": [r.tag],
+                "responses": {
+                    "200": {"description": "OK", "content": {r.content_type.split(";")[0]: {
+                        "schema": {"type": "string"} if r.content_type.startswith("text/") else r.response}}},
+                    "400": {"$ref": "#/components/responses/Error"},
+                    "401": {"$ref": "#/components/responses/Error"},
+                    "404": {"$ref": "#/components/responses/Error"},
+                    "409": {"$ref": "#/components/responses/Error"},
+                },
+            }
+            params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for n in re.findall(r"\{(\w+)\}", r.path)]
+            params += [{"name": q.name, "in": "query", "required": False, "schema": q.schema,
+                        "description": q.description} for q in r.query]
+            if params:
+                op["parameters"] = params
+            if r.body is not None:
+                op["requestBody"] = {"required": bool(r.body.get("required")),
+                                     "content": {"application/json": {"schema": r.body}}}
+            if r.public:
+                op["security"] = []
+            if r.mutating:
+                op["x-audited"] = True
+            paths.setdefault(r.path, {})[r.method.lower()] = op
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": "edgefleet server API", "version": __version__,
+                     "description": "Fleet control plane: devices, enrollment, staged rollouts, rollback, events, "
+                                    "audit. Every mutating call is recorded in the audit log."},
+            "components": {
+                "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
+                "responses": {"Error": {"description": "error", "content": {"application/json": {"schema": obj(
+                    {"error": obj({"code": STR, "message": STR}, ["code", "message"])}, ["error"])}}}},
+            },
+            "security": [{"token": []}],
+            "paths": paths,
+        }
+
+
+#: Routes other modules contribute (the compression pipeline's model/build endpoints register here).
+EXTRA_ROUTES: list[Route] = []
+
+
+# -- the HTTP transport ---------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ApiHttpServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+        if content_type.startswith("application/json"):
+            data = json.dumps(payload, default=str).encode()
+        else:
+            data = str(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._send(status, {"error": {"code": code, "message": message}})
+
+    def _handle(self, method: str) -> None:
+        api = self.server.api
+        try:
+            url = urlsplit(self.path)
+            query = dict(parse_qsl(url.query))
+            route, params = api.match(method, url.path)
+            auth = self.headers.get("Authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            try:
+                actor = api.authenticate(route, token)
+            except AuthError as exc:
+                api.audit_refused(route, exc.message)
+                raise
+            body = self._read_body()
+            result = api.invoke(route, actor=actor, path=params, query=query, body=body)
+            self._send(HTTPStatus.OK, result, route.content_type)
+        except ServerError as exc:
+            self._error(status_for(exc), exc.code, exc.message)
+        except Exception as exc:
+            log.exception("%s %s failed", method, self.path)
+            self._error(500, "internal", f"internal error: {type(exc).__name__}")
+        finally:
+            api.service.registry.db.close()  # this thread's connection; the next request gets a new thread
+
+    def _read_body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > self.server.max_body:
+            raise InvalidRequestError(f"request body over {self.server.max_body} bytes")
+        if not length:
+            return None
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequestError(f"request body is not JSON: {exc}") from exc
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+
+class ApiHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], api: Api, *, max_body: int) -> None:
+        super().__init__(address, _Handler)
+        self.api = api
+        self.max_body = max_body
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="edgefleet-api", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,238 @@
+"""``edgefleet server run``: one server process (registry, broker link, ingest, chunk server,
+rollout driver, outbox, HTTP API and /metrics), built from the config and stopped cleanly.
+
+Threads (none per device): paho's network loop, the ingest writer, the chunk sender, the
+control loop (rollout driver + outbox + housekeeping, woken early whenever the API or the
+ingest changed something), and the HTTP server's per-request threads. Several processes may
+share a registry and a broker: leases split the rollouts and the outbox between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.protocol.messages import ChunkRequest
+from server.api import Api, ApiHttpServer
+from server.artifacts import ArtifactStore
+from server.builds import BuildSource, default_build_source
+from server.chunks import ChunkServer
+from server.config import ServerConfig
+from server.errors import ServerError
+from server.ingest import Ingestor
+from server.keys import atomic_write, load_signing_key, read_token_file
+from server.metrics import PublishStats, render_metrics
+from server.outbox import Outbox, safe_flush
+from server.publisher import MqttLink
+from server.registry.db import Database
+from server.registry.fleet import FleetRegistry
+from server.rollout.driver import Dispatcher, RolloutDriver
+from server.rollout.progress import ProgressTracker
+from server.service import FleetService, ProfileSource
+from server.signing import Signer
+
+log = logging.getLogger("edgefleet.server")
+
+HOUSEKEEPING_EVERY_S = 5.0
+RUNTIME_FILE = "server.json"
+
+
+def instance_id(config: ServerConfig) -> str:
+    if config.server.instance_id:
+        return config.server.instance_id
+    digest = hashlib.sha256(str(config.home.resolve()).encode()).hexdigest()[:6]
+    return f"{socket.gethostname()}-{digest}"
+
+
+def open_registry(config: ServerConfig) -> FleetRegistry:
+    registry = FleetRegistry(Database(config.paths.registry_db))
+    registry.migrate()
+    with contextlib.suppress(OSError):
+        config.paths.registry_db.chmod(0o600)
+    return registry
+
+
+def runtime_info(home: Path) -> dict[str, object] | None:
+    """What a running server on this home wrote about itself (None when none is alive)."""
+    try:
+        info = json.loads((home / RUNTIME_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(info)
+
+
+class FleetServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        builds: BuildSource | None = None,
+        profiles: ProfileSource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.instance = instance_id(config)
+        self.owner = f"{self.instance}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.registry = open_registry(config)
+        self.signer = Signer(load_signing_key(config.paths))
+        self.artifacts = ArtifactStore(config.paths.artifacts_dir, self.registry)
+        self.builds = builds or default_build_source(config.home)
+        self.publish_stats = PublishStats()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+
+        b = config.broker
+        password = read_token_file(config.resolve(b.password_file)) if b.password_file else None
+        self.progress = ProgressTracker(clock)
+        self.ingest = Ingestor(
+            self.registry, self.progress, bucket_s=config.retention.telemetry_bucket_s,
+            on_chunk_request=self._on_chunk_request, on_written=self._on_ingest_written, clock=clock,
+        )
+        self.link = MqttLink(
+            host=b.host, port=b.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
+            username=b.username or None, password=password,
+            ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
+            tls=b.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
+            shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
+        )
+        p = config.publisher
+        self.chunks = ChunkServer(
+            read_chunk=self.artifacts.chunk,
+            chunk_count=lambda a: self.artifacts.info(a).chunk_count,
+            authorize=self._authorize_chunks,
+            publish=self.link.publish,
+            broadcast=p.broadcast, window_s=p.chunk_window_s, late_threshold=p.late_broadcast_threshold,
+            on_reject=self._on_chunk_reject, on_sent=self.publish_stats.chunk_sent,
+        )
+        self.dispatcher = Dispatcher(self.registry, self.signer, self.artifacts, config)
+        self.driver = RolloutDriver(self.registry, self.dispatcher, self.builds, config, owner=self.owner,
+                                    expect_requests=self.chunks.expect, clock=clock)
+        self.outbox = Outbox(self.registry, self.signer, config, owner=self.owner, clock=clock,
+                             publish=lambda topic, blob, retain: self.link.publish(topic, blob, retain=retain),
+                             on_published=self.publish_stats.published)
+        self.service = FleetService(config, self.registry, builds=self.builds, artifacts=self.artifacts,
+                                    profiles=profiles, signer=self.signer, kick=self.kick, clock=clock)
+        self.api = Api(self.service, metrics=self.render_metrics, public_metrics=config.api.public_metrics)
+        self.http = ApiHttpServer((config.api.host, config.api.port), self.api, max_body=config.api.max_body_bytes)
+        self._last_housekeeping = 0.0
+        self._allowed: dict[tuple[str, str], float] = {}
+
+    # -- wiring ---------------------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def _on_ingest_written(self, changed: bool) -> None:
+        if changed:
+            self._wake.set()
+
+    def _on_chunk_request(self, req: ChunkRequest) -> None:
+        self.chunks.submit(req)
+
+    def _authorize_chunks(self, device_id: str, artifact_id: str) -> bool:
+        """Only a device whose desired state names this artifact gets its chunks (cached for a minute)."""
+        now = time.monotonic()
+        if self._allowed.get((device_id, artifact_id), 0.0) > now:
+            return True
+        row = self.registry.db.connection().execute(
+            "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
+            " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
+            " WHERE w.device_id = ? AND w.action = 'deploy' AND b.artifact_id = ? AND d.status = 'active'",
+            (device_id, artifact_id),
+        ).fetchone()
+        if row is not None:
+            self._allowed[(device_id, artifact_id)] = now + 60.0
+        return row is not None
+
+    def _on_chunk_reject(self, req: ChunkRequest, reason: str) -> None:
+        self.ingest.stats.reject("chunk_access")
+        log.warning("chunk request from %s refused: %s", req.device_id, reason)
+
+    def render_metrics(self) -> str:
+        return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.config.api.host}:{self.http.port}"
+
+    def start(self) -> FleetServer:
+        self.ingest.start()
+        self.chunks.start()
+        self.link.start(wait_s=10.0)
+        self.http.start()
+        self._loop_thread = threading.Thread(target=self._loop, name="edgefleet-control", daemon=True)
+        self._loop_thread.start()
+        atomic_write(
+            self.config.home / RUNTIME_FILE,
+            json.dumps({"pid": os.getpid(), "api_url": self.api_url, "instance": self.instance,
+                        "owner": self.owner, "started_at": self.clock()}).encode(),
+            mode=0o644,
+        )
+        log.info("edgefleet server %s: API on %s, broker %s:%d", self.owner, self.api_url, self.link.host,
+                 self.link.port)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=15)
+        self.http.stop()
+        self.chunks.stop()
+        self.link.flush(timeout_s=5.0)
+        self.link.stop()
+        self.ingest.stop()
+        with contextlib.suppress(ServerError):
+            self.driver.release_all()
+            self.registry.release_lease("outbox", self.owner)
+        with contextlib.suppress(OSError):
+            info = json.loads((self.config.home / RUNTIME_FILE).read_text())
+            if info.get("owner") == self.owner:
+                (self.config.home / RUNTIME_FILE).unlink()
+        self.artifacts.close()
+        log.info("edgefleet server %s stopped", self.owner)
+
+    def _loop(self) -> None:
+        tick = self.config.rollout.tick_s
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.control_step()
+            except Exception:  # a bug or the registry is unavailable: keep the loop alive
+                log.exception("control loop step failed")
+            self._wake.wait(tick)
+
+    def control_step(self) -> None:
+        """One pass of the control loop (public so tests can drive it deterministically)."""
+        now = self.clock()
+        self.driver.tick()
+        if self.link.connected.is_set() and self.outbox.holds_lease(now):
+            safe_flush(self.outbox, now)
+            if now - self._last_housekeeping >= HOUSEKEEPING_EVERY_S:
+                self._last_housekeeping = now
+                self.outbox.housekeeping(now)
+                safe_flush(self.outbox, now)
+
+    def __enter__(self) -> FleetServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def load_signer(config: ServerConfig) -> Signer:
+    return Signer(load_signing_key(config.paths))

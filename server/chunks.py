@@ -1,0 +1,292 @@
+"""Serving artifact chunks: a pure per-artifact schedule and the thread that publishes it.
+
+Theory of operation (CONTRACTS.md section 3)
+    Devices ask for the chunk ranges they lack (``ChunkRequest``). Per artifact the server
+    collects requests for a short window (``window_s``), or until every device it expects
+    has asked, then streams the union of what was asked once on the shared topic
+    ``edgefleet/v1/art/{id}`` (a *round*). While a round runs, a request for chunks the stream
+    has not reached yet is merged into it; chunks it already passed are remembered per device
+    and, when the round ends, either streamed in another round (when at least
+    ``late_threshold`` devices missed something) or sent on each requester's own
+    ``down/chunk/{id}`` topic. In unicast mode every request is served per device.
+    Rounds and per-device sends alternate so a late device is never starved.
+
+    The schedule only says *what to send next*; ``ChunkServer`` reads the chunk from disk and
+    publishes it through a paced link (bounded in-flight QoS 1), so the broker's queues never
+    overflow and no thread exists per device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from agent.protocol.messages import ChunkRequest
+from agent.protocol.topics import Channel, artifact_topic, device_topic
+from server.errors import ServerError
+
+log = logging.getLogger("edgefleet.chunks")
+
+
+@dataclass(frozen=True)
+class Send:
+    index: int
+    device_id: str | None  # None: broadcast on the shared topic
+
+
+class ArtifactSchedule:
+    def __init__(
+        self, chunk_count: int, *, broadcast: bool = True, window_s: float = 0.5, late_threshold: int = 3
+    ) -> None:
+        self.chunk_count = chunk_count
+        self.broadcast = broadcast
+        self.window_s = window_s
+        self.late_threshold = late_threshold
+        self._round = bytearray(chunk_count)  # 1 = to stream in the current/next round
+        self._round_active = False
+        self._cursor = 0
+        self._window_opened: float | None = None
+        self._requesters: set[str] = set()
+        self._expected: frozenset[str] = frozenset()
+        self._late: dict[str, set[int]] = {}
+        self._unicast: OrderedDict[str, list[int]] = OrderedDict()  # device -> indexes, descending
+        self._prefer_unicast = False
+
+    # -- input --------------------------------------------------------------------------------------
+
+    def expect(self, device_ids: Iterable[str]) -> None:
+        """Devices that will ask soon; once all have asked, the round need not wait for the window."""
+        self._expected = frozenset(device_ids)
+
+    def request(self, device_id: str, ranges: Iterable[tuple[int, int]], now: float) -> int:
+        """Record a request; returns how many chunk indexes it named (after clamping to the artifact)."""
+        indexes = [i for start, end in ranges for i in range(max(0, start), min(end, self.chunk_count))]
+        if not indexes:
+            return 0
+        if not self.broadcast:
+            self._queue_unicast(device_id, indexes)
+            return len(indexes)
+        if self._round_active:
+            for i in indexes:
+                if i >= self._cursor:
+                    self._round[i] = 1
+                else:
+                    self._late.setdefault(device_id, set()).add(i)
+        else:
+            for i in indexes:
+                self._round[i] = 1
+            self._requesters.add(device_id)
+            if self._window_opened is None:
+                self._window_opened = now
+        return len(indexes)
+
+    def _queue_unicast(self, device_id: str, indexes: Iterable[int]) -> None:
+        merged = set(self._unicast.get(device_id, ())) | set(indexes)
+        self._unicast[device_id] = sorted(merged, reverse=True)
+
+    # -- output -------------------------------------------------------------------------------------
+
+    def _window_closed(self, now: float) -> bool:
+        if self._window_opened is None:
+            return False
+        if self._expected and self._expected <= self._requesters:
+            return True
+        return now >= self._window_opened + self.window_s
+
+    def next_send(self, now: float) -> Send | None:
+        if not self._round_active and self._window_closed(now):
+            self._round_active, self._cursor = True, 0
+            self._window_opened = None
+            self._requesters.clear()
+        use_unicast = bool(self._unicast) and (self._prefer_unicast or not self._round_active)
+        if not use_unicast and self._round_active:
+            found = self._round.find(1, self._cursor)
+            if found >= 0:
+                self._round[found] = 0
+                self._cursor = found + 1
+                self._prefer_unicast = True
+                return Send(found, None)
+            self._end_round(now)
+            if self._round_active:
+                return self.next_send(now)
+        if self._unicast:
+            device_id, indexes = next(iter(self._unicast.items()))
+            index = indexes.pop()
+            del self._unicast[device_id]
+            if indexes:
+                self._unicast[device_id] = indexes  # to the back: round-robin between devices
+            self._prefer_unicast = False
+            return Send(index, device_id)
+        return None
+
+    def _end_round(self, now: float) -> None:
+        self._round_active = False
+        self._cursor = 0
+        late, self._late = self._late, {}
+        if len(late) >= self.late_threshold:
+            for indexes in late.values():
+                for i in indexes:
+                    self._round[i] = 1
+            self._round_active = True  # straight into another round: these devices are already waiting
+        else:
+            for device_id, indexes in late.items():
+                self._queue_unicast(device_id, indexes)
+        if not self._round_active and any(self._round):
+            # requests that arrived for a future round while this one ran without merging
+            self._window_opened = self._window_opened or now
+
+    def deadline(self) -> float | None:
+        """When the collecting window closes (for the sender's wait), if one is open."""
+        if self._round_active or self._window_opened is None:
+            return None
+        return self._window_opened + self.window_s
+
+    @property
+    def idle(self) -> bool:
+        return not self._round_active and self._window_opened is None and not self._unicast and not self._late
+
+    @property
+    def busy(self) -> bool:
+        return self._round_active or bool(self._unicast)
+
+
+class ChunkAccessError(ServerError):
+    code = "chunk_access"
+
+
+class ChunkServer:
+    """One thread for every artifact being served (round-robin between artifacts)."""
+
+    def __init__(
+        self,
+        *,
+        read_chunk: Callable[[str, int], bytes],
+        chunk_count: Callable[[str], int],
+        authorize: Callable[[str, str], bool],
+        publish: Callable[[str, bytes], None],
+        broadcast: bool,
+        window_s: float,
+        late_threshold: int,
+        on_reject: Callable[[ChunkRequest, str], None] | None = None,
+        on_sent: Callable[[int, bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read_chunk = read_chunk
+        self._chunk_count = chunk_count
+        self._authorize = authorize
+        self._publish = publish
+        self._broadcast = broadcast
+        self._window_s = window_s
+        self._late_threshold = late_threshold
+        self._on_reject = on_reject
+        self._on_sent = on_sent
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._inbox: list[ChunkRequest] = []
+        self._expected: dict[str, set[str]] = {}
+        self._schedules: OrderedDict[str, ArtifactSchedule] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, req: ChunkRequest) -> None:
+        """Called from the MQTT thread: cheap, never blocks on the registry or the broker."""
+        with self._cond:
+            self._inbox.append(req)
+            self._cond.notify()
+
+    def expect(self, artifact_id: str, device_ids: Iterable[str]) -> None:
+        with self._cond:
+            self._expected.setdefault(artifact_id, set()).update(device_ids)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edgefleet-chunks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- the sender thread ----------------------------------------------------------------------------
+
+    def _schedule_for(self, artifact_id: str) -> ArtifactSchedule:
+        sched = self._schedules.get(artifact_id)
+        if sched is None:
+            sched = ArtifactSchedule(
+                self._chunk_count(artifact_id),
+                broadcast=self._broadcast,
+                window_s=self._window_s,
+                late_threshold=self._late_threshold,
+            )
+            self._schedules[artifact_id] = sched
+        return sched
+
+    def _take_inbox(self) -> tuple[list[ChunkRequest], dict[str, set[str]]]:
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            expected, self._expected = self._expected, {}
+        return inbox, expected
+
+    def _accept(self, now: float) -> None:
+        inbox, expected = self._take_inbox()
+        for artifact_id, devices in expected.items():
+            try:
+                self._schedule_for(artifact_id).expect(devices)
+            except ServerError as exc:
+                log.warning("cannot expect requests for %s: %s", artifact_id, exc)
+        for req in inbox:
+            try:
+                if not self._authorize(req.device_id, req.artifact_id):
+                    raise ChunkAccessError(f"device {req.device_id} is not a recipient of artifact {req.artifact_id}")
+                sched = self._schedule_for(req.artifact_id)
+                if any(end > sched.chunk_count for _, end in req.ranges):
+                    raise ChunkAccessError(
+                        f"request names chunks beyond the artifact's {sched.chunk_count} chunks"
+                    )
+                sched.request(req.device_id, req.ranges, now)
+            except ServerError as exc:
+                if self._on_reject is not None:
+                    self._on_reject(req, str(exc))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self._clock()
+            self._accept(now)
+            sent = False
+            for artifact_id in list(self._schedules):
+                sched = self._schedules[artifact_id]
+                step = sched.next_send(now)
+                if step is not None:
+                    self._send(artifact_id, step)
+                    sent = True
+                elif sched.idle:
+                    del self._schedules[artifact_id]
+            if sent:
+                continue
+            deadlines = [d for s in self._schedules.values() if (d := s.deadline()) is not None]
+            timeout = max(0.0, min(deadlines) - self._clock()) if deadlines else 1.0
+            with self._cond:
+                if not self._inbox and not self._stop.is_set():
+                    self._cond.wait(timeout=min(timeout, 1.0) if timeout > 0 else 0.005)
+
+    def _send(self, artifact_id: str, step: Send) -> None:
+        try:
+            data = self._read_chunk(artifact_id, step.index)
+            topic = (
+                artifact_topic(artifact_id)
+                if step.device_id is None
+                else device_topic(step.device_id, Channel.CHUNK, artifact_id)
+            )
+            self._publish(topic, data)
+        except ServerError as exc:
+            log.error("cannot send chunk %d of %s: %s", step.index, artifact_id, exc)  # noqa: TRY400 - expected, no trace
+            return
+        if self._on_sent is not None:
+            self._on_sent(len(data), step.device_id is None)

@@ -1,0 +1,173 @@
+"""How the ``edgefleet`` CLI reaches the control plane: over the HTTP API, or in-process.
+
+``connect`` picks, in this order: ``--server URL``, ``$EDGEFLEET_SERVER``, ``[client] server`` in
+the config, or the API of a server running on this home (it writes ``server.json``). With a
+server it speaks HTTP with a bearer token (``$EDGEFLEET_TOKEN`` or the token file); without
+one, it calls the very same route handlers in-process on the local registry (actor
+``local:<user>``), and the running-or-next server publishes what they wrote. Either way the
+calls are the API's routes by name, so the CLI is an API client and cannot do anything the
+API cannot.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+from server.api import EXTRA_ROUTES as _EXTRA
+from server.api import ROUTES, Api, Route
+from server.errors import AuthError, ConflictError, InvalidRequestError, NotFoundError, ServerError
+from server.keys import read_token_file
+
+_ERRORS: Mapping[str, type[ServerError]] = {
+    "not_found": NotFoundError,
+    "conflict": ConflictError,
+    "invalid": InvalidRequestError,
+    "unauthorized": AuthError,
+}
+
+
+class ApiClient(Protocol):
+    description: str
+
+    def call(self, name: str, *, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None,
+             body: Any = None, timeout: float | None = None) -> Any: ...
+
+
+class RemoteError(ServerError):
+    """An error the server reported with a code this client has no class for."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _route(name: str) -> Route:
+    for r in [*ROUTES, *_EXTRA]:
+        if r.name == name:
+            return r
+    raise KeyError(name)
+
+
+class HttpClient:
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.description = f"server {self.base_url}"
+
+    def url(self, name: str, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None) -> str:
+        route = _route(name)
+        url = route.path
+        for key, value in (path or {}).items():
+            url = url.replace("{" + key + "}", quote(str(value), safe=""))
+        q = {k: v for k, v in (query or {}).items() if v is not None}
+        return self.base_url + url + (("?" + urlencode(q)) if q else "")
+
+    def call(self, name: str, *, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None,
+             body: Any = None, timeout: float | None = None) -> Any:
+        route = _route(name)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url(name, path, query), data=data, method=route.method)  # noqa: S310
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310 - http(s) only
+                raw = resp.read()
+                ctype = resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            raise _decode_error(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServerError(f"cannot reach the edgefleet server at {self.base_url}: {exc}") from exc
+        if ctype.startswith("application/json"):
+            return json.loads(raw)
+        return raw.decode()
+
+
+def _decode_error(exc: urllib.error.HTTPError) -> ServerError:
+    try:
+        err = json.loads(exc.read())["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return ServerError(f"HTTP {exc.code} from the server")
+    cls = _ERRORS.get(code)
+    return cls(message) if cls is not None else RemoteError(code, message)
+
+
+class LocalClient:
+    """The API's handlers called in-process on this home's registry (no server needed)."""
+
+    def __init__(self, home: Path, config_path: Path | None = None) -> None:
+        from server.app import open_registry  # noqa: PLC0415 - keeps `edgefleet --help` light
+        from server.artifacts import ArtifactStore  # noqa: PLC0415
+        from server.builds import default_build_source  # noqa: PLC0415
+        from server.config import load_config  # noqa: PLC0415
+        from server.service import FleetService  # noqa: PLC0415
+
+        config = load_config(home, config_path)
+        registry = open_registry(config)
+        service = FleetService(config, registry, builds=default_build_source(home),
+                               artifacts=ArtifactStore(config.paths.artifacts_dir, registry),
+                               profiles=default_profiles())
+        self.api = Api(service)
+        self.actor = f"local:{getpass.getuser()}"
+        self.description = f"local registry {config.paths.registry_db}"
+
+    def call(self, name: str, *, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None,
+             body: Any = None, timeout: float | None = None) -> Any:
+        q = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        result = self.api.call(name, actor=self.actor, path=path, query=q, body=body)
+        # round-trip through JSON so both transports hand the CLI the same shapes
+        return json.loads(json.dumps(result, default=str))
+
+
+def default_profiles() -> Any:
+    """The compression pipeline's profiles (``server.profiles.load_profiles``) when installed: device
+    profiles are then checked against ``firmware_profiles/``; without it any well-formed name is taken."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        module = importlib.import_module("server.profiles")
+    except ImportError:
+        return None
+    loader: Any = getattr(module, "load_profiles", None)
+    if loader is None:
+        return None
+
+    class _Profiles:
+        def profile_names(self) -> set[str]:
+            try:
+                return set(loader())
+            except (ServerError, OSError):  # a broken profile file must not block fleet commands
+                return set()
+
+    return _Profiles()
+
+
+def connect(home: Path, *, server: str | None = None, config_path: Path | None = None) -> ApiClient:
+    from server.app import runtime_info  # noqa: PLC0415
+    from server.config import load_config  # noqa: PLC0415
+
+    config = load_config(home, config_path)
+    url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
+    if not url:
+        info = runtime_info(home)
+        url = str(info["api_url"]) if info else None
+    if not url:
+        return LocalClient(home, config_path)
+    token = os.environ.get("EDGEFLEET_TOKEN") or read_token_file(config.resolve(config.client.token_file))
+    if not token:
+        raise AuthError(
+            f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
+            "(`edgefleet tokens create NAME` on the server prints one)"
+        )
+    return HttpClient(url, token)

@@ -1,0 +1,190 @@
+"""The server's MQTT connection: paced QoS 1 publishing and the subscription to every device's up-topics.
+
+Theory of operation
+    One paho-mqtt 2.x client per server process, with a persistent session (clean_session
+    false, a stable client id per instance): device events published while the server was
+    down or restarting wait in the broker and arrive when it reconnects. Publishing is paced:
+    a semaphore of ``max_inflight`` slots is taken before each QoS 1 publish and given back by
+    paho's ``on_publish`` (the broker's PUBACK), so a large artifact never piles up unbounded in
+    paho's or the broker's queues. Publishing blocks, so it is only ever called from the
+    server's own threads, never from paho's callback thread.
+
+    Incoming messages are handed to ``on_message(topic, payload, retained)`` on paho's thread;
+    the receiver must return quickly (the ingest queues them for its own thread).
+
+    With ``shared_subscriptions`` the device traffic (except retained state, which every
+    process wants to see on connect) is subscribed as ``$share/edgefleet-server/...`` so that
+    several server processes split it (MQTT 5 semantics; mosquitto also honours it for 3.1.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.protocol.topics import ROOT, shared_subscription
+from server.errors import PublishError
+
+log = logging.getLogger("edgefleet.mqtt")
+
+UP_CHANNELS = ("up/telemetry", "up/event", "up/chunkreq", "up/enroll")
+STATE_FILTER = f"{ROOT}/dev/+/up/state"
+
+
+class MqttLink:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        ca_cert: str | None = None,
+        tls: bool = False,
+        keepalive_s: int = 30,
+        max_inflight: int = 64,
+        shared_subscriptions: bool = False,
+        subscribe: bool = True,
+        on_message: Callable[[str, bytes, bool], None] | None = None,
+        on_connection: Callable[[bool], None] | None = None,
+        publish_timeout_s: float = 60.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self._keepalive = keepalive_s
+        self._subscribe = subscribe
+        self._shared = shared_subscriptions
+        self._on_message_cb = on_message
+        self._on_connection = on_connection
+        self._publish_timeout = publish_timeout_s
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._pending: set[int] = set()
+        self._early: set[int] = set()
+        self._pending_lock = threading.Lock()
+        self.connected = threading.Event()
+        self._closing = False
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        # paho's own in-flight window matches ours, so nothing queues inside paho either
+        self.client.max_inflight_messages_set(max_inflight)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(ca_certs=ca_cert or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self, *, wait_s: float = 10.0) -> None:
+        try:
+            self.client.connect_async(self.host, self.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise PublishError(f"cannot reach the broker at {self.host}:{self.port}: {exc}") from exc
+        self.client.loop_start()
+        if wait_s and not self.connected.wait(wait_s):
+            log.warning("broker %s:%d not connected yet; retrying in the background", self.host, self.port)
+
+    def stop(self) -> None:
+        self._closing = True
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    # -- paho callbacks (paho's thread) -------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+        if getattr(rc, "is_failure", False):
+            log.error("broker refused the connection: %s", rc)
+            return
+        log.info("connected to broker %s:%d", self.host, self.port)
+        if self._subscribe:
+            subs: list[tuple[str, int]] = [(STATE_FILTER, 1)]
+            for channel in UP_CHANNELS:
+                topic = f"{ROOT}/dev/+/{channel}"
+                subs.append((shared_subscription(topic) if self._shared else topic, 1))
+            client.subscribe(subs)
+        self.connected.set()
+        if self._on_connection is not None:
+            self._on_connection(True)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("lost the broker connection (%s); paho reconnects", rc)
+        if self._on_connection is not None:
+            self._on_connection(False)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if self._on_message_cb is None:
+            return
+        try:
+            self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception:  # a bug in a receiver must not kill paho's network thread
+            log.exception("message handler failed on %s", msg.topic)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: object, props: object) -> None:
+        # paho holds its own message lock here, so never wait on anything a publisher holds while
+        # calling into paho: an acknowledgement that overtakes its publish() is parked in _early.
+        with self._pending_lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._early.add(mid)
+                return
+        self._slots.release()
+
+    # -- publishing (server threads only) -------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1 publish, waiting for an in-flight slot (pacing); raises PublishError when it cannot."""
+        deadline = time.monotonic() + self._publish_timeout
+        while not self._slots.acquire(timeout=0.5):
+            if self._closing or time.monotonic() > deadline:
+                raise PublishError(f"publish to {topic} timed out waiting for the broker")
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+            self._checked(info, topic)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._pending_lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                acked = True
+            else:
+                self._pending.add(info.mid)
+                acked = False
+        if acked:
+            self._slots.release()
+
+    @staticmethod
+    def _checked(info: mqtt.MQTTMessageInfo, topic: str) -> None:
+        # NO_CONN is fine: paho keeps QoS 1 messages of a persistent session and sends them on reconnect
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise PublishError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}", reason_code=info.rc)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every QoS 1 publish so far has been acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                if not self._pending:
+                    return True
+            time.sleep(0.01)
+        return False

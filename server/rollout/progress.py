@@ -1,0 +1,108 @@
+"""Applying device reports to deployment rows, inside the ingest transaction.
+
+The ingest writes an event (or a state report) and calls these hooks with the same
+connection, so an event is never stored without its effect on the rollout, nor the other way
+round, whichever server process received it. The phase rules themselves are pure
+(``planner.observe_event`` / ``observe_state``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+
+from agent.protocol.messages import Event, StateReport
+from server.rollout.planner import IN_FLIGHT, TERMINAL, Observation, Phase, observe_event, observe_state
+
+_ROWS_FOR_DEVICE = (
+    "SELECT dd.deployment_id, dd.state, dd.code, dd.previous_version, d.model, d.version"
+    " FROM deployment_devices dd JOIN deployments d ON d.deployment_id = dd.deployment_id"
+    " WHERE dd.device_id = ? AND dd.state NOT IN ('pending', 'skipped', 'superseded', 'cancelled')"
+    " AND (d.status IN ('running', 'rolling_back', 'rolled_back') OR d.active = 1)"
+)
+
+
+class ProgressTracker:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        #: set by the driver: called after a commit that changed any deployment row
+        self.changed = False
+
+    def _apply(self, conn: sqlite3.Connection, deployment_id: str, device_id: str, obs: Observation) -> None:
+        now = self._clock()
+        conn.execute(
+            "UPDATE deployment_devices SET state = ?, reason = COALESCE(?, reason), code = ?,"
+            " progress = COALESCE(?, progress), updated_at = ?,"
+            " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE deployment_id = ? AND device_id = ?",
+            (
+                obs.phase.value,
+                obs.reason,
+                obs.code,
+                obs.progress if obs.phase is not Phase.COMMITTED else 1.0,
+                now,
+                int(obs.phase in TERMINAL),
+                now,
+                deployment_id,
+                device_id,
+            ),
+        )
+        self.changed = True
+
+    def on_event(self, conn: sqlite3.Connection, ev: Event, event_row: int) -> None:
+        rows = conn.execute(_ROWS_FOR_DEVICE, (ev.device_id,)).fetchall()
+        for r in rows:
+            phase = Phase(r["state"])
+            about_this = (ev.deployment_id is not None and ev.deployment_id == r["deployment_id"]) or (
+                ev.deployment_id is None
+                and ev.model is not None
+                and ev.model.name == r["model"]
+                and (ev.model.version == r["version"] or phase is Phase.ROLLING_BACK)
+            )
+            if ev.kind == "command.result" and phase is Phase.ROLLING_BACK:
+                active = ev.data.get("active")
+                if (
+                    ev.data.get("ok") is True
+                    and isinstance(active, dict)
+                    and active.get("name") == r["model"]
+                    and active.get("version") == r["previous_version"]
+                ):
+                    self._apply(conn, r["deployment_id"], ev.device_id,
+                                Observation(Phase.ROLLED_BACK, reason=f"confirmed: running {r['previous_version']}"))
+                continue
+            if not about_this:
+                continue
+            obs = observe_event(phase, r["code"], ev.kind, message=ev.message, code=ev.code, data=ev.data)
+            if obs is not None:
+                self._apply(conn, r["deployment_id"], ev.device_id, obs)
+
+    def on_state(self, conn: sqlite3.Connection, report: StateReport) -> None:
+        if not report.online:
+            return
+        rows = conn.execute(_ROWS_FOR_DEVICE, (report.device_id,)).fetchall()
+        now = self._clock()
+        for r in rows:
+            phase = Phase(r["state"])
+            active = report.active
+            same_model = active is not None and active.name == r["model"]
+            obs = observe_state(
+                phase,
+                r["code"],
+                version=r["version"],
+                previous_version=r["previous_version"],
+                active_version=active.version if same_model and active else None,
+                active_state=active.state if same_model and active else None,
+            )
+            if obs is not None:
+                self._apply(conn, r["deployment_id"], report.device_id, obs)
+            elif phase in IN_FLIGHT:
+                # a device that just came back (or moved on) is making progress: restart its timeout
+                conn.execute(
+                    "UPDATE deployment_devices SET updated_at = ? WHERE deployment_id = ? AND device_id = ?",
+                    (now, r["deployment_id"], report.device_id),
+                )
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

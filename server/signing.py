@@ -1,0 +1,134 @@
+"""Building and signing what the server sends devices: deploy and pin desired states, commands."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from agent.protocol.envelope import TrustAnchor, seal_command, seal_desired, verify_payload, wrap_key
+from agent.protocol.messages import (
+    ArtifactInfo,
+    Command,
+    DesiredState,
+    HealthSpec,
+    ModelRef,
+    RuntimeSpec,
+    decode_payload,
+)
+from agent.protocol.topics import artifact_topic
+from server.errors import InvalidRequestError, RegistryError
+from server.registry.fleet import ArtifactRecord, StoredCommand, StoredDesired
+
+
+def device_public_key(device_id: str, public_key_b64: str | None) -> X25519PublicKey:
+    if not public_key_b64:
+        raise InvalidRequestError(f"device {device_id!r} has no enrolled public key yet (approve its enrollment)")
+    try:
+        raw = base64.b64decode(public_key_b64, validate=True)
+        return X25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise RegistryError(f"device {device_id!r} has an invalid stored public key") from exc
+
+
+def parse_public_key(text: str) -> str:
+    """Validate a base64 X25519 public key given by an operator; returns it normalised."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except ValueError as exc:
+        raise InvalidRequestError("public key is not valid base64") from exc
+    if len(raw) != 32:
+        raise InvalidRequestError(f"public key must be 32 bytes (X25519), got {len(raw)}")
+    return base64.b64encode(raw).decode()
+
+
+def fingerprint(public_key_b64: str) -> str:
+    """The key fingerprint operators compare (docs/protocol.md 4.5): first 8 bytes of SHA-256, hex."""
+    return hashlib.sha256(base64.b64decode(public_key_b64)).digest()[:8].hex()
+
+
+class Signer:
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self._trust = TrustAnchor.of(key.public_key())
+
+    def deploy(
+        self,
+        stored: StoredDesired,
+        *,
+        device_public_key_b64: str | None,
+        model: str,
+        version: int,
+        deployment_id: str,
+        artifact: ArtifactRecord,
+        runtime: Mapping[str, Any],
+        health: Mapping[str, Any],
+        variant: str | None,
+        probation_s: float | None,
+        broadcast: bool,
+    ) -> bytes:
+        info = ArtifactInfo.from_dict(artifact.info)
+        info = dataclasses.replace(info, topic=artifact_topic(info.artifact_id) if broadcast else None)
+        health_spec = HealthSpec.from_dict(health)
+        if probation_s is not None:
+            health_spec = dataclasses.replace(health_spec, probation_s=probation_s)
+        desired = DesiredState(
+            device_id=stored.device_id,
+            seq=stored.seq,
+            issued_at=stored.issued_at,
+            expires_at=stored.expires_at,
+            action="deploy",
+            model=ModelRef(model, version),
+            deployment_id=deployment_id,
+            artifact=info,
+            key=wrap_key(
+                artifact.data_key,
+                device_public_key(stored.device_id, device_public_key_b64),
+                artifact_id=info.artifact_id,
+                device_id=stored.device_id,
+            ),
+            runtime=RuntimeSpec.from_dict(runtime),
+            health=health_spec,
+            variant=variant,
+        )
+        return seal_desired(desired, self._key)
+
+    def pin(self, stored: StoredDesired, *, model: str, version: int, deployment_id: str | None) -> bytes:
+        desired = DesiredState(
+            device_id=stored.device_id,
+            seq=stored.seq,
+            issued_at=stored.issued_at,
+            expires_at=stored.expires_at,
+            action="pin",
+            model=ModelRef(model, version),
+            deployment_id=deployment_id,
+        )
+        return seal_desired(desired, self._key)
+
+    def command(self, c: StoredCommand) -> bytes:
+        cmd = Command(
+            device_id=c.device_id,
+            seq=c.seq,
+            issued_at=c.issued_at,
+            expires_at=c.expires_at,
+            command_id=c.command_id,
+            action=c.action,
+            model=c.model,
+            version=c.version,
+        )
+        return seal_command(cmd, self._key)
+
+    def resign(self, blob: bytes, stored: StoredDesired) -> bytes:
+        """The same desired state with a new seq and lifetime (before expiry, or after a command)."""
+        payload = verify_payload(blob, "desired", self._trust)
+        desired = decode_payload(payload, "desired")
+        assert isinstance(desired, DesiredState)
+        renewed = dataclasses.replace(
+            desired, seq=stored.seq, issued_at=stored.issued_at, expires_at=stored.expires_at
+        )
+        return seal_desired(renewed, self._key)

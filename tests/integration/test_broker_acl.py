@@ -1,0 +1,165 @@
+"""The broker config `edgefleet broker config` generates, run by a real mosquitto: TLS, logins, ACLs.
+
+A device may read only its own down-topics and the shared artifact topics, and write only its own
+up-topics: it can neither read another device's traffic nor publish a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.topics import Channel, artifact_topic, device_topic
+from server.app import open_registry
+from server.artifacts import ArtifactStore
+from server.broker import SERVER_USER, find_mosquitto, free_port
+from server.builds import NoBuilds
+from server.cli import main as edgefleet
+from server.config import load_config
+from server.keys import init_signing_key, server_broker_password
+from server.service import FleetService
+from tests.support.mqtt import MqttTestClient
+
+pytestmark = pytest.mark.broker
+
+DEV_KEY = "A" * 43 + "="
+
+
+@dataclass
+class Secured:
+    home: Path
+    out: Path
+    port: int
+    passwords: dict[str, str]
+    process: subprocess.Popen[bytes]
+    service: FleetService
+
+    @property
+    def ca(self) -> Path:
+        return self.out / "tls" / "ca.crt"
+
+    def client(self, user: str, password: str | None = None) -> MqttTestClient:
+        return MqttTestClient("127.0.0.1", self.port, username=user,
+                              password=password if password is not None else self.passwords[user], ca_cert=self.ca)
+
+    def regenerate(self) -> None:
+        assert edgefleet(["--home", str(self.home), "broker", "config", "--out", str(self.out), "--listen",
+                          "127.0.0.1", "--port", str(self.port)]) == 0
+        self.process.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL
+        time.sleep(0.5)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "mosquitto exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("mosquitto did not listen")
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    home, out = tmp_path / "home", tmp_path / "broker"
+    init_signing_key(load_config(home).paths)
+    config = load_config(home)
+    registry = open_registry(config)
+    service = FleetService(config, registry, builds=NoBuilds(),
+                           artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
+    passwords = {}
+    for dev in ("dev-a", "dev-b"):
+        passwords[dev] = service.register_device(dev, profile="rpi4", public_key=DEV_KEY)["broker_password"]
+    port = free_port()
+    assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                      "--port", str(port)]) == 0
+    passwords[SERVER_USER] = str(server_broker_password(config.paths, create=False))
+    conf = (out / "mosquitto.conf").read_text()
+    assert "set_tcp_nodelay true" in conf and "acl_file" in conf and "certfile" in conf
+    assert "allow_anonymous false" in conf
+    assert all(pw not in (out / "passwd").read_text() for pw in passwords.values())  # only hashes on disk
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_port(port, proc)
+        yield Secured(home, out, port, passwords, proc, service)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        registry.db.close()
+
+
+def test_device_reads_only_its_own_down_topics_and_artifacts(secured: Secured) -> None:
+    server, a, b = secured.client(SERVER_USER), secured.client("dev-a"), secured.client("dev-b")
+    try:
+        a.subscribe(device_topic("dev-b", Channel.DESIRED))
+        a.subscribe(device_topic("dev-b", Channel.COMMAND))
+        a.subscribe(device_topic("dev-b", Channel.STATE))
+        a.subscribe("edgefleet/v1/dev/dev-a/down/#")
+        a.subscribe(artifact_topic("1" * 32))
+        b.subscribe("edgefleet/v1/dev/dev-b/down/#")
+        server.publish(device_topic("dev-b", Channel.DESIRED), b"for-b-desired", retain=True)
+        server.publish(device_topic("dev-b", Channel.COMMAND), b"for-b-cmd")
+        b.publish(device_topic("dev-b", Channel.STATE), b"b-state", retain=True)
+        assert {b.expect().payload, b.expect().payload} == {b"for-b-desired", b"for-b-cmd"}
+        server.publish(device_topic("dev-a", Channel.COMMAND), b"for-a")
+        server.publish(artifact_topic("1" * 32), b"chunk")
+        got = {a.expect().payload, a.expect().payload}
+        assert got == {b"for-a", b"chunk"}
+        leaked = [m for m in a.drain(0.5) if b"for-b" in m.payload or m.payload == b"b-state"]
+        assert not leaked, f"dev-a read dev-b's traffic: {leaked}"
+    finally:
+        for c in (server, a, b):
+            c.close()
+
+
+def test_device_cannot_publish_commands_or_impersonate_another_device(secured: Secured) -> None:
+    server, a, b = secured.client(SERVER_USER), secured.client("dev-a"), secured.client("dev-b")
+    try:
+        b.subscribe("edgefleet/v1/dev/dev-b/down/#")
+        a.subscribe("edgefleet/v1/dev/dev-a/down/#")
+        server.subscribe("edgefleet/v1/dev/+/up/#")
+        a.publish(device_topic("dev-b", Channel.COMMAND), b"forged-cmd")
+        a.publish(device_topic("dev-a", Channel.COMMAND), b"self-cmd")  # not even to itself
+        a.publish(device_topic("dev-b", Channel.DESIRED), b"forged-desired", retain=True)
+        a.publish(artifact_topic("2" * 32), b"forged-chunk")
+        a.publish(device_topic("dev-b", Channel.EVENT), b"forged-event")
+        a.publish(device_topic("dev-a", Channel.EVENT), b"genuine")
+        got = server.expect()
+        assert (got.topic, got.payload) == (device_topic("dev-a", Channel.EVENT), b"genuine")
+        assert not b.drain(0.5), "dev-b received something dev-a published"
+        assert not [m for m in a.drain(0.2) if m.payload == b"self-cmd"]
+        assert not [m for m in server.drain(0.3) if m.payload.startswith(b"forged")]
+    finally:
+        for c in (server, a, b):
+            c.close()
+
+
+def test_logins_are_checked_and_revocation_takes_effect_after_reload(secured: Secured) -> None:
+    with pytest.raises((TimeoutError, ConnectionError, OSError)):
+        c = secured.client("dev-a", password="wrong")
+        rc = c.connect_rc
+        c.close()
+        if getattr(rc, "is_failure", False):
+            raise ConnectionError(str(rc))
+    ok = secured.client("dev-b")
+    ok.close()
+    secured.service.revoke_device("dev-b")
+    secured.regenerate()
+    assert "dev-b" not in (secured.out / "passwd").read_text()
+    with pytest.raises((TimeoutError, ConnectionError, OSError)):
+        c = secured.client("dev-b")
+        rc = c.connect_rc
+        c.close()
+        if getattr(rc, "is_failure", False):
+            raise ConnectionError(str(rc))
+    still = secured.client("dev-a")  # other devices are unaffected
+    still.close()

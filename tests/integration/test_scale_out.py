@@ -1,0 +1,117 @@
+"""Nothing assumes one server process: two servers share a registry and a broker, and a transfer
+interrupted by a connection drop resumes with only the missing chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.app import FleetServer
+from server.broker import MosquittoBroker
+from server.builds import StaticBuilds
+from tests.support.fleet import Fleet, onnx_builds
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> StaticBuilds:
+    return onnx_builds(tmp_path_factory.mktemp("builds"), "m", [1, 2, 3], ["rpi4"], chunk_size=4096, hidden=2048)
+
+
+def _second_server(fleet: Fleet, name: str) -> FleetServer:
+    cfg = fleet.config
+    cfg = dataclasses.replace(
+        cfg,
+        server=dataclasses.replace(cfg.server, instance_id=name),
+        broker=dataclasses.replace(cfg.broker, client_id=f"srv-{name}"),
+    )
+    return FleetServer(cfg, builds=fleet.builds).start()
+
+
+def _crash(server: FleetServer) -> None:
+    """Stop a server without any goodbye: its leases stay until they expire."""
+    server._stop.set()
+    server._wake.set()
+    if server._loop_thread is not None:
+        server._loop_thread.join(10)
+    server.http.stop()
+    server.chunks.stop()
+    server.link.stop()
+    server.ingest.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, fresh_broker, builds, {"broker": {"shared_subscriptions": True}})
+    yield f
+    f.close()
+
+
+def test_two_servers_split_the_work_and_one_takes_over_when_the_other_dies(fleet: Fleet) -> None:
+    other = _second_server(fleet, "b")
+    try:
+        devices = [fleet.device(f"so-{i}", seed=("m", 1)) for i in range(4)]
+        fleet.wait_online(*devices)
+        dep = fleet.service.deploy("m:2", target="group:g", canary_percent=25, wave_percent=100,
+                                   max_failures_percent=0, probation_s=0.1, actor="t")
+        detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=40)
+        assert all(d["state"] == "committed" for d in detail["devices"])
+        assert all(d.active == ("m", 2) for d in devices)
+        # device traffic was split by the shared subscription: both servers ingested some of it
+        a_events = fleet.server.ingest.stats.received["event"]
+        b_events = other.ingest.stats.received["event"]
+        assert a_events > 0 and b_events > 0, (a_events, b_events)
+        committed = fleet.service.events(kind="lifecycle.committed", limit=100)["events"]
+        assert len(committed) == 4  # each event recorded once, whichever server got it
+
+        # the next rollout's driver dies with its lease held; the other server resumes it
+        dep3 = fleet.service.deploy("m:3", target="group:g", canary_percent=25, wave_percent=100,
+                                    max_failures_percent=0, probation_s=1.5, actor="t")
+        owner = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and owner is None:
+            owner = fleet.service.registry.get_deployment(dep3["deployment_id"]).lease_owner
+            time.sleep(0.05)
+        assert owner is not None
+        dying = fleet.server if owner == fleet.server.owner else other
+        survivor = other if dying is fleet.server else fleet.server
+        _crash(dying)
+        deadline = time.monotonic() + 40
+        status = ""
+        while time.monotonic() < deadline:
+            status = survivor.service.deployment_detail(dep3["deployment_id"])["status"]
+            if status == "completed":
+                break
+            time.sleep(0.1)
+        assert status == "completed"
+        assert survivor.registry.get_deployment(dep3["deployment_id"]).lease_owner == survivor.owner
+        assert all(d.active == ("m", 3) for d in devices)
+        if dying is fleet.server:
+            fleet.server = survivor  # so the fixture stops the live one
+            other = None  # type: ignore[assignment]
+    finally:
+        if other is not None:
+            other.stop()
+
+
+def test_interrupted_transfer_resumes_with_only_the_missing_chunks(fleet: Fleet) -> None:
+    d = fleet.device("rs-1")
+    fleet.wait_online(d)
+    dep = fleet.service.deploy("m:1", target="device:rs-1", probation_s=0.1, actor="t")
+    artifact = dep["artifacts"]["rpi4"]
+    count = fleet.server.artifacts.info(artifact).chunk_count
+    assert count > 40
+    d.wait_for(lambda s: s.received_chunks >= count // 3, timeout=20)
+    d.disconnect()  # power cut mid-download (the broker sends its Will)
+    got_before = d.received_chunks
+    time.sleep(0.5)
+    d.connect()  # asks for what it lacks ("resume")
+    d.wait_for(lambda s: s.active == ("m", 1), timeout=30)
+    fleet.wait_deployment(dep["deployment_id"], ("completed",))
+    assert got_before < count
+    assert d.received_chunks < got_before + count  # it did not start over

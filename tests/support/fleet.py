@@ -1,0 +1,157 @@
+"""Helpers for control-plane tests: a server home on a test broker, small real ONNX builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
+from server.broker import MosquittoBroker
+from server.builds import Build, StaticBuilds
+from server.config import ServerConfig, config_from_mapping
+from server.keys import init_signing_key, load_signing_key
+
+
+def write_onnx(path: Path, *, seed: int, inputs: int = 64, outputs: int = 10, hidden: int = 256) -> Path:
+    """A small real ONNX model (MatMul -> Relu -> MatMul) with seeded weights; different seed, different bytes."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((inputs, hidden)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((hidden, outputs)).astype(np.float32) * 0.1
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        "edgefleet-test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, outputs])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def health(inputs: int = 64, outputs: int = 10, probation_s: float = 0.5) -> HealthSpec:
+    return HealthSpec(
+        inputs=(TensorSpec("x", "float32", (1, inputs)),),
+        outputs=(TensorSpec("y", "float32", (1, outputs)),),
+        latency_budget_ms=50.0,
+        probation_s=probation_s,
+    )
+
+
+def onnx_builds(root: Path, model: str, versions: list[int], profiles: list[str], *, chunk_size: int = 16 * 1024,
+                builds: StaticBuilds | None = None, hidden: int = 256) -> StaticBuilds:
+    builds = builds or StaticBuilds()
+    for v in versions:
+        for p in profiles:
+            path = write_onnx(root / f"{model}-v{v}-{p}.onnx", seed=v * 100 + len(p), hidden=hidden)
+            builds.add(Build(model=model, version=v, profile=p, variant="fp32", path=path,
+                             runtime=RuntimeSpec("onnx", "onnxruntime"), health=health(),
+                             chunk_size=chunk_size, compression="lzma"))
+    return builds
+
+
+def server_config(
+    home: Path, mqtt: MosquittoBroker, overrides: dict[str, dict[str, Any]] | None = None
+) -> ServerConfig:
+    data: dict[str, dict[str, Any]] = {
+        "broker": {"url": f"mqtt://{mqtt.host}:{mqtt.port}", "client_id": f"srv-{home.name}"},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "publisher": {"chunk_window_s": 0.2},
+        "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 30.0},
+    }
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    home.mkdir(parents=True, exist_ok=True)
+    init_signing_key(ServerConfig(home=home).paths)
+    return config_from_mapping(home, data)
+
+
+def public_key(config: ServerConfig):  # type: ignore[no-untyped-def]
+    return load_signing_key(config.paths).public_key()
+
+
+class Fleet:
+    """An in-process FleetServer on a test broker plus device stand-ins; closes everything it made."""
+
+    def __init__(self, tmp: Path, broker: MosquittoBroker, builds: StaticBuilds,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        from server.app import FleetServer
+
+        self.tmp = tmp
+        self.broker = broker
+        self.builds = builds
+        self.config = server_config(tmp / "home", broker, overrides)
+        self.server = FleetServer(self.config, builds=builds).start()
+        self.devices: list[Any] = []
+
+    @property
+    def service(self):  # type: ignore[no-untyped-def]
+        return self.server.service
+
+    def device(self, device_id: str, *, profile: str = "rpi4", groups: tuple[str, ...] = ("g",),
+               connect: bool = True, seed: tuple[str, int] | None = None, fail: set[int] | None = None,
+               register: bool = True) -> Any:
+        from tests.support.device import SimDevice
+
+        d = SimDevice(device_id, host=self.broker.host, port=self.broker.port,
+                      server_public_key=public_key(self.config), profile=profile, fail_versions=fail)
+        if seed:
+            d.seed(*seed)
+        if register:
+            self.service.register_device(device_id, profile=profile, public_key=d.public_key_b64, groups=groups)
+        self.devices.append(d)
+        if connect:
+            d.connect()
+        return d
+
+    def wait_online(self, *devices: Any, timeout: float = 10.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            online = {d.device_id for d in self.server.registry.list_devices() if d.online}
+            if all(d.device_id in online for d in devices):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("devices did not come online")
+
+    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        detail: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            detail = self.service.deployment_detail(deployment_id)
+            if detail["status"] in statuses:
+                return detail
+            time.sleep(0.1)
+        raise TimeoutError(f"deployment {deployment_id} is {detail.get('status')}, not {statuses}: "
+                           f"{[(d['device_id'], d['state'], d['reason']) for d in detail.get('devices', [])]}")
+
+    def wait_rows(self, deployment_id: str, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        detail: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            detail = self.service.deployment_detail(deployment_id)
+            rows = {d["device_id"]: d for d in detail["devices"]}
+            if predicate(rows):
+                return detail
+            time.sleep(0.1)
+        raise TimeoutError(f"condition not met: {[(d['device_id'], d['state']) for d in detail['devices']]}")
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.server.stop()

@@ -1,0 +1,91 @@
+"""The pure per-artifact chunk schedule (CONTRACTS.md section 3)."""
+
+from __future__ import annotations
+
+from server.chunks import ArtifactSchedule, Send
+
+
+def drain(s: ArtifactSchedule, now: float, limit: int = 10_000) -> list[Send]:
+    out: list[Send] = []
+    while len(out) < limit:
+        step = s.next_send(now)
+        if step is None:
+            return out
+        out.append(step)
+    raise AssertionError("schedule never ran dry")
+
+
+def test_requests_inside_the_window_become_one_broadcast_round() -> None:
+    s = ArtifactSchedule(10, window_s=0.5)
+    s.request("a", [(0, 10)], now=0.0)
+    assert s.next_send(0.1) is None  # still collecting
+    assert s.deadline() == 0.5
+    s.request("b", [(0, 10)], now=0.2)
+    s.request("c", [(5, 8)], now=0.3)
+    sends = drain(s, 0.6)
+    assert sends == [Send(i, None) for i in range(10)]  # the union, once, in order
+    assert s.idle
+
+
+def test_round_starts_as_soon_as_every_expected_device_asked() -> None:
+    s = ArtifactSchedule(4, window_s=10.0)
+    s.expect(["a", "b"])
+    s.request("a", [(0, 4)], now=0.0)
+    assert s.next_send(0.0) is None
+    s.request("b", [(0, 4)], now=0.1)
+    assert s.next_send(0.1) == Send(0, None)
+
+
+def test_request_for_chunks_ahead_of_the_stream_is_merged_and_passed_ones_go_unicast() -> None:
+    s = ArtifactSchedule(10, window_s=0.0, late_threshold=3)
+    s.request("a", [(0, 6)], now=0.0)
+    first = [s.next_send(0.0) for _ in range(4)]
+    assert first == [Send(i, None) for i in range(4)]
+    s.request("late", [(0, 10)], now=0.1)  # 0-3 passed, 4-5 pending, 6-9 merged into the round
+    rest = drain(s, 0.1)
+    broadcast = [x.index for x in rest if x.device_id is None]
+    unicast = [x.index for x in rest if x.device_id == "late"]
+    assert broadcast == [4, 5, 6, 7, 8, 9]
+    assert sorted(unicast) == [0, 1, 2, 3]
+    assert s.idle
+
+
+def test_many_late_devices_get_another_broadcast_round_instead_of_unicasts() -> None:
+    s = ArtifactSchedule(6, window_s=0.0, late_threshold=2)
+    s.request("a", [(0, 6)], now=0.0)
+    for _ in range(3):
+        s.next_send(0.0)
+    s.request("x", [(0, 6)], now=0.1)
+    s.request("y", [(0, 6)], now=0.1)
+    rest = drain(s, 0.1)
+    assert all(x.device_id is None for x in rest)
+    assert [x.index for x in rest] == [3, 4, 5, 0, 1, 2]
+
+
+def test_unicast_mode_serves_every_request_per_device_round_robin() -> None:
+    s = ArtifactSchedule(4, broadcast=False)
+    s.request("a", [(0, 2)], now=0.0)
+    s.request("b", [(2, 4)], now=0.0)
+    s.request("a", [(1, 2)], now=0.0)  # duplicate index: sent once
+    sends = drain(s, 0.0)
+    assert sends == [Send(0, "a"), Send(2, "b"), Send(1, "a"), Send(3, "b")]
+
+
+def test_unicast_and_broadcast_interleave_so_late_devices_are_not_starved() -> None:
+    s = ArtifactSchedule(100, window_s=0.0, late_threshold=5)
+    s.request("a", [(0, 100)], now=0.0)
+    for _ in range(50):
+        s.next_send(0.0)
+    s.request("late", [(0, 3)], now=0.0)
+    # the late device's chunks are queued for after the round (below the threshold) ...
+    nxt = [s.next_send(0.0) for _ in range(4)]
+    assert all(x is not None and x.device_id is None for x in nxt)
+    rest = drain(s, 0.0)
+    assert [x.index for x in rest if x.device_id == "late"] == [0, 1, 2]
+
+
+def test_out_of_range_indexes_are_clamped() -> None:
+    s = ArtifactSchedule(3, window_s=0.0)
+    assert s.request("a", [(2, 50)], now=0.0) == 1
+    assert s.request("a", [(7, 9)], now=0.0) == 0
+    assert drain(s, 0.0) == [Send(2, None)]
