@@ -15,9 +15,10 @@ Theory of operation
       2. error rate: errors / requests > ``max_error_rate`` fails at once (it does not wait for
          the window to end: a model that fails requests should stop serving now);
       3. latency, at the end of the window only (early samples are dominated by cache warm-up):
-         p95 of the new version > ``max_latency_regression`` x p95 of the previous version
-         fails; with no previous measurement, p95 over the profile's ``latency_budget_ms``
-         fails instead;
+         p95 over the profile's ``latency_budget_ms`` fails; so does p95 of the new version over
+         ``max_latency_regression`` x p95 of the previous version *and* more than
+         LATENCY_SLACK_MS above it (on a busy two-core board a swap alone moves a sub-millisecond
+         p95 by a fraction of a millisecond: that is scheduling noise, not a slower model);
       4. otherwise WAIT until ``started_at + window_s``, then PASS.
 """
 
@@ -31,6 +32,8 @@ from agent.protocol.messages import HealthSpec
 
 #: A p95 below this is measurement noise: regression ratios between two sub-millisecond numbers mean nothing.
 LATENCY_FLOOR_MS = 0.5
+#: A regression must also be at least this much slower in absolute terms (see rule 3).
+LATENCY_SLACK_MS = 1.0
 
 
 class StatsLike(Protocol):
@@ -143,15 +146,15 @@ def decide(
 
 
 def _latency_failure(policy: ProbationPolicy, p95: float, baseline: StatsLike | None) -> str | None:
-    previous = baseline.p95_ms if baseline is not None and baseline.requests > 0 else None
-    if previous is not None:
-        reference = max(previous, LATENCY_FLOOR_MS)
-        if p95 > reference * policy.max_latency_regression:
-            return (
-                f"p95 latency {p95:.2f} ms is {p95 / reference:.1f}x the previous version's {previous:.2f} ms "
-                f"(limit {policy.max_latency_regression:.2f}x)"
-            )
-        return None
     if policy.latency_budget_ms is not None and p95 > policy.latency_budget_ms:
         return f"p95 latency {p95:.2f} ms over the {policy.latency_budget_ms:.2f} ms budget"
+    previous = baseline.p95_ms if baseline is not None and baseline.requests > 0 else None
+    if previous is None:
+        return None
+    reference = max(previous, LATENCY_FLOOR_MS)
+    if p95 > reference * policy.max_latency_regression and p95 - previous > LATENCY_SLACK_MS:
+        return (
+            f"p95 latency {p95:.2f} ms is {p95 / reference:.1f}x the previous version's {previous:.2f} ms "
+            f"(limit {policy.max_latency_regression:.2f}x)"
+        )
     return None
