@@ -11,8 +11,9 @@ Metrics (``GateSpec.metric``):
   fp32's mask (default >= 0.97).
 
 Every candidate's report carries all of them plus the max absolute error, whatever the metric.
-Selection: among the variants that pass (fidelity, size, latency budget), prefer one not slower
-than fp32, then the smallest over-the-air size, then the lowest latency. When nothing passes, fp32
+Selection: among the variants that pass (fidelity, size, latency budget), prefer those not slower
+than fp32; among them, those within 10 % of the smallest over-the-air size; among those, the
+highest fidelity, then the lowest latency. When nothing passes, fp32
 is shipped; the best of the failures never is.
 """
 
@@ -32,6 +33,8 @@ METRICS = ("accuracy", "cosine", "top1", "iou")
 #: is not preferred over faster ones.
 LATENCY_SLACK = 1.10
 LATENCY_FLOOR_MS = 0.1
+#: Passing variants within this factor of the smallest are ranked by fidelity, then latency.
+SIZE_SLACK = 1.10
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class Scored:
     passed: bool
     ota_size: int
     latency_ms: float | None
+    fidelity: float = 0.0
 
 
 def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Scored | None:
@@ -169,13 +173,16 @@ def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Score
     if not passing:
         return None
 
-    def key(c: Scored) -> tuple[int, int, float]:
-        slow = (
+    def slow(c: Scored) -> bool:
+        return (
             c.latency_ms is not None
             and fp32_latency_ms is not None
             and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
             and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS
         )
-        return (int(slow), c.ota_size, c.latency_ms if c.latency_ms is not None else math.inf)
 
-    return min(passing, key=key)
+    fast = [c for c in passing if not slow(c)] or passing
+    smallest = min(c.ota_size for c in fast)
+    # sizes within SIZE_SLACK of the smallest count as equal: then the most faithful, then the fastest
+    near = [c for c in fast if c.ota_size <= smallest * SIZE_SLACK]
+    return min(near, key=lambda c: (-c.fidelity, c.latency_ms if c.latency_ms is not None else math.inf, c.ota_size))

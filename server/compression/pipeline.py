@@ -412,7 +412,8 @@ def build_profile(
     fp32 = next((c for c in candidates if c.recipe.name == "fp32"), None)
     b.fp32_latency = fp32.latency_ms if fp32 else None
     picked = select(
-        [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_ms) for c in candidates], b.fp32_latency
+        [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_ms, c.fidelity.value if c.fidelity else 0.0)
+         for c in candidates], b.fp32_latency
     )
     fell_back = False
     if picked is not None:

@@ -39,7 +39,11 @@ def test_select_prefers_small_passing_variants_and_never_ships_a_failure() -> No
     slow = Scored("int8-slow", True, 100, 20.0)
     assert select([fp32, slow], 10.0) == fp32
     # ... but not over sub-0.1 ms noise
-    assert select([Scored("fp32", True, 1000, 0.02), Scored("q", True, 300, 0.03)], 0.02).name == "q"
+    picked = select([Scored("fp32", True, 1000, 0.02), Scored("q", True, 300, 0.03)], 0.02)
+    assert picked is not None and picked.name == "q"
+    # near-equal sizes: the more faithful wins
+    a, b = Scored("a", True, 300, 6.0, 0.985), Scored("b", True, 310, 7.0, 0.99)
+    assert select([fp32, a, b], 10.0) == b
 
 
 def test_fidelity_metrics_and_thresholds() -> None:
