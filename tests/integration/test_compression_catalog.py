@@ -93,6 +93,17 @@ def test_control_plane_reads_catalog_builds(built: tuple[Path, Catalog]) -> None
     # what the rollout driver sends survives the protocol's own parsers
     assert RuntimeSpec.from_dict(json.loads(json.dumps(b.runtime.to_dict()))) == b.runtime
     assert HealthSpec.from_dict(json.loads(json.dumps(b.health.to_dict()))).golden == b.health.golden
+    # and the agent's own model host loads the variant and passes its health check (golden case included)
+    from agent.protocol.messages import ModelRef
+    from agent.runtime.host import ModelHost
+    from agent.runtime.inference import InferenceOptions
+
+    with ModelHost(InferenceOptions(intra_op_threads=1)) as host:
+        for profile in ("x86-64-avx2", "jetson-nano"):
+            build = source.get_build("digits", 1, profile)
+            assert build is not None
+            loaded = host.load(build.path, ref=ModelRef("digits", 1), runtime=build.runtime, variant=build.variant)
+            host.check(loaded, build.health)
 
 
 @pytest.mark.broker
