@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -357,23 +358,27 @@ def divergent_nodes(
     sample = data.take(16)
     work = quant_path.with_suffix(".debug")
     work.mkdir(exist_ok=True)
-    results: list[dict[str, np.ndarray]] = []
+    runners = []
     for i, m in enumerate(with_outputs):
         path = work / f"m{i}.onnx"
         save(m, path)
-        runner = OrtRunner(path)
-        names = [o.name for o in runner.outputs]
-        acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for feeds in sample.batches(batch):
-            for name, out in zip(names, runner.run(feeds), strict=False):
-                acc[name].append(out.astype(np.float64).ravel())
-        results.append({k: np.concatenate(v) for k, v in acc.items()})
+        runners.append(OrtRunner(path))
+    names = [[o.name for o in r.outputs] for r in runners]
+    diff2: dict[str, float] = dict.fromkeys(tracked, 0.0)
+    ref2: dict[str, float] = dict.fromkeys(tracked, 0.0)
+    for feeds in sample.batches(batch):  # accumulate per batch: all activations of a CNN do not fit in memory
+        fouts = dict(zip(names[0], runners[0].run(feeds), strict=True))
+        qouts = dict(zip(names[1], runners[1].run(feeds), strict=True))
+        for name in tracked:
+            a, b = fouts.get(name), qouts.get(name)
+            if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            diff2[name] += float(np.square(a64 - b64).sum())
+            ref2[name] += float(np.square(a64).sum())
+    shutil.rmtree(work, ignore_errors=True)
     for name in tracked:
-        a, b = results[0].get(name), results[1].get(name)
-        if a is None or b is None or a.shape != b.shape:
-            continue
-        denom = float(np.linalg.norm(a)) or 1.0
-        errors[name] = float(np.linalg.norm(a - b)) / denom
+        errors[name] = (diff2[name] ** 0.5) / ((ref2[name] ** 0.5) or 1.0)
     introduced: list[tuple[float, str]] = []
     for node in fmodel.graph.node:
         if node.op_type not in (*WEIGHTED_OPS, "Gather", "Add", "Mul", "Softmax", "Sigmoid", "Concat", "Resize",
