@@ -379,14 +379,18 @@ def divergent_nodes(
     shutil.rmtree(work, ignore_errors=True)
     for name in tracked:
         errors[name] = (diff2[name] ** 0.5) / ((ref2[name] ** 0.5) or 1.0)
+    # the nodes the quantizer touched: QDQ nodes fed by a DequantizeLinear, or float nodes it replaced (dynamic)
+    dq_outputs = {o for n in qmodel.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    q_names = {n.name for n in qmodel.graph.node}
+    touched = {n.name for n in qmodel.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+               and any(i in dq_outputs for i in n.input)}
+    touched |= {n.name for n in fmodel.graph.node if n.name and n.name not in q_names}
     introduced: list[tuple[float, str]] = []
     for node in fmodel.graph.node:
-        if node.op_type not in (*WEIGHTED_OPS, "Gather", "Add", "Mul", "Softmax", "Sigmoid", "Concat", "Resize",
-                                "AveragePool", "MaxPool", "GlobalAveragePool", "Relu", "Clip", "LeakyRelu"):
+        if not node.name or node.name not in touched:
             continue
         out_err = max((errors.get(o, 0.0) for o in node.output), default=0.0)
         in_err = max((errors.get(i, 0.0) for i in node.input), default=0.0)
-        if node.name:
-            introduced.append((out_err - in_err, node.name))
+        introduced.append((out_err - in_err, node.name))
     introduced.sort(reverse=True)
-    return [name for gain, name in introduced[:count] if gain > 0]
+    return [name for _gain, name in introduced[:count]]

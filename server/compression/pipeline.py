@@ -39,7 +39,7 @@ Progress = Callable[[str], None]
 #: Golden cases ride in the desired state: only for small tensors.
 MAX_GOLDEN_BYTES = 32 * 1024
 #: Fallback rounds: share of the scored nodes kept in float.
-FALLBACK_SHARES = (0.05, 0.15)
+FALLBACK_SHARES = (0.05, 0.15, 0.30)
 
 
 @dataclass(frozen=True)
@@ -344,11 +344,17 @@ class _Builder:
         )
 
     def fallback(self, done: list[Candidate]) -> list[Candidate]:
-        """Re-quantize the best failing int8 ONNX candidate with its most divergent nodes kept in float."""
+        """Re-quantize the best failing int8 ONNX candidate with its most divergent nodes kept in float.
+
+        Tried when no int8 candidate passed, or when a failing one is smaller than every passing one.
+        """
         int8 = [c for c in done if c.recipe.precision == "int8" and c.recipe.kind in ("static", "dynamic")]
-        if self.source.format != "onnx" or not int8 or any(c.passed for c in int8):
+        if self.source.format != "onnx" or not int8:
             return []
-        scored = [c for c in int8 if c.status == "failed" and c.fidelity is not None and c.path is not None]
+        # worth it only when a failing candidate would beat every passing int8 one on size
+        smallest_pass = min((c.size_bytes for c in int8 if c.passed), default=math.inf)
+        scored = [c for c in int8 if c.status == "failed" and c.fidelity is not None and c.path is not None
+                  and c.size_bytes < smallest_pass * 0.95]
         if not scored:
             return []
         best = max(scored, key=lambda c: c.fidelity.value if c.fidelity else -math.inf)
@@ -363,11 +369,13 @@ class _Builder:
             self.notes.append(f"fallback skipped: divergence analysis failed ({type(exc).__name__})")
             return []
         out: list[Candidate] = []
+        previous = 0
         for share in FALLBACK_SHARES:
-            k = max(1, math.ceil(len(ranked) * share))
-            keep = ranked[:k]
-            if not keep:
+            k = max(previous + 1, math.ceil(len(ranked) * share))
+            if k >= len(ranked):  # keeping every quantized node in float is just fp32
                 break
+            previous = k
+            keep = ranked[:k]
             recipe = replace(
                 best.recipe,
                 name=f"{best.recipe.name}-fallback{k}",
