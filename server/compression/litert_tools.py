@@ -59,6 +59,37 @@ def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]
     return runner.inputs, runner.outputs
 
 
+def with_default_signature(src: Path, dst: Path) -> bool:
+    """Copy ``src`` to ``dst`` adding a ``serving_default`` signature over subgraph 0 when it has none.
+
+    Older converters (MediaPipe's models) wrote no SignatureDefs; LiteRT Quantizer calibrates through
+    signature runners. The graph itself is unchanged. Returns whether a signature was added.
+    """
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
+
+    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
+    if model.signatureDefs:
+        dst.write_bytes(src.read_bytes())
+        return False
+    graph = model.subgraphs[0]
+
+    def tensor_map(index: int) -> Any:
+        name = graph.tensors[index].name
+        return schema.TensorMapT(name=name.decode() if isinstance(name, bytes) else name, tensorIndex=index)
+
+    model.signatureDefs = [
+        schema.SignatureDefT(
+            inputs=[tensor_map(int(i)) for i in graph.inputs],
+            outputs=[tensor_map(int(i)) for i in graph.outputs],
+            signatureKey="serving_default",
+            subgraphIndex=0,
+        )
+    ]
+    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return True
+
+
 def _signature(path: Path) -> tuple[str, dict[str, str]]:
     """The signature key the quantizer calibrates, and its argument name for each input tensor name."""
     from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
@@ -83,6 +114,10 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = No
             from ai_edge_quantizer import recipe as lq_recipe  # noqa: PLC0415
         except ImportError as exc:
             raise ModelError("LiteRT Quantizer is not installed (pip install litert-quantizer)") from exc
+    if calibration is not None:
+        signed = dst.with_name(dst.stem + ".signed.tflite")
+        with_default_signature(src, signed)
+        src = signed
     q: Any = lq.Quantizer(str(src))
     q.load_quantization_recipe(getattr(lq_recipe, recipe)())
     calib_result = None

@@ -168,6 +168,25 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     return notes
 
 
+#: Per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute) exist from opset 13.
+PER_CHANNEL_OPSET = 13
+
+
+def raise_opset_for_quantization(path: Path, max_opset: int) -> list[str]:
+    """Convert the quantizers' input up to opset 13 when it is older and the profile allows it (in place)."""
+    model = onnx.load(str(path))
+    current = opset(model)
+    if current >= PER_CHANNEL_OPSET or max_opset < PER_CHANNEL_OPSET:
+        return []
+    try:
+        converted = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - then the quantizers work on the original opset
+        return [f"opset {current} -> {PER_CHANNEL_OPSET} for per-channel quantization failed: {type(exc).__name__}"]
+    save(converted, path)
+    return [f"quantizer input converted from opset {current} to {PER_CHANNEL_OPSET} (per-channel Q/DQ need it)"]
+
+
 def optimize_fp32(src: Path, dst: Path) -> None:
     """ORT's offline graph optimizations at the basic level (ONNX-standard ops only, portable)."""
     import onnxruntime as ort  # noqa: PLC0415
@@ -238,6 +257,32 @@ def quantize_dynamic(
         nodes_to_exclude=list(exclude),
         extra_options={"MatMulConstBOnly": True},
     )
+
+
+def quantize_weight_only(
+    src: Path, dst: Path, *, block_size: int, accuracy_level: int, exclude: Sequence[str] = ()
+) -> None:
+    """8-bit blockwise MatMul weights (com.microsoft.MatMulNBits), then int8 embedding tables (Gather)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # noqa: PLC0415
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    config = mnb.DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=8
+    )
+    quantizer = mnb.MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+        nodes_to_exclude=list(exclude), algo_config=config,
+    )
+    quantizer.process()
+    mid = dst.with_name(dst.stem + ".nbits.onnx")
+    quantizer.model.save_model_to_file(str(mid), use_external_data_format=False)
+    model = onnx.load(str(mid))
+    inits = {i.name for i in model.graph.initializer}
+    if any(n.op_type == "Gather" and n.input and n.input[0] in inits for n in model.graph.node):
+        quantize_dynamic(mid, dst, per_channel=True, reduce_range=False, op_types=["Gather"], exclude=exclude)
+        mid.unlink()
+    else:
+        mid.replace(dst)
 
 
 class _Reader:
@@ -374,8 +419,9 @@ def divergent_nodes(
             if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
                 continue
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            diff2[name] += float(np.square(a64 - b64).sum())
-            ref2[name] += float(np.square(a64).sum())
+            ok = np.isfinite(a64) & np.isfinite(b64)  # masks add -inf/-1e9 on purpose: compare the rest
+            diff2[name] += float(np.square(a64[ok] - b64[ok]).sum())
+            ref2[name] += float(np.square(a64[ok]).sum())
     shutil.rmtree(work, ignore_errors=True)
     for name in tracked:
         errors[name] = (diff2[name] ** 0.5) / ((ref2[name] ** 0.5) or 1.0)
