@@ -242,6 +242,8 @@ class _Builder:
         self.measure_latency, self.latency_note = stand_in(profile)
         self.reference: list[np.ndarray] = []
         self.fp32_latency: float | None = None
+        self.fp32_size = 0
+        self.fp32_estimate = 0
         self.base: Path = source.path  # the fp32 model fitted to the profile (ONNX: opset)
         self.pre: Path = source.path  # pre-processed input for the quantizers
         self.notes: list[str] = []
@@ -331,6 +333,12 @@ class _Builder:
             log.info("recipe %s failed", recipe.name, exc_info=True)
             return Candidate(recipe, "error", f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
         reason = check_fidelity(fid, self.gate)
+        if recipe.kind == "fp32":
+            self.fp32_size, self.fp32_estimate = size, estimate
+        elif reason is None and self.fp32_size and recipe.kind != "prune" and size >= 0.95 * self.fp32_size:
+            reason = f"not smaller than fp32 ({size} vs {self.fp32_size} bytes): nothing was quantized"
+        elif reason is None and self.fp32_estimate and recipe.kind == "prune" and estimate >= 0.95 * self.fp32_estimate:
+            reason = "compresses no better than fp32"
         if reason is None and size > self.profile.max_artifact_bytes:
             reason = f"{size} bytes > the profile's max artifact size {self.profile.max_artifact_bytes}"
         if reason is None and latency is not None and latency > self.profile.latency_budget_ms:

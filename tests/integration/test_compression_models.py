@@ -82,10 +82,11 @@ def test_selfie_tflite_goes_through_litert_quantizer(tmp_path: Path) -> None:
     assert {"fp32", "litert-dynamic-wi8", "litert-static-wi8-ai8"} <= set(names)
     assert result.runtime.runtime == "litert" and result.runtime.format == "tflite"
     assert result.chosen.path is not None and result.chosen.path.suffix == ".tflite"
-    for c in result.candidates:
-        assert c.status in ("passed", "failed", "error")
-        if c.status != "error":
-            assert c.fidelity is not None and c.fidelity.metric == "iou"
+    for c in result.candidates:  # fp16 weights are folded so the quantizer has weights to work on
+        assert c.status in ("passed", "failed"), c.reason
+        assert c.fidelity is not None and c.fidelity.metric == "iou"
+        if c.recipe.name != "fp32":
+            assert c.size_bytes != rm.path.stat().st_size  # the quantizer did change the model
     if result.chosen.recipe.name != "fp32":
         assert result.chosen.passed and result.chosen.size_bytes < rm.path.stat().st_size
     # the Edge TPU runs full int8 only: it gets that variant, or a clear refusal when it fails the gate
