@@ -25,9 +25,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.runtime.keys import public_key_b64
 from server.broker import MosquittoBroker
 from server.builds import Build
+from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from tests.support import agent_models, badmodels
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import AgentProcess
@@ -200,6 +203,9 @@ def test_server_killed_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> No
          lambda: f"no device reached probation: {fleet.detail(dep_id)['devices']}")
     before = fleet.detail(dep_id)
     assert before["status"] == "running"
+    # a second rollout to the same devices is refused while this one holds them, naming it
+    with pytest.raises(ConflictError, match=f"deployment {dep_id} is still running"):
+        fleet.deploy(3, canary_percent=50)
     first_pid = fleet.server.proc.pid if fleet.server.proc else None
     fleet.server.kill()  # kill -9: its rollout lease stays held until it expires
     time.sleep(1.0)  # devices go on without it; their events wait in the broker (persistent session)
@@ -246,3 +252,28 @@ def test_bad_version_halts_the_rollout_and_rolls_the_fleet_back(fleet: Fleet) ->
     fleet.wait_online("e2e-a-1")
     time.sleep(1.0)
     assert fleet.committed("e2e-a-1") == ("digits", 3)
+
+
+def test_bad_requests_get_clear_messages_and_change_nothing(fleet: Fleet) -> None:
+    before = fleet.call("list_deployments")
+    with pytest.raises(NotFoundError, match="unknown model version digits:9"):
+        fleet.deploy(9)
+    with pytest.raises(NotFoundError, match="unknown device 'ghost'"):
+        fleet.call("deploy", body={"model": "digits:3", "target": "device:ghost"})
+    # a device on a profile that has no built variant (registered, never connected)
+    fleet.call("register_device", body={"device_id": "e2e-coral", "profile": "coral-dev-board",
+                                        "public_key": _any_key(),
+                                        "groups": ["coral"], "broker_password": False})
+    with pytest.raises(InvalidRequestError, match=r"no variant of digits:3 is built for profile\(s\) coral-dev-board"):
+        fleet.call("deploy", body={"model": "digits:3", "target": "group:coral"})
+    # the CLI says the same, with a non-zero exit
+    out = fleet.server.cli("deploy", "digits:9", "--to", f"group:{GROUP}", check=False)
+    assert out.returncode != 0 and "unknown model version digits:9" in out.stderr
+    assert fleet.call("list_deployments") == before
+    refused = fleet.call("audit", query={"action": "deploy"})
+    assert {a["outcome"] for a in refused} >= {"error:not_found", "error:invalid"}
+    assert {fleet.committed(i) for i in DEVICES} == {("digits", 3)}
+
+
+def _any_key() -> str:
+    return public_key_b64(X25519PrivateKey.generate().public_key())
