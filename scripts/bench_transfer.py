@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -172,14 +173,14 @@ def edgefleet_run(server: FleetServer, agent: AgentProcess, version: int, timeou
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="8 MB, one run per path (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="16 MB, three runs per path (under a minute)")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
-    ap.add_argument("--mb", type=float, default=None, help="artifact size in MB (default 32, quick 8)")
+    ap.add_argument("--mb", type=float, default=None, help="artifact size in MB (default 32, quick 16)")
     ap.add_argument("--chunk-kb", type=int, default=64, help="chunk size in KB (default 64, the protocol default)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per path, interleaved (default 3, quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per path, interleaved (default 5, quick 3)")
     args = ap.parse_args(argv)
-    mb = args.mb or (8.0 if args.quick else 32.0)
-    repeats = args.repeats or (1 if args.quick else 3)
+    mb = args.mb or (16.0 if args.quick else 32.0)
+    repeats = args.repeats or (3 if args.quick else 5)
     chunk_size = args.chunk_kb * 1024
     console = Console()
 
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_mqtt_mb_s": round(raw_mb_s, 1),
         "ratio": round(edge_mb_s / raw_mb_s, 2),
         "target_ratio": 0.5,
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine is shared: read the figures with it
+        "cpus": os.cpu_count(),
     }
     table = Table(title=f"artifact transfer: {artifact_mb:.1f} MB in {args.chunk_kb} KB chunks, median of {repeats}")
     for col in ("path", "seconds", "MB/s"):
