@@ -394,8 +394,8 @@ class Demo:
 
     def start_agents(self) -> None:
         for device_id, d in self.facts["devices"].items():
-            child = self.procs.start(device_id, self._argv("edgefleet-agent", ["run", "--config", d["config"]]),
-                                     {**self.env, "OMP_NUM_THREADS": "1"})
+            argv = self._argv("edgefleet-agent", ["run", "--config", str(self.work / d["config"])])
+            child = self.procs.start(device_id, argv, {**self.env, "OMP_NUM_THREADS": "1"})
             d["pid"] = child.proc.pid
         console.print("[bold cyan]$ edgefleet-agent run --config devices/ID/agent.toml &[/]  [dim](on each device)[/]")
         self.wait_until("all devices online", lambda: self._all(lambda d: bool(d.get("online"))), timeout=60)
