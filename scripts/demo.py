@@ -271,6 +271,8 @@ class Demo:
                                   capture_output=capture, stdin=subprocess.DEVNULL, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise DemoError(f"`{tool} {shlex.join(args)}` did not finish within {timeout:g}s") from exc
+        if not capture and not console.is_terminal:
+            print(flush=True)  # a live display (--watch, rollback) ends its last frame without a newline
         if check and proc.returncode != 0:
             detail = (proc.stdout or "") + (proc.stderr or "") if capture else ""
             raise DemoError(f"`{tool} {shlex.join(args)}` exited with status {proc.returncode}\n{detail}".rstrip())
@@ -426,7 +428,9 @@ class Demo:
                  "--calibration", str(source / "calibration.npz"), "--evaluation", str(source / "evaluation.npz"))
 
     def build(self, version: int) -> None:
-        self.run("edgefleet", "build", f"{MODEL}:{version}", "--profile", "all")
+        """Every profile in the full story; in --quick, only the three profiles this fleet has."""
+        profiles = ",".join(p for _, p in DEVICES) if self.args.quick else "all"
+        self.run("edgefleet", "build", f"{MODEL}:{version}", "--profile", profiles)
 
     # -- 7/11. deployments --------------------------------------------------------------------------------------
 
@@ -471,8 +475,12 @@ class Demo:
         console.print(f"[bold cyan]$ curl -s -X POST http://127.0.0.1:{d0['http_port']}/v2/models/{MODEL}/infer "
                       f"-d '{{\"inputs\": [{{\"name\": \"pixels\", \"shape\": {list(pixels.shape)}, "
                       "\"datatype\": \"FP32\", \"data\": [...]}]}'[/]  [dim](and the same on each device)[/]")
-        table = Table("device", "profile", "answered by", "predicted digits", "true labels", "correct", "latency",
+        console.print(f"the {n} evaluation images show the digits [bold]{' '.join(map(str, labels))}[/] "
+                      "(held-out data the model never trained on)")
+        table = Table("device", "profile", "answered by", "variant", "runs on", "digits read", "correct", "latency",
                       box=box.SIMPLE_HEAD)
+        for column in table.columns[:5]:
+            column.no_wrap = True
         results = {}
         for device_id, d in self.facts["devices"].items():
             start = time.perf_counter()
@@ -483,9 +491,11 @@ class Demo:
             predicted = [int(x) for x in logits.argmax(axis=1)]
             correct = sum(p == t for p, t in zip(predicted, labels, strict=True))
             served = int(reply.get("model_version", -1))
-            results[device_id] = {"version": served, "correct": correct, "n": n}
-            table.add_row(device_id, d["profile"], f"{reply['model_name']} v{served}", " ".join(map(str, predicted)),
-                          " ".join(map(str, labels)), f"{correct}/{n}", f"{ms:.1f} ms")
+            meta = get_json(f"http://127.0.0.1:{d['http_port']}/v2/models/{MODEL}").get("parameters", {})
+            providers = ", ".join(p.removesuffix("ExecutionProvider") for p in meta.get("providers", [])) or "-"
+            results[device_id] = {"version": served, "correct": correct, "n": n, "variant": meta.get("variant")}
+            table.add_row(device_id, d["profile"], f"{reply['model_name']} v{served}", str(meta.get("variant") or "-"),
+                          providers, " ".join(map(str, predicted)), f"{correct}/{n}", f"{ms:.1f} ms")
             if served != version:
                 raise DemoError(f"{device_id} answered with {MODEL} v{served}, expected v{version}")
         console.print(table)
@@ -560,15 +570,20 @@ def tune_agent_config(path: Path, timing: Timing) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    return post_json(url, None, timeout)
+
+
 def post_json(url: str, body: Any, timeout: float = 10.0) -> Any:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise DemoError(f"POST {url}: HTTP {exc.code}: {exc.read()[:300]!r}") from exc
+        raise DemoError(f"{request.get_method()} {url}: HTTP {exc.code}: {exc.read()[:300]!r}") from exc
     except OSError as exc:
-        raise DemoError(f"POST {url}: {exc}") from exc
+        raise DemoError(f"{request.get_method()} {url}: {exc}") from exc
 
 
 def wave_text(detail: dict[str, Any]) -> str:
