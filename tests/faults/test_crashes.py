@@ -21,18 +21,21 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.core.journal import State
 from agent.runtime.fsutil import TMP_MARKER
+from server.broker import MosquittoBroker
 from tests.faults.helpers import intact
 from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import AgentProcess
-from tests.support.faults import FaultLedger, fault_mode, read_journal, trials
-from tests.support.fleet_server import FleetServer
+from tests.support.faults import FaultLedger, fault_mode, kept_versions, read_journal, trials
+from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.server_process import RealServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 
@@ -184,3 +187,85 @@ def test_power_loss_leftovers_are_cleaned(
                kept={settled.active.version}, ledger=ledger)
     ledger.note(f"killed with a temp file on disk in {caught}/{n} trials")
     assert caught >= 1, "never caught an atomic write between write and rename"
+
+
+def test_server_sigkill_mid_rollout(tmp_path: Path, broker: MosquittoBroker, models: AgentModels,
+                                    ledger: FaultLedger) -> None:
+    """The real server process is killed -9 while a rollout is in flight; restarted, it finishes from its registry."""
+    builds = [
+        {"model": "digits", "version": v, "profile": RealServer.PROFILE, "path": str(p), "input": models.input_name,
+         "probation_s": 1.5, "chunk_size": 2048}
+        for v, p in ((1, models.good), (2, models.good_v2))
+    ]
+    server = RealServer(tmp_path, broker.host, broker.port, builds)
+    agents = [
+        AgentProcess(tmp_path, unique_device_id("srvkill"), broker_host=broker.host, broker_port=broker.port,
+                     server=server, settings={"profile": RealServer.PROFILE})  # type: ignore[arg-type]
+        for _ in range(3)
+    ]
+    try:
+        server.process.start()
+        for a in agents:
+            a.start()
+        first = server.service.deploy("digits:1", target="group:g", canary_percent=34, wave_percent=100,
+                                      max_failures_percent=0, probation_s=0.5, actor="faults")
+        _wait_deployment(server, first["deployment_id"], ("completed",))
+        dep = server.service.deploy("digits:2", target="group:g", canary_percent=34, wave_percent=100,
+                                    max_failures_percent=0, probation_s=1.5, actor="faults")
+        _wait_rows(server, dep["deployment_id"], lambda rows: any(r["state"] not in ("pending", "queued")
+                                                                     for r in rows))
+        time.sleep(random.Random("srvkill").uniform(0.0, 1.0))
+        before = server.counts()
+        at_kill = server.service.deployment_detail(dep["deployment_id"])
+        server.process.kill()
+        assert at_kill["status"] == "running", "the kill came after the rollout had finished"
+        ledger.note(f"killed with device rows in {sorted(d['state'] for d in at_kill['devices'])}")
+        time.sleep(1.0)  # devices carry on (download, probation) while no server runs; their reports queue
+        server.process.start()
+        detail = _wait_deployment(server, dep["deployment_id"], ("completed",), timeout=90)
+        after = server.counts()
+        lost = sum(max(0, n - after.get(t, 0)) for t, n in before.items() if t not in _VOLATILE)
+        assert not lost, f"registry rows lost: { {t: (n, after.get(t)) for t, n in before.items()} }"
+        assert all(d["state"] == "committed" for d in detail["devices"]), detail["devices"]
+        for a in agents:
+            journal = read_journal(a.store_dir)
+            assert journal is not None and journal.committed == agent_models.ref(2) and journal.state is State.IDLE
+            a.wait_http_ready()
+            assert_serves(a, models)
+            assert {1, 2} <= kept_versions(a.store_dir)
+            ledger.trial()
+        rows = {d["device_id"]: d for d in server.service.list_devices()}
+        assert all(rows[a.device_id]["active_version"] == 2 for a in agents), rows
+    except (AssertionError, TimeoutError):
+        ledger.trial(False, unserving=sum(not a.running for a in agents))
+        raise
+    finally:
+        for a in agents:
+            a.kill()
+        server.process.kill()
+
+
+#: tables whose rows are expected to be pruned or replaced (leases, caches), not records
+_VOLATILE = {"leases", "sqlite_sequence", "telemetry", "telemetry_buckets"}
+
+
+def _wait_deployment(server: RealServer, deployment_id: str, statuses: tuple[str, ...],
+                     timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    detail: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        detail = server.service.deployment_detail(deployment_id)
+        if detail["status"] in statuses:
+            return detail
+        time.sleep(0.2)
+    raise TimeoutError(f"deployment {detail.get('status')}: "
+                       f"{[(d['device_id'], d['state'], d.get('reason')) for d in detail.get('devices', [])]}")
+
+
+def _wait_rows(server: RealServer, deployment_id: str, predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate(server.service.deployment_detail(deployment_id)["devices"]):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("rollout never started")

@@ -93,3 +93,60 @@ class ServerProcess:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1]))
+
+
+class RealServer:
+    """A server home on a test broker: the server runs in its own process; the test drives the same registry.
+
+    Also the ``server=`` argument of ``AgentProcess``: it writes this server's public key and registers
+    the device (profile ``PROFILE``, group ``g``) with its real X25519 key.
+    """
+
+    PROFILE = "x86-64-avx2"
+
+    def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]]) -> None:
+        from server.app import open_registry
+        from server.artifacts import ArtifactStore
+        from server.client import default_profiles
+        from server.config import ServerConfig, config_from_mapping
+        from server.keys import init_signing_key
+        from server.service import FleetService
+
+        self.home = workdir / "srv-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        data = {
+            "broker": {"url": f"mqtt://{host}:{port}", "client_id": f"srv-{workdir.name[-20:]}"},
+            "api": {"host": "127.0.0.1", "port": 0},
+            "publisher": {"chunk_window_s": 0.2},
+            "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 60.0},
+        }
+        init_signing_key(ServerConfig(home=self.home).paths)
+        self.config = config_from_mapping(self.home, data)
+        self.registry = open_registry(self.config)
+        self.service = FleetService(self.config, self.registry, builds=_builds(builds),
+                                    artifacts=ArtifactStore(self.config.paths.artifacts_dir, self.registry),
+                                    profiles=default_profiles())
+        self.process = ServerProcess({"home": str(self.home), "config": data, "builds": builds}, workdir)
+
+    def write_public_key(self, path: Path) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        from server.keys import load_signing_key
+
+        pem = load_signing_key(self.config.paths).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        path.write_bytes(pem)
+        return path
+
+    def enroll(self, device_id: str, public_key: Any) -> None:
+        import base64
+
+        self.service.register_device(device_id, profile=self.PROFILE, groups=("g",), broker_password=False,
+                                     public_key=base64.b64encode(public_key.public_bytes_raw()).decode())
+
+    def counts(self) -> dict[str, int]:
+        """Rows per registry table (what a crash must not lose)."""
+        conn = self.registry.db.connection()
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
