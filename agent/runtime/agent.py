@@ -810,8 +810,9 @@ class Agent:
             except MemoryBudgetError as exc:
                 self.host.unload(model)
                 return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "memory"))
+        health = self._scaled(kept.health)
         try:
-            report = self.host.check(model, kept.health)
+            report = self.host.check(model, health)
         except HealthCheckError as exc:
             self.host.unload(model)
             return Failed(now, LifecycleFailure("warming", exc.code, exc.reason, exc.check))
@@ -820,7 +821,7 @@ class Agent:
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
         log.info("health check passed", extra={"fields": {"model": _ref_text(target), "report": repr(report)}})
         self._candidate = model
-        policy = ProbationPolicy.from_health_spec(kept.health)
+        policy = ProbationPolicy.from_health_spec(health)
         return WarmedUp(self.clock(), policy, self._baseline(policy))
 
     def _check_memory_budget(self, candidate_bytes: int, what: str) -> None:
@@ -832,6 +833,13 @@ class Agent:
         resident = committed.size if committed is not None else 0
         if candidate_bytes + resident > budget:
             raise MemoryBudgetError(candidate_bytes + resident, budget, f"{what} beside the committed model")
+
+    def _scaled(self, health: HealthSpec) -> HealthSpec:
+        """The server's health spec with its latency budget times ``lifecycle.latency_scale`` (1 leaves it as is)."""
+        scale = self.config.lifecycle.latency_scale
+        if scale == 1.0 or health.latency_budget_ms <= 0:
+            return health
+        return replace(health, latency_budget_ms=health.latency_budget_ms * scale)
 
     def _baseline(self, policy: ProbationPolicy) -> StatsLike | None:
         active = self.host.active
