@@ -369,11 +369,15 @@ def prune(src: Path, dst: Path, sparsity: float) -> int:
     """
     model = onnx.load(str(src))
     weighted = {n.input[1] for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1}
+    # weights live in initializers, or in Constant nodes (Paddle exports such as PP-OCR)
+    tensors = [init for init in model.graph.initializer if init.name in weighted]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" and n.output and n.output[0] in weighted
+                for a in n.attribute if a.name == "value"]
     zeroed = 0
-    for init in model.graph.initializer:
-        if init.name not in weighted or init.data_type != onnx.TensorProto.FLOAT:
+    for tensor in tensors:
+        if tensor.data_type != onnx.TensorProto.FLOAT:
             continue
-        w = numpy_helper.to_array(init).copy()
+        w = numpy_helper.to_array(tensor).copy()
         if w.size < 256:
             continue
         k = int(w.size * sparsity)
@@ -383,7 +387,7 @@ def prune(src: Path, dst: Path, sparsity: float) -> int:
         mask = np.abs(w) <= cut
         zeroed += int(mask.sum())
         w[mask] = 0.0
-        init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+        tensor.CopyFrom(numpy_helper.from_array(w.astype(np.float32), tensor.name))
     save(model, dst)
     return zeroed
 
