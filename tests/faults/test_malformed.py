@@ -77,7 +77,10 @@ from tests.support.mqtt import MqttTestClient
 
 __all__ = ["agent_factory", "fleet", "models"]
 
-EXAMPLES = trials(10_000, soak=20_000, quick=1_000)
+#: payloads each topic must take (the issue asks for >= 10,000 per topic in the default suite)
+TARGET = trials(10_000, soak=20_000, quick=1_000)
+#: generated per topic: a few percent are skipped (an authentic swap that is still valid, an unchanged chunk)
+EXAMPLES = TARGET * 21 // 20
 DEVICE = "fuzz-dev"
 ART = "ab" * 16
 NOW = time.time()
@@ -270,7 +273,7 @@ def test_agent_handlers(topic: str, fuzz_agent: AgentUnderFuzz, ledger: FaultLed
             a.feed(mqtt_topic, payload, state=state, seq=seq)
 
     run()
-    assert count >= EXAMPLES * 0.8, count
+    assert count >= TARGET, f"only {count} malformed payloads on {topic}"
     if kind is None:
         progress = a.agent._download.reassembly.progress()
         assert progress.received == 0, "a malformed chunk was stored"
@@ -343,7 +346,7 @@ def test_server_ingest(topic: str, ingest: tuple[Ingestor, list[ChunkRequest], A
 
     run()
     ingestor.process(pending)
-    assert count >= EXAMPLES * 0.9
+    assert count >= TARGET, f"only {count} malformed payloads on {topic}"
     ingestor.process([(mqtt_topic, valid)])  # and a good message still goes through
     assert ingestor.stats.batches > 0
     ledger.trial()
