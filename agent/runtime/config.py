@@ -114,11 +114,17 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class LifecycleConfig:
-    """Restart-loop limit, how often probation is sampled, and tolerated clock skew for expiry checks."""
+    """Restart-loop limit, how often probation is sampled, and tolerated clock skew for expiry checks.
+
+    ``latency_scale`` (>= 1) multiplies every latency budget the server's health spec sets (warm-up check and
+    probation): for a board known to be slower than its profile assumes, such as an emulated one (scripts/arm_check
+    runs the agent under qemu at ~50x slower and sets it there). The server's budgets stay the real ones.
+    """
 
     restart_limit: int = 3
     probation_check_s: float = 1.0
     clock_skew_s: float = 300.0
+    latency_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         restart_limit=lifecycle.integer("restart_limit", 3, lo=1, hi=100),
         probation_check_s=lifecycle.number("probation_check_s", 1.0, lo=0.01, hi=600),
         clock_skew_s=lifecycle.number("clock_skew_s", 300.0, lo=0, hi=86400 * 7),
+        latency_scale=lifecycle.number("latency_scale", 1.0, lo=1.0, hi=1000.0),
     )
     lifecycle.done()
 
@@ -482,6 +489,7 @@ def render_config(config: AgentConfig) -> str:
         f"restart_limit = {config.lifecycle.restart_limit}",
         f"probation_check_s = {config.lifecycle.probation_check_s}",
         f"clock_skew_s = {config.lifecycle.clock_skew_s}",
+        f"latency_scale = {config.lifecycle.latency_scale}",
         "",
         "[telemetry]",
         f"interval_s = {config.telemetry.interval_s}",

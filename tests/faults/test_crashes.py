@@ -33,9 +33,9 @@ from tests.support import agent_models
 from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import AgentProcess
+from tests.support.fault_server import RealServer
 from tests.support.faults import FaultLedger, fault_mode, kept_versions, read_journal, trials
 from tests.support.fleet_server import FleetServer, unique_device_id
-from tests.support.server_process import RealServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 

@@ -1,11 +1,9 @@
-"""The real edgefleet server as a separate process (so a test can kill -9 it), with a static build table.
+"""A real ``edgefleet server run`` process for end-to-end tests.
 
-    python -m tests.support.server_process SPEC.json
-
-SPEC: {"home": str, "config": {section: {key: value}}, "builds": [{model, version, profile, path, input}]}.
-It runs ``server.app.FleetServer`` exactly as ``edgefleet server run`` does, only with the builds
-given (the compression pipeline is not what these tests exercise), and prints one JSON ``ready``
-line on stderr. ``ServerProcess`` starts it, waits for that line and kills it with SIGKILL.
+The home is prepared with the CLI itself (``edgefleet keys init``, ``edgefleet tokens create``)
+and a ``server.toml``; the process runs the production command line, with its builds taken from
+a JSON file (``tests.support.server_main``). ``kill()`` is SIGKILL: no lease released, nothing
+flushed. The test talks to it over HTTP with a bearer token, as a CI pipeline would.
 """
 
 from __future__ import annotations
@@ -15,138 +13,147 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from agent.runtime.keys import public_key_b64
+from server.broker import MosquittoBroker
+from server.builds import Build
+from server.client import HttpClient
+from server.config import ServerConfig
+from server.keys import load_signing_key
+from tests.support.server_main import build_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _builds(items: list[dict[str, Any]]) -> Any:
-    from agent.protocol.messages import RuntimeSpec
-    from server.builds import Build, StaticBuilds
-    from tests.support.agent_models import digits_health
-
-    builds = StaticBuilds()
-    for b in items:
-        builds.add(Build(
-            model=b["model"], version=b["version"], profile=b["profile"], variant="fp32", path=Path(b["path"]),
-            runtime=RuntimeSpec("onnx", "onnxruntime"), health=digits_health(b["input"], probation_s=b["probation_s"]),
-            chunk_size=b.get("chunk_size", 4096), compression="lzma",
-        ))
-    return builds
+def _toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
-def main(spec_path: str) -> int:
-    from server.app import FleetServer
-    from server.config import config_from_mapping
-
-    spec = json.loads(Path(spec_path).read_text())
-    config = config_from_mapping(Path(spec["home"]), spec["config"])
-    server = FleetServer(config, builds=_builds(spec["builds"]))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server.start()
-    print(json.dumps({"event": "ready", "pid": os.getpid()}), file=sys.stderr, flush=True)
-    try:
-        stop.wait()
-    finally:
-        server.stop()
-    return 0
+def edgefleet(home: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the ``edgefleet`` command line (``python -m server``) on ``home``."""
+    out = subprocess.run([sys.executable, "-m", "server", "--home", str(home), *args], check=False, cwd=ROOT,
+                         text=True, capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and out.returncode != 0:
+        raise RuntimeError(f"edgefleet {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
 
 
 class ServerProcess:
-    def __init__(self, spec: dict[str, Any], workdir: Path) -> None:
-        self.spec_path = workdir / "server-spec.json"
-        self.spec_path.write_text(json.dumps(spec))
-        self.log_path = workdir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> ServerProcess:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.server_process", str(self.spec_path)],
-            cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if '"event": "ready"' in self.log_path.read_text(errors="replace").split("--- start ---")[-1]:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError("server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        with self.log_path.open("a") as f:
-            f.write("\n--- start ---\n")
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1]))
-
-
-class RealServer:
-    """A server home on a test broker: the server runs in its own process; the test drives the same registry.
-
-    Also the ``server=`` argument of ``AgentProcess``: it writes this server's public key and registers
-    the device (profile ``PROFILE``, group ``g``) with its real X25519 key.
-    """
-
-    PROFILE = "x86-64-avx2"
-
-    def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]]) -> None:
-        from server.app import open_registry
-        from server.artifacts import ArtifactStore
-        from server.client import default_profiles
-        from server.config import ServerConfig, config_from_mapping
-        from server.keys import init_signing_key
-        from server.service import FleetService
-
-        self.home = workdir / "srv-home"
-        self.home.mkdir(parents=True, exist_ok=True)
-        data = {
-            "broker": {"url": f"mqtt://{host}:{port}", "client_id": f"srv-{workdir.name[-20:]}"},
+    def __init__(self, home: Path, broker: MosquittoBroker, builds: Iterable[Build], *,
+                 settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        sections: dict[str, dict[str, Any]] = {
+            "broker": {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"e2e-{home.name}"},
             "api": {"host": "127.0.0.1", "port": 0},
             "publisher": {"chunk_window_s": 0.2},
             "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 60.0},
         }
-        init_signing_key(ServerConfig(home=self.home).paths)
-        self.config = config_from_mapping(self.home, data)
-        self.registry = open_registry(self.config)
-        self.service = FleetService(self.config, self.registry, builds=_builds(builds),
-                                    artifacts=ArtifactStore(self.config.paths.artifacts_dir, self.registry),
-                                    profiles=default_profiles())
-        self.process = ServerProcess({"home": str(self.home), "config": data, "builds": builds}, workdir)
+        for name, values in (settings or {}).items():
+            sections.setdefault(name, {}).update(values)
+        (home / "server.toml").write_text(_toml(sections))
+        self.builds_path = home / "builds.json"
+        self.builds_path.write_text(json.dumps([build_row(b) for b in builds], indent=1))
+        edgefleet(home, "keys", "init")
+        self.token = edgefleet(home, "tokens", "create", "e2e").stdout.strip().splitlines()[-1]
+        self.log_path = home / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api_url = ""
+        self.starts = 0
+
+    @property
+    def public_key_pem(self) -> bytes:
+        return load_signing_key(ServerConfig(home=self.home).paths).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        (self.home / "server.json").unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.server_main", str(self.builds_path), "--home", str(self.home),
+             "server", "run", "--log-level", "info"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                info = json.loads((self.home / "server.json").read_text())
+                if int(info["pid"]) == self.proc.pid:
+                    self.api_url = str(info["api_url"])
+                    return self
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server not up within {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """kill -9: leases stay held until they expire; in-flight work is simply gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- the API, as a CI pipeline uses it ----------------------------------------------------------------------
+
+    def client(self) -> HttpClient:
+        assert self.api_url, "server not started"
+        return HttpClient(self.api_url, self.token, timeout=30.0)
+
+    def call(self, name: str, **kwargs: Any) -> Any:
+        return self.client().call(name, **kwargs)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The operator's command line against this server (over HTTP, with the token)."""
+        return edgefleet(self.home, *args, check=check,
+                         env={"EDGEFLEET_SERVER": self.api_url, "EDGEFLEET_TOKEN": self.token})
+
+    # -- what AgentProcess needs from "the server" ----------------------------------------------------------------
+
+    def enroller(self, profile: str, groups: tuple[str, ...]) -> _Enroller:
+        return _Enroller(self, profile, groups)
+
+
+class _Enroller:
+    def __init__(self, server: ServerProcess, profile: str, groups: tuple[str, ...]) -> None:
+        self.server, self.profile, self.groups = server, profile, groups
 
     def write_public_key(self, path: Path) -> Path:
-        from cryptography.hazmat.primitives import serialization
-
-        from server.keys import load_signing_key
-
-        pem = load_signing_key(self.config.paths).public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        path.write_bytes(pem)
+        path.write_bytes(self.server.public_key_pem)
         return path
 
-    def enroll(self, device_id: str, public_key: Any) -> None:
-        import base64
-
-        self.service.register_device(device_id, profile=self.PROFILE, groups=("g",), broker_password=False,
-                                     public_key=base64.b64encode(public_key.public_bytes_raw()).decode())
-
-    def counts(self) -> dict[str, int]:
-        """Rows per registry table (what a crash must not lose)."""
-        conn = self.registry.db.connection()
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
+    def enroll(self, device_id: str, public_key: X25519PublicKey) -> None:
+        self.server.call("register_device", body={"device_id": device_id, "profile": self.profile,
+                                                  "public_key": public_key_b64(public_key),
+                                                  "groups": list(self.groups), "broker_password": False})
