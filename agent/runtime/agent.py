@@ -86,6 +86,7 @@ from agent.errors import (
     HealthCheckError,
     IntegrityError,
     LifecycleError,
+    MemoryBudgetError,
     StorageError,
     TopicError,
     VersionNotKeptError,
@@ -238,6 +239,7 @@ class Agent:
         self._pending_desired: bytes | None = None
         self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
         self._desired_expires_at: float | None = None
+        self._expiry_reported = False  # one desired.expired event per expired desired state (freeze detection)
         self._error_counts: dict[str, tuple[float, int]] = {}
         self._telemetry_next = 0.0
         self._telemetry_since: float | None = None
@@ -411,6 +413,25 @@ class Agent:
         if now >= self._telemetry_next:
             self._telemetry_next = now + self.config.telemetry.interval_s
             self._publish_telemetry()
+        self._check_desired_expiry()
+
+    def _check_desired_expiry(self) -> None:
+        """Freeze detection: no fresh signed desired state before the last one expired is reported, once."""
+        expires = self._desired_expires_at
+        if expires is None or self._expiry_reported or self.clock() <= expires:
+            return
+        self._expiry_reported = True
+        self._state_dirty = True
+        self._event(
+            "desired.expired",
+            severity="warning",
+            code="expired",
+            message=(
+                f"the desired state expired at {expires:.0f} and no fresh one arrived: the server may be stuck "
+                "or updates withheld (freeze); still serving the committed model"
+            ),
+            data={"expires_at": expires},
+        )
 
     # -- feeding the machine ---------------------------------------------------------------------------------
 
@@ -579,6 +600,7 @@ class Agent:
         limit = self.config.models.max_artifact_bytes
         if info.size > limit:
             raise ArtifactTooLargeError(info.size, limit)
+        self._check_memory_budget(info.size, f"{_ref_text(target)} ({info.size}-byte model file)")
         data_key = unwrap_key(key, self.device_key, artifact_id=artifact_id, device_id=self.device_id)
         partial = self.store.partial(info)
         reassembly = Reassembly(
@@ -775,11 +797,22 @@ class Agent:
             return Failed(now, LifecycleFailure("warming", err.code, err.message, "load"))
         try:
             self.store.verify_file(kept)
+            rss_before = _rss_bytes()
             model = self.host.load(kept.path, ref=kept.ref, runtime=kept.runtime, variant=kept.variant)
         except EdgeError as exc:
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
+        rss_after = _rss_bytes()
+        if rss_before is not None and rss_after is not None:
+            try:
+                self._check_memory_budget(
+                    max(rss_after - rss_before, kept.size), f"{_ref_text(target)} once loaded"
+                )
+            except MemoryBudgetError as exc:
+                self.host.unload(model)
+                return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "memory"))
+        health = self._scaled(kept.health)
         try:
-            report = self.host.check(model, kept.health)
+            report = self.host.check(model, health)
         except HealthCheckError as exc:
             self.host.unload(model)
             return Failed(now, LifecycleFailure("warming", exc.code, exc.reason, exc.check))
@@ -788,8 +821,25 @@ class Agent:
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
         log.info("health check passed", extra={"fields": {"model": _ref_text(target), "report": repr(report)}})
         self._candidate = model
-        policy = ProbationPolicy.from_health_spec(kept.health)
+        policy = ProbationPolicy.from_health_spec(health)
         return WarmedUp(self.clock(), policy, self._baseline(policy))
+
+    def _check_memory_budget(self, candidate_bytes: int, what: str) -> None:
+        """Refuse a candidate that, beside the committed model (kept loaded through probation), busts the budget."""
+        budget = self.config.models.memory_budget_bytes
+        if not budget:
+            return
+        committed = self._committed_install()
+        resident = committed.size if committed is not None else 0
+        if candidate_bytes + resident > budget:
+            raise MemoryBudgetError(candidate_bytes + resident, budget, f"{what} beside the committed model")
+
+    def _scaled(self, health: HealthSpec) -> HealthSpec:
+        """The server's health spec with its latency budget times ``lifecycle.latency_scale`` (1 leaves it as is)."""
+        scale = self.config.lifecycle.latency_scale
+        if scale == 1.0 or health.latency_budget_ms <= 0:
+            return health
+        return replace(health, latency_budget_ms=health.latency_budget_ms * scale)
 
     def _baseline(self, policy: ProbationPolicy) -> StatsLike | None:
         active = self.host.active
@@ -953,6 +1003,7 @@ class Agent:
 
     def _accepted(self, desired: DesiredState, blob: bytes, message: str) -> None:
         self._desired_expires_at = desired.expires_at
+        self._expiry_reported = False
         try:
             self.store.save_last_desired(blob)
         except StorageError as exc:
@@ -1253,6 +1304,14 @@ class Agent:
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), or None where it cannot be read."""
+    try:
+        return int(Path("/proc/self/statm").read_bytes().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _ref(model: Any) -> ModelRef | None:
