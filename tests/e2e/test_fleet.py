@@ -72,7 +72,7 @@ class Fleet:
         result: dict[str, Any] = self.call("get_deployment", path={"deployment_id": deployment_id})
         return result
 
-    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 90.0) -> dict[str, Any]:
+    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 180.0) -> dict[str, Any]:
         detail: dict[str, Any] = {}
 
         def done() -> bool:
@@ -87,7 +87,7 @@ class Fleet:
     def devices(self) -> dict[str, dict[str, Any]]:
         return {d["device_id"]: d for d in self.call("list_devices")}
 
-    def wait_online(self, *ids: str, online: bool = True, timeout: float = 30.0) -> None:
+    def wait_online(self, *ids: str, online: bool = True, timeout: float = 60.0) -> None:
         wait(lambda: all(self.devices()[i]["online"] is online for i in ids), timeout,
              lambda: f"{ids} not online={online}: {[(i, self.devices()[i]['online']) for i in ids]}")
 
@@ -98,7 +98,7 @@ class Fleet:
             return None
         return record.committed.name, record.committed.version
 
-    def wait_committed(self, version: int, ids: list[str] | None = None, timeout: float = 60.0) -> None:
+    def wait_committed(self, version: int, ids: list[str] | None = None, timeout: float = 120.0) -> None:
         ids = ids or list(self.agents)
         wait(lambda: all(self.committed(i) == ("digits", version) for i in ids), timeout,
              lambda: f"not all on v{version}: {[(i, self.committed(i)) for i in ids]}")
@@ -218,7 +218,7 @@ def test_server_killed_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> No
     time.sleep(1.0)  # devices go on without it; their events wait in the broker (persistent session)
     fleet.server.start()
     assert fleet.server.proc is not None and fleet.server.proc.pid != first_pid
-    detail = fleet.wait_deployment(dep_id, ("completed",), timeout=120)
+    detail = fleet.wait_deployment(dep_id, ("completed",), timeout=180)
     assert {r["state"] for r in detail["devices"]} == {"committed"}
     assert [w["size"] for w in detail["waves"]] == [w["size"] for w in before["waves"]] == [2, 3, 1]
     fleet.wait_committed(3)
@@ -239,7 +239,7 @@ def test_bad_version_halts_the_rollout_and_rolls_the_fleet_back(fleet: Fleet) ->
     # canary: e2e-a-0 (its variant is fine); wave 1: a-1, a-2, b-0 (b-0's variant outputs NaN)
     dep = fleet.deploy(4, canary_percent=10, wave_percent=50, max_failures_percent=20)
     assert dep["waves"] == [1, 3, 2]
-    detail = fleet.wait_deployment(dep["deployment_id"], ("rolled_back",), timeout=120)
+    detail = fleet.wait_deployment(dep["deployment_id"], ("rolled_back",), timeout=180)
     failures = {f["device_id"]: f for f in detail["failures"]}
     assert set(failures) == {"e2e-b-0"}, failures
     assert "finite" in f"{failures['e2e-b-0']['code']} {failures['e2e-b-0']['reason']}"
@@ -299,7 +299,7 @@ def test_ci_registers_builds_and_rolls_out_a_model_through_the_api(fleet: Fleet)
     assert set(variants) == {PROFILE_A, PROFILE_B}
     dep = fleet.call("deploy", body={"model": "digits-ci:1", "target": f"group:{GROUP}", "canary_percent": 20,
                                      "wave_percent": 100, "max_failures_percent": 0, "probation_s": PROBATION_S})
-    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=120)
+    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=180)
     assert {r["state"] for r in detail["devices"]} == {"committed"}
     wait(lambda: all(fleet.committed(i) == ("digits-ci", 1) for i in DEVICES), 30,
          lambda: f"{[(i, fleet.committed(i)) for i in DEVICES]}")
