@@ -25,16 +25,6 @@ from server.broker import mosquitto_available
 
 pytestmark = pytest.mark.e2e
 
-
-def _has_model_commands() -> bool:
-    from server.cli import COMMAND_MODULES
-
-    return any(m.endswith(("models", "model", "builds", "compression")) for m in COMMAND_MODULES)
-
-
-# Temporary, until `edgefleet model add` / `edgefleet build` (issue #4) are merged: the story needs them.
-needs_builds = pytest.mark.skipif(not _has_model_commands(), reason="`edgefleet model add/build` not merged yet")
-
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "scripts" / "demo"
 
@@ -85,7 +75,6 @@ def _check_story(output: str) -> None:
     assert re.search(r"^local inference v2: \d+/\d+ evaluation digits right across 3 devices", output, re.M)
 
 
-@needs_builds
 def test_demo_quick_runs_the_whole_loop_and_leaves_nothing_running() -> None:
     rc, output = _run_demo()
     assert rc == 0, output[-6000:]
@@ -97,7 +86,6 @@ def test_demo_quick_runs_the_whole_loop_and_leaves_nothing_running() -> None:
     assert not Path(work).exists()  # the temporary home is removed after a clean run
 
 
-@needs_builds
 def test_demo_on_the_embedded_amqtt_broker() -> None:
     """The fresh-machine path: no mosquitto, the pure-Python broker in its own process."""
     rc, output = _run_demo("--broker", "amqtt")
