@@ -589,7 +589,10 @@ def post_json(url: str, body: Any, timeout: float = 10.0) -> Any:
 def wave_text(detail: dict[str, Any]) -> str:
     parts = []
     for w in detail.get("waves", []):
-        label = "canary" if w["wave"] == 0 and detail["canary_percent"] > 0 else f"wave {w['wave']}"
+        if detail["canary_percent"] > 0:
+            label = "canary" if w["wave"] == 0 else f"wave {w['wave']}"
+        else:
+            label = f"wave {w['wave'] + 1}"
         parts.append(f"{label} {w['committed']}/{w['size']}")
     return ", ".join(parts)
 
