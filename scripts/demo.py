@@ -694,7 +694,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The whole edgefleet loop on this machine: broker, server, three agents, a real model built "
                     "per profile, v1, a v2 canary + waves, live status, local inference, rollback, summary.",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter probation and waits (CI smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the same loop with shorter probation, fewer samples, and builds for the fleet's three "
+                        "profiles only (CI smoke test)")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
                         help="auto (default): mosquitto when installed, else the embedded amqtt broker")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, registry, stores)")
