@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The whole edgefleet loop on one machine, told as a story (run it through ``scripts/demo``).
 
-An MQTT broker, the server on SQLite in a temporary home, and three real agent processes that play a
+An MQTT broker, the server on SQLite in a temporary home, and three real agent processes that play an
 x86 gateway, a Raspberry Pi 5 and a Jetson Orin Nano (all three run here, on this CPU). The operator's
 side is the real ``edgefleet`` command line, run as subprocesses exactly as a person would type it; the
-devices are real ``edgefleet-agent`` processes. The story: enroll the devices, register a real model
+devices are real ``edgefleet-agent`` processes. The story: register the devices by their keys, a real model
 (the digits CNN), build a variant per profile, deploy v1, deploy v2 as a canary followed by waves, watch
 the fleet, ask each device's local inference API for an answer, roll back, confirm, and clean up.
 
@@ -749,7 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs = Processes(work, work / "logs", pidfile)
     env = {**os.environ, "EDGEFLEET_HOME": str(work / "server"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    env.pop("EDGEFLEET_SERVER", None)
+    for name in ("EDGEFLEET_SERVER", "EDGEFLEET_TOKEN"):  # the private server of this run, its own token
+        env.pop(name, None)
     env.setdefault("COLUMNS", str(max(120, shutil.get_terminal_size((120, 40)).columns)))
     demo = Demo(args, work, procs, QUICK if args.quick else FULL, env)
     console.print(f"[bold]edgefleet demo[/]{' (quick)' if args.quick else ''}: the whole loop on this machine, "
