@@ -79,12 +79,6 @@ class Progress:
         return self.received / self.total if self.total else 1.0
 
 
-def progress_quarter(fraction: float) -> int:
-    """How many quarters of a transfer are done (0..4). ``download.progress`` is reported when this grows
-    (at 25, 50 and 75%; 100% is ``download.completed``), or after a quiet interval on a slow link."""
-    return max(0, min(4, int(fraction * 4)))
-
-
 def _fingerprint(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=FINGERPRINT_SIZE).digest()
 

@@ -79,6 +79,7 @@ class FleetSnapshot:
     chunks: int
     duplicate_chunks: int
     published_bytes: int
+    retries: int
 
     def committed_on(self, ref: ModelRef) -> int:
         """Devices idle with ``ref`` committed (the update is over and it stuck)."""
@@ -277,7 +278,7 @@ class SimFleet:
         lifecycle: Counter[str] = Counter()
         active: Counter[str] = Counter()
         committed: Counter[str] = Counter()
-        online = chunks = dups = sent = 0
+        online = chunks = dups = sent = retries = 0
         for d in self.devices:
             online += d.online
             lifecycle[d.lifecycle] += 1
@@ -287,8 +288,23 @@ class SimFleet:
             chunks += d.counters.chunks
             dups += d.counters.duplicate_chunks
             sent += d.counters.published_bytes
+            retries += d.counters.retries
         return FleetSnapshot(len(self.devices), online, dict(lifecycle), dict(active), dict(committed), chunks, dups,
-                             sent)
+                             sent, retries)
+
+    def timeline(self) -> dict[str, dict[str, float]]:
+        """Per milestone, seconds after the first device accepted its desired state: min, median, max."""
+        marks: dict[str, list[float]] = {}
+        for d in self.devices:
+            for kind, ts in d.counters.milestones.items():
+                marks.setdefault(kind, []).append(ts)
+        origin = min(marks.get("desired.accepted", [0.0]))
+        out: dict[str, dict[str, float]] = {}
+        for kind, values in marks.items():
+            values.sort()
+            out[kind] = {"n": len(values), "min": round(values[0] - origin, 3),
+                         "median": round(values[len(values) // 2] - origin, 3), "max": round(values[-1] - origin, 3)}
+        return out
 
     def wait(self, predicate: object, timeout: float) -> bool:
         """Poll ``predicate(snapshot)`` until true or ``timeout`` (seconds)."""
