@@ -157,6 +157,16 @@ def process_cpu(pid: int) -> float:
         return 0.0
 
 
+def _rss_mb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -239,7 +249,8 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
                 print(f"    {time.perf_counter() - t0:6.1f}s rows {[tuple(r) for r in states]} "
                       f"ingest {dict(st.received)} batches {st.batches} ({st.batch_seconds:.1f}s) "
                       f"chunks {dict(server.publish_stats.chunks)} msgs {dict(server.publish_stats.messages)} "
-                      f"cpu {time.process_time() - cpu0:.1f}s", flush=True)
+                      f"cpu {time.process_time() - cpu0:.1f}s broker {_rss_mb(broker_pid)} MB "
+                      f"{'alive' if broker.process and broker.process.poll() is None else 'EXITED'}", flush=True)
             time.sleep(0.1)
         server_cpu = time.process_time() - cpu0
         broker_cpu = process_cpu(broker_pid) - broker_cpu0

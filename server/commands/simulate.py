@@ -177,8 +177,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     target = BrokerTarget(b.host, b.port, tls=b.tls, ca_cert=str(args.ca_cert) if args.ca_cert else None)
     fleet = SimFleet(ids, broker=target, trust=trust, settings=settings, seed=args.seed, loops=args.loops)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop cleanly (offline reports)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()
     reached: float | None = None
     code = 0
@@ -201,6 +203,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         snap = fleet.snapshot()
         fleet.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if args.until is not None:
         if reached is not None:
             console.print(f"all {snap.devices} devices run {args.until.name} v{args.until.version} committed "
