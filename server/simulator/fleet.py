@@ -124,13 +124,6 @@ class _Shard(threading.Thread):
             with contextlib.suppress(KeyError, ValueError):
                 sel.unregister(sock)  # type: ignore[arg-type]
 
-        def want_write(client: mqtt.Client, userdata: object, sock: object) -> None:
-            with contextlib.suppress(KeyError, ValueError):
-                sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)  # type: ignore[arg-type]
-
-        def done_write(client: mqtt.Client, userdata: object, sock: object) -> None:
-            with contextlib.suppress(KeyError, ValueError):
-                sel.modify(sock, selectors.EVENT_READ, dev)  # type: ignore[arg-type]
 
         def on_connect(client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
             if getattr(rc, "is_failure", False):
@@ -150,8 +143,6 @@ class _Shard(threading.Thread):
 
         c.on_socket_open = on_open
         c.on_socket_close = on_close
-        c.on_socket_register_write = want_write
-        c.on_socket_unregister_write = done_write
         c.on_connect = on_connect
         c.on_disconnect = on_disconnect
         c.on_message = on_message
@@ -202,8 +193,7 @@ class _Shard(threading.Thread):
                     continue
                 if mask & selectors.EVENT_READ:
                     client.loop_read()
-                if mask & selectors.EVENT_WRITE and dev.client is not None:
-                    client.loop_write()
+                self._flush(dev, key.fileobj)
             now = time.monotonic()
             while self._retries and self._retries[0][0] <= now:
                 _, _, dev = heapq.heappop(self._retries)
@@ -212,11 +202,34 @@ class _Shard(threading.Thread):
                 next_tick = now + TICK_S
                 for dev in self.devices:
                     dev.tick(now)
+                    if dev.client is not None and dev.client.want_write():
+                        self._flush(dev, dev.client.socket())
             if now >= next_misc:
                 next_misc = now + MISC_S
                 for dev in self.devices:
                     if dev.client is not None:
                         dev.client.loop_misc()
+
+    def _flush(self, dev: SimDevice, sock: object) -> None:
+        """Write what paho queued (acks, reports) right away; wait for writability only when the socket is full.
+
+        paho writes by itself outside its callbacks; inside them (the PUBACK of a chunk, a report made
+        while handling a message) it only queues, so the shard writes after each read. The selector's
+        interest changes only when a backlog starts or ends, not twice per message.
+        """
+        client = dev.client
+        if client is None or sock is None or client.socket() is not sock:
+            return
+        if client.want_write():
+            client.loop_write()
+        want = client.socket() is sock and client.want_write()
+        try:
+            key = self._selector.get_key(sock)  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            return
+        if want != bool(key.events & selectors.EVENT_WRITE):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self._selector.modify(sock, events, dev)  # type: ignore[arg-type]
 
     def _shutdown(self) -> None:
         clients = []
@@ -231,9 +244,10 @@ class _Shard(threading.Thread):
                 clients.append(c)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and any(c.want_write() for c in clients):
-            for key, mask in self._selector.select(0.05):
-                if mask & selectors.EVENT_WRITE and key.data.client is not None:
-                    key.data.client.loop_write()
+            for c in clients:
+                if c.want_write():
+                    c.loop_write()
+            time.sleep(0.01)
         for dev in self.devices:
             dev.online = False
         self._selector.close()
