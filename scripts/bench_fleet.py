@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -299,11 +300,12 @@ def main() -> int:
                              "thousand simulated devices inflating it would take CPU the broker needs)")
     parser.add_argument("--loops", type=int, default=2, help="simulator threads (default 2)")
     parser.add_argument("--modes", default="broadcast,unicast", help=argparse.SUPPRESS)  # for investigating one mode
-    parser.add_argument("--egress-mb-s", type=float, default=300.0,
-                        help="server setting publisher.broadcast_egress_mb_s (default 300; 0 = unpaced)")
+    parser.add_argument("--egress-mb-s", type=float, default=150.0,
+                        help="server setting publisher.broadcast_egress_mb_s (default 150; 0 = unpaced)")
     parser.add_argument("--verbose", action="store_true", help="print the simulator's timeline of each run")
     parser.add_argument("--timeout", type=float, default=240.0, help="per-rollout limit in seconds (default 240)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up brokers and simulators on kill
     default = [10, 100] if args.quick else [10, 100, 1000]
     sizes = [int(x) for x in args.devices.split(",")] if args.devices else default
 

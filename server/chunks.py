@@ -35,6 +35,9 @@ from server.errors import ServerError
 
 log = logging.getLogger("edgefleet.chunks")
 
+#: artifacts whose expected devices are remembered (the most recent rollouts)
+MAX_AUDIENCES = 64
+
 
 @dataclass(frozen=True)
 class Send:
@@ -205,6 +208,7 @@ class ChunkServer:
         self._inbox: list[ChunkRequest] = []
         self._expected: dict[str, set[str]] = {}
         self._schedules: OrderedDict[str, ArtifactSchedule] = OrderedDict()
+        self._audiences: OrderedDict[str, set[str]] = OrderedDict()  # artifact -> devices dispatched to it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -241,6 +245,9 @@ class ChunkServer:
                 window_s=self._window_s,
                 late_threshold=self._late_threshold,
             )
+            # an idle schedule is dropped, but who is expected outlives it: the requests come after
+            if artifact_id in self._audiences:
+                sched.expect(self._audiences[artifact_id])
             self._schedules[artifact_id] = sched
         return sched
 
@@ -253,8 +260,12 @@ class ChunkServer:
     def _accept(self, now: float) -> None:
         inbox, expected = self._take_inbox()
         for artifact_id, devices in expected.items():
+            audience = self._audiences.pop(artifact_id, set()) | devices
+            self._audiences[artifact_id] = audience
+            while len(self._audiences) > MAX_AUDIENCES:
+                self._audiences.popitem(last=False)
             try:
-                self._schedule_for(artifact_id).expect(devices)
+                self._schedule_for(artifact_id).expect(audience)
             except ServerError as exc:
                 log.warning("cannot expect requests for %s: %s", artifact_id, exc)
         for req in inbox:
