@@ -75,7 +75,7 @@ from agent.core.lifecycle import (
     WarmedUp,
     WatchProbation,
 )
-from agent.core.reassembly import Added, Reassembly
+from agent.core.reassembly import Added, Reassembly, progress_due
 from agent.errors import (
     ArtifactTooLargeError,
     ConflictingChunkError,
@@ -670,11 +670,12 @@ class Agent:
         d.last_snapshot_at = now
 
     def _progress(self, d: _Download, now: float) -> None:
-        """``download.progress`` at most every ``progress_interval_s`` (10 s): a transfer shorter than that
-        reports started and completed only. Per-10% events cost a fleet ~3 KB per device per rollout."""
-        if now - d.last_progress_at < self.config.transfer.progress_interval_s:
-            return
+        """``download.progress`` per quarter, at most every ``progress_interval_s`` (``progress_due``): per-10%
+        events cost a fleet of a thousand ~3 KB per device and rollout (docs/benchmarks.md, bench_fleet)."""
         p = d.reassembly.progress()
+        if not progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
+                            self.config.transfer.progress_interval_s):
+            return
         d.last_progress_fraction, d.last_progress_at = p.fraction, now
         self._event(
             "download.progress",

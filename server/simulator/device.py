@@ -68,7 +68,7 @@ from agent.core.lifecycle import (
     WarmedUp,
     WatchProbation,
 )
-from agent.core.reassembly import Added, Reassembly
+from agent.core.reassembly import Added, Reassembly, progress_due
 from agent.errors import (
     ConflictingChunkError,
     DowngradeError,
@@ -122,7 +122,7 @@ class SimSettings:
     telemetry_s: float = 30.0
     chunk_timeout_s: float = 5.0
     chunk_timeout_max_s: float = 60.0
-    progress_interval_s: float = 10.0
+    progress_interval_s: float = 5.0
     probation_check_s: float = 0.5
     keep_versions: int = 3
     clock_skew_s: float = 300.0
@@ -150,6 +150,7 @@ class _Download:
     last_new_at: float
     timeout: float
     last_progress_at: float
+    last_progress_fraction: float = 0.0
     complete: bool = False
 
 
@@ -435,9 +436,10 @@ class SimDevice:
         if d.reassembly.complete:
             self._feed(self._download_complete(d))
             return
-        if now - d.last_progress_at >= self.settings.progress_interval_s:  # the agent's rule
-            d.last_progress_at = now
-            p = d.reassembly.progress()
+        p = d.reassembly.progress()
+        if progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
+                        self.settings.progress_interval_s):  # the agent's rule
+            d.last_progress_fraction, d.last_progress_at = p.fraction, now
             self._event("download.progress", model=d.target, deployment_id=d.desired.deployment_id,
                         data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                               "total_bytes": p.total_bytes})
