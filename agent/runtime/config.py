@@ -99,6 +99,8 @@ class ModelsConfig:
     keep_versions: int = 3
     max_artifact_bytes: int = 1 << 30
     min_free_bytes: int = 32 << 20
+    #: RAM the loaded models may take together (0 = no budget); during probation both versions are loaded
+    memory_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,17 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class LifecycleConfig:
-    """Restart-loop limit, how often probation is sampled, and tolerated clock skew for expiry checks."""
+    """Restart-loop limit, how often probation is sampled, and tolerated clock skew for expiry checks.
+
+    ``latency_scale`` (>= 1) multiplies every latency budget the server's health spec sets (warm-up check and
+    probation): for a board known to be slower than its profile assumes, such as an emulated one (scripts/arm_check
+    runs the agent under qemu at ~50x slower and sets it there). The server's budgets stay the real ones.
+    """
 
     restart_limit: int = 3
     probation_check_s: float = 1.0
     clock_skew_s: float = 300.0
+    latency_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +241,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         keep_versions=models.integer("keep_versions", 3, lo=1, hi=64),
         max_artifact_bytes=models.integer("max_artifact_bytes", 1 << 30, lo=1024, hi=1 << 40),
         min_free_bytes=models.integer("min_free_bytes", 32 << 20, lo=0, hi=1 << 50),
+        memory_budget_bytes=models.integer("memory_budget_bytes", 0, lo=0, hi=1 << 50),
     )
     models.done()
 
@@ -253,6 +262,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         restart_limit=lifecycle.integer("restart_limit", 3, lo=1, hi=100),
         probation_check_s=lifecycle.number("probation_check_s", 1.0, lo=0.01, hi=600),
         clock_skew_s=lifecycle.number("clock_skew_s", 300.0, lo=0, hi=86400 * 7),
+        latency_scale=lifecycle.number("latency_scale", 1.0, lo=1.0, hi=1000.0),
     )
     lifecycle.done()
 
@@ -468,6 +478,7 @@ def render_config(config: AgentConfig) -> str:
         f"keep_versions = {config.models.keep_versions}",
         f"max_artifact_bytes = {config.models.max_artifact_bytes}",
         f"min_free_bytes = {config.models.min_free_bytes}",
+        f"memory_budget_bytes = {config.models.memory_budget_bytes}",
         "",
         "[transfer]",
         f"chunk_timeout_s = {config.transfer.chunk_timeout_s}",
@@ -478,6 +489,7 @@ def render_config(config: AgentConfig) -> str:
         f"restart_limit = {config.lifecycle.restart_limit}",
         f"probation_check_s = {config.lifecycle.probation_check_s}",
         f"clock_skew_s = {config.lifecycle.clock_skew_s}",
+        f"latency_scale = {config.lifecycle.latency_scale}",
         "",
         "[telemetry]",
         f"interval_s = {config.telemetry.interval_s}",

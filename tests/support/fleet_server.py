@@ -34,6 +34,7 @@ from agent.protocol.messages import (
     ChunkRequest,
     Command,
     DesiredState,
+    EnrollRequest,
     Event,
     HealthSpec,
     ModelRef,
@@ -58,6 +59,7 @@ class DeviceLog:
     telemetry: list[Telemetry] = field(default_factory=list)
     chunk_requests: list[ChunkRequest] = field(default_factory=list)
     enrolls: int = 0
+    enroll_requests: list[EnrollRequest] = field(default_factory=list)
 
 
 class FleetServer:
@@ -264,8 +266,9 @@ class FleetServer:
             elif isinstance(message, ChunkRequest):
                 d.chunk_requests.append(message)
                 self._work.put((parsed.device_id, message.artifact_id, message.ranges))
-            else:
+            elif isinstance(message, EnrollRequest):
                 d.enrolls += 1
+                d.enroll_requests.append(message)
             self._cond.notify_all()
 
     def _serve(self) -> None:

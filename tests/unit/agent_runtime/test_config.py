@@ -28,6 +28,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert (config.broker.host, config.broker.port, config.broker.tls) == ("127.0.0.1", 1883, False)
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
     assert config.log.format == "json"
+    assert config.lifecycle.latency_scale == 1.0, "real budgets unless a board says it is slower"
 
 
 def test_tls_changes_the_default_port_and_password_file_is_read(tmp_path: Path) -> None:
@@ -53,6 +54,7 @@ def test_tls_changes_the_default_port_and_password_file_is_read(tmp_path: Path) 
         ("[telemetry]\nintervall_s = 5\n", "telemetry.intervall_s"),
         ("surprise = 1\n", "surprise"),
         ("[http]\nport = true\n", "http.port"),
+        ("[lifecycle]\nlatency_scale = 0.5\n", "lifecycle.latency_scale"),
     ],
 )
 def test_bad_values_name_their_field(tmp_path: Path, extra: str, field: str) -> None:
@@ -102,3 +104,9 @@ def test_rendered_config_loads_back_identically(tmp_path: Path) -> None:
     assert loaded.models == original.models
     assert loaded.transfer == original.transfer
     assert loaded.http == original.http
+
+
+def test_latency_scale_is_read_and_rendered(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + "[lifecycle]\nlatency_scale = 50\n"))
+    assert config.lifecycle.latency_scale == 50.0
+    assert load_config(write(tmp_path, render_config(config))).lifecycle.latency_scale == 50.0

@@ -168,3 +168,22 @@ def test_progress_is_reported_per_quarter_and_not_more_often_than_the_interval()
     assert not progress_due(0.3, 0.45, 60.0, 5.0)  # same quarter as the last report
     assert progress_due(0.3, 0.8, 5.0, 5.0)  # skipped a quarter: one event, not two
     assert not progress_due(0.8, 1.0, 60.0, 5.0)  # 100% is download.completed
+
+
+@given(st.lists(st.integers(0, COUNT - 1), max_size=3 * COUNT))
+@settings(max_examples=60, deadline=None)
+def test_running_progress_totals_match_the_bitmap_through_duplicates_resets_and_restores(order) -> None:  # type: ignore[no-untyped-def]
+    r, sink = new(), MemorySink(len(DATA))
+    for n, i in enumerate(order):
+        r.add(i, piece(i), sink)
+        if n % 7 == 6:  # now and then: a snapshot round trip in the middle of the transfer
+            restored = new()
+            restored.restore(r.to_bytes())
+            assert restored.progress() == r.progress()
+            r = restored
+        stored = sorted(set(order[: n + 1]))
+        p = r.progress()
+        assert p.received == len(stored)
+        assert p.bytes_received == sum(len(piece(j)) for j in stored)
+    r.reset()
+    assert r.progress().bytes_received == 0 and r.progress().received == 0
