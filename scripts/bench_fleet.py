@@ -9,6 +9,8 @@ registry, outbox, rollout driver, chunk server; the artifact comes from a Static
 process (N MQTT connections running the agent's protocol, reassembly and lifecycle code; stand-in
 inference, see docs/simulator.md). Then one deploy to the whole group in a single wave (no
 canary, 1 s probation) and the clock runs until the registry shows every device committed.
+Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS 1 window 10,
+``publisher.broadcast_egress_mb_s`` 150 (``--egress-mb-s``), ``publisher.chunk_window_s`` 5.
 
 Modes: ``broadcast`` = the chunks go once on the shared artifact topic (publisher.broadcast = true,
 the default); ``unicast`` = the baseline, the same rollout served per device on its own chunk
