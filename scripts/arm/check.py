@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             results.update(run_scenario(fs.path, steps, work))
         ok = True
     except (ArmCheckError, subprocess.SubprocessError, OSError, RuntimeError, TimeoutError, AssertionError) as exc:
-        log(f"FAILED: {exc}")
+        log(f"FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     finally:
         print("\n" + steps.table(), flush=True)
         if args.json is not None:

@@ -34,7 +34,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.protocol.messages import ModelRef
-from scripts.arm.rootfs import VENV, ArmCheckError, chroot, log
+from scripts.arm.rootfs import QEMU_CPU, VENV, ArmCheckError, chroot, log
 from scripts.arm.steps import Steps
 from scripts.arm.variants import PROFILE, Variants, build_variants
 from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, free_port, generate_tls
@@ -52,6 +52,7 @@ EMULATION: dict[str, dict[str, Any]] = {
 }
 WORK_IN = "/tmp/edgefleet-arm"  # inside the rootfs
 EMULATED_TIMEOUT = 300.0
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
 
 def expect(ok: bool, message: str) -> None:
@@ -132,8 +133,9 @@ class EmulatedAgent:
     def start(self) -> None:
         log_file = self.log_path.open("ab")
         env = {"PATH": f"{VENV}/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+        env["QEMU_CPU"] = QEMU_CPU
         self.proc = subprocess.Popen(
-            ["chroot", str(self.root), f"{VENV}/bin/edgefleet-agent", "run", "--config", self.config_in],
+            [CHROOT, str(self.root), f"{VENV}/bin/edgefleet-agent", "run", "--config", self.config_in],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,

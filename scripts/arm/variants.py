@@ -11,6 +11,7 @@ the compression pipeline's catalog: the scenario asks ``get_build(model, version
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,16 +79,24 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
         def get_next(self) -> dict[str, Any] | None:
             return next(self._items, None)
 
+    logging.disable(logging.WARNING)  # the quantizer's advice about pre-processing, printed every time
+    try:
+        _quantize(quantize_static, src, dst, Reader(), QuantFormat.QDQ, QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    return dst
+
+
+def _quantize(quantize_static: Any, src: Path, dst: Path, reader: Any, fmt: Any, qtype: Any) -> None:
     quantize_static(
         str(src),
         str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
+        reader,
+        quant_format=fmt,
         per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=qtype,
+        weight_type=qtype,
     )
-    return dst
 
 
 def _litert_mask(path: Path, frame: np.ndarray) -> np.ndarray:
