@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -314,6 +315,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "kept": kept,
         "last_seq": record.last_seq if record else None,
         "desired_expires_at": saved.get("desired_expires_at"),
+        "desired_expired": _expired(saved.get("desired_expires_at")),
         "journal_problems": problems,
         "local_api": api,
         "store_dir": str(config.store_dir),
@@ -387,7 +389,9 @@ def _status_table(s: dict[str, Any]) -> str:
         ("target", ref(s["target"])),
         ("kept", kept),
         ("last seq", str(s["last_seq"] if s["last_seq"] is not None else "-")),
-        ("desired expires", _when(s.get("desired_expires_at"))),
+        ("desired expires", _when(s.get("desired_expires_at")) + (
+            "  EXPIRED: no fresh desired state (server stuck or updates withheld?)" if s.get("desired_expired") else ""
+        )),
         ("local API", api_text),
         ("store", s["store_dir"]),
     ]
@@ -395,6 +399,11 @@ def _status_table(s: dict[str, Any]) -> str:
         rows.append(("journal", "; ".join(s["journal_problems"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _expired(ts: Any) -> bool:
+    """Freeze detection: the last signed desired state expired and nothing fresh replaced it."""
+    return isinstance(ts, (int, float)) and ts < time.time()
 
 
 def _when(ts: Any) -> str:

@@ -209,6 +209,17 @@ class ModelLoadError(ModelError):
     code = "model_load"
 
 
+class MemoryBudgetError(ModelError):
+    """A candidate would not fit the device's RAM budget for models; the committed model keeps serving."""
+
+    code = "memory_budget"
+
+    def __init__(self, needed: int, budget: int, what: str) -> None:
+        super().__init__(f"{what} needs {needed} bytes of RAM, over the {budget}-byte model memory budget")
+        self.needed = needed
+        self.budget = budget
+
+
 class HealthCheckError(ModelError):
     code = "health_check"
 

@@ -254,8 +254,12 @@ def load_sentences(path: Path = SENTENCES, total: int = 400) -> list[str]:
     out = list(base)
     i = 0
     while len(out) < total:
-        s = f"{_SUBJECTS[i % 12]} {_ACTIONS[(i * 5 + i // 12) % 12]} {_CONTEXTS[(i * 7 + i // 3) % 12]}"
+        # (i % 12, i // 12 % 12, i // 144) is a bijection on 0..1727, so these never repeat a triple
+        subject, action, context = i % 12, (i // 12 + 5 * i) % 12, (i // 144 + 7 * i + 3 * (i // 12)) % 12
+        s = f"{_SUBJECTS[subject]} {_ACTIONS[action]} {_CONTEXTS[context]}"
         i += 1
+        if i > 12**3:
+            raise RuntimeError(f"only {len(out)} distinct sentences; {total} asked")
         if s not in seen:
             seen.add(s)
             out.append(s)

@@ -18,6 +18,7 @@ from server.config import default_home
 #: Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.fleet",
+    "server.commands.models",
 )
 
 

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,6 +86,7 @@ from agent.errors import (
     HealthCheckError,
     IntegrityError,
     LifecycleError,
+    MemoryBudgetError,
     StorageError,
     TopicError,
     VersionNotKeptError,
@@ -124,8 +126,11 @@ from agent.runtime.telemetry import SystemSampler, machine_arch
 
 log = logging.getLogger("agent")
 
-SNAPSHOT_EVERY_CHUNKS = 16
-SNAPSHOT_EVERY_S = 0.5
+#: A resume snapshot (fsync of the chunk data, then an atomic snapshot write) is taken once this many new
+#: bytes or this many seconds have passed since the last one, whichever comes first: by bytes, not chunks,
+#: so small chunks do not multiply fsyncs; by time, so a slow link still loses at most ~0.2 s of transfer on a crash.
+SNAPSHOT_EVERY_BYTES = 8 << 20
+SNAPSHOT_EVERY_S = 0.2
 ERROR_EVENTS_PER_WINDOW = 5
 ERROR_WINDOW_S = 10.0
 MAX_IGNORED_BLOBS = 64
@@ -170,11 +175,19 @@ class _Download:
     partial: PartialDownload
     last_new_at: float
     timeout: float
-    unsnapshotted: int = 0
+    unsnapshotted: int = 0  # bytes stored since the last resume snapshot
+    snapshot_job: Future[None] | None = None  # a snapshot being written in the background
     last_snapshot_at: float = 0.0
     last_progress_at: float = 0.0
     last_progress_fraction: float = 0.0
     complete: bool = False
+
+
+def _write_snapshot(partial: PartialDownload, blob: bytes) -> None:
+    try:
+        partial.write_snapshot(blob)  # fsyncs the chunk data first
+    except StorageError as exc:
+        log.warning("cannot save the resume snapshot: %s", exc.message)
 
 
 class _Stop:
@@ -205,6 +218,8 @@ class Agent:
         self.monotonic = monotonic
         self.device_id = config.device_id
         self.inbox: queue.Queue[Any] = queue.Queue()
+        #: resume snapshots (fsync of the chunk data, then an atomic write) run here, off the agent's thread
+        self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-snapshot")
         self.store = ModelStore(
             config.store_dir,
             keep=config.models.keep_versions,
@@ -224,6 +239,7 @@ class Agent:
         self._pending_desired: bytes | None = None
         self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
         self._desired_expires_at: float | None = None
+        self._expiry_reported = False  # one desired.expired event per expired desired state (freeze detection)
         self._error_counts: dict[str, tuple[float, int]] = {}
         self._telemetry_next = 0.0
         self._telemetry_since: float | None = None
@@ -325,7 +341,9 @@ class Agent:
         self._stopping = True
         if self._download is not None:
             self._snapshot(self._download, force=True)
+            self._settle_snapshot(self._download)
             self._download.partial.close()
+        self._snapshots.shutdown(wait=True)
         if self.link is not None:
             topic = device_topic(self.device_id, Channel.STATE)
             self.link.stop(farewell=(topic, encode(self._state_report(online=False))))
@@ -395,6 +413,25 @@ class Agent:
         if now >= self._telemetry_next:
             self._telemetry_next = now + self.config.telemetry.interval_s
             self._publish_telemetry()
+        self._check_desired_expiry()
+
+    def _check_desired_expiry(self) -> None:
+        """Freeze detection: no fresh signed desired state before the last one expired is reported, once."""
+        expires = self._desired_expires_at
+        if expires is None or self._expiry_reported or self.clock() <= expires:
+            return
+        self._expiry_reported = True
+        self._state_dirty = True
+        self._event(
+            "desired.expired",
+            severity="warning",
+            code="expired",
+            message=(
+                f"the desired state expired at {expires:.0f} and no fresh one arrived: the server may be stuck "
+                "or updates withheld (freeze); still serving the committed model"
+            ),
+            data={"expires_at": expires},
+        )
 
     # -- feeding the machine ---------------------------------------------------------------------------------
 
@@ -563,6 +600,7 @@ class Agent:
         limit = self.config.models.max_artifact_bytes
         if info.size > limit:
             raise ArtifactTooLargeError(info.size, limit)
+        self._check_memory_budget(info.size, f"{_ref_text(target)} ({info.size}-byte model file)")
         data_key = unwrap_key(key, self.device_key, artifact_id=artifact_id, device_id=self.device_id)
         partial = self.store.partial(info)
         reassembly = Reassembly(
@@ -646,7 +684,7 @@ class Agent:
         now = self.monotonic()
         d.last_new_at = now
         d.timeout = self.config.transfer.chunk_timeout_s
-        d.unsnapshotted += 1
+        d.unsnapshotted += len(opened.data)
         if d.reassembly.complete:
             self._feed(self._download_complete(d))
             return
@@ -654,17 +692,34 @@ class Agent:
         self._progress(d, now)
 
     def _snapshot(self, d: _Download, *, force: bool = False) -> None:
+        """Persist the resume state when due (see SNAPSHOT_EVERY_*); ``force`` writes it now and waits.
+
+        A due snapshot is written on a worker thread so chunk handling goes on during the fsyncs. It is
+        still sound: the bitmap is taken here, after every chunk it names was written (pwrite, on this
+        thread), and the worker fsyncs the data file before it writes the snapshot. One at a time: while
+        one is in flight, a due snapshot waits for a later chunk.
+        """
         now = self.monotonic()
-        due = d.unsnapshotted >= SNAPSHOT_EVERY_CHUNKS or now - d.last_snapshot_at >= SNAPSHOT_EVERY_S
+        due = d.unsnapshotted >= SNAPSHOT_EVERY_BYTES or now - d.last_snapshot_at >= SNAPSHOT_EVERY_S
         if not d.unsnapshotted or not (force or due):
             return
-        try:
-            d.partial.write_snapshot(d.reassembly.to_bytes())
-        except StorageError as exc:
-            log.warning("cannot save the resume snapshot: %s", exc.message)
+        if not force and d.snapshot_job is not None and not d.snapshot_job.done():
             return
+        self._settle_snapshot(d)
+        blob = d.reassembly.to_bytes()
         d.unsnapshotted = 0
         d.last_snapshot_at = now
+        if force:
+            _write_snapshot(d.partial, blob)
+        else:
+            d.snapshot_job = self._snapshots.submit(_write_snapshot, d.partial, blob)
+
+    @staticmethod
+    def _settle_snapshot(d: _Download) -> None:
+        """Wait for a background snapshot of ``d`` (before its partial is closed, discarded or verified)."""
+        job, d.snapshot_job = d.snapshot_job, None
+        if job is not None:
+            job.result()
 
     def _progress(self, d: _Download, now: float) -> None:
         p = d.reassembly.progress()
@@ -698,6 +753,7 @@ class Agent:
     def _discard_download(self, artifact_id: str) -> None:
         d = self._download
         if d is not None and d.info.artifact_id == artifact_id:
+            self._settle_snapshot(d)
             d.partial.close()
             if d.info.topic and self.link is not None:
                 self.link.unsubscribe(d.info.topic)
@@ -712,6 +768,7 @@ class Agent:
         try:
             if d is None or d.info.artifact_id != artifact_id:  # after a restart in verifying
                 d = self._open_download(target, artifact_id)
+            self._settle_snapshot(d)
             d.reassembly.finish(d.partial)
             self.store.install(
                 ref=target,
@@ -740,9 +797,19 @@ class Agent:
             return Failed(now, LifecycleFailure("warming", err.code, err.message, "load"))
         try:
             self.store.verify_file(kept)
+            rss_before = _rss_bytes()
             model = self.host.load(kept.path, ref=kept.ref, runtime=kept.runtime, variant=kept.variant)
         except EdgeError as exc:
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
+        rss_after = _rss_bytes()
+        if rss_before is not None and rss_after is not None:
+            try:
+                self._check_memory_budget(
+                    max(rss_after - rss_before, kept.size), f"{_ref_text(target)} once loaded"
+                )
+            except MemoryBudgetError as exc:
+                self.host.unload(model)
+                return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "memory"))
         health = self._scaled(kept.health)
         try:
             report = self.host.check(model, health)
@@ -756,6 +823,16 @@ class Agent:
         self._candidate = model
         policy = ProbationPolicy.from_health_spec(health)
         return WarmedUp(self.clock(), policy, self._baseline(policy))
+
+    def _check_memory_budget(self, candidate_bytes: int, what: str) -> None:
+        """Refuse a candidate that, beside the committed model (kept loaded through probation), busts the budget."""
+        budget = self.config.models.memory_budget_bytes
+        if not budget:
+            return
+        committed = self._committed_install()
+        resident = committed.size if committed is not None else 0
+        if candidate_bytes + resident > budget:
+            raise MemoryBudgetError(candidate_bytes + resident, budget, f"{what} beside the committed model")
 
     def _scaled(self, health: HealthSpec) -> HealthSpec:
         """The server's health spec with its latency budget times ``lifecycle.latency_scale`` (1 leaves it as is)."""
@@ -926,6 +1003,7 @@ class Agent:
 
     def _accepted(self, desired: DesiredState, blob: bytes, message: str) -> None:
         self._desired_expires_at = desired.expires_at
+        self._expiry_reported = False
         try:
             self.store.save_last_desired(blob)
         except StorageError as exc:
@@ -1226,6 +1304,14 @@ class Agent:
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), or None where it cannot be read."""
+    try:
+        return int(Path("/proc/self/statm").read_bytes().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _ref(model: Any) -> ModelRef | None:

@@ -99,6 +99,8 @@ class ModelsConfig:
     keep_versions: int = 3
     max_artifact_bytes: int = 1 << 30
     min_free_bytes: int = 32 << 20
+    #: RAM the loaded models may take together (0 = no budget); during probation both versions are loaded
+    memory_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         keep_versions=models.integer("keep_versions", 3, lo=1, hi=64),
         max_artifact_bytes=models.integer("max_artifact_bytes", 1 << 30, lo=1024, hi=1 << 40),
         min_free_bytes=models.integer("min_free_bytes", 32 << 20, lo=0, hi=1 << 50),
+        memory_budget_bytes=models.integer("memory_budget_bytes", 0, lo=0, hi=1 << 50),
     )
     models.done()
 
@@ -475,6 +478,7 @@ def render_config(config: AgentConfig) -> str:
         f"keep_versions = {config.models.keep_versions}",
         f"max_artifact_bytes = {config.models.max_artifact_bytes}",
         f"min_free_bytes = {config.models.min_free_bytes}",
+        f"memory_budget_bytes = {config.models.memory_budget_bytes}",
         "",
         "[transfer]",
         f"chunk_timeout_s = {config.transfer.chunk_timeout_s}",

@@ -157,3 +157,22 @@ def test_missing_ranges_are_runs_and_capped() -> None:
         r.add(i, piece(i), sink)
     assert r.missing_ranges() == ((1, 3), (5, 8), (9, COUNT))
     assert r.missing_ranges(limit=2) == ((1, 3), (5, 8))
+
+
+@given(st.lists(st.integers(0, COUNT - 1), max_size=3 * COUNT))
+@settings(max_examples=60, deadline=None)
+def test_running_progress_totals_match_the_bitmap_through_duplicates_resets_and_restores(order) -> None:  # type: ignore[no-untyped-def]
+    r, sink = new(), MemorySink(len(DATA))
+    for n, i in enumerate(order):
+        r.add(i, piece(i), sink)
+        if n % 7 == 6:  # now and then: a snapshot round trip in the middle of the transfer
+            restored = new()
+            restored.restore(r.to_bytes())
+            assert restored.progress() == r.progress()
+            r = restored
+        stored = sorted(set(order[: n + 1]))
+        p = r.progress()
+        assert p.received == len(stored)
+        assert p.bytes_received == sum(len(piece(j)) for j in stored)
+    r.reset()
+    assert r.progress().bytes_received == 0 and r.progress().received == 0

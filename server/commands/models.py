@@ -1,0 +1,296 @@
+"""Model commands: ``model add``, ``model list``, ``model show`` and ``build``.
+
+These work on the local registry of the server home (``--home``): building is CPU-heavy work that
+belongs on the server machine, not behind the HTTP API.
+
+    edgefleet model add model.onnx --name digits --calibration calib.npz --evaluation eval.npz
+    edgefleet build digits:1 --profile all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.compression.gate import METRICS, GateSpec
+from server.compression.pipeline import BuildOptions, ProfileResult
+from server.compression.recipes import CALIBRATION_METHODS, plan
+from server.errors import InvalidRequestError, ServerError
+from server.profiles import load_profiles
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, soft_wrap=True)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _run(fn: Handler) -> Handler:
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ServerError as exc:
+            err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return wrapper
+
+
+def _catalog(args: argparse.Namespace) -> Any:
+    from server.registry.catalog import Catalog  # noqa: PLC0415
+
+    return Catalog.open(args.home)
+
+
+def _mb(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
+
+# -- model add / list / show ---------------------------------------------------------------------------
+
+
+def cmd_model_add(args: argparse.Namespace) -> int:
+    gate_args: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "max_relative_drop": args.max_drop,
+            "min_cosine": args.min_cosine,
+            "min_top1": args.min_top1,
+            "min_iou": args.min_iou,
+            "max_abs_error": args.max_abs_error,
+        }.items()
+        if v is not None
+    }
+    gate = GateSpec(metric=args.metric, **gate_args) if args.metric else None
+    if gate is None and gate_args:
+        raise InvalidRequestError("gate thresholds need --metric")
+    catalog = _catalog(args)
+    mv = catalog.add_model(args.path, args.name, calibration=args.calibration, evaluation=args.evaluation, gate=gate)
+    if args.json:
+        print(json.dumps({"model": mv.model, "version": mv.version, "sha256": mv.sha256, "format": mv.format}))
+        return 0
+    console.print(
+        f"registered [bold]{mv.ref}[/] ({mv.format}, {_mb(mv.size_bytes)}, gate: {mv.gate.metric}); "
+        f"next: edgefleet build {mv.ref} --profile all",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    versions = catalog.versions()
+    if args.json:
+        print(json.dumps([
+            {"model": v.model, "version": v.version, "format": v.format, "sha256": v.sha256,
+             "size_bytes": v.size_bytes, "builds": [b.profile for b in catalog.builds(v.model, v.version)]}
+            for v in versions
+        ]))
+        return 0
+    table = Table(box=box.SIMPLE_HEAD)
+    for col in ("model", "version", "format", "size", "gate", "calibration", "evaluation", "built for"):
+        table.add_column(col)
+    for v in versions:
+        builds = catalog.builds(v.model, v.version)
+        table.add_row(v.model, str(v.version), v.format, _mb(v.size_bytes), v.gate.metric,
+                      "yes" if v.calibration else "-", "yes" if v.evaluation else "-",
+                      ", ".join(b.profile for b in builds) or "-")
+    console.print(table if versions else "no models registered (edgefleet model add PATH --name NAME)")
+    return 0
+
+
+def cmd_model_show(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    mv = catalog.resolve(args.ref)
+    builds = catalog.builds(mv.model, mv.version)
+    if args.json:
+        print(json.dumps({
+            "model": mv.model, "version": mv.version, "format": mv.format, "sha256": mv.sha256,
+            "size_bytes": mv.size_bytes, "inputs": [t.to_dict() for t in mv.inputs],
+            "outputs": [t.to_dict() for t in mv.outputs], "gate": mv.gate.to_dict(),
+            "builds": [{"profile": b.profile, "variant": b.variant, "size_bytes": b.size_bytes,
+                        "ota_size_bytes": b.ota_size_bytes, "compression": b.compression,
+                        "provenance": b.provenance} for b in builds],
+        }, default=str))
+        return 0
+    console.print(f"[bold]{mv.ref}[/]  {mv.format}  {_mb(mv.size_bytes)}  sha256 {mv.sha256[:16]}…", highlight=False)
+    for t in mv.inputs:
+        console.print(f"  input  {t.name}: {t.dtype} {list(t.shape)}", highlight=False)
+    for t in mv.outputs:
+        console.print(f"  output {t.name}: {t.dtype} {list(t.shape)}", highlight=False)
+    console.print(f"  gate: {json.dumps(mv.gate.to_dict())}", highlight=False)
+    table = Table(title="builds", box=box.SIMPLE_HEAD)
+    for col in ("profile", "variant", "size", "OTA", "codec", "fidelity", "latency ms", "fp32 ms", "min runtime"):
+        table.add_column(col)
+    for b in builds:
+        p = b.provenance
+        fid = p.get("fidelity") or {}
+        table.add_row(b.profile, b.variant + (" (fallback)" if p.get("fell_back_to_fp32") else ""),
+                      _mb(b.size_bytes), _mb(b.ota_size_bytes), b.compression,
+                      f"{fid.get('metric', '')} {fid.get('value', 0):.4f}" if fid else "-",
+                      _ms(p.get("latency_ms")), _ms(p.get("fp32_latency_ms")), b.runtime.min_version)
+    console.print(table if builds else "  no builds yet")
+    return 0
+
+
+# -- build ---------------------------------------------------------------------------------------------
+
+
+def _result_table(result: ProfileResult) -> Table:
+    table = Table(title=f"{result.profile}", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("", "recipe", "status", "size", "est. compressed", "latency ms", "fidelity", "why"):
+        table.add_column(col, overflow="fold")
+    for c in result.candidates:
+        mark = "→" if c is result.chosen else ""
+        style = {"passed": "green", "failed": "yellow", "error": "red"}[c.status]
+        fid = f"{c.fidelity.metric} {c.fidelity.value:.4f}" if c.fidelity else "-"
+        table.add_row(mark, c.recipe.name, f"[{style}]{c.status}[/]", _mb(c.size_bytes or None),
+                      _mb(c.compressed_estimate or None), _ms(c.latency_ms), fid, c.reason or "")
+    return table
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    mv = catalog.resolve(args.ref)
+    profiles = load_profiles(args.profiles)
+    wanted = list(profiles) if args.profile == "all" else [p.strip() for p in args.profile.split(",")]
+    unknown = [p for p in wanted if p not in profiles]
+    if unknown:
+        raise InvalidRequestError(f"unknown profile(s) {', '.join(unknown)} (known: {', '.join(profiles)}, all)")
+    if args.profile == "all":
+        wanted = [p for p in wanted if mv.format in profiles[p].format_preference]
+    options = BuildOptions(
+        methods=tuple(args.calibration_method or CALIBRATION_METHODS),
+        pruning=not args.no_pruning,
+        fallback=not args.no_fallback,
+        evaluation_limit=args.eval_limit,
+        latency_runs=args.latency_runs,
+        only=tuple(args.recipe or ()),
+    )
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True, disable=args.json) as bar:
+        for pid in wanted:
+            profile = profiles[pid]
+            steps = len(plan(profile, mv.format, ops=frozenset({"MatMul", "Conv"}), has_calibration=True,
+                             methods=options.methods, pruning=options.pruning)) + 2
+            task = bar.add_task(f"{mv.ref} → {pid}", total=steps)
+
+            def step(message: str, task: Any = task, pid: str = pid) -> None:
+                bar.update(task, advance=1, description=f"{mv.ref} → {pid}: {message}")
+
+            try:
+                stored, result = catalog.build(mv, profile, options=options, progress=step)
+            except ServerError as exc:
+                failures += 1
+                bar.remove_task(task)
+                rows.append({"profile": pid, "error": exc.message, "code": exc.code})
+                if not args.json:
+                    err_console.print(f"[bold red]{pid}[/]: {exc.message}", highlight=False)
+                continue
+            bar.remove_task(task)
+            rows.append({
+                "profile": pid, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
+                "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
+                "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
+                "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
+                "fidelity": result.chosen.fidelity.to_dict() if result.chosen.fidelity else None,
+                "path": str(stored.path),
+            })
+            if not args.json:
+                console.print(_result_table(result))
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 1 if failures else 0
+    summary = Table(title=f"{mv.ref}: shipped variants", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("profile", "variant", "size", "OTA (codec)", "vs fp32 size", "latency ms", "fp32 ms", "fidelity"):
+        summary.add_column(col)
+    for r in rows:
+        if "error" in r:
+            summary.add_row(r["profile"], "[red]not built[/]", "", "", "", "", "", r["error"][:80])
+            continue
+        fid = r["fidelity"] or {}
+        variant = r["variant"] + (" [yellow](nothing smaller passed the gate)[/]" if r["fell_back_to_fp32"] else "")
+        summary.add_row(r["profile"], variant, _mb(r["size_bytes"]), f"{_mb(r['ota_size_bytes'])} ({r['compression']})",
+                        f"{r['size_bytes'] / mv.size_bytes:.3f}x", _ms(r["latency_ms"]), _ms(r["fp32_latency_ms"]),
+                        f"{fid.get('metric', '')} {fid.get('value', 0):.4f}")
+    console.print(summary)
+    return 1 if failures else 0
+
+
+# -- registration --------------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    model = subparsers.add_parser("model", help="register models and inspect them",
+                                  description="Register models (ONNX or .tflite) with their data sets.")
+    ms = model.add_subparsers(dest="model_command", metavar="COMMAND")
+
+    p = ms.add_parser("add", help="register a new version of a model",
+                      description="Check a model and its data sets and register them as the next version of NAME. "
+                      "Data sets are .npz files with one array per model input (samples on the first axis) and "
+                      "optionally 'labels' (one integer per sample). Evaluation data must differ from calibration "
+                      "data; without it only fp32 is built.")
+    p.add_argument("path", type=Path, help="model file (.onnx or .tflite)")
+    p.add_argument("--name", required=True, help="model name (letters, digits, '.', '_', '-')")
+    p.add_argument("--calibration", type=Path, metavar="NPZ", help="calibration data (static int8 recipes)")
+    p.add_argument("--evaluation", type=Path, metavar="NPZ", help="evaluation data for the gate")
+    p.add_argument("--metric", choices=METRICS,
+                   help="gate metric (default: accuracy when the evaluation data has labels, else cosine)")
+    p.add_argument("--max-drop", type=float, metavar="FRACTION",
+                   help="accuracy: largest relative drop vs fp32 (default 0.01)")
+    p.add_argument("--min-cosine", type=float, help="cosine: smallest per-sample cosine (default 0.99)")
+    p.add_argument("--min-top1", type=float, help="top1: smallest top-1 agreement with fp32 (default 0.99)")
+    p.add_argument("--min-iou", type=float, help="iou: smallest mean IoU of thresholded maps (default 0.97)")
+    p.add_argument("--max-abs-error", type=float, help="also cap the max absolute output error (any metric)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_run(cmd_model_add))
+
+    p = ms.add_parser("list", help="registered models and versions", description="Registered models.")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run(cmd_model_list))
+
+    p = ms.add_parser("show", help="one version: inputs, gate, builds with provenance",
+                      description="Show NAME:VERSION (or NAME for the latest): inputs, gate and builds.")
+    p.add_argument("ref", metavar="NAME[:VERSION]")
+    p.add_argument("--json", action="store_true", help="everything, including full provenance, as JSON")
+    p.set_defaults(handler=_run(cmd_model_show))
+
+    p = subparsers.add_parser(
+        "build", help="build compressed per-profile variants behind the accuracy gate",
+        description="For each profile: try every recipe the profile allows (fp32, fp16 on GPUs, int8 dynamic/static, "
+        "pruning, LiteRT recipes), gate each against fp32 on the evaluation data, and store the best variant that "
+        "passes (else fp32).",
+    )
+    p.add_argument("ref", metavar="NAME:VERSION", help="model version (NAME alone = the latest)")
+    p.add_argument("--profile", required=True, metavar="ID[,ID...]|all",
+                   help="profile id(s), or all (every profile that runs the model's format)")
+    p.add_argument("--profiles", type=Path, metavar="DIR", default=None,
+                   help="profiles directory (default $EDGEFLEET_PROFILES or firmware_profiles/)")
+    p.add_argument("--recipe", action="append", metavar="NAME",
+                   help="only these recipes (repeatable; fp32 always runs): e.g. int8-dynamic, int8-static-minmax")
+    p.add_argument("--calibration-method", action="append", choices=CALIBRATION_METHODS,
+                   help="static calibration methods to try (repeatable; default all)")
+    p.add_argument("--no-pruning", action="store_true", help="skip the magnitude-pruning candidate")
+    p.add_argument("--no-fallback", action="store_true", help="skip the divergent-nodes-in-float fallback")
+    p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
+    p.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per variant (default 30)")
+    p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
+    p.set_defaults(handler=_run(cmd_build))

@@ -1,0 +1,52 @@
+"""Artifact compression before encryption: pick the codec that is worth its decompression cost.
+
+Encrypted bytes do not compress, so the server compresses the model *before* sealing
+(``server.artifacts`` applies the codec named on the build). lzma usually wins on float weights
+with zeros (pruned) and on int8 weights; when it saves under ``MIN_GAIN`` of the raw size the
+device would pay lzma's decompression for little, so zlib (cheap) or none is chosen instead.
+"""
+
+from __future__ import annotations
+
+import lzma
+import zlib
+from dataclasses import dataclass
+
+from agent.protocol.envelope import CHUNK_HEADER_SIZE, TAG_SIZE
+
+#: lzma must save at least this fraction of the raw size to be chosen.
+MIN_GAIN = 0.10
+#: zlib is used instead of none when it saves at least this fraction.
+MIN_ZLIB_GAIN = 0.02
+#: Sealed-chunk overhead: the chunk header plus the AES-GCM tag (agent/protocol/envelope.py).
+SEAL_OVERHEAD_PER_CHUNK = CHUNK_HEADER_SIZE + TAG_SIZE
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    compression: str  # lzma | zlib | none (agent.protocol.messages.COMPRESSIONS)
+    raw_size: int
+    compressed_size: int
+    lzma_size: int
+    zlib_size: int
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_size / self.raw_size if self.raw_size else 1.0
+
+
+def choose_codec(data: bytes) -> CodecChoice:
+    raw = len(data)
+    lz = len(lzma.compress(data, preset=6))
+    zl = len(zlib.compress(data, 9))
+    if raw and lz <= raw * (1 - MIN_GAIN):
+        return CodecChoice("lzma", raw, lz, lz, zl)
+    if raw and zl <= raw * (1 - MIN_ZLIB_GAIN):
+        return CodecChoice("zlib", raw, zl, lz, zl)
+    return CodecChoice("none", raw, raw, lz, zl)
+
+
+def ota_size(compressed_size: int, chunk_size: int) -> int:
+    """Bytes sent over the air: the compressed artifact plus the per-chunk seal overhead."""
+    chunks = max(1, -(-compressed_size // chunk_size))
+    return compressed_size + chunks * SEAL_OVERHEAD_PER_CHUNK

@@ -1,0 +1,127 @@
+"""Calibration and evaluation data sets: ``.npz`` files with one array per model input.
+
+Each array has a leading sample axis; an optional ``labels`` array (integers, one per sample) turns
+on the accuracy gate. Files are capped in size, loaded without pickle, and checked against the
+model's inputs (names, element kind, every fixed dimension) so a wrong file fails before any
+quantizer sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.protocol.messages import TensorSpec
+from server.errors import DatasetError
+
+MAX_DATASET_BYTES = 1 << 30
+MAX_SAMPLES = 100_000
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Arrays by input name (leading sample axis), optional labels, and the file's SHA-256."""
+
+    arrays: Mapping[str, np.ndarray]
+    labels: np.ndarray | None = None
+    sha256: str = ""
+    source: Path | None = None
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def take(self, n: int | None) -> Dataset:
+        if n is None or n >= self.samples:
+            return self
+        labels = self.labels[:n] if self.labels is not None else None
+        return Dataset({k: v[:n] for k, v in self.arrays.items()}, labels, self.sha256, self.source)
+
+    def batches(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.samples, batch):
+            yield {k: v[start : start + batch] for k, v in self.arrays.items()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _kind(dtype: str) -> str:
+    return np.dtype(dtype).kind if dtype != "bool" else "b"
+
+
+def load_dataset(path: Path, inputs: Sequence[TensorSpec], *, role: str = "evaluation") -> Dataset:
+    """Load and validate ``path`` against the model ``inputs``; DatasetError says what is wrong."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DatasetError(f"{role} data {path}: cannot read ({exc.strerror})") from exc
+    if size > MAX_DATASET_BYTES:
+        raise DatasetError(f"{role} data {path}: {size} bytes is over the {MAX_DATASET_BYTES}-byte limit")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            raw = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{role} data {path}: not a readable .npz file ({exc})") from exc
+    return validate_arrays(raw, inputs, role=role, sha256=file_sha256(path), source=path)
+
+
+def validate_arrays(
+    raw: Mapping[str, np.ndarray],
+    inputs: Sequence[TensorSpec],
+    *,
+    role: str = "evaluation",
+    sha256: str = "",
+    source: Path | None = None,
+) -> Dataset:
+    where = f"{role} data {source}" if source else f"{role} data"
+    names = [t.name for t in inputs]
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise DatasetError(
+            f"{where}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(sorted(raw)) or 'none'})"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    count: int | None = None
+    for spec in inputs:
+        arr = raw[spec.name]
+        if arr.ndim != len(spec.shape):
+            raise DatasetError(
+                f"{where}: input {spec.name!r} has shape {list(arr.shape)}; the model expects rank "
+                f"{len(spec.shape)} {list(spec.shape)} with samples on the first axis"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape[1:], arr.shape[1:], strict=False), start=1):
+            if want > 0 and want != got:
+                raise DatasetError(
+                    f"{where}: input {spec.name!r} has shape {list(arr.shape)}, the model expects "
+                    f"{list(spec.shape)} (axis {axis} is {got}, not {want})"
+                )
+        want_kind, got_kind = _kind(spec.dtype), arr.dtype.kind
+        if (want_kind == "f" and got_kind not in "fiu") or (want_kind in "iu" and got_kind not in "iu"):
+            raise DatasetError(f"{where}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
+        if want_kind == "f" and not np.isfinite(arr).all():
+            raise DatasetError(f"{where}: input {spec.name!r} contains NaN or infinity")
+        n = arr.shape[0]
+        if n == 0 or n > MAX_SAMPLES:
+            raise DatasetError(f"{where}: input {spec.name!r} has {n} samples (need 1..{MAX_SAMPLES})")
+        if count is not None and n != count:
+            raise DatasetError(f"{where}: inputs disagree on the number of samples ({count} vs {n})")
+        count = n
+        arrays[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
+    labels = raw.get(LABELS)
+    if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != count):
+        raise DatasetError(f"{where}: 'labels' must be one integer per sample ({count}), got {labels.dtype} "
+                           f"{list(labels.shape)}")
+    extra = {k: v for k, v in raw.items() if k not in arrays and k != LABELS}
+    return Dataset(arrays, labels, sha256, source, extra)

@@ -1,0 +1,188 @@
+"""The gate: fidelity of a candidate against the fp32 model on evaluation data, and the selection rule.
+
+Metrics (``GateSpec.metric``):
+
+* ``accuracy``  top-1 accuracy against the labels; passes when the relative drop from fp32's
+  accuracy is at most ``max_relative_drop`` (default 1 %).
+* ``cosine``    per-sample cosine similarity of all outputs with fp32's; the *minimum* over the
+  evaluation set must reach ``min_cosine`` (default 0.99).
+* ``top1``      agreement of the arg-max of the first output with fp32's (default >= 0.99).
+* ``iou``       mean IoU of the first output thresholded at ``iou_threshold`` (maps, masks) with
+  fp32's mask (default >= 0.97).
+
+Every candidate's report carries all of them plus the max absolute error, whatever the metric.
+Selection: among the variants that pass (fidelity, size, latency budget), prefer those not slower
+than fp32; among them, those within 10 % of the smallest over-the-air size; among those, the
+highest fidelity, then the lowest latency. When nothing passes, fp32
+is shipped; the best of the failures never is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from server.errors import DatasetError
+
+METRICS = ("accuracy", "cosine", "top1", "iou")
+#: A variant more than this much slower than fp32 (measured here, and by more than LATENCY_FLOOR_MS)
+#: is not preferred over faster ones.
+LATENCY_SLACK = 1.10
+LATENCY_FLOOR_MS = 0.1
+#: Passing variants within this factor of the smallest are ranked by fidelity, then latency.
+SIZE_SLACK = 1.10
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    metric: str = "cosine"
+    max_relative_drop: float = 0.01
+    min_cosine: float = 0.99
+    min_top1: float = 0.99
+    min_iou: float = 0.97
+    iou_threshold: float = 0.5
+    max_abs_error: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise DatasetError(f"unknown metric {self.metric!r} (one of {', '.join(METRICS)})")
+        for name in ("max_relative_drop", "min_cosine", "min_top1", "min_iou"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise DatasetError(f"gate threshold {name} must be within [0, 1], got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GateSpec:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    metric: str
+    value: float  # in [0, 1], higher is better: accuracy, min cosine, top-1 agreement or mean IoU
+    reference: float | None  # fp32's accuracy (accuracy metric only)
+    min_cosine: float
+    mean_cosine: float
+    top1_agreement: float
+    max_abs_error: float
+    mean_iou: float | None = None
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _per_sample(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in outputs], axis=1)
+
+
+def _iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
+    a = ref.reshape(ref.shape[0], -1) > threshold
+    b = cand.reshape(cand.shape[0], -1) > threshold
+    inter = (a & b).sum(axis=1)
+    union = (a | b).sum(axis=1)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def measure_fidelity(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], spec: GateSpec, labels: np.ndarray | None
+) -> Fidelity:
+    ref, cand = _per_sample(reference), _per_sample(candidate)
+    n = min(len(ref), len(cand))
+    ref, cand = ref[:n], cand[:n]
+    finite = bool(np.isfinite(cand).all())
+    if not finite:
+        cand = np.nan_to_num(cand, nan=0.0, posinf=0.0, neginf=0.0)
+    dots = (ref * cand).sum(axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cos = np.where(norms > 0, dots / np.maximum(norms, 1e-30), np.where((ref == cand).all(axis=1), 1.0, 0.0))
+    first_ref = reference[0].reshape(reference[0].shape[0], -1)[:n]
+    first_cand = candidate[0].reshape(candidate[0].shape[0], -1)[:n]
+    top1 = float((first_ref.argmax(axis=1) == first_cand.argmax(axis=1)).mean())
+    max_abs = float(np.abs(ref - cand).max()) if finite else math.inf
+    accuracy = reference_acc = None
+    mean_iou = None
+    if labels is not None:
+        lab = labels[:n]
+        accuracy = float((first_cand.argmax(axis=1) == lab).mean())
+        reference_acc = float((first_ref.argmax(axis=1) == lab).mean())
+    if spec.metric == "iou":
+        mean_iou = float(_iou(first_ref, first_cand, spec.iou_threshold).mean())
+    if not finite:
+        cos = np.zeros_like(cos)
+    values = {
+        "accuracy": accuracy,
+        "cosine": float(cos.min()),
+        "top1": top1,
+        "iou": mean_iou,
+    }
+    value = values[spec.metric]
+    if value is None:
+        raise DatasetError("the accuracy metric needs labels in the evaluation data ('labels' array)")
+    return Fidelity(
+        metric=spec.metric,
+        value=float(value),
+        reference=reference_acc if spec.metric == "accuracy" else None,
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        top1_agreement=top1,
+        max_abs_error=max_abs,
+        mean_iou=mean_iou,
+        accuracy=accuracy,
+    )
+
+
+def check_fidelity(fid: Fidelity, spec: GateSpec) -> str | None:
+    """None when the candidate passes; otherwise why it does not."""
+    if spec.max_abs_error is not None and not fid.max_abs_error <= spec.max_abs_error:
+        return f"max abs error {fid.max_abs_error:.4g} > {spec.max_abs_error:.4g}"
+    if spec.metric == "accuracy":
+        ref = fid.reference or 0.0
+        drop = (ref - fid.value) / ref if ref > 0 else 0.0
+        if drop > spec.max_relative_drop + 1e-12:
+            return (f"accuracy {fid.value:.4f} vs fp32 {ref:.4f}: {drop:.2%} relative drop > "
+                    f"{spec.max_relative_drop:.2%}")
+        return None
+    floor = {"cosine": spec.min_cosine, "top1": spec.min_top1, "iou": spec.min_iou}[spec.metric]
+    if not fid.value >= floor:
+        return f"{spec.metric} {fid.value:.4f} < {floor:.4f}"
+    return None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the selection rule needs from a candidate."""
+
+    name: str
+    passed: bool
+    ota_size: int
+    latency_ms: float | None
+    fidelity: float = 0.0
+
+
+def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Scored | None:
+    """The best passing candidate, or None when none passes (the caller ships fp32, never a failure)."""
+    passing = [c for c in candidates if c.passed]
+    if not passing:
+        return None
+
+    def slow(c: Scored) -> bool:
+        return (
+            c.latency_ms is not None
+            and fp32_latency_ms is not None
+            and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
+            and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS
+        )
+
+    fast = [c for c in passing if not slow(c)] or passing
+    smallest = min(c.ota_size for c in fast)
+    # sizes within SIZE_SLACK of the smallest count as equal: then the most faithful, then the fastest
+    near = [c for c in fast if c.ota_size <= smallest * SIZE_SLACK]
+    return min(near, key=lambda c: (-c.fidelity, c.latency_ms if c.latency_ms is not None else math.inf, c.ota_size))

@@ -1,0 +1,106 @@
+"""LiteRT (.tflite) steps: read the model, and the LiteRT Quantizer recipes (``litert-quantizer``).
+
+Recipes: ``dynamic_wi8_afp32`` (int8 weights, float activations: the old Optimize.DEFAULT) and
+``static_wi8_ai8`` (full int8 with calibration: what the Edge TPU needs). The quantizer is an
+optional dependency of the server; without it .tflite models get fp32 only, and the build says so.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.protocol.messages import TensorSpec
+from server.compression.data import Dataset
+from server.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TFLITE_MAGIC = b"TFL3"
+MAX_MODEL_BYTES = 2 << 30
+
+
+def quantizer_version() -> str | None:
+    for dist in ("litert-quantizer", "ai-edge-quantizer"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def litert_version() -> str:
+    try:
+        return importlib.metadata.version("ai-edge-litert")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def check(path: Path) -> bytes:
+    try:
+        data = path.read_bytes() if path.stat().st_size <= MAX_MODEL_BYTES else b""
+    except OSError as exc:
+        raise ModelError(f"cannot read model {path}: {exc.strerror}") from exc
+    if not data:
+        raise ModelError(f"model {path} is empty or over {MAX_MODEL_BYTES} bytes")
+    if data[4:8] != TFLITE_MAGIC:
+        raise ModelError(f"{path.name} is not a LiteRT flatbuffer (no TFL3 identifier)")
+    return data
+
+
+def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    from server.compression.runners import LiteRtRunner  # noqa: PLC0415
+
+    runner = LiteRtRunner(path)
+    return runner.inputs, runner.outputs
+
+
+def _signature(path: Path) -> tuple[str, dict[str, str]]:
+    """The signature key the quantizer calibrates, and its argument name for each input tensor name."""
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    interp = Interpreter(model_path=str(path))
+    sigs = interp.get_signature_list()
+    if not sigs:
+        raise ModelError(f"{path.name} has no signature; LiteRT Quantizer calibration needs one")
+    key = next(iter(sigs))
+    runner = interp.get_signature_runner(key)
+    return key, {d["name"]: arg for arg, d in runner.get_input_details().items()}
+
+
+def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = None) -> None:
+    """Apply a LiteRT Quantizer recipe (``dynamic_wi8_afp32`` or ``static_wi8_ai8``)."""
+    try:
+        from litert_quantizer import quantizer as lq  # noqa: PLC0415
+        from litert_quantizer import recipe as lq_recipe  # noqa: PLC0415
+    except ImportError:
+        try:
+            from ai_edge_quantizer import quantizer as lq  # noqa: PLC0415
+            from ai_edge_quantizer import recipe as lq_recipe  # noqa: PLC0415
+        except ImportError as exc:
+            raise ModelError("LiteRT Quantizer is not installed (pip install litert-quantizer)") from exc
+    q: Any = lq.Quantizer(str(src))
+    q.load_quantization_recipe(getattr(lq_recipe, recipe)())
+    calib_result = None
+    if q.need_calibration:
+        if calibration is None:
+            raise ModelError(f"recipe {recipe} needs calibration data")
+        key, args = _signature(src)
+        samples = [
+            {args.get(name, name): arr[i : i + 1] for name, arr in calibration.arrays.items()}
+            for i in range(calibration.samples)
+        ]
+        calib_result = q.calibrate({key: samples}, num_threads=1)
+    result = q.quantize(calib_result, enable_progress_report=False)
+    if result.quantized_model is None:
+        raise ModelError(f"LiteRT Quantizer produced no model for recipe {recipe}")
+    dst.write_bytes(bytes(result.quantized_model))
+
+
+def is_float_io(path: Path) -> bool:
+    _, outs = io_specs(path)
+    return all(np.dtype(t.dtype).kind == "f" for t in outs)

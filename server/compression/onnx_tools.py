@@ -1,0 +1,387 @@
+"""ONNX steps of the pipeline: load and check, fit the opset to a profile, pre-process, and each recipe.
+
+All functions take and write file paths (the quantizers work on files) and raise ``ModelError`` /
+``UnsupportedOpError`` at the seam. ORT's quantizers log through ``logging``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from agent.protocol.messages import TensorSpec
+from server.compression.data import Dataset
+from server.errors import ModelError, UnsupportedOpError
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 2 << 30  # protobuf's limit; larger models need external data, which we do not take
+_ELEM: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+#: Lowest onnxruntime release that loads each ai.onnx opset (ONNX Runtime compatibility table).
+ORT_FOR_OPSET = {
+    10: "1.0", 11: "1.3", 12: "1.6", 13: "1.7", 14: "1.8", 15: "1.10", 16: "1.11", 17: "1.12", 18: "1.14",
+    19: "1.15", 20: "1.17", 21: "1.18", 22: "1.20", 23: "1.22",
+}
+#: Ops with weights the quantizers turn into integer kernels.
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+
+
+def load(path: Path) -> onnx.ModelProto:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"cannot read model {path}: {exc.strerror}") from exc
+    if size > MAX_MODEL_BYTES:
+        raise ModelError(f"model {path} is {size} bytes; the limit is {MAX_MODEL_BYTES}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ... with no common base
+        raise ModelError(f"{path.name} is not a valid ONNX model: {exc}") from exc
+    if not model.graph.node:
+        raise ModelError(f"{path.name} has an empty graph")
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save(model, str(path))
+
+
+def opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def min_ort_version(op_set: int) -> str:
+    return ORT_FOR_OPSET.get(op_set, "1.0" if op_set < 10 else max(ORT_FOR_OPSET.values(), key=_vt))
+
+
+def _vt(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def _shape(t: onnx.ValueInfoProto) -> tuple[int, ...]:
+    dims = t.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in dims)
+
+
+def io_specs(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(t: onnx.ValueInfoProto) -> TensorSpec:
+        elem = t.type.tensor_type.elem_type
+        if elem not in _ELEM:
+            raise ModelError(f"tensor {t.name!r} has an element type ({elem}) the agent cannot feed")
+        return TensorSpec(t.name, _ELEM[elem], _shape(t))
+
+    ins = tuple(spec(t) for t in model.graph.input if t.name not in inits)
+    outs = tuple(spec(t) for t in model.graph.output)
+    return ins, outs
+
+
+def op_types(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def check_ops(model: onnx.ModelProto, max_opset: int, profile: str, runtime: str) -> None:
+    """Every ai.onnx op must exist at the profile's highest opset; UnsupportedOpError names the first that does not."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            if node.domain == "com.microsoft":
+                continue  # ORT contrib ops: present in every ORT build the profiles list
+            raise UnsupportedOpError(
+                f"op {node.op_type} (domain {node.domain}) is not available in {runtime} on profile {profile}",
+                op=node.op_type, profile=profile,
+            )
+        try:
+            onnx.defs.get_schema(node.op_type, max_opset, "")
+        except onnx.defs.SchemaError:
+            raise UnsupportedOpError(
+                f"op {node.op_type} does not exist at opset {max_opset}, the highest {runtime} on profile "
+                f"{profile} accepts",
+                op=node.op_type, profile=profile,
+            ) from None
+
+
+def fit_opset(model: onnx.ModelProto, max_opset: int, profile: str, runtime: str) -> onnx.ModelProto:
+    """The model at an opset the profile's runtime loads (converted down when needed), ops checked."""
+    current = opset(model)
+    check_ops(model, max_opset, profile, runtime)  # an op newer than the runtime: name it before converting
+    if current > max_opset:
+        try:
+            model = onnx.version_converter.convert_version(model, max_opset)
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise UnsupportedOpError(
+                f"model uses opset {current}; profile {profile} ({runtime}) accepts at most {max_opset} and "
+                f"the conversion failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                profile=profile,
+            ) from exc
+    check_ops(model, max_opset, profile, runtime)
+    return model
+
+
+def preprocess(src: Path, dst: Path) -> list[str]:
+    """ORT's quant_pre_process (optimize + ONNX and symbolic shape inference), with fallbacks.
+
+    Symbolic shape inference fails on some exported graphs (torch-exported MiniLM); then it is skipped,
+    then all optimization is skipped; as a last resort the model is copied unchanged. Returns the notes.
+    """
+    from onnxruntime.quantization import quant_pre_process  # noqa: PLC0415
+
+    attempts: list[tuple[str, dict[str, bool]]] = [
+        ("full", {}),
+        ("skip_symbolic_shape", {"skip_symbolic_shape": True}),
+        ("skip_symbolic_shape+skip_optimization", {"skip_symbolic_shape": True, "skip_optimization": True}),
+    ]
+    notes: list[str] = []
+    for name, kwargs in attempts:
+        try:
+            quant_pre_process(str(src), str(dst), **kwargs)
+            onnx.checker.check_model(str(dst))
+        except Exception as exc:  # noqa: BLE001 - the pre-processor raises anything; each failure has a fallback
+            notes.append(f"quant_pre_process {name} failed: {type(exc).__name__}: {str(exc)[:160]}")
+            log.info("pre-processing %s failed (%s), falling back", name, exc)
+            continue
+        notes.append(f"quant_pre_process: {name}")
+        return notes
+    dst.write_bytes(src.read_bytes())
+    notes.append("pre-processing skipped (all attempts failed)")
+    return notes
+
+
+def optimize_fp32(src: Path, dst: Path) -> None:
+    """ORT's offline graph optimizations at the basic level (ONNX-standard ops only, portable)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"graph optimization failed: {exc}") from exc
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and activations, fp32 inputs and outputs (keep_io_types)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415
+
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    toposort(half.graph)  # the converter appends the input Casts after their consumers
+    save(half, dst)
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            ordered.extend(rest)  # a cycle or a missing input: leave it for the checker to report
+            break
+        pending = rest
+    copies = [onnx.NodeProto() for _ in ordered]
+    for dst_node, src_node in zip(copies, ordered, strict=True):
+        dst_node.CopyFrom(src_node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def quantize_dynamic(
+    src: Path,
+    dst: Path,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    signed_weights: bool = True,
+    op_types: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8,
+        op_types_to_quantize=list(op_types) if op_types else None,
+        nodes_to_exclude=list(exclude),
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a Dataset, one sample (or fixed batch) per call."""
+
+    def __init__(self, data: Dataset, batch: int) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = data.batches(batch)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by the calibrators we call
+        pass
+
+
+def quantize_static(
+    src: Path,
+    dst: Path,
+    data: Dataset,
+    *,
+    method: str,
+    signed_activations: bool,
+    reduce_range: bool,
+    per_channel: bool = True,
+    batch: int = 1,
+    exclude: Sequence[str] = (),
+) -> None:
+    from onnxruntime.quantization import (  # noqa: PLC0415
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+    )
+    from onnxruntime.quantization import quantize_static as _quantize_static  # noqa: PLC0415
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    reader = _Reader(data, batch)
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return reader.get_next()
+
+    extra: dict[str, Any] = {"CalibMovingAverage": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout
+        _quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=list(exclude),
+            extra_options=extra,
+        )
+
+
+def prune(src: Path, dst: Path, sparsity: float) -> int:
+    """Zero the smallest-magnitude ``sparsity`` of every Conv/MatMul/Gemm weight; returns weights zeroed.
+
+    Unstructured zeros do not make dense kernels faster: this only shrinks the compressed download.
+    """
+    model = onnx.load(str(src))
+    weighted = {n.input[1] for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1}
+    zeroed = 0
+    for init in model.graph.initializer:
+        if init.name not in weighted or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init).copy()
+        if w.size < 256:
+            continue
+        k = int(w.size * sparsity)
+        if k == 0:
+            continue
+        cut = np.partition(np.abs(w).ravel(), k - 1)[k - 1]
+        mask = np.abs(w) <= cut
+        zeroed += int(mask.sum())
+        w[mask] = 0.0
+        init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+    save(model, dst)
+    return zeroed
+
+
+def divergent_nodes(
+    float_path: Path, quant_path: Path, data: Dataset, *, count: int, batch: int = 1
+) -> list[str]:
+    """The ``count`` float nodes that add the most error when quantized (error of output minus inputs').
+
+    Both models are run with every shared intermediate tensor exposed as an output; each node's
+    relative L2 error on its output, minus the largest on its inputs, is the error it introduces.
+    """
+    from server.compression.runners import OrtRunner  # noqa: PLC0415
+
+    fmodel = onnx.load(str(float_path))
+    qmodel = onnx.load(str(quant_path))
+    q_outputs = {o for n in qmodel.graph.node for o in n.output}
+    outputs = {o.name for o in fmodel.graph.output}
+    tracked = [o for n in fmodel.graph.node for o in n.output if o in q_outputs and o and o not in outputs]
+    tracked = list(dict.fromkeys(tracked))
+    if not tracked:
+        return []
+    errors: dict[str, float] = {}
+    with_outputs = []
+    for model in (fmodel, qmodel):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for name in tracked:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+        with_outputs.append(m)
+    sample = data.take(16)
+    work = quant_path.with_suffix(".debug")
+    work.mkdir(exist_ok=True)
+    results: list[dict[str, np.ndarray]] = []
+    for i, m in enumerate(with_outputs):
+        path = work / f"m{i}.onnx"
+        save(m, path)
+        runner = OrtRunner(path)
+        names = [o.name for o in runner.outputs]
+        acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for feeds in sample.batches(batch):
+            for name, out in zip(names, runner.run(feeds), strict=False):
+                acc[name].append(out.astype(np.float64).ravel())
+        results.append({k: np.concatenate(v) for k, v in acc.items()})
+    for name in tracked:
+        a, b = results[0].get(name), results[1].get(name)
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        denom = float(np.linalg.norm(a)) or 1.0
+        errors[name] = float(np.linalg.norm(a - b)) / denom
+    introduced: list[tuple[float, str]] = []
+    for node in fmodel.graph.node:
+        if node.op_type not in (*WEIGHTED_OPS, "Gather", "Add", "Mul", "Softmax", "Sigmoid", "Concat", "Resize",
+                                "AveragePool", "MaxPool", "GlobalAveragePool", "Relu", "Clip", "LeakyRelu"):
+            continue
+        out_err = max((errors.get(o, 0.0) for o in node.output), default=0.0)
+        in_err = max((errors.get(i, 0.0) for i in node.input), default=0.0)
+        if node.name:
+            introduced.append((out_err - in_err, node.name))
+    introduced.sort(reverse=True)
+    return [name for gain, name in introduced[:count] if gain > 0]

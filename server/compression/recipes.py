@@ -1,0 +1,95 @@
+"""Which recipes a profile gets, from what it allows and what its hardware does well.
+
+* fp32, graph-optimized: whenever the profile allows fp32 (also the fallback when nothing passes).
+* fp16 (I/O kept fp32): GPU profiles only; fp16 ONNX on CPUs is slower (Cast nodes; ORT #25824).
+* int8 dynamic: models with MatMul/Gemm weights (transformers); per-channel; reduce_range (7-bit
+  weights) on x86 without VNNI, where the U8S8 AVX2 kernels can saturate.
+* int8 static QDQ: with calibration data; MinMax, Percentile and Entropy calibration; S8S8 on ARM
+  and VNNI, U8S8 with reduce_range on x86 without VNNI (ORT "Quantize ONNX models").
+* magnitude pruning (fp32 weights, 50 % zeros): shrinks the compressed download only.
+* .tflite: LiteRT Quantizer ``dynamic_wi8_afp32`` and ``static_wi8_ai8``; an Edge TPU profile
+  gets only the full-int8 recipe (all it can run).
+
+A fallback (the int8 candidate with the best fidelity, re-quantized with its most divergent nodes
+kept in float) is added by the pipeline when no int8 recipe passes the gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.profiles import DeviceProfile
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+PRUNE_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    precision: str  # fp32 | fp16 | int8
+    kind: str  # fp32 | fp16 | dynamic | static | prune | litert
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "precision": self.precision, "kind": self.kind, "params": dict(self.params)}
+
+
+def int8_flavour(profile: DeviceProfile) -> dict[str, bool]:
+    """S8S8 vs U8S8 and reduce_range for this profile's CPU."""
+    x86 = profile.arch in ("x86_64", "amd64")
+    non_vnni_x86 = x86 and not profile.has_vnni
+    return {"signed_activations": not non_vnni_x86, "reduce_range": non_vnni_x86}
+
+
+def plan(
+    profile: DeviceProfile,
+    fmt: str,
+    *,
+    ops: frozenset[str],
+    has_calibration: bool,
+    methods: tuple[str, ...] = CALIBRATION_METHODS,
+    pruning: bool = True,
+) -> list[Recipe]:
+    allowed = profile.allowed_precisions
+    out: list[Recipe] = []
+    if fmt == "tflite":
+        if "fp32" in allowed:
+            out.append(Recipe("fp32", "fp32", "fp32"))
+        if "int8" in allowed:
+            if profile.accelerator != "edgetpu":
+                out.append(Recipe("litert-dynamic-wi8", "int8", "litert", {"recipe": "dynamic_wi8_afp32"}))
+            if has_calibration:
+                out.append(Recipe("litert-static-wi8-ai8", "int8", "litert", {"recipe": "static_wi8_ai8"}))
+        return out
+    if "fp32" in allowed:
+        out.append(Recipe("fp32", "fp32", "fp32"))
+    if "fp16" in allowed and profile.gpu:
+        out.append(Recipe("fp16", "fp16", "fp16", {"keep_io_types": True}))
+    if "int8" in allowed:
+        flavour = int8_flavour(profile)
+        if ops & {"MatMul", "Gemm"}:
+            out.append(
+                Recipe(
+                    "int8-dynamic",
+                    "int8",
+                    "dynamic",
+                    {"per_channel": True, "reduce_range": flavour["reduce_range"], "op_types": ["MatMul", "Gemm"]},
+                )
+            )
+        if has_calibration:
+            act = "S8S8" if flavour["signed_activations"] else "U8S8"
+            for method in methods:
+                out.append(
+                    Recipe(
+                        f"int8-static-{method}",
+                        "int8",
+                        "static",
+                        {"method": method, "format": "QDQ", "types": act, "per_channel": True, **flavour},
+                    )
+                )
+    if pruning and "fp32" in allowed:
+        out.append(Recipe("fp32-pruned50", "fp32", "prune", {"sparsity": PRUNE_SPARSITY}))
+    return out

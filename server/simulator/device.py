@@ -1,0 +1,767 @@
+"""One simulated device: the agent's protocol and update lifecycle, on a paho client driven by a shared loop.
+
+Theory of operation
+    A ``SimDevice`` is what ``agent.runtime.agent.Agent`` is, minus the disk and the inference
+    runtime. The parts that decide are the real ones: signed desired states and commands are
+    opened with ``agent.protocol.envelope`` (signature, recipient, freshness, replay, downgrade),
+    the data key is unwrapped with the device's own X25519 key, every chunk is authenticated and
+    decrypted with ``ChunkOpener`` and stored through ``agent.core.reassembly.Reassembly``, and
+    every transition is made by ``agent.core.lifecycle.UpdateMachine``, whose effects this class
+    executes in order, as the agent's executor table does. Reports (events, retained state after
+    each transition, telemetry) are the agent's, with the same slimming rules.
+
+    What is simulated, and said so in ``--help`` and docs/simulator.md:
+      * storage: the journal and kept versions live in memory; the artifact is never written out
+        (``StreamingSink`` hashes and inflates it as it arrives, so both digests are still checked);
+      * inference: a stand-in. "Loading" a version checks nothing more; its health check fails for
+        versions listed in ``fail_versions`` (a latency failure, as a too-slow model would) and
+        passes otherwise; probation statistics are synthetic (``requests_per_s`` requests at
+        ``latency_ms`` p95, no errors), judged by the real probation policy;
+      * the system sampler: telemetry numbers are constant placeholders.
+
+    Threads: none of its own. The shard loop that owns the device calls ``on_*`` from paho's
+    callbacks and ``tick`` a few times a second; nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent import __version__
+from agent.core.health import ProbationPolicy, WindowStats
+from agent.core.journal import Failure, State, Via
+from agent.core.lifecycle import (
+    Activate,
+    CommandResult,
+    Commit,
+    Continue,
+    Deploy,
+    DiscardDownload,
+    DownloadComplete,
+    Effect,
+    Event,
+    Failed,
+    LoadCandidate,
+    Persist,
+    Report,
+    Restore,
+    RolledBack,
+    Sample,
+    Seen,
+    ServeCommitted,
+    StartDownload,
+    SwitchBack,
+    SwitchTo,
+    UpdateMachine,
+    Verified,
+    Verify,
+    WarmedUp,
+    WatchProbation,
+)
+from agent.core.reassembly import Added, Reassembly, progress_quarter
+from agent.errors import (
+    ConflictingChunkError,
+    DowngradeError,
+    EdgeError,
+    ExpiredError,
+    HealthCheckError,
+    IntegrityError,
+    LifecycleError,
+    TopicError,
+    VersionNotKeptError,
+)
+from agent.protocol.envelope import ChunkOpener, TrustAnchor, open_command, open_desired, parse_chunk_header, unwrap_key
+from agent.protocol.messages import (
+    ActiveModel,
+    ArtifactInfo,
+    ChunkRequest,
+    Command,
+    DesiredState,
+    EnrollRequest,
+    HealthSpec,
+    ModelRef,
+    RuntimeSpec,
+    StateReport,
+    Telemetry,
+    encode,
+)
+from agent.protocol.messages import Event as WireEvent
+from agent.protocol.topics import Channel, device_down_filter, device_topic, parse_topic
+from server.simulator.sink import StreamingSink
+
+log = logging.getLogger("edgefleet.simulator")
+
+SIM_AGENT_VERSION = f"{__version__}+sim"
+SIM_ARCH = "simulated"
+MAX_IGNORED_BLOBS = 64
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """How every simulated device behaves (the knobs of ``edgefleet simulate``)."""
+
+    profile: str = "rpi4"
+    #: versions whose warm-up health check fails (latency over budget): they are rolled back
+    fail_versions: frozenset[int] = frozenset()
+    #: synthetic traffic during probation, and its p95 latency
+    requests_per_s: float = 5.0
+    latency_ms: float = 2.0
+    #: 0 = no telemetry
+    telemetry_s: float = 30.0
+    chunk_timeout_s: float = 5.0
+    chunk_timeout_max_s: float = 60.0
+    progress_interval_s: float = 10.0
+    probation_check_s: float = 0.5
+    keep_versions: int = 3
+    clock_skew_s: float = 300.0
+    max_artifact_bytes: int = 1 << 30
+
+
+@dataclass
+class _Kept:
+    ref: ModelRef
+    artifact_id: str | None
+    variant: str | None
+    health: HealthSpec
+    runtime: RuntimeSpec
+    committed: bool = False
+
+
+@dataclass
+class _Download:
+    target: ModelRef
+    desired: DesiredState
+    info: ArtifactInfo
+    opener: ChunkOpener
+    reassembly: Reassembly
+    sink: StreamingSink
+    last_new_at: float
+    timeout: float
+    last_progress_at: float
+    quarter: int = 0
+    complete: bool = False
+
+
+@dataclass
+class Counters:
+    """What one device did (read by the loop for the status view; plain ints, no locking needed)."""
+
+    chunks: int = 0
+    duplicate_chunks: int = 0
+    dropped_chunks: int = 0
+    published: int = 0
+    published_bytes: int = 0
+    connects: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+
+
+class SimDevice:
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        key: X25519PrivateKey,
+        trust: TrustAnchor,
+        settings: SimSettings,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device_id = device_id
+        self.key = key
+        self.trust = trust
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        self.public_key = key.public_key().public_bytes_raw()
+        self.machine = UpdateMachine()
+        self.client: mqtt.Client | None = None
+        self.session = 0
+        self.online = False
+        self.counters = Counters()
+        self.active: ModelRef | None = None
+        self._kept: dict[ModelRef, _Kept] = {}
+        self._desired: dict[str, DesiredState] = {}
+        self._download: _Download | None = None
+        self._candidate: ModelRef | None = None
+        self._standby: ModelRef | None = None
+        self._probation_since: float | None = None
+        self._probation_next: float | None = None
+        self._pending_desired: bytes | None = None
+        self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
+        self._desired_expires_at: float | None = None
+        self._published_lifecycle: State | None = None
+        self._state_dirty = False
+        self._last_state: bytes | None = None
+        self._birth_sent = False
+        self._telemetry_next = 0.0
+        self._telemetry_start = 0.0
+
+    # -- connection (called by the shard loop) ------------------------------------------------------------
+
+    def will(self, session: int) -> tuple[str, bytes]:
+        report = StateReport(
+            device_id=self.device_id, online=False, session=session, ts=self.clock(),
+            profile=self.settings.profile, arch=SIM_ARCH, agent_version=SIM_AGENT_VERSION,
+            public_key=_b64(self.public_key),
+        )
+        return device_topic(self.device_id, Channel.STATE), encode(report)
+
+    def on_connected(self, phase: float) -> None:
+        """CONNACK accepted: subscribe, birth, enroll (fresh device), resume a transfer."""
+        self.online = True
+        self.counters.connects += 1
+        assert self.client is not None
+        self.client.subscribe(device_down_filter(self.device_id), qos=1)
+        d = self._download
+        if d is not None and d.info.topic:
+            self.client.subscribe(d.info.topic, qos=1)
+        self._birth_sent = False
+        self._last_state = None
+        self._publish_state()
+        if self.machine.record.last_seq == 0:
+            enroll = EnrollRequest(
+                device_id=self.device_id, public_key=self.public_key, profile=self.settings.profile,
+                ts=self.clock(), agent_version=SIM_AGENT_VERSION, arch=SIM_ARCH,
+            )
+            self._publish(Channel.ENROLL, encode(enroll))
+        if d is not None and not d.complete:
+            self._request_missing(d, "resume")
+        now = self.monotonic()
+        self._telemetry_start = now
+        self._telemetry_next = now + self.settings.telemetry_s * (0.5 + phase)
+
+    def on_disconnected(self) -> None:
+        self.online = False
+
+    def farewell(self) -> tuple[str, bytes]:
+        """The retained offline report a clean shutdown leaves (the Will covers an unclean one)."""
+        report = replace(self._state_report(full=True), online=False)
+        return device_topic(self.device_id, Channel.STATE), encode(report)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = parse_topic(topic)
+        except TopicError:
+            return
+        try:
+            if parsed.channel in (Channel.CHUNK, Channel.ARTIFACT):
+                self._on_chunk(payload)
+            elif parsed.device_id != self.device_id:
+                return
+            elif parsed.channel is Channel.DESIRED:
+                if payload:
+                    self._on_desired(payload)
+            elif parsed.channel is Channel.COMMAND:
+                self._on_command(payload)
+        except EdgeError as exc:  # an unexpected edge: report, keep going (as the agent does)
+            log.warning("%s: unhandled %s: %s", self.device_id, exc.code, exc.message)
+            self._event(f"error.{exc.code}", severity="warning", code=exc.code, message=exc.message)
+        self._after_events()
+
+    def tick(self, now: float) -> None:
+        """Timers: chunk re-requests, probation samples, telemetry (monotonic ``now``)."""
+        if not self.online:
+            return
+        d = self._download
+        if d is not None and not d.complete and now >= d.last_new_at + d.timeout:
+            self._request_missing(d, "retry")
+            d.last_new_at = now
+            d.timeout = min(d.timeout * 2, self.settings.chunk_timeout_max_s)
+        if self._probation_next is not None and now >= self._probation_next:
+            self._probation_next = now + self.settings.probation_check_s
+            self._sample_probation(now)
+        if self.settings.telemetry_s > 0 and now >= self._telemetry_next:
+            self._telemetry_next = now + self.settings.telemetry_s
+            self._publish_telemetry(now)
+        self._after_events()
+
+    # -- what the status view reads -----------------------------------------------------------------------
+
+    @property
+    def lifecycle(self) -> str:
+        return self.machine.state.value
+
+    @property
+    def committed(self) -> ModelRef | None:
+        return self.machine.record.committed
+
+    # -- feeding the machine ------------------------------------------------------------------------------
+
+    def _after_events(self) -> None:
+        if self.machine.state is State.IDLE and self._pending_desired is not None:
+            blob, self._pending_desired = self._pending_desired, None
+            self._on_desired(blob)
+        if self._state_dirty:
+            self._publish_state()
+
+    def _feed(self, event: Event) -> None:
+        pending: deque[Event] = deque([event])
+        while pending:
+            ev = pending.popleft()
+            try:
+                effects = self.machine.handle(ev)
+            except LifecycleError as exc:
+                self._event(f"error.{exc.code}", severity="warning", code=exc.code, message=exc.message)
+                continue
+            for effect in effects:
+                answer = self._execute(effect)
+                if answer is not None:
+                    pending.append(answer)
+            if self.machine.state is not self._published_lifecycle:
+                self._publish_state()  # one retained StateReport per transition, after its side effects
+
+    def _execute(self, effect: Effect) -> Event | None:
+        """The agent's executor table, with memory for the store and the stand-in for inference."""
+        if isinstance(effect, Persist):
+            self._state_dirty = True  # the journal is this object; nothing to write
+        elif isinstance(effect, Report):
+            self._event(effect.kind, severity=effect.severity, message=effect.message, code=effect.code,
+                        model=effect.model, deployment_id=effect.deployment_id, data=effect.data)
+        elif isinstance(effect, CommandResult):
+            self._command_result(effect.command_id, effect.action, ok=effect.ok, message=effect.message)
+        elif isinstance(effect, ServeCommitted):
+            self.active = effect.ref if effect.ref in self._kept else None
+        elif isinstance(effect, StartDownload):
+            return self._start_download(effect.target, effect.artifact_id)
+        elif isinstance(effect, DiscardDownload):
+            self._discard_download(effect.artifact_id)
+        elif isinstance(effect, Verify):
+            return self._verify(effect.target, effect.artifact_id)
+        elif isinstance(effect, LoadCandidate):
+            return self._load_candidate(effect.target)
+        elif isinstance(effect, SwitchTo):
+            return self._switch_to(effect.target)
+        elif isinstance(effect, WatchProbation):
+            self._probation_next = self.monotonic()
+        elif isinstance(effect, Commit):
+            self._commit(effect.target)
+        elif isinstance(effect, Restore):
+            return self._restore(effect.target, effect.discard, effect.artifact_id)
+        elif isinstance(effect, Continue):
+            return effect.event
+        return None
+
+    # -- executors ----------------------------------------------------------------------------------------
+
+    def _start_download(self, target: ModelRef, artifact_id: str) -> Event | None:
+        try:
+            d = self._open_download(target, artifact_id)
+        except EdgeError as exc:
+            return Failed(self.clock(), Failure("downloading", exc.code, exc.message))
+        self._download = d
+        if d.info.topic and self.client is not None:
+            try:
+                if parse_topic(d.info.topic).channel is Channel.ARTIFACT:
+                    self.client.subscribe(d.info.topic, qos=1)
+            except TopicError:
+                log.warning("%s: ignoring artifact topic %r", self.device_id, d.info.topic)
+        p = d.reassembly.progress()
+        self._event("download.started", model=target, deployment_id=d.desired.deployment_id,
+                    data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
+                          "total_bytes": p.total_bytes, "resumed": False})
+        self._request_missing(d, "initial")
+        return None
+
+    def _open_download(self, target: ModelRef, artifact_id: str) -> _Download:
+        desired = self._desired.get(artifact_id)
+        if desired is None:
+            raise IntegrityError(f"no desired state describes artifact {artifact_id}")
+        info, key = desired.artifact, desired.key
+        if info is None or key is None or desired.model != target:
+            raise IntegrityError(f"stored desired state does not describe artifact {artifact_id}")
+        now = self.clock()
+        if now > desired.expires_at + self.settings.clock_skew_s:
+            raise ExpiredError(desired.expires_at, now)
+        data_key = unwrap_key(key, self.key, artifact_id=artifact_id, device_id=self.device_id)
+        sink = StreamingSink(total_size=info.compressed_size, compression=info.compression, model_size=info.size)
+        reassembly = Reassembly(
+            artifact_id=artifact_id, chunk_count=info.chunk_count, chunk_size=info.chunk_size,
+            total_size=info.compressed_size, sha256=info.compressed_sha256, max_bytes=self.settings.max_artifact_bytes,
+        )
+        mono = self.monotonic()
+        return _Download(target, desired, info, ChunkOpener(data_key, info), reassembly, sink,
+                         last_new_at=mono, timeout=self.settings.chunk_timeout_s, last_progress_at=mono)
+
+    def _request_missing(self, d: _Download, reason: str) -> None:
+        ranges = d.reassembly.missing_ranges()
+        if ranges:
+            req = ChunkRequest(device_id=self.device_id, artifact_id=d.info.artifact_id, ranges=ranges,
+                               ts=self.clock(), reason=reason)
+            self._publish(Channel.CHUNK_REQUEST, encode(req))
+
+    def _on_chunk(self, payload: bytes) -> None:
+        d = self._download
+        if d is None or d.complete:
+            return
+        try:
+            header = parse_chunk_header(payload)
+        except EdgeError as exc:
+            self._error_event(exc.code, f"dropped a malformed chunk: {exc.message}")
+            return
+        if header.artifact_id != d.info.artifact_id:
+            return
+        try:
+            opened = d.opener.open_chunk(payload)
+            added = d.reassembly.add(opened.index, opened.data, d.sink, fingerprint=opened.tag)
+        except ConflictingChunkError as exc:
+            self._error_event(exc.code, exc.message)
+            return
+        except EdgeError as exc:
+            self.counters.dropped_chunks += 1
+            self._error_event(exc.code, f"dropped chunk {header.index}: {exc.message}")
+            return
+        if added is Added.DUPLICATE:
+            self.counters.duplicate_chunks += 1
+            return
+        self.counters.chunks += 1
+        now = self.monotonic()
+        d.last_new_at = now
+        d.timeout = self.settings.chunk_timeout_s
+        if d.reassembly.complete:
+            self._feed(self._download_complete(d))
+            return
+        p = d.reassembly.progress()
+        quarter = progress_quarter(p.fraction)
+        if quarter > d.quarter or now - d.last_progress_at >= self.settings.progress_interval_s:
+            d.quarter, d.last_progress_at = max(quarter, d.quarter), now
+            self._event("download.progress", model=d.target, deployment_id=d.desired.deployment_id,
+                        data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
+                              "total_bytes": p.total_bytes})
+
+    def _download_complete(self, d: _Download) -> Event:
+        d.complete = True
+        if d.info.topic and self.client is not None:
+            self.client.unsubscribe(d.info.topic)
+        p = d.reassembly.progress()
+        self._event("download.completed", model=d.target, deployment_id=d.desired.deployment_id,
+                    data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
+                          "total_bytes": p.total_bytes})
+        return DownloadComplete(self.clock())
+
+    def _discard_download(self, artifact_id: str) -> None:
+        d = self._download
+        if d is not None and d.info.artifact_id == artifact_id:
+            if d.info.topic and self.client is not None and not d.complete:
+                self.client.unsubscribe(d.info.topic)
+            self._download = None
+        self._desired.pop(artifact_id, None)
+
+    def _verify(self, target: ModelRef, artifact_id: str) -> Event:
+        d = self._download
+        if d is None or d.info.artifact_id != artifact_id:
+            return Failed(self.clock(), Failure("verifying", "integrity", "the download is gone"))
+        try:
+            d.reassembly.finish(d.sink)
+            d.sink.check_model(d.info.sha256)
+            runtime, health = d.desired.runtime, d.desired.health
+            if runtime is None or health is None:
+                raise IntegrityError("the desired state lacks a field a deploy needs")
+        except EdgeError as exc:
+            return Failed(self.clock(), Failure("verifying", exc.code, exc.message))
+        self._kept[target] = _Kept(target, artifact_id, d.desired.variant, health, runtime)
+        self._download = None
+        self._desired.pop(artifact_id, None)
+        return Verified(self.clock())
+
+    def _load_candidate(self, target: ModelRef) -> Event:
+        now = self.clock()
+        kept = self._kept.get(target)
+        if kept is None:
+            err = VersionNotKeptError(target.name, target.version)
+            return Failed(now, Failure("warming", err.code, err.message, "load"))
+        if target.version in self.settings.fail_versions:
+            budget = kept.health.latency_budget_ms or 50.0
+            check = HealthCheckError(f"p95 latency {budget * 4:.2f} ms over the {budget:.2f} ms budget (simulated)",
+                                     check="latency")
+            return Failed(now, Failure("warming", check.code, check.reason, check.check))
+        self._candidate = target
+        policy = ProbationPolicy.from_health_spec(kept.health)
+        baseline = self._stats(60.0) if self.active is not None else None
+        return WarmedUp(now, policy, baseline)
+
+    def _stats(self, elapsed_s: float) -> WindowStats:
+        latency = self.settings.latency_ms
+        return WindowStats(requests=int(elapsed_s * self.settings.requests_per_s), errors=0,
+                           p50_ms=latency * 0.6, p95_ms=latency, p99_ms=latency * 1.4)
+
+    def _switch_to(self, target: ModelRef) -> Event | None:
+        if self._candidate != target:
+            return Failed(self.clock(), Failure("probation", "model", "the candidate is not loaded", "load"))
+        self._standby, self.active = self.active, target
+        self._probation_since = self.monotonic()
+        return None
+
+    def _sample_probation(self, now: float) -> None:
+        if self.machine.state is not State.PROBATION or self._probation_since is None:
+            self._probation_next = None
+            return
+        self._feed(Sample(self.clock(), self._stats(now - self._probation_since)))
+
+    def _commit(self, target: ModelRef) -> None:
+        self._probation_next = None
+        self._standby = self._candidate = None
+        kept = self._kept.get(target)
+        if kept is not None:
+            kept.committed = True
+        same = sorted((k for k in self._kept.values() if k.ref.name == target.name and k.committed),
+                      key=lambda k: k.ref.version, reverse=True)
+        for old in same[self.settings.keep_versions:]:
+            if old.ref != self.active:
+                del self._kept[old.ref]
+
+    def _restore(self, target: ModelRef | None, discard: ModelRef | None, artifact_id: str | None) -> Event:
+        self._probation_next = None
+        if artifact_id is not None:
+            self._discard_download(artifact_id)
+        record = self.machine.record
+        want = target or record.committed
+        if want is not None and want in self._kept:
+            self.active = want
+        elif self.active is not None and self.active == record.target:
+            committed = record.committed
+            self.active = committed if committed in self._kept else None
+        served = self.active
+        self._candidate = self._standby = None
+        if discard is not None and discard != served:
+            kept = self._kept.get(discard)
+            if kept is not None and not kept.committed:
+                del self._kept[discard]
+        return RolledBack(self.clock(), served)
+
+    # -- desired states and commands (agent.runtime.agent's rules) ------------------------------------------
+
+    def _find(self, ref: ModelRef, *, committed_only: bool = False) -> _Kept | None:
+        kept = self._kept.get(ref)
+        return kept if kept is not None and (kept.committed or not committed_only) else None
+
+    def _on_desired(self, blob: bytes) -> None:
+        digest = hashlib.sha256(blob).hexdigest()
+        record = self.machine.record
+        if digest == record.last_desired_sha256 or digest in self._ignored_blobs:
+            return  # the retained desired state, re-delivered on reconnect
+        now = self.clock()
+        try:
+            desired = open_desired(blob, trust=self.trust, device_id=self.device_id, now=now,
+                                   last_seq=record.last_seq, committed_version=lambda _name: None,
+                                   skew=self.settings.clock_skew_s)
+        except EdgeError as exc:
+            self._ignored_blobs.append(digest)
+            self._event("desired.rejected", severity="warning", code=exc.code, message=exc.message)
+            return
+        model = desired.model
+        if desired.action == "deploy":
+            floor = record.committed_version(model.name)
+            if floor is not None and model.version < floor:
+                self._feed(Seen(now, desired.seq, digest))
+                err = DowngradeError(model.name, model.version, floor)
+                self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=model)
+                return
+            self._on_deploy(desired, blob, digest)
+        else:
+            self._on_pin(desired, blob, digest)
+
+    def _accepted(self, desired: DesiredState, message: str) -> None:
+        self._desired_expires_at = desired.expires_at
+        self._event("desired.accepted", model=desired.model, deployment_id=desired.deployment_id, message=message,
+                    data={"action": desired.action, "seq": desired.seq})
+
+    def _on_deploy(self, desired: DesiredState, blob: bytes, digest: str) -> None:
+        info = desired.artifact
+        if info is None:
+            raise IntegrityError("the desired state lacks a field a deploy needs")
+        record, state, now = self.machine.record, self.machine.state, self.clock()
+        committed = self._find(record.committed, committed_only=True) if record.committed else None
+        if record.committed == desired.model and committed is not None and committed.artifact_id == info.artifact_id:
+            self._feed(Seen(now, desired.seq, digest))
+            self._accepted(desired, "already serving this version")
+            return
+        if state is State.DOWNLOADING and record.artifact_id == info.artifact_id:
+            self._feed(Seen(now, desired.seq, digest))
+            self._accepted(desired, "already downloading this artifact")
+            return
+        if state not in (State.IDLE, State.DOWNLOADING):
+            self._pending_desired = blob
+            return
+        self._desired[info.artifact_id] = desired
+        self._accepted(desired, "deploying")
+        self._feed(Deploy(desired.model, info.artifact_id, now, desired.deployment_id, seq=desired.seq,
+                          desired_sha256=digest))
+
+    def _on_pin(self, desired: DesiredState, blob: bytes, digest: str) -> None:
+        target, record, state, now = desired.model, self.machine.record, self.machine.state, self.clock()
+        if record.committed == target and state is State.IDLE:
+            self._feed(Seen(now, desired.seq, digest))
+            self._accepted(desired, "already serving this version")
+            return
+        if self._find(target, committed_only=True) is None:
+            self._feed(Seen(now, desired.seq, digest))
+            err = VersionNotKeptError(target.name, target.version)
+            self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=target)
+            return
+        backwards = record.committed is not None and (
+            target.name != record.committed.name or target.version <= record.committed.version
+        )
+        if (state is State.PROBATION and backwards) or state in (State.IDLE, State.DOWNLOADING):
+            self._accepted(desired, "switching to a kept version")
+            kind = SwitchBack if backwards else Activate
+            self._feed(kind(target, now, via=Via.PIN, deployment_id=desired.deployment_id, seq=desired.seq,
+                            desired_sha256=digest))
+        else:
+            self._pending_desired = blob
+
+    def _on_command(self, blob: bytes) -> None:
+        record, now = self.machine.record, self.clock()
+        try:
+            cmd = open_command(blob, trust=self.trust, device_id=self.device_id, now=now,
+                               last_seq=record.last_seq, skew=self.settings.clock_skew_s)
+        except EdgeError as exc:
+            self._error_event(exc.code, f"command rejected: {exc.message}")
+            return
+        if cmd.action == "ping":
+            self._feed(Seen(now, cmd.seq))
+            self._command_result(cmd.command_id, "ping", ok=True, message="pong")
+        elif cmd.action == "purge":
+            self._feed(Seen(now, cmd.seq))
+            keep = {r for r in (record.committed, record.target, self.active) if r is not None}
+            removed = [k for k in list(self._kept) if k not in keep]
+            for ref in removed:
+                del self._kept[ref]
+            self._state_dirty = True
+            text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
+            self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
+        elif cmd.action in ("rollback", "activate"):
+            self._switch_command(cmd)
+
+    def _switch_command(self, cmd: Command) -> None:
+        record, state, now = self.machine.record, self.machine.state, self.clock()
+        name = cmd.model or (record.committed.name if record.committed else None)
+        target: ModelRef | None = None
+        if name is not None and cmd.version is not None:
+            target = ModelRef(name, cmd.version)
+        elif name is not None and cmd.action == "rollback":
+            if state in (State.PROBATION, State.DOWNLOADING) and record.committed is not None:
+                target = record.committed
+            else:
+                older = sorted((k.ref for k in self._kept.values()
+                                if k.ref.name == name and k.committed and k.ref != record.committed),
+                               key=lambda r: r.version, reverse=True)
+                target = older[0] if older else None
+        if target is None or self._find(target, committed_only=True) is None:
+            self._feed(Seen(now, cmd.seq))
+            err = VersionNotKeptError(name or "model", None if target is None else target.version)
+            self._command_result(cmd.command_id, cmd.action, ok=False, message=err.message)
+            return
+        if target == record.committed and state is State.IDLE:
+            self._feed(Seen(now, cmd.seq))
+            self._command_result(cmd.command_id, cmd.action, ok=True,
+                                 message=f"already serving version {target.version}")
+            return
+        if cmd.action == "rollback" and state in (State.IDLE, State.DOWNLOADING, State.PROBATION):
+            self._feed(SwitchBack(target, now, via=Via.ROLLBACK, command_id=cmd.command_id, seq=cmd.seq))
+        elif cmd.action == "activate" and state in (State.IDLE, State.DOWNLOADING):
+            self._feed(Activate(target, now, via=Via.ACTIVATE, command_id=cmd.command_id, seq=cmd.seq))
+        else:
+            self._feed(Seen(now, cmd.seq))
+            self._command_result(cmd.command_id, cmd.action, ok=False,
+                                 message=f"busy ({state.value}); send it again when idle")
+
+    # -- publishing -----------------------------------------------------------------------------------------
+
+    def _publish(self, channel: Channel, payload: bytes, *, retain: bool = False) -> None:
+        if self.client is None or not self.online:
+            return
+        self.client.publish(device_topic(self.device_id, channel), payload, qos=1, retain=retain)
+        self.counters.published += 1
+        self.counters.published_bytes += len(payload)
+
+    def _event(
+        self,
+        kind: str,
+        *,
+        severity: str = "info",
+        message: str = "",
+        code: str | None = None,
+        model: ModelRef | None = None,
+        deployment_id: str | None = None,
+        command_id: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.counters.events[kind] = self.counters.events.get(kind, 0) + 1
+        event = WireEvent(device_id=self.device_id, ts=self.clock(), event_id=uuid.uuid4().hex, kind=kind,
+                          severity=severity, message=message, code=code, deployment_id=deployment_id, model=model,
+                          command_id=command_id, data=dict(data or {}))
+        self._publish(Channel.EVENT, encode(event))
+
+    def _error_event(self, code: str, message: str) -> None:
+        if self.counters.events.get(f"error.{code}", 0) < 5:
+            self._event(f"error.{code}", severity="warning", code=code, message=message)
+
+    def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None:
+        active = self.active
+        self._event("command.result", severity="info" if ok else "warning", message=message, command_id=command_id,
+                    model=active,
+                    data={"ok": ok, "action": action, "active": active.to_dict() if active else None,
+                          "message": message})
+
+    def _state_report(self, *, full: bool) -> StateReport:
+        record = self.machine.record
+        active: ActiveModel | None = None
+        if self.active is not None:
+            ref = self.active
+            kept = self._kept.get(ref)
+            on_probation = self.machine.state is State.PROBATION and ref == record.target
+            active = ActiveModel(name=ref.name, version=ref.version,
+                                 state="probation" if on_probation else "committed",
+                                 artifact_id=kept.artifact_id if kept else None, variant=kept.variant if kept else None)
+        name = record.committed.name if record.committed else (active.name if active else None)
+        kept_versions = tuple(sorted({k.version for k in self._kept if k.name == name})) if name else ()
+        report = StateReport(
+            device_id=self.device_id, online=True, session=self.session, ts=self.clock(),
+            lifecycle=record.state.value, active=active, target=record.target, kept=kept_versions,
+            last_seq=record.last_seq, desired_expires_at=self._desired_expires_at,
+        )
+        if full:  # the birth report carries the static facts; later ones only what changes
+            report = replace(report, profile=self.settings.profile, arch=SIM_ARCH,
+                             agent_version=SIM_AGENT_VERSION, public_key=_b64(self.public_key))
+        return report
+
+    def _publish_state(self) -> None:
+        self._state_dirty = False
+        self._published_lifecycle = self.machine.state
+        if not self.online:
+            return
+        report = self._state_report(full=not self._birth_sent)
+        same = encode(replace(report, ts=0.0))
+        if same == self._last_state:
+            return  # nothing changed since the last report (the retained one still says it)
+        self._publish(Channel.STATE, encode(report), retain=True)
+        self._birth_sent, self._last_state = True, same
+
+    def _publish_telemetry(self, now: float) -> None:
+        window, self._telemetry_start = now - self._telemetry_start, now
+        report = self._state_report(full=False)
+        stats = self._stats(window) if self.active is not None else WindowStats()
+        latency = {k: v for k, v in (("p50", stats.p50_ms), ("p95", stats.p95_ms), ("p99", stats.p99_ms))
+                   if v is not None}
+        telemetry = Telemetry(
+            device_id=self.device_id, ts=self.clock(), window_s=round(window, 3), cpu_percent=10.0,
+            memory_percent=20.0, rss_bytes=40 << 20, disk_free_bytes=8 << 30, requests=stats.requests,
+            errors=stats.errors, latency_ms=latency, model=report.active, lifecycle=report.lifecycle, arch=SIM_ARCH,
+        )
+        self._publish(Channel.TELEMETRY, encode(telemetry))
+
+
+def _b64(raw: bytes) -> str:
+    import base64  # noqa: PLC0415
+
+    return base64.b64encode(raw).decode()

@@ -1,0 +1,307 @@
+"""Many simulated devices on a few threads: each thread multiplexes its devices' MQTT sockets.
+
+Theory of operation
+    ``SimFleet`` splits the devices over ``loops`` shard threads (a handful, never one per device).
+    A shard owns a ``selectors`` selector and its devices' paho clients, which run without paho's
+    own thread: the shard registers each client's socket when paho opens it, asks for write
+    readiness only while paho has bytes queued (paho's socket callbacks), and calls
+    ``loop_read``/``loop_write`` when the selector says so. paho parses MQTT and calls the
+    device's handlers in the shard thread, so a device's state is only ever touched by its shard:
+    no locks. Every ``TICK_S`` the shard runs the devices' timers, every second paho's keepalive.
+
+    Connections are opened a batch at a time (so CONNACKs do not pile up behind a thousand
+    blocking connects), with a persistent session (clean_session=0), a retained Last Will on
+    ``up/state`` and a birth report, as the agent does. A lost connection is retried with
+    back-off. ``stop`` leaves a retained offline report for every device and disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import logging
+import random
+import selectors
+import ssl
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.protocol.envelope import TrustAnchor
+from agent.protocol.messages import ModelRef
+from server.simulator.device import SimDevice, SimSettings
+
+log = logging.getLogger("edgefleet.simulator")
+
+TICK_S = 0.2
+MISC_S = 1.0
+CONNECT_BATCH = 25
+
+
+def device_key(seed: str, device_id: str) -> X25519PrivateKey:
+    """The device's X25519 key, derived from a seed so a restarted simulation keeps its enrolled keys."""
+    raw = hashlib.sha256(f"edgefleet-sim/{seed}/{device_id}".encode()).digest()
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def device_ids(count: int, prefix: str = "sim") -> list[str]:
+    width = max(4, len(str(count - 1)))
+    return [f"{prefix}-{i:0{width}d}" for i in range(count)]
+
+
+@dataclass(frozen=True)
+class BrokerTarget:
+    host: str
+    port: int
+    tls: bool = False
+    ca_cert: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 60
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """A moment of the fleet as the status view shows it (racy reads of plain attributes; fine for display)."""
+
+    devices: int
+    online: int
+    lifecycle: dict[str, int]
+    active: dict[str, int]
+    committed: dict[str, int]
+    chunks: int
+    duplicate_chunks: int
+    published_bytes: int
+
+    def committed_on(self, ref: ModelRef) -> int:
+        """Devices idle with ``ref`` committed (the update is over and it stuck)."""
+        return self.committed.get(_ref_key(ref), 0)
+
+
+def _ref_key(ref: ModelRef | None) -> str:
+    return "-" if ref is None else f"{ref.name} v{ref.version}"
+
+
+class _Shard(threading.Thread):
+    def __init__(self, index: int, devices: list[SimDevice], broker: BrokerTarget, stop: threading.Event) -> None:
+        super().__init__(name=f"edgefleet-sim-{index}", daemon=True)
+        self.devices = devices
+        self.broker = broker
+        self._stop_flag = stop
+        self._selector = selectors.DefaultSelector()
+        self._to_connect: deque[SimDevice] = deque(devices)
+        self._retries: list[tuple[float, int, SimDevice]] = []
+        self._backoff: dict[str, float] = {}
+        self._seq = 0
+        self.connected_once = threading.Event()
+        self.error: BaseException | None = None
+
+    # -- paho wiring --------------------------------------------------------------------------------------
+
+    def _client(self, dev: SimDevice) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev.device_id, clean_session=False,
+                        protocol=mqtt.MQTTv311)
+        b = self.broker
+        if b.username:
+            c.username_pw_set(b.username, b.password)
+        if b.tls:
+            c.tls_set(ca_certs=b.ca_cert, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c.max_inflight_messages_set(50)
+        sel = self._selector
+
+        def on_open(client: mqtt.Client, userdata: object, sock: object) -> None:
+            sel.register(sock, selectors.EVENT_READ, dev)  # type: ignore[arg-type]
+
+        def on_close(client: mqtt.Client, userdata: object, sock: object) -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(sock)  # type: ignore[arg-type]
+
+        def want_write(client: mqtt.Client, userdata: object, sock: object) -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)  # type: ignore[arg-type]
+
+        def done_write(client: mqtt.Client, userdata: object, sock: object) -> None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.modify(sock, selectors.EVENT_READ, dev)  # type: ignore[arg-type]
+
+        def on_connect(client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+            if getattr(rc, "is_failure", False):
+                log.warning("%s: broker refused the connection: %s", dev.device_id, rc)
+                return
+            self._backoff.pop(dev.device_id, None)
+            dev.on_connected(random.random())  # noqa: S311 - spreading telemetry, not security
+            self.connected_once.set()
+
+        def on_disconnect(client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+            dev.on_disconnected()
+            if not self._stop_flag.is_set():
+                self._schedule_retry(dev)
+
+        def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+            dev.on_message(msg.topic, bytes(msg.payload))
+
+        c.on_socket_open = on_open
+        c.on_socket_close = on_close
+        c.on_socket_register_write = want_write
+        c.on_socket_unregister_write = done_write
+        c.on_connect = on_connect
+        c.on_disconnect = on_disconnect
+        c.on_message = on_message
+        return c
+
+    def _connect(self, dev: SimDevice) -> None:
+        if dev.client is None:
+            dev.client = self._client(dev)
+        dev.session += 1
+        topic, payload = dev.will(dev.session)
+        dev.client.will_set(topic, payload, qos=1, retain=True)
+        try:
+            if dev.counters.connects == 0 and dev.session == 1:
+                dev.client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+            else:
+                dev.client.reconnect()
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("%s: connect failed: %s", dev.device_id, exc)
+            self._schedule_retry(dev)
+
+    def _schedule_retry(self, dev: SimDevice) -> None:
+        delay = min(30.0, self._backoff.get(dev.device_id, 0.5) * 2)
+        self._backoff[dev.device_id] = delay
+        self._seq += 1
+        heapq.heappush(self._retries, (time.monotonic() + delay * (0.5 + random.random()), self._seq, dev))  # noqa: S311
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # reported by SimFleet.check(); the shard's devices go quiet
+            log.exception("simulator shard failed")
+            self.error = exc
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        next_tick = next_misc = time.monotonic()
+        while not self._stop_flag.is_set():
+            for _ in range(min(CONNECT_BATCH, len(self._to_connect))):
+                self._connect(self._to_connect.popleft())
+            events = self._selector.select(0.0 if self._to_connect else TICK_S / 2)
+            for key, mask in events:
+                dev: SimDevice = key.data
+                client = dev.client
+                if client is None:
+                    continue
+                if mask & selectors.EVENT_READ:
+                    client.loop_read()
+                if mask & selectors.EVENT_WRITE and dev.client is not None:
+                    client.loop_write()
+            now = time.monotonic()
+            while self._retries and self._retries[0][0] <= now:
+                _, _, dev = heapq.heappop(self._retries)
+                self._connect(dev)
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                for dev in self.devices:
+                    dev.tick(now)
+            if now >= next_misc:
+                next_misc = now + MISC_S
+                for dev in self.devices:
+                    if dev.client is not None:
+                        dev.client.loop_misc()
+
+    def _shutdown(self) -> None:
+        clients = []
+        for dev in self.devices:
+            c = dev.client
+            if c is None or not dev.online:
+                continue
+            topic, payload = dev.farewell()
+            with contextlib.suppress(Exception):
+                c.publish(topic, payload, qos=0, retain=True)
+                c.disconnect()
+                clients.append(c)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(c.want_write() for c in clients):
+            for key, mask in self._selector.select(0.05):
+                if mask & selectors.EVENT_WRITE and key.data.client is not None:
+                    key.data.client.loop_write()
+        for dev in self.devices:
+            dev.online = False
+        self._selector.close()
+
+
+class SimFleet:
+    """``count`` simulated devices on ``loops`` threads; ``start``, watch ``snapshot``, ``stop``."""
+
+    def __init__(
+        self,
+        ids: Iterable[str],
+        *,
+        broker: BrokerTarget,
+        trust: TrustAnchor,
+        settings: SimSettings,
+        seed: str = "edgefleet",
+        loops: int = 2,
+    ) -> None:
+        self.devices = [SimDevice(d, key=device_key(seed, d), trust=trust, settings=settings) for d in ids]
+        self.broker = broker
+        self._stop = threading.Event()
+        n = max(1, min(loops, len(self.devices) or 1))
+        self.shards = [_Shard(i, self.devices[i::n], broker, self._stop) for i in range(n)]
+
+    def start(self) -> SimFleet:
+        for s in self.shards:
+            s.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for s in self.shards:
+            s.join(timeout=15)
+
+    def check(self) -> None:
+        """Raise what made a shard thread die (a bug), so callers do not wait on a dead fleet."""
+        for s in self.shards:
+            if s.error is not None:
+                raise RuntimeError(f"simulator loop {s.name} failed: {s.error!r}") from s.error
+
+    def snapshot(self) -> FleetSnapshot:
+        lifecycle: Counter[str] = Counter()
+        active: Counter[str] = Counter()
+        committed: Counter[str] = Counter()
+        online = chunks = dups = sent = 0
+        for d in self.devices:
+            online += d.online
+            lifecycle[d.lifecycle] += 1
+            active[_ref_key(d.active)] += 1
+            if d.lifecycle == "idle":
+                committed[_ref_key(d.committed)] += 1
+            chunks += d.counters.chunks
+            dups += d.counters.duplicate_chunks
+            sent += d.counters.published_bytes
+        return FleetSnapshot(len(self.devices), online, dict(lifecycle), dict(active), dict(committed), chunks, dups,
+                             sent)
+
+    def wait(self, predicate: object, timeout: float) -> bool:
+        """Poll ``predicate(snapshot)`` until true or ``timeout`` (seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            if predicate(self.snapshot()):  # type: ignore[operator]
+                return True
+            time.sleep(0.1)
+        return False
+
+    def __enter__(self) -> SimFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,139 @@
+"""Replay, downgrade, expiry and freeze, against a real agent process (and the real server's status view).
+
+Old but authentic manifests and commands are refused (``replay``), a lower version than the
+committed one without a signed rollback is refused (``downgrade``), an expired manifest or
+command is refused (``expired``); a server that stops sending fresh desired states (freeze) shows
+in ``edgefleet-agent status``, in a ``desired.expired`` event and in the server's fleet status.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.envelope import seal_command
+from agent.protocol.messages import Command
+from agent.protocol.topics import Channel, device_topic
+from server.broker import MosquittoBroker
+from server.builds import StaticBuilds
+from tests.faults.helpers import agent_status, intact
+from tests.support import agent_models
+from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.agent_models import AgentModels
+from tests.support.faults import FaultLedger, read_journal
+from tests.support.fleet import Fleet
+from tests.support.fleet_server import FleetServer
+
+__all__ = ["agent_factory", "fleet", "models"]
+
+pytestmark = pytest.mark.broker
+
+
+def test_old_manifests_and_commands_resent(
+    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
+) -> None:
+    agent = agent_factory(prefix="replay")
+    device = agent.device_id
+    health = models.health(probation_s=0.3)
+    mark = fleet.event_count(device)
+    first = fleet.desired_deploy(device, fleet.seal(models.bytes_of("good")), agent_models.ref(1),
+                                 runtime=agent_models.ONNX, health=health)
+    v1_blob = fleet.publish_desired(first)  # authentic; kept to re-send later
+    assert fleet.wait_event(device, "lifecycle.committed", after=mark, timeout=60).model == agent_models.ref(1)
+    deploy_and_commit(fleet, agent, models, 2, "good_v2", probation_s=0.3)
+    topic = device_topic(device, Channel.DESIRED)
+
+    # 1. the old v1 manifest, authentic, re-sent: its seq is below the last accepted one
+    mark = fleet.event_count(device)
+    fleet.publish_raw(topic, v1_blob, retain=True)
+    assert fleet.wait_event(device, "desired.rejected", after=mark).code == "replay"
+    intact(fleet, agent, models, 2, kept={1, 2}, ledger=ledger)
+
+    # 2. a fresh seq asking for v1 as a deploy: a downgrade without a signed rollback
+    mark = fleet.event_count(device)
+    fleet.deploy(device, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX, health=health)
+    event = fleet.wait_event(device, "desired.rejected", after=mark)
+    assert event.code == "downgrade" and "1" in event.message
+    intact(fleet, agent, models, 2, kept={1, 2}, ledger=ledger)
+
+    # 3. an expired manifest (beyond the clock-skew allowance) and an expired command
+    mark = fleet.event_count(device)
+    fleet.deploy(device, models.bytes_of("good_v2"), agent_models.ref(3), runtime=agent_models.ONNX, health=health,
+                 expires_in=-3600)
+    assert fleet.wait_event(device, "desired.rejected", after=mark).code == "expired"
+    mark = fleet.event_count(device)
+    now = time.time()
+    stale = Command(device, fleet.next_seq(device), now - 7200, now - 3600, "rb-old", "rollback")
+    fleet.publish_raw(device_topic(device, Channel.COMMAND), seal_command(stale, fleet.signing_key))
+    assert fleet.wait_event(device, "error.expired", after=mark).code == "expired"
+    intact(fleet, agent, models, 2, kept={1, 2}, ledger=ledger)
+
+    # 4. a signed rollback is obeyed once; the same command blob re-sent is a replay (no second switch)
+    command = Command(device, fleet.next_seq(device), time.time(), time.time() + 300, "rb-1", "rollback",
+                      model=agent_models.NAME, version=1)
+    blob = seal_command(command, fleet.signing_key)
+    mark = fleet.event_count(device)
+    fleet.publish_raw(device_topic(device, Channel.COMMAND), blob)
+    result = fleet.wait_event(device, "command.result", after=mark)
+    assert result.data["ok"], result.message
+    intact(fleet, agent, models, 1, kept={1, 2}, ledger=ledger)
+    mark = fleet.event_count(device)
+    fleet.publish_raw(device_topic(device, Channel.COMMAND), blob)
+    assert fleet.wait_event(device, "error.replay", after=mark).code == "replay"
+    assert not [e for e in fleet.log(device).events[mark:] if e.kind == "command.result"]
+    intact(fleet, agent, models, 1, kept={1, 2}, ledger=ledger)
+
+    # 5. a kill -9 and restart: the replay counter is persisted, the agent acts on nothing old
+    agent.kill()
+    agent.start()
+    intact(fleet, agent, models, 1, kept={1, 2}, ledger=ledger)
+    journal = read_journal(agent.store_dir)
+    assert journal is not None and journal.last_seq >= command.seq, "the replay counter survived the restart"
+
+
+@pytest.fixture
+def real_server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "srv", broker, StaticBuilds())
+    yield f
+    f.close()
+
+
+def test_freeze_is_visible_on_the_device_and_in_server_status(
+    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, real_server: Fleet, ledger: FaultLedger
+) -> None:
+    """The server stops re-signing: the device's desired state expires; the agent says so, and so does the server."""
+    agent = agent_factory(prefix="freeze", settings={"profile": "x86-64-avx2"})
+    device = agent.device_id
+    public = fleet.log(device).public_key
+    assert public is not None
+    real_server.service.register_device(device, profile="x86-64-avx2", public_key=_b64(public.public_bytes_raw()))
+    mark = fleet.event_count(device)
+    fleet.deploy(device, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX,
+                 health=models.health(probation_s=0.2), expires_in=4.0)
+    fleet.wait_event(device, "lifecycle.committed", after=mark, timeout=60)
+    status = agent_status(agent)
+    assert status["desired_expired"] is False and status["desired_expires_at"] > time.time()
+    assert not _server_row(real_server, device)["stale"]
+    # ... and then nothing: no fresh desired state before expires_at
+    event = fleet.wait_event(device, "desired.expired", after=mark, timeout=30)
+    assert event.code == "expired" and "freeze" in event.message
+    status = agent_status(agent)
+    assert status["desired_expired"] is True
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not _server_row(real_server, device)["stale"]:
+        time.sleep(0.2)
+    assert _server_row(real_server, device)["stale"], "the server's status does not flag the frozen device"
+    intact(fleet, agent, models, 1, ledger=ledger)  # a freeze never stops the committed model
+
+
+def _server_row(f: Fleet, device: str) -> dict[str, object]:
+    return next(r for r in f.service.list_devices() if r["device_id"] == device)
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()

@@ -1,0 +1,152 @@
+"""The real edgefleet server as a separate process (so a test can kill -9 it), with a static build table.
+
+    python -m tests.support.fault_server SPEC.json
+
+SPEC: {"home": str, "config": {section: {key: value}}, "builds": [{model, version, profile, path, input}]}.
+It runs ``server.app.FleetServer`` exactly as ``edgefleet server run`` does, only with the builds
+given (the compression pipeline is not what these tests exercise), and prints one JSON ``ready``
+line on stderr. ``ServerProcess`` starts it, waits for that line and kills it with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _builds(items: list[dict[str, Any]]) -> Any:
+    from agent.protocol.messages import RuntimeSpec
+    from server.builds import Build, StaticBuilds
+    from tests.support.agent_models import digits_health
+
+    builds = StaticBuilds()
+    for b in items:
+        builds.add(Build(
+            model=b["model"], version=b["version"], profile=b["profile"], variant="fp32", path=Path(b["path"]),
+            runtime=RuntimeSpec("onnx", "onnxruntime"), health=digits_health(b["input"], probation_s=b["probation_s"]),
+            chunk_size=b.get("chunk_size", 4096), compression="lzma",
+        ))
+    return builds
+
+
+def main(spec_path: str) -> int:
+    from server.app import FleetServer
+    from server.config import config_from_mapping
+
+    spec = json.loads(Path(spec_path).read_text())
+    config = config_from_mapping(Path(spec["home"]), spec["config"])
+    server = FleetServer(config, builds=_builds(spec["builds"]))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    print(json.dumps({"event": "ready", "pid": os.getpid()}), file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+    return 0
+
+
+class ServerProcess:
+    def __init__(self, spec: dict[str, Any], workdir: Path) -> None:
+        self.spec_path = workdir / "server-spec.json"
+        self.spec_path.write_text(json.dumps(spec))
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.fault_server", str(self.spec_path)],
+            cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if '"event": "ready"' in self.log_path.read_text(errors="replace").split("--- start ---")[-1]:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError("server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        with self.log_path.open("a") as f:
+            f.write("\n--- start ---\n")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
+
+
+class RealServer:
+    """A server home on a test broker: the server runs in its own process; the test drives the same registry.
+
+    Also the ``server=`` argument of ``AgentProcess``: it writes this server's public key and registers
+    the device (profile ``PROFILE``, group ``g``) with its real X25519 key.
+    """
+
+    PROFILE = "x86-64-avx2"
+
+    def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]]) -> None:
+        from server.app import open_registry
+        from server.artifacts import ArtifactStore
+        from server.client import default_profiles
+        from server.config import ServerConfig, config_from_mapping
+        from server.keys import init_signing_key
+        from server.service import FleetService
+
+        self.home = workdir / "srv-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        data = {
+            "broker": {"url": f"mqtt://{host}:{port}", "client_id": f"srv-{workdir.name[-20:]}"},
+            "api": {"host": "127.0.0.1", "port": 0},
+            "publisher": {"chunk_window_s": 0.2},
+            "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 60.0},
+        }
+        init_signing_key(ServerConfig(home=self.home).paths)
+        self.config = config_from_mapping(self.home, data)
+        self.registry = open_registry(self.config)
+        self.service = FleetService(self.config, self.registry, builds=_builds(builds),
+                                    artifacts=ArtifactStore(self.config.paths.artifacts_dir, self.registry),
+                                    profiles=default_profiles())
+        self.process = ServerProcess({"home": str(self.home), "config": data, "builds": builds}, workdir)
+
+    def write_public_key(self, path: Path) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        from server.keys import load_signing_key
+
+        pem = load_signing_key(self.config.paths).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        path.write_bytes(pem)
+        return path
+
+    def enroll(self, device_id: str, public_key: Any) -> None:
+        import base64
+
+        self.service.register_device(device_id, profile=self.PROFILE, groups=("g",), broker_password=False,
+                                     public_key=base64.b64encode(public_key.public_bytes_raw()).decode())
+
+    def counts(self) -> dict[str, int]:
+        """Rows per registry table (what a crash must not lose)."""
+        conn = self.registry.db.connection()
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
