@@ -288,11 +288,15 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
     agent = EmulatedAgent(root, device_id)
     broker: MosquittoBroker | None = None
     fleet: FleetServer | None = None
+    variants: Variants | None = None
     try:
         with steps.step("host: build raspberry-pi-5 variants") as info:
             variants = build_variants(host_work / "variants")
-            acc = variants.host_accuracy
-            info["detail"] = f"{variants.source}; host accuracy fp32 {acc[1]:.3f}, int8 {acc[2]:.3f}"
+            acc, names = variants.host_accuracy, variants.variant_names
+            info["detail"] = (
+                f"{variants.source}: digits v1 {names[('digits', 1)]} {acc[1]:.3f}, "
+                f"v2 {names[('digits', 2)]} {acc[2]:.3f}, selfie {names[('selfie', 1)]}"
+            )
 
         with steps.step("host: mosquitto (TLS, passwords, ACL) + server") as info:
             tls = generate_tls(host_work / "tls")
@@ -429,4 +433,6 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
             fleet.close()
         if broker is not None:
             broker.close()
+        if variants is not None:
+            variants.builds.close()
         shutil.rmtree(agent.work, ignore_errors=True)
