@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -139,6 +140,17 @@ def fit_opset(model: onnx.ModelProto, max_opset: int, profile: str, runtime: str
     return model
 
 
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    """chdir for the duration (contextlib.chdir is Python 3.11+); the build commands are single-threaded."""
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def preprocess(src: Path, dst: Path) -> list[str]:
     """ORT's quant_pre_process (optimize + ONNX and symbolic shape inference), with fallbacks.
 
@@ -155,7 +167,8 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     notes: list[str] = []
     for name, kwargs in attempts:
         try:
-            quant_pre_process(str(src), str(dst), **kwargs)
+            with _cwd(dst.parent):  # a failing symbolic shape inference dumps its model (+ data) into the cwd
+                quant_pre_process(str(src.resolve()), str(dst.resolve()), **kwargs)
             onnx.checker.check_model(str(dst))
         except Exception as exc:  # noqa: BLE001 - the pre-processor raises anything; each failure has a fallback
             notes.append(f"quant_pre_process {name} failed: {type(exc).__name__}: {str(exc)[:160]}")
