@@ -16,6 +16,7 @@ qemu-user-static, binfmt-support and debootstrap when they are missing. Exits no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -173,8 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             fs = build(rebuild=args.rebuild)
             info["detail"] = f"built in {fs.build_s:.0f} s" if fs.built_now else f"cached {fs.key}"
             results["rootfs"] = "built" if fs.built_now else "cached"
-        models = Path(__import__("tests.support.models", fromlist=["cache_dir"]).cache_dir())
-        with tempfile.TemporaryDirectory(prefix="edgefleet-arm-") as tmp, mounted(fs.path, binds={MODELS_IN: models}):
+        from tests.support.models import cache_dir as models_cache  # noqa: PLC0415 - numpy: not for --if-possible
+
+        models = models_cache()
+        scratch = os.environ.get("EDGEFLEET_ARM_WORK")  # made (and cleaned) by scripts/arm_check
+        with (
+            contextlib.nullcontext(scratch) if scratch else tempfile.TemporaryDirectory(prefix="edgefleet-arm-") as tmp,
+            mounted(fs.path, binds={MODELS_IN: models}),
+        ):
             work = Path(tmp)
             with steps.step("install the agent from this checkout (emulated pip)") as info:
                 info["detail"] = install_agent(fs, work)
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             results.update(run_scenario(fs.path, steps, work))
         ok = True
     except (ArmCheckError, subprocess.SubprocessError, OSError, RuntimeError, TimeoutError, AssertionError) as exc:
-        log(f"FAILED: {exc}")
+        log(f"FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     finally:
         print("\n" + steps.table(), flush=True)
         if args.json is not None:
