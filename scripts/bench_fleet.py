@@ -9,7 +9,7 @@ registry, outbox, rollout driver, chunk server; the artifact comes from a Static
 process (N MQTT connections running the agent's protocol, reassembly and lifecycle code; stand-in
 inference, see docs/simulator.md). Then one deploy to the whole group in a single wave (no
 canary, 1 s probation) and the clock runs until the registry shows every device committed.
-Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS 1 window 10,
+Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS 1 window 10 and queue 2 MiB,
 ``publisher.broadcast_egress_mb_s`` 150 (``--egress-mb-s``), ``publisher.chunk_window_s`` 5.
 
 Modes: ``broadcast`` = the chunks go once on the shared artifact topic (publisher.broadcast = true,
@@ -71,6 +71,8 @@ PER_DEVICE_BUDGET = 8 * 1024
 #: mosquitto's per-client QoS 1 window: each in-flight message is a payload copy in the broker, so 100 (our
 #: default) x 1,000 subscribers x 64 KiB chunks is 6 GB (it was killed at that size here); queued ones are shared
 BROKER_INFLIGHT = 10
+#: and what may queue per client beyond that window (a laggard drops the rest and re-requests it)
+BROKER_QUEUED_BYTES = 2 << 20
 
 
 @dataclass
@@ -198,7 +200,8 @@ def count(server: FleetServer, sql: str, *params: object) -> int:
 def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, timeout: float,
             egress_mb_s: float, verbose: bool = False) -> Row:
     work.mkdir(parents=True)
-    broker = MosquittoBroker(workdir=work / "mosquitto", max_inflight_messages=BROKER_INFLIGHT).start()
+    broker = MosquittoBroker(workdir=work / "mosquitto", max_inflight_messages=BROKER_INFLIGHT,
+                             max_queued_bytes=BROKER_QUEUED_BYTES).start()
     sim: subprocess.Popen[bytes] | None = None
     server: FleetServer | None = None
     sysbytes: SysBytes | None = None

@@ -1265,11 +1265,11 @@ class Agent:
         report = self._state_report()
         slim = replace(report, profile=None, arch=None, agent_version=None, public_key=None)
         same = encode(replace(slim, ts=0.0))
-        if same != self._last_state:
+        connected = self.link is not None and self.link.connected
+        if connected and same != self._last_state:  # before connecting: the birth on Connected says it
             wire = slim if self._birth_sent else report
             self._publish(device_topic(self.device_id, Channel.STATE), encode(wire), retain=True)
-            self._birth_sent = self._birth_sent or (self.link is not None and self.link.connected)
-            self._last_state = same
+            self._birth_sent, self._last_state = True, same
         status = report.to_dict() | {
             "pid": os.getpid(),
             "committed": _ref_dict(self.machine.record.committed),
