@@ -160,7 +160,7 @@ def test_api_flood_during_swap(
     assert not bad, bad[:5]
     assert statuses[200] > 50, dict(statuses)
     errors = sum(n for k, n in statuses.items() if isinstance(k, str))
-    assert errors <= statuses[200] * 0.05, f"connection errors under flood: {dict(statuses)}"
+    assert not errors, f"a refused client must read its 503, not a reset: {dict(statuses)}"
     # a swap under flood may commit or (latency regression from the flood itself) roll back: never neither
     version = 2 if done.kind == "lifecycle.committed" else 1
     intact(fleet, agent, models, version, ledger=ledger)
