@@ -166,6 +166,27 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the stdlib answers itself (bad request line, oversized headers, unknown method): JSON as well."""
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        self.close_connection = True
+        self.request_version = self.protocol_version  # a garbled request line still gets a status line
+        if status is HTTPStatus.NOT_IMPLEMENTED and self.command:
+            status, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command!r} is not supported"
+        with contextlib.suppress(OSError):
+            self._send_json(status, {"error": message or status.phrase})
+
     def handle_expect_100(self) -> bool:
         """Refuse an oversized body before the client sends it (curl asks for bodies over 1 MiB)."""
         raw = self.headers.get("Content-Length", "")

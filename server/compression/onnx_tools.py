@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,17 @@ def fit_opset(model: onnx.ModelProto, max_opset: int, profile: str, runtime: str
     return model
 
 
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    """chdir for the duration (contextlib.chdir is Python 3.11+); the build commands are single-threaded."""
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def preprocess(src: Path, dst: Path) -> list[str]:
     """ORT's quant_pre_process (optimize + ONNX and symbolic shape inference), with fallbacks.
 
@@ -154,7 +167,8 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     notes: list[str] = []
     for name, kwargs in attempts:
         try:
-            quant_pre_process(str(src), str(dst), **kwargs)
+            with _cwd(dst.parent):  # a failing symbolic shape inference dumps its model (+ data) into the cwd
+                quant_pre_process(str(src.resolve()), str(dst.resolve()), **kwargs)
             onnx.checker.check_model(str(dst))
         except Exception as exc:  # noqa: BLE001 - the pre-processor raises anything; each failure has a fallback
             notes.append(f"quant_pre_process {name} failed: {type(exc).__name__}: {str(exc)[:160]}")
@@ -165,6 +179,25 @@ def preprocess(src: Path, dst: Path) -> list[str]:
     dst.write_bytes(src.read_bytes())
     notes.append("pre-processing skipped (all attempts failed)")
     return notes
+
+
+#: Per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute) exist from opset 13.
+PER_CHANNEL_OPSET = 13
+
+
+def raise_opset_for_quantization(path: Path, max_opset: int) -> list[str]:
+    """Convert the quantizers' input up to opset 13 when it is older and the profile allows it (in place)."""
+    model = onnx.load(str(path))
+    current = opset(model)
+    if current >= PER_CHANNEL_OPSET or max_opset < PER_CHANNEL_OPSET:
+        return []
+    try:
+        converted = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - then the quantizers work on the original opset
+        return [f"opset {current} -> {PER_CHANNEL_OPSET} for per-channel quantization failed: {type(exc).__name__}"]
+    save(converted, path)
+    return [f"quantizer input converted from opset {current} to {PER_CHANNEL_OPSET} (per-channel Q/DQ need it)"]
 
 
 def optimize_fp32(src: Path, dst: Path) -> None:
@@ -237,6 +270,32 @@ def quantize_dynamic(
         nodes_to_exclude=list(exclude),
         extra_options={"MatMulConstBOnly": True},
     )
+
+
+def quantize_weight_only(
+    src: Path, dst: Path, *, block_size: int, accuracy_level: int, exclude: Sequence[str] = ()
+) -> None:
+    """8-bit blockwise MatMul weights (com.microsoft.MatMulNBits), then int8 embedding tables (Gather)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # noqa: PLC0415
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    config = mnb.DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=8
+    )
+    quantizer = mnb.MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+        nodes_to_exclude=list(exclude), algo_config=config,
+    )
+    quantizer.process()
+    mid = dst.with_name(dst.stem + ".nbits.onnx")
+    quantizer.model.save_model_to_file(str(mid), use_external_data_format=False)
+    model = onnx.load(str(mid))
+    inits = {i.name for i in model.graph.initializer}
+    if any(n.op_type == "Gather" and n.input and n.input[0] in inits for n in model.graph.node):
+        quantize_dynamic(mid, dst, per_channel=True, reduce_range=False, op_types=["Gather"], exclude=exclude)
+        mid.unlink()
+    else:
+        mid.replace(dst)
 
 
 class _Reader:
@@ -357,31 +416,40 @@ def divergent_nodes(
     sample = data.take(16)
     work = quant_path.with_suffix(".debug")
     work.mkdir(exist_ok=True)
-    results: list[dict[str, np.ndarray]] = []
+    runners = []
     for i, m in enumerate(with_outputs):
         path = work / f"m{i}.onnx"
         save(m, path)
-        runner = OrtRunner(path)
-        names = [o.name for o in runner.outputs]
-        acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for feeds in sample.batches(batch):
-            for name, out in zip(names, runner.run(feeds), strict=False):
-                acc[name].append(out.astype(np.float64).ravel())
-        results.append({k: np.concatenate(v) for k, v in acc.items()})
+        runners.append(OrtRunner(path))
+    names = [[o.name for o in r.outputs] for r in runners]
+    diff2: dict[str, float] = dict.fromkeys(tracked, 0.0)
+    ref2: dict[str, float] = dict.fromkeys(tracked, 0.0)
+    for feeds in sample.batches(batch):  # accumulate per batch: all activations of a CNN do not fit in memory
+        fouts = dict(zip(names[0], runners[0].run(feeds), strict=True))
+        qouts = dict(zip(names[1], runners[1].run(feeds), strict=True))
+        for name in tracked:
+            a, b = fouts.get(name), qouts.get(name)
+            if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            ok = np.isfinite(a64) & np.isfinite(b64)  # masks add -inf/-1e9 on purpose: compare the rest
+            diff2[name] += float(np.square(a64[ok] - b64[ok]).sum())
+            ref2[name] += float(np.square(a64[ok]).sum())
+    shutil.rmtree(work, ignore_errors=True)
     for name in tracked:
-        a, b = results[0].get(name), results[1].get(name)
-        if a is None or b is None or a.shape != b.shape:
-            continue
-        denom = float(np.linalg.norm(a)) or 1.0
-        errors[name] = float(np.linalg.norm(a - b)) / denom
+        errors[name] = (diff2[name] ** 0.5) / ((ref2[name] ** 0.5) or 1.0)
+    # the nodes the quantizer touched: QDQ nodes fed by a DequantizeLinear, or float nodes it replaced (dynamic)
+    dq_outputs = {o for n in qmodel.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    q_names = {n.name for n in qmodel.graph.node}
+    touched = {n.name for n in qmodel.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+               and any(i in dq_outputs for i in n.input)}
+    touched |= {n.name for n in fmodel.graph.node if n.name and n.name not in q_names}
     introduced: list[tuple[float, str]] = []
     for node in fmodel.graph.node:
-        if node.op_type not in (*WEIGHTED_OPS, "Gather", "Add", "Mul", "Softmax", "Sigmoid", "Concat", "Resize",
-                                "AveragePool", "MaxPool", "GlobalAveragePool", "Relu", "Clip", "LeakyRelu"):
+        if not node.name or node.name not in touched:
             continue
         out_err = max((errors.get(o, 0.0) for o in node.output), default=0.0)
         in_err = max((errors.get(i, 0.0) for i in node.input), default=0.0)
-        if node.name:
-            introduced.append((out_err - in_err, node.name))
+        introduced.append((out_err - in_err, node.name))
     introduced.sort(reverse=True)
-    return [name for gain, name in introduced[:count] if gain > 0]
+    return [name for _gain, name in introduced[:count]]

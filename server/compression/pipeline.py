@@ -29,7 +29,7 @@ from server.compression import codec, litert_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
-from server.compression.runners import Runner, median_latency_ms, open_runner, run_dataset, sample_feed
+from server.compression.runners import Runner, latency_ms, open_runner, run_dataset, sample_feed
 from server.errors import DatasetError, GateError, ModelError, ServerError, UnsupportedOpError
 from server.profiles import DeviceProfile, version_tuple
 
@@ -39,7 +39,7 @@ Progress = Callable[[str], None]
 #: Golden cases ride in the desired state: only for small tensors.
 MAX_GOLDEN_BYTES = 32 * 1024
 #: Fallback rounds: share of the scored nodes kept in float.
-FALLBACK_SHARES = (0.05, 0.15)
+FALLBACK_SHARES = (0.05, 0.15, 0.30)
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class Candidate:
     opset: int | None = None
     sha256: str = ""
     build_s: float = 0.0
+    latency_best_ms: float | None = None  # what selection compares: the best run resists a busy machine
 
     @property
     def passed(self) -> bool:
@@ -92,6 +93,7 @@ class Candidate:
             "size_bytes": self.size_bytes,
             "compressed_estimate_bytes": self.compressed_estimate,
             "latency_ms": self.latency_ms,
+            "latency_best_ms": self.latency_best_ms,
             "opset": self.opset,
             "sha256": self.sha256,
             "build_s": round(self.build_s, 3),
@@ -240,6 +242,8 @@ class _Builder:
         self.measure_latency, self.latency_note = stand_in(profile)
         self.reference: list[np.ndarray] = []
         self.fp32_latency: float | None = None
+        self.fp32_size = 0
+        self.fp32_estimate = 0
         self.base: Path = source.path  # the fp32 model fitted to the profile (ONNX: opset)
         self.pre: Path = source.path  # pre-processed input for the quantizers
         self.notes: list[str] = []
@@ -263,6 +267,7 @@ class _Builder:
             self.pre = self.work / "pre.onnx"
             self.progress("pre-processing")
             self.notes.extend(onnx_tools.preprocess(self.base, self.pre))
+            self.notes.extend(onnx_tools.raise_opset_for_quantization(self.pre, self.rt.max_opset))
 
     # ---- candidates
 
@@ -287,6 +292,9 @@ class _Builder:
             onnx_tools.quantize_static(self.pre, out, self.calibration, method=p["method"],
                                        signed_activations=p["signed_activations"], reduce_range=p["reduce_range"],
                                        per_channel=p["per_channel"], batch=batch, exclude=exclude)
+        elif recipe.kind == "nbits":
+            onnx_tools.quantize_weight_only(self.pre, out, block_size=p["block_size"],
+                                            accuracy_level=p["accuracy_level"], exclude=exclude)
         elif recipe.kind == "prune":
             onnx_tools.prune(self.base, out, p["sparsity"])
         elif recipe.kind == "litert":
@@ -315,16 +323,22 @@ class _Builder:
             size = path.stat().st_size
             data = path.read_bytes()
             estimate = len(zlib.compress(data, 1))
-            latency = None
+            latency = best = None
             if self.measure_latency:
                 feed = sample_feed(runner, self.evaluation)
-                latency = median_latency_ms(runner, feed, runs=self.options.latency_runs)
+                latency, best = latency_ms(runner, feed, runs=self.options.latency_runs)
         except ServerError as exc:
             return Candidate(recipe, "error", exc.message[:300], build_s=time.monotonic() - t0)
         except Exception as exc:  # quantizers raise anything; one broken recipe must not stop the others
             log.info("recipe %s failed", recipe.name, exc_info=True)
             return Candidate(recipe, "error", f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
         reason = check_fidelity(fid, self.gate)
+        if recipe.kind == "fp32":
+            self.fp32_size, self.fp32_estimate = size, estimate
+        elif reason is None and self.fp32_size and recipe.kind != "prune" and size >= 0.95 * self.fp32_size:
+            reason = f"not smaller than fp32 ({size} vs {self.fp32_size} bytes): nothing was quantized"
+        elif reason is None and self.fp32_estimate and recipe.kind == "prune" and estimate >= 0.95 * self.fp32_estimate:
+            reason = "compresses no better than fp32"
         if reason is None and size > self.profile.max_artifact_bytes:
             reason = f"{size} bytes > the profile's max artifact size {self.profile.max_artifact_bytes}"
         if reason is None and latency is not None and latency > self.profile.latency_budget_ms:
@@ -341,14 +355,21 @@ class _Builder:
             op_set,
             hashlib.sha256(data).hexdigest(),
             time.monotonic() - t0,
+            best,
         )
 
     def fallback(self, done: list[Candidate]) -> list[Candidate]:
-        """Re-quantize the best failing int8 ONNX candidate with its most divergent nodes kept in float."""
+        """Re-quantize the best failing int8 ONNX candidate with its most divergent nodes kept in float.
+
+        Tried when no int8 candidate passed, or when a failing one is smaller than every passing one.
+        """
         int8 = [c for c in done if c.recipe.precision == "int8" and c.recipe.kind in ("static", "dynamic")]
-        if self.source.format != "onnx" or not int8 or any(c.passed for c in int8):
+        if self.source.format != "onnx" or not int8:
             return []
-        scored = [c for c in int8 if c.status == "failed" and c.fidelity is not None and c.path is not None]
+        # worth it only when a failing candidate would beat every passing int8 one on size
+        smallest_pass = min((c.size_bytes for c in int8 if c.passed), default=math.inf)
+        scored = [c for c in int8 if c.status == "failed" and c.fidelity is not None and c.path is not None
+                  and c.size_bytes < smallest_pass * 0.95]
         if not scored:
             return []
         best = max(scored, key=lambda c: c.fidelity.value if c.fidelity else -math.inf)
@@ -363,11 +384,13 @@ class _Builder:
             self.notes.append(f"fallback skipped: divergence analysis failed ({type(exc).__name__})")
             return []
         out: list[Candidate] = []
+        previous = 0
         for share in FALLBACK_SHARES:
-            k = max(1, math.ceil(len(ranked) * share))
-            keep = ranked[:k]
-            if not keep:
+            k = max(previous + 1, math.ceil(len(ranked) * share))
+            if k >= len(ranked):  # keeping every quantized node in float is just fp32
                 break
+            previous = k
+            keep = ranked[:k]
             recipe = replace(
                 best.recipe,
                 name=f"{best.recipe.name}-fallback{k}",
@@ -412,8 +435,9 @@ def build_profile(
     fp32 = next((c for c in candidates if c.recipe.name == "fp32"), None)
     b.fp32_latency = fp32.latency_ms if fp32 else None
     picked = select(
-        [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_ms, c.fidelity.value if c.fidelity else 0.0)
-         for c in candidates], b.fp32_latency
+        [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_best_ms,
+                c.fidelity.value if c.fidelity else 0.0) for c in candidates],
+        fp32.latency_best_ms if fp32 else None,
     )
     fell_back = False
     if picked is not None:
@@ -482,6 +506,7 @@ def build_profile(
         "compressed_size_bytes": choice.compressed_size,
         "lzma_size_bytes": choice.lzma_size,
         "zlib_size_bytes": choice.zlib_size,
+        "compressed_size_estimated": choice.estimated,
         "ota_size_bytes": ota,
         "latency_ms": chosen.latency_ms,
         "fp32_latency_ms": b.fp32_latency,
@@ -504,7 +529,9 @@ def build_profile(
 
 def _min_runtime_version(fmt: str, chosen: Candidate) -> str:
     if fmt == "onnx":
-        return onnx_tools.min_ort_version(chosen.opset or 13)
+        by_opset = onnx_tools.min_ort_version(chosen.opset or 13)
+        needed = str(chosen.recipe.params.get("min_ort", "0"))
+        return max(by_opset, needed, key=version_tuple)
     if chosen.recipe.kind == "fp32":
         return "1.2"
     # Quantized flatbuffers use op versions of the LiteRT release they were validated with.

@@ -2,8 +2,11 @@
 
 * fp32, graph-optimized: whenever the profile allows fp32 (also the fallback when nothing passes).
 * fp16 (I/O kept fp32): GPU profiles only; fp16 ONNX on CPUs is slower (Cast nodes; ORT #25824).
-* int8 dynamic: models with MatMul/Gemm weights (transformers); per-channel; reduce_range (7-bit
-  weights) on x86 without VNNI, where the U8S8 AVX2 kernels can saturate.
+* int8 dynamic: models with MatMul/Gemm weights (transformers); per-channel; MatMul, Gemm and
+  embedding Gathers; reduce_range (7-bit weights) on x86 without VNNI, where the U8S8 AVX2 kernels
+  can saturate.
+* int8 weight-only: MatMulNBits with 8-bit blockwise weights (block 128, int8 compute, accuracy
+  level 4) plus int8 embeddings; x86 profiles with onnxruntime >= 1.22 (its 8-bit x86 kernel).
 * int8 static QDQ: with calibration data; MinMax, Percentile and Entropy calibration; S8S8 on ARM
   and VNNI, U8S8 with reduce_range on x86 without VNNI (ORT "Quantize ONNX models").
 * magnitude pruning (fp32 weights, 50 % zeros): shrinks the compressed download only.
@@ -24,6 +27,8 @@ from server.profiles import DeviceProfile
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 PRUNE_SPARSITY = 0.5
+#: MatMulNBits with 8-bit weights has an x86 CPU kernel from onnxruntime 1.22 (onnxruntime PR #24491).
+WEIGHT_ONLY_MIN_ORT = (1, 22)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,20 @@ def plan(
                     "int8-dynamic",
                     "int8",
                     "dynamic",
-                    {"per_channel": True, "reduce_range": flavour["reduce_range"], "op_types": ["MatMul", "Gemm"]},
+                    {"per_channel": True, "reduce_range": flavour["reduce_range"],
+                     "op_types": ["MatMul", "Gemm", "Gather"]},
+                )
+            )
+        ort = profile.runtime("onnxruntime")
+        x86 = profile.arch in ("x86_64", "amd64")
+        if "MatMul" in ops and x86 and ort is not None and ort.version_tuple >= WEIGHT_ONLY_MIN_ORT:
+            out.append(
+                Recipe(
+                    "int8-weight-only",
+                    "int8",
+                    "nbits",
+                    {"bits": 8, "block_size": 128, "accuracy_level": 4, "embeddings": "int8",
+                     "min_ort": ".".join(map(str, WEIGHT_ONLY_MIN_ORT))},
                 )
             )
         if has_calibration:

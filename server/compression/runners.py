@@ -150,10 +150,10 @@ def sample_feed(runner: Runner, data: Dataset) -> dict[str, np.ndarray]:
     return {k: v[:size] for k, v in data.arrays.items()}
 
 
-def median_latency_ms(
+def latency_ms(
     runner: Runner, feed: Mapping[str, np.ndarray], *, runs: int = 30, budget_s: float = 3.0
-) -> float:
-    """Median wall time of one request after two warm-up runs (stops early after ``budget_s``)."""
+) -> tuple[float, float]:
+    """(median, best) wall time of one request after two warm-up runs (stops early after ``budget_s``)."""
     for _ in range(2):
         runner.run(feed)
     times: list[float] = []
@@ -162,4 +162,10 @@ def median_latency_ms(
         t0 = time.perf_counter()
         runner.run(feed)
         times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
+
+
+def median_latency_ms(
+    runner: Runner, feed: Mapping[str, np.ndarray], *, runs: int = 30, budget_s: float = 3.0
+) -> float:
+    return latency_ms(runner, feed, runs=runs, budget_s=budget_s)[0]

@@ -24,6 +24,10 @@ def test_codec_picks_lzma_for_compressible_and_none_for_random_bytes() -> None:
     noise = os.urandom(100_000)
     n = choose_codec(noise)
     assert n.compression == "none" and n.compressed_size == len(noise)
+    # big files are judged on a sample, and say so
+    big = choose_codec(bytes(9 << 20))
+    assert big.estimated and big.compression == "lzma" and big.compressed_size < (9 << 20) // 10
+    assert not c.estimated
     # each sealed chunk adds a header and a tag
     assert ota_size(1000, 1024) > 1000
     assert ota_size(4096, 1024) - ota_size(4096, 4096) == 3 * (ota_size(10, 1024) - 10)

@@ -1,0 +1,100 @@
+"""The compression pipeline on the other real models: PP-OCRv4 detection (CNN, static QDQ), MiniLM
+(transformer, dynamic int8) and MediaPipe selfie segmentation (.tflite through LiteRT Quantizer).
+
+Kept small for CI: one calibration method, few evaluation samples, one MiniLM test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from server.compression.data import load_dataset
+from server.compression.gate import GateSpec
+from server.compression.pipeline import BuildOptions, ProfileResult, build_profile, inspect_source
+from server.errors import GateError
+from server.profiles import get_profile
+from tests.support.models import real_model
+
+
+def _build(name: str, profile: str, tmp_path: Path, gate: GateSpec, options: BuildOptions) -> ProfileResult:
+    rm = real_model(name)
+    source = inspect_source(rm.path)
+    ev = load_dataset(rm.evaluation, source.inputs)
+    cal = load_dataset(rm.calibration, source.inputs, role="calibration")
+    return build_profile(source, get_profile(profile), gate, evaluation=ev, calibration=cal, workdir=tmp_path,
+                         options=options)
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_ppocr_static_qdq_is_built_and_gated_on_the_probability_map(tmp_path: Path) -> None:
+    result = _build("ppocr_det", "raspberry-pi-5", tmp_path, GateSpec(metric="iou"),
+                    BuildOptions(methods=("minmax",), pruning=False, fallback=False, evaluation_limit=16,
+                                 latency_runs=3))
+    by_name = {c.recipe.name: c for c in result.candidates}
+    static = by_name["int8-static-minmax"]
+    assert static.path is not None and static.fidelity is not None, static.reason
+    ops = _ops(static.path)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    assert static.opset is not None and static.opset <= 22  # raspberry-pi-5's ORT max_opset
+    assert static.recipe.params["types"] == "S8S8" and static.size_bytes < 0.5 * by_name["fp32"].size_bytes
+    assert 0.0 <= static.fidelity.value <= 1.0 and static.fidelity.mean_iou == static.fidelity.value
+    # what ships passed the gate, or is fp32 because nothing else did
+    chosen = result.chosen
+    if result.fell_back:
+        assert chosen.recipe.name == "fp32"
+        assert all(not c.passed for c in result.candidates if c.recipe.name != "fp32")
+    else:
+        assert chosen.passed and chosen.fidelity is not None and chosen.fidelity.value >= 0.97
+    assert result.provenance["datasets"]["calibration_samples"] == 24
+
+
+def test_minilm_int8_keeps_cosine_and_shrinks_4x(tmp_path: Path) -> None:
+    result = _build("minilm", "x86-64-avx2", tmp_path, GateSpec(metric="cosine", min_cosine=0.99),
+                    BuildOptions(only=("int8-dynamic", "int8-weight-only"), pruning=False, fallback=False,
+                                 evaluation_limit=100, latency_runs=5))
+    # torch-exported MiniLM defeats symbolic shape inference: the pre-processing fallback is recorded
+    assert any("skip_symbolic_shape" in n for n in result.provenance["notes"]), result.provenance["notes"]
+    by_name = {c.recipe.name: c for c in result.candidates}
+    fp32, dyn, wo = by_name["fp32"], by_name["int8-dynamic"], by_name["int8-weight-only"]
+    assert dyn.recipe.params["reduce_range"] is True  # x86 without VNNI
+    assert dyn.fidelity is not None and dyn.size_bytes < 0.3 * fp32.size_bytes  # embeddings quantized too
+    assert wo.passed, wo.reason
+    assert wo.fidelity is not None and wo.fidelity.min_cosine >= 0.99
+    assert wo.size_bytes < 0.27 * fp32.size_bytes
+    assert wo.path is not None and "MatMulNBits" in _ops(wo.path)
+    chosen = result.chosen
+    assert chosen.passed and chosen.recipe.precision == "int8" and chosen.size_bytes < 0.3 * fp32.size_bytes
+    assert result.runtime.min_version == "1.22" if chosen.recipe.name == "int8-weight-only" else True
+    assert result.provenance["compressed_size_estimated"] is True  # 23 MB: sizes from a sample
+
+
+def test_selfie_tflite_goes_through_litert_quantizer(tmp_path: Path) -> None:
+    rm = real_model("selfie")
+    (tmp_path / "pi5").mkdir()
+    result = _build("selfie", "raspberry-pi-5", tmp_path / "pi5", GateSpec(metric="iou"),
+                    BuildOptions(latency_runs=3))
+    names = {c.recipe.name: c for c in result.candidates}
+    assert {"fp32", "litert-dynamic-wi8", "litert-static-wi8-ai8"} <= set(names)
+    assert result.runtime.runtime == "litert" and result.runtime.format == "tflite"
+    assert result.chosen.path is not None and result.chosen.path.suffix == ".tflite"
+    for c in result.candidates:  # fp16 weights are folded so the quantizer has weights to work on
+        assert c.status in ("passed", "failed"), c.reason
+        assert c.fidelity is not None and c.fidelity.metric == "iou"
+        if c.recipe.name != "fp32":
+            assert c.size_bytes != rm.path.stat().st_size  # the quantizer did change the model
+    if result.chosen.recipe.name != "fp32":
+        assert result.chosen.passed and result.chosen.size_bytes < rm.path.stat().st_size
+    # the Edge TPU runs full int8 only: it gets that variant, or a clear refusal when it fails the gate
+    (tmp_path / "coral").mkdir()
+    try:
+        coral = _build("selfie", "coral-dev-board", tmp_path / "coral", GateSpec(metric="iou"),
+                       BuildOptions(latency_runs=3))
+    except GateError as exc:
+        assert "cannot run fp32" in exc.message and "litert-static-wi8-ai8" in exc.message
+    else:
+        assert coral.chosen.recipe.name == "litert-static-wi8-ai8" and coral.chosen.passed
