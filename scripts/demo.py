@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The whole edgefleet loop on one machine, told as a story (run it through ``scripts/demo``).
 
-An MQTT broker, the server on SQLite in a temporary home, and three real agent processes that play a
+An MQTT broker, the server on SQLite in a temporary home, and three real agent processes that play an
 x86 gateway, a Raspberry Pi 5 and a Jetson Orin Nano (all three run here, on this CPU). The operator's
 side is the real ``edgefleet`` command line, run as subprocesses exactly as a person would type it; the
-devices are real ``edgefleet-agent`` processes. The story: enroll the devices, register a real model
+devices are real ``edgefleet-agent`` processes. The story: register the devices by their keys, a real model
 (the digits CNN), build a variant per profile, deploy v1, deploy v2 as a canary followed by waves, watch
 the fleet, ask each device's local inference API for an answer, roll back, confirm, and clean up.
 
@@ -114,6 +114,10 @@ class Processes:
             with self.pidfile.open("a") as f:
                 f.write(f"{proc.pid} {name}\n")
         return child
+
+    def forget(self, child: Child) -> None:
+        """A child that exited during start-up and is replaced by a new attempt."""
+        self.children.remove(child)
 
     def check(self) -> None:
         """Fail the story loudly when a child died on its own."""
@@ -262,7 +266,7 @@ class Demo:
         return [sys.executable, "-m", "server" if tool == "edgefleet" else "agent", *args]
 
     def run(self, tool: str, *args: str, show: bool = True, capture: bool = False, check: bool = True,
-            timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+            timeout: float = 300.0, live: bool = False) -> subprocess.CompletedProcess[str]:
         """Run ``edgefleet``/``edgefleet-agent`` as the operator would; print the command unless hidden."""
         if show:
             console.print(f"[bold cyan]$ {tool} {shlex.join(args)}[/]")
@@ -271,8 +275,8 @@ class Demo:
                                   capture_output=capture, stdin=subprocess.DEVNULL, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise DemoError(f"`{tool} {shlex.join(args)}` did not finish within {timeout:g}s") from exc
-        if not capture and not console.is_terminal:
-            print(flush=True)  # a live display (--watch, rollback) ends its last frame without a newline
+        if live and not console.is_terminal:
+            print(flush=True)  # off a terminal, a live display (--watch, rollback) ends without a newline
         if check and proc.returncode != 0:
             detail = (proc.stdout or "") + (proc.stderr or "") if capture else ""
             raise DemoError(f"`{tool} {shlex.join(args)}` exited with status {proc.returncode}\n{detail}".rstrip())
@@ -396,9 +400,7 @@ class Demo:
 
     def start_agents(self) -> None:
         for device_id, d in self.facts["devices"].items():
-            argv = self._argv("edgefleet-agent", ["run", "--config", str(self.work / d["config"])])
-            child = self.procs.start(device_id, argv, {**self.env, "OMP_NUM_THREADS": "1"})
-            d["pid"] = child.proc.pid
+            d["pid"] = self._start_agent(device_id, d)
         console.print("[bold cyan]$ edgefleet-agent run --config devices/ID/agent.toml &[/]  [dim](on each device)[/]")
         self.wait_until("all devices online", lambda: self._all(lambda d: bool(d.get("online"))), timeout=60)
         table = Table("device", "profile", "plays", "pid", "local inference API", box=box.SIMPLE_HEAD)
@@ -419,6 +421,30 @@ class Demo:
         rows = self.status_rows()
         return all(device_id in rows and predicate(rows[device_id]) for device_id, _ in DEVICES)
 
+    def _start_agent(self, device_id: str, d: dict[str, Any]) -> int:
+        """Start one agent; when another program took its HTTP port meanwhile, pick another (3 tries)."""
+        config = self.work / d["config"]
+        argv = self._argv("edgefleet-agent", ["run", "--config", str(config)])
+        for attempt in range(3):
+            if attempt:  # the port chosen at init (or last time) was taken by another program since
+                d["http_port"] = free_port()
+                set_toml(config, {"http": {"port": d["http_port"]}})
+            child = self.procs.start(device_id, argv, {**self.env, "OMP_NUM_THREADS": "1"})
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if child.proc.poll() is not None:
+                    break
+                with contextlib.suppress(DemoError):
+                    get_json(f"http://127.0.0.1:{d['http_port']}/v2/health/live", timeout=1.0)
+                    return child.proc.pid
+                time.sleep(0.2)
+            else:
+                raise DemoError(f"{device_id}: its local API did not answer within 60s:\n{tail(child.log)}")
+            if "Address already in use" not in child.log.read_text(errors="replace"):
+                raise DemoError(f"{device_id} exited with status {child.proc.returncode}:\n{tail(child.log)}")
+            self.procs.forget(child)
+        raise DemoError(f"{device_id}: no free HTTP port after 3 tries")
+
     # -- 5/6. model and builds ------------------------------------------------------------------------------------
 
     def add_model(self, version: int) -> None:
@@ -438,7 +464,7 @@ class Demo:
         args = ["deploy", f"{MODEL}:{version}", "--to", f"group:{GROUP}", "--canary", f"{canary}%",
                 "--wave", f"{wave}%", "--probation", f"{self.timing.probation_s:g}", "--watch"]
         start = time.monotonic()
-        proc = self.run("edgefleet", *args, check=False, timeout=self.timing.deploy_timeout_s)
+        proc = self.run("edgefleet", *args, check=False, timeout=self.timing.deploy_timeout_s, live=True)
         elapsed = time.monotonic() - start
         deps = [d for d in self.edgefleet_json("deployments", "list", "--limit", "5")
                 if d["model"] == MODEL and d["version"] == version]
@@ -507,7 +533,7 @@ class Demo:
         start = time.monotonic()
         proc = self.run("edgefleet", "rollback", "--to", f"group:{GROUP}", "--version", str(version), "--timeout",
                         f"{self.timing.rollback_timeout_s:g}", check=False,
-                        timeout=self.timing.rollback_timeout_s + 60)
+                        timeout=self.timing.rollback_timeout_s + 60, live=True)
         elapsed = time.monotonic() - start
         if proc.returncode != 0:
             raise DemoError(f"edgefleet rollback exited {proc.returncode}: not every device confirmed")
@@ -544,14 +570,18 @@ def make_v2(v1: Path, out: Path) -> Path:
 
 def tune_agent_config(path: Path, timing: Timing) -> None:
     """Demo-speed settings in the config ``edgefleet-agent init`` wrote; each is a documented knob."""
-    settings = {
+    set_toml(path, {
         "telemetry": {"interval_s": timing.telemetry_s},
         "transfer": {"chunk_timeout_s": 2.0, "progress_interval_s": 0.5},
         "lifecycle": {"probation_check_s": 0.2},
         "broker": {"reconnect_min_s": 0.5, "reconnect_max_s": 2.0},
         "inference": {"intra_op_threads": 1},
         "log": {"format": "text"},
-    }
+    })
+
+
+def set_toml(path: Path, settings: dict[str, dict[str, Any]]) -> None:
+    """Set ``[section] key = value`` lines in a flat TOML file (sections and keys are added when missing)."""
     lines = path.read_text().splitlines()
     for section, values in settings.items():
         header = f"[{section}]"
@@ -579,17 +609,21 @@ def post_json(url: str, body: Any, timeout: float = 10.0) -> Any:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            payload = response.read()
+        return json.loads(payload) if payload else {}
     except urllib.error.HTTPError as exc:
         raise DemoError(f"{request.get_method()} {url}: HTTP {exc.code}: {exc.read()[:300]!r}") from exc
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise DemoError(f"{request.get_method()} {url}: {exc}") from exc
 
 
 def wave_text(detail: dict[str, Any]) -> str:
     parts = []
     for w in detail.get("waves", []):
-        label = "canary" if w["wave"] == 0 and detail["canary_percent"] > 0 else f"wave {w['wave']}"
+        if detail["canary_percent"] > 0:
+            label = "canary" if w["wave"] == 0 else f"wave {w['wave']}"
+        else:
+            label = f"wave {w['wave'] + 1}"
         parts.append(f"{label} {w['committed']}/{w['size']}")
     return ", ".join(parts)
 
@@ -691,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The whole edgefleet loop on this machine: broker, server, three agents, a real model built "
                     "per profile, v1, a v2 canary + waves, live status, local inference, rollback, summary.",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter probation and waits (CI smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the same loop with shorter probation, fewer samples, and builds for the fleet's three "
+                        "profiles only (CI smoke test)")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
                         help="auto (default): mosquitto when installed, else the embedded amqtt broker")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, registry, stores)")
@@ -706,6 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    # our own process group: the operator commands we run join it, so scripts/demo can kill it whole
+    # (with the agents', server's and broker's groups) even if this process dies without cleaning up
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     (work / "logs").mkdir()
@@ -713,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs = Processes(work, work / "logs", pidfile)
     env = {**os.environ, "EDGEFLEET_HOME": str(work / "server"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    env.pop("EDGEFLEET_SERVER", None)
+    for name in ("EDGEFLEET_SERVER", "EDGEFLEET_TOKEN"):  # the private server of this run, its own token
+        env.pop(name, None)
     env.setdefault("COLUMNS", str(max(120, shutil.get_terminal_size((120, 40)).columns)))
     demo = Demo(args, work, procs, QUICK if args.quick else FULL, env)
     console.print(f"[bold]edgefleet demo[/]{' (quick)' if args.quick else ''}: the whole loop on this machine, "
@@ -738,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt, Interrupted):
             stopped = procs.stop_all()
         leftover = [pid for _, pid, _ in stopped if alive(pid)]
-        leftover += [pid for pid in demo_pids(work) if pid != os.getpid()]
+        leftover += demo_pids(work)
     if rc == 0:
         summary(demo, stopped, leftover, time.monotonic() - started)
         if leftover:
@@ -753,14 +794,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def demo_pids(work: Path) -> list[int]:
-    """Processes whose command line names this run's directory (there should be none after stop_all)."""
+    """Processes whose command line or environment names this run's directory (none after stop_all)."""
     needle = str(work).encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes() and alive(int(entry.name)):
+            named = needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
+            if named and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
 

@@ -57,6 +57,8 @@ PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
 STR_LIST = {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 10000}
 ANY_OBJ = {"type": "object"}
 ANY_LIST = {"type": "array", "items": {"type": "object"}}
+B64 = {"type": "string", "contentEncoding": "base64", "maxLength": 1 << 31}
+NAME_LIST = {"type": "array", "items": {"type": "string", "maxLength": 64}, "maxItems": 64}
 
 _PY_TYPES: Mapping[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "array": (list,),
@@ -196,6 +198,19 @@ def _status(c: Call) -> Any:
     }
 
 
+def _models(c: Call) -> Any:
+    from server import model_ops  # noqa: PLC0415 - the compression pipeline loads on first use
+
+    return model_ops
+
+
+def _model_ref(c: Call) -> str:
+    version = c.path["version"]
+    if not version.isdigit():
+        raise InvalidRequestError(f"version must be a positive integer, not {version!r}")
+    return f"{c.path['model']}:{version}"
+
+
 ROUTES: list[Route] = [
     Route("GET", "/healthz", "health", "Liveness of the server process", _health, tag="server", public=True),
     Route("GET", "/openapi.json", "openapi", "This API's OpenAPI 3.1 document", lambda c: None, tag="server",
@@ -281,6 +296,33 @@ ROUTES: list[Route] = [
                  QueryParam("device", STR), QueryParam("deployment", STR),
                  QueryParam("kind", STR, "kind prefix, e.g. lifecycle."),
                  QueryParam("limit", INT), QueryParam("wait", NUM, "long-poll seconds"))),
+    Route("GET", "/v1/models", "list_models", "Registered model versions and the profiles each is built for",
+          lambda c: _models(c).list_models(c.service.config.home, c.query.get("model") or None),
+          tag="models", response=ANY_LIST, query=(QueryParam("model", STR, "only this model"),)),
+    Route("POST", "/v1/models", "register_model",
+          "Register the next version of a model: the file (.onnx or .tflite) and its calibration/evaluation data "
+          "sets (.npz), base64-encoded, and an optional accuracy gate", lambda c: _models(c).add_model(
+              c.service.config.home, c.body),
+          tag="models",
+          body=obj({"name": STR, "filename": STR, "model": B64, "calibration": B64, "evaluation": B64,
+                    "gate": {"type": "object", "properties": {
+                        "metric": {"type": "string", "enum": ["accuracy", "cosine", "top1", "iou"]},
+                        "max_relative_drop": NUM, "min_cosine": NUM, "min_top1": NUM, "min_iou": NUM,
+                        "iou_threshold": NUM, "max_abs_error": NUM}, "additionalProperties": False}},
+                   ["name", "model"]),
+          mutating=True, audit_target=lambda c: f"model:{c.body.get('name')}"),
+    Route("GET", "/v1/models/{model}/versions/{version}", "get_model",
+          "One model version: inputs, outputs, gate, and each build with its provenance",
+          lambda c: _models(c).show_model(c.service.config.home, _model_ref(c)), tag="models"),
+    Route("POST", "/v1/models/{model}/versions/{version}/builds", "build_model",
+          "Build compressed variants for profiles (ID[,ID...] or all) behind the accuracy gate; answers when done "
+          "(seconds to minutes), one result per profile",
+          lambda c: _models(c).build_model(c.service.config.home, _model_ref(c), c.body),
+          tag="models",
+          body=obj({"profile": STR, "recipes": NAME_LIST, "calibration_methods": NAME_LIST, "pruning": BOOL,
+                    "fallback": BOOL, "eval_limit": {"type": "integer", "minimum": 1},
+                    "latency_runs": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["profile"]),
+          mutating=True, audit_target=lambda c: f"model:{c.path['model']}:{c.path['version']}"),
     Route("GET", "/v1/audit", "audit", "Who did what, when, with which outcome",
           lambda c: c.service.audit(limit=c.q_int("limit", 100, 1, 10000), actor=c.query.get("actor") or None,
                                     action=c.query.get("action") or None),
@@ -425,8 +467,8 @@ class Api:
         return {
             "openapi": "3.1.0",
             "info": {"title": "edgefleet server API", "version": __version__,
-                     "description": "Fleet control plane: devices, enrollment, staged rollouts, rollback, events, "
-                                    "audit. Every mutating call is recorded in the audit log."},
+                     "description": "Fleet control plane: models and builds, devices, enrollment, staged rollouts, "
+                                    "rollback, events, audit. Every mutating call is recorded in the audit log."},
             "components": {
                 "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
                 "responses": {"Error": {"description": "error", "content": {"application/json": {"schema": obj(

@@ -114,6 +114,7 @@ class FleetServer:
             authorize=self._authorize_chunks,
             publish=self.link.publish,
             broadcast=p.broadcast, window_s=p.chunk_window_s, late_threshold=p.late_broadcast_threshold,
+            egress_bytes_s=p.broadcast_egress_mb_s * 1e6,
             on_reject=self._on_chunk_reject, on_sent=self.publish_stats.chunk_sent,
         )
         self.dispatcher = Dispatcher(self.registry, self.signer, self.artifacts, config)

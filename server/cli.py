@@ -19,6 +19,7 @@ from server.config import default_home
 COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.fleet",
     "server.commands.models",
+    "server.commands.simulate",
 )
 
 

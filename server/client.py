@@ -153,6 +153,25 @@ def default_profiles() -> Any:
     return _Profiles()
 
 
+def remote_client(home: Path, *, server: str | None = None, config_path: Path | None = None) -> HttpClient | None:
+    """An HTTP client when a server is configured explicitly (``--server``, ``$EDGEFLEET_SERVER`` or
+    ``[client] server``), else None: the model commands then work on the local catalog, even while a
+    server runs on this home (builds are local CPU work either way)."""
+    from server.config import load_config  # noqa: PLC0415
+
+    config = load_config(home, config_path)
+    url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
+    if not url:
+        return None
+    token = os.environ.get("EDGEFLEET_TOKEN") or read_token_file(config.resolve(config.client.token_file))
+    if not token:
+        raise AuthError(
+            f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
+            "(`edgefleet tokens create NAME` on the server prints one)"
+        )
+    return HttpClient(url, token)
+
+
 def connect(home: Path, *, server: str | None = None, config_path: Path | None = None) -> ApiClient:
     from server.app import runtime_info  # noqa: PLC0415
     from server.config import load_config  # noqa: PLC0415

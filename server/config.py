@@ -177,6 +177,9 @@ class PublisherSection:
     broadcast: bool = True
     #: passed-over chunks wanted by at least this many devices go into another broadcast round
     late_broadcast_threshold: int = 3
+    #: broker fan-out budget for shared streams, MB/s; 0 = unpaced. A stream expected by N devices goes at
+    #: this / N MB/s, so the broker's egress (N copies) stays near it (docs/simulator.md measures why)
+    broadcast_egress_mb_s: float = 0.0
     #: lifetime of a signed desired state, 60 s..365 days
     desired_ttl_s: float = 7 * 86400.0
     #: re-sign a desired state this long before it expires (must be < desired_ttl_s)
@@ -188,6 +191,8 @@ class PublisherSection:
         _check(1 <= self.max_inflight <= 1000, "publisher", "max_inflight", "must be within 1..1000")
         _check(0.0 <= self.chunk_window_s <= 10.0, "publisher", "chunk_window_s", "must be within 0..10")
         _check(self.late_broadcast_threshold >= 1, "publisher", "late_broadcast_threshold", "must be >= 1")
+        _check(0.0 <= self.broadcast_egress_mb_s <= 1e6, "publisher", "broadcast_egress_mb_s",
+               "must be within 0 (unpaced)..1e6")
         _check(60.0 <= self.desired_ttl_s <= 365 * 86400.0, "publisher", "desired_ttl_s",
                "must be within 60 s..365 days")
         _check(0.0 < self.resign_margin_s < self.desired_ttl_s, "publisher", "resign_margin_s",

@@ -548,6 +548,17 @@ class FleetService:
 _SECRET_KEYS = ("password", "token", "secret")
 
 
+_AUDIT_VALUE_CHARS = 512
+
+
 def _redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in params.items()}
+    """Secrets become ``***``; long values (uploaded files, base64) are recorded by size only."""
+    def clean(k: str, v: Any) -> Any:
+        if any(s in k.lower() for s in _SECRET_KEYS):
+            return "***"
+        if isinstance(v, str) and len(v) > _AUDIT_VALUE_CHARS:
+            return f"<{len(v)} characters>"
+        return v
+
+    return {k: clean(k, v) for k, v in params.items()}
 

@@ -79,10 +79,11 @@ class Progress:
         return self.received / self.total if self.total else 1.0
 
 
-def progress_quarter(fraction: float) -> int:
-    """How many quarters of a transfer are done (0..4). ``download.progress`` is reported when this grows
-    (at 25, 50 and 75%; 100% is ``download.completed``), or after a quiet interval on a slow link."""
-    return max(0, min(4, int(fraction * 4)))
+def progress_due(last_fraction: float, fraction: float, since_last_s: float, interval_s: float) -> bool:
+    """Whether a ``download.progress`` event is due: a later quarter than the last report (25, 50, 75%)
+    and at least ``interval_s`` since it (or since the start). A transfer faster than the interval reports
+    only started and completed; any transfer reports at most three times in between."""
+    return int(fraction * 4) > int(last_fraction * 4) and fraction < 1.0 and since_last_s >= interval_s
 
 
 def _fingerprint(data: bytes) -> bytes:

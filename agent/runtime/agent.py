@@ -27,6 +27,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,7 +77,7 @@ from agent.core.lifecycle import (
     WarmedUp,
     WatchProbation,
 )
-from agent.core.reassembly import Added, Reassembly
+from agent.core.reassembly import Added, Reassembly, progress_due
 from agent.errors import (
     ArtifactTooLargeError,
     ConflictingChunkError,
@@ -246,6 +247,8 @@ class Agent:
         self._telemetry_window_start = 0.0
         self._state_dirty = True
         self._published_lifecycle: State | None = None
+        self._birth_sent = False  # the full report went out on the current connection
+        self._last_state: bytes | None = None  # what the last report said (timestamp aside)
         self._head_done = False  # nothing is reported before the committed version serves
         self._started = threading.Event()
         self._stopping = False
@@ -630,6 +633,7 @@ class Agent:
             last_new_at=self.monotonic(),
             timeout=self.config.transfer.chunk_timeout_s,
             last_snapshot_at=self.monotonic(),
+            last_progress_at=self.monotonic(),
         )
 
     def _reopen_desired(self, blob: bytes) -> DesiredState:
@@ -722,11 +726,11 @@ class Agent:
             job.result()
 
     def _progress(self, d: _Download, now: float) -> None:
+        """``download.progress`` per quarter, at most every ``progress_interval_s`` (``progress_due``): per-10%
+        events cost a fleet of a thousand ~3 KB per device and rollout (docs/benchmarks.md, bench_fleet)."""
         p = d.reassembly.progress()
-        if (
-            p.fraction - d.last_progress_fraction < 0.1
-            and now - d.last_progress_at < self.config.transfer.progress_interval_s
-        ):
+        if not progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
+                            self.config.transfer.progress_interval_s):
             return
         d.last_progress_fraction, d.last_progress_at = p.fraction, now
         self._event(
@@ -798,6 +802,7 @@ class Agent:
         try:
             self.store.verify_file(kept)
             rss_before = _rss_bytes()
+            _reset_peak_rss()
             model = self.host.load(kept.path, ref=kept.ref, runtime=kept.runtime, variant=kept.variant)
         except EdgeError as exc:
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
@@ -819,6 +824,13 @@ class Agent:
         except EdgeError as exc:
             self.host.unload(model)
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
+        rss_warm = _peak_rss_bytes()  # the high-water mark: a big tensor freed after the run still counts
+        if rss_before is not None and rss_warm is not None:
+            try:  # warm-up ran the model: what its intermediate tensors and arenas took counts too
+                self._check_memory_budget(rss_warm - rss_before, f"{_ref_text(target)} once warmed up")
+            except MemoryBudgetError as exc:
+                self.host.unload(model)
+                return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "memory"))
         log.info("health check passed", extra={"fields": {"model": _ref_text(target), "report": repr(report)}})
         self._candidate = model
         policy = ProbationPolicy.from_health_spec(health)
@@ -954,6 +966,7 @@ class Agent:
     def _on_connected(self, connected: Connected) -> None:
         log.info("connected", extra={"fields": {"session": connected.session, "resumed": connected.session_present}})
         self._state_dirty = True
+        self._birth_sent, self._last_state = False, None  # a new connection: its birth report goes out in full
         record = self.machine.record
         if record.last_seq == 0:
             enroll = EnrollRequest(
@@ -1250,9 +1263,22 @@ class Agent:
         )
 
     def _publish_state(self) -> None:
+        """The retained StateReport: in full as the birth of each connection, then only what changes.
+
+        The static facts (profile, arch, agent version, public key) travel in the birth report and
+        the Last Will; later reports leave them out (the server keeps the last known values), and a
+        report identical to the last one sent (timestamp aside) is not sent again. At fleet size
+        this halves a rollout's report traffic (docs/benchmarks.md, bench_fleet).
+        """
         self._published_lifecycle = self.machine.state
         report = self._state_report()
-        self._publish(device_topic(self.device_id, Channel.STATE), encode(report), retain=True)
+        slim = replace(report, profile=None, arch=None, agent_version=None, public_key=None)
+        same = encode(replace(slim, ts=0.0))
+        connected = self.link is not None and self.link.connected
+        if connected and same != self._last_state:  # before connecting: the birth on Connected says it
+            wire = slim if self._birth_sent else report
+            self._publish(device_topic(self.device_id, Channel.STATE), encode(wire), retain=True)
+            self._birth_sent, self._last_state = True, same
         status = report.to_dict() | {
             "pid": os.getpid(),
             "committed": _ref_dict(self.machine.record.committed),
@@ -1312,6 +1338,23 @@ def _rss_bytes() -> int | None:
         return int(Path("/proc/self/statm").read_bytes().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's resident high-water mark (Linux >= 4.0; a no-op where not allowed)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_bytes(b"5")
+
+
+def _peak_rss_bytes() -> int | None:
+    """The resident high-water mark since the last reset (VmHWM), or the current RSS where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _rss_bytes()
 
 
 def _ref(model: Any) -> ModelRef | None:

@@ -109,7 +109,7 @@ class TransferConfig:
 
     chunk_timeout_s: float = 5.0
     chunk_timeout_max_s: float = 60.0
-    progress_interval_s: float = 2.0
+    progress_interval_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     transfer_cfg = TransferConfig(
         chunk_timeout_s=transfer.number("chunk_timeout_s", 5.0, lo=0.05, hi=3600),
         chunk_timeout_max_s=transfer.number("chunk_timeout_max_s", 60.0, lo=0.05, hi=86400),
-        progress_interval_s=transfer.number("progress_interval_s", 2.0, lo=0.0, hi=3600),
+        progress_interval_s=transfer.number("progress_interval_s", 5.0, lo=0.0, hi=3600),
     )
     if transfer_cfg.chunk_timeout_max_s < transfer_cfg.chunk_timeout_s:
         raise ConfigError(

@@ -5,8 +5,10 @@ Layout of the cache (``~/.cache/edgefleet/arm64-rootfs``, or ``$EDGEFLEET_CACHE/
     <key>/            a finished root filesystem (``<key>/.edgefleet-rootfs.json`` marks it complete)
     <key>.partial/    a build in progress (removed and restarted if a build was interrupted)
 
-``key`` hashes the Debian suite, the package list, the builder's version and ``requirements-aarch64.txt``,
-so editing the pins rebuilds it; older keys are removed after a successful build.
+``key`` hashes the Debian suite, the package list and the builder's version; older keys are removed after a
+successful build. The wheels are a second layer: ``<key>/.edgefleet-wheels`` holds the hash of
+``requirements-aarch64.txt`` they were installed from; when the pins change, only the venv's packages are
+replaced (seconds, native) and the debootstrap layer (minutes, emulated) is kept.
 
 Build steps (all as root): ``debootstrap --foreign --arch=arm64`` (download and unpack, native), then the
 second stage inside the chroot under qemu-user (binfmt), ``python3 -m venv /opt/edgefleet/venv`` inside,
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SUITE = "bookworm"
 MIRROR = os.environ.get("EDGEFLEET_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = ("python3", "python3-venv", "ca-certificates", "procps")
@@ -37,6 +39,8 @@ VENV = "/opt/edgefleet/venv"
 PYTHON_VERSION = "3.11"  # bookworm's python3
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 STAMP = ".edgefleet-rootfs.json"
+WHEELS_STAMP = ".edgefleet-wheels"
+BASE_SITE = ".edgefleet-base-site.json"  # what the venv's site-packages held before any wheel
 REPO = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO / "requirements-aarch64.txt"
 
@@ -54,11 +58,13 @@ def cache_dir() -> Path:
     return Path(base) / "arm64-rootfs"
 
 
-def cache_key(requirements: Path = REQUIREMENTS) -> str:
-    h = hashlib.sha256()
-    h.update(f"{BUILDER_VERSION}|{SUITE}|{','.join(PACKAGES)}|{VENV}|{PYTHON_VERSION}|".encode())
-    h.update(requirements.read_bytes())
-    return h.hexdigest()[:16]
+def cache_key() -> str:
+    text = f"{BUILDER_VERSION}|{SUITE}|{','.join(PACKAGES)}|{VENV}|{PYTHON_VERSION}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def requirements_hash(requirements: Path) -> str:
+    return hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
 
 
 def run(argv: list[str], *, what: str, timeout: float = 1800, quiet: bool = True, **kw: object) -> str:
@@ -77,6 +83,21 @@ def run(argv: list[str], *, what: str, timeout: float = 1800, quiet: bool = True
 
 
 # -- mounts ----------------------------------------------------------------------------------------------------
+
+
+#: Raspberry Pi 5: Cortex-A76 (implementer 0x41, part 0xd0b), the features its kernel reports.
+PI5_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+CPUINFO_FILE = "/.edgefleet-cpuinfo"
+#: the emulated CPU (qemu-user reads QEMU_CPU): the raspberry-pi-5 profile's core, so no SVE and friends
+QEMU_CPU = "cortex-a76"
+
+
+def pi5_cpuinfo(cpus: int) -> str:
+    block = (
+        "processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: {f}\nCPU implementer\t: 0x41\n"
+        "CPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
+    )
+    return "".join(block.format(n=n, f=PI5_FEATURES) for n in range(cpus))
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -115,6 +136,11 @@ def mounted(root: Path, binds: dict[str, Path] | None = None) -> Iterator[Path]:
                 run([*argv, str(point)], what=f"mount {point}")
                 if target != "proc":
                     subprocess.run(["mount", "--make-rslave", str(point)], capture_output=True, check=False)
+        # qemu-user shows the emulated programs the host's x86 /proc/cpuinfo; CPU-feature probes (cpuinfo, used
+        # by XNNPACK in LiteRT) find no ARM core there and crash. Show them the board's: Raspberry Pi 5 cores.
+        fake = root / CPUINFO_FILE.lstrip("/")
+        fake.write_text(pi5_cpuinfo(os.cpu_count() or 1))
+        run(["mount", "--bind", str(fake), str(root / "proc" / "cpuinfo")], what="bind /proc/cpuinfo")
         for inside, host in (binds or {}).items():
             point = root / inside.lstrip("/")
             point.mkdir(parents=True, exist_ok=True)
@@ -133,6 +159,7 @@ def chroot(root: Path, argv: list[str], *, what: str, timeout: float = 1800, env
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "QEMU_CPU": QEMU_CPU,
     }
     return run(["chroot", str(root), *argv], what=what, timeout=timeout, env={**base_env, **(env or {})})
 
@@ -190,6 +217,7 @@ class Rootfs:
     key: str
     built_now: bool
     build_s: float
+    wheels_now: bool = False
 
     @property
     def python(self) -> str:
@@ -199,8 +227,31 @@ class Rootfs:
         return self.path / VENV.lstrip("/") / "lib" / f"python{PYTHON_VERSION}" / "site-packages"
 
 
+def _site(root: Path) -> Path:
+    return root / VENV.lstrip("/") / "lib" / f"python{PYTHON_VERSION}" / "site-packages"
+
+
+def ensure_wheels(root: Path, requirements: Path) -> bool:
+    """The pinned wheels in the rootfs venv; True when they had to be (re)installed."""
+    want = requirements_hash(requirements)
+    stamp = root / WHEELS_STAMP
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return False
+    site = _site(root)
+    base = set(json.loads((root / BASE_SITE).read_text()))
+    for entry in site.iterdir():
+        if entry.name not in base:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    _install_wheels(root, requirements)
+    stamp.write_text(want + "\n")
+    return True
+
+
 def _install_wheels(root: Path, requirements: Path) -> None:
-    site = root / VENV.lstrip("/") / "lib" / f"python{PYTHON_VERSION}" / "site-packages"
+    site = _site(root)
     if not site.is_dir():
         raise ArmCheckError(f"the rootfs venv has no {site}")
     argv = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
@@ -220,12 +271,14 @@ def _install_wheels(root: Path, requirements: Path) -> None:
 
 
 def build(requirements: Path = REQUIREMENTS, *, rebuild: bool = False) -> Rootfs:
-    """The cached root filesystem for these requirements, building it when missing."""
-    key = cache_key(requirements)
+    """The cached root filesystem with these requirements installed, building what is missing."""
+    key = cache_key()
     cache = cache_dir()
     final = cache / key
     if (final / STAMP).is_file() and not rebuild:
-        return Rootfs(final, key, built_now=False, build_s=0.0)
+        t0 = time.monotonic()
+        wheels_now = ensure_wheels(final, requirements)
+        return Rootfs(final, key, built_now=False, build_s=time.monotonic() - t0, wheels_now=wheels_now)
     cache.mkdir(parents=True, exist_ok=True)
     partial = cache / f"{key}.partial"
     for stale in (partial, final):
@@ -253,19 +306,19 @@ def build(requirements: Path = REQUIREMENTS, *, rebuild: bool = False) -> Rootfs
         chroot(partial, ["/debootstrap/debootstrap", "--second-stage"], what="debootstrap --second-stage")
         log(f"  second stage done at {time.monotonic() - t0:.0f} s; creating {VENV}")
         chroot(partial, ["/usr/bin/python3", "-m", "venv", VENV], what="python3 -m venv")
-    _install_wheels(partial, requirements)
+    (partial / BASE_SITE).write_text(json.dumps(sorted(p.name for p in _site(partial).iterdir())))
+    ensure_wheels(partial, requirements)
     # apt's package cache is not needed to run anything
     shutil.rmtree(partial / "var" / "cache" / "apt" / "archives", ignore_errors=True)
     (partial / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     build_s = time.monotonic() - t0
     stamp = {"key": key, "suite": SUITE, "built_at": time.time(), "build_s": round(build_s, 1)}
-    stamp["requirements"] = requirements.read_text()
     (partial / STAMP).write_text(json.dumps(stamp, indent=1))
     partial.rename(final)
     for other in cache.iterdir():
         if other.name != key and other.is_dir() and not mounts_under(other):
             shutil.rmtree(other, ignore_errors=True)
-    return Rootfs(final, key, built_now=True, build_s=build_s)
+    return Rootfs(final, key, built_now=True, build_s=build_s, wheels_now=True)
 
 
 def main() -> int:

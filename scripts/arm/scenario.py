@@ -34,7 +34,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.protocol.messages import ModelRef
-from scripts.arm.rootfs import VENV, ArmCheckError, chroot, log
+from scripts.arm.rootfs import QEMU_CPU, VENV, ArmCheckError, chroot, log
 from scripts.arm.steps import Steps
 from scripts.arm.variants import PROFILE, Variants, build_variants
 from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, free_port, generate_tls
@@ -52,6 +52,7 @@ EMULATION: dict[str, dict[str, Any]] = {
 }
 WORK_IN = "/tmp/edgefleet-arm"  # inside the rootfs
 EMULATED_TIMEOUT = 300.0
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
 
 def expect(ok: bool, message: str) -> None:
@@ -132,8 +133,9 @@ class EmulatedAgent:
     def start(self) -> None:
         log_file = self.log_path.open("ab")
         env = {"PATH": f"{VENV}/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+        env["QEMU_CPU"] = QEMU_CPU
         self.proc = subprocess.Popen(
-            ["chroot", str(self.root), f"{VENV}/bin/edgefleet-agent", "run", "--config", self.config_in],
+            [CHROOT, str(self.root), f"{VENV}/bin/edgefleet-agent", "run", "--config", self.config_in],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
@@ -286,11 +288,15 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
     agent = EmulatedAgent(root, device_id)
     broker: MosquittoBroker | None = None
     fleet: FleetServer | None = None
+    variants: Variants | None = None
     try:
         with steps.step("host: build raspberry-pi-5 variants") as info:
             variants = build_variants(host_work / "variants")
-            acc = variants.host_accuracy
-            info["detail"] = f"{variants.source}; host accuracy fp32 {acc[1]:.3f}, int8 {acc[2]:.3f}"
+            acc, names = variants.host_accuracy, variants.variant_names
+            info["detail"] = (
+                f"{variants.source}: digits v1 {names[('digits', 1)]} {acc[1]:.3f}, "
+                f"v2 {names[('digits', 2)]} {acc[2]:.3f}, selfie {names[('selfie', 1)]}"
+            )
 
         with steps.step("host: mosquitto (TLS, passwords, ACL) + server") as info:
             tls = generate_tls(host_work / "tls")
@@ -427,4 +433,6 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
             fleet.close()
         if broker is not None:
             broker.close()
+        if variants is not None:
+            variants.builds.close()
         shutil.rmtree(agent.work, ignore_errors=True)

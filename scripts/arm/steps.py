@@ -46,7 +46,8 @@ class Steps:
         width = max([len(s.name) for s in self.done] + [4])
         lines = [f"{'step':<{width}}  {'result':<6}  {'seconds':>8}  detail"]
         for s in self.done:
-            lines.append(f"{s.name:<{width}}  {'ok' if s.ok else 'FAIL':<6}  {s.seconds:>8.1f}  {s.detail}")
+            detail = s.detail.splitlines()[0] if s.detail else ""
+            lines.append(f"{s.name:<{width}}  {'ok' if s.ok else 'FAIL':<6}  {s.seconds:>8.1f}  {detail}")
         lines.append(f"{'total':<{width}}  {'':<6}  {time.monotonic() - self.started:>8.1f}")
         return "\n".join(lines)
 

@@ -1,16 +1,24 @@
-"""The models the arm64 scenario deploys, built on the host for the ``raspberry-pi-5`` profile.
+"""The models the arm64 scenario deploys, built on the host for ``raspberry-pi-5`` by the real pipeline.
 
-* digits v1: the fetched fp32 ONNX classifier (the baseline the device starts on);
-* digits v2: its int8 variant (QDQ, per-channel, static calibration on the model's calibration split) made by
-  ONNX Runtime's quantizer, kept only if it passes an accuracy gate on the evaluation split;
-* selfie v1: MediaPipe's selfie segmentation ``.tflite`` (LiteRT).
+``edgefleet model add`` + ``edgefleet build`` (server/compression, behind the accuracy gate) into a private
+server home, then the builds are read from its catalog (``server.registry.catalog``), the source the
+control plane deploys from:
 
-Each becomes a ``server.builds.Build`` in a ``StaticBuilds`` table, the interface the control plane reads from
-the compression pipeline's catalog: the scenario asks ``get_build(model, version, "raspberry-pi-5")``.
+* digits v1: built with the fp32 recipe only (the baseline the device starts on);
+* digits v2: the same network, every recipe the profile allows: the best variant that passes the gate
+  (int8 static QDQ on raspberry-pi-5), with golden cases the agent checks on the device;
+* selfie v1: MediaPipe's selfie segmentation ``.tflite`` (LiteRT), gated on mask IoU.
+
+The builds keep their real health specs (the profile's 200 ms latency budget); only the probation window is
+shortened for the scenario (``PROBATION_S``), a rollout choice and not a budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,39 +26,24 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
-from server.builds import Build, StaticBuilds
 from tests.support.models import real_model
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PROFILE = "raspberry-pi-5"
 REPO = Path(__file__).resolve().parents[2]
-ONNX = RuntimeSpec(format="onnx", runtime="onnxruntime")
-TFLITE = RuntimeSpec(format="tflite", runtime="litert")
 #: the scenario's probation window: long enough to sample, short enough for CI (a window, not a budget)
 PROBATION_S = 4.0
-#: int8 may lose at most this much accuracy against fp32 on the evaluation split
-INT8_MAX_DROP = 0.02
 
 
 @dataclass(frozen=True)
 class Variants:
-    builds: StaticBuilds
+    builds: Any  # BuildSource: get_build(model, version, profile)
     digits_eval: tuple[np.ndarray, np.ndarray]  # pixels [N,1,8,8], labels [N]
     selfie_frames: np.ndarray  # [N,256,256,3]
-    host_accuracy: dict[int, float]  # digits version -> accuracy on the host (x86_64, same ONNX Runtime)
+    host_accuracy: dict[int, float]  # digits version -> accuracy on the host (x86_64)
     host_logits: dict[int, np.ndarray]
     host_selfie_mask: np.ndarray  # LiteRT on the host, first frame
     source: str
-
-
-def profile_budget_ms(profile: str = PROFILE) -> float:
-    data = tomllib.loads((REPO / "firmware_profiles" / f"{profile}.toml").read_text())
-    return float(data["latency_budget_ms"])
+    variant_names: dict[tuple[str, int], str]
 
 
 def _onnx_logits(path: Path, pixels: np.ndarray) -> np.ndarray:
@@ -60,34 +53,6 @@ def _onnx_logits(path: Path, pixels: np.ndarray) -> np.ndarray:
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {session.get_inputs()[0].name: pixels.astype(np.float32)})[0])
-
-
-def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
-    """Static int8 (QDQ, per-channel weights) with ONNX Runtime's quantizer, calibrated on real inputs."""
-    from onnxruntime.quantization import (  # noqa: PLC0415
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._items = iter([{"pixels": calibration[i : i + 1].astype(np.float32)} for i in range(len(calibration))])
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self._items, None)
-
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return dst
 
 
 def _litert_mask(path: Path, frame: np.ndarray) -> np.ndarray:
@@ -100,67 +65,81 @@ def _litert_mask(path: Path, frame: np.ndarray) -> np.ndarray:
     return np.asarray(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
 
 
-def digits_health(budget_ms: float) -> HealthSpec:
-    return HealthSpec(
-        inputs=(TensorSpec("pixels", "float32", (1, 1, 8, 8)),),
-        outputs=(TensorSpec("logits", "float32", (-1, 10)),),
-        latency_budget_ms=budget_ms,
-        probation_s=PROBATION_S,
-        warmup_runs=3,
+def edgefleet(home: Path, *args: str) -> Any:
+    """Run the operator CLI (``python -m server``, i.e. ``edgefleet``) against ``home``; its --json output, parsed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--home", str(home), *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=REPO,
     )
+    if proc.returncode != 0:
+        raise RuntimeError(f"edgefleet {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("{", "["))]
+    return json.loads(lines[-1]) if lines else None
 
 
-def selfie_health(budget_ms: float) -> HealthSpec:
-    return HealthSpec(
-        inputs=(TensorSpec("input_1", "float32", (1, 256, 256, 3)),),
-        outputs=(TensorSpec("activation_10", "float32", (1, 256, 256, 1)),),
-        latency_budget_ms=budget_ms,
-        probation_s=PROBATION_S,
-        warmup_runs=2,
-    )
+class ShortProbation:
+    """The catalog's builds with the scenario's probation window (everything else as built)."""
+
+    def __init__(self, catalog: Any) -> None:
+        self.catalog = catalog
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def has_version(self, model: str, version: int) -> bool:
+        return bool(self.catalog.get_model_version(model, version) is not None)
+
+    def get_build(self, model: str, version: int, profile: str) -> Any:
+        build = self.catalog.get_build(model, version, profile)
+        if build is None:
+            return None
+        return dataclasses.replace(build, health=dataclasses.replace(build.health, probation_s=PROBATION_S))
 
 
 def build_variants(work: Path) -> Variants:
-    """Build (on the host) the three artifacts for ``raspberry-pi-5`` and their host reference outputs."""
-    work.mkdir(parents=True, exist_ok=True)
-    budget = profile_budget_ms()
-    digits = real_model("digits")
-    calibration = digits.load("calibration")["pixels"]
+    """Register and build the three artifacts for ``raspberry-pi-5``; host reference outputs of each."""
+    from server.registry.catalog import Catalog  # noqa: PLC0415
+
+    home = work / "server-home"
+    digits, selfie = real_model("digits"), real_model("selfie")
+    fast = ("--profile", PROFILE, "--latency-runs", "3", "--no-pruning", "--no-fallback")
+    digits_data = ("--calibration", str(digits.calibration), "--evaluation", str(digits.evaluation))
+    for version, recipes in ((1, ("--recipe", "fp32")), (2, ())):
+        edgefleet(home, "model", "add", str(digits.path), "--name", "digits", *digits_data)
+        edgefleet(home, "build", f"digits:{version}", *fast, *recipes)
+    selfie_data = ("--calibration", str(selfie.calibration), "--evaluation", str(selfie.evaluation))
+    edgefleet(home, "model", "add", str(selfie.path), "--name", "selfie", "--metric", "iou", *selfie_data)
+    edgefleet(home, "build", "selfie:1", *fast, "--recipe", "fp32")
+
+    catalog = Catalog.open(home)
+    builds = ShortProbation(catalog)
+    names: dict[tuple[str, int], str] = {}
+    paths: dict[tuple[str, int], Path] = {}
+    for key in (("digits", 1), ("digits", 2), ("selfie", 1)):
+        build = builds.get_build(*key, PROFILE)
+        if build is None:
+            raise RuntimeError(f"the pipeline stored no {key[0]} v{key[1]} build for {PROFILE}")
+        names[key], paths[key] = build.variant, Path(build.path)
+    if not names[("digits", 2)].startswith("int8"):
+        raise RuntimeError(f"digits v2 for {PROFILE} is {names[('digits', 2)]}, not an int8 variant")
+
     evaluation = digits.load("evaluation")
     pixels, labels = evaluation["pixels"].astype(np.float32), evaluation["labels"]
-    int8 = quantize_int8(digits.path, work / "digits-int8.onnx", calibration)
-
-    logits = {1: _onnx_logits(digits.path, pixels), 2: _onnx_logits(int8, pixels)}
+    logits = {v: _onnx_logits(paths[("digits", v)], pixels) for v in (1, 2)}
     accuracy = {v: float((lg.argmax(1) == labels).mean()) for v, lg in logits.items()}
-    if accuracy[2] < accuracy[1] - INT8_MAX_DROP:
-        raise RuntimeError(f"int8 accuracy {accuracy[2]:.3f} fails the gate (fp32 {accuracy[1]:.3f} - {INT8_MAX_DROP})")
-
-    selfie = real_model("selfie")
     frames = selfie.load("evaluation", limit=2)["input_1"].astype(np.float32)
-    mask = _litert_mask(selfie.path, frames[0])
-
-    builds = StaticBuilds()
-    builds.add(Build("digits", 1, PROFILE, "fp32", digits.path, ONNX, digits_health(budget), chunk_size=16 * 1024))
-    builds.add(
-        Build(
-            "digits",
-            2,
-            PROFILE,
-            "int8-qdq",
-            int8,
-            ONNX,
-            digits_health(budget),
-            chunk_size=16 * 1024,
-            provenance={"quantizer": "onnxruntime.quantization.quantize_static", "accuracy": accuracy[2]},
-        )
-    )
-    builds.add(Build("selfie", 1, PROFILE, "fp16", selfie.path, TFLITE, selfie_health(budget), chunk_size=64 * 1024))
     return Variants(
         builds=builds,
         digits_eval=(pixels, labels),
         selfie_frames=frames,
         host_accuracy=accuracy,
         host_logits=logits,
-        host_selfie_mask=mask,
-        source="StaticBuilds (onnxruntime quantize_static int8)",
+        host_selfie_mask=_litert_mask(paths[("selfie", 1)], frames[0]),
+        source="edgefleet model add + edgefleet build (catalog)",
+        variant_names=names,
     )

@@ -1,7 +1,9 @@
 """Model commands: ``model add``, ``model list``, ``model show`` and ``build``.
 
 These work on the local registry of the server home (``--home``): building is CPU-heavy work that
-belongs on the server machine, not behind the HTTP API.
+belongs on the server machine. With a server configured (``--server URL``, ``$EDGEFLEET_SERVER`` or
+``[client] server``, and a token) they go through its HTTP API instead (``/v1/models``), so a CI
+pipeline can register and build from anywhere; the output has the same shape either way.
 
     edgefleet model add model.onnx --name digits --calibration calib.npz --evaluation eval.npz
     edgefleet build digits:1 --profile all
@@ -52,6 +54,37 @@ def _catalog(args: argparse.Namespace) -> Any:
     return Catalog.open(args.home)
 
 
+def _remote(args: argparse.Namespace) -> Any:
+    """The server's API client when one is configured explicitly, else None (work locally)."""
+    from server.client import remote_client  # noqa: PLC0415
+
+    return remote_client(args.home, server=getattr(args, "server", None))
+
+
+def _b64(path: Path | None) -> str | None:
+    import base64  # noqa: PLC0415
+
+    if path is None:
+        return None
+    try:
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _remote_ref(client: Any, ref: str) -> tuple[str, int]:
+    """NAME:VERSION, or NAME alone for its latest version on the server."""
+    from server.registry.catalog import parse_ref  # noqa: PLC0415
+
+    name, version = parse_ref(ref)
+    if version is None:
+        versions = [r["version"] for r in client.call("list_models", query={"model": name})]
+        if not versions:
+            raise InvalidRequestError(f"no model named {name!r} on {client.description}")
+        version = max(versions)
+    return name, version
+
+
 def _mb(n: int | None) -> str:
     if n is None:
         return "-"
@@ -80,6 +113,19 @@ def cmd_model_add(args: argparse.Namespace) -> int:
     gate = GateSpec(metric=args.metric, **gate_args) if args.metric else None
     if gate is None and gate_args:
         raise InvalidRequestError("gate thresholds need --metric")
+    remote = _remote(args)
+    if remote is not None:
+        body = {"name": args.name, "filename": args.path.name, "model": _b64(args.path),
+                "calibration": _b64(args.calibration), "evaluation": _b64(args.evaluation),
+                "gate": gate.to_dict() if gate else None}
+        out = remote.call("register_model", body={k: v for k, v in body.items() if v is not None}, timeout=600.0)
+        if args.json:
+            print(json.dumps({k: out[k] for k in ("model", "version", "sha256", "format")}))
+            return 0
+        console.print(f"registered [bold]{out['model']}:{out['version']}[/] on {remote.description} ({out['format']}, "
+                      f"{_mb(out['size_bytes'])}, gate: {out['gate']['metric']}); next: edgefleet build "
+                      f"{out['model']}:{out['version']} --profile all", highlight=False)
+        return 0
     catalog = _catalog(args)
     mv = catalog.add_model(args.path, args.name, calibration=args.calibration, evaluation=args.evaluation, gate=gate)
     if args.json:
@@ -94,6 +140,20 @@ def cmd_model_add(args: argparse.Namespace) -> int:
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
+    remote = _remote(args)
+    if remote is not None:
+        rows = remote.call("list_models")
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        table = Table(box=box.SIMPLE_HEAD, title=remote.description)
+        for col in ("model", "version", "format", "size", "built for"):
+            table.add_column(col)
+        for r in rows:
+            built = ", ".join(r["builds"]) or "-"
+            table.add_row(r["model"], str(r["version"]), r["format"], _mb(r["size_bytes"]), built)
+        console.print(table if rows else f"no models registered on {remote.description}")
+        return 0
     catalog = _catalog(args)
     versions = catalog.versions()
     if args.json:
@@ -116,6 +176,23 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def cmd_model_show(args: argparse.Namespace) -> int:
+    remote = _remote(args)
+    if remote is not None:
+        name, version = _remote_ref(remote, args.ref)
+        out = remote.call("get_model", path={"model": name, "version": str(version)})
+        if args.json:
+            print(json.dumps(out, default=str))
+            return 0
+        console.print(f"[bold]{name}:{version}[/]  {out['format']}  {_mb(out['size_bytes'])}  sha256 "
+                      f"{out['sha256'][:16]}…  ({remote.description})", highlight=False)
+        for kind in ("inputs", "outputs"):
+            for t in out[kind]:
+                console.print(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}", highlight=False)
+        console.print(f"  gate: {json.dumps(out['gate'])}", highlight=False)
+        for b in out["builds"]:
+            console.print(f"  build {b['profile']}: {b['variant']} {_mb(b['size_bytes'])} "
+                          f"(OTA {_mb(b['ota_size_bytes'])} {b['compression']})", highlight=False)
+        return 0
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
     builds = catalog.builds(mv.model, mv.version)
@@ -165,7 +242,49 @@ def _result_table(result: ProfileResult) -> Table:
     return table
 
 
+def _remote_build(args: argparse.Namespace, remote: Any) -> int:
+    if args.profiles is not None:
+        raise InvalidRequestError("--profiles applies to local builds; a server builds with its own profiles")
+    name, version = _remote_ref(remote, args.ref)
+    body: dict[str, Any] = {"profile": args.profile, "pruning": not args.no_pruning, "fallback": not args.no_fallback,
+                            "latency_runs": args.latency_runs}
+    if args.recipe:
+        body["recipes"] = list(args.recipe)
+    if args.calibration_method:
+        body["calibration_methods"] = list(args.calibration_method)
+    if args.eval_limit:
+        body["eval_limit"] = args.eval_limit
+    import contextlib  # noqa: PLC0415
+
+    waiting = (contextlib.nullcontext() if args.json else
+               err_console.status(f"building {name}:{version} on {remote.description} ...", spinner="dots"))
+    with waiting:
+        out = remote.call("build_model", path={"model": name, "version": str(version)}, body=body, timeout=6 * 3600.0)
+    rows = out["results"]
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 1 if out["failures"] else 0
+    summary = Table(title=f"{name}:{version}: shipped variants ({remote.description})", box=box.SIMPLE_HEAD,
+                    title_justify="left")
+    for col in ("profile", "variant", "size", "OTA (codec)", "vs fp32 size", "latency ms", "fp32 ms", "fidelity"):
+        summary.add_column(col)
+    for r in rows:
+        if "error" in r:
+            summary.add_row(r["profile"], "[red]not built[/]", "", "", "", "", "", r["error"][:80])
+            continue
+        fid = r["fidelity"] or {}
+        variant = r["variant"] + (" [yellow](nothing smaller passed the gate)[/]" if r["fell_back_to_fp32"] else "")
+        summary.add_row(r["profile"], variant, _mb(r["size_bytes"]), f"{_mb(r['ota_size_bytes'])} ({r['compression']})",
+                        f"{r['size_bytes'] / r['source_size_bytes']:.3f}x", _ms(r["latency_ms"]),
+                        _ms(r["fp32_latency_ms"]), f"{fid.get('metric', '')} {fid.get('value', 0):.4f}")
+    console.print(summary)
+    return 1 if out["failures"] else 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    remote = _remote(args)
+    if remote is not None:
+        return _remote_build(args, remote)
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
     profiles = load_profiles(args.profiles)
@@ -261,16 +380,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--min-iou", type=float, help="iou: smallest mean IoU of thresholded maps (default 0.97)")
     p.add_argument("--max-abs-error", type=float, help="also cap the max absolute output error (any metric)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
     p.set_defaults(handler=_run(cmd_model_add))
 
     p = ms.add_parser("list", help="registered models and versions", description="Registered models.")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
     p.set_defaults(handler=_run(cmd_model_list))
 
     p = ms.add_parser("show", help="one version: inputs, gate, builds with provenance",
                       description="Show NAME:VERSION (or NAME for the latest): inputs, gate and builds.")
     p.add_argument("ref", metavar="NAME[:VERSION]")
     p.add_argument("--json", action="store_true", help="everything, including full provenance, as JSON")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
     p.set_defaults(handler=_run(cmd_model_show))
 
     p = subparsers.add_parser(
@@ -293,4 +418,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
     p.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per variant (default 30)")
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
     p.set_defaults(handler=_run(cmd_build))

@@ -305,6 +305,7 @@ class Device:
     active_version: int | None
     active_state: str | None
     active_artifact: str | None
+    active_variant: str | None  # which build of the model (the compression recipe), as the device reports
     kept: tuple[int, ...]
     last_seq: int | None
     desired_expires_at: float | None
@@ -330,7 +331,8 @@ class Device:
 
 _DEVICE_COLUMNS = (
     "device_id, profile, status, public_key, seq, created_at, enrolled_at, revoked_at, online, session, "
-    "last_seen, lifecycle, active_model, active_version, active_state, active_artifact, kept, last_seq, "
+    "last_seen, lifecycle, active_model, active_version, active_state, active_artifact, active_variant, kept, "
+    "last_seq, "
     "desired_expires_at, agent_version, arch, hostname, cpu_percent, memory_percent, rss_bytes, "
     "temperature_c, p95_ms, telemetry_at, broker_hash"
 )

@@ -68,7 +68,7 @@ from agent.core.lifecycle import (
     WarmedUp,
     WatchProbation,
 )
-from agent.core.reassembly import Added, Reassembly, progress_quarter
+from agent.core.reassembly import Added, Reassembly, progress_due
 from agent.errors import (
     ConflictingChunkError,
     DowngradeError,
@@ -104,13 +104,15 @@ log = logging.getLogger("edgefleet.simulator")
 SIM_AGENT_VERSION = f"{__version__}+sim"
 SIM_ARCH = "simulated"
 MAX_IGNORED_BLOBS = 64
+MILESTONES = ("desired.accepted", "download.started", "download.completed", "lifecycle.probation",
+              "lifecycle.committed", "lifecycle.rolled_back")
 
 
 @dataclass(frozen=True)
 class SimSettings:
     """How every simulated device behaves (the knobs of ``edgefleet simulate``)."""
 
-    profile: str = "rpi4"
+    profile: str = "raspberry-pi-4"
     #: versions whose warm-up health check fails (latency over budget): they are rolled back
     fail_versions: frozenset[int] = frozenset()
     #: synthetic traffic during probation, and its p95 latency
@@ -120,7 +122,7 @@ class SimSettings:
     telemetry_s: float = 30.0
     chunk_timeout_s: float = 5.0
     chunk_timeout_max_s: float = 60.0
-    progress_interval_s: float = 10.0
+    progress_interval_s: float = 5.0
     probation_check_s: float = 0.5
     keep_versions: int = 3
     clock_skew_s: float = 300.0
@@ -148,7 +150,7 @@ class _Download:
     last_new_at: float
     timeout: float
     last_progress_at: float
-    quarter: int = 0
+    last_progress_fraction: float = 0.0
     complete: bool = False
 
 
@@ -162,6 +164,9 @@ class Counters:
     published: int = 0
     published_bytes: int = 0
     connects: int = 0
+    retries: int = 0
+    #: wall-clock times of the last update's milestones (for the timeline in ``edgefleet simulate --json``)
+    milestones: dict[str, float] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
 
 
@@ -395,6 +400,7 @@ class SimDevice:
     def _request_missing(self, d: _Download, reason: str) -> None:
         ranges = d.reassembly.missing_ranges()
         if ranges:
+            self.counters.retries += reason == "retry"
             req = ChunkRequest(device_id=self.device_id, artifact_id=d.info.artifact_id, ranges=ranges,
                                ts=self.clock(), reason=reason)
             self._publish(Channel.CHUNK_REQUEST, encode(req))
@@ -431,9 +437,9 @@ class SimDevice:
             self._feed(self._download_complete(d))
             return
         p = d.reassembly.progress()
-        quarter = progress_quarter(p.fraction)
-        if quarter > d.quarter or now - d.last_progress_at >= self.settings.progress_interval_s:
-            d.quarter, d.last_progress_at = max(quarter, d.quarter), now
+        if progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
+                        self.settings.progress_interval_s):  # the agent's rule
+            d.last_progress_fraction, d.last_progress_at = p.fraction, now
             self._event("download.progress", model=d.target, deployment_id=d.desired.deployment_id,
                         data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                               "total_bytes": p.total_bytes})
@@ -697,6 +703,8 @@ class SimDevice:
         data: Mapping[str, Any] | None = None,
     ) -> None:
         self.counters.events[kind] = self.counters.events.get(kind, 0) + 1
+        if kind in MILESTONES:
+            self.counters.milestones[kind] = self.clock()
         event = WireEvent(device_id=self.device_id, ts=self.clock(), event_id=uuid.uuid4().hex, kind=kind,
                           severity=severity, message=message, code=code, deployment_id=deployment_id, model=model,
                           command_id=command_id, data=dict(data or {}))

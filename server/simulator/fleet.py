@@ -79,6 +79,7 @@ class FleetSnapshot:
     chunks: int
     duplicate_chunks: int
     published_bytes: int
+    retries: int
 
     def committed_on(self, ref: ModelRef) -> int:
         """Devices idle with ``ref`` committed (the update is over and it stuck)."""
@@ -123,13 +124,6 @@ class _Shard(threading.Thread):
             with contextlib.suppress(KeyError, ValueError):
                 sel.unregister(sock)  # type: ignore[arg-type]
 
-        def want_write(client: mqtt.Client, userdata: object, sock: object) -> None:
-            with contextlib.suppress(KeyError, ValueError):
-                sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)  # type: ignore[arg-type]
-
-        def done_write(client: mqtt.Client, userdata: object, sock: object) -> None:
-            with contextlib.suppress(KeyError, ValueError):
-                sel.modify(sock, selectors.EVENT_READ, dev)  # type: ignore[arg-type]
 
         def on_connect(client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
             if getattr(rc, "is_failure", False):
@@ -149,8 +143,6 @@ class _Shard(threading.Thread):
 
         c.on_socket_open = on_open
         c.on_socket_close = on_close
-        c.on_socket_register_write = want_write
-        c.on_socket_unregister_write = done_write
         c.on_connect = on_connect
         c.on_disconnect = on_disconnect
         c.on_message = on_message
@@ -201,8 +193,7 @@ class _Shard(threading.Thread):
                     continue
                 if mask & selectors.EVENT_READ:
                     client.loop_read()
-                if mask & selectors.EVENT_WRITE and dev.client is not None:
-                    client.loop_write()
+                self._flush(dev, key.fileobj)
             now = time.monotonic()
             while self._retries and self._retries[0][0] <= now:
                 _, _, dev = heapq.heappop(self._retries)
@@ -211,11 +202,34 @@ class _Shard(threading.Thread):
                 next_tick = now + TICK_S
                 for dev in self.devices:
                     dev.tick(now)
+                    if dev.client is not None and dev.client.want_write():
+                        self._flush(dev, dev.client.socket())
             if now >= next_misc:
                 next_misc = now + MISC_S
                 for dev in self.devices:
                     if dev.client is not None:
                         dev.client.loop_misc()
+
+    def _flush(self, dev: SimDevice, sock: object) -> None:
+        """Write what paho queued (acks, reports) right away; wait for writability only when the socket is full.
+
+        paho writes by itself outside its callbacks; inside them (the PUBACK of a chunk, a report made
+        while handling a message) it only queues, so the shard writes after each read. The selector's
+        interest changes only when a backlog starts or ends, not twice per message.
+        """
+        client = dev.client
+        if client is None or sock is None or client.socket() is not sock:
+            return
+        if client.want_write():
+            client.loop_write()
+        want = client.socket() is sock and client.want_write()
+        try:
+            key = self._selector.get_key(sock)  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            return
+        if want != bool(key.events & selectors.EVENT_WRITE):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self._selector.modify(sock, events, dev)  # type: ignore[arg-type]
 
     def _shutdown(self) -> None:
         clients = []
@@ -230,9 +244,10 @@ class _Shard(threading.Thread):
                 clients.append(c)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and any(c.want_write() for c in clients):
-            for key, mask in self._selector.select(0.05):
-                if mask & selectors.EVENT_WRITE and key.data.client is not None:
-                    key.data.client.loop_write()
+            for c in clients:
+                if c.want_write():
+                    c.loop_write()
+            time.sleep(0.01)
         for dev in self.devices:
             dev.online = False
         self._selector.close()
@@ -277,7 +292,7 @@ class SimFleet:
         lifecycle: Counter[str] = Counter()
         active: Counter[str] = Counter()
         committed: Counter[str] = Counter()
-        online = chunks = dups = sent = 0
+        online = chunks = dups = sent = retries = 0
         for d in self.devices:
             online += d.online
             lifecycle[d.lifecycle] += 1
@@ -287,8 +302,23 @@ class SimFleet:
             chunks += d.counters.chunks
             dups += d.counters.duplicate_chunks
             sent += d.counters.published_bytes
+            retries += d.counters.retries
         return FleetSnapshot(len(self.devices), online, dict(lifecycle), dict(active), dict(committed), chunks, dups,
-                             sent)
+                             sent, retries)
+
+    def timeline(self) -> dict[str, dict[str, float]]:
+        """Per milestone, seconds after the first device accepted its desired state: min, median, max."""
+        marks: dict[str, list[float]] = {}
+        for d in self.devices:
+            for kind, ts in d.counters.milestones.items():
+                marks.setdefault(kind, []).append(ts)
+        origin = min(marks.get("desired.accepted", [0.0]))
+        out: dict[str, dict[str, float]] = {}
+        for kind, values in marks.items():
+            values.sort()
+            out[kind] = {"n": len(values), "min": round(values[0] - origin, 3),
+                         "median": round(values[len(values) // 2] - origin, 3), "max": round(values[-1] - origin, 3)}
+        return out
 
     def wait(self, predicate: object, timeout: float) -> bool:
         """Poll ``predicate(snapshot)`` until true or ``timeout`` (seconds)."""

@@ -65,10 +65,11 @@ class StreamingSink:
         self._stream.update(data)
         if self.error is not None:
             return
+        if self._inflater is None:  # "none": the model is the stream; one digest serves both checks
+            self._model_bytes += len(data)
+            return
         try:
-            if self._inflater is None:
-                out = data
-            elif isinstance(self._inflater, lzma.LZMADecompressor):
+            if isinstance(self._inflater, lzma.LZMADecompressor):
                 out = self._inflater.decompress(data, max_length=self.model_size + 1 - self._model_bytes)
             else:
                 out = self._inflater.decompress(data, self.model_size + 1 - self._model_bytes)
@@ -91,5 +92,6 @@ class StreamingSink:
             raise self.error
         if self._model_bytes != self.model_size:
             raise IntegrityError(f"decompressed size {self._model_bytes} != declared {self.model_size}")
-        if self._model.hexdigest() != sha256_hex:
+        model = self._stream if self._inflater is None else self._model
+        if model.hexdigest() != sha256_hex:
             raise IntegrityError("model digest mismatch after decompression")

@@ -8,6 +8,12 @@ the previous one left the fleet; the versions only go up, as in production):
   v3  same outputs, other bytes                   the server is SIGKILLed mid-rollout and resumes
   v4  fine on raspberry-pi-4, NaN on jetson       the jetson device of wave 1 fails its health check:
                                                   the rollout halts and the fleet goes back to v3
+  digits-ci:1                                     the production build path: registered with the CLI
+                                                  over HTTP, built per profile by the server's
+                                                  compression pipeline, rolled out to both profiles
+
+v1-v4 are handed to the server as prepared files (tests.support.server_main: a NaN variant is
+nothing a compression pipeline would ship); every other model version comes from its catalog.
 
 Devices: e2e-a-{0,1,2} on ``raspberry-pi-4`` and e2e-b-{0,1,2} on ``jetson-orin-nano`` (both run
 ONNX Runtime on this machine; what differs is the variant each profile gets). Waves are planned
@@ -34,6 +40,7 @@ from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from tests.support import agent_models, badmodels
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import AgentProcess
+from tests.support.models import real_model
 from tests.support.server_process import ServerProcess
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
@@ -65,7 +72,7 @@ class Fleet:
         result: dict[str, Any] = self.call("get_deployment", path={"deployment_id": deployment_id})
         return result
 
-    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 90.0) -> dict[str, Any]:
+    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 180.0) -> dict[str, Any]:
         detail: dict[str, Any] = {}
 
         def done() -> bool:
@@ -80,7 +87,7 @@ class Fleet:
     def devices(self) -> dict[str, dict[str, Any]]:
         return {d["device_id"]: d for d in self.call("list_devices")}
 
-    def wait_online(self, *ids: str, online: bool = True, timeout: float = 30.0) -> None:
+    def wait_online(self, *ids: str, online: bool = True, timeout: float = 60.0) -> None:
         wait(lambda: all(self.devices()[i]["online"] is online for i in ids), timeout,
              lambda: f"{ids} not online={online}: {[(i, self.devices()[i]['online']) for i in ids]}")
 
@@ -91,7 +98,7 @@ class Fleet:
             return None
         return record.committed.name, record.committed.version
 
-    def wait_committed(self, version: int, ids: list[str] | None = None, timeout: float = 60.0) -> None:
+    def wait_committed(self, version: int, ids: list[str] | None = None, timeout: float = 120.0) -> None:
         ids = ids or list(self.agents)
         wait(lambda: all(self.committed(i) == ("digits", version) for i in ids), timeout,
              lambda: f"not all on v{version}: {[(i, self.committed(i)) for i in ids]}")
@@ -106,9 +113,9 @@ def wait(condition: Callable[[], bool], timeout: float, describe: Callable[[], s
     raise TimeoutError(describe())
 
 
-def serves_real_digits(agent: AgentProcess, models: AgentModels, n: int = 16) -> float:
+def serves_real_digits(agent: AgentProcess, models: AgentModels, n: int = 16, *, name: str = "digits") -> float:
     """Accuracy of the agent's local inference API on real evaluation images."""
-    status, body = agent.infer("digits", models.input_name, models.samples[:n])
+    status, body = agent.infer(name, models.input_name, models.samples[:n])
     assert status == 200, body
     logits = np.asarray(body["outputs"][0]["data"], dtype=np.float32).reshape(n, -1)
     return float((logits.argmax(axis=1) == models.labels[:n]).mean())
@@ -130,24 +137,23 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     builds = [Build(model="digits", version=v, profile=p, variant="fp32" if path != models.nan else "nan",
                     path=path, runtime=agent_models.ONNX, health=health, chunk_size=16 * 1024, compression="lzma")
               for v, by_profile in files.items() for p, path in by_profile.items()]
-    broker = MosquittoBroker(workdir=tmp / "mosquitto", persistence=True).start()
-    server = ServerProcess(tmp / "home", broker, builds)
-    f = Fleet(tmp, broker, server, models)
-    try:
-        server.start()
-        for device_id, profile in DEVICES.items():
-            f.agents[device_id] = AgentProcess(
-                tmp / "agents", device_id, broker_host=broker.host, broker_port=broker.port,
-                server=server.enroller(profile, (GROUP,)),  # type: ignore[arg-type]
-                settings={"profile": profile},
-            ).start()
-        f.wait_online(*DEVICES)
-        yield f
-    finally:
-        for agent in f.agents.values():
-            agent.stop()
-        server.stop()
-        broker.close()
+    with MosquittoBroker(workdir=tmp / "mosquitto", persistence=True) as broker:
+        server = ServerProcess(tmp / "home", broker, builds)
+        f = Fleet(tmp, broker, server, models)
+        try:
+            server.start()
+            for device_id, profile in DEVICES.items():
+                f.agents[device_id] = AgentProcess(
+                    tmp / "agents", device_id, broker_host=broker.host, broker_port=broker.port,
+                    server=server.enroller(profile, (GROUP,)),  # type: ignore[arg-type]
+                    settings={"profile": profile},
+                ).start()
+            f.wait_online(*DEVICES)
+            yield f
+        finally:
+            for agent in f.agents.values():
+                agent.stop()
+            server.stop()
 
 
 def test_canary_then_waves_across_two_profiles_with_the_cli(fleet: Fleet) -> None:
@@ -211,7 +217,7 @@ def test_server_killed_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> No
     time.sleep(1.0)  # devices go on without it; their events wait in the broker (persistent session)
     fleet.server.start()
     assert fleet.server.proc is not None and fleet.server.proc.pid != first_pid
-    detail = fleet.wait_deployment(dep_id, ("completed",), timeout=120)
+    detail = fleet.wait_deployment(dep_id, ("completed",), timeout=180)
     assert {r["state"] for r in detail["devices"]} == {"committed"}
     assert [w["size"] for w in detail["waves"]] == [w["size"] for w in before["waves"]] == [2, 3, 1]
     fleet.wait_committed(3)
@@ -232,7 +238,7 @@ def test_bad_version_halts_the_rollout_and_rolls_the_fleet_back(fleet: Fleet) ->
     # canary: e2e-a-0 (its variant is fine); wave 1: a-1, a-2, b-0 (b-0's variant outputs NaN)
     dep = fleet.deploy(4, canary_percent=10, wave_percent=50, max_failures_percent=20)
     assert dep["waves"] == [1, 3, 2]
-    detail = fleet.wait_deployment(dep["deployment_id"], ("rolled_back",), timeout=120)
+    detail = fleet.wait_deployment(dep["deployment_id"], ("rolled_back",), timeout=180)
     failures = {f["device_id"]: f for f in detail["failures"]}
     assert set(failures) == {"e2e-b-0"}, failures
     assert "finite" in f"{failures['e2e-b-0']['code']} {failures['e2e-b-0']['reason']}"
@@ -277,3 +283,28 @@ def test_bad_requests_get_clear_messages_and_change_nothing(fleet: Fleet) -> Non
 
 def _any_key() -> str:
     return public_key_b64(X25519PrivateKey.generate().public_key())
+
+
+def test_ci_registers_builds_and_rolls_out_a_model_through_the_api(fleet: Fleet) -> None:
+    source = real_model("digits")
+    added = fleet.server.cli("model", "add", str(source.path), "--name", "digits-ci", "--calibration",
+                             str(source.calibration), "--evaluation", str(source.evaluation), "--json")
+    assert json.loads(added.stdout)["version"] == 1
+    built = fleet.call("build_model", path={"model": "digits-ci", "version": "1"}, timeout=900,
+                       body={"profile": f"{PROFILE_A},{PROFILE_B}", "calibration_methods": ["minmax"],
+                             "latency_runs": 5, "pruning": False})
+    assert built["failures"] == 0, built["results"]
+    variants = {r["profile"]: r["variant"] for r in built["results"]}
+    assert set(variants) == {PROFILE_A, PROFILE_B}
+    dep = fleet.call("deploy", body={"model": "digits-ci:1", "target": f"group:{GROUP}", "canary_percent": 20,
+                                     "wave_percent": 100, "max_failures_percent": 0, "probation_s": PROBATION_S})
+    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=180)
+    assert {r["state"] for r in detail["devices"]} == {"committed"}
+    wait(lambda: all(fleet.committed(i) == ("digits-ci", 1) for i in DEVICES), 30,
+         lambda: f"{[(i, fleet.committed(i)) for i in DEVICES]}")
+    devices = fleet.devices()
+    for device_id, profile in DEVICES.items():
+        assert devices[device_id]["active_variant"] == variants[profile]  # each got its profile's build
+        assert serves_real_digits(fleet.agents[device_id], fleet.models, name="digits-ci") >= 0.9
+    actions = {(a["action"], a["outcome"]) for a in fleet.call("audit", query={"actor": "e2e"})}
+    assert {("register_model", "ok"), ("build_model", "ok"), ("deploy", "ok")} <= actions

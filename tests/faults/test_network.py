@@ -71,22 +71,28 @@ def test_broker_restart_mid_transfer_resumes_without_resending(
 ) -> None:
     fleet, agent, device = rig.fleet, rig.agent, rig.agent.device_id
     deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
-    fleet.chunk_delay_s = 0.01
+    fleet.chunk_delay_s = 0.05  # 140 chunks over ~7 s: the broker dies with most of the stream still to come
     mark = _deploy_v2(rig, models)
     progress = fleet.wait_event(device, lambda e: e.kind == "download.progress" and e.data["received"] >= 20,
                                 after=mark)
-    fleet.serve_chunks = False  # the server side goes quiet with the broker
-    rig.broker.restart(kill=True)  # kill -9 of mosquitto; persistence keeps retained messages and sessions
+    fleet.serve_chunks = False  # the server side goes quiet with the broker (its stream loop stops)
+    time.sleep(0.3)
     requests_before = len(fleet.log(device).chunk_requests)
+    # chunks the agent said it stored before the broker died (a lower bound): none of them may be asked again
     last = max(e.data["received"] for e in fleet.log(device).events[mark:] if e.kind == "download.progress")
+    rig.broker.restart(kill=True)  # kill -9 of mosquitto; persistence keeps retained messages and sessions
+    # the stream does not come back by itself: only the agent asking for what it lacks restarts it
+    fleet.wait_for(lambda: len(fleet.log(device).chunk_requests) > requests_before, timeout=30)
     assert last >= progress.data["received"]
-    fleet.serve_chunks = True
+    fleet.serve_chunks = True  # the agent's retry timer asks again; now it is served
     fleet.chunk_delay_s = 0.0
     done = fleet.wait_event(device, lambda e: e.kind in ("lifecycle.committed", "lifecycle.failed",
                                                          "lifecycle.rolled_back"), after=mark, timeout=90)
     assert done.kind == "lifecycle.committed", done.message
     after = fleet.log(device).chunk_requests[requests_before:]
-    assert after, "the agent never asked again after the broker came back"
+    assert after, ("the agent never asked again after the broker came back: "
+                   f"{[(r.reason, r.ranges, r.ts) for r in fleet.log(device).chunk_requests]} "
+                   f"{[(e.kind, e.ts, e.data.get('received')) for e in fleet.log(device).events[mark:]]} {time.time()}")
     total = next(e.data["total"] for e in fleet.log(device).events[mark:] if e.kind == "download.started")
     asked = sum(b - a for a, b in after[0].ranges)
     assert asked <= total - last, f"asked again for {asked} chunks though only {total - last} were missing"

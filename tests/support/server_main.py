@@ -3,9 +3,10 @@
     python -m tests.support.server_main BUILDS_JSON edgefleet-args...
 
 Runs the real command line (``server.cli.main``: config, logging, signals, the whole server)
-with one substitution: the build source is a ``StaticBuilds`` loaded from ``BUILDS_JSON``
-(written by ``tests.support.server_process.write_builds``) instead of the compression
-pipeline's catalog. Everything else is the production path.
+with one addition: the builds listed in ``BUILDS_JSON`` (written by ``ServerProcess``; e.g. a
+deliberately broken variant no compression pipeline would ship) are served first, and every
+other model version comes from the compression pipeline's catalog of the home, as in
+production. Everything else is the production path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol.messages import HealthSpec, RuntimeSpec
-from server.builds import Build, StaticBuilds
+from server.builds import Build, BuildLike, BuildSource, StaticBuilds, default_build_source
 
 
 def load_builds(path: Path) -> StaticBuilds:
@@ -35,12 +36,28 @@ def build_row(build: Build) -> dict[str, Any]:
             "chunk_size": build.chunk_size, "compression": build.compression}
 
 
+class LayeredBuilds:
+    """The test's static builds where they name the model version, else the home's catalog."""
+
+    def __init__(self, first: StaticBuilds, then: BuildSource) -> None:
+        self.first, self.then = first, then
+
+    def has_version(self, model: str, version: int) -> bool:
+        return self.first.has_version(model, version) or self.then.has_version(model, version)
+
+    def get_build(self, model: str, version: int, profile: str) -> BuildLike | None:
+        if self.first.has_version(model, version):
+            return self.first.get_build(model, version, profile)
+        return self.then.get_build(model, version, profile)
+
+
 def main(argv: list[str]) -> int:
     import server.app
     from server.cli import main as cli_main
 
-    builds = load_builds(Path(argv[0]))
-    setattr(server.app, "default_build_source", lambda home: builds)  # noqa: B010 - the one substitution
+    static = load_builds(Path(argv[0]))
+    setattr(server.app, "default_build_source",  # noqa: B010 - the one substitution
+            lambda home: LayeredBuilds(static, default_build_source(home)))
     return cli_main(argv[1:])
 
 

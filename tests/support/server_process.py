@@ -60,7 +60,7 @@ class ServerProcess:
             "broker": {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"e2e-{home.name}"},
             "api": {"host": "127.0.0.1", "port": 0},
             "publisher": {"chunk_window_s": 0.2},
-            "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 60.0},
+            "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 300.0},
         }
         for name, values in (settings or {}).items():
             sections.setdefault(name, {}).update(values)
@@ -79,7 +79,7 @@ class ServerProcess:
         return load_signing_key(ServerConfig(home=self.home).paths).public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0) -> ServerProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         (self.home / "server.json").unlink(missing_ok=True)
         log = self.log_path.open("ab")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from server.chunks import ArtifactSchedule, Send
+import threading
+import time
+
+from agent.protocol.messages import ChunkRequest
+from server.chunks import ArtifactSchedule, ChunkServer, Send
 
 
 def drain(s: ArtifactSchedule, now: float, limit: int = 10_000) -> list[Send]:
@@ -89,3 +93,34 @@ def test_out_of_range_indexes_are_clamped() -> None:
     assert s.request("a", [(2, 50)], now=0.0) == 1
     assert s.request("a", [(7, 9)], now=0.0) == 0
     assert drain(s, 0.0) == [Send(2, None)]
+
+
+def _paced_run(egress_bytes_s: float) -> list[float]:
+    sent: list[float] = []
+    done = threading.Event()
+
+    def publish(topic: str, data: bytes) -> None:
+        sent.append(time.monotonic())
+        if len(sent) == 5:
+            done.set()
+
+    server = ChunkServer(read_chunk=lambda a, i: b"x" * 10_000, chunk_count=lambda a: 5, authorize=lambda d, a: True,
+                         publish=publish, broadcast=True, window_s=0.0, late_threshold=3,
+                         egress_bytes_s=egress_bytes_s)
+    art = "ab" * 16
+    server.expect(art, [f"d{i}" for i in range(10)])
+    server.start()
+    try:
+        server.submit(ChunkRequest(device_id="d0", artifact_id=art, ranges=((0, 5),), ts=0.0, reason="initial"))
+        assert done.wait(10)
+    finally:
+        server.stop()
+    return sent
+
+
+def test_a_shared_stream_is_paced_by_its_fan_out() -> None:
+    # 10 devices take each 10 kB chunk: 100 kB of broker egress per chunk; at 1 MB/s that is 0.1 s apart
+    paced = _paced_run(1e6)
+    assert paced[-1] - paced[0] >= 0.35
+    unpaced = _paced_run(0.0)
+    assert unpaced[-1] - unpaced[0] < 0.3

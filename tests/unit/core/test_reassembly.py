@@ -159,6 +159,17 @@ def test_missing_ranges_are_runs_and_capped() -> None:
     assert r.missing_ranges(limit=2) == ((1, 3), (5, 8))
 
 
+def test_progress_is_reported_per_quarter_and_not_more_often_than_the_interval() -> None:
+    from agent.core.reassembly import progress_due
+
+    assert not progress_due(0.0, 0.2, 60.0, 5.0)  # still in the first quarter
+    assert progress_due(0.0, 0.3, 6.0, 5.0)
+    assert not progress_due(0.0, 0.3, 1.0, 5.0)  # a fast transfer: too soon
+    assert not progress_due(0.3, 0.45, 60.0, 5.0)  # same quarter as the last report
+    assert progress_due(0.3, 0.8, 5.0, 5.0)  # skipped a quarter: one event, not two
+    assert not progress_due(0.8, 1.0, 60.0, 5.0)  # 100% is download.completed
+
+
 @given(st.lists(st.integers(0, COUNT - 1), max_size=3 * COUNT))
 @settings(max_examples=60, deadline=None)
 def test_running_progress_totals_match_the_bitmap_through_duplicates_resets_and_restores(order) -> None:  # type: ignore[no-untyped-def]

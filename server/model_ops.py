@@ -1,0 +1,170 @@
+"""Model registration and builds as API operations: the catalog behind ``/v1/models``.
+
+A CI pipeline registers a model (the file and its data sets, base64 in a JSON body), builds it for
+profiles, then starts a rollout with ``POST /v1/deployments``, all with one token. The answers have
+the shapes of ``edgefleet model add|list|show --json`` and ``edgefleet build --json``, so the CLI
+prints the same thing whether it worked locally or through a server.
+
+Uploads are decoded into a private temporary directory under the home and handed to
+``Catalog.add_model``, which checks and copies them (the temporary files are removed either way).
+Sizes are capped before decoding (the HTTP body cap applies first). A build runs in the request's
+thread and answers when every profile is done: building is CPU work of seconds (small models) to
+minutes; the client waits with a long timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.errors import InvalidRequestError, ServerError
+
+#: Largest decoded upload per file (the HTTP body cap, ``api.max_body_bytes``, applies before this).
+MAX_UPLOAD_BYTES = 1 << 30
+UPLOAD_SUFFIXES = (".onnx", ".tflite")
+
+
+def _decode(field: str, text: str, limit: int = MAX_UPLOAD_BYTES) -> bytes:
+    if len(text) > (limit + 2) // 3 * 4:
+        raise InvalidRequestError(f"body.{field} is over {limit} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequestError(f"body.{field} is not valid base64: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _catalog(home: Path) -> Iterator[Any]:
+    from server.registry.catalog import Catalog  # noqa: PLC0415 - the compression extra is imported on use
+
+    catalog = Catalog.open(home)
+    try:
+        yield catalog
+    finally:
+        catalog.close()
+
+
+def version_row(catalog: Any, v: Any) -> dict[str, Any]:
+    """One line of ``model list --json``."""
+    return {"model": v.model, "version": v.version, "format": v.format, "sha256": v.sha256,
+            "size_bytes": v.size_bytes, "builds": [b.profile for b in catalog.builds(v.model, v.version)]}
+
+
+def version_detail(catalog: Any, mv: Any) -> dict[str, Any]:
+    """``model show --json``: inputs, outputs, gate, and every build with its provenance."""
+    return {
+        "model": mv.model, "version": mv.version, "format": mv.format, "sha256": mv.sha256,
+        "size_bytes": mv.size_bytes, "inputs": [t.to_dict() for t in mv.inputs],
+        "outputs": [t.to_dict() for t in mv.outputs], "gate": mv.gate.to_dict(),
+        "calibration": mv.calibration is not None, "evaluation": mv.evaluation is not None,
+        "builds": [{"profile": b.profile, "variant": b.variant, "size_bytes": b.size_bytes,
+                    "ota_size_bytes": b.ota_size_bytes, "compression": b.compression,
+                    "provenance": b.provenance} for b in catalog.builds(mv.model, mv.version)],
+    }
+
+
+def add_model(home: Path, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Register the next version of ``body["name"]`` from an upload; the answer of ``model add --json``."""
+    from server.compression.gate import GateSpec  # noqa: PLC0415
+
+    filename = Path(str(body.get("filename") or "model.onnx")).name
+    if not filename.endswith(UPLOAD_SUFFIXES):
+        raise InvalidRequestError(f"body.filename must end with {' or '.join(UPLOAD_SUFFIXES)} (got {filename!r})")
+    gate_raw = body.get("gate")
+    gate = None
+    if gate_raw:
+        unknown = sorted(set(gate_raw) - set(GateSpec.__dataclass_fields__))
+        if unknown:
+            raise InvalidRequestError(f"body.gate: unknown field(s) {', '.join(unknown)}")
+        gate = GateSpec.from_dict(gate_raw)
+    uploads = {"model": _decode("model", body["model"])}
+    for key in ("calibration", "evaluation"):
+        if body.get(key):
+            uploads[key] = _decode(key, body[key])
+    if not uploads["model"]:
+        raise InvalidRequestError("body.model is empty")
+    home.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".upload-", dir=home))
+    try:
+        paths: dict[str, Path] = {}
+        for key, data in uploads.items():
+            path = work / (filename if key == "model" else f"{key}.npz")
+            path.write_bytes(data)
+            paths[key] = path
+        with _catalog(home) as catalog:
+            mv = catalog.add_model(paths["model"], str(body["name"]), calibration=paths.get("calibration"),
+                                   evaluation=paths.get("evaluation"), gate=gate)
+            return {"model": mv.model, "version": mv.version, "sha256": mv.sha256, "format": mv.format,
+                    "size_bytes": mv.size_bytes, "gate": mv.gate.to_dict(),
+                    "calibration": mv.calibration is not None, "evaluation": mv.evaluation is not None}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def list_models(home: Path, model: str | None = None) -> list[dict[str, Any]]:
+    with _catalog(home) as catalog:
+        return [version_row(catalog, v) for v in catalog.versions(model)]
+
+
+def show_model(home: Path, ref: str) -> dict[str, Any]:
+    with _catalog(home) as catalog:
+        return version_detail(catalog, catalog.resolve(ref))
+
+
+def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: Path | None = None) -> dict[str, Any]:
+    """Build ``ref`` for ``body["profile"]`` (``ID[,ID...]`` or ``all``), as ``edgefleet build --json`` does.
+
+    Answers ``{"model", "version", "results": [row per profile], "failures": n}``; a profile that
+    cannot be built is a row with ``error`` and ``code``, not a failed call, like the CLI.
+    """
+    from server.compression.pipeline import BuildOptions  # noqa: PLC0415
+    from server.compression.recipes import CALIBRATION_METHODS  # noqa: PLC0415
+    from server.profiles import load_profiles  # noqa: PLC0415
+
+    methods = tuple(body.get("calibration_methods") or CALIBRATION_METHODS)
+    bad = [m for m in methods if m not in CALIBRATION_METHODS]
+    if bad:
+        raise InvalidRequestError(f"body.calibration_methods: unknown {', '.join(bad)} "
+                                  f"(one of {', '.join(CALIBRATION_METHODS)})")
+    options = BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)),
+                           fallback=bool(body.get("fallback", True)), evaluation_limit=body.get("eval_limit"),
+                           latency_runs=int(body.get("latency_runs", 30)), only=tuple(body.get("recipes") or ()))
+    profiles = load_profiles(profiles_dir)
+    with _catalog(home) as catalog:
+        mv = catalog.resolve(ref)
+        wanted = _wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
+        rows: list[dict[str, Any]] = []
+        for pid in wanted:
+            try:
+                stored, result = catalog.build(mv, profiles[pid], options=options)
+            except ServerError as exc:
+                rows.append({"profile": pid, "error": exc.message, "code": exc.code})
+                continue
+            rows.append({
+                "profile": pid, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
+                "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
+                "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
+                "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
+                "fidelity": result.chosen.fidelity.to_dict() if result.chosen.fidelity else None,
+                "source_size_bytes": mv.size_bytes,
+            })
+        return {"model": mv.model, "version": mv.version, "results": rows,
+                "failures": sum(1 for r in rows if "error" in r)}
+
+
+def _wanted_profiles(spec: str, profiles: Mapping[str, Any], fmt: str) -> Sequence[str]:
+    if not spec:
+        raise InvalidRequestError("body.profile is required: ID[,ID...] or all")
+    if spec == "all":
+        return [p for p in profiles if fmt in profiles[p].format_preference]
+    wanted = [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in profiles]
+    if unknown:
+        raise InvalidRequestError(f"unknown profile(s) {', '.join(unknown)} (known: {', '.join(profiles)}, all)")
+    return wanted

@@ -1,0 +1,142 @@
+"""``edgefleet simulate``: simulated devices through a real mosquitto and the real server rollout path.
+
+The devices run the agent's protocol (signed desired states, key unwrap, chunk decryption),
+reassembly and lifecycle code; only inference and storage are stand-ins (docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from agent.protocol.envelope import TrustAnchor, raw_public
+from agent.protocol.messages import ModelRef
+from server.app import FleetServer
+from server.broker import MosquittoBroker
+from server.builds import StaticBuilds
+from server.cli import build_parser, main
+from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
+from tests.support.fleet import onnx_builds, public_key, server_config
+
+pytestmark = pytest.mark.broker
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> StaticBuilds:
+    return onnx_builds(tmp_path_factory.mktemp("sim-builds"), "m", [1, 2], ["rpi4"], hidden=2048)
+
+
+@pytest.fixture
+def server(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[FleetServer]:
+    config = server_config(tmp_path / "home", fresh_broker, {"publisher": {"chunk_window_s": 0.3}})
+    srv = FleetServer(config, builds=builds).start()
+    yield srv
+    srv.stop()
+
+
+def register(server: FleetServer, ids: list[str], seed: str) -> None:
+    for device_id in ids:
+        key = base64.b64encode(raw_public(device_key(seed, device_id).public_key())).decode()
+        server.service.register_device(device_id, profile="rpi4", public_key=key, groups=["sim"],
+                                       broker_password=False)
+
+
+def wait_status(server: FleetServer, deployment_id: str, statuses: tuple[str, ...], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    detail: Any = {}
+    while time.monotonic() < deadline:
+        detail = server.service.deployment_detail(deployment_id)
+        if detail["status"] in statuses:
+            return detail
+        time.sleep(0.1)
+    rows = [(d["device_id"], d["state"]) for d in detail["devices"]]
+    raise TimeoutError(f"deployment is {detail.get('status')}: {rows}")
+
+
+def test_simulated_fleet_commits_a_rollout_then_rolls_back_a_failing_version(
+    server: FleetServer, fresh_broker: MosquittoBroker
+) -> None:
+    ids = device_ids(N, "simt")
+    register(server, ids, "t1")
+    settings = SimSettings(fail_versions=frozenset({2}), telemetry_s=0.5)
+    trust = TrustAnchor.of(public_key(server.config))
+    with SimFleet(ids, broker=BrokerTarget(fresh_broker.host, fresh_broker.port), trust=trust, settings=settings,
+                  seed="t1", loops=2) as fleet:
+        assert fleet.wait(lambda s: s.online == N, 20)
+        dep = server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
+                                    max_failures_percent=0, probation_s=0.3, actor="test")
+        detail = wait_status(server, dep["deployment_id"], ("completed", "rolled_back", "halted"))
+        assert detail["status"] == "completed"
+        assert [d["state"] for d in detail["devices"]] == ["committed"] * N
+        assert fleet.wait(lambda s: s.committed_on(ModelRef("m", 1)) == N, 10)
+        snap = fleet.snapshot()
+        count = server.artifacts.info(dep["artifacts"]["rpi4"]).chunk_count
+        assert snap.chunks == N * count, "every device decrypted and stored every chunk once"
+        assert server.publish_stats.chunks["broadcast"] >= count  # the shared stream carried them
+        # what the server's registry learned from the devices' reports
+        devices = {d.device_id: d for d in server.registry.list_devices()}
+        assert all(devices[i].online and devices[i].active_version == 1 for i in ids)
+
+        # v2 fails its warm-up health check on every device: the canary fails, the rollout halts and
+        # every device keeps (or gets back to) v1
+        dep2 = server.service.deploy("m:2", target="group:sim", canary_percent=25, wave_percent=100,
+                                     max_failures_percent=0, probation_s=0.3, actor="test")
+        detail = wait_status(server, dep2["deployment_id"], ("rolled_back", "halted"))
+        failures = detail["failures"]
+        assert failures and all(f["code"] == "health.latency" or "latency" in (f["reason"] or "") for f in failures)
+        assert fleet.wait(lambda s: s.committed_on(ModelRef("m", 1)) == N and s.lifecycle == {"idle": N}, 20)
+        rolled = [d for d in fleet.devices if d.counters.events.get("lifecycle.rolled_back")]
+        assert rolled, "the released devices reported lifecycle.rolled_back"
+        assert all(d.active == ModelRef("m", 1) for d in fleet.devices)
+        # telemetry arrived from the simulated devices
+        time.sleep(1.0)
+        assert server.ingest.stats.received["telemetry"] >= N
+    # a clean stop leaves every device offline (retained report), as an agent's shutdown does
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(d.online for d in server.registry.list_devices()):
+        time.sleep(0.1)
+    assert not any(d.online for d in server.registry.list_devices())
+
+
+def test_simulate_command_runs_until_every_device_commits(
+    server: FleetServer, fresh_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    ids = device_ids(5, "simc")
+    register(server, ids, "cli")
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(public_key(server.config).public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    out = tmp_path / "sim.json"
+    codes: list[int] = []
+    argv = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "5", "--prefix", "simc", "--seed", "cli",
+            "--no-register", "--broker", fresh_broker.url, "--server-key", str(pem), "--until", "m:1",
+            "--timeout", "60", "--quiet", "--json", str(out)]
+    runner = threading.Thread(target=lambda: codes.append(main(argv)))
+    runner.start()
+    deadline = time.monotonic() + 20
+    while sum(d.online for d in server.registry.list_devices()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100, max_failures_percent=0,
+                          probation_s=0.2, actor="test")
+    runner.join(timeout=90)
+    assert codes == [0]
+    summary = json.loads(out.read_text())
+    assert summary["committed"] == {"m v1": 5} and summary["until_reached_s"] > 0
+    assert summary["timeline"]["lifecycle.committed"]["n"] == 5
+
+
+def test_help_says_what_is_simulated() -> None:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["simulate"].format_help().split())
+    assert "inference is a stand-in" in text and "1,000 devices" in text
