@@ -235,6 +235,8 @@ class Agent:
         self._download: _Download | None = None
         self._candidate: Any = None  # loaded, checked, not yet (or just) switched in
         self._standby: Any = None  # the previous model, kept loaded during probation for a fast switch back
+        #: the standby is the previous *committed* version, kept after a commit (``[models] warm_standby``)
+        self._standby_warm = False
         self._probation_since: float | None = None  # host clock
         self._probation_next: float | None = None  # monotonic
         self._pending_desired: bytes | None = None
@@ -799,6 +801,7 @@ class Agent:
         if kept is None:
             err = VersionNotKeptError(target.name, target.version)
             return Failed(now, LifecycleFailure("warming", err.code, err.message, "load"))
+        self._make_room(kept.size, f"{_ref_text(target)} ({kept.size}-byte model file)")
         try:
             self.store.verify_file(kept)
             rss_before = _rss_bytes()
@@ -837,14 +840,58 @@ class Agent:
         return WarmedUp(self.clock(), policy, self._baseline(policy))
 
     def _check_memory_budget(self, candidate_bytes: int, what: str) -> None:
-        """Refuse a candidate that, beside the committed model (kept loaded through probation), busts the budget."""
+        """Refuse a candidate that, beside the committed model (kept loaded through probation), busts the budget.
+
+        A warm standby counts too; when releasing it is what makes the candidate fit, it is released.
+        """
         budget = self.config.models.memory_budget_bytes
         if not budget:
             return
+        self._make_room(candidate_bytes, what)
         committed = self._committed_install()
-        resident = committed.size if committed is not None else 0
+        resident = (committed.size if committed is not None else 0) + self._warm_standby_bytes()
         if candidate_bytes + resident > budget:
             raise MemoryBudgetError(candidate_bytes + resident, budget, f"{what} beside the committed model")
+
+    def _warm_standby_bytes(self) -> int:
+        """What the warm standby counts against the memory budget: its model file's size (0 when none)."""
+        if self._standby is None or not self._standby_warm:
+            return 0
+        kept = self.store.find(self._standby.ref)
+        return kept.size if kept is not None else 0
+
+    def _make_room(self, candidate_bytes: int, what: str) -> None:
+        """Release the warm standby when the candidate fits the memory budget without it and not with it."""
+        budget = self.config.models.memory_budget_bytes
+        standby_bytes = self._warm_standby_bytes()
+        if not budget or not standby_bytes:
+            return
+        committed = self._committed_install()
+        resident = committed.size if committed is not None else 0
+        if candidate_bytes + resident + standby_bytes > budget >= candidate_bytes + resident:
+            log.info(
+                "releasing the warm standby to make room",
+                extra={
+                    "fields": {
+                        "standby": _ref_text(self._standby.ref),
+                        "candidate": what,
+                        "budget": budget,
+                        "standby_bytes": standby_bytes,
+                    }
+                },
+            )
+            self._release_standby()
+
+    def _standby_fits(self, committed: ModelRef, standby: ModelRef) -> bool:
+        """Whether ``standby`` may stay loaded beside ``committed``: kept on disk and within the memory budget."""
+        kept_standby = self.store.find(standby)
+        if kept_standby is None:
+            return False
+        budget = self.config.models.memory_budget_bytes
+        if not budget:
+            return True
+        kept_committed = self.store.find(committed)
+        return kept_standby.size + (kept_committed.size if kept_committed is not None else 0) <= budget
 
     def _scaled(self, health: HealthSpec) -> HealthSpec:
         """The server's health spec with its latency budget times ``lifecycle.latency_scale`` (1 leaves it as is)."""
@@ -864,6 +911,9 @@ class Agent:
     def _switch_to(self, target: ModelRef) -> Event | None:
         if self._candidate is None or self._candidate.ref != target:
             return Failed(self.clock(), LifecycleFailure("probation", "model", "the candidate is not loaded", "load"))
+        if self._standby is not None:  # a warm standby of an older version: the one now serving takes its place
+            log.info("releasing the warm standby", extra={"fields": {"standby": _ref_text(_ref(self._standby))}})
+            self._release_standby()
         previous = self.host.activate(self._candidate, keep_previous=True)
         self._standby = previous
         self._probation_since = self.host.now()
@@ -880,17 +930,26 @@ class Agent:
 
     def _commit(self, target: ModelRef) -> None:
         self._probation_next = None
-        if self._standby is not None and _ref(self.host.active) == target:
-            self._release_standby()
         self._candidate = None
         try:
             self.store.commit(target)
         except StorageError as exc:
             log.warning("cannot mark %s committed in the store: %s", _ref_text(target), exc.message)
             self._error_event(exc.code, exc.message)
+        standby = self._standby
+        if standby is None or _ref(self.host.active) != target:
+            return
+        if self.config.models.warm_standby and self._standby_fits(target, standby.ref):
+            self._standby_warm = True  # memory only: after a restart the committed version serves alone
+            log.info("keeping the previous version loaded as a warm standby", extra={
+                "fields": {"model": _ref_text(target), "standby": _ref_text(standby.ref)}
+            })
+        else:
+            self._release_standby()
 
     def _release_standby(self) -> None:
         standby, self._standby = self._standby, None
+        self._standby_warm = False
         if standby is not None and standby is not self.host.active:
             try:
                 self.host.unload(standby)
@@ -909,7 +968,8 @@ class Agent:
                 self.host.unload(candidate)
             except EdgeError as exc:
                 log.warning("cannot unload the candidate: %s", exc.message)
-        self._release_standby()
+        if not (self._standby_warm and served is not None and served == self.machine.record.committed):
+            self._release_standby()  # a warm standby stays when the committed version serves on (a failed update)
         if discard is not None and discard != served:
             try:
                 self.store.discard_staged(discard)
@@ -928,9 +988,10 @@ class Agent:
         if active == want:
             return want
         standby = self._standby
-        if standby is not None and standby.ref == want:
+        if standby is not None and standby.ref == want and self._standby_healthy(standby):
             self.host.activate(standby)
-            self._standby = None
+            self._standby, self._standby_warm = None, False
+            log.info("switched to the standby without loading", extra={"fields": {"model": _ref_text(want)}})
             return want
         committed = self.machine.record.committed
         options = [want] + [r for r in (committed,) if r is not None and r != want]
@@ -945,6 +1006,35 @@ class Agent:
                 continue
             return ref
         return _ref(self.host.active)
+
+    def _drop_unkept_standby(self) -> None:
+        """A warm standby whose version left the store (purge, kept-version eviction) is released."""
+        standby = self._standby
+        if standby is not None and self._standby_warm and self.store.find(standby.ref) is None:
+            log.info("releasing the warm standby: its version is no longer kept", extra={
+                "fields": {"standby": _ref_text(standby.ref)}
+            })
+            self._release_standby()
+
+    def _standby_healthy(self, standby: Any) -> bool:
+        """A warm standby sat idle since its commit: check it still works before it serves (as a load from disk is).
+
+        During probation the standby is the committed version that served a moment ago: no check.
+        """
+        if not self._standby_warm:
+            return True
+        kept = self.store.find(standby.ref)
+        try:
+            if kept is None:
+                raise VersionNotKeptError(standby.ref.name, standby.ref.version)
+            self.host.check(standby, replace(kept.health, latency_budget_ms=0.0, warmup_runs=1))
+        except EdgeError as exc:
+            log.warning("the warm standby fails its check: %s", exc.message, extra={
+                "fields": {"model": _ref_text(standby.ref)}
+            })
+            self._release_standby()
+            return False
+        return True
 
     # -- messages -----------------------------------------------------------------------------------------
 
@@ -1121,6 +1211,7 @@ class Agent:
             self._command_result(cmd.command_id, "purge", ok=False, message=exc.message)
             return
         self._state_dirty = True
+        self._drop_unkept_standby()
         text = ", ".join(f"v{v.ref.version}" for v in removed) or "nothing"
         self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
 

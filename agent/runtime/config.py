@@ -101,6 +101,9 @@ class ModelsConfig:
     min_free_bytes: int = 32 << 20
     #: RAM the loaded models may take together (0 = no budget); during probation both versions are loaded
     memory_budget_bytes: int = 0
+    #: keep the previous committed version loaded after a commit, so a rollback to it needs no reload;
+    #: it counts against ``memory_budget_bytes`` and is released first when a new candidate needs the room
+    warm_standby: bool = True
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         max_artifact_bytes=models.integer("max_artifact_bytes", 1 << 30, lo=1024, hi=1 << 40),
         min_free_bytes=models.integer("min_free_bytes", 32 << 20, lo=0, hi=1 << 50),
         memory_budget_bytes=models.integer("memory_budget_bytes", 0, lo=0, hi=1 << 50),
+        warm_standby=models.flag("warm_standby", True),
     )
     models.done()
 
@@ -479,6 +483,7 @@ def render_config(config: AgentConfig) -> str:
         f"max_artifact_bytes = {config.models.max_artifact_bytes}",
         f"min_free_bytes = {config.models.min_free_bytes}",
         f"memory_budget_bytes = {config.models.memory_budget_bytes}",
+        f"warm_standby = {'true' if config.models.warm_standby else 'false'}",
         "",
         "[transfer]",
         f"chunk_timeout_s = {config.transfer.chunk_timeout_s}",
