@@ -9,7 +9,11 @@ Who swaps:
     server that signs desired states and commands (tests/support), and a real ``edgefleet-agent`` process.
     Versions are deployed (download, verify, warm-up, switch, probation, commit) and rolled back by
     signed ``rollback`` commands over MQTT. Rollback latency comes from the agent's own log: the line
-    for the received command -> the host's line for the switch (1 ms resolution).
+    for the received command -> the host's line for the switch (1 ms resolution). Each rollback follows a
+    commit, so the agent (``[models] warm_standby = true``, the default) switches to the previous version
+    kept loaded as a warm standby; the same-run baseline is a second agent process with
+    ``warm_standby = false`` doing the same cycles under the same load, whose rollbacks load the previous
+    version from disk (``rollback_cold_*``; skip it with ``--no-cold-baseline``).
   * ``--driver host``: the serving half alone, a process with ModelHost + the Open Inference Protocol
     server, driven over a line protocol on its stdin: ``deploy`` (load beside, health check, switch; the
     old session drains and is released), ``deploy-keep`` (the same, keeping the old version loaded on
@@ -328,12 +332,15 @@ class AgentDriver:
 
     name = "edgefleet-agent process: signed MQTT deploys and rollback commands"
 
-    def __init__(self, files: dict[int, Path], work: Path) -> None:
+    def __init__(
+        self, files: dict[int, Path], work: Path, *, warm_standby: bool = True, compression: str = "lzma"
+    ) -> None:
         # agent-core's half: present only in a checkout with the full agent (see agent_available)
         from tests.support.agent_process import AgentProcess  # noqa: PLC0415
         from tests.support.fleet_server import FleetServer, unique_device_id  # noqa: PLC0415
 
         self.files = files
+        self.compression = compression
         self.broker = MosquittoBroker(workdir=work / "mosquitto").start()
         self.fleet = FleetServer(self.broker.host, self.broker.port)
         self.model = "bench"
@@ -354,7 +361,11 @@ class AgentDriver:
             broker_host=self.broker.host,
             broker_port=self.broker.port,
             server=self.fleet,
-            settings={"lifecycle": {"probation_check_s": 0.05}, "telemetry": {"interval_s": 5.0}},
+            settings={
+                "lifecycle": {"probation_check_s": 0.05},
+                "telemetry": {"interval_s": 5.0},
+                "models": {"warm_standby": warm_standby},
+            },
         ).start()
         self.version = 1
         self._deploy(1)
@@ -369,6 +380,7 @@ class AgentDriver:
             ModelRef(self.model, version),
             runtime=RuntimeSpec(format="onnx", runtime="onnxruntime"),
             health=self.health,
+            compression=self.compression,
         )
         event = self.fleet.wait_event(
             self.agent.device_id,
@@ -461,6 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         help="agent: a real edgefleet-agent process, deploys and rollback commands over MQTT (default when "
         "available); host: the serving half alone, swapped through a control pipe",
     )
+    parser.add_argument(
+        "--compression",
+        choices=("lzma", "zlib", "none"),
+        default="lzma",
+        help="agent driver: artifact compression (default lzma; zlib seals a large model far faster)",
+    )
+    parser.add_argument(
+        "--no-cold-baseline",
+        action="store_true",
+        help="agent driver: skip the second agent (warm_standby = false) that measures rollback from disk",
+    )
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_child:
@@ -478,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         files = {1: v1, 2: v2}
         raw_body, feeds = request_body(v1, sample)
 
-        driver: HostDriver | AgentDriver = (AgentDriver if args.driver == "agent" else HostDriver)(files, Path(tmp))
+        driver: HostDriver | AgentDriver = (
+            AgentDriver(files, Path(tmp), compression=args.compression)
+            if args.driver == "agent"
+            else HostDriver(files, Path(tmp))
+        )
         body = raw_body
         path = f"/v2/models/{driver.model}/infer"
         try:
@@ -496,6 +523,16 @@ def main(argv: list[str] | None = None) -> int:
             driver.finish(done)
         finally:
             driver.close()
+        cold_ms: list[float] = []
+        if args.driver == "agent" and not args.no_cold_baseline:
+            cold_ms = cold_rollbacks(
+                AgentDriver(files, Path(tmp) / "cold", warm_standby=False, compression=args.compression),
+                path,
+                body,
+                args.clients,
+                max(4, swaps // 2),
+                gap_s,
+            )
 
     # the first requests on a new session pay its lazy allocations: they count as "during the swap" too
     windows = [(r["sent"], r["done"] + SWAP_TAIL_S) for r in done]
@@ -535,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         "rollback_warm_p50_ms": pct(warm_ms, 50),
         "rollback_warm_p95_ms": pct(warm_ms, 95),
         "rollback_observed_p95_ms": pct(observed, 95),
+        "rollback_cold_p50_ms": pct(cold_ms, 50),
+        "rollback_cold_p95_ms": pct(cold_ms, 95),
+        "rollback_cold_samples": len(cold_ms),
+        "rollback_cold_over_standby_p50": (
+            (pct(cold_ms, 50) or 0) / (pct(rollback_ms, 50) or 1) if cold_ms and rollback_ms else None
+        ),
         "swap_load_ms_p50": pct([r["load_ms"] for r in host_rows if r["load_ms"] > 0.05], 50),
         "swap_check_ms_p50": pct([r["check_ms"] for r in host_rows if r["check_ms"] > 0.0], 50),
         "swap_switch_ms_max": max((r["switch_ms"] for r in host_rows), default=None),
@@ -558,6 +601,29 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     ok = results["failed"] == 0 and results["p99_swap_over_steady"] <= 2.0 and (results["rollback_p95_ms"] or 0) <= 1000
     return 0 if ok else 1
+
+
+def cold_rollbacks(
+    driver: AgentDriver, path: str, body: bytes, clients: int, swaps: int, gap_s: float
+) -> list[float]:
+    """The same-run baseline for the agent driver: rollback after a commit with ``warm_standby = false``.
+
+    A second agent process, the same deploy/rollback cycles under the same client load; each rollback
+    must load the previous version from disk (the main run's agent keeps it loaded as a warm standby).
+    """
+    done: list[dict[str, Any]] = []
+    try:
+
+        def do_swaps() -> None:
+            for i in range(swaps + swaps % 2):
+                time.sleep(gap_s)
+                done.append(driver.swap(i))
+
+        run_clients(driver.port, path, body, clients, 0, during=do_swaps)
+        driver.finish(done)
+    finally:
+        driver.close()
+    return [r["to_serving_ms"] for r in done if r["action"] == "rollback" and "to_serving_ms" in r]
 
 
 def agent_available() -> bool:
@@ -587,6 +653,11 @@ def print_table(r: dict[str, Any]) -> None:
             f"<= 1000 (p95), {r['rollback_samples']} rollbacks",
         ),
         ("rollback to standby p50 / p95 ms", f"{f(r['rollback_warm_p50_ms'])} / {f(r['rollback_warm_p95_ms'])}", ""),
+        (
+            "rollback from disk p50 / p95 ms (agent, warm_standby off)",
+            f"{f(r['rollback_cold_p50_ms'])} / {f(r['rollback_cold_p95_ms'])}",
+            f"{r['rollback_cold_samples']} rollbacks, {f(r['rollback_cold_over_standby_p50'])}x the p50 above",
+        ),
         ("rollback seen by clients p95 ms", f(r["rollback_observed_p95_ms"]), "command sent -> first answer"),
         ("raw session p50 / p99 ms", f"{f(r['raw_p50_ms'])} / {f(r['raw_p99_ms'])}", "baseline"),
         ("ModelHost in-process p50 ms (overhead)", f"{f(r['host_p50_ms'])} ({f(r['host_overhead_p50_ms'])})", ""),
