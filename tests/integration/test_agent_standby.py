@@ -123,3 +123,26 @@ def test_budget_releases_the_standby_and_rollback_loads_from_disk(
     assert _loaded(after, 1) and not any(r["msg"] == FROM_STANDBY for r in after), after
     agent.wait_http_ready()
     assert_serves(agent, models)
+
+
+def test_purge_and_eviction_release_the_standby(
+    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+) -> None:
+    agent = agent_factory()
+    deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
+    deploy_and_commit(fleet, agent, models, 2, "good_v2", probation_s=0.3)
+    assert any(r["msg"] == KEPT_WARM for r in agent.log_records())
+    mark = len(agent.log_records())
+    purge = fleet.command(agent.device_id, "purge")
+    result = fleet.wait_event(agent.device_id, lambda e: e.command_id == purge)
+    assert result.data["ok"] is True and "v1" in result.data["message"], result.data
+    released = [r for r in _logs_after(agent, mark) if "warm standby" in r["msg"]]
+    assert released and released[0]["msg"].startswith("releasing") and released[0]["standby"] == "digits v1"
+
+    # keep_versions = 1: committing v2 evicts v1 from the store, so it is not kept loaded either
+    evicting = agent_factory(prefix="evict", settings={"models": {"keep_versions": 1}})
+    deploy_and_commit(fleet, evicting, models, 1, probation_s=0.3)
+    mark = len(evicting.log_records())
+    deploy_and_commit(fleet, evicting, models, 2, "good_v2", probation_s=0.3)
+    assert not any(r["msg"] == KEPT_WARM for r in _logs_after(evicting, mark))
+    assert_serves(evicting, models)
