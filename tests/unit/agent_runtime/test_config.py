@@ -110,3 +110,13 @@ def test_latency_scale_is_read_and_rendered(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL + "[lifecycle]\nlatency_scale = 50\n"))
     assert config.lifecycle.latency_scale == 50.0
     assert load_config(write(tmp_path, render_config(config))).lifecycle.latency_scale == 50.0
+
+
+def test_warm_standby_defaults_on_and_round_trips(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).models.warm_standby is True
+    config = load_config(write(tmp_path, MINIMAL + "[models]\nwarm_standby = false\n"))
+    assert config.models.warm_standby is False
+    assert load_config(write(tmp_path, render_config(config))).models.warm_standby is False
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + '[models]\nwarm_standby = "no"\n'))
+    assert err.value.field == "models.warm_standby"
