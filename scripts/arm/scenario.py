@@ -53,7 +53,6 @@ EMULATION: dict[str, dict[str, Any]] = {
     "inference": {"intra_op_threads": 1},
     "log": {"format": "json", "level": "info"},
 }
-WORK_IN = "/tmp/edgefleet-arm"  # inside the rootfs
 EMULATED_TIMEOUT = 300.0
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
@@ -69,12 +68,13 @@ class EmulatedAgent:
     def __init__(self, root: Path, device_id: str) -> None:
         self.root = root
         self.device_id = device_id
-        self.work = root / WORK_IN.lstrip("/")
+        self.inside = f"/tmp/edgefleet-arm-{secrets.token_hex(4)}"  # this run's directory inside the rootfs
+        self.work = root / self.inside.lstrip("/")
         if self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
         self.http_port = free_port()
-        self.config_in = f"{WORK_IN}/etc/agent.toml"
+        self.config_in = f"{self.inside}/etc/agent.toml"
         self.log_path = self.work / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -95,20 +95,20 @@ class EmulatedAgent:
                 "--profile",
                 PROFILE,
                 "--server-key",
-                f"{WORK_IN}/server.pub",
+                f"{self.inside}/server.pub",
                 "--broker",
                 f"127.0.0.1:{broker_port}",
                 "--tls",
                 "--ca-cert",
-                f"{WORK_IN}/ca.crt",
+                f"{self.inside}/ca.crt",
                 "--username",
                 self.device_id,
                 "--password-file",
-                f"{WORK_IN}/pw",
+                f"{self.inside}/pw",
                 "--config",
                 self.config_in,
                 "--store-dir",
-                f"{WORK_IN}/store",
+                f"{self.inside}/store",
                 "--http-port",
                 str(self.http_port),
             ],
