@@ -11,7 +11,7 @@ for (same architecture and ISA features; see server.compression.pipeline.stand_i
                for .tflite, LiteRT Quantizer's default dynamic_wi8_afp32 recipe
   edgefleet    what `edgefleet build` ships for the profile (the gate's choice; fp32 when nothing passes)
 
-Each row: size, median single-request latency (1 thread, same harness for all three), fidelity on the
+Each row: size, median single-request latency (1 thread, the three models timed in alternation), fidelity on the
 evaluation split against fp32 (accuracy when labelled, else min cosine / mean IoU: see `metric`), and
 ratios to fp32. --quick: digits and selfie only, MinMax calibration, fewer timing runs (under a minute).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from server.compression import litert_tools
 from server.compression.data import Dataset, load_dataset
 from server.compression.gate import GateSpec, measure_fidelity
 from server.compression.pipeline import BuildOptions, build_profile, inspect_source, stand_in
-from server.compression.runners import median_latency_ms, open_runner, run_dataset, sample_feed
+from server.compression.runners import open_runner, run_dataset, sample_feed
 from server.profiles import load_profiles
 from tests.support.models import ModelCacheMissing, real_model
 
@@ -64,13 +65,27 @@ def ort_default(model: Path, fmt: str, task: str, calibration: Dataset, out: Pat
     return "quantize_static(defaults)"
 
 
-def measure(path: Path, fmt: str, ev: Dataset, reference: list[Any], gate: GateSpec, runs: int) -> dict[str, Any]:
-    runner = open_runner(path, fmt)
-    outs = run_dataset(runner, ev)
-    fid = measure_fidelity(reference, outs, gate, ev.labels)
-    latency = median_latency_ms(runner, sample_feed(runner, ev), runs=runs, budget_s=10.0)
-    return {"size_bytes": path.stat().st_size, "latency_ms": latency, "fidelity": fid.value,
-            "min_cosine": fid.min_cosine, "top1_agreement": fid.top1_agreement}
+def fidelity(path: Path, fmt: str, ev: Dataset, reference: list[Any], gate: GateSpec) -> dict[str, Any]:
+    fid = measure_fidelity(reference, run_dataset(open_runner(path, fmt), ev), gate, ev.labels)
+    return {"size_bytes": path.stat().st_size, "fidelity": fid.value, "min_cosine": fid.min_cosine,
+            "top1_agreement": fid.top1_agreement}
+
+
+def interleaved_latency(paths: list[Path], fmt: str, ev: Dataset, runs: int) -> list[float]:
+    """Median single-request latency of each model, timed in alternation (round r runs every model once),
+    so a machine whose load drifts during the run affects all of them alike."""
+    runners = [open_runner(p, fmt) for p in paths]
+    feeds = [sample_feed(r, ev) for r in runners]
+    for r, f in zip(runners, feeds, strict=True):
+        for _ in range(3):
+            r.run(f)
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(runs):
+        for i, (r, f) in enumerate(zip(runners, feeds, strict=True)):
+            t0 = time.perf_counter()
+            r.run(f)
+            times[i].append((time.perf_counter() - t0) * 1000.0)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> int:
@@ -102,11 +117,11 @@ def main() -> int:
         reference = run_dataset(open_runner(rm.path, source.format), ev)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            fp32 = measure(rm.path, source.format, ev, reference, gate, runs)
+            fp32 = fidelity(rm.path, source.format, ev, reference, gate)
             default_path = work / f"ort_default{rm.path.suffix}"
             try:
                 method = ort_default(rm.path, source.format, rm.task, cal, default_path)
-                default: dict[str, Any] | None = measure(default_path, source.format, ev, reference, gate, runs)
+                default: dict[str, Any] | None = fidelity(default_path, source.format, ev, reference, gate)
             except Exception as exc:
                 method, default = f"failed: {type(exc).__name__}: {str(exc)[:100]}", None
             for pid in wanted:
@@ -118,16 +133,21 @@ def main() -> int:
                 result = build_profile(source, profile, gate, evaluation=ev, calibration=cal, workdir=bdir,
                                        options=options)
                 assert result.chosen.path is not None
-                ours = measure(result.chosen.path, source.format, ev, reference, gate, runs)
+                ours = fidelity(result.chosen.path, source.format, ev, reference, gate)
                 ours["ota_size_bytes"] = result.ota_size
-                for variant, m, how in (("fp32", fp32, "source"), ("ort_default", default, method),
-                                        ("edgefleet", ours, result.chosen.recipe.name)):
+                timed = [rm.path, result.chosen.path] + ([default_path] if default is not None else [])
+                lat = interleaved_latency(timed, source.format, ev, runs)
+                measured = [dict(fp32, latency_ms=lat[0]), dict(ours, latency_ms=lat[1])]
+                measured.append(dict(default, latency_ms=lat[2]) if default is not None else {})
+                for variant, m, how in (("fp32", measured[0], "source"),
+                                        ("ort_default", measured[2] or None, method),
+                                        ("edgefleet", measured[1], result.chosen.recipe.name)):
                     row: dict[str, Any] = {"model": name, "profile": pid, "variant": variant, "method": how,
                                            "metric": metric}
                     if m is not None:
                         row.update(m)
                         row["size_ratio"] = m["size_bytes"] / fp32["size_bytes"]
-                        row["latency_ratio"] = m["latency_ms"] / fp32["latency_ms"]
+                        row["latency_ratio"] = m["latency_ms"] / measured[0]["latency_ms"]
                     rows.append(row)
     elapsed = time.monotonic() - t_start
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}; "

@@ -9,7 +9,7 @@ registry, outbox, rollout driver, chunk server; the artifact comes from a Static
 process (N MQTT connections running the agent's protocol, reassembly and lifecycle code; stand-in
 inference, see docs/simulator.md). Then one deploy to the whole group in a single wave (no
 canary, 1 s probation) and the clock runs until the registry shows every device committed.
-Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS 1 window 10,
+Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS 1 window 10 and queue 2 MiB,
 ``publisher.broadcast_egress_mb_s`` 150 (``--egress-mb-s``), ``publisher.chunk_window_s`` 5.
 
 Modes: ``broadcast`` = the chunks go once on the shared artifact topic (publisher.broadcast = true,
@@ -24,7 +24,7 @@ Columns:
                  own polling is a few ms)
   artifact_bytes the compressed artifact (what is chunked)
 Targets at 1,000 devices, broadcast: rollout_s <= 60; broker_bytes <= 1.2 x artifact_bytes + 8 KB x N.
-``--quick`` runs N = 10 and 100 (under a minute).
+``--quick`` runs N = 10 and 50 with a 2 MB model (under a minute).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ PER_DEVICE_BUDGET = 8 * 1024
 #: mosquitto's per-client QoS 1 window: each in-flight message is a payload copy in the broker, so 100 (our
 #: default) x 1,000 subscribers x 64 KiB chunks is 6 GB (it was killed at that size here); queued ones are shared
 BROKER_INFLIGHT = 10
+#: and what may queue per client beyond that window (a laggard drops the rest and re-requests it)
+BROKER_QUEUED_BYTES = 2 << 20
 
 
 @dataclass
@@ -125,29 +127,34 @@ def builds_for(model_path: Path, compression: str) -> StaticBuilds:
 
 
 class SysBytes:
-    """mosquitto's own byte counters, from $SYS (published every second: sys_interval 1)."""
+    """mosquitto's own byte counter, from $SYS (a pass every second: sys_interval 1)."""
 
     def __init__(self, broker: MosquittoBroker) -> None:
         self.received = -1
         self.updates = 0
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sys-{os.getpid()}")
-        self.client.on_connect = lambda c, *_: c.subscribe("$SYS/broker/bytes/received")
+        self.client.on_connect = lambda c, *_: c.subscribe([("$SYS/broker/bytes/received", 0),
+                                                             ("$SYS/broker/uptime", 0)])
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.received = int(msg.payload)
-            self.updates += 1
-            self._cond.notify_all()
+            if msg.topic.endswith("/uptime"):  # one per $SYS pass; the counter is only sent when it changed
+                self.updates += 1
+                self._cond.notify_all()
+            else:
+                self.received = int(msg.payload)
 
     def fresh(self, timeout: float = 5.0) -> int:
         """The counter from an update published after this call (so it covers everything before it)."""
         with self._cond:
             seen = self.updates
-            self._cond.wait_for(lambda: self.updates >= seen + 2, timeout=timeout)
+            self._cond.wait_for(lambda: self.updates > seen, timeout=timeout)  # a pass that began after the call
+        time.sleep(0.2)  # its byte counter may come just after its uptime
+        with self._cond:
             return self.received
 
     def close(self) -> None:
@@ -198,7 +205,14 @@ def count(server: FleetServer, sql: str, *params: object) -> int:
 def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, timeout: float,
             egress_mb_s: float, verbose: bool = False) -> Row:
     work.mkdir(parents=True)
-    broker = MosquittoBroker(workdir=work / "mosquitto", max_inflight_messages=BROKER_INFLIGHT).start()
+    begun = time.perf_counter()
+
+    def phase(what: str) -> None:
+        if verbose:
+            print(f"    [{time.perf_counter() - begun:5.1f}s] {what}", flush=True)
+
+    broker = MosquittoBroker(workdir=work / "mosquitto", max_inflight_messages=BROKER_INFLIGHT,
+                             max_queued_bytes=BROKER_QUEUED_BYTES).start()
     sim: subprocess.Popen[bytes] | None = None
     server: FleetServer | None = None
     sysbytes: SysBytes | None = None
@@ -213,6 +227,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
         pem = work / "server-key.pem"
         pem.write_bytes(load_signing_key(config.paths).public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        phase("broker, server and registrations ready")
         sysbytes = SysBytes(broker)
         children0 = _children_cpu()
         started = time.perf_counter()
@@ -230,6 +245,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
                 raise RuntimeError(f"devices did not come online (see {work / 'sim.log'})")
             time.sleep(0.2)
         connect_s = time.perf_counter() - started
+        phase("every device online")
         time.sleep(1.0)  # births and enrollments settle
         before = sysbytes.fresh()
         broker_pid = broker.process.pid if broker.process else 0
@@ -264,6 +280,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
         after = sysbytes.fresh()
         artifact_id = dep["artifacts"][PROFILE]
         artifact_bytes = server.artifacts.info(artifact_id).compressed_size
+        phase("rollout measured")
         with contextlib.suppress(subprocess.TimeoutExpired):
             sim.wait(timeout=30)  # it exits by itself once it sees every device committed
         sim_cpu = _children_cpu() - children0  # the simulator's whole run (connects included)
@@ -284,16 +301,18 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
             if sim.poll() is None:
                 sim.kill()
                 sim.wait()
+        phase("simulator ended")
         if sysbytes is not None:
             sysbytes.close()
         if server is not None:
             server.stop()
         broker.close()
+        phase("server and broker stopped")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N = 10 and 100 only (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="N = 10 and 50 and a 2 MB model (under a minute)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON to this path")
     parser.add_argument("--devices", default=None, help="comma-separated N values (default 10,100,1000)")
     parser.add_argument("--model-mb", type=float, default=5.0, help="model size in MB (default 5)")
@@ -308,7 +327,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="per-rollout limit in seconds (default 240)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up brokers and simulators on kill
-    default = [10, 100] if args.quick else [10, 100, 1000]
+    default = [10, 50] if args.quick else [10, 100, 1000]
+    if args.quick and args.model_mb == 5.0:
+        args.model_mb = 2.0
     sizes = [int(x) for x in args.devices.split(",")] if args.devices else default
 
     rows: list[Row] = []

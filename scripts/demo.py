@@ -742,6 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    # our own process group: the operator commands we run join it, so scripts/demo can kill it whole
+    # (with the agents', server's and broker's groups) even if this process dies without cleaning up
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     (work / "logs").mkdir()
@@ -775,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt, Interrupted):
             stopped = procs.stop_all()
         leftover = [pid for _, pid, _ in stopped if alive(pid)]
-        leftover += [pid for pid in demo_pids(work) if pid != os.getpid()]
+        leftover += demo_pids(work)
     if rc == 0:
         summary(demo, stopped, leftover, time.monotonic() - started)
         if leftover:
@@ -790,14 +794,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def demo_pids(work: Path) -> list[int]:
-    """Processes whose command line names this run's directory (there should be none after stop_all)."""
+    """Processes whose command line or environment names this run's directory (none after stop_all)."""
     needle = str(work).encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes() and alive(int(entry.name)):
+            named = needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
+            if named and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
 

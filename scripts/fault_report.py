@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the fault suite (tests/faults) and print what it proved: one row per scenario.
 
-    scripts/fault_report.py                 the default suite (what scripts/test runs), ~5 minutes on 2 cores
+    scripts/fault_report.py                 the default suite (what scripts/test runs), ~3 minutes on 2 cores
     scripts/fault_report.py --quick         fewer trials and payloads per scenario (a smoke run)
     scripts/fault_report.py --soak          >= 50 agent kill -9 trials, 20,000 payloads per topic, more of everything
     scripts/fault_report.py --json out.json also write the figures as JSON

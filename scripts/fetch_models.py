@@ -252,17 +252,17 @@ def load_sentences(path: Path = SENTENCES, total: int = 400) -> list[str]:
     base = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
     seen = set(base)
     out = list(base)
-    # (i % 12, (i + i // 12) % 12, (i + i // 144) % 12) visits all 12**3 combinations once: the loop ends.
-    # (The former index mix repeated after 144 sentences, so 183 + 144 < 400 never ended.)
-    for i in range(12**3):
-        if len(out) >= total:
-            break
-        s = f"{_SUBJECTS[i % 12]} {_ACTIONS[(i + i // 12) % 12]} {_CONTEXTS[(i + i // 144) % 12]}"
+    i = 0
+    while len(out) < total:
+        # (i % 12, i // 12 % 12, i // 144) is a bijection on 0..1727, so these never repeat a triple
+        subject, action, context = i % 12, (i // 12 + 5 * i) % 12, (i // 144 + 7 * i + 3 * (i // 12)) % 12
+        s = f"{_SUBJECTS[subject]} {_ACTIONS[action]} {_CONTEXTS[context]}"
+        i += 1
+        if i > 12**3:
+            raise RuntimeError(f"only {len(out)} distinct sentences; {total} asked")
         if s not in seen:
             seen.add(s)
             out.append(s)
-    if len(out) < total:
-        raise SystemExit(f"only {len(out)} distinct sentences, {total} wanted")
     return out
 
 

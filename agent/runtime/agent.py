@@ -27,6 +27,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -801,6 +802,7 @@ class Agent:
         try:
             self.store.verify_file(kept)
             rss_before = _rss_bytes()
+            _reset_peak_rss()
             model = self.host.load(kept.path, ref=kept.ref, runtime=kept.runtime, variant=kept.variant)
         except EdgeError as exc:
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
@@ -822,6 +824,13 @@ class Agent:
         except EdgeError as exc:
             self.host.unload(model)
             return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "load"))
+        rss_warm = _peak_rss_bytes()  # the high-water mark: a big tensor freed after the run still counts
+        if rss_before is not None and rss_warm is not None:
+            try:  # warm-up ran the model: what its intermediate tensors and arenas took counts too
+                self._check_memory_budget(rss_warm - rss_before, f"{_ref_text(target)} once warmed up")
+            except MemoryBudgetError as exc:
+                self.host.unload(model)
+                return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "memory"))
         log.info("health check passed", extra={"fields": {"model": _ref_text(target), "report": repr(report)}})
         self._candidate = model
         policy = ProbationPolicy.from_health_spec(health)
@@ -1265,11 +1274,11 @@ class Agent:
         report = self._state_report()
         slim = replace(report, profile=None, arch=None, agent_version=None, public_key=None)
         same = encode(replace(slim, ts=0.0))
-        if same != self._last_state:
+        connected = self.link is not None and self.link.connected
+        if connected and same != self._last_state:  # before connecting: the birth on Connected says it
             wire = slim if self._birth_sent else report
             self._publish(device_topic(self.device_id, Channel.STATE), encode(wire), retain=True)
-            self._birth_sent = self._birth_sent or (self.link is not None and self.link.connected)
-            self._last_state = same
+            self._birth_sent, self._last_state = True, same
         status = report.to_dict() | {
             "pid": os.getpid(),
             "committed": _ref_dict(self.machine.record.committed),
@@ -1329,6 +1338,23 @@ def _rss_bytes() -> int | None:
         return int(Path("/proc/self/statm").read_bytes().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's resident high-water mark (Linux >= 4.0; a no-op where not allowed)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_bytes(b"5")
+
+
+def _peak_rss_bytes() -> int | None:
+    """The resident high-water mark since the last reset (VmHWM), or the current RSS where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _rss_bytes()
 
 
 def _ref(model: Any) -> ModelRef | None:

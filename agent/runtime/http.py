@@ -101,6 +101,11 @@ class _HttpError(Exception):
         self.headers = headers or {}
 
 
+#: a refused connection's request is read (and dropped) for at most this long / this much before closing
+_REFUSE_DRAIN_S = 0.5
+_REFUSE_DRAIN_BYTES = 1 << 20
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -120,15 +125,29 @@ class _Server(ThreadingHTTPServer):
             if not full:
                 self.connections.add(request)
         if full:
-            body = b'{"error":"too many open connections"}'
-            with contextlib.suppress(OSError):
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                    b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-            self.shutdown_request(request)
+            threading.Thread(target=self._refuse, args=(request,), name="http-refuse", daemon=True).start()
             return
         super().process_request(request, client_address)
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 to a connection over the limit; read what the client already sent before closing.
+
+        Closing a socket with unread request bytes makes the kernel send a reset, and the client then
+        often loses the 503 (it sees ``connection reset`` instead): so half-close, drain briefly, close.
+        """
+        body = b'{"error":"too many open connections"}'
+        with contextlib.suppress(OSError):
+            request.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(_REFUSE_DRAIN_S)
+            drained = 0
+            while drained < _REFUSE_DRAIN_BYTES and (chunk := request.recv(65536)):
+                drained += len(chunk)
+        with contextlib.suppress(OSError):
+            request.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]

@@ -223,7 +223,8 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     assert password is not None
     users = {SERVER_USER: mosquitto_hash(password)} | registry.broker_users()
     text = render_config(port=args.port, host=args.listen, workdir=out,
-                         security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence)
+                         security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence,
+                         max_inflight_messages=20, max_queued_bytes=16 << 20)  # bounded per device: docs/simulator.md
     atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
     scheme = "mqtt" if tls is None else "mqtts"
     connect_host = args.listen if args.listen not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104

@@ -61,7 +61,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--devices", type=int, required=True, metavar="N", help="how many devices (1..20000)")
     p.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ... (default sim)")
-    p.add_argument("--profile", default="rpi4", help="device profile they report (default rpi4)")
+    p.add_argument("--profile", default="raspberry-pi-4",
+                   help="device profile they report (firmware_profiles/NAME.toml; default raspberry-pi-4)")
     p.add_argument("--group", default="sim", help="group they are registered in (default sim)")
     p.add_argument("--seed", default="edgefleet", help="seed the device keys are derived from (default edgefleet)")
     p.add_argument("--no-register", action="store_true",

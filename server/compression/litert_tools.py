@@ -9,7 +9,9 @@ optional dependency of the server; without it .tflite models get fp32 only, and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -167,8 +169,10 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = No
             {args.get(name, name): arr[i : i + 1] for name, arr in calibration.arrays.items()}
             for i in range(calibration.samples)
         ]
-        calib_result = q.calibrate({key: samples}, num_threads=1)
-    result = q.quantize(calib_result, enable_progress_report=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars would garble the CLI's progress bar
+            calib_result = q.calibrate({key: samples}, num_threads=1)
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = q.quantize(calib_result, enable_progress_bar=False, enable_progress_report=False)
     if result.quantized_model is None:
         raise ModelError(f"LiteRT Quantizer produced no model for recipe {recipe}")
     dst.write_bytes(bytes(result.quantized_model))

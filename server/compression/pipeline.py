@@ -378,7 +378,11 @@ class _Builder:
         first = self.source.inputs[0].shape
         batch = first[0] if first and first[0] > 0 else 1
         try:
-            ranked = onnx_tools.divergent_nodes(self.pre, best.path, self.evaluation, count=10_000, batch=batch)
+            if best.recipe.kind == "dynamic":
+                bits = 7 if best.recipe.params.get("reduce_range") else 8
+                ranked = onnx_tools.matmul_sensitivity(self.pre, self.evaluation, weight_bits=bits)
+            else:
+                ranked = onnx_tools.divergent_nodes(self.pre, best.path, self.evaluation, count=10_000, batch=batch)
         except Exception as exc:
             log.info("divergence analysis failed", exc_info=True)
             self.notes.append(f"fallback skipped: divergence analysis failed ({type(exc).__name__})")

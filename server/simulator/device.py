@@ -112,7 +112,7 @@ MILESTONES = ("desired.accepted", "download.started", "download.completed", "lif
 class SimSettings:
     """How every simulated device behaves (the knobs of ``edgefleet simulate``)."""
 
-    profile: str = "rpi4"
+    profile: str = "raspberry-pi-4"
     #: versions whose warm-up health check fails (latency over budget): they are rolled back
     fail_versions: frozenset[int] = frozenset()
     #: synthetic traffic during probation, and its p95 latency

@@ -137,24 +137,23 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     builds = [Build(model="digits", version=v, profile=p, variant="fp32" if path != models.nan else "nan",
                     path=path, runtime=agent_models.ONNX, health=health, chunk_size=16 * 1024, compression="lzma")
               for v, by_profile in files.items() for p, path in by_profile.items()]
-    broker = MosquittoBroker(workdir=tmp / "mosquitto", persistence=True).start()
-    server = ServerProcess(tmp / "home", broker, builds)
-    f = Fleet(tmp, broker, server, models)
-    try:
-        server.start()
-        for device_id, profile in DEVICES.items():
-            f.agents[device_id] = AgentProcess(
-                tmp / "agents", device_id, broker_host=broker.host, broker_port=broker.port,
-                server=server.enroller(profile, (GROUP,)),  # type: ignore[arg-type]
-                settings={"profile": profile},
-            ).start()
-        f.wait_online(*DEVICES)
-        yield f
-    finally:
-        for agent in f.agents.values():
-            agent.stop()
-        server.stop()
-        broker.close()
+    with MosquittoBroker(workdir=tmp / "mosquitto", persistence=True) as broker:
+        server = ServerProcess(tmp / "home", broker, builds)
+        f = Fleet(tmp, broker, server, models)
+        try:
+            server.start()
+            for device_id, profile in DEVICES.items():
+                f.agents[device_id] = AgentProcess(
+                    tmp / "agents", device_id, broker_host=broker.host, broker_port=broker.port,
+                    server=server.enroller(profile, (GROUP,)),  # type: ignore[arg-type]
+                    settings={"profile": profile},
+                ).start()
+            f.wait_online(*DEVICES)
+            yield f
+        finally:
+            for agent in f.agents.values():
+                agent.stop()
+            server.stop()
 
 
 def test_canary_then_waves_across_two_profiles_with_the_cli(fleet: Fleet) -> None:

@@ -111,6 +111,51 @@ def test_model_over_the_ram_budget_is_refused(
     intact(fleet, agent, models, 3, kept={1, 3}, ledger=ledger)
 
 
+def _hungry_model(path: Path, megabytes: int) -> Path:
+    """A tiny real ONNX file (< 1 KB) that builds a ``megabytes`` tensor when it runs (ConstantOfShape)."""
+    n = megabytes * 1024 * 256
+    fill = helper.make_tensor("fill", TensorProto.FLOAT, [1], [0.5])
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=fill),
+         helper.make_node("Flatten", ["pixels"], ["flat"]),
+         helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["head"]),
+         helper.make_node("Gather", ["big", "idx"], ["picked"], axis=0),
+         helper.make_node("Mul", ["head", "picked"], ["logits"])],
+        "hungry",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
+        [numpy_helper.from_array(np.array([n], np.int64), "shape"),
+         numpy_helper.from_array(np.arange(10, dtype=np.int64) * 997, "idx"),
+         numpy_helper.from_array(np.array([0], np.int64), "starts"),
+         numpy_helper.from_array(np.array([10], np.int64), "ends"),
+         numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_model_over_the_ram_budget_once_running_is_refused(
+    tmp_path: Path, fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
+) -> None:
+    """A small file can still need a lot of RAM: the resident growth over load and warm-up is checked too."""
+    budget = 48 << 20
+    agent = agent_factory(prefix="ramrun", settings={"models": {"memory_budget_bytes": budget}})
+    deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
+    hungry = _hungry_model(tmp_path / "hungry.onnx", 96)
+    assert hungry.stat().st_size < 4096
+    mark = fleet.event_count(agent.device_id)
+    fleet.deploy(agent.device_id, hungry.read_bytes(), agent_models.ref(2), runtime=agent_models.ONNX,
+                 health=models.health(probation_s=0.3, latency_budget_ms=2000.0))
+    event = fleet.wait_event(agent.device_id, lambda e: e.kind in ("lifecycle.failed", "lifecycle.rolled_back",
+                                                                   "lifecycle.committed"), after=mark, timeout=60)
+    assert event.kind != "lifecycle.committed" and event.code == "memory_budget", (event.kind, event.code,
+                                                                                     event.message)
+    assert "warmed up" in event.message or "loaded" in event.message, event.message
+    intact(fleet, agent, models, 1, ledger=ledger)
+
+
 def test_api_flood_during_swap(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
 ) -> None:
@@ -160,7 +205,7 @@ def test_api_flood_during_swap(
     assert not bad, bad[:5]
     assert statuses[200] > 50, dict(statuses)
     errors = sum(n for k, n in statuses.items() if isinstance(k, str))
-    assert errors <= statuses[200] * 0.05, f"connection errors under flood: {dict(statuses)}"
+    assert not errors, f"a refused client must read its 503, not a reset: {dict(statuses)}"
     # a swap under flood may commit or (latency regression from the flood itself) roll back: never neither
     version = 2 if done.kind == "lifecycle.committed" else 1
     intact(fleet, agent, models, version, ledger=ledger)

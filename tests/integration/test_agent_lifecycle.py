@@ -50,8 +50,15 @@ def test_deploy_v1_then_v2(fleet: FleetServer, models: AgentModels, agent_factor
     positions = [kinds.index(k) for k in expected]
     assert positions == sorted(positions), kinds
 
-    seen = {s.lifecycle for s in fleet.log(agent.device_id).states}
+    states = fleet.log(agent.device_id).states
+    seen = {s.lifecycle for s in states}
     assert {"idle", "downloading", "verifying", "staged", "warming", "probation"} <= seen, "one per transition"
+    # after the birth, reports carry only what changes, and an unchanged report is not sent again
+    last_birth = max(i for i, s in enumerate(states) if s.public_key is not None)
+    after_birth = states[last_birth + 1 :]
+    assert len(after_birth) >= 6 and all(s.public_key is None and s.profile is None for s in after_birth)
+    said = [(s.lifecycle, s.active, s.target, s.kept, s.last_seq, s.desired_expires_at, s.session) for s in after_birth]
+    assert all(said[i] != said[i + 1] for i in range(len(said) - 1)), "no report repeats the one before it"
 
     deploy_and_commit(fleet, agent, models, 2, "good_v2")
     v2_logits = assert_serves(agent, models)

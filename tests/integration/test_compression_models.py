@@ -10,9 +10,11 @@ from pathlib import Path
 
 import onnx
 
+from server.compression import onnx_tools
 from server.compression.data import load_dataset
-from server.compression.gate import GateSpec
+from server.compression.gate import GateSpec, measure_fidelity
 from server.compression.pipeline import BuildOptions, ProfileResult, build_profile, inspect_source
+from server.compression.runners import open_runner, run_dataset
 from server.errors import GateError
 from server.profiles import get_profile
 from tests.support.models import real_model
@@ -69,8 +71,23 @@ def test_minilm_int8_keeps_cosine_and_shrinks_4x(tmp_path: Path) -> None:
     assert wo.path is not None and "MatMulNBits" in _ops(wo.path)
     chosen = result.chosen
     assert chosen.passed and chosen.recipe.precision == "int8" and chosen.size_bytes < 0.3 * fp32.size_bytes
-    assert result.runtime.min_version == "1.22" if chosen.recipe.name == "int8-weight-only" else True
+    if chosen.recipe.name == "int8-weight-only":
+        assert result.runtime.min_version == "1.22"  # MatMulNBits' 8-bit x86 kernel
     assert result.provenance["compressed_size_estimated"] is True  # 23 MB: sizes from a sample
+
+    # the fallback's ranking for dynamic int8 (ARM profiles, which get no weight-only recipe): keeping the
+    # six most sensitive MatMuls in float lifts the failing dynamic variant over the gate
+    rm = real_model("minilm")
+    ev = load_dataset(rm.evaluation, inspect_source(rm.path).inputs).take(100)
+    ranked = onnx_tools.matmul_sensitivity(tmp_path / "pre.onnx", ev, weight_bits=7)
+    assert len(ranked) == 36 and all(n.endswith("MatMul") for n in ranked)
+    fallback = tmp_path / "fallback.onnx"
+    onnx_tools.quantize_dynamic(tmp_path / "pre.onnx", fallback, per_channel=True, reduce_range=True,
+                                op_types=["MatMul", "Gemm", "Gather"], exclude=ranked[:6])
+    reference = run_dataset(open_runner(rm.path, "onnx"), ev)
+    fid = measure_fidelity(reference, run_dataset(open_runner(fallback, "onnx"), ev), GateSpec(), None)
+    assert fid.min_cosine > dyn.fidelity.min_cosine and fid.min_cosine >= 0.99
+    assert fallback.stat().st_size < 0.4 * fp32.size_bytes
 
 
 def test_selfie_tflite_goes_through_litert_quantizer(tmp_path: Path) -> None:
