@@ -496,13 +496,12 @@ def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
     return Group(*parts)
 
 
-FINISHED = ("completed", "rolled_back", "halted", "cancelled")
-
-
 def _watch_deployment(client: Any, deployment_id: str, *, devices: bool, interval: float = 1.0) -> dict[str, Any]:
+    from server.registry.fleet import FINISHED_STATUSES  # noqa: PLC0415
+
     d: dict[str, Any] = client.call("get_deployment", path={"deployment_id": deployment_id})
     with Live(deployment_view(d, devices=devices), console=console, refresh_per_second=4) as live:
-        while d["status"] not in FINISHED:
+        while d["status"] not in FINISHED_STATUSES:
             time.sleep(interval)
             d = client.call("get_deployment", path={"deployment_id": deployment_id})
             live.update(deployment_view(d, devices=devices))

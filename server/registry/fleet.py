@@ -278,15 +278,17 @@ DEVICE_AWAITING_KEY = "awaiting_key"
 DEVICE_REVOKED = "revoked"
 
 #: Deployment statuses. ``running`` and ``rolling_back`` hold their devices (a second deployment to
-#: them is refused); the others are finished, though a ``completed`` one still converges late joiners.
+#: them is refused); the others are finished, though a ``completed`` one still converges late joiners
+#: until a newer deployment to its target or a rollback clears ``active``. A finished deployment keeps
+#: its outcome as status: that a newer rollout took a device over is its device row's ``superseded``
+#: phase, and cancelling is ``edgefleet deployments halt [--no-rollback]`` (``halted``/``rolled_back``).
 DEP_RUNNING = "running"
 DEP_COMPLETED = "completed"
 DEP_ROLLING_BACK = "rolling_back"
 DEP_ROLLED_BACK = "rolled_back"
 DEP_HALTED = "halted"
-DEP_CANCELLED = "cancelled"
-DEP_SUPERSEDED = "superseded"
 HOLDING_STATUSES = (DEP_RUNNING, DEP_ROLLING_BACK)
+FINISHED_STATUSES = (DEP_COMPLETED, DEP_ROLLED_BACK, DEP_HALTED)
 
 
 def _now() -> float:

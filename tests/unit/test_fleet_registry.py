@@ -222,3 +222,16 @@ def test_state_of_an_unregistered_device_is_applied_when_it_is_registered(regist
     assert registry.prune(telemetry_before=0.0, events_before=70.0) is not None
     with registry.tx() as tx:
         assert not registry.adopt_presence("d1", tx=tx)  # pruned with the events' retention
+
+
+def test_every_deployment_status_is_set_somewhere_and_is_holding_or_finished() -> None:
+    import re
+
+    import server.registry.fleet as fleet
+
+    names = {k: v for k, v in vars(fleet).items() if k.startswith("DEP_")}
+    root = Path(fleet.__file__).resolve().parents[1]
+    elsewhere = "".join(p.read_text() for p in root.rglob("*.py") if p.resolve() != Path(fleet.__file__).resolve())
+    assert not [k for k in names if not re.search(rf"\b{k}\b", elsewhere)], "a status nothing ever sets"
+    holding, finished = set(fleet.HOLDING_STATUSES), set(fleet.FINISHED_STATUSES)
+    assert set(names.values()) == holding | finished and not holding & finished
