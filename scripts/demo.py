@@ -303,7 +303,7 @@ class Demo:
     # -- 1. broker --------------------------------------------------------------------------------------------
 
     def start_broker(self) -> None:
-        from server.broker import find_mosquitto, render_config  # noqa: PLC0415
+        from server.broker import current_user, find_mosquitto, render_config  # noqa: PLC0415
 
         choice = self.args.broker
         mosquitto: str | None = None
@@ -318,7 +318,8 @@ class Demo:
         if use_mosquitto:
             assert mosquitto is not None
             conf = broker_dir / "mosquitto.conf"
-            conf.write_text(render_config(port=port, host="127.0.0.1", workdir=broker_dir, persistence=False))
+            conf.write_text(render_config(port=port, host="127.0.0.1", workdir=broker_dir, run_as=current_user(),
+                                           persistence=False))
             child = self.procs.start("broker", [mosquitto, "-c", str(conf)], self.env)
             label = f"mosquitto ({mosquitto})"
         else:

@@ -200,6 +200,8 @@ class Ingestor:
             if status is None:
                 rejections.append(Rejection(device_id, "unknown_device", "device is not registered",
                                             f"{channel.value}"))
+                if isinstance(msg, StateReport):
+                    batch.unregistered_states.append(msg)  # applied if the operator approves or registers it
                 continue
             if status == DEVICE_REVOKED:
                 rejections.append(Rejection(device_id, "revoked", "device is revoked", channel.value))

@@ -144,10 +144,13 @@ class FleetService:
             )
             if key:
                 self._settle_enrollment(tx, device_id, key)
+            adopted = self.registry.adopt_presence(device_id, tx=tx)  # it was connected before it was registered
             self.registry.server_event(
                 "device.registered", f"device {device_id} ({profile}) registered"
                 + ("" if key else "; waiting for its enrollment request"), device_id=device_id, tx=tx, now=now,
             )
+        if adopted:
+            dev = self.registry.get_device(device_id)
         out: dict[str, Any] = {"device": dev.to_dict(), "fingerprint": fingerprint(key) if key else None}
         if password:
             out["broker_username"] = device_id
@@ -198,6 +201,7 @@ class FleetService:
                     for g in groups[1:]:
                         self.registry.add_to_group(g, [device_id], tx=tx, now=now)
             self.registry.set_enroll_status(device_id, "approved", tx=tx)
+            self.registry.adopt_presence(device_id, tx=tx)  # connected already: online now, not at its next report
             self.registry.server_event("device.enrolled", f"device {device_id} enrolled (key {req.fingerprint})",
                                        device_id=device_id, tx=tx, now=now)
         out["device"] = self.registry.get_device(device_id).to_dict()

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 from scripts.arm.rootfs import (
@@ -34,6 +35,7 @@ from scripts.arm.rootfs import (
     ArmCheckError,
     Rootfs,
     build,
+    cache_dir,
     chroot,
     ensure_host_tools,
     log,
@@ -160,6 +162,27 @@ def why_not(*, install: bool) -> str | None:
     return None
 
 
+def exclusive(cache: Path) -> contextlib.AbstractContextManager[object]:
+    """One run at a time per rootfs cache (scripts/arm_check already holds it when it started us)."""
+    if os.environ.get("EDGEFLEET_ARM_LOCKED") == "1":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def locked() -> Iterator[object]:
+        import fcntl  # noqa: PLC0415 - Linux only, like the rest of this check
+
+        cache.mkdir(parents=True, exist_ok=True)
+        with (cache / ".lock").open("a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log("another arm_check is running on this machine; waiting for it")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            yield fh
+
+    return locked()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/arm_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-unit", action="store_true", help="skip the agent's unit tests under emulation")
@@ -179,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = Steps()
     results: dict[str, object] = {}
     ok = False
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(exclusive(cache_dir()))
         with steps.step("host tools (qemu-user-static, binfmt, debootstrap)"):
             ensure_host_tools(install=not args.no_install)
         with steps.step("arm64 bookworm rootfs") as info:
@@ -212,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ArmCheckError, subprocess.SubprocessError, OSError, RuntimeError, TimeoutError, AssertionError) as exc:
         log(f"FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     finally:
+        held.close()  # the lock, after every mount of this run is gone
         print("\n" + steps.table(), flush=True)
         if args.json is not None:
             steps.write_json(args.json, ok=ok, results=results, emulated=True)

@@ -201,13 +201,22 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from server.app import open_registry  # noqa: PLC0415
-    from server.broker import SERVER_USER, BrokerSecurity, TLSFiles, generate_tls, render_config  # noqa: PLC0415
+    from server.broker import (  # noqa: PLC0415
+        SERVER_USER,
+        BrokerError,
+        BrokerSecurity,
+        TLSFiles,
+        generate_tls,
+        hand_over,
+        render_config,
+    )
     from server.config import config_path, load_config  # noqa: PLC0415
     from server.keys import atomic_write, mosquitto_hash, server_broker_password  # noqa: PLC0415
 
     config = load_config(args.home, args.config)
     registry = open_registry(config)
     out: Path = args.out.resolve()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tls: TLSFiles | None = None
     if not args.no_tls:
@@ -222,10 +231,19 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     password = server_broker_password(config.paths)
     assert password is not None
     users = {SERVER_USER: mosquitto_hash(password)} | registry.broker_users()
-    text = render_config(port=args.port, host=args.listen, workdir=out,
-                         security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence,
-                         max_inflight_messages=20, max_queued_bytes=16 << 20)  # bounded per device: docs/simulator.md
-    atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
+    try:
+        text = render_config(port=args.port, host=args.listen, workdir=out, run_as=args.run_as,
+                             security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence,
+                             max_inflight_messages=20, max_queued_bytes=16 << 20)  # bounded per device
+        atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
+        # mosquitto started as root switches to run_as before reading passwd and the TLS key (0600): hand them over
+        # (the directory too, for persistence, but only one this command made: never chown an existing /etc/...)
+        owned = [*([out] if created else []), out / "passwd", out / "acl", out / "mosquitto.db"]
+        if tls is not None and tls.server_key.parent == out / "tls":
+            owned += [out / "tls", tls.server_key]
+        handed = hand_over(args.run_as, owned)
+    except BrokerError as exc:
+        raise ServerError(str(exc)) from exc
     scheme = "mqtt" if tls is None else "mqtts"
     connect_host = args.listen if args.listen not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
     broker_section = (
@@ -246,6 +264,8 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
                           detail=f"{len(users) - 1} device login(s)")
     console.print(f"mosquitto config: {out / 'mosquitto.conf'}  (run: mosquitto -c {out / 'mosquitto.conf'})")
     console.print(f"logins: server + {len(users) - 1} device(s); ACL: {out / 'acl'}")
+    console.print(f"mosquitto runs as user {args.run_as} when started as root"
+                  + (f" (its files in {out} now belong to {args.run_as})" if handed else ""))
     if tls:
         console.print(f"TLS: CA {tls.ca_cert} (give it to devices), certificate {tls.server_cert}")
     console.print(f"{wrote}\n{broker_section}", highlight=False, markup=False)
@@ -476,13 +496,12 @@ def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
     return Group(*parts)
 
 
-FINISHED = ("completed", "rolled_back", "halted", "cancelled")
-
-
 def _watch_deployment(client: Any, deployment_id: str, *, devices: bool, interval: float = 1.0) -> dict[str, Any]:
+    from server.registry.fleet import FINISHED_STATUSES  # noqa: PLC0415
+
     d: dict[str, Any] = client.call("get_deployment", path={"deployment_id": deployment_id})
     with Live(deployment_view(d, devices=devices), console=console, refresh_per_second=4) as live:
-        while d["status"] not in FINISHED:
+        while d["status"] not in FINISHED_STATUSES:
             time.sleep(interval)
             d = client.call("get_deployment", path={"deployment_id": deployment_id})
             live.update(deployment_view(d, devices=devices))
@@ -739,6 +758,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--server-key", type=Path)
     p.add_argument("--persistence", action=argparse.BooleanOptionalAction, default=True,
                    help="persist retained messages and sessions across broker restarts (default on)")
+    p.add_argument("--run-as", default="mosquitto", metavar="USER",
+                   help="account mosquitto switches to when started as root (default mosquitto, the Debian "
+                        "package's user); run as root, this command gives it the generated passwd, acl and key")
 
     devices = subparsers.add_parser("devices", help="devices, enrollment, revocation", description="Devices.")
     ds = devices.add_subparsers(dest="devices_command", metavar="COMMAND", required=True)

@@ -29,7 +29,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol.messages import Event, StateReport, Telemetry
+from agent.errors import EdgeError
+from agent.protocol.messages import Event, StateReport, Telemetry, decode_up, encode
 from server.errors import ConflictError, NotFoundError, RegistryError
 from server.registry.db import Database, Migration
 
@@ -256,6 +257,18 @@ CREATE TABLE telemetry (
 CREATE INDEX telemetry_bucket ON telemetry(bucket);
 """,
     ),
+    (
+        "fleet_004_unregistered_presence",
+        """
+CREATE TABLE unregistered_presence (
+    device_id TEXT PRIMARY KEY,
+    session INTEGER NOT NULL,
+    report BLOB NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX unregistered_presence_received ON unregistered_presence(received_at);
+""",
+    ),
 )
 
 # -- vocabulary ----------------------------------------------------------------------------------------
@@ -265,15 +278,17 @@ DEVICE_AWAITING_KEY = "awaiting_key"
 DEVICE_REVOKED = "revoked"
 
 #: Deployment statuses. ``running`` and ``rolling_back`` hold their devices (a second deployment to
-#: them is refused); the others are finished, though a ``completed`` one still converges late joiners.
+#: them is refused); the others are finished, though a ``completed`` one still converges late joiners
+#: until a newer deployment to its target or a rollback clears ``active``. A finished deployment keeps
+#: its outcome as status: that a newer rollout took a device over is its device row's ``superseded``
+#: phase, and cancelling is ``edgefleet deployments halt [--no-rollback]`` (``halted``/``rolled_back``).
 DEP_RUNNING = "running"
 DEP_COMPLETED = "completed"
 DEP_ROLLING_BACK = "rolling_back"
 DEP_ROLLED_BACK = "rolled_back"
 DEP_HALTED = "halted"
-DEP_CANCELLED = "cancelled"
-DEP_SUPERSEDED = "superseded"
 HOLDING_STATUSES = (DEP_RUNNING, DEP_ROLLING_BACK)
+FINISHED_STATUSES = (DEP_COMPLETED, DEP_ROLLED_BACK, DEP_HALTED)
 
 
 def _now() -> float:
@@ -564,9 +579,13 @@ class IngestBatch:
     server_events: list[tuple[str | None, str, str, str, str | None, Mapping[str, Any]]] = field(
         default_factory=list
     )
+    #: state reports of devices not registered (yet): kept so that approving or registering a device that is
+    #: already connected shows it online at once instead of after its next report
+    unregistered_states: list[StateReport] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.telemetry) + len(self.events) + len(self.server_events)
+        return (len(self.states) + len(self.telemetry) + len(self.events) + len(self.server_events)
+                + len(self.unregistered_states))
 
 
 # -- the registry --------------------------------------------------------------------------------------
@@ -1306,8 +1325,16 @@ class FleetRegistry:
             for report in batch.states:
                 if self._apply_state(conn, report, now) and on_state is not None:
                     on_state(conn, report)
+            for report in batch.unregistered_states:
+                conn.execute(
+                    "INSERT INTO unregistered_presence (device_id, session, report, received_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (device_id) DO UPDATE SET session = excluded.session, report = excluded.report,"
+                    " received_at = excluded.received_at WHERE excluded.session >= unregistered_presence.session",
+                    (report.device_id, report.session, encode(report), now),
+                )
             for t in batch.telemetry:
                 self._apply_telemetry(conn, t, bucket_s)
+                self._presence_from_telemetry(conn, t, now)
             for ev in batch.events:
                 row = conn.execute(
                     "INSERT INTO events (device_id, event_id, ts, received_at, kind, severity, message, code,"
@@ -1390,6 +1417,40 @@ class FleetRegistry:
             ),
         )
         return True
+
+    def adopt_presence(self, device_id: str, *, tx: sqlite3.Connection) -> bool:
+        """Apply the last state report a device sent before it was registered (approval, registration).
+
+        The device may have been connected for a while: without this it would show offline until
+        its next report. False when there was none (or it no longer decodes).
+        """
+        row = tx.execute(
+            "DELETE FROM unregistered_presence WHERE device_id = ? RETURNING report, received_at", (device_id,)
+        ).fetchone()
+        if row is None:
+            return False
+        try:
+            report = decode_up(bytes(row["report"]), "state")
+        except EdgeError:
+            return False
+        if not isinstance(report, StateReport) or report.device_id != device_id:
+            return False
+        return self._apply_state(tx, report, float(row["received_at"]))
+
+    def _presence_from_telemetry(self, conn: sqlite3.Connection, t: Telemetry, now: float) -> None:
+        """Telemetry proves a live connection: a device never seen in a state report (session -1) is online.
+
+        Once a state report or Last Will has been applied, those (with their session numbers) decide.
+        """
+        row = conn.execute(
+            "UPDATE devices SET online = 1, last_seen = MAX(COALESCE(last_seen, 0), ?)"
+            " WHERE device_id = ? AND session < 0 AND online = 0 RETURNING device_id",
+            (now, t.device_id),
+        ).fetchone()
+        if row is not None:
+            self._server_event(conn, t.device_id, "device.online", "info",
+                               f"device {t.device_id} is online (telemetry; no state report yet)", None,
+                               {"source": "telemetry"}, now=now)
 
     @staticmethod
     def _apply_telemetry(conn: sqlite3.Connection, t: Telemetry, bucket_s: float) -> None:
@@ -1546,6 +1607,7 @@ class FleetRegistry:
         with self.tx() as conn:
             t = conn.execute("DELETE FROM telemetry WHERE bucket < ?", (telemetry_before,)).rowcount
             e = conn.execute("DELETE FROM events WHERE received_at < ?", (events_before,)).rowcount
+            conn.execute("DELETE FROM unregistered_presence WHERE received_at < ?", (events_before,))
         return t, e
 
     def fleet_counts(self) -> dict[str, Any]:

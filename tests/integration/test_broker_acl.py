@@ -7,9 +7,13 @@ up-topics: it can neither read another device's traffic nor publish a command.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ import pytest
 from agent.protocol.topics import Channel, artifact_topic, device_topic
 from server.app import open_registry
 from server.artifacts import ArtifactStore
-from server.broker import SERVER_USER, find_mosquitto, free_port
+from server.broker import SERVER_USER, current_user, find_mosquitto, free_port
 from server.builds import NoBuilds
 from server.cli import main as edgefleet
 from server.config import load_config
@@ -52,7 +56,7 @@ class Secured:
 
     def regenerate(self) -> None:
         assert edgefleet(["--home", str(self.home), "broker", "config", "--out", str(self.out), "--listen",
-                          "127.0.0.1", "--port", str(self.port)]) == 0
+                          "127.0.0.1", "--port", str(self.port), "--run-as", current_user()]) == 0
         self.process.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL
         time.sleep(0.5)
 
@@ -79,8 +83,9 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
     for dev in ("dev-a", "dev-b"):
         passwords[dev] = service.register_device(dev, profile="rpi4", public_key=DEV_KEY)["broker_password"]
     port = free_port()
+    # the test's own files live in a private temp dir: this broker stays the invoking user, explicitly
     assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
-                      "--port", str(port)]) == 0
+                      "--port", str(port), "--run-as", current_user()]) == 0
     passwords[SERVER_USER] = str(server_broker_password(config.paths, create=False))
     conf = (out / "mosquitto.conf").read_text()
     assert "set_tcp_nodelay true" in conf and "acl_file" in conf and "certfile" in conf
@@ -163,3 +168,42 @@ def test_logins_are_checked_and_revocation_takes_effect_after_reload(secured: Se
             raise ConnectionError(str(rc))
     still = secured.client("dev-a")  # other devices are unaffected
     still.close()
+
+
+def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    init_signing_key(load_config(home).paths)
+    base = Path(tempfile.mkdtemp(prefix="edgefleet-acl-"))  # pytest's tmp dirs are 0700: mosquitto could not enter
+    base.chmod(0o755)
+    out, port = base / "broker", free_port()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                          "--port", str(port)]) == 0
+        conf = (out / "mosquitto.conf").read_text()
+        assert [line for line in conf.splitlines() if line.startswith("user ")] == ["user mosquitto"]
+        assert edgefleet(["--home", str(home), "broker", "config", "--out", str(base / "other"), "--port",
+                          str(port), "--run-as", "edgefleet-no-such-user"]) == (1 if os.geteuid() == 0 else 0)
+        if os.geteuid() != 0:
+            return  # mosquitto ignores `user` unless started as root: the config line is all there is to check
+        account = pwd.getpwnam("mosquitto")
+        for f in (out, out / "passwd", out / "acl", out / "tls" / "server.key"):
+            assert f.stat().st_uid == account.pw_uid, f
+        assert (out / "passwd").stat().st_mode & 0o777 == 0o600
+        proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_port(port, proc)  # it read passwd, the ACL and the TLS key after switching user
+        uid = next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                   if line.startswith("Uid:"))
+        assert int(uid) == account.pw_uid != 0
+        password = str(server_broker_password(load_config(home).paths, create=False))
+        server = MqttTestClient("127.0.0.1", port, username=SERVER_USER, password=password,
+                                ca_cert=out / "tls" / "ca.crt")
+        rc = server.connect_rc
+        server.close()
+        assert not getattr(rc, "is_failure", False), rc
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)

@@ -256,3 +256,29 @@ def test_enrollment_request_is_approved_by_fingerprint(fleet: Fleet) -> None:
     fleet.service.revoke_device("en-1")
     with pytest.raises(ConflictError, match="revoked"):
         fleet.service.deploy("m:2", target="device:en-1", actor="t")
+
+
+def test_device_approved_while_connected_is_online_without_reconnecting(fleet: Fleet) -> None:
+    d = fleet.device("en-live", register=False, connect=True, groups=(), seed=("m", 1))  # birth report, then enroll
+    d.enroll()
+    deadline = time.monotonic() + 10
+    pending: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not pending:
+        pending = fleet.service.pending_enrollments()
+        time.sleep(0.1)
+    assert pending and pending[0]["device_id"] == "en-live"
+    out = fleet.service.approve_device("en-live", fingerprint_check=str(pending[0]["fingerprint"]), groups=["g"])
+    dev = out["device"]
+    assert dev["online"] and dev["last_seen"] is not None, dev  # its retained birth report, not a reconnect
+    assert (dev["active_model"], dev["active_version"], dev["agent_version"]) == ("m", 1, "sim")
+    row = next(r for r in fleet.service.list_devices() if r["device_id"] == "en-live")  # what `status` shows
+    assert row["online"] and row["session"] == d.state.session
+    assert "device.online" in [e["kind"] for e in fleet.service.events(device_id="en-live")["events"]]
+    dep = fleet.service.deploy("m:2", target="device:en-live", probation_s=0.1, actor="t")
+    fleet.wait_deployment(dep["deployment_id"], ("completed",))
+    assert d.active == ("m", 2)
+    d.disconnect()  # the Last Will of the adopted session still takes it offline
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and fleet.server.registry.get_device("en-live").online:
+        time.sleep(0.1)
+    assert not fleet.server.registry.get_device("en-live").online

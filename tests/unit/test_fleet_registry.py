@@ -183,3 +183,55 @@ def test_tokens_audit_and_enrollment(registry: FleetRegistry) -> None:
     registry.record_audit(actor="ci", action="deploy", target="all", params={"model": "m:1"}, outcome="ok")
     [a] = registry.list_audit()
     assert (a.actor, a.action, a.outcome, a.params["model"]) == ("ci", "deploy", "ok", "m:1")
+
+
+def _telemetry(device_id: str, ts: float) -> Telemetry:
+    return Telemetry(device_id=device_id, ts=ts, window_s=10, cpu_percent=10, memory_percent=50, rss_bytes=100,
+                     disk_free_bytes=1, requests=1, errors=0, latency_ms={"p95": 2.0})
+
+
+def test_telemetry_marks_a_device_never_seen_in_a_state_report_online(registry: FleetRegistry) -> None:
+    registry.add_device("d1", profile="rpi4", public_key=KEY, broker_hash=None)
+    registry.write_ingest(IngestBatch(telemetry=[_telemetry("d1", 100.0)]), bucket_s=60, now=105.0)
+    dev = registry.get_device("d1")
+    assert dev.online and dev.last_seen == 105.0
+    assert [e.kind for e in registry.list_events(device_id="d1")] == ["device.online"]
+    # once a Last Will was applied, presence follows the session rule: late telemetry does not revive it
+    registry.write_ingest(IngestBatch(states=[StateReport(device_id="d1", online=False, session=1, ts=110.0)]),
+                          bucket_s=60, now=110.0)
+    registry.write_ingest(IngestBatch(telemetry=[_telemetry("d1", 109.0)]), bucket_s=60, now=111.0)
+    assert not registry.get_device("d1").online
+
+
+def test_state_of_an_unregistered_device_is_applied_when_it_is_registered(registry: FleetRegistry) -> None:
+    live = StateReport(device_id="d1", online=True, session=3, ts=1.0, active=ActiveModel("m", 2, "committed"),
+                       agent_version="9.9")
+    older_will = StateReport(device_id="d1", online=False, session=2, ts=2.0)
+    registry.write_ingest(IngestBatch(unregistered_states=[live]), bucket_s=60, now=50.0)
+    registry.write_ingest(IngestBatch(unregistered_states=[older_will]), bucket_s=60, now=51.0)  # ignored
+    registry.add_device("d1", profile="rpi4", public_key=KEY, broker_hash=None)
+    assert not registry.get_device("d1").online
+    with registry.tx() as tx:
+        assert registry.adopt_presence("d1", tx=tx)
+    dev = registry.get_device("d1")
+    assert (dev.online, dev.session, dev.last_seen, dev.active_model, dev.active_version, dev.agent_version) == (
+        True, 3, 50.0, "m", 2, "9.9")
+    with registry.tx() as tx:
+        assert not registry.adopt_presence("d1", tx=tx)  # used once
+    registry.write_ingest(IngestBatch(unregistered_states=[live]), bucket_s=60, now=60.0)
+    assert registry.prune(telemetry_before=0.0, events_before=70.0) is not None
+    with registry.tx() as tx:
+        assert not registry.adopt_presence("d1", tx=tx)  # pruned with the events' retention
+
+
+def test_every_deployment_status_is_set_somewhere_and_is_holding_or_finished() -> None:
+    import re
+
+    import server.registry.fleet as fleet
+
+    names = {k: v for k, v in vars(fleet).items() if k.startswith("DEP_")}
+    root = Path(fleet.__file__).resolve().parents[1]
+    elsewhere = "".join(p.read_text() for p in root.rglob("*.py") if p.resolve() != Path(fleet.__file__).resolve())
+    assert not [k for k in names if not re.search(rf"\b{k}\b", elsewhere)], "a status nothing ever sets"
+    holding, finished = set(fleet.HOLDING_STATUSES), set(fleet.FINISHED_STATUSES)
+    assert set(names.values()) == holding | finished and not holding & finished
