@@ -279,3 +279,20 @@ def resume_action(record: JournalRecord, *, restart_limit: int = DEFAULT_RESTART
     if record.attempts >= restart_limit:
         return LOOP_TABLE[action]
     return action
+
+
+# -- the replay floor after a lost journal ------------------------------------------------------------------
+
+
+def recover_replay_floor(record: JournalRecord, *others: int | None) -> JournalRecord:
+    """The record with ``last_seq`` raised to the highest seq any independent record vouches for.
+
+    The journal's two slots can both be lost (power cut, disk corruption); a record rebuilt from
+    the store then says ``last_seq=0`` and every old, validly signed command (a replayed
+    ``rollback``) would be obeyed again. The shell keeps other records of the floor (the
+    ``seq.floor`` file, the seq of the last accepted desired state); the floor only ever moves up,
+    so the highest of them is safe: at worst a message the agent never saw is refused as a replay,
+    and the server's next re-signed message (a fresh seq) is accepted.
+    """
+    floor = max([record.last_seq, *(s for s in others if s is not None)])
+    return record if floor == record.last_seq else replace(record, last_seq=floor)

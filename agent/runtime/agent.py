@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent import __version__
 from agent.core.health import ProbationPolicy, StatsLike, WindowStats
 from agent.core.journal import Failure as LifecycleFailure
-from agent.core.journal import JournalRecord, State, Via
+from agent.core.journal import JournalRecord, State, Via, recover_replay_floor
 from agent.core.lifecycle import (
     Activate,
     CommandResult,
@@ -241,6 +241,7 @@ class Agent:
         self._probation_next: float | None = None  # monotonic
         self._pending_desired: bytes | None = None
         self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
+        self._seq_floor = 0  # what seq.floor holds on disk
         self._desired_expires_at: float | None = None
         self._expiry_reported = False  # one desired.expired event per expired desired state (freeze detection)
         self._error_counts: dict[str, tuple[float, int]] = {}
@@ -286,11 +287,19 @@ class Agent:
             log.error("journal slot unreadable: %s", problem)
         if record is None:
             record = self._record_from_store()
+        # Losing the journal must not lower the replay floor: take the highest seq any other record
+        # vouches for (seq.floor, the last accepted desired state), and make seq.floor catch up.
+        on_disk = self.store.read_seq_floor()
+        self._seq_floor = on_disk or 0
+        journal_seq = record.last_seq
+        record = recover_replay_floor(record, on_disk, self._load_last_desired())
+        if record.last_seq > journal_seq:
+            log.warning("journal forgot the replay floor; restored", extra={"fields": {"last_seq": record.last_seq}})
+        self._save_seq_floor(record.last_seq)
         removed = self.store.cleanup(record)
         if removed:
             log.info("removed leftovers of an interrupted run", extra={"fields": {"paths": removed}})
         boot = self.store.next_boot()
-        self._load_last_desired()
         self.link = MqttLink(
             self.config.broker,
             client_id=self.device_id,
@@ -496,6 +505,7 @@ class Agent:
     # -- executors ---------------------------------------------------------------------------------------------
 
     def _persist(self, record: JournalRecord) -> None:
+        self._save_seq_floor(record.last_seq)  # before the journal: the backup is never behind it
         try:
             self.store.write_journal(record)
         except StorageError as exc:
@@ -503,6 +513,18 @@ class Agent:
             log.critical("cannot write the journal: %s", exc.message)
             self._error_event(exc.code, f"cannot write the journal: {exc.message}")
         self._state_dirty = True
+
+    def _save_seq_floor(self, seq: int) -> None:
+        # Only when the floor moves (a signed message accepted: rare), so chunks and other
+        # transitions cost one integer comparison, not an fsync.
+        if seq <= self._seq_floor:
+            return
+        try:
+            self.store.write_seq_floor(seq)
+        except StorageError as exc:
+            log.warning("cannot write the replay floor: %s", exc.message)  # the journal still has it; retried later
+            return
+        self._seq_floor = seq
 
     def _report(self, report: Report) -> None:
         self._event(
@@ -1409,15 +1431,18 @@ class Agent:
         )
         self._publish(device_topic(self.device_id, Channel.TELEMETRY), encode(telemetry))
 
-    def _load_last_desired(self) -> None:
+    def _load_last_desired(self) -> int | None:
+        """Note the expiry of the last accepted desired state; returns its seq (a floor for replays)."""
         blob = self.store.load_last_desired()
         if blob is None:
-            return
+            return None
         try:
             desired = decode_payload(verify_payload(blob, "desired", self.trust), "desired")
         except EdgeError:
-            return
+            return None
+        assert isinstance(desired, DesiredState)
         self._desired_expires_at = desired.expires_at
+        return desired.seq
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------

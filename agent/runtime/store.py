@@ -3,6 +3,7 @@
 Layout under ``store_dir``::
 
     journal.0, journal.1           the lifecycle journal, written alternately (newest valid serial wins)
+    seq.floor                      the last accepted seq again, apart from the journal (anti-replay backup)
     status.json                    last StateReport + pid, for `edgefleet-agent status`
     boot                           start counter (MQTT session numbers grow across restarts)
     current -> models/m/3-<art>    the committed version being served (symlink, replaced atomically)
@@ -235,6 +236,24 @@ class ModelStore:
 
     def write_journal(self, record: JournalRecord) -> None:
         atomic_write(self._journal_slots()[record.serial % 2], record.to_bytes(), mode=0o600)
+
+    # The replay floor is kept a second time, outside the journal, so losing both journal slots does
+    # not reopen the door to old signed commands. A checksum guards it: a corrupt floor read as a
+    # huge number would lock the device out of every future message, so a bad file counts as absent.
+    def read_seq_floor(self) -> int | None:
+        try:
+            text = (self.root / "seq.floor").read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            return None
+        parts = text.split()
+        if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 20:
+            return None
+        if parts[1] != f"{zlib.crc32(parts[0].encode()):08x}":
+            return None
+        return int(parts[0])
+
+    def write_seq_floor(self, seq: int) -> None:
+        atomic_write(self.root / "seq.floor", f"{seq} {zlib.crc32(str(seq).encode()):08x}\n".encode(), mode=0o600)
 
     def next_boot(self) -> int:
         """A counter that grows by one per agent start (survives restarts; starts at 1)."""

@@ -94,6 +94,57 @@ def test_old_manifests_and_commands_resent(
     assert journal is not None and journal.last_seq >= command.seq, "the replay counter survived the restart"
 
 
+def test_replay_refused_after_both_journal_slots_are_lost(
+    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
+) -> None:
+    """Both journal slots gone (one deleted, one torn): the seq.floor backup still refuses an old signed rollback."""
+    agent = agent_factory(prefix="floor")
+    device = agent.device_id
+    deploy_and_commit(fleet, agent, models, 1, "good", probation_s=0.3)
+    deploy_and_commit(fleet, agent, models, 2, "good_v2", probation_s=0.3)
+    topic = device_topic(device, Channel.COMMAND)
+
+    def obey(action: str, version: int, command_id: str) -> bytes:
+        cmd = Command(device, fleet.next_seq(device), time.time(), time.time() + 600, command_id, action,
+                      model=agent_models.NAME, version=version)
+        blob = seal_command(cmd, fleet.signing_key)
+        mark = fleet.event_count(device)
+        fleet.publish_raw(topic, blob)
+        result = fleet.wait_event(device, lambda e: (e.kind == "command.result" and e.command_id == command_id)
+                                  or e.kind.startswith("error."), after=mark, timeout=60)
+        assert result.kind == "command.result" and result.data["ok"], f"{result.kind}: {result.message}"
+        fleet.wait_state(device, lambda s, v=version: s.lifecycle == "idle" and s.active is not None
+                         and s.active.version == v, timeout=60)
+        return blob
+
+    old_rollback = obey("rollback", 1, "rb-floor")  # authentic, obeyed once
+    obey("activate", 2, "act-floor")  # a newer seq than the rollback, and newer than any desired state
+    intact(fleet, agent, models, 2, kept={1, 2}, ledger=ledger)
+    floor = agent.journal()
+    assert floor is not None and floor.last_seq > 0
+
+    agent.kill()
+    store: Path = agent.store_dir
+    (store / "journal.0").unlink(missing_ok=True)  # one slot lost ...
+    if (store / "journal.1").exists():  # ... and the other torn mid-write
+        data = (store / "journal.1").read_bytes()
+        (store / "journal.1").write_bytes(data[: len(data) // 2])
+    else:
+        (store / "journal.1").write_bytes(b"EFJ1 torn")
+    assert read_journal(store) is None, "the journal must be unreadable for this test to mean anything"
+    mark = fleet.event_count(device)
+    agent.start()
+    fleet.wait_state(device, lambda s: s.online and s.lifecycle == "idle" and s.active is not None
+                     and s.active.version == 2, timeout=60)
+    fleet.publish_raw(topic, old_rollback)  # the replay: valid signature, old seq
+    assert fleet.wait_event(device, "error.replay", after=mark, timeout=30).code == "replay"
+    time.sleep(1.0)  # had it been obeyed, a switch would start at once
+    assert not [e for e in fleet.log(device).events[mark:] if e.kind == "command.result"]
+    intact(fleet, agent, models, 2, kept={1, 2}, ledger=ledger)
+    rebuilt = read_journal(store)
+    assert rebuilt is not None and rebuilt.last_seq >= floor.last_seq, "the floor went back into the journal"
+
+
 @pytest.fixture
 def real_server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
     f = Fleet(tmp_path / "srv", broker, StaticBuilds())

@@ -196,3 +196,19 @@ def test_device_key_is_private_and_checked(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_device_key(path)
+
+
+def test_seq_floor_round_trips_and_a_damaged_one_counts_as_absent(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    assert store.read_seq_floor() is None
+    store.write_seq_floor(12345)
+    assert store.read_seq_floor() == 12345
+    path = tmp_path / "store" / "seq.floor"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    good = path.read_bytes()
+    path.write_bytes(b"99999" + good[5:])  # a flipped digit must not become a floor that locks the device out
+    assert store.read_seq_floor() is None
+    path.write_bytes(good[:3])  # torn
+    assert store.read_seq_floor() is None
+    path.write_bytes(b"\xff\xfe")
+    assert store.read_seq_floor() is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from agent.core.journal import (
     Resume,
     State,
     Via,
+    recover_replay_floor,
     resume_action,
 )
 from agent.errors import StorageError
@@ -98,3 +101,23 @@ def test_resume_table(state: State) -> None:
     assert resume_action(JournalRecord(state=state, attempts=0), restart_limit=3) is EXPECTED_RESUME[state]
     assert resume_action(JournalRecord(state=state, attempts=2), restart_limit=3) is EXPECTED_RESUME[state]
     assert resume_action(JournalRecord(state=state, attempts=3), restart_limit=3) is EXPECTED_LOOP[state]
+
+
+# -- the replay floor after a lost journal ---------------------------------------------------------------------
+
+
+def test_replay_floor_never_drops_below_what_any_record_vouches_for() -> None:
+    lost = JournalRecord(committed=ModelRef("digits", 2))  # both slots gone: rebuilt from the store, last_seq=0
+    assert recover_replay_floor(lost, 41, 17).last_seq == 41
+    assert recover_replay_floor(lost, None, 17).last_seq == 17  # only the stored desired state survived
+    assert recover_replay_floor(lost, None, None) is lost  # nothing recorded: a fresh device, nothing to keep
+    rec = recover_replay_floor(lost, 41, None)
+    assert rec.committed == lost.committed and rec.serial == lost.serial  # only the floor moves
+
+
+@given(records, st.lists(st.none() | st.integers(0, 2**62), max_size=3))
+def test_replay_floor_is_the_max_and_never_lowers_the_journal(record: JournalRecord, others: list[int | None]) -> None:
+    out = recover_replay_floor(record, *others)
+    assert out.last_seq == max([record.last_seq, *(s for s in others if s is not None)])
+    assert out.last_seq >= record.last_seq
+    assert replace(out, last_seq=record.last_seq) == record  # nothing but the floor changes
