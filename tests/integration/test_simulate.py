@@ -21,10 +21,11 @@ from cryptography.hazmat.primitives import serialization
 from agent.protocol.envelope import TrustAnchor, raw_public
 from agent.protocol.messages import ModelRef
 from server.app import FleetServer
-from server.broker import MosquittoBroker
+from server.broker import SERVER_USER, MosquittoBroker, generate_tls
 from server.builds import StaticBuilds
 from server.cli import build_parser, main
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
+from tests.conftest import SecureBrokerFactory
 from tests.support.fleet import onnx_builds, public_key, server_config
 
 pytestmark = pytest.mark.broker
@@ -140,3 +141,89 @@ def test_help_says_what_is_simulated() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     text = " ".join(sub.choices["simulate"].format_help().split())
     assert "inference is a stand-in" in text and "1,000 devices" in text
+
+
+def _pem(server_config_: Any, path: Path) -> Path:
+    path.write_bytes(public_key(server_config_).public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+def _creds(path: Path, passwords: dict[str, str]) -> Path:
+    path.write_text("# device:password\n\n" + "".join(f"{d}:{pw}\n" for d, pw in passwords.items()))
+    return path
+
+
+def test_simulate_rolls_out_through_a_tls_broker_with_a_login_per_device_and_the_acl(
+    secure_broker: SecureBrokerFactory, builds: StaticBuilds, tmp_path: Path
+) -> None:
+    ids = device_ids(5, "simtls")
+    broker, passwords = secure_broker(ids)  # TLS, one password per device, the generated ACL
+    ca = secure_broker.tls.ca_cert
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    (home / "keys" / "broker.password").write_text(passwords[SERVER_USER] + "\n")
+    config = server_config(home, broker, {"broker": {"url": broker.url, "username": SERVER_USER,
+                                                     "password_file": "keys/broker.password", "ca_cert": str(ca)},
+                                          "publisher": {"chunk_window_s": 0.3}})
+    server = FleetServer(config, builds=builds).start()
+    try:
+        register(server, ids, "tls")
+        creds = _creds(tmp_path / "sim.creds", {d: passwords[d] for d in ids})
+        out = tmp_path / "sim.json"
+        codes: list[int] = []
+        argv = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "5", "--prefix", "simtls",
+                "--seed", "tls", "--no-register", "--broker", f"mqtt://{broker.host}:{broker.port}", "--tls",
+                "--ca", str(ca), "--credentials", str(creds), "--server-key", str(_pem(config, tmp_path / "s.pem")),
+                "--until", "m:1", "--timeout", "60", "--quiet", "--json", str(out)]
+        runner = threading.Thread(target=lambda: codes.append(main(argv)))
+        runner.start()
+        deadline = time.monotonic() + 20
+        while sum(d.online for d in server.registry.list_devices()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
+                              max_failures_percent=0, probation_s=0.2, actor="test")
+        runner.join(timeout=90)
+        assert codes == [0]
+        summary = json.loads(out.read_text())
+        assert summary["committed"] == {"m v1": 5}
+        assert summary["timeline"]["lifecycle.committed"]["n"] == 5
+        devices = {d.device_id: d for d in server.registry.list_devices()}
+        assert all(devices[i].active_version == 1 for i in ids)
+    finally:
+        server.stop()
+
+
+def test_simulate_stops_with_a_clear_error_on_wrong_missing_credentials_or_an_untrusted_broker(
+    secure_broker: SecureBrokerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = device_ids(3, "simbad")
+    broker, passwords = secure_broker(ids)
+    config = server_config(tmp_path / "home", broker)
+    pem = _pem(config, tmp_path / "s.pem")
+    base = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "3", "--prefix", "simbad",
+            "--no-register", "--broker", broker.url, "--server-key", str(pem), "--timeout", "30", "--quiet"]
+
+    def run(*extra: str) -> tuple[int, float, str]:
+        capsys.readouterr()
+        started = time.monotonic()
+        code = main([*base, *extra])
+        return code, time.monotonic() - started, " ".join(capsys.readouterr().err.split())
+
+    ca = str(secure_broker.tls.ca_cert)
+    wrong = _creds(tmp_path / "wrong.creds", {d: passwords[d] for d in ids} | {ids[1]: "not-" + passwords[ids[1]]})
+    code, took, err = run("--ca", ca, "--credentials", str(wrong))
+    assert code == 1 and took < 25, "a refused login stops the run instead of retrying until the timeout"
+    assert f"{ids[1]}: broker refused the login" in err and "--credentials" in err
+
+    missing = _creds(tmp_path / "missing.creds", {ids[0]: passwords[ids[0]]})
+    code, _, err = run("--ca", ca, "--credentials", str(missing))
+    assert code == 1 and f"has no password for {ids[1]}, {ids[2]}" in err
+
+    code, took, err = run("--ca", ca)  # no credentials at all: the broker allows no anonymous login
+    assert code == 1 and took < 25 and "broker refused the login" in err
+
+    other_ca = generate_tls(tmp_path / "other-tls").ca_cert  # a CA that did not sign the broker's certificate
+    right = _creds(tmp_path / "right.creds", {d: passwords[d] for d in ids})
+    code, took, err = run("--ca", str(other_ca), "--credentials", str(right))
+    assert code == 1 and took < 25 and "TLS:" in err and "certificate" in err
