@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,9 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from agent.protocol.envelope import TrustAnchor, raw_public
 from agent.protocol.messages import ModelRef
 from server.app import FleetServer
-from server.broker import SERVER_USER, MosquittoBroker, generate_tls
+from server.broker import SERVER_USER, MosquittoBroker, current_user, find_mosquitto, free_port, generate_tls
 from server.builds import StaticBuilds
 from server.cli import build_parser, main
+from server.config import load_config
+from server.keys import init_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
 from tests.conftest import SecureBrokerFactory
 from tests.support.fleet import onnx_builds, public_key, server_config
@@ -227,3 +233,59 @@ def test_simulate_stops_with_a_clear_error_on_wrong_missing_credentials_or_an_un
     right = _creds(tmp_path / "right.creds", {d: passwords[d] for d in ids})
     code, took, err = run("--ca", str(other_ca), "--credentials", str(right))
     assert code == 1 and took < 25 and "TLS:" in err and "certificate" in err
+
+
+def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
+    builds: StaticBuilds, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's path: register with server-issued passwords, `broker config`, reload, simulate."""
+    home, out, creds = tmp_path / "home", tmp_path / "broker", tmp_path / "sim.creds"
+    init_signing_key(load_config(home).paths)
+    port = free_port()
+    broker_config = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                     "--port", str(port), "--run-as", current_user()]
+    assert main(broker_config) == 0  # writes server.toml's [broker] (mqtts, server login, CA)
+    with (home / "server.toml").open("a") as f:
+        f.write('\n[api]\nhost = "127.0.0.1"\nport = 0\n[publisher]\nchunk_window_s = 0.3\n'
+                "[rollout]\ntick_s = 0.1\nlease_ttl_s = 2.0\ndevice_timeout_s = 30.0\n")
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    server: FleetServer | None = None
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        server = FleetServer(load_config(home), builds=builds).start()
+        capsys.readouterr()
+        assert main(["--home", str(home), "tokens", "create", "sim"]) == 0  # registration goes through the API
+        monkeypatch.setenv("EDGEFLEET_TOKEN", capsys.readouterr().out.split()[-1])
+        sim = ["--home", str(home), "simulate", "--devices", "4", "--prefix", "simiss", "--seed", "iss",
+               "--profile", "rpi4", "--quiet"]
+        assert main([*sim, "--issue-credentials", str(creds)]) == 0
+        assert creds.stat().st_mode & 0o077 == 0
+        lines = [ln for ln in creds.read_text().splitlines() if ln and not ln.startswith("#")]
+        assert [ln.split(":")[0] for ln in lines] == device_ids(4, "simiss")
+        assert all(pw not in (out / "passwd").read_text() for pw in (ln.split(":", 1)[1] for ln in lines))
+        # not in the broker's password file yet: the logins are refused, and the run says so
+        assert main([*sim, "--no-register", "--credentials", str(creds), "--timeout", "20"]) == 1
+        assert main(broker_config) == 0
+        proc.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL
+        time.sleep(0.5)
+        codes: list[int] = []
+        argv = [*sim, "--no-register", "--credentials", str(creds), "--until", "m:1", "--timeout", "60"]
+        runner = threading.Thread(target=lambda: codes.append(main(argv)))
+        runner.start()
+        deadline = time.monotonic() + 20
+        while sum(d.online for d in server.registry.list_devices()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
+                              max_failures_percent=0, probation_s=0.2, actor="test")
+        runner.join(timeout=90)
+        assert codes == [0]
+    finally:
+        if server is not None:
+            server.stop()
+        proc.terminate()
+        proc.wait(timeout=10)
