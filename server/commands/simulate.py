@@ -40,7 +40,17 @@ connections; 1,000 devices run on a 2-core machine.
 By default the devices are registered (with their keys) through the API of the server on --home,
 in --group, so `edgefleet deploy MODEL:VERSION --to group:sim` reaches them. Keys are derived from
 --seed and the device id, so a second run with the same seed is the same fleet.
+
+A secured broker (what `edgefleet broker config` generates: TLS, a login per device, an ACL):
+  edgefleet simulate --devices 100 --issue-credentials sim.creds     # register, get each device a
+      password from the server (as `devices add` does), write DEVICE_ID:PASSWORD lines (0600), exit
+  edgefleet broker config --out /etc/mosquitto/edgefleet ...; kill -HUP $(pidof mosquitto)
+  edgefleet simulate --devices 100 --no-register --credentials sim.creds --ca ca.crt --tls
+A refused login or an untrusted certificate stops the run with exit status 1.
 """
+
+#: a credentials file is one short line per device; refuse anything far bigger before reading it
+MAX_CREDENTIALS_BYTES = 20000 * 2048
 
 
 def _ref(text: str) -> Any:
@@ -73,7 +83,21 @@ def register(subparsers: Any) -> None:
                    help="server config file (default HOME/server.toml)")
     p.add_argument("--broker", metavar="URL", default=None,
                    help="mqtt://host:port or mqtts://host:port (default: [broker] url of the server config)")
-    p.add_argument("--ca-cert", type=Path, default=None, help="CA certificate for mqtts://")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS (implied by mqtts:// and by a [broker] url of mqtts://)")
+    p.add_argument("--ca", "--ca-cert", dest="ca_cert", type=Path, default=None, metavar="FILE",
+                   help="CA certificate the broker's certificate must chain to (default: [broker] ca_cert of "
+                        "the server config when --broker is not given, else the system CAs)")
+    p.add_argument("--no-check-hostname", action="store_true",
+                   help="do not check that the broker's certificate names the --broker host (checked by default)")
+    creds = p.add_mutually_exclusive_group()
+    creds.add_argument("--credentials", type=Path, default=None, metavar="FILE",
+                       help="per-device MQTT logins: DEVICE_ID:PASSWORD lines (# comments); each device logs "
+                            "in as its id, as the generated ACL expects")
+    creds.add_argument("--issue-credentials", type=Path, default=None, metavar="FILE",
+                       help="register the devices with a broker password issued by the server (new passwords "
+                            "for ones registered already), write them to FILE (0600) and exit: then regenerate "
+                            "the broker config, reload mosquitto, and run with --no-register --credentials FILE")
     p.add_argument("--server-key", type=Path, default=None, metavar="PEM",
                    help="the server's Ed25519 public key the devices trust (default: the signing key on --home)")
     p.add_argument("--fail-version", type=int, action="append", default=[], metavar="V",
@@ -105,7 +129,58 @@ def _trust(args: argparse.Namespace, config: Any) -> Any:
     return TrustAnchor.of(load_signing_key(config.paths).public_key())
 
 
-def _register(args: argparse.Namespace, ids: list[str]) -> int:
+def read_credentials(path: Path, ids: list[str]) -> dict[str, str]:
+    """``DEVICE_ID:PASSWORD`` lines (blank lines and ``#`` comments ignored); every device in ``ids`` needs one."""
+    if path.stat().st_size > MAX_CREDENTIALS_BYTES:
+        raise ServerError(f"{path}: over {MAX_CREDENTIALS_BYTES} bytes; not a credentials file")
+    out: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        device_id, sep, password = line.partition(":")
+        if not sep or not device_id or not password:
+            raise ServerError(f"{path}:{number}: expected DEVICE_ID:PASSWORD")
+        out[device_id] = password
+    missing = [d for d in ids if d not in out]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ServerError(f"{path} has no password for {', '.join(missing[:3])}{more} "
+                          "(use --issue-credentials to get them from the server)")
+    return out
+
+
+def _ca_cert(args: argparse.Namespace, config: Any, broker: Any) -> Path | None:
+    """--ca, else the server config's [broker] ca_cert when the broker is the configured one."""
+    ca: Path | None = args.ca_cert
+    if ca is None and not args.broker and broker.ca_cert:
+        ca = config.resolve(broker.ca_cert)
+    if ca is not None and not ca.is_file():
+        raise ServerError(f"CA certificate {ca} does not exist")
+    return ca
+
+
+def _issue_credentials(args: argparse.Namespace, ids: list[str]) -> int:
+    """Register with a server-issued broker password each (the real enrolment path) and write them."""
+    from server.keys import atomic_write  # noqa: PLC0415
+
+    if args.no_register:
+        raise ServerError("--issue-credentials registers the devices; it does not go with --no-register")
+    passwords: dict[str, str] = {}
+    existing = _register(args, ids, passwords)
+    text = "# edgefleet simulate credentials: DEVICE_ID:PASSWORD (MQTT username = device id)\n"
+    text += "".join(f"{d}:{passwords[d]}\n" for d in ids)
+    atomic_write(args.issue_credentials, text.encode(), mode=0o600)
+    console.print(f"wrote {len(ids)} login(s) to {args.issue_credentials} ({existing} device(s) were registered "
+                  "already and got a new password)")
+    console.print("next: `edgefleet broker config --out DIR` and reload mosquitto (SIGHUP), then "
+                  f"`edgefleet simulate --devices {len(ids)} --no-register --credentials {args.issue_credentials}"
+                  " ...` with the same --prefix and --seed")
+    return 0
+
+
+def _register(args: argparse.Namespace, ids: list[str], passwords: dict[str, str] | None = None) -> int:
+    """Register ``ids`` through the API; with ``passwords``, each gets a broker password put there."""
     from agent.protocol.envelope import raw_public  # noqa: PLC0415
     from server.client import connect  # noqa: PLC0415
     from server.simulator import device_key  # noqa: PLC0415
@@ -118,11 +193,15 @@ def _register(args: argparse.Namespace, ids: list[str]) -> int:
         for device_id in ids:
             key = base64.b64encode(raw_public(device_key(args.seed, device_id).public_key())).decode()
             try:
-                client.call("register_device", body={"device_id": device_id, "profile": args.profile,
-                                                     "public_key": key, "groups": [args.group],
-                                                     "broker_password": False})
+                out = client.call("register_device", body={"device_id": device_id, "profile": args.profile,
+                                                           "public_key": key, "groups": [args.group],
+                                                           "broker_password": passwords is not None})
             except ConflictError:
                 existing += 1  # registered by an earlier run (same seed, same key)
+                if passwords is not None:
+                    out = client.call("reset_broker_password", path={"device_id": device_id})
+            if passwords is not None:
+                passwords[device_id] = str(out["broker_password"])
             bar.advance(task)
     return existing
 
@@ -160,8 +239,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             b.validate()
         else:
             b = config.broker
-        trust = _trust(args, config)
         ids = device_ids(args.devices, args.prefix)
+        if args.issue_credentials is not None:
+            return _issue_credentials(args, ids)
+        trust = _trust(args, config)
+        credentials = None if args.credentials is None else read_credentials(args.credentials, ids)
+        ca_cert = _ca_cert(args, config, b)
         existing = 0 if args.no_register else _register(args, ids)
     except ServerError as exc:
         err_console.print(f"[bold red]error[/]: {exc.message}", highlight=False)
@@ -175,7 +258,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         profile=args.profile, fail_versions=frozenset(args.fail_version), requests_per_s=args.requests_per_s,
         latency_ms=args.latency_ms, telemetry_s=args.telemetry_s,
     )
-    target = BrokerTarget(b.host, b.port, tls=b.tls, ca_cert=str(args.ca_cert) if args.ca_cert else None)
+    target = BrokerTarget(b.host, b.port, tls=b.tls or args.tls, ca_cert=str(ca_cert) if ca_cert else None,
+                          credentials=credentials, check_hostname=not args.no_check_hostname)
     fleet = SimFleet(ids, broker=target, trust=trust, settings=settings, seed=args.seed, loops=args.loops)
     stop = threading.Event()
     previous = {}
@@ -192,6 +276,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         with live or contextlib.nullcontext():
             while not stop.wait(0.25):
                 fleet.check()
+                refused = fleet.refusals()
+                if refused:
+                    device_id, why = sorted(refused.items())[0]
+                    more = f" (and {len(refused) - 1} more device(s))" if len(refused) > 1 else ""
+                    hint = ("check --ca and the broker's certificate name" if why.startswith("TLS")
+                            else "check --credentials: each device logs in as its id with its own password")
+                    err_console.print(f"[bold red]error[/]: {device_id}: {why}{more}; {hint}", highlight=False)
+                    code = 1
+                    break
                 snap = fleet.snapshot()
                 if live is not None:
                     live.update(_view(snap, started, args.until), refresh=True)

@@ -27,8 +27,8 @@ import ssl
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -58,13 +58,34 @@ def device_ids(count: int, prefix: str = "sim") -> list[str]:
 
 @dataclass(frozen=True)
 class BrokerTarget:
+    """Where the devices connect and how they log in.
+
+    ``credentials`` maps device id -> MQTT password: each device then logs in as its own id (what the
+    ACL of ``edgefleet broker config`` expects); ``username``/``password`` is one login for all (test
+    brokers). With ``tls``, the broker's certificate is checked against ``ca_cert`` (system CAs when
+    unset) and its name against ``host`` unless ``check_hostname`` is off.
+    """
+
     host: str
     port: int
     tls: bool = False
     ca_cert: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     keepalive_s: int = 60
+    credentials: Mapping[str, str] | None = field(default=None, repr=False)
+    check_hostname: bool = True
+
+    def login(self, device_id: str) -> tuple[str, str | None] | None:
+        if self.credentials is not None:
+            return device_id, self.credentials.get(device_id)
+        if self.username:
+            return self.username, self.password
+        return None
+
+
+#: CONNACK reasons that retrying will not fix (the operator must change credentials or the ACL)
+_FATAL_CONNACK = ("not authorized", "bad user name or password")
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,8 @@ class _Shard(threading.Thread):
         self._backoff: dict[str, float] = {}
         self._seq = 0
         self.connected_once = threading.Event()
+        #: device id -> why the broker or TLS refused it in a way retrying will not fix (read by SimFleet)
+        self.refused: dict[str, str] = {}
         self.error: BaseException | None = None
 
     # -- paho wiring --------------------------------------------------------------------------------------
@@ -110,10 +133,13 @@ class _Shard(threading.Thread):
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev.device_id, clean_session=False,
                         protocol=mqtt.MQTTv311)
         b = self.broker
-        if b.username:
-            c.username_pw_set(b.username, b.password)
+        login = b.login(dev.device_id)
+        if login is not None:
+            c.username_pw_set(*login)
         if b.tls:
-            c.tls_set(ca_certs=b.ca_cert, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            c.tls_set(ca_certs=b.ca_cert, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            if not b.check_hostname:
+                c.tls_insecure_set(True)
         c.max_inflight_messages_set(50)
         sel = self._selector
 
@@ -128,7 +154,10 @@ class _Shard(threading.Thread):
         def on_connect(client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
             if getattr(rc, "is_failure", False):
                 log.warning("%s: broker refused the connection: %s", dev.device_id, rc)
+                if str(rc).lower() in _FATAL_CONNACK:
+                    self.refused[dev.device_id] = f"broker refused the login: {rc}"
                 return
+            self.refused.pop(dev.device_id, None)
             self._backoff.pop(dev.device_id, None)
             dev.on_connected(random.random())  # noqa: S311 - spreading telemetry, not security
             self.connected_once.set()
@@ -159,6 +188,10 @@ class _Shard(threading.Thread):
                 dev.client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
             else:
                 dev.client.reconnect()
+        except ssl.SSLCertVerificationError as exc:
+            self.refused[dev.device_id] = f"TLS: {exc.verify_message or exc}"
+            log.debug("%s: connect failed: %s", dev.device_id, exc)
+            self._schedule_retry(dev)
         except (OSError, ssl.SSLError) as exc:
             log.debug("%s: connect failed: %s", dev.device_id, exc)
             self._schedule_retry(dev)
@@ -193,6 +226,10 @@ class _Shard(threading.Thread):
                     continue
                 if mask & selectors.EVENT_READ:
                     client.loop_read()
+                    # TLS: records already decrypted into the SSL buffer do not wake the selector again
+                    sock = client.socket()
+                    while isinstance(sock, ssl.SSLSocket) and sock.pending() and client.socket() is sock:
+                        client.loop_read()
                 self._flush(dev, key.fileobj)
             now = time.monotonic()
             while self._retries and self._retries[0][0] <= now:
@@ -287,6 +324,13 @@ class SimFleet:
         for s in self.shards:
             if s.error is not None:
                 raise RuntimeError(f"simulator loop {s.name} failed: {s.error!r}") from s.error
+
+    def refusals(self) -> dict[str, str]:
+        """Device id -> why its connection was refused in a way retrying will not fix (wrong password, TLS)."""
+        out: dict[str, str] = {}
+        for s in self.shards:
+            out.update(s.refused.copy())  # one C call: atomic under the GIL
+        return out
 
     def snapshot(self) -> FleetSnapshot:
         lifecycle: Counter[str] = Counter()

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +25,13 @@ from cryptography.hazmat.primitives import serialization
 from agent.protocol.envelope import TrustAnchor, raw_public
 from agent.protocol.messages import ModelRef
 from server.app import FleetServer
-from server.broker import MosquittoBroker
+from server.broker import SERVER_USER, MosquittoBroker, current_user, find_mosquitto, free_port, generate_tls
 from server.builds import StaticBuilds
 from server.cli import build_parser, main
+from server.config import load_config
+from server.keys import init_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
+from tests.conftest import SecureBrokerFactory
 from tests.support.fleet import onnx_builds, public_key, server_config
 
 pytestmark = pytest.mark.broker
@@ -140,3 +147,145 @@ def test_help_says_what_is_simulated() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     text = " ".join(sub.choices["simulate"].format_help().split())
     assert "inference is a stand-in" in text and "1,000 devices" in text
+
+
+def _pem(server_config_: Any, path: Path) -> Path:
+    path.write_bytes(public_key(server_config_).public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+def _creds(path: Path, passwords: dict[str, str]) -> Path:
+    path.write_text("# device:password\n\n" + "".join(f"{d}:{pw}\n" for d, pw in passwords.items()))
+    return path
+
+
+def test_simulate_rolls_out_through_a_tls_broker_with_a_login_per_device_and_the_acl(
+    secure_broker: SecureBrokerFactory, builds: StaticBuilds, tmp_path: Path
+) -> None:
+    ids = device_ids(5, "simtls")
+    broker, passwords = secure_broker(ids)  # TLS, one password per device, the generated ACL
+    ca = secure_broker.tls.ca_cert
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    (home / "keys" / "broker.password").write_text(passwords[SERVER_USER] + "\n")
+    config = server_config(home, broker, {"broker": {"url": broker.url, "username": SERVER_USER,
+                                                     "password_file": "keys/broker.password", "ca_cert": str(ca)},
+                                          "publisher": {"chunk_window_s": 0.3}})
+    server = FleetServer(config, builds=builds).start()
+    try:
+        register(server, ids, "tls")
+        creds = _creds(tmp_path / "sim.creds", {d: passwords[d] for d in ids})
+        out = tmp_path / "sim.json"
+        codes: list[int] = []
+        argv = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "5", "--prefix", "simtls",
+                "--seed", "tls", "--no-register", "--broker", f"mqtt://{broker.host}:{broker.port}", "--tls",
+                "--ca", str(ca), "--credentials", str(creds), "--server-key", str(_pem(config, tmp_path / "s.pem")),
+                "--until", "m:1", "--timeout", "60", "--quiet", "--json", str(out)]
+        runner = threading.Thread(target=lambda: codes.append(main(argv)))
+        runner.start()
+        deadline = time.monotonic() + 20
+        while sum(d.online for d in server.registry.list_devices()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
+                              max_failures_percent=0, probation_s=0.2, actor="test")
+        runner.join(timeout=90)
+        assert codes == [0]
+        summary = json.loads(out.read_text())
+        assert summary["committed"] == {"m v1": 5}
+        assert summary["timeline"]["lifecycle.committed"]["n"] == 5
+        devices = {d.device_id: d for d in server.registry.list_devices()}
+        assert all(devices[i].active_version == 1 for i in ids)
+    finally:
+        server.stop()
+
+
+def test_simulate_stops_with_a_clear_error_on_wrong_missing_credentials_or_an_untrusted_broker(
+    secure_broker: SecureBrokerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = device_ids(3, "simbad")
+    broker, passwords = secure_broker(ids)
+    config = server_config(tmp_path / "home", broker)
+    pem = _pem(config, tmp_path / "s.pem")
+    base = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "3", "--prefix", "simbad",
+            "--no-register", "--broker", broker.url, "--server-key", str(pem), "--timeout", "30", "--quiet"]
+
+    def run(*extra: str) -> tuple[int, float, str]:
+        capsys.readouterr()
+        started = time.monotonic()
+        code = main([*base, *extra])
+        return code, time.monotonic() - started, " ".join(capsys.readouterr().err.split())
+
+    ca = str(secure_broker.tls.ca_cert)
+    wrong = _creds(tmp_path / "wrong.creds", {d: passwords[d] for d in ids} | {ids[1]: "not-" + passwords[ids[1]]})
+    code, took, err = run("--ca", ca, "--credentials", str(wrong))
+    assert code == 1 and took < 25, "a refused login stops the run instead of retrying until the timeout"
+    assert f"{ids[1]}: broker refused the login" in err and "--credentials" in err
+
+    missing = _creds(tmp_path / "missing.creds", {ids[0]: passwords[ids[0]]})
+    code, _, err = run("--ca", ca, "--credentials", str(missing))
+    assert code == 1 and f"has no password for {ids[1]}, {ids[2]}" in err
+
+    code, took, err = run("--ca", ca)  # no credentials at all: the broker allows no anonymous login
+    assert code == 1 and took < 25 and "broker refused the login" in err
+
+    other_ca = generate_tls(tmp_path / "other-tls").ca_cert  # a CA that did not sign the broker's certificate
+    right = _creds(tmp_path / "right.creds", {d: passwords[d] for d in ids})
+    code, took, err = run("--ca", str(other_ca), "--credentials", str(right))
+    assert code == 1 and took < 25 and "TLS:" in err and "certificate" in err
+
+
+def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
+    builds: StaticBuilds, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's path: register with server-issued passwords, `broker config`, reload, simulate."""
+    home, out, creds = tmp_path / "home", tmp_path / "broker", tmp_path / "sim.creds"
+    init_signing_key(load_config(home).paths)
+    port = free_port()
+    broker_config = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                     "--port", str(port), "--run-as", current_user()]
+    assert main(broker_config) == 0  # writes server.toml's [broker] (mqtts, server login, CA)
+    with (home / "server.toml").open("a") as f:
+        f.write('\n[api]\nhost = "127.0.0.1"\nport = 0\n[publisher]\nchunk_window_s = 0.3\n'
+                "[rollout]\ntick_s = 0.1\nlease_ttl_s = 2.0\ndevice_timeout_s = 30.0\n")
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    server: FleetServer | None = None
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        server = FleetServer(load_config(home), builds=builds).start()
+        capsys.readouterr()
+        assert main(["--home", str(home), "tokens", "create", "sim"]) == 0  # registration goes through the API
+        monkeypatch.setenv("EDGEFLEET_TOKEN", capsys.readouterr().out.split()[-1])
+        sim = ["--home", str(home), "simulate", "--devices", "4", "--prefix", "simiss", "--seed", "iss",
+               "--profile", "rpi4", "--quiet"]
+        assert main([*sim, "--issue-credentials", str(creds)]) == 0
+        assert creds.stat().st_mode & 0o077 == 0
+        lines = [ln for ln in creds.read_text().splitlines() if ln and not ln.startswith("#")]
+        assert [ln.split(":")[0] for ln in lines] == device_ids(4, "simiss")
+        assert all(pw not in (out / "passwd").read_text() for pw in (ln.split(":", 1)[1] for ln in lines))
+        # not in the broker's password file yet: the logins are refused, and the run says so
+        assert main([*sim, "--no-register", "--credentials", str(creds), "--timeout", "20"]) == 1
+        assert main(broker_config) == 0
+        proc.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL
+        time.sleep(0.5)
+        codes: list[int] = []
+        argv = [*sim, "--no-register", "--credentials", str(creds), "--until", "m:1", "--timeout", "60"]
+        runner = threading.Thread(target=lambda: codes.append(main(argv)))
+        runner.start()
+        deadline = time.monotonic() + 20
+        while sum(d.online for d in server.registry.list_devices()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
+                              max_failures_percent=0, probation_s=0.2, actor="test")
+        runner.join(timeout=90)
+        assert codes == [0]
+    finally:
+        if server is not None:
+            server.stop()
+        proc.terminate()
+        proc.wait(timeout=10)
