@@ -10,6 +10,7 @@ the server machine itself.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -155,8 +156,6 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def _user() -> str:
-    import getpass  # noqa: PLC0415
-
     return getpass.getuser()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from agent.runtime.keys import generate_device_key
 from agent.runtime.store import ModelStore
 from server.broker import free_port
 from tests.support.fleet_server import FleetServer
+from tests.support.processes import kill_hard, stop_gently
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,21 +119,10 @@ class AgentProcess:
 
     def kill(self) -> None:
         """kill -9: no clean shutdown, no Last Will suppression, nothing flushed."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill_hard(self.proc)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_gently(self.proc, timeout)
 
     @property
     def running(self) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from server.builds import Build
 from server.client import HttpClient
 from server.config import ServerConfig
 from server.keys import load_signing_key
+from tests.support.processes import kill_hard, stop_gently
 from tests.support.server_main import build_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,21 +106,10 @@ class ServerProcess:
 
     def kill(self) -> None:
         """kill -9: leases stay held until they expire; in-flight work is simply gone."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill_hard(self.proc)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_gently(self.proc, timeout)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
