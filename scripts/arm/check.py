@@ -10,7 +10,9 @@
 Needs root (debootstrap, mount, chroot) and qemu-user-static with binfmt; installs Debian's
 qemu-user-static, binfmt-support and debootstrap when they are missing. Exits non-zero on any failure.
 /proc, /sys and /dev are mounted into the rootfs only while it runs and unmounted on every way out
-(including SIGTERM/SIGINT; scripts/arm_check's shell trap unmounts whatever a SIGKILL left behind).
+(including SIGTERM/SIGINT). scripts/arm_check runs this module in mount and PID namespaces of its own
+(unshare), so the host never sees these mounts and a SIGKILL leaves neither a mount nor a process behind;
+outside such a namespace it refuses to mount anything.
 """
 
 from __future__ import annotations
@@ -63,8 +65,36 @@ IMPORTS = (
 )
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    for sig in TERMINATING:  # once: a second signal (Ctrl-C reaches us directly and via the wrapper) must not
+        signal.signal(sig, signal.SIG_IGN)  # interrupt the cleanup below
     raise SystemExit(128 + signum)  # unwinds through every finally: agent, broker, mounts
+
+
+#: a test hook: the path of a FIFO; once everything is mounted, the check says so on stderr and waits until a
+#: writer opens and closes it (tests/integration/test_arm_check_mounts.py kills it there)
+PAUSE_AFTER_MOUNT = "EDGEFLEET_ARM_PAUSE_AFTER_MOUNT"
+
+
+def pause_after_mount() -> None:
+    barrier = os.environ.get(PAUSE_AFTER_MOUNT)
+    if not barrier:
+        return
+    if not Path(barrier).is_fifo():
+        raise ArmCheckError(f"{PAUSE_AFTER_MOUNT}={barrier} is not a FIFO")
+    log(f"mounted; paused until {barrier} is written ({PAUSE_AFTER_MOUNT})")
+    with open(barrier, "rb") as fh:  # blocks until a writer opens it
+        fh.read()
+    log("resumed")
+
+
+def remove_stale_runs(root: Path) -> None:
+    """Per-run directories a killed run left in the rootfs (we hold the lock: no other run is using one)."""
+    for stale in (root / "tmp").glob("edgefleet-arm-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def install_agent(fs: Rootfs, work: Path) -> str:
@@ -196,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if reason is not None:
             print(f"arm_check NOT RUN: {reason}", flush=True)
             return 1 if os.environ.get("EDGEFLEET_ARM_CHECK") == "require" else 0
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for sig in TERMINATING:
         signal.signal(sig, _terminate)
 
     steps = Steps()
@@ -211,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             fs = build(rebuild=args.rebuild)
             info["detail"] = f"built in {fs.build_s:.0f} s" if fs.built_now else f"cached {fs.key}"
             results["rootfs"] = "built" if fs.built_now else "cached"
+        remove_stale_runs(fs.path)
         from tests.support.models import cache_dir as models_cache  # noqa: PLC0415 - numpy: not for --if-possible
 
         models = models_cache()
@@ -220,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             mounted(fs.path, binds={MODELS_IN: models}),
         ):
             work = Path(tmp)
+            pause_after_mount()
             with steps.step("install the agent from this checkout (emulated pip)") as info:
                 info["detail"] = install_agent(fs, work)
             with steps.step("arch + imports (emulated)") as info:

@@ -120,10 +120,35 @@ def unmount_all(root: Path) -> list[str]:
     return mounts_under(root)
 
 
+def private_namespace() -> str | None:
+    """None when this process may mount: it is in a mount namespace of its own (scripts/arm_check starts it
+    under ``unshare --mount --propagation private``, so nothing it mounts can reach the host) whose root is
+    not shared; else why it may not."""
+    if os.environ.get("EDGEFLEET_ARM_NO_NAMESPACE"):
+        return f"cannot make a private mount namespace: {os.environ['EDGEFLEET_ARM_NO_NAMESPACE'].strip()}"
+    host = os.environ.get("EDGEFLEET_ARM_HOST_MNTNS")
+    try:
+        here = os.readlink("/proc/self/ns/mnt")
+        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+            roots = [ln.split(" - ")[0].split()[6:] for ln in fh if ln.split()[4] == "/"]
+        root_fields = roots[-1] if roots else None  # the topmost mount on /
+    except OSError as exc:
+        return f"cannot read this process's mount namespace: {exc}"
+    if not host or host == here:
+        return "not in a private mount namespace (run scripts/arm_check, which makes one with unshare)"
+    if root_fields is None or any(f.startswith("shared:") for f in root_fields):
+        return "the mount namespace's root is shared with the host (expected unshare --propagation private)"
+    return None
+
+
 @contextmanager
 def mounted(root: Path, binds: dict[str, Path] | None = None) -> Iterator[Path]:
     """/proc, /sys, /dev (recursively: /dev/pts, /dev/shm) mounted into ``root``, plus read-only ``binds``
-    (path inside -> host directory); all unmounted on every way out."""
+    (path inside -> host directory); all unmounted on every way out. Only in a private mount namespace:
+    the host never sees these mounts, and they go away with the namespace even if this process is killed."""
+    reason = private_namespace()
+    if reason is not None:
+        raise ArmCheckError(f"refusing to mount into {root}: {reason}")
     try:
         for target, argv in (
             ("proc", ["mount", "-t", "proc", "proc"]),
@@ -184,6 +209,9 @@ def ensure_host_tools(*, install: bool = True) -> None:
     """debootstrap + qemu-user-static + binfmt registration; apt-get installs them when allowed."""
     if os.geteuid() != 0:
         raise ArmCheckError("needs root (debootstrap, mount and chroot)")
+    reason = private_namespace()
+    if reason is not None:  # nothing below may touch the host's mounts
+        raise ArmCheckError(reason)
     missing = [t for t in ("debootstrap", "qemu-aarch64-static", "update-binfmts") if shutil.which(t) is None]
     if missing and install:
         log(f"installing Debian packages for {', '.join(missing)}")
@@ -198,7 +226,7 @@ def ensure_host_tools(*, install: bool = True) -> None:
     if missing:
         raise ArmCheckError(f"missing host tools: {', '.join(missing)}")
     binfmt_root = Path("/proc/sys/fs/binfmt_misc")
-    if not (binfmt_root / "register").exists():
+    if not (binfmt_root / "register").exists():  # a mount in our private namespace: the host never sees it
         argv = ["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt_root)]
         subprocess.run(argv, check=False, capture_output=True)
     if binfmt_ready() is not None:
