@@ -1,0 +1,80 @@
+"""scripts/stress_test: reading scripts/test's output, and the CPU hog's lifetime (it dies with its owner)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from scripts import stress_test
+from scripts.stress_test import Run, parse_output
+
+REPO = Path(__file__).resolve().parents[2]
+
+OUTPUT = """\
+[test] pytest
+tests/unit/test_a.py ....F
+=========================== short test summary info ============================
+SKIPPED [1] tests/faults/test_resources.py:36: NOT RUN: needs root
+FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - AssertionError: exit 0
+ERROR tests/integration/test_x.py::test_y - RuntimeError: broker
+============ 2 failed, 535 passed, 3 skipped, 1 error, 2 warnings in 541.20s (0:09:01) ============
+[test] py310_check (the agent on Python 3.10)
+py310_check: PASSED (Python 3.10.14)
+[test] arm_check (the agent on emulated aarch64)
+arm_check NOT RUN: needs root (debootstrap, mount, chroot); run as root or set EDGEFLEET_ARM_CHECK=0
+"""
+
+
+def test_the_summary_failures_and_both_checks_are_read_from_the_output() -> None:
+    run = Run(1, "abc")
+    parse_output(OUTPUT, run)
+    assert run.counts == {"failed": 2, "passed": 535, "skipped": 3, "errors": 1, "warnings": 2}
+    assert run.failures == [
+        "FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - AssertionError: exit 0",
+        "ERROR tests/integration/test_x.py::test_y - RuntimeError: broker",
+    ]
+    assert run.checks == {
+        "py310_check": "PASSED",
+        "arm_check": "NOT RUN: needs root (debootstrap, mount, chroot); run as root or set EDGEFLEET_ARM_CHECK=0",
+    }
+    quiet = Run(2, "abc")
+    parse_output("..\n2 passed, 530 deselected in 3.10s\n", quiet)
+    assert quiet.counts == {"passed": 2, "deselected": 530} and not quiet.failures
+    table = stress_test.table([run, quiet])
+    assert "535" in table and "run 1: FAILED tests/e2e/test_demo.py" in table
+
+
+def test_arguments_after_the_double_dash_go_to_scripts_test() -> None:
+    args, rest = stress_test.parse_args(["--runs", "2", "--pytest-only", "--", "-k", "test_layering"])
+    assert (args.runs, args.load, args.pytest_only, rest) == (2, 2, True, ["-k", "test_layering"])
+    with pytest.raises(SystemExit):
+        stress_test.parse_args(["--runs", "0"])
+
+
+@pytest.mark.parametrize("hog", ["stress-ng", "python"])
+@pytest.mark.parametrize("how", ["owner SIGKILLed", "owner leaves the block"])
+def test_the_cpu_hog_dies_with_its_owner(how: str, hog: str) -> None:
+    fallback = "s.ensure_stress_ng = lambda: None\n" if hog == "python" else ""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", f"import sys\nimport scripts.stress_test as s\n{fallback}"
+         "with s.cpu_hog(2) as what:\n    print(what, flush=True)\n    sys.stdin.read()\n"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert owner.stdout is not None and owner.stdin is not None
+    what = owner.stdout.readline()
+    assert what.startswith("stress-ng --cpu 2" if hog == "stress-ng" else "2 busy Python"), what
+    processes = psutil.Process(owner.pid).children(recursive=True)  # cpu_hog() has waited for its workers
+    assert len([p for p in processes if p.name() in stress_test.WORKER_NAMES]) == 2, processes
+    if how == "owner SIGKILLed":
+        os.kill(owner.pid, signal.SIGKILL)
+    else:
+        owner.stdin.close()
+    owner.wait(60)
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    assert not alive, f"the hog outlived its owner: {alive}"
