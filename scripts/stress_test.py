@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1
 SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected).*|no tests ran) in [\d.]+s")
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)")
+PHASE = re.compile(r"^\[test\] (\w+) .*?(\d+) s\)?$")  # scripts/test: "[test] mypy (at 31 s)", "[test] done in 640 s"
 VERDICT = re.compile(r"^(py310_check|arm_check)(?:: (PASSED|FAILED)| NOT RUN: (.*))")
 
 
@@ -179,6 +181,7 @@ class Run:
     counts: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     checks: dict[str, str] = field(default_factory=dict)
+    phases_s: dict[str, int] = field(default_factory=dict)  # seconds per scripts/test phase (setup, ruff, ...)
     log: str = ""
 
     @property
@@ -187,7 +190,9 @@ class Run:
 
 
 def parse_output(text: str, run: Run) -> None:
-    """pytest's final summary line and short summary (FAILED/ERROR lines), and the two checks' verdicts."""
+    """pytest's final summary line and short summary (FAILED/ERROR lines), the two checks' verdicts, and how
+    long each phase of scripts/test took."""
+    starts: dict[str, int] = {}
     for line in text.splitlines():
         clean = line.strip()
         match = SUMMARY.match(clean)
@@ -198,9 +203,16 @@ def parse_output(text: str, run: Run) -> None:
                 run.counts[{"error": "errors", "warning": "warnings"}.get(word, word)] = int(n)
         if clean.startswith(("FAILED ", "ERROR ")):
             run.failures.append(clean)
+        phase = PHASE.match(clean)
+        if phase:
+            starts[phase.group(1)] = int(phase.group(2))
         verdict = VERDICT.match(clean)
         if verdict:
             run.checks[verdict.group(1)] = verdict.group(2) or f"NOT RUN: {verdict.group(3)}"
+    if "ruff" in starts:
+        starts = {"setup": 0, **starts}  # "[test] ruff (setup took N s)": setup ran from 0 to N
+        names = list(starts)
+        run.phases_s = {a: starts[b] - starts[a] for a, b in itertools.pairwise(names)}
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace: float = 60) -> None:
@@ -271,6 +283,8 @@ def table(runs: list[Run]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     for r in runs:
+        if r.phases_s:
+            lines.append(f"  run {r.n} phases: " + ", ".join(f"{k} {v} s" for k, v in r.phases_s.items()))
         lines += [f"  run {r.n}: {f}" for f in r.failures]
     return "\n".join(lines)
 

@@ -17,17 +17,21 @@ from scripts.stress_test import Run, parse_output
 REPO = Path(__file__).resolve().parents[2]
 
 OUTPUT = """\
-[test] pytest
+[setup] ready
+[test] ruff (setup took 40 s)
+[test] mypy (at 45 s)
+[test] pytest (at 100 s)
 tests/unit/test_a.py ....F
 =========================== short test summary info ============================
 SKIPPED [1] tests/faults/test_resources.py:36: NOT RUN: needs root
 FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - AssertionError: exit 0
 ERROR tests/integration/test_x.py::test_y - RuntimeError: broker
 ============ 2 failed, 535 passed, 3 skipped, 1 error, 2 warnings in 541.20s (0:09:01) ============
-[test] py310_check (the agent on Python 3.10)
+[test] py310_check (the agent on Python 3.10; at 641 s)
 py310_check: PASSED (Python 3.10.14)
-[test] arm_check (the agent on emulated aarch64)
+[test] arm_check (the agent on emulated aarch64; EDGEFLEET_ARM_CHECK=0 skips, =require fails if impossible; at 700 s)
 arm_check NOT RUN: needs root (debootstrap, mount, chroot); run as root or set EDGEFLEET_ARM_CHECK=0
+[test] done in 701 s
 """
 
 
@@ -43,11 +47,12 @@ def test_the_summary_failures_and_both_checks_are_read_from_the_output() -> None
         "py310_check": "PASSED",
         "arm_check": "NOT RUN: needs root (debootstrap, mount, chroot); run as root or set EDGEFLEET_ARM_CHECK=0",
     }
+    assert run.phases_s == {"setup": 40, "ruff": 5, "mypy": 55, "pytest": 541, "py310_check": 59, "arm_check": 1}
     quiet = Run(2, "abc")
     parse_output("..\n2 passed, 530 deselected in 3.10s\n", quiet)
     assert quiet.counts == {"passed": 2, "deselected": 530} and not quiet.failures
     table = stress_test.table([run, quiet])
-    assert "535" in table and "run 1: FAILED tests/e2e/test_demo.py" in table
+    assert "535" in table and "run 1: FAILED tests/e2e/test_demo.py" in table and "pytest 541 s" in table
 
 
 def test_arguments_after_the_double_dash_go_to_scripts_test() -> None:
