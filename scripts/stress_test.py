@@ -182,6 +182,7 @@ class Run:
     failures: list[str] = field(default_factory=list)
     checks: dict[str, str] = field(default_factory=dict)
     phases_s: dict[str, int] = field(default_factory=dict)  # seconds per scripts/test phase (setup, ruff, ...)
+    loadavg_end: float = 0.0  # the 1-minute load average when the run ended
     log: str = ""
 
     @property
@@ -261,11 +262,16 @@ def one_run(run: Run, base: Path, env: dict[str, str], test_args: list[str]) -> 
                 stop_group(proc)  # only when interrupted: it has exited otherwise
     finally:
         run.duration_s = time.monotonic() - t0
+        run.loadavg_end = os.getloadavg()[0]
         parse_output(log_path.read_text(errors="replace"), run)
         shutil.rmtree(clone, ignore_errors=True)
 
 
 # -- report ------------------------------------------------------------------------------------------------------
+
+
+def verdict(run: Run, check: str) -> str:
+    return run.checks.get(check, "-").split(":")[0]  # PASSED, FAILED or NOT RUN (the reason is in the JSON)
 
 
 def table(runs: list[Run]) -> str:
@@ -276,7 +282,7 @@ def table(runs: list[Run]) -> str:
             (
                 str(r.n), "-" if r.exit_status is None else str(r.exit_status), str(c.get("passed", 0)),
                 str(c.get("failed", 0)), str(c.get("errors", 0)), str(c.get("skipped", 0)),
-                r.checks.get("py310_check", "-")[:24], r.checks.get("arm_check", "-")[:24],
+                verdict(r, "py310_check"), verdict(r, "arm_check"),
                 f"{r.duration_s / 60:.1f} min",
             )
         )  # fmt: skip
@@ -359,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = Run(n, commit)
                 runs.append(run)
                 one_run(run, base, env, test_args)
-                log(f"run {n}: exit {run.exit_status}, {run.summary or 'no pytest summary'}, {run.duration_s:.0f} s")
+                summary = run.summary or "no pytest summary"
+                log(f"run {n}: exit {run.exit_status}, {summary}, {run.duration_s:.0f} s, load {run.loadavg_end:.1f}")
     except Interrupted as exc:
         interrupted = exc
         log(f"interrupted ({exc})")
