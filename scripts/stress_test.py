@@ -70,6 +70,62 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+# -- the guardian: stops what we started when we die, however we die ---------------------------------------------
+
+
+def guard(stdin: Iterator[str], grace: float = 60) -> int:
+    """``stress_test.py --guard``: reads ``+PGID`` / ``-PGID`` lines (process groups to stop / no longer to stop)
+    until EOF, which comes when the script has exited, SIGKILL included (the pipe's last writer is gone).
+    Then it sends SIGINT to every group still listed (pytest tears its fixtures down), and SIGKILL to those
+    still alive after ``grace`` seconds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the script's to handle; we act on EOF
+    groups: set[int] = set()
+    for line in stdin:
+        sign, pgid = line[:1], int(line[1:])
+        (groups.add if sign == "+" else groups.discard)(pgid)
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace
+        while groups and time.monotonic() < deadline:
+            groups = {g for g in groups if _group_alive(g)}
+            time.sleep(0.2)  # polls observable state: does any process of the group remain?
+    return 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Guardian:
+    """The guardian process (its own session: a SIGKILL to our process group does not reach it)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--guard"],
+            stdin=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def watch(self, pgid: int, *, on: bool = True) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{'+' if on else '-'}{pgid}\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 # -- the CPU hog -------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +195,7 @@ def busy_workers(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def cpu_hog(workers: int) -> Iterator[str]:
+def cpu_hog(workers: int, guardian: Guardian | None = None) -> Iterator[str]:
     """The hog running ``workers`` busy processes (it waits until they exist) until the block ends."""
     if workers <= 0:
         yield "none"
@@ -152,6 +208,8 @@ def cpu_hog(workers: int) -> Iterator[str]:
         start_new_session=True,
         preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads here
     )
+    if guardian is not None:
+        guardian.watch(proc.pid)
     try:
         deadline = time.monotonic() + 60
         while busy_workers(proc.pid) < workers:
@@ -164,6 +222,8 @@ def cpu_hog(workers: int) -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if guardian is not None:
+            guardian.watch(proc.pid, on=False)
         log("CPU hog stopped")
 
 
@@ -230,7 +290,7 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 60) -> None:
         proc.wait()
 
 
-def one_run(run: Run, base: Path, env: dict[str, str], test_args: list[str]) -> None:
+def one_run(run: Run, base: Path, env: dict[str, str], test_args: list[str], guardian: Guardian) -> None:
     clone = base / f"clone-{run.n}"
     log_path = base / f"run-{run.n}.log"
     run.log = str(log_path)
@@ -254,12 +314,13 @@ def one_run(run: Run, base: Path, env: dict[str, str], test_args: list[str]) -> 
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop_group() stops all of it
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads here
             )
+            guardian.watch(proc.pid)  # if we die, the guardian stops this run's process group
             try:
                 run.exit_status = proc.wait()
             finally:
                 stop_group(proc)  # only when interrupted: it has exited otherwise
+                guardian.watch(proc.pid, on=False)
     finally:
         run.duration_s = time.monotonic() - t0
         run.loadavg_end = os.getloadavg()[0]
@@ -338,7 +399,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, test_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--guard"]:
+        return guard(sys.stdin)
+    args, test_args = parse_args(argv)
     commit = resolve_commit(args.commit)
     dirty = subprocess.run(
         ["git", "-C", str(REPO), "status", "--porcelain", "-uno"], capture_output=True, text=True, check=False
@@ -359,18 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="edgefleet-stress-"))
     log(f"commit {commit[:12]}, {args.runs} runs, logs in {base}")
     hog = "none"
+    guardian = Guardian()
     try:
-        with cpu_hog(args.load) as hog:
+        with cpu_hog(args.load, guardian) as hog:
             for n in range(1, args.runs + 1):
                 run = Run(n, commit)
                 runs.append(run)
-                one_run(run, base, env, test_args)
+                one_run(run, base, env, test_args, guardian)
                 summary = run.summary or "no pytest summary"
                 log(f"run {n}: exit {run.exit_status}, {summary}, {run.duration_s:.0f} s, load {run.loadavg_end:.1f}")
     except Interrupted as exc:
         interrupted = exc
         log(f"interrupted ({exc})")
     finally:
+        guardian.close()
         for signum, old in handlers.items():
             signal.signal(signum, old)
     print(table(runs), flush=True)

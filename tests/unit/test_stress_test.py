@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,3 +84,27 @@ def test_the_cpu_hog_dies_with_its_owner(how: str, hog: str) -> None:
     owner.wait(60)
     _, alive = psutil.wait_procs(processes, timeout=60)
     assert not alive, f"the hog outlived its owner: {alive}"
+
+
+def test_the_guardian_stops_the_watched_process_groups_when_the_script_is_sigkilled() -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys\nimport scripts.stress_test as s\ng = s.Guardian()\n"
+         "run = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+         "done = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+         "g.watch(run.pid); g.watch(done.pid); g.watch(done.pid, on=False)\n"
+         "print(run.pid, done.pid, g.proc.pid, flush=True)\nsys.stdin.read()\n"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    run_pid, done_pid, guardian_pid = (int(x) for x in owner.stdout.readline().split())
+    watched, unwatched, guardian = psutil.Process(run_pid), psutil.Process(done_pid), psutil.Process(guardian_pid)
+    try:
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(60)
+        _, alive = psutil.wait_procs([watched, guardian], timeout=60)
+        assert not alive, f"still running after the script was SIGKILLed: {alive}"
+        assert unwatched.is_running(), "a group taken off the list is left alone"
+    finally:
+        for p in (watched, unwatched):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
