@@ -75,14 +75,19 @@ def die_with_parent() -> None:
 
 def guard(stdin: Iterator[str], grace: float = 60) -> int:
     """``stress_test.py --guard``: reads ``+PGID`` / ``-PGID`` lines (process groups to stop / no longer to stop)
-    until EOF, which comes when the script has exited, SIGKILL included (the pipe's last writer is gone).
-    Then it sends SIGINT to every group still listed (pytest tears its fixtures down), and SIGKILL to those
-    still alive after ``grace`` seconds."""
+    and ``+/PATH`` / ``-/PATH`` (directories to remove / keep) until EOF, which comes when the script has
+    exited, SIGKILL included (the pipe's last writer is gone). Then it sends SIGINT to every group still
+    listed (pytest tears its fixtures down), SIGKILL to those still alive after ``grace`` seconds, and removes
+    the directories still listed (the clone of an interrupted run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the script's to handle; we act on EOF
     groups: set[int] = set()
+    paths: set[str] = set()
     for line in stdin:
-        sign, pgid = line[:1], int(line[1:])
-        (groups.add if sign == "+" else groups.discard)(pgid)
+        sign, item = line[:1], line[1:].rstrip("\n")
+        if item.startswith("/"):
+            (paths.add if sign == "+" else paths.discard)(item)
+        else:
+            (groups.add if sign == "+" else groups.discard)(int(item))
     for sig in (signal.SIGINT, signal.SIGKILL):
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -91,6 +96,8 @@ def guard(stdin: Iterator[str], grace: float = 60) -> int:
         while groups and time.monotonic() < deadline:
             groups = {g for g in groups if _group_alive(g)}
             time.sleep(0.2)  # polls observable state: does any process of the group remain?
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
     return 0
 
 
@@ -115,9 +122,10 @@ class Guardian:
             start_new_session=True,
         )
 
-    def watch(self, pgid: int, *, on: bool = True) -> None:
+    def watch(self, item: int | Path, *, on: bool = True) -> None:
+        """A process group to stop, or a directory to remove, if we die (``on=False``: no longer)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{'+' if on else '-'}{pgid}\n")
+        self.proc.stdin.write(f"{'+' if on else '-'}{item if isinstance(item, int) else item.resolve()}\n")
         self.proc.stdin.flush()
 
     def close(self) -> None:
@@ -295,6 +303,7 @@ def one_run(run: Run, base: Path, env: dict[str, str], test_args: list[str], gua
     log_path = base / f"run-{run.n}.log"
     run.log = str(log_path)
     t0 = time.monotonic()
+    guardian.watch(clone)
     subprocess.run(["git", "clone", "-q", "--no-checkout", str(REPO), str(clone)], check=True)
     if subprocess.run(
         ["git", "-C", str(clone), "cat-file", "-e", run.commit], capture_output=True, check=False
@@ -326,6 +335,7 @@ def one_run(run: Run, base: Path, env: dict[str, str], test_args: list[str], gua
         run.loadavg_end = os.getloadavg()[0]
         parse_output(log_path.read_text(errors="replace"), run)
         shutil.rmtree(clone, ignore_errors=True)
+        guardian.watch(clone, on=False)
 
 
 # -- report ------------------------------------------------------------------------------------------------------

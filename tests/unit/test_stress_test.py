@@ -86,12 +86,16 @@ def test_the_cpu_hog_dies_with_its_owner(how: str, hog: str) -> None:
     assert not alive, f"the hog outlived its owner: {alive}"
 
 
-def test_the_guardian_stops_the_watched_process_groups_when_the_script_is_sigkilled() -> None:
+def test_the_guardian_stops_the_watched_process_groups_when_the_script_is_sigkilled(tmp_path: Path) -> None:
+    (tmp_path / "clone" / "sub").mkdir(parents=True)
+    (tmp_path / "logs").mkdir()
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys\nimport scripts.stress_test as s\ng = s.Guardian()\n"
+        [sys.executable, "-c", "import subprocess, sys\nfrom pathlib import Path\nimport scripts.stress_test as s\n"
+         "g = s.Guardian()\n"
          "run = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
          "done = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
          "g.watch(run.pid); g.watch(done.pid); g.watch(done.pid, on=False)\n"
+         f"g.watch(Path({str(tmp_path / 'clone')!r})); g.watch(Path({str(tmp_path / 'logs')!r}), on=False)\n"
          "print(run.pid, done.pid, g.proc.pid, flush=True)\nsys.stdin.read()\n"],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -104,6 +108,8 @@ def test_the_guardian_stops_the_watched_process_groups_when_the_script_is_sigkil
         _, alive = psutil.wait_procs([watched, guardian], timeout=60)
         assert not alive, f"still running after the script was SIGKILLed: {alive}"
         assert unwatched.is_running(), "a group taken off the list is left alone"
+        assert not (tmp_path / "clone").exists(), "the watched directory is removed"
+        assert (tmp_path / "logs").is_dir(), "a directory taken off the list is kept"
     finally:
         for p in (watched, unwatched):
             with contextlib.suppress(psutil.NoSuchProcess):
