@@ -75,3 +75,18 @@ def test_if_possible_says_why_it_does_not_run(
     monkeypatch.setenv("EDGEFLEET_ARM_CHECK", "require")
     assert check.main(["--if-possible"]) == 1, "require: not being able to run is a failure"
     assert "NOT RUN: needs root" in capsys.readouterr().out
+
+
+def test_nothing_is_mounted_outside_a_private_mount_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGEFLEET_ARM_HOST_MNTNS", raising=False)
+    monkeypatch.delenv("EDGEFLEET_ARM_NO_NAMESPACE", raising=False)
+    assert "not in a private mount namespace" in (rootfs.private_namespace() or "")
+    monkeypatch.setenv("EDGEFLEET_ARM_HOST_MNTNS", rootfs.os.readlink("/proc/self/ns/mnt"))
+    assert "not in a private mount namespace" in (rootfs.private_namespace() or ""), "still the host's namespace"
+    monkeypatch.setenv("EDGEFLEET_ARM_NO_NAMESPACE", "unshare: Operation not permitted")
+    assert rootfs.private_namespace() == "cannot make a private mount namespace: unshare: Operation not permitted"
+    ran: list[list[str]] = []
+    monkeypatch.setattr(rootfs, "run", lambda argv, **kw: ran.append(argv) or "")
+    with pytest.raises(rootfs.ArmCheckError, match="refusing to mount"), rootfs.mounted(tmp_path):
+        pass
+    assert ran == [] and not (tmp_path / "proc").exists(), "nothing was attempted"
