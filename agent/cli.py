@@ -235,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
+        faults.HOOK.release()
         agent.stop()
 
     signal.signal(signal.SIGTERM, on_signal)

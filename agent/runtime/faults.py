@@ -6,7 +6,8 @@ however busy. A timed kill cannot promise it; this hook can. It is read once, wh
 
     EDGEFLEET_FAULT_AT=<point>[#N]   the point, and which occurrence of it (default: the first)
     EDGEFLEET_FAULT_WAIT=<path>      optional: instead of dying there, create ``<path>.reached``
-                                     and block until ``<path>`` exists (a barrier), then go on
+                                     and block until ``<path>`` exists (a barrier) or the agent is
+                                     asked to stop (SIGTERM, SIGINT), then go on
 
 Without ``EDGEFLEET_FAULT_WAIT`` the agent SIGKILLs itself at the point (nothing flushed, as a
 power cut or the OOM killer would). Points (docs/faults.md lists them with what is on disk):
@@ -32,7 +33,6 @@ import os
 import re
 import signal
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,7 @@ class FaultHook:
         self.armed: FaultPoint | None = None
         self._seen = 0
         self._lock = threading.Lock()
+        self._released = threading.Event()
 
     def arm(self, point: FaultPoint | None) -> None:
         self.armed, self._seen = point, 0
@@ -92,9 +93,13 @@ class FaultHook:
             os.kill(os.getpid(), signal.SIGKILL)
             return
         Path(f"{spec.barrier}.reached").touch()
-        while not spec.barrier.exists():
-            time.sleep(0.01)
+        while not spec.barrier.exists() and not self._released.wait(0.01):
+            pass
         log.warning("fault barrier released: %s", point)
+
+    def release(self) -> None:
+        """Let a waiting barrier go (the agent was asked to stop: SIGTERM/SIGINT must not hang on a test hook)."""
+        self._released.set()
 
 
 HOOK = FaultHook()

@@ -65,6 +65,16 @@ def test_the_nth_occurrence_opens_a_barrier(tmp_path: Path) -> None:
     hook.reach("journal:warming")  # the third: passes
 
 
+def test_a_stop_releases_the_barrier(tmp_path: Path) -> None:
+    hook = FaultHook()
+    hook.arm(parse("switched", str(tmp_path / "never")))
+    waiter = threading.Thread(target=hook.reach, args=("switched",))
+    waiter.start()
+    hook.release()  # what the agent's SIGTERM/SIGINT handler does
+    waiter.join(10)
+    assert not waiter.is_alive()
+
+
 def test_kill_action_is_sigkill(tmp_path: Path) -> None:
     code = (
         "from agent.runtime import faults\n"
