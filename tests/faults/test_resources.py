@@ -189,14 +189,20 @@ def test_api_flood_during_swap(
     threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
     for t in threads:
         t.start()
+    def answered(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while sum(statuses.values()) < n:
+            assert time.monotonic() < deadline, f"the flood got only {dict(statuses)}"
+            time.sleep(0.01)
+
     try:
-        time.sleep(0.5)
+        answered(50)  # the flood is on before the update starts
         mark = fleet.event_count(agent.device_id)
         fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
                      health=models.health(probation_s=1.0, latency_budget_ms=500.0), chunk_size=8192)
         done = fleet.wait_event(agent.device_id, lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back",
                                                                       "lifecycle.failed"), after=mark, timeout=120)
-        time.sleep(0.5)
+        answered(sum(statuses.values()) + 50)  # ... and still on after it ended
     finally:
         stop.set()
         for t in threads:
