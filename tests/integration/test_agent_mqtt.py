@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +118,7 @@ def test_desired_state_published_while_offline_is_applied_on_connect(
     agent = agent_factory(start=False)
     fleet.deploy(
         agent.device_id, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX, health=models.health()
-    )
-    time.sleep(0.2)
+    )  # retained, and acknowledged by the broker before deploy() returns
     agent.start()
     fleet.wait_state(
         agent.device_id, lambda s: s.lifecycle == "idle" and s.active is not None and s.active.version == 1
