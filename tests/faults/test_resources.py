@@ -40,18 +40,19 @@ def test_disk_full_during_download(
         })
         agent.store_dir = mount / "store"
         deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
-        fleet.chunk_delay_s = 0.02
+        held = fleet.chunk_limit = fleet.chunks_sent + 20  # the transfer holds after 20 chunks (of ~140)
         mark = fleet.event_count(agent.device_id)
         fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
                      health=models.health(probation_s=0.3), chunk_size=1024)
-        fleet.wait_event(agent.device_id, "download.progress", after=mark)
+        fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
+        fleet.wait_event(agent.device_id, "download.started", after=mark)
         filler = mount / "filler"
         with filler.open("wb") as f, contextlib.suppress(OSError):
             while True:  # take every free block: the next chunk write hits ENOSPC for real
                 f.write(b"\0" * 65536)
                 f.flush()
+        fleet.chunk_limit = None  # the rest of the stream: the next chunk write hits ENOSPC
         failed = fleet.wait_event(agent.device_id, "lifecycle.failed", after=mark, timeout=60)
-        fleet.chunk_delay_s = 0.0
         assert failed.code == "disk_full", f"{failed.code}: {failed.message}"
         assert "space" in failed.message.lower() or "full" in failed.message.lower(), failed.message
         assert agent.running

@@ -70,7 +70,7 @@ def test_broker_restart_mid_download_resumes(
     try:
         agent.start()
         deploy_and_commit(fleet, agent, models, 1)
-        fleet.chunk_delay_s = 0.02
+        fleet.chunk_limit = fleet.chunks_sent + 20  # the stream holds after 20 chunks: the broker dies mid-transfer
         mark = fleet.event_count(agent.device_id)
         fleet.deploy(
             agent.device_id,
@@ -80,9 +80,10 @@ def test_broker_restart_mid_download_resumes(
             health=models.health(),
             chunk_size=2048,
         )
-        fleet.wait_event(agent.device_id, "download.progress", after=mark)
+        held = fleet.chunk_limit
+        fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
         fresh_broker.restart(kill=True)  # the broker dies mid-transfer and comes back (persistence on)
-        fleet.chunk_delay_s = 0.0
+        fleet.chunk_limit = None  # the agent's next request is served in full
         done = fleet.wait_event(
             agent.device_id, lambda e: e.kind in ("lifecycle.committed", "lifecycle.failed"), after=mark, timeout=60
         )
