@@ -30,6 +30,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import ConfigError, EdgeError
+from agent.runtime import faults
 from agent.runtime.agent import Agent
 from agent.runtime.config import AgentConfig, BrokerConfig, HttpConfig, KeysConfig, load_config, render_config
 from agent.runtime.fsutil import atomic_write
@@ -225,6 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     configure_logging(config.log.format, config.log.level)
+    faults.arm_from_env()  # a test/fault hook: off unless EDGEFLEET_FAULT_AT is set (docs/faults.md)
     device_key = load_device_key(config.keys.device_key)
     trust = load_trust_anchor(config.keys.server_keys)
     host = _make_host(config)
@@ -233,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
+        faults.HOOK.release()
         agent.stop()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -11,7 +11,9 @@ the fleet, ask each device's local inference API for an answer, roll back, confi
     scripts/demo.py [--quick] [--broker auto|mosquitto|amqtt] [--keep]
 
 Every process it starts runs in its own process group; all of them are stopped when the story ends,
-when a step fails, and on Ctrl-C or SIGTERM. Exit status: 0 when every check of the story held.
+when a step fails, and on Ctrl-C, SIGINT, SIGTERM or SIGHUP (exit status 130 or 143, "interrupted").
+Exit status: 0 when every check of the story held. A test hook: ``EDGEFLEET_DEMO_PAUSE_AT_STEP=N`` with
+``EDGEFLEET_DEMO_BARRIER=PATH`` pauses at the start of step N (creating ``PATH.reached``) until PATH exists.
 """
 
 from __future__ import annotations
@@ -171,6 +173,16 @@ def alive(pid: int) -> bool:
     return True
 
 
+def pause_for_test(step: int) -> None:
+    """The test hook in the module docstring: hold step ``step`` on a barrier file (deterministic Ctrl-C tests)."""
+    barrier = os.environ.get("EDGEFLEET_DEMO_BARRIER")
+    if not barrier or os.environ.get("EDGEFLEET_DEMO_PAUSE_AT_STEP") != str(step):
+        return
+    Path(f"{barrier}.reached").touch()
+    while not Path(barrier).exists():
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     from server.broker import free_port as _free  # noqa: PLC0415
 
@@ -248,6 +260,7 @@ class Demo:
         console.rule(f"[bold]Step {self.step_no}/{STEPS}: {title}", align="left")
         console.print(f"[italic dim]why: {why}[/]")
         start = time.monotonic()
+        pause_for_test(self.step_no)
         yield
         self.procs.check()
         elapsed = time.monotonic() - start
@@ -741,8 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # SIGINT too, explicitly: started in the background of a script (as scripts/demo starts it), a process
+    # inherits SIGINT *ignored*, and so would the operator commands it runs; a handler resets that for them
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     # our own process group: the operator commands we run join it, so scripts/demo can kill it whole
     # (with the agents', server's and broker's groups) even if this process dies without cleaning up
     with contextlib.suppress(OSError):
@@ -770,6 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as exc:
         console.print(f"\n[bold red]the demo stopped at step {demo.step_no}:[/] {exc}")
     except (KeyboardInterrupt, Interrupted) as exc:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         console.print(f"\n[yellow]interrupted ({exc or 'Ctrl-C'}) at step {demo.step_no}; stopping everything[/]")
         rc = 130
     finally:

@@ -57,4 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.home is None:
         args.home = default_home()
-    return int(handler(args))
+    try:
+        return int(handler(args))
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: one line, no traceback
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130

@@ -119,6 +119,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.messages import Event as WireEvent
 from agent.protocol.topics import Channel, device_down_filter, device_topic, parse_topic
+from agent.runtime import faults
 from agent.runtime.config import AgentConfig
 from agent.runtime.keys import public_key_b64
 from agent.runtime.mqtt import Connected, Disconnected, Message, MqttLink
@@ -189,6 +190,9 @@ def _write_snapshot(partial: PartialDownload, blob: bytes) -> None:
         partial.write_snapshot(blob)  # fsyncs the chunk data first
     except StorageError as exc:
         log.warning("cannot save the resume snapshot: %s", exc.message)
+        return
+    if faults.HOOK.armed is not None:
+        faults.HOOK.reach("download:snapshot")
 
 
 class _Stop:
@@ -508,6 +512,8 @@ class Agent:
         self._save_seq_floor(record.last_seq)  # before the journal: the backup is never behind it
         try:
             self.store.write_journal(record)
+            if faults.HOOK.armed is not None:
+                faults.HOOK.reach(f"journal:{record.state.value}")
         except StorageError as exc:
             # Nothing sensible is left to do but say so: serving continues; the next transition retries.
             log.critical("cannot write the journal: %s", exc.message)
@@ -709,6 +715,8 @@ class Agent:
             return
         if added is Added.DUPLICATE:
             return
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach(f"download:chunk:{d.reassembly.progress().received}")
         now = self.monotonic()
         d.last_new_at = now
         d.timeout = self.config.transfer.chunk_timeout_s
@@ -940,6 +948,8 @@ class Agent:
         self._standby = previous
         self._probation_since = self.host.now()
         log.info("switched", extra={"fields": {"model": _ref_text(target), "previous": _ref_text(_ref(previous))}})
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach("switched")
         return None
 
     def _sample_probation(self) -> None:
@@ -947,12 +957,16 @@ class Agent:
         if self.machine.state is not State.PROBATION or target is None or self._probation_since is None:
             self._probation_next = None
             return
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach("probation:sample")
         stats = self.host.stats(since=self._probation_since, version=target.version, name=target.name)
         self._feed(Sample(self.clock(), _window(stats)))
 
     def _commit(self, target: ModelRef) -> None:
         self._probation_next = None
         self._candidate = None
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach("commit")
         try:
             self.store.commit(target)
         except StorageError as exc:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from agent.errors import DiskFullError, StorageError
+from agent.runtime import faults
 
 TMP_MARKER = ".tmp-"
 
@@ -45,6 +46,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach("write:tmp")
         tmp.replace(path)
         fsync_dir(path.parent)
     except OSError as exc:

@@ -526,8 +526,11 @@ class ModelStore:
                     _remove_tree(directory)
                     removed.append(str(directory.relative_to(self.root)))
         live_target = record.target if record.state in (State.STAGED, State.WARMING, State.PROBATION) else None
+        # A crash between the journal's commit and the store's can leave the committed version marked staged:
+        # the journal wins (the agent serves it and then fixes the store), so it must not be swept here.
+        spared = {live_target, record.committed}
         for version in self.versions():
-            if not version.committed and version.ref != live_target and not self._is_current(version.directory):
+            if not version.committed and version.ref not in spared and not self._is_current(version.directory):
                 _remove_tree(version.directory)
                 removed.append(str(version.directory.relative_to(self.root)))
         return removed

@@ -61,6 +61,7 @@ def _run(fn: Handler) -> Handler:
             err_console.print(f"[bold red]error[/]: {exc.message}", highlight=False)
             return 1
         except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)  # Ctrl-C: one line, no traceback
             return 130
 
     return wrapper

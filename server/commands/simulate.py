@@ -263,9 +263,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     fleet = SimFleet(ids, broker=target, trust=trust, settings=settings, seed=args.seed, loops=args.loops)
     stop = threading.Event()
     previous = {}
+    signals: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():  # Ctrl-C / SIGTERM: stop cleanly (offline reports)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            previous[sig] = signal.signal(sig, on_signal)
     started = time.monotonic()
     reached: float | None = None
     code = 0
@@ -299,7 +305,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         fleet.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if args.until is not None:
+    if signals:  # stopped by Ctrl-C or SIGTERM: one line, and the shell's exit status for that signal
+        err_console.print(f"interrupted ({signal.Signals(signals[0]).name}): {snap.devices} simulated device(s) "
+                          "stopped", highlight=False)
+        code = 128 + signals[0]
+    elif args.until is not None:
         if reached is not None:
             console.print(f"all {snap.devices} devices run {args.until.name} v{args.until.version} committed "
                           f"after {reached:.1f}s")

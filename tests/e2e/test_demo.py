@@ -3,7 +3,8 @@
 Real processes throughout: a broker, ``edgefleet server run``, three ``edgefleet-agent run`` processes,
 and the operator's ``edgefleet`` commands. The test reads the summary the demo prints, and then looks at
 every process on the machine for anything that still names the demo's directory: nothing may be left
-running, neither after a clean finish nor after Ctrl-C in the middle.
+running, neither after a clean finish nor after Ctrl-C in the middle. Ctrl-C lands at points held by
+barriers (the demo's step hook, the agents' fault hook), never after a guessed delay.
 
 ``EDGEFLEET_SKIP_SETUP=1`` in the environment skips ``scripts/setup`` (a machine where it already ran);
 CI runs the full entry point.
@@ -109,22 +110,62 @@ def test_demo_on_the_embedded_amqtt_broker() -> None:
     assert _reap(_demo_dir(output)) == []
 
 
-def test_ctrl_c_in_the_middle_stops_every_process(tmp_path: Path) -> None:
+def _start_demo(tmp_path: Path, env: dict[str, str], *, sigint_ignored: bool = False) -> tuple[subprocess.Popen[bytes],
+                                                                                               Path]:
+    """``scripts/demo --quick`` in its own session (a terminal's foreground group), output in a log file.
+
+    ``sigint_ignored``: start it as a background job of a script would be, with SIGINT ignored.
+    """
     log_path = tmp_path / "demo.log"
+    argv = [str(DEMO), "--quick"]
+    if sigint_ignored:  # a shell that ignores SIGINT and execs the demo: the disposition survives the exec
+        argv = ["bash", "-c", 'trap "" INT; exec "$0" "$@"', *argv]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(DEMO), "--quick"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**_env(), **env}, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    return proc, log_path
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 400.0) -> None:
+    """Poll for ``path`` (a barrier's ``.reached`` file); fail at once if the demo ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, f"no {path.name}:\n{log_path.read_text(errors='replace')[-3000:]}"
+        time.sleep(0.1)
+
+
+#: where Ctrl-C lands: (environment that pauses the demo there, a command line that must be running then)
+#: step 5 pauses the demo's own code (its hook); the others hold every agent at a journal point with the
+#: agents' fault hook, so the operator command that waits on them cannot finish
+CTRL_C_POINTS = {
+    "in-a-step": ({"EDGEFLEET_DEMO_PAUSE_AT_STEP": "5", "EDGEFLEET_DEMO_BARRIER": "{barrier}"}, None),
+    "during-deploy-watch": ({"EDGEFLEET_FAULT_AT": "journal:probation", "EDGEFLEET_FAULT_WAIT": "{barrier}"},
+                            "deploy digits:1"),
+    "during-rollback": ({"EDGEFLEET_FAULT_AT": "journal:rolling_back", "EDGEFLEET_FAULT_WAIT": "{barrier}"},
+                        "rollback --to group:demo"),
+}
+
+
+@pytest.mark.parametrize("point", list(CTRL_C_POINTS))
+def test_ctrl_c_stops_every_process(point: str, tmp_path: Path) -> None:
+    """SIGINT to the demo's process group (what Ctrl-C does) at a point held by a barrier, never a delay.
+
+    The first case starts the demo with SIGINT ignored, as a background job of a script is: the wrapper's
+    trap could not catch it then, and the demo ran on to "demo finished" and exit 0 (the bug this found).
+    """
+    barrier = tmp_path / "barrier"  # never created: the demo (or its agents) wait at the point until stopped
+    template, command = CTRL_C_POINTS[point]
+    env = {k: v.format(barrier=barrier) for k, v in template.items()}
+    proc, log_path = _start_demo(tmp_path, env, sigint_ignored=point == "in-a-step")
     work, reached = "", False
     try:
-        deadline = time.monotonic() + 300
-        # once the agents run, every kind of child (broker, server, agents) exists
-        while "Step 5/14" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "the demo did not reach step 5"
-            time.sleep(0.2)
-        output = log_path.read_text(errors="replace")
-        work = _demo_dir(output)
-        assert len(_processes_naming(work)) >= 5  # broker, server, three agents (+ possibly a CLI call)
+        _wait_for_file(Path(f"{barrier}.reached"), proc, log_path)
+        work = _demo_dir(log_path.read_text(errors="replace"))
+        running = _processes_naming(work)
+        assert len(running) >= 5, running  # broker, server, three agents (+ the operator command)
+        if command is not None:
+            assert any(command in cmd for _, cmd in running), f"`edgefleet {command}` is not running: {running}"
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         rc = proc.wait(60)
         reached = True
@@ -137,27 +178,23 @@ def test_ctrl_c_in_the_middle_stops_every_process(tmp_path: Path) -> None:
     output = log_path.read_text(errors="replace")
     assert rc == 130, output[-4000:]
     assert "interrupted" in output
+    assert "demo finished" not in output
     assert _reap(work) == []
     shutil.rmtree(work, ignore_errors=True)  # kept by the demo for inspection after a failure
 
 
 def test_driver_killed_with_sigkill_the_wrapper_still_stops_every_process(tmp_path: Path) -> None:
     """scripts/demo kills the process groups the driver recorded, even when the driver could not clean up."""
-    log_path = tmp_path / "demo.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(DEMO), "--quick"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    barrier = tmp_path / "barrier"  # the agents hold at probation: `edgefleet deploy --watch` keeps waiting
+    proc, log_path = _start_demo(tmp_path, {"EDGEFLEET_FAULT_AT": "journal:probation",
+                                            "EDGEFLEET_FAULT_WAIT": str(barrier)})
     work, reached = "", False
     try:
-        deadline = time.monotonic() + 400
-        # the moment `edgefleet deploy ... --watch` runs: an operator command that would outlive the driver
-        while "$ edgefleet deploy digits:1" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "the demo did not reach the first deploy"
-            time.sleep(0.2)
+        _wait_for_file(Path(f"{barrier}.reached"), proc, log_path)
         work = _demo_dir(log_path.read_text(errors="replace"))
-        time.sleep(0.5)
-        assert len(_processes_naming(work)) >= 6  # broker, server, three agents, the deploy command
+        running = _processes_naming(work)
+        # broker, server, three agents, the deploy command: an operator command that would outlive the driver
+        assert len(running) >= 6 and any("deploy digits:1" in cmd for _, cmd in running), running
         drivers = [pid for pid, cmd in _processes_naming("scripts/demo.py") if _parent(pid) == proc.pid]
         assert len(drivers) == 1
         os.kill(drivers[0], signal.SIGKILL)  # no finally, no atexit: only the wrapper's trap is left

@@ -22,6 +22,7 @@ online-first, then by id, so the canary is e2e-a-0.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.protocol.topics import Channel, device_topic
 from agent.runtime.keys import public_key_b64
 from server.broker import MosquittoBroker
 from server.builds import Build
@@ -41,6 +43,7 @@ from tests.support import agent_models, badmodels
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import AgentProcess
 from tests.support.models import real_model
+from tests.support.mqtt import MqttTestClient
 from tests.support.server_process import ServerProcess
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
@@ -102,6 +105,22 @@ class Fleet:
         ids = ids or list(self.agents)
         wait(lambda: all(self.committed(i) == ("digits", version) for i in ids), timeout,
              lambda: f"not all on v{version}: {[(i, self.committed(i)) for i in ids]}")
+
+
+def retained_desired(broker: MosquittoBroker, device_id: str) -> tuple[str, int] | None:
+    """(action, version) of the signed desired state retained for ``device_id`` on the broker (None: none)."""
+    client = MqttTestClient(broker.host, broker.port)
+    try:
+        client.subscribe(device_topic(device_id, Channel.DESIRED))  # the retained message comes with the SUBACK
+        client.subscribe("test/e2e-probe")
+        client.publish("test/e2e-probe", b"sentinel")  # ... so it arrives before this
+        retained = [m for m in client.before(b"sentinel") if m.retain and m.payload]
+    finally:
+        client.close()
+    if not retained:
+        return None
+    payload = json.loads(base64.b64decode(json.loads(retained[-1].payload)["payload"]))
+    return payload["action"], int(payload["model"]["version"])
 
 
 def wait(condition: Callable[[], bool], timeout: float, describe: Callable[[], str]) -> None:
@@ -214,7 +233,8 @@ def test_server_killed_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> No
         fleet.deploy(3, canary_percent=50)
     first_pid = fleet.server.proc.pid if fleet.server.proc else None
     fleet.server.kill()  # kill -9: its rollout lease stays held until it expires
-    time.sleep(1.0)  # devices go on without it; their events wait in the broker (persistent session)
+    # devices go on without it: the canary on probation commits; its events wait in the broker (persistent session)
+    fleet.wait_committed(3, [r["device_id"] for r in before["devices"] if r["state"] == "probation"], timeout=60)
     fleet.server.start()
     assert fleet.server.proc is not None and fleet.server.proc.pid != first_pid
     detail = fleet.wait_deployment(dep_id, ("completed",), timeout=180)
@@ -253,10 +273,10 @@ def test_bad_version_halts_the_rollout_and_rolls_the_fleet_back(fleet: Fleet) ->
     canary_events = fleet.call("events", query={"device": "e2e-a-0", "kind": "command.result"})["events"]
     assert any(e["data"].get("ok") is True for e in canary_events)
     # v4 is not what the group converges to any more: a restarted device is not handed it again
+    assert retained_desired(fleet.broker, "e2e-a-1") != ("deploy", 4)  # what a (re)connecting device is handed
     fleet.agents["e2e-a-1"].stop()
     fleet.agents["e2e-a-1"].start()
     fleet.wait_online("e2e-a-1")
-    time.sleep(1.0)
     assert fleet.committed("e2e-a-1") == ("digits", 3)
 
 

@@ -1,17 +1,20 @@
-"""kill -9 at randomized points of an update, power-loss leftovers, and kill -9 of the server mid-rollout.
+"""kill -9 at named points of an update, power-loss leftovers, and kill -9 of the server mid-rollout.
 
-Agent crashes: each trial picks a phase (download, verification, staging, warm-up, switch,
-probation) and a delay with a seeded RNG, deploys the next version, waits for the agent's journal
-to enter that phase, sleeps the delay and sends SIGKILL. It then restarts the agent and checks
-that the first StateReport serves the version the journal called committed at death, that the
-agent settles serving a committed version (the old one, or the new one when the kill fell after
-the commit or the resumed update finished), that real digits are classified over the local API,
-and that no committed version disappeared from the store. The default suite runs 10 trials;
+Agent crashes: each trial picks a named kill point (seeded order; the first pass covers every point
+in ``KILL_POINTS``) and arms the agent's fault hook with it (``EDGEFLEET_FAULT_AT``,
+agent/runtime/faults.py): the agent SIGKILLs itself exactly there, whatever the machine's speed.
+The test asserts the kill landed in the intended phase (exit by SIGKILL, the journal's state at
+death), restarts the agent without the hook and checks that the first StateReport serves the version
+the journal called committed at death, that the agent settles on the version the resume table
+promises (a download, verification or staging resumes and commits; a warm-up, probation or rollback
+ends on the old version; a kill after the journal's commit serves the new one), that real digits are
+classified over the local API, that no committed version disappeared from the store, and that a
+resumed download asks only for the chunks it lacks. The default suite runs one trial per point;
 ``EDGEFLEET_FAULT_MODE=soak`` runs 60 (scripts/fault_report.py --soak).
 
-Power loss: the agent is killed the instant an atomic write has its temp file on disk (before
-the fsync'd rename), and the newest journal slot is torn as a power cut mid-write would leave it.
-A restart must clean every leftover and serve the committed model.
+Power loss: the agent is killed at the Nth atomic write (``write:tmp#N``: its temp file fsynced, not
+yet renamed), and the newest journal slot is torn as a power cut mid-write would leave it. A restart
+must clean every leftover and serve the committed model.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import os
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.core.journal import State
+from agent.protocol.messages import ChunkRequest
 from agent.runtime.fsutil import TMP_MARKER
 from server.broker import MosquittoBroker
 from tests.faults.helpers import intact
@@ -42,27 +47,44 @@ __all__ = ["agent_factory", "fleet", "models"]
 pytestmark = pytest.mark.broker
 
 PROBATION_S = 0.6
-#: phase -> (journal states that start the countdown, delay range s, chunk size, chunk pacing s)
-PHASES: dict[str, tuple[set[State], tuple[float, float], int, float]] = {
-    "download": ({State.DOWNLOADING}, (0.0, 0.4), 2048, 0.01),
-    "verification": ({State.VERIFYING}, (0.0, 0.01), 16384, 0.0),
-    "staging": ({State.STAGED}, (0.0, 0.005), 16384, 0.0),
-    "warm-up": ({State.WARMING}, (0.0, 0.02), 16384, 0.0),
-    "switch": ({State.PROBATION}, (0.0, 0.0), 16384, 0.0),
-    "probation": ({State.PROBATION}, (0.05, PROBATION_S), 16384, 0.0),
+SMALL_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """Where the hook kills the agent, and what the journal and the restart must show for it."""
+
+    died_in: State  # the journal's state at death
+    commits: bool  # after the restart, the update ends committed (else the old version serves)
+    model: str = "good"  # what the update deploys ("good" alternates with good_v2)
+    chunk_size: int = 16384
+    pacing_s: float = 0.0  # the test server's pause between chunk publishes
+    probation_s: float = PROBATION_S
+
+
+KILL_POINTS: dict[str, KillPoint] = {
+    "journal:downloading": KillPoint(State.DOWNLOADING, True, chunk_size=SMALL_CHUNK),
+    "download:chunk": KillPoint(State.DOWNLOADING, True, chunk_size=SMALL_CHUNK),  # chunk K drawn per trial
+    # paced so a download lasts well over the agent's 0.2 s snapshot interval: the first snapshot is partial
+    "download:snapshot": KillPoint(State.DOWNLOADING, True, chunk_size=SMALL_CHUNK, pacing_s=0.01),
+    "journal:verifying": KillPoint(State.VERIFYING, True),
+    "journal:staged": KillPoint(State.STAGED, True),
+    "journal:warming": KillPoint(State.WARMING, False),
+    "journal:probation": KillPoint(State.PROBATION, False),  # the journal says probation; the switch is not made
+    "switched": KillPoint(State.PROBATION, False),  # the candidate serves; no probation sample yet
+    "probation:sample": KillPoint(State.PROBATION, False, probation_s=10.0),  # sample N drawn per trial
+    "commit": KillPoint(State.IDLE, True),  # the journal commits; the store's pointer has not moved
+    "journal:rolling_back": KillPoint(State.ROLLING_BACK, False, model="nan"),  # NaN outputs fail the warm-up
 }
 
 
-def wait_journal(agent: AgentProcess, states: set[State], *, after_serial: int, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = read_journal(agent.store_dir)
-        if record is not None and record.serial > after_serial and record.state in states:
-            return True
-        if record is not None and record.serial > after_serial and record.state is State.IDLE:
-            return False  # the phase went by between two polls
-        time.sleep(0.0005)
-    raise TimeoutError(f"journal never entered {sorted(s.value for s in states)}:\n{agent.log_text()[-3000:]}")
+def fault_spec(name: str, rng: random.Random, chunk_count: int) -> str:
+    """The ``EDGEFLEET_FAULT_AT`` value for a kill point (a seeded chunk count or probation sample)."""
+    if name == "download:chunk":
+        return f"download:chunk:{rng.randint(1, chunk_count - 1)}"
+    if name == "probation:sample":
+        return f"probation:sample#{rng.randint(1, 3)}"
+    return name
 
 
 def restart_first_online(fleet: FleetServer, agent: AgentProcess) -> tuple[str, int] | None:
@@ -76,91 +98,118 @@ def restart_first_online(fleet: FleetServer, agent: AgentProcess) -> tuple[str, 
     return first.active.name, first.active.version
 
 
-def test_agent_sigkill_at_random_points(
+def wait_settled(fleet: FleetServer, agent: AgentProcess, version: int, *, after: int, timeout: float = 60.0) -> None:
+    """A StateReport sent after index ``after`` says idle, serving committed ``version``."""
+    def settled() -> bool:
+        return any(s.online and s.lifecycle == "idle" and s.active is not None and s.active.version == version
+                   for s in fleet.log(agent.device_id).states[after:])
+    try:
+        fleet.wait_for(settled, timeout=timeout)
+    except TimeoutError:
+        raise TimeoutError(f"never settled on v{version}:\n{agent.log_text()[-3000:]}") from None
+
+
+def chunks_asked(request: ChunkRequest) -> int:
+    return sum(b - a for a, b in request.ranges)
+
+
+def test_agent_sigkill_at_named_points(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
 ) -> None:
-    n = trials(10, soak=60, quick=4)
+    n = trials(len(KILL_POINTS), soak=60, quick=4)
     rng = random.Random(f"edgefleet-faults-{fault_mode()}")
+    order = rng.sample(list(KILL_POINTS), len(KILL_POINTS))  # every point once, in a seeded order
     agent = agent_factory(prefix="crash")
     deploy_and_commit(fleet, agent, models, 1, probation_s=PROBATION_S)
     landed: Counter[str] = Counter()
     version = 1
     for trial in range(n):
-        phase = list(PHASES)[trial % len(PHASES)] if trial < len(PHASES) else rng.choice(list(PHASES))
-        trigger, (lo, hi), chunk_size, pacing = PHASES[phase]
+        name = order[trial] if trial < len(order) else rng.choice(order)
+        point = KILL_POINTS[name]
         before = read_journal(agent.store_dir)
         assert before is not None and before.state is State.IDLE and before.committed is not None
         committed_before = before.committed.version
+        assert agent.stop() == 0, agent.log_text()[-3000:]
         version += 1
-        fleet.chunk_delay_s = pacing
-        fleet.deploy(
-            agent.device_id,
-            models.bytes_of("good_v2" if version % 2 else "good"),
-            agent_models.ref(version),
-            runtime=agent_models.ONNX,
-            health=models.health(probation_s=PROBATION_S),
-            chunk_size=chunk_size,
-        )
-        hit = wait_journal(agent, trigger, after_serial=before.serial)
-        time.sleep(rng.uniform(lo, hi))
-        agent.kill()
-        dead = read_journal(agent.store_dir)
-        assert dead is not None and dead.committed is not None
-        landed[dead.state.value if hit else "missed"] += 1
-        fleet.chunk_delay_s = 0.0
+        fleet.chunk_delay_s = point.pacing_s
+        # deployed while the agent is down (the desired state is retained): its chunk count picks the kill point
+        model = point.model if point.model != "good" else ("good_v2" if version % 2 else "good")
+        desired = fleet.deploy(agent.device_id, models.bytes_of(model), agent_models.ref(version),
+                               runtime=agent_models.ONNX, health=models.health(probation_s=point.probation_s),
+                               chunk_size=point.chunk_size)
+        assert desired.artifact is not None
+        total = desired.artifact.chunk_count
+        spec = fault_spec(name, rng, total)
+        agent.start(fault_at=spec)
         try:
+            agent.wait_fault_kill()
+            dead = read_journal(agent.store_dir)
+            assert dead is not None and dead.committed is not None
+            assert dead.state is point.died_in, f"{spec}: killed in {dead.state.value}, not {point.died_in.value}"
+            assert dead.target == agent_models.ref(version) or point.died_in is State.IDLE, dead
+            if point.died_in is State.IDLE:
+                assert dead.committed == agent_models.ref(version), f"{spec}: the journal had not committed: {dead}"
+            else:
+                assert dead.committed.version == committed_before, dead
+            landed[spec.split("#")[0] if not spec.startswith("download:chunk") else "download:chunk"] += 1
+            fleet.chunk_delay_s = 0.0
+            requests_at_restart = len(fleet.log(agent.device_id).chunk_requests)
+            states_at_restart = len(fleet.log(agent.device_id).states)
             first = restart_first_online(fleet, agent)
-            assert first == (dead.committed.name, dead.committed.version), f"{phase}: birth {first} vs {dead}"
-            settled = fleet.wait_state(
-                agent.device_id, lambda s: s.online and s.lifecycle == "idle" and s.active is not None, timeout=60
-            )
-            assert settled.active is not None
-            now = settled.active.version
-            assert now in (committed_before, version), f"{phase}: serving v{now}"
-            if dead.state in (State.WARMING, State.PROBATION):
-                assert now == committed_before, f"{phase}: a kill mid-swap committed the candidate"
+            assert first == (dead.committed.name, dead.committed.version), f"{spec}: birth {first} vs {dead}"
+            now = version if point.commits else committed_before
+            wait_settled(fleet, agent, now, after=states_at_restart)
+            journal = read_journal(agent.store_dir)
+            assert journal is not None and journal.state is State.IDLE, journal
+            assert journal.committed == agent_models.ref(now), f"{spec}: the journal commits {journal.committed}"
+            _check_resumed_download(fleet, agent, spec, total, requests_at_restart)
         except (AssertionError, TimeoutError):
-            ledger.trial(False, unserving=1)
+            ledger.trial(False, unserving=int(not agent.running))
             raise
         # the version committed before the update is still kept (rollback without download stays possible)
         intact(fleet, agent, models, now, kept={now, committed_before}, ledger=ledger)
     ledger.note(f"kills landed in {dict(landed)}")
     print("kill points:", dict(landed))
-    assert sum(v for k, v in landed.items() if k != "missed") >= n * 0.7, f"too many kills missed: {dict(landed)}"
 
 
-def _kill_when_tmp_appears(agent: AgentProcess, timeout: float) -> bool:
-    """SIGKILL the agent the moment an atomic write's temp file exists (before its fsync'd rename)."""
-    deadline = time.monotonic() + timeout
-    store = str(agent.store_dir)
-    while time.monotonic() < deadline:
-        for _root, _dirs, files in os.walk(store):
-            if any(TMP_MARKER in f for f in files):
-                agent.kill()
-                return True
-    return False
+def _check_resumed_download(fleet: FleetServer, agent: AgentProcess, spec: str, total: int, mark: int) -> None:
+    """After a kill mid-download, the restarted agent asks for what its resume snapshot lacks, no more."""
+    if not spec.startswith("download:") and spec != "journal:downloading":
+        return
+    asked = [r for r in fleet.log(agent.device_id).chunk_requests[mark:] if r.reason in ("initial", "resume")]
+    assert asked, f"{spec}: the restarted agent asked for no chunks"
+    first = asked[0]
+    if spec == "journal:downloading":
+        assert (first.reason, chunks_asked(first)) == ("initial", total), first
+    elif spec == "download:snapshot":  # the first snapshot is taken mid-transfer (paced: > 0.2 s long)
+        assert first.reason == "resume" and 0 < chunks_asked(first) < total, (total, first)
+    else:  # download:chunk:K: at most K chunks can be known
+        held = int(spec.rsplit(":", 1)[1])
+        assert chunks_asked(first) >= total - held, (held, total, first)
 
 
 def test_power_loss_leftovers_are_cleaned(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
 ) -> None:
     n = trials(4, soak=12, quick=2)
+    rng = random.Random(f"edgefleet-power-{fault_mode()}")
     agent = agent_factory(prefix="power")
     deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
     version = 1
-    caught = 0
     for trial in range(n):
         version += 1
         before = read_journal(agent.store_dir)
         assert before is not None and before.committed is not None
-        fleet.chunk_delay_s = 0.005
+        assert agent.stop() == 0, agent.log_text()[-3000:]
         fleet.deploy(agent.device_id, models.bytes_of("good_v2" if version % 2 else "good"),
                      agent_models.ref(version), runtime=agent_models.ONNX, health=models.health(probation_s=0.3),
-                     chunk_size=2048)
-        caught += _kill_when_tmp_appears(agent, 20)
-        agent.kill()
-        fleet.chunk_delay_s = 0.0
+                     chunk_size=SMALL_CHUNK)
+        nth = rng.randint(1, 8)  # a start and an update make more atomic writes than that
+        agent.start(fault_at=f"write:tmp#{nth}")
+        agent.wait_fault_kill()
         store: Path = agent.store_dir
+        at_death = list(store.rglob(f"*{TMP_MARKER}*"))
+        assert at_death, f"write:tmp#{nth}: no temp file on disk at death"
         dead = read_journal(store)
         assert dead is not None and dead.committed is not None
         # what else a power cut leaves: a stray temp file beside the journal, an orphan partial download,
@@ -194,13 +243,27 @@ def test_power_loss_leftovers_are_cleaned(
         assert not (store / "partial" / ("f" * 32)).exists(), "an orphan partial download survived"
         intact(fleet, agent, models, settled.active.version,
                kept={settled.active.version}, ledger=ledger)
-    ledger.note(f"killed with a temp file on disk in {caught}/{n} trials")
-    assert caught >= 1, "never caught an atomic write between write and rename"
+    ledger.note(f"killed at an atomic write with its temp file on disk in {n}/{n} trials")
 
 
-def test_server_sigkill_mid_rollout(tmp_path: Path, broker: MosquittoBroker, models: AgentModels,
+#: where the server is killed mid-rollout (rollout 3 devices: 1 canary, then a wave of 2), by its device rows
+SERVER_KILL_POINTS: dict[str, Any] = {
+    "canary-dispatched": lambda rows: any(r["state"] not in ("pending", "queued") for r in rows),
+    "canary-probation": lambda rows: any(r["state"] == "probation" for r in rows),
+    "wave-dispatched": lambda rows: (any(r["state"] == "committed" for r in rows)
+                                     and any(r["state"] not in ("pending", "queued", "committed") for r in rows)),
+}
+
+
+@pytest.mark.parametrize("point", list(SERVER_KILL_POINTS))
+def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: MosquittoBroker, models: AgentModels,
                                     ledger: FaultLedger) -> None:
-    """The real server process is killed -9 while a rollout is in flight; restarted, it finishes from its registry."""
+    """The real server process is killed -9 while a rollout is in flight; restarted, it finishes from its registry.
+
+    The kill point is a rollout state read from the registry (never a delay): the canary dispatched, the
+    canary in probation, the wave dispatched after the canary committed. Each v2 device spends at least its
+    1.5 s probation before committing, so at each point the rollout is still running.
+    """
     builds = [
         {"model": "digits", "version": v, "profile": RealServer.PROFILE, "path": str(p), "input": models.input_name,
          "probation_s": 1.5, "chunk_size": 2048}
@@ -221,15 +284,17 @@ def test_server_sigkill_mid_rollout(tmp_path: Path, broker: MosquittoBroker, mod
         _wait_deployment(server, first["deployment_id"], ("completed",))
         dep = server.service.deploy("digits:2", target="group:g", canary_percent=34, wave_percent=100,
                                     max_failures_percent=0, probation_s=1.5, actor="faults")
-        _wait_rows(server, dep["deployment_id"], lambda rows: any(r["state"] not in ("pending", "queued")
-                                                                     for r in rows))
-        time.sleep(random.Random("srvkill").uniform(0.0, 1.0))
+        _wait_rows(server, dep["deployment_id"], SERVER_KILL_POINTS[point])
         before = server.counts()
         at_kill = server.service.deployment_detail(dep["deployment_id"])
         server.process.kill()
-        assert at_kill["status"] == "running", "the kill came after the rollout had finished"
-        ledger.note(f"killed with device rows in {sorted(d['state'] for d in at_kill['devices'])}")
-        time.sleep(1.0)  # devices carry on (download, probation) while no server runs; their reports queue
+        assert at_kill["status"] == "running", f"{point}: the kill came after the rollout had finished"
+        assert SERVER_KILL_POINTS[point](at_kill["devices"]), at_kill["devices"]
+        ledger.note(f"killed at {point}: device rows in {sorted(d['state'] for d in at_kill['devices'])}")
+        if point == "canary-probation":  # the canary carries on without a server: it commits, its report queues
+            canary = next(a for a in agents if a.device_id in {d["device_id"] for d in at_kill["devices"]
+                                                                if d["state"] == "probation"})
+            _wait_journal_committed(canary, 2)
         server.process.start()
         detail = _wait_deployment(server, dep["deployment_id"], ("completed",), timeout=90)
         after = server.counts()
@@ -273,8 +338,20 @@ def _wait_deployment(server: RealServer, deployment_id: str, statuses: tuple[str
 
 def _wait_rows(server: RealServer, deployment_id: str, predicate: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        if predicate(server.service.deployment_detail(deployment_id)["devices"]):
+        rows = server.service.deployment_detail(deployment_id)["devices"]
+        if predicate(rows):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"the rollout never reached the kill point: {[r['state'] for r in rows]}")
+
+
+def _wait_journal_committed(agent: AgentProcess, version: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = read_journal(agent.store_dir)
+        if record is not None and record.state is State.IDLE and record.committed == agent_models.ref(version):
             return
         time.sleep(0.05)
-    raise TimeoutError("rollout never started")
+    raise TimeoutError(f"{agent.device_id} never committed v{version}:\n{agent.log_text()[-3000:]}")

@@ -386,18 +386,21 @@ def test_through_the_broker(
             client.publish(topic, payload)
     finally:
         client.close()
-    # the agent: still running, said why it dropped things, replay counter untouched ...
-    time.sleep(1.0)
-    assert agent.running
-    journal = read_journal(agent.store_dir)
-    assert journal is not None and journal.last_seq == seq, "a malformed message moved the replay counter"
-    kinds = set(fleet.kinds(device, mark))
-    assert "desired.rejected" in kinds and any(k.startswith("error.") for k in kinds), kinds
-    # ... and answers a real command (its fresh StateReport replaces the forged ones sent on its up/ topics;
-    # on a production broker the ACL keeps anyone but the device off those)
+    # the agent answers a real command (its fresh StateReport replaces the forged ones sent on its up/ topics;
+    # on a production broker the ACL keeps anyone but the device off those). The broker acknowledged every
+    # payload before the command was sent and delivers to the agent in that order, so once the command is
+    # answered the agent has handled them all ...
     ping = fleet.command(device, "ping")
+    ping_seq = fleet.log(device).seq
     assert fleet.wait_event(device, lambda e: e.kind == "command.result" and e.command_id == ping,
                             after=mark).data["ok"]
+    # ... still running, said why it dropped things, replay counter untouched by any of them
+    assert agent.running
+    journal = read_journal(agent.store_dir)
+    assert journal is not None and journal.last_seq == ping_seq, "a malformed message moved the replay counter"
+    assert ping_seq == seq + 1  # nothing else was signed for this device meanwhile
+    kinds = set(fleet.kinds(device, mark))
+    assert "desired.rejected" in kinds and any(k.startswith("error.") for k in kinds), kinds
     intact(fleet, agent, models, 1, ledger=ledger)
     # the server: rejected with clear codes, and still ingests the device's real reports
     deadline = time.monotonic() + 15

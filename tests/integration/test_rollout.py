@@ -110,7 +110,7 @@ def test_operator_rollback_is_confirmed_per_device_and_pins_offline_ones(fleet: 
                                max_failures_percent=0, probation_s=0.1, actor="test")
     fleet.wait_deployment(dep["deployment_id"], ("completed",))
     devices[2].disconnect()
-    time.sleep(0.3)
+    fleet.wait_online(devices[2], online=False)  # the server knows it is offline before the rollback
     out = fleet.service.rollback(target="group:g", actor="alice")
     assert {d["device_id"]: d["to"] for d in out["devices"]} == {"r-0": 1, "r-1": 1, "r-2": 1}
     for d in devices[:2]:
@@ -137,7 +137,10 @@ def test_server_restart_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> N
                                max_failures_percent=0, probation_s=2.0, actor="test")
     fleet.wait_rows(dep["deployment_id"], lambda r: any(x["state"] == "probation" for x in r.values()))
     fleet.server.stop()  # its lease is released; a crash (kill -9) is covered by the e2e tests
-    time.sleep(2.5)  # the canary commits while no server is running: its events wait in the broker
+    deadline = time.monotonic() + 30  # the canary commits while no server is running: its events wait in the broker
+    while not any(d.state.active_state == "committed" and d.active == ("m", 1) for d in devices):
+        assert time.monotonic() < deadline, "the canary did not commit while the server was down"
+        time.sleep(0.05)
     fleet.server = FleetServer(fleet.config, builds=fleet.builds).start()
     detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=30)
     assert all(d["state"] == "committed" for d in detail["devices"])

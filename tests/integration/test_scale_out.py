@@ -110,7 +110,7 @@ def test_interrupted_transfer_resumes_with_only_the_missing_chunks(fleet: Fleet)
     d.wait_for(lambda s: s.received_chunks >= count // 3, timeout=20)
     d.disconnect()  # power cut mid-download (the broker sends its Will)
     got_before = d.received_chunks
-    time.sleep(0.5)
+    fleet.wait_online(d, online=False)  # the server saw the Will
     d.ignore_chunks_after = None
     d.connect()  # asks for what it lacks ("resume")
     d.wait_for(lambda s: s.active == ("m", 1), timeout=30)

@@ -33,6 +33,7 @@ from server.keys import init_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
 from tests.conftest import SecureBrokerFactory
 from tests.support.fleet import onnx_builds, public_key, server_config
+from tests.support.mqtt import wait_login
 
 pytestmark = pytest.mark.broker
 
@@ -106,9 +107,11 @@ def test_simulated_fleet_commits_a_rollout_then_rolls_back_a_failing_version(
         rolled = [d for d in fleet.devices if d.counters.events.get("lifecycle.rolled_back")]
         assert rolled, "the released devices reported lifecycle.rolled_back"
         assert all(d.active == ModelRef("m", 1) for d in fleet.devices)
-        # telemetry arrived from the simulated devices
-        time.sleep(1.0)
-        assert server.ingest.stats.received["telemetry"] >= N
+        # telemetry arrived from the simulated devices (every 0.5 s each)
+        deadline = time.monotonic() + 20
+        while server.ingest.stats.received["telemetry"] < N:
+            assert time.monotonic() < deadline, f"telemetry: {server.ingest.stats.received}"
+            time.sleep(0.05)
     # a clean stop leaves every device offline (retained report), as an agent's shutdown does
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(d.online for d in server.registry.list_devices()):
@@ -271,8 +274,9 @@ def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
         # not in the broker's password file yet: the logins are refused, and the run says so
         assert main([*sim, "--no-register", "--credentials", str(creds), "--timeout", "20"]) == 1
         assert main(broker_config) == 0
-        proc.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL
-        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL ...
+        first_id, first_password = lines[0].split(":", 1)
+        wait_login("127.0.0.1", port, first_id, first_password, accepted=True, ca_cert=out / "tls" / "ca.crt")
         codes: list[int] = []
         argv = [*sim, "--no-register", "--credentials", str(creds), "--until", "m:1", "--timeout", "60"]
         runner = threading.Thread(target=lambda: codes.append(main(argv)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from agent.core.journal import JournalRecord
+from agent.runtime import faults
 from agent.runtime.keys import generate_device_key
 from agent.runtime.store import ModelStore
 from server.broker import free_port
@@ -99,13 +101,23 @@ class AgentProcess:
         self.config_path = write_config(self.dir / "agent.toml", merged)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._log_offset = 0
 
     # -- process control ---------------------------------------------------------------------------------------
 
-    def start(self) -> AgentProcess:
+    def start(self, *, fault_at: str | None = None, barrier: Path | None = None) -> AgentProcess:
+        """Start ``edgefleet-agent run``; ``fault_at`` arms the agent's fault hook (agent/runtime/faults.py):
+        it SIGKILLs itself at that point, or with ``barrier`` creates ``<barrier>.reached`` and waits for
+        ``barrier`` to exist."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self._log_offset = log.tell()
+        env = {k: v for k, v in os.environ.items() if k not in (faults.ENV_AT, faults.ENV_WAIT)}
+        env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        if fault_at is not None:
+            env[faults.ENV_AT] = fault_at
+            if barrier is not None:
+                env[faults.ENV_WAIT] = str(barrier)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
             cwd=ROOT,
@@ -123,6 +135,17 @@ class AgentProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         return stop_gently(self.proc, timeout)
+
+    def wait_fault_kill(self, timeout: float = 60.0) -> None:
+        """Wait for the agent to SIGKILL itself at its armed fault point (its exit status says so)."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the agent never reached its fault point:\n{self.log_text()[-3000:]}") from None
+        assert code == -signal.SIGKILL, f"agent exited {code}, not by its fault hook:\n{self.log_text()[-3000:]}"
+        since_start = self.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
+        assert "fault point reached" in since_start, since_start[-3000:]
 
     @property
     def running(self) -> bool:

@@ -114,16 +114,17 @@ class Fleet:
             d.connect()
         return d
 
-    def wait_online(self, *devices: Any, timeout: float = 10.0) -> None:
+    def wait_online(self, *devices: Any, timeout: float = 10.0, online: bool = True) -> None:
+        """Until the registry sees every one of ``devices`` online (``online=False``: offline)."""
         import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            online = {d.device_id for d in self.server.registry.list_devices() if d.online}
-            if all(d.device_id in online for d in devices):
+            seen = {d.device_id for d in self.server.registry.list_devices() if d.online == online}
+            if all(d.device_id in seen for d in devices):
                 return
             time.sleep(0.05)
-        raise TimeoutError("devices did not come online")
+        raise TimeoutError(f"devices did not go {'online' if online else 'offline'}")
 
     def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
         import time

@@ -77,6 +77,10 @@ class FleetServer:
         self.artifacts: dict[str, SealedArtifact] = {}
         self.chunk_delay_s = 0.0
         self.serve_chunks = True
+        #: the chunk loop is publishing (False once ``serve_chunks = False`` has stopped it: ``wait_for`` it)
+        self.streaming = False
+        #: publish no more chunks once ``chunks_sent`` reaches this (None: no limit): holds a transfer mid-way
+        self.chunk_limit: int | None = None
         self.tamper: Callable[[int, bytes], bytes] | None = None
         self.chunks_sent = 0
         self._cond = threading.Condition()
@@ -281,9 +285,10 @@ class FleetServer:
             if artifact is None or not self.serve_chunks:
                 continue
             topic = artifact.info.topic or device_topic(device_id, Channel.CHUNK, artifact_id)
+            self._set_streaming(True)
             for start, end in ranges:
                 for index in range(start, min(end, len(artifact.chunks))):
-                    if not self.serve_chunks:
+                    if not self.serve_chunks or (self.chunk_limit is not None and self.chunks_sent >= self.chunk_limit):
                         break
                     chunk = artifact.chunks[index]
                     if self.tamper is not None:
@@ -292,6 +297,12 @@ class FleetServer:
                     self.chunks_sent += 1
                     if self.chunk_delay_s:
                         time.sleep(self.chunk_delay_s)
+            self._set_streaming(False)
+
+    def _set_streaming(self, on: bool) -> None:
+        with self._cond:
+            self.streaming = on
+            self._cond.notify_all()
 
     # -- waiting ------------------------------------------------------------------------------------------------
 

@@ -87,13 +87,38 @@ class MqttTestClient:
             if topic_prefix is None or msg.topic.startswith(topic_prefix):
                 return msg
 
-    def drain(self, wait: float = 0.3) -> list[Received]:
-        time.sleep(wait)
+    def before(self, sentinel: bytes, timeout: float = 10.0) -> list[Received]:
+        """Everything received before ``sentinel`` (a message the test publishes after the ones it checks).
+
+        The broker routes a message when it receives it, so whatever an acknowledged earlier publish would
+        have delivered to this client arrives before a sentinel published after it: no waiting window.
+        """
         out = []
-        while not self.messages.empty():
-            out.append(self.messages.get_nowait())
+        while (msg := self.expect(timeout)).payload != sentinel:
+            out.append(msg)
         return out
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def login_accepted(host: str, port: int, username: str, password: str, *, ca_cert: Path | None = None) -> bool:
+    """Whether the broker accepts this login now (False when it refuses it or drops the connection)."""
+    try:
+        client = MqttTestClient(host, port, username=username, password=password, ca_cert=ca_cert)
+    except (TimeoutError, OSError):
+        return False
+    rc = client.connect_rc
+    client.close()
+    return not getattr(rc, "is_failure", False)
+
+
+def wait_login(host: str, port: int, username: str, password: str, *, accepted: bool, ca_cert: Path | None = None,
+               timeout: float = 20.0) -> None:
+    """Until the broker accepts (or refuses) the login: after a SIGHUP, mosquitto re-reads its files when it can."""
+    deadline = time.monotonic() + timeout
+    while login_accepted(host, port, username, password, ca_cert=ca_cert) != accepted:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{username}'s login still {'refused' if accepted else 'accepted'} after {timeout}s")
+        time.sleep(0.1)

@@ -185,6 +185,17 @@ def test_cleanup_after_power_loss(store: ModelStore) -> None:
     assert (store.partial_dir / info.artifact_id / "snapshot").exists()
 
 
+def test_cleanup_spares_what_the_journal_committed_before_the_store_did(store: ModelStore) -> None:
+    install(store, 1)
+    store.commit(ModelRef("m", 1))
+    install(store, 2)  # the journal committed v2, then the power went before the store's commit
+    assert store.cleanup(JournalRecord(state=State.IDLE, committed=ModelRef("m", 2))) == []
+    assert sorted(v.ref.version for v in store.versions()) == [1, 2]
+    store.commit(ModelRef("m", 2))  # what the agent does once v2 serves
+    current = store.current()
+    assert current is not None and current.ref == ModelRef("m", 2)
+
+
 def test_device_key_is_private_and_checked(tmp_path: Path) -> None:
     path = tmp_path / "device.key"
     key = generate_device_key(path)
