@@ -21,6 +21,7 @@ from server.artifacts import ArtifactStore
 from server.builds import BuildSource
 from server.config import ServerConfig
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
+from server.identity import check_device_id, server_logins
 from server.keys import load_signing_key, mosquitto_hash, new_broker_password
 from server.outbox import OUTBOX_LEASE
 from server.registry.fleet import (
@@ -121,6 +122,10 @@ class FleetService:
 
     # -- devices and enrollment -----------------------------------------------------------------------
 
+    def _new_device_id(self, device_id: str) -> str:
+        """A device id that may be registered: valid, and no server broker login (``server.identity``)."""
+        return check_device_id(device_id, server_logins(self.config.broker.username))
+
     def register_device(
         self,
         device_id: str,
@@ -130,7 +135,7 @@ class FleetService:
         groups: Sequence[str] = (),
         broker_password: bool = True,
     ) -> dict[str, Any]:
-        device_id = _device_id(device_id)
+        device_id = self._new_device_id(device_id)
         self._check_profile(profile)
         key = parse_public_key(public_key) if public_key else None
         for g in groups:
@@ -174,7 +179,7 @@ class FleetService:
         groups: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Accept the key of a pending enrollment request (the operator compares fingerprints)."""
-        device_id = _device_id(device_id)
+        device_id = self._new_device_id(device_id)
         req = self.registry.get_enroll_request(device_id)
         if req.status != "pending":
             raise ConflictError(f"the enrollment request of {device_id} is already {req.status}")

@@ -201,6 +201,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from server.app import open_registry  # noqa: PLC0415
     from server.broker import (  # noqa: PLC0415
+        PROTOCOL_MAX_PACKET,
         SERVER_USER,
         BrokerError,
         BrokerSecurity,
@@ -210,6 +211,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         render_config,
     )
     from server.config import config_path, load_config  # noqa: PLC0415
+    from server.identity import refuse_reserved_logins  # noqa: PLC0415
     from server.keys import atomic_write, mosquitto_hash, server_broker_password  # noqa: PLC0415
 
     config = load_config(args.home, args.config)
@@ -227,13 +229,16 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             tls = TLSFiles(out / "tls" / "ca.crt", out / "tls" / "server.crt", out / "tls" / "server.key")
         else:
             tls = generate_tls(out / "tls", hosts=tuple(h.strip() for h in args.cert_hosts.split(",") if h.strip()))
+    devices = registry.broker_users()
+    refuse_reserved_logins(devices, config.broker.username)
     password = server_broker_password(config.paths)
     assert password is not None
-    users = {SERVER_USER: mosquitto_hash(password)} | registry.broker_users()
+    users = {SERVER_USER: mosquitto_hash(password), **devices}
     try:
         text = render_config(port=args.port, host=args.listen, workdir=out, run_as=args.run_as,
                              security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence,
-                             max_inflight_messages=20, max_queued_bytes=16 << 20)  # bounded per device
+                             max_inflight_messages=20, max_queued_bytes=16 << 20,  # bounded per device
+                             max_packet_size=PROTOCOL_MAX_PACKET)
         atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
         # mosquitto started as root switches to run_as before reading passwd and the TLS key (0600): hand them over
         # (the directory too, for persistence, but only one this command made: never chown an existing /etc/...)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -207,3 +208,112 @@ def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path
             proc.terminate()
             proc.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_login_cannot_take_over_another_devices_client_id(secured: Secured) -> None:
+    """dev-a connects with dev-b's client id: dev-b is not kicked, its Will does not fire, its session stays."""
+    import paho.mqtt.client as mqtt
+
+    observer = secured.client(SERVER_USER)
+    observer.subscribe(device_topic("dev-b", Channel.STATE))
+    victim = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-b", clean_session=False,
+                         protocol=mqtt.MQTTv311)
+    victim.username_pw_set("dev-b", secured.passwords["dev-b"])
+    victim.tls_set(ca_certs=str(secured.ca))
+    victim.will_set(device_topic("dev-b", Channel.STATE), b"will-offline", qos=1, retain=True)
+    connected, dropped, subscribed = threading.Event(), threading.Event(), threading.Event()
+    got: list[bytes] = []
+    victim.on_connect = lambda *a: connected.set()
+    victim.on_subscribe = lambda *a: subscribed.set()
+    victim.on_disconnect = lambda *a: dropped.set()
+    victim.on_message = lambda c, u, m: got.append(bytes(m.payload))
+    victim.connect("127.0.0.1", secured.port)
+    victim.loop_start()
+    attacker = None
+    try:
+        assert connected.wait(10)
+        victim.subscribe("edgefleet/v1/dev/dev-b/down/#", qos=1)
+        assert subscribed.wait(10)
+        observer.publish(device_topic("dev-b", Channel.COMMAND), b"before")
+        deadline = time.monotonic() + 10
+        while b"before" not in got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b"before" in got
+        attacker = MqttTestClient("127.0.0.1", secured.port, username="dev-a", password=secured.passwords["dev-a"],
+                                  ca_cert=secured.ca, client_id="dev-b", clean_start=True)
+        assert not getattr(attacker.connect_rc, "is_failure", False)
+        observer.publish(device_topic("dev-b", Channel.COMMAND), b"after")
+        deadline = time.monotonic() + 10
+        while b"after" not in got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b"after" in got, "dev-b lost its session"
+        assert not dropped.is_set(), "dev-b was kicked off by a login with its client id"
+        assert not [m for m in observer.drain(0.3) if m.payload == b"will-offline"], "dev-b's Will fired"
+    finally:
+        if attacker is not None:
+            attacker.close()
+        victim.disconnect()
+        victim.loop_stop()
+        observer.close()
+
+
+def test_devices_get_only_the_protocols_leaf_topics(secured: Secured) -> None:
+    """No `up/#`: a device cannot publish (or retain) anything outside the protocol's leaves, even its own."""
+    server, a = secured.client(SERVER_USER), secured.client("dev-a")
+    try:
+        server.subscribe("edgefleet/v1/dev/dev-a/#")
+        for topic in ("edgefleet/v1/dev/dev-a/up/junk", "edgefleet/v1/dev/dev-a/up/state/x",
+                      "edgefleet/v1/dev/dev-a/up/event/1", "edgefleet/v1/dev/dev-a/upx"):
+            a.publish(topic, b"stored?", retain=True)
+        a.publish(device_topic("dev-a", Channel.EVENT), b"genuine")
+        got = server.expect()
+        assert (got.topic, got.payload) == (device_topic("dev-a", Channel.EVENT), b"genuine")
+        assert not [m for m in server.drain(0.3) if m.payload == b"stored?"]
+    finally:
+        server.close()
+        a.close()
+    late = secured.client(SERVER_USER)  # a new subscriber would get any retained copy
+    try:
+        late.subscribe("edgefleet/v1/dev/dev-a/#")
+        assert not [m for m in late.drain(0.5) if m.payload == b"stored?"], "the broker kept a retained message"
+    finally:
+        late.close()
+
+
+def test_packets_over_the_protocols_largest_are_refused(secured: Secured) -> None:
+    from agent.protocol.envelope import MAX_CHUNK_MESSAGE
+    from server.broker import PROTOCOL_MAX_PACKET
+
+    assert f"max_packet_size {PROTOCOL_MAX_PACKET}" in (secured.out / "mosquitto.conf").read_text()
+    server, a = secured.client(SERVER_USER), secured.client("dev-a")
+    try:
+        a.subscribe(device_topic("dev-a", Channel.CHUNK, "1" * 32))
+        server.publish(device_topic("dev-a", Channel.CHUNK, "1" * 32), b"c" * MAX_CHUNK_MESSAGE)  # the largest chunk
+        assert len(a.expect().payload) == MAX_CHUNK_MESSAGE
+        server.subscribe(device_topic("dev-a", Channel.EVENT))
+        a.client.publish(device_topic("dev-a", Channel.EVENT), b"x" * PROTOCOL_MAX_PACKET, qos=0)
+        a.close()
+        a = secured.client("dev-a")
+        a.publish(device_topic("dev-a", Channel.EVENT), b"small")
+        got = server.expect(timeout=15)
+        assert got.payload == b"small", f"the broker passed on a packet of {len(got.payload)} bytes"
+    finally:
+        server.close()
+        a.close()
+
+
+def test_reserved_names_can_never_be_devices(secured: Secured) -> None:
+    from server.errors import InvalidRequestError
+
+    for bad in (SERVER_USER, "EdgeFleet-Server", "edgefleet-server-2", "a/b", "x" * 65, "%u"):
+        with pytest.raises(InvalidRequestError):
+            secured.service.register_device(bad, profile="rpi4", public_key=DEV_KEY)
+    # a row that got in some other way (an old registry): the broker config refuses to write it
+    registry = secured.service.registry
+    registry.add_device(SERVER_USER, profile="rpi4", public_key=DEV_KEY, broker_hash=registry.broker_users()["dev-a"])
+    before = (secured.out / "passwd").read_text()
+    assert edgefleet(["--home", str(secured.home), "broker", "config", "--out", str(secured.out), "--listen",
+                      "127.0.0.1", "--port", str(secured.port), "--run-as", current_user()]) == 1
+    assert (secured.out / "passwd").read_text() == before
+    ok = secured.client(SERVER_USER)  # the server's own login still works
+    ok.close()
