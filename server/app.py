@@ -26,7 +26,7 @@ from server.api import Api, ApiHttpServer
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource, default_build_source
 from server.chunks import ChunkServer
-from server.config import ServerConfig
+from server.config import ServerConfig, private_home
 from server.errors import ServerError
 from server.identity import server_logins
 from server.ingest import Ingestor
@@ -56,10 +56,13 @@ def instance_id(config: ServerConfig) -> str:
 
 
 def open_registry(config: ServerConfig) -> FleetRegistry:
-    registry = FleetRegistry(Database(config.paths.registry_db))
+    private_home(config.home)
+    db = config.paths.registry_db
+    registry = FleetRegistry(Database(db))
     registry.migrate()
-    with contextlib.suppress(OSError):
-        config.paths.registry_db.chmod(0o600)
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
     return registry
 
 
@@ -200,7 +203,7 @@ class FleetServer:
             self.config.home / RUNTIME_FILE,
             json.dumps({"pid": os.getpid(), "api_url": self.api_url, "instance": self.instance,
                         "owner": self.owner, "started_at": self.clock()}).encode(),
-            mode=0o644,
+            mode=0o600,
         )
         log.info("edgefleet server %s: API on %s, broker %s:%d", self.owner, self.api_url, self.link.host,
                  self.link.port)

@@ -35,6 +35,15 @@ def default_home() -> Path:
     return Path.home() / ".local" / "share" / "edgefleet"
 
 
+def private_home(home: Path) -> Path:
+    """Create the server home 0700 (or tighten an existing one): models, data sets, the registry and keys
+    under it are nobody else's business. Files written under it are 0600 as well (``atomic_write``)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_mode & 0o077:
+        home.chmod(0o700)
+    return home
+
+
 @dataclass(frozen=True)
 class ServerPaths:
     home: Path

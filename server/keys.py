@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.protocol.envelope import key_id, raw_public
-from server.config import ServerPaths
+from server.config import ServerPaths, private_home
 from server.errors import KeyStoreError
 
 SIGNING_KEY = "signing.key"
@@ -73,6 +73,7 @@ class SigningIdentity:
 
 
 def _keys_dir(paths: ServerPaths) -> Path:
+    private_home(paths.home)
     paths.keys_dir.mkdir(parents=True, exist_ok=True)
     paths.keys_dir.chmod(0o700)
     return paths.keys_dir
@@ -98,7 +99,6 @@ def init_signing_key(paths: ServerPaths, *, force: bool = False) -> SigningIdent
     atomic_write(
         public_path,
         public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-        mode=0o644,
     )
     return SigningIdentity(
         key_id=key_id(public),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.errors import TopicError
+from agent.protocol.messages import model_name_problem
 from agent.protocol.topics import validate_device_id
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
@@ -61,8 +62,8 @@ def _device_id(value: str) -> str:
 
 def parse_model_ref(text: str) -> tuple[str, int]:
     m = MODEL_REF.match(text.strip())
-    if not m:
-        raise InvalidRequestError(f"{text!r} is not MODEL:VERSION (e.g. digits-cnn:3)")
+    if not m or model_name_problem(m["model"]) is not None:
+        raise InvalidRequestError(f"{text!r} is not MODEL:VERSION (e.g. digits-cnn:3; no '..' in the name)")
     return m["model"], int(m["version"])
 
 

@@ -270,7 +270,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     )
     cfg = config_path(args.home)
     if not cfg.exists():
-        atomic_write(cfg, broker_section.encode(), mode=0o644)
+        atomic_write(cfg, broker_section.encode())
         wrote = f"wrote {cfg} with this [broker] section"
     else:
         wrote = f"{cfg} exists; make its [broker] section read:"
@@ -732,6 +732,7 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     from server.config import load_config  # noqa: PLC0415
 
     config = load_config(args.home, args.config)
+    os.umask(0o077)  # whatever the server writes (builds, artifacts, uploads, the registry's WAL) is private
     logs.configure(args.log_level or config.server.log_level)
     server = FleetServer(config)
     stop = threading.Event()
