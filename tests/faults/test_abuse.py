@@ -32,7 +32,7 @@ from server.broker import SERVER_USER, MosquittoBroker, current_user, find_mosqu
 from server.errors import InvalidRequestError
 from tests.faults.helpers import intact
 from tests.support import agent_models
-from tests.support.abuse import npz_bomb
+from tests.support.abuse import local_service, npz_bomb, wait_listening
 from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import ROOT, AgentProcess
@@ -131,21 +131,12 @@ def test_broker_identity_takeover(tmp_path: Path, models: AgentModels, ledger: F
 
     Before: `edgefleet-server` registered as a device became the broker superuser on the next broker config;
     any login could connect with another device's client id, kick it and fire its Will (online: false)."""
-    from server.app import open_registry
     from server.cli import main as edgefleet
-    from server.config import load_config
-    from server.keys import init_signing_key, server_broker_password
+    from server.keys import server_broker_password
 
     home, out = tmp_path / "home", tmp_path / "broker"
-    init_signing_key(load_config(home).paths)
-    config = load_config(home)
-    registry = open_registry(config)
-    from server.artifacts import ArtifactStore
-    from server.builds import NoBuilds
-    from server.service import FleetService
-
-    service = FleetService(config, registry, builds=NoBuilds(),
-                           artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
+    service = local_service(home)
+    config, registry = service.config, service.registry
     for bad in (SERVER_USER, "EDGEFLEET-SERVER", "edgefleet-server-b"):
         with pytest.raises(InvalidRequestError, match="reserved"):
             service.register_device(bad, profile="rpi4", public_key="A" * 43 + "=")
@@ -165,7 +156,7 @@ def test_broker_identity_takeover(tmp_path: Path, models: AgentModels, ledger: F
     agent: AgentProcess | None = None
     attacker: MqttTestClient | None = None
     try:
-        _until("mosquitto listens", lambda: _listening(port), timeout=10)
+        wait_listening(port, proc)
         fleet_srv = FleetServer("127.0.0.1", port, username=SERVER_USER, password=server_password, ca_cert=ca)
         (tmp_path / "pw").write_text(passwords[victim_id] + "\n")
         agent = AgentProcess(tmp_path, victim_id, broker_host="127.0.0.1", broker_port=port, server=fleet_srv,
@@ -203,16 +194,6 @@ def test_broker_identity_takeover(tmp_path: Path, models: AgentModels, ledger: F
         proc.terminate()
         proc.wait(timeout=10)
         registry.db.close()
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # -- 2. per-device quotas -----------------------------------------------------------------------------------

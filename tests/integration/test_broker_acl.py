@@ -6,12 +6,10 @@ up-topics: it can neither read another device's traffic nor publish a command.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -23,14 +21,12 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.topics import Channel, artifact_topic, device_topic
-from server.app import open_registry
-from server.artifacts import ArtifactStore
 from server.broker import SERVER_USER, current_user, find_mosquitto, free_port
-from server.builds import NoBuilds
 from server.cli import main as edgefleet
 from server.config import load_config
 from server.keys import init_signing_key, server_broker_password
 from server.service import FleetService
+from tests.support.abuse import local_service, wait_listening
 from tests.support.mqtt import MqttTestClient
 
 pytestmark = pytest.mark.broker
@@ -62,24 +58,11 @@ class Secured:
         time.sleep(0.5)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "mosquitto exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError("mosquitto did not listen")
-
-
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[Secured]:
     home, out = tmp_path / "home", tmp_path / "broker"
-    init_signing_key(load_config(home).paths)
-    config = load_config(home)
-    registry = open_registry(config)
-    service = FleetService(config, registry, builds=NoBuilds(),
-                           artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
+    service = local_service(home)
+    config, registry = service.config, service.registry
     passwords = {}
     for dev in ("dev-a", "dev-b"):
         passwords[dev] = service.register_device(dev, profile="rpi4", public_key=DEV_KEY)["broker_password"]
@@ -95,7 +78,7 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
     proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_port(port, proc)
+        wait_listening(port, proc)
         yield Secured(home, out, port, passwords, proc, service)
     finally:
         proc.terminate()
@@ -193,7 +176,7 @@ def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path
         assert (out / "passwd").stat().st_mode & 0o777 == 0o600
         proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_port(port, proc)  # it read passwd, the ACL and the TLS key after switching user
+        wait_listening(port, proc)  # it read passwd, the ACL and the TLS key after switching user
         uid = next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
                    if line.startswith("Uid:"))
         assert int(uid) == account.pw_uid != 0
@@ -213,10 +196,11 @@ def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path
 def test_a_login_cannot_take_over_another_devices_client_id(secured: Secured) -> None:
     """dev-a connects with dev-b's client id: dev-b is not kicked, its Will does not fire, its session stays."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     observer = secured.client(SERVER_USER)
     observer.subscribe(device_topic("dev-b", Channel.STATE))
-    victim = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-b", clean_session=False,
+    victim = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-b", clean_session=False,
                          protocol=mqtt.MQTTv311)
     victim.username_pw_set("dev-b", secured.passwords["dev-b"])
     victim.tls_set(ca_certs=str(secured.ca))

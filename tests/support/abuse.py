@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,3 +33,30 @@ def npz_bomb(path: Path, name: str, shape: tuple[int, ...], dtype: str = "float3
             member.write(block[:n])
             left -= n
     return path
+
+
+def local_service(home: Path) -> Any:
+    """A server home with its signing key, and the FleetService the local CLI uses on it (no builds)."""
+    from server.app import open_registry
+    from server.artifacts import ArtifactStore
+    from server.builds import NoBuilds
+    from server.config import load_config
+    from server.keys import init_signing_key
+    from server.service import FleetService
+
+    init_signing_key(load_config(home).paths)
+    config = load_config(home)
+    registry = open_registry(config)
+    return FleetService(config, registry, builds=NoBuilds(),
+                        artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Until the broker ``proc`` accepts connections on loopback ``port`` (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "mosquitto exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("mosquitto did not listen")
