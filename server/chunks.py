@@ -68,10 +68,10 @@ class ResendLedger:
     def split(self, device_id: str, indexes: list[int], now: float) -> tuple[list[int], list[int]]:
         """(first asks, resends); raises ChunkQuotaError, recording nothing, when resends bust the budget."""
         asked = self._asked.get(device_id)
-        if asked is None:
-            asked = self._asked[device_id] = bytearray(self.chunk_count)
-        first = [i for i in indexes if not asked[i]]
-        again = [i for i in indexes if asked[i]]
+        if asked is None:  # one bit per chunk: 1,000 devices x 16,000 chunks = 2 MB
+            asked = self._asked[device_id] = bytearray((self.chunk_count + 7) // 8)
+        first = [i for i in indexes if not asked[i >> 3] & (1 << (i & 7))]
+        again = [i for i in indexes if asked[i >> 3] & (1 << (i & 7))]
         if again and self.limit is not None:
             start, n = self._resent.get(device_id, (now, 0))
             if now - start >= self.window_s:
@@ -83,7 +83,7 @@ class ResendLedger:
                 )
             self._resent[device_id] = (start, n + len(again))
         for i in first:
-            asked[i] = 1
+            asked[i >> 3] |= 1 << (i & 7)
         return first, again
 
 
@@ -91,6 +91,19 @@ class ResendLedger:
 class Send:
     index: int
     device_id: str | None  # None: broadcast on the shared topic
+
+
+def _merged(ranges: Iterable[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    """Ranges clamped to the artifact, sorted and merged: a request naming one range 1,024 times costs one."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted((max(0, s), min(e, count)) for s, e in ranges):
+        if start >= end:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 class ArtifactSchedule:
@@ -133,7 +146,7 @@ class ArtifactSchedule:
 
         With a ``ledger``, chunks this device asked for before are resends (see the module doc);
         raises ChunkQuotaError when they bust its budget."""
-        indexes = [i for start, end in ranges for i in range(max(0, start), min(end, self.chunk_count))]
+        indexes = [i for start, end in _merged(ranges, self.chunk_count) for i in range(start, end)]
         if not indexes:
             return 0
         again: list[int] = []

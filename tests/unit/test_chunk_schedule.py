@@ -161,3 +161,10 @@ def test_resends_over_the_budget_are_refused_and_the_budget_renews() -> None:
         assert "budget 15" in exc.message
     assert ledger.split("b", list(range(10)), 2.0)[0] == list(range(10))  # others are not affected
     assert ledger.split("a", list(range(5)), 601.0)[1] == list(range(5))  # a new window
+
+
+def test_repeated_or_overlapping_ranges_count_once() -> None:
+    s = ArtifactSchedule(8, window_s=0.0)
+    assert s.request("a", [(0, 4)] * 1024, now=0.0) == 4
+    assert s.request("b", [(6, 99), (2, 7), (-5, 1)], now=0.0) == 7  # 0, 2-7
+    assert drain(s, 0.0) == [Send(i, None) for i in range(8)]
