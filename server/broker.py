@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,13 +87,12 @@ def device_acl_lines() -> list[str]:
     return lines
 
 
-def acl_text() -> str:
-    """Device isolation by username (= device id); the server user may do everything under the root."""
+def acl_text(server_logins: Sequence[str] = (SERVER_USER,)) -> str:
+    """Device isolation by username (= device id); the server's logins may do everything under the root."""
+    servers = "".join(f"user {login}\ntopic readwrite {ROOT}/#\ntopic read $SYS/#\n\n" for login in server_logins)
     return (
-        f"user {SERVER_USER}\n"
-        f"topic readwrite {ROOT}/#\n"
-        f"topic read $SYS/#\n\n"
-        "# every other user is a device named by its id, limited to the protocol's leaf topics\n"
+        servers
+        + "# every other user is a device named by its id, limited to the protocol's leaf topics\n"
         + "".join(line + "\n" for line in device_acl_lines())
     )
 

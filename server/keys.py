@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agent.protocol.envelope import key_id, raw_public
 from server.config import ServerPaths, private_home
 from server.errors import KeyStoreError
+from server.identity import SERVER_USER
 
 SIGNING_KEY = "signing.key"
 SIGNING_PUB = "signing.pub"
@@ -183,12 +184,17 @@ def mosquitto_verify(password: str, encoded: str) -> bool:
     return hmac.compare_digest(mosquitto_hash(password, salt=salt, iterations=iterations), encoded)
 
 
-def server_broker_password(paths: ServerPaths, *, create: bool = True) -> str | None:
-    """The server's own MQTT password (created on first use when ``create``)."""
-    path = paths.keys_dir / BROKER_SERVER_PASSWORD
+def server_password_file(login: str = SERVER_USER) -> str:
+    """Where under keys/ the password of a server broker login lives (one login per server process)."""
+    return BROKER_SERVER_PASSWORD if login == SERVER_USER else f"broker-{login}.password"
+
+
+def server_broker_password(paths: ServerPaths, *, create: bool = True, login: str = SERVER_USER) -> str | None:
+    """The server's own MQTT password for ``login`` (created on first use when ``create``)."""
+    path = paths.keys_dir / server_password_file(login)
     existing = read_token_file(path)
     if existing or not create:
         return existing
     password = new_broker_password()
-    atomic_write(_keys_dir(paths) / BROKER_SERVER_PASSWORD, (password + "\n").encode())
+    atomic_write(_keys_dir(paths) / server_password_file(login), (password + "\n").encode())
     return password

@@ -217,13 +217,19 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         BrokerError,
         BrokerSecurity,
         TLSFiles,
+        acl_text,
         generate_tls,
         hand_over,
         render_config,
     )
     from server.config import config_path, load_config  # noqa: PLC0415
     from server.identity import refuse_reserved_logins  # noqa: PLC0415
-    from server.keys import atomic_write, mosquitto_hash, server_broker_password  # noqa: PLC0415
+    from server.keys import (  # noqa: PLC0415
+        atomic_write,
+        mosquitto_hash,
+        server_broker_password,
+        server_password_file,
+    )
 
     config = load_config(args.home, args.config)
     registry = open_registry(config)
@@ -242,12 +248,15 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             tls = generate_tls(out / "tls", hosts=tuple(h.strip() for h in args.cert_hosts.split(",") if h.strip()))
     devices = registry.broker_users()
     refuse_reserved_logins(devices, config.broker.username)
-    password = server_broker_password(config.paths)
-    assert password is not None
-    users = {SERVER_USER: mosquitto_hash(password), **devices}
+    # one login per server process: the broker binds client id to username, so two processes sharing one
+    # login would take the session from each other
+    logins = [SERVER_USER] + [f"{SERVER_USER}-{i}" for i in range(2, args.server_logins + 1)]
+    servers = {login: str(server_broker_password(config.paths, login=login)) for login in logins}
+    users = {login: mosquitto_hash(pw) for login, pw in servers.items()} | devices
     try:
         text = render_config(port=args.port, host=args.listen, workdir=out, run_as=args.run_as,
-                             security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence,
+                             security=BrokerSecurity(tls=tls, users=users, hashed=True, acl=acl_text(logins)),
+                             persistence=args.persistence,
                              max_inflight_messages=20, max_queued_bytes=16 << 20,  # bounded per device
                              max_packet_size=PROTOCOL_MAX_PACKET)
         atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
@@ -276,9 +285,12 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         wrote = f"{cfg} exists; make its [broker] section read:"
     registry.record_audit(actor=f"local:{_user()}", action="broker_config", target=str(out),
                           params={"port": args.port, "tls": tls is not None}, outcome="ok",
-                          detail=f"{len(users) - 1} device login(s)")
+                          detail=f"{len(devices)} device login(s), {len(logins)} server login(s)")
     console.print(f"mosquitto config: {out / 'mosquitto.conf'}  (run: mosquitto -c {out / 'mosquitto.conf'})")
-    console.print(f"logins: server + {len(users) - 1} device(s); ACL: {out / 'acl'}")
+    console.print(f"logins: {len(logins)} server + {len(devices)} device(s); ACL: {out / 'acl'}")
+    for login in logins[1:]:
+        console.print(f"another server process: [broker] username = \"{login}\", password_file = "
+                      f"\"keys/{server_password_file(login)}\"", highlight=False, markup=False)
     console.print(f"mosquitto runs as user {args.run_as} when started as root"
                   + (f" (its files in {out} now belong to {args.run_as})" if handed else ""))
     if tls:
@@ -785,6 +797,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--server-key", type=Path)
     p.add_argument("--persistence", action=argparse.BooleanOptionalAction, default=True,
                    help="persist retained messages and sessions across broker restarts (default on)")
+    p.add_argument("--server-logins", type=int, default=1, choices=range(1, 17), metavar="N",
+                   help="broker logins for N server processes (edgefleet-server, edgefleet-server-2, ...; default 1)")
     p.add_argument("--run-as", default="mosquitto", metavar="USER",
                    help="account mosquitto switches to when started as root (default mosquitto, the Debian "
                         "package's user); run as root, this command gives it the generated passwd, acl and key")

@@ -301,3 +301,31 @@ def test_reserved_names_can_never_be_devices(secured: Secured) -> None:
     assert (secured.out / "passwd").read_text() == before
     ok = secured.client(SERVER_USER)  # the server's own login still works
     ok.close()
+
+
+def test_several_server_processes_each_have_a_login(secured: Secured) -> None:
+    """Client id = username, so every server process needs its own login: `--server-logins N` makes them."""
+    assert edgefleet(["--home", str(secured.home), "broker", "config", "--out", str(secured.out), "--listen",
+                      "127.0.0.1", "--port", str(secured.port), "--run-as", current_user(),
+                      "--server-logins", "2"]) == 0
+    secured.process.send_signal(signal.SIGHUP)
+    second = f"{SERVER_USER}-2"
+    password = (secured.home / "keys" / f"broker-{second}.password").read_text().strip()
+    assert "user edgefleet-server-2\ntopic readwrite edgefleet/v1/#" in (secured.out / "acl").read_text()
+    deadline = time.monotonic() + 10
+    while True:  # mosquitto re-reads passwd on SIGHUP: until the new login is accepted
+        other = MqttTestClient("127.0.0.1", secured.port, username=second, password=password, ca_cert=secured.ca)
+        if not getattr(other.connect_rc, "is_failure", False) or time.monotonic() > deadline:
+            break
+        other.close()
+        time.sleep(0.1)
+    one, a = secured.client(SERVER_USER), secured.client("dev-a")
+    try:
+        assert not getattr(other.connect_rc, "is_failure", False), other.connect_rc
+        for server in (one, other):
+            server.subscribe(device_topic("dev-a", Channel.EVENT))
+        a.publish(device_topic("dev-a", Channel.EVENT), b"to-both")
+        assert one.expect().payload == other.expect().payload == b"to-both"  # neither took the other's session
+    finally:
+        for c in (one, other, a):
+            c.close()
