@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--profile", required=True, help="device profile name, e.g. rpi4-aarch64-tflite-int8")
     init.add_argument("--server-key", required=True, type=Path, help="the server's Ed25519 public key file")
     init.add_argument("--broker", required=True, help="MQTT broker as HOST or HOST:PORT")
-    init.add_argument("--tls", action="store_true", help="connect to the broker with TLS")
+    init.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
+                      help="connect to the broker with TLS (the default; --no-tls for plain MQTT on a trusted network)")
     init.add_argument("--ca-cert", type=Path, help="CA certificate for the broker (default: system CAs)")
     init.add_argument("--username", help="MQTT username (usually the device id)")
     secret = init.add_mutually_exclusive_group()

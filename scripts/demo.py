@@ -395,7 +395,7 @@ class Demo:
             out = self.run(
                 "edgefleet-agent", "init", "--device-id", device_id, "--profile", profile,
                 "--server-key", "server/keys/signing.pub", "--broker", f"127.0.0.1:{self.facts['broker_port']}",
-                "--config", str(rel / "agent.toml"), "--store-dir", "store", "--http-port", str(http_port),
+                "--no-tls", "--config", str(rel / "agent.toml"), "--store-dir", "store", "--http-port", str(http_port),
                 capture=True,
             ).stdout
             found = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)

@@ -26,13 +26,15 @@ from server.api import Api, ApiHttpServer
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource, default_build_source
 from server.chunks import ChunkServer
-from server.config import ServerConfig
+from server.config import ServerConfig, private_home
 from server.errors import ServerError
+from server.identity import server_logins
 from server.ingest import Ingestor
 from server.keys import atomic_write, load_signing_key, read_token_file
 from server.metrics import PublishStats, render_metrics
 from server.outbox import Outbox, safe_flush
 from server.publisher import MqttLink
+from server.quotas import CHUNK_RESENDS
 from server.registry.db import Database
 from server.registry.fleet import FleetRegistry
 from server.rollout.driver import Dispatcher, RolloutDriver
@@ -54,10 +56,13 @@ def instance_id(config: ServerConfig) -> str:
 
 
 def open_registry(config: ServerConfig) -> FleetRegistry:
-    registry = FleetRegistry(Database(config.paths.registry_db))
+    private_home(config.home)
+    db = config.paths.registry_db
+    registry = FleetRegistry(Database(db))
     registry.migrate()
-    with contextlib.suppress(OSError):
-        config.paths.registry_db.chmod(0o600)
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
     return registry
 
 
@@ -99,6 +104,7 @@ class FleetServer:
         self.ingest = Ingestor(
             self.registry, self.progress, bucket_s=config.retention.telemetry_bucket_s,
             on_chunk_request=self._on_chunk_request, on_written=self._on_ingest_written, clock=clock,
+            quotas=config.quotas, reserved_logins=server_logins(b.username),
         )
         self.link = MqttLink(
             host=b.host, port=b.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
@@ -116,6 +122,8 @@ class FleetServer:
             broadcast=p.broadcast, window_s=p.chunk_window_s, late_threshold=p.late_broadcast_threshold,
             egress_bytes_s=p.broadcast_egress_mb_s * 1e6,
             on_reject=self._on_chunk_reject, on_sent=self.publish_stats.chunk_sent,
+            resend_limit=lambda n: int(config.quotas.chunk_resend_factor * n) + config.quotas.chunk_resend_floor,
+            on_throttled=self._on_chunk_throttled,
         )
         self.dispatcher = Dispatcher(self.registry, self.signer, self.artifacts, config)
         self.driver = RolloutDriver(self.registry, self.dispatcher, self.builds, config, owner=self.owner,
@@ -128,6 +136,7 @@ class FleetServer:
         self.api = Api(self.service, metrics=self.render_metrics, public_metrics=config.api.public_metrics)
         self.http = ApiHttpServer((config.api.host, config.api.port), self.api, max_body=config.api.max_body_bytes)
         self._last_housekeeping = 0.0
+        self._last_retained_sweep = clock()  # the subscription on connect reads them the first time
         self._allowed: dict[tuple[str, str], float] = {}
 
     # -- wiring ---------------------------------------------------------------------------------------
@@ -161,8 +170,21 @@ class FleetServer:
         self.ingest.stats.reject("chunk_access")
         log.warning("chunk request from %s refused: %s", req.device_id, reason)
 
+    def _on_chunk_throttled(self, req: ChunkRequest, reason: str) -> None:
+        log.warning("chunk request from %s throttled: %s", req.device_id, reason)
+        self.ingest.throttled(req.device_id, CHUNK_RESENDS, reason, self.clock())
+
+    def _quota_housekeeping(self, now: float) -> None:
+        """Clear retained messages devices left where only up/state may keep one; sweep for them now and then."""
+        self.ingest.clear_stray_retained(lambda topic, blob, retain: self.link.publish(topic, blob, retain=retain),
+                                         now)
+        if now - self._last_retained_sweep >= self.config.quotas.retained_sweep_s:
+            self._last_retained_sweep = now
+            self.link.sweep_retained()
+
     def render_metrics(self) -> str:
-        return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats)
+        return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats,
+                              quota=self.ingest.quota_stats)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -181,7 +203,7 @@ class FleetServer:
             self.config.home / RUNTIME_FILE,
             json.dumps({"pid": os.getpid(), "api_url": self.api_url, "instance": self.instance,
                         "owner": self.owner, "started_at": self.clock()}).encode(),
-            mode=0o644,
+            mode=0o600,
         )
         log.info("edgefleet server %s: API on %s, broker %s:%d", self.owner, self.api_url, self.link.host,
                  self.link.port)
@@ -221,6 +243,8 @@ class FleetServer:
         """One pass of the control loop (public so tests can drive it deterministically)."""
         now = self.clock()
         self.driver.tick()
+        if self.link.connected.is_set():
+            self._quota_housekeeping(now)
         if self.link.connected.is_set() and self.outbox.holds_lease(now):
             safe_flush(self.outbox, now)
             if now - self._last_housekeeping >= HOUSEKEEPING_EVERY_S:

@@ -73,7 +73,7 @@ class ArtifactStore:
         )
         if sealed.info.sha256 != digest:
             raise ModelError(f"build file {build.path} changed while it was being sealed")
-        atomic_write(self.path(sealed.info.artifact_id), b"".join(sealed.chunks), mode=0o644)
+        atomic_write(self.path(sealed.info.artifact_id), b"".join(sealed.chunks))
         record = ArtifactRecord(
             artifact_id=sealed.info.artifact_id,
             content_key=key,

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.protocol.topics import ROOT
+from agent.protocol.envelope import MAX_CHUNK_MESSAGE
+from agent.protocol.messages import MAX_CONTROL_MESSAGE
+from agent.protocol.topics import MAX_TOPIC_LENGTH, ROOT, Channel
+from server.identity import SERVER_USER
 
-SERVER_USER = "edgefleet-server"
+__all__ = ["SERVER_USER"]
+
+#: The largest MQTT packet the protocol needs: a full chunk (1 MiB + header + tag, the largest chunk
+#: any profile may use) or a control message, plus the fixed header, topic and packet id. mosquitto's
+#: ``max_packet_size`` is one global limit, so devices are held to this; their own messages are capped
+#: much lower again when the server decodes them.
+PROTOCOL_MAX_PACKET = max(MAX_CHUNK_MESSAGE, MAX_CONTROL_MESSAGE) + 5 + 2 + MAX_TOPIC_LENGTH + 2
 
 
 class BrokerError(RuntimeError):
@@ -60,16 +69,31 @@ def current_user() -> str:
 DEFAULT_RUN_AS = "mosquitto"
 
 
-def acl_text() -> str:
-    """Device isolation by username (= device id); the server user may do everything under the root."""
+def device_acl_lines() -> list[str]:
+    """What a device (username = device id) may do: exactly the leaf topics of agent/protocol/topics.py.
+
+    Reads: its own desired, cmd and chunk/{artifact}; the shared art/{artifact}. Writes: its own
+    up-leaves. No ``#``: a device can keep at most one retained message per up-leaf, and nothing
+    outside the layout can be published or stored under its name."""
+    lines = []
+    for channel in Channel:
+        if channel is Channel.ARTIFACT:
+            lines.append(f"pattern read {ROOT}/art/+")
+        elif channel is Channel.CHUNK:
+            lines.append(f"pattern read {ROOT}/dev/%u/{channel.value}/+")
+        else:
+            access = "read" if channel.value.startswith("down/") else "write"
+            lines.append(f"pattern {access} {ROOT}/dev/%u/{channel.value}")
+    return lines
+
+
+def acl_text(server_logins: Sequence[str] = (SERVER_USER,)) -> str:
+    """Device isolation by username (= device id); the server's logins may do everything under the root."""
+    servers = "".join(f"user {login}\ntopic readwrite {ROOT}/#\ntopic read $SYS/#\n\n" for login in server_logins)
     return (
-        f"user {SERVER_USER}\n"
-        f"topic readwrite {ROOT}/#\n"
-        f"topic read $SYS/#\n\n"
-        "# every other user is a device named by its id\n"
-        f"pattern read {ROOT}/dev/%u/down/#\n"
-        f"pattern write {ROOT}/dev/%u/up/#\n"
-        f"pattern read {ROOT}/art/#\n"
+        servers
+        + "# every other user is a device named by its id, limited to the protocol's leaf topics\n"
+        + "".join(line + "\n" for line in device_acl_lines())
     )
 
 
@@ -152,6 +176,9 @@ class BrokerSecurity:
     users: Mapping[str, str]
     acl: str = field(default_factory=acl_text)
     hashed: bool = False
+    #: ``use_username_as_clientid``: a login can only ever be its own client id, so one device cannot
+    #: take over another's session (kick it, fire its Will, wipe its queued messages)
+    bind_client_id: bool = True
 
 
 def write_password_file(path: Path, users: Mapping[str, str]) -> None:
@@ -181,7 +208,7 @@ def render_config(
     run_as: str,
     security: BrokerSecurity | None = None,
     persistence: bool = False,
-    max_packet_size: int = 2 * 1024 * 1024,
+    max_packet_size: int = PROTOCOL_MAX_PACKET,
     max_queued_messages: int = 10_000,
     max_inflight_messages: int = 100,
     max_queued_bytes: int = 0,
@@ -230,6 +257,8 @@ def render_config(
         acl = workdir / "acl"
         acl.write_text(security.acl)
         lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
+        if security.bind_client_id:
+            lines.append("use_username_as_clientid true")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,14 @@ Theory of operation (CONTRACTS.md section 3)
     ``down/chunk/{id}`` topic. In unicast mode every request is served per device.
     Rounds and per-device sends alternate so a late device is never starved.
 
+    Asking again (quotas): a ``ResendLedger`` per artifact remembers which chunks each device has
+    asked for. A chunk a device asks for a second time is a *resend*: it never opens or joins a
+    broadcast round by itself; it is remembered as late, and streamed to everyone only when at
+    least ``late_threshold`` devices missed something, otherwise sent on the device's own topic.
+    Resends per device and artifact are budgeted (``[quotas] chunk_resend_factor`` x chunk count
+    + ``chunk_resend_floor`` per ``RESEND_WINDOW_S``); over it, the request is refused
+    (``ChunkQuotaError``), reported, and the device still gets what others' rounds stream.
+
     The schedule only says *what to send next*; ``ChunkServer`` reads the chunk from disk and
     publishes it through a paced link (bounded in-flight QoS 1), so the broker's queues never
     overflow and no thread exists per device. With ``egress_bytes_s`` a shared stream is also
@@ -37,12 +45,65 @@ log = logging.getLogger("edgefleet.chunks")
 
 #: artifacts whose expected devices are remembered (the most recent rollouts)
 MAX_AUDIENCES = 64
+#: the resend budget of a device for one artifact is renewed this often (a flaky device recovers)
+RESEND_WINDOW_S = 600.0
+
+
+class ChunkQuotaError(ServerError):
+    """A device asked for one artifact's chunks again more often than its budget allows."""
+
+    code = "quota"
+
+
+class ResendLedger:
+    """Which chunks of one artifact each device asked for, and how many it asked for again."""
+
+    def __init__(self, chunk_count: int, limit: int | None, window_s: float = RESEND_WINDOW_S) -> None:
+        self.chunk_count = chunk_count
+        self.limit = limit
+        self.window_s = window_s
+        self._asked: dict[str, bytearray] = {}
+        self._resent: dict[str, tuple[float, int]] = {}
+
+    def split(self, device_id: str, indexes: list[int], now: float) -> tuple[list[int], list[int]]:
+        """(first asks, resends); raises ChunkQuotaError, recording nothing, when resends bust the budget."""
+        asked = self._asked.get(device_id)
+        if asked is None:  # one bit per chunk: 1,000 devices x 16,000 chunks = 2 MB
+            asked = self._asked[device_id] = bytearray((self.chunk_count + 7) // 8)
+        first = [i for i in indexes if not asked[i >> 3] & (1 << (i & 7))]
+        again = [i for i in indexes if asked[i >> 3] & (1 << (i & 7))]
+        if again and self.limit is not None:
+            start, n = self._resent.get(device_id, (now, 0))
+            if now - start >= self.window_s:
+                start, n = now, 0
+            if n + len(again) > self.limit:
+                raise ChunkQuotaError(
+                    f"device {device_id} asked for {n + len(again)} chunks again (budget {self.limit} per "
+                    f"{self.window_s:.0f} s for this artifact of {self.chunk_count} chunks)"
+                )
+            self._resent[device_id] = (start, n + len(again))
+        for i in first:
+            asked[i >> 3] |= 1 << (i & 7)
+        return first, again
 
 
 @dataclass(frozen=True)
 class Send:
     index: int
     device_id: str | None  # None: broadcast on the shared topic
+
+
+def _merged(ranges: Iterable[tuple[int, int]], count: int) -> list[tuple[int, int]]:
+    """Ranges clamped to the artifact, sorted and merged: a request naming one range 1,024 times costs one."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted((max(0, s), min(e, count)) for s, e in ranges):
+        if start >= end:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 class ArtifactSchedule:
@@ -78,15 +139,26 @@ class ArtifactSchedule:
         """How many devices take this artifact's shared stream (expected or seen asking)."""
         return max(1, len(self._audience))
 
-    def request(self, device_id: str, ranges: Iterable[tuple[int, int]], now: float) -> int:
-        """Record a request; returns how many chunk indexes it named (after clamping to the artifact)."""
-        indexes = [i for start, end in ranges for i in range(max(0, start), min(end, self.chunk_count))]
+    def request(
+        self, device_id: str, ranges: Iterable[tuple[int, int]], now: float, ledger: ResendLedger | None = None
+    ) -> int:
+        """Record a request; returns how many chunk indexes it named (after clamping to the artifact).
+
+        With a ``ledger``, chunks this device asked for before are resends (see the module doc);
+        raises ChunkQuotaError when they bust its budget."""
+        indexes = [i for start, end in _merged(ranges, self.chunk_count) for i in range(start, end)]
         if not indexes:
             return 0
+        again: list[int] = []
+        if ledger is not None:
+            indexes, again = ledger.split(device_id, indexes, now)
         self._audience.add(device_id)
         if not self.broadcast:
-            self._queue_unicast(device_id, indexes)
-            return len(indexes)
+            self._queue_unicast(device_id, indexes + again)
+            return len(indexes) + len(again)
+        self._resend(device_id, again, now)
+        if not indexes:
+            return len(again)
         if self._round_active:
             for i in indexes:
                 if i >= self._cursor:
@@ -99,7 +171,16 @@ class ArtifactSchedule:
             self._requesters.add(device_id)
             if self._window_opened is None:
                 self._window_opened = now
-        return len(indexes)
+        return len(indexes) + len(again)
+
+    def _resend(self, device_id: str, indexes: list[int], now: float) -> None:
+        """Asked again: late (one device alone never makes a broadcast round), unless already on its way."""
+        late = [i for i in indexes if not (self._round[i] and (not self._round_active or i >= self._cursor))]
+        if not late:
+            return
+        self._late.setdefault(device_id, set()).update(late)
+        if not self._round_active and self._window_opened is None:
+            self._window_opened = now  # collect a window's resends, then settle them as a round ends
 
     def _queue_unicast(self, device_id: str, indexes: Iterable[int]) -> None:
         merged = set(self._unicast.get(device_id, ())) | set(indexes)
@@ -192,7 +273,12 @@ class ChunkServer:
         on_sent: Callable[[int, bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         egress_bytes_s: float = 0.0,
+        resend_limit: Callable[[int], int | None] = lambda count: None,
+        on_throttled: Callable[[ChunkRequest, str], None] | None = None,
     ) -> None:
+        self._resend_limit = resend_limit
+        self._on_throttled = on_throttled
+        self._ledgers: OrderedDict[str, ResendLedger] = OrderedDict()
         self._read_chunk = read_chunk
         self._chunk_count = chunk_count
         self._authorize = authorize
@@ -277,10 +363,23 @@ class ChunkServer:
                     raise ChunkAccessError(
                         f"request names chunks beyond the artifact's {sched.chunk_count} chunks"
                     )
-                sched.request(req.device_id, req.ranges, now)
+                sched.request(req.device_id, req.ranges, now, self._ledger_for(req.artifact_id, sched.chunk_count))
+            except ChunkQuotaError as exc:
+                if self._on_throttled is not None:
+                    self._on_throttled(req, str(exc))
             except ServerError as exc:
                 if self._on_reject is not None:
                     self._on_reject(req, str(exc))
+
+    def _ledger_for(self, artifact_id: str, chunk_count: int) -> ResendLedger:
+        """Outlives the schedule (dropped when idle): asking again later is still asking again."""
+        ledger = self._ledgers.pop(artifact_id, None)
+        if ledger is None:
+            ledger = ResendLedger(chunk_count, self._resend_limit(chunk_count))
+        self._ledgers[artifact_id] = ledger
+        while len(self._ledgers) > MAX_AUDIENCES:
+            self._ledgers.popitem(last=False)
+        return ledger
 
     def _run(self) -> None:
         while not self._stop.is_set():

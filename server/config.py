@@ -35,6 +35,15 @@ def default_home() -> Path:
     return Path.home() / ".local" / "share" / "edgefleet"
 
 
+def private_home(home: Path) -> Path:
+    """Create the server home 0700 (or tighten an existing one): models, data sets, the registry and keys
+    under it are nobody else's business. Files written under it are 0600 as well (``atomic_write``)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_mode & 0o077:
+        home.chmod(0o700)
+    return home
+
+
 @dataclass(frozen=True)
 class ServerPaths:
     home: Path
@@ -82,6 +91,10 @@ class ServerPaths:
 #     wave_percent = 25.0
 #     max_failures_percent = 10.0
 #     device_timeout_s = 1800.0
+#
+#     [quotas]                               # per device; see QuotasSection and docs/operations.md
+#     events_per_minute = 300
+#     bytes_per_minute = 2097152
 #
 # and [server], [publisher], [retention] as in the dataclasses below.
 
@@ -247,6 +260,33 @@ class RetentionSection:
 
 
 @dataclass(frozen=True)
+class QuotasSection:
+    """Per-device budgets: a device over one is throttled (its excess is dropped, not stored) and reported
+    (a ``quota.exceeded`` event per device and quota per minute, ``edgefleet_quota_throttled_total``)."""
+
+    #: events a device may have recorded per minute, 1..100,000
+    events_per_minute: int = 300
+    #: bytes of state, telemetry and events accepted from one device per minute, 16 KiB..1 GiB
+    bytes_per_minute: int = 2 << 20
+    #: chunks a device may ask for again per artifact, as a multiple of the artifact's chunk count, 0..100
+    chunk_resend_factor: float = 2.0
+    #: ... plus this many, so a small artifact can still be retried a few times, 0..1,000,000
+    chunk_resend_floor: int = 64
+    #: how often the server re-reads retained messages on device up-topics and clears any but up/state,
+    #: 5 s..1 day
+    retained_sweep_s: float = 60.0
+
+    def validate(self) -> None:
+        _check(1 <= self.events_per_minute <= 100_000, "quotas", "events_per_minute", "must be within 1..100000")
+        _check(16 * 1024 <= self.bytes_per_minute <= 1 << 30, "quotas", "bytes_per_minute",
+               "must be within 16 KiB..1 GiB")
+        _check(0.0 <= self.chunk_resend_factor <= 100.0, "quotas", "chunk_resend_factor", "must be within 0..100")
+        _check(0 <= self.chunk_resend_floor <= 1_000_000, "quotas", "chunk_resend_floor",
+               "must be within 0..1000000")
+        _check(5.0 <= self.retained_sweep_s <= 86400.0, "quotas", "retained_sweep_s", "must be within 5 s..1 day")
+
+
+@dataclass(frozen=True)
 class ClientSection:
     """How the ``edgefleet`` CLI reaches a server; empty server = work on the local registry directly."""
 
@@ -269,6 +309,7 @@ class ServerConfig:
     publisher: PublisherSection = field(default_factory=PublisherSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    quotas: QuotasSection = field(default_factory=QuotasSection)
     client: ClientSection = field(default_factory=ClientSection)
 
     @property
@@ -282,7 +323,7 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         for section in (self.server, self.broker, self.api, self.publisher, self.rollout, self.retention,
-                        self.client):
+                        self.quotas, self.client):
             section.validate()
         return self
 
@@ -294,6 +335,7 @@ _SECTIONS: Mapping[str, type] = {
     "publisher": PublisherSection,
     "rollout": RolloutSection,
     "retention": RetentionSection,
+    "quotas": QuotasSection,
     "client": ClientSection,
 }
 

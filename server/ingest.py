@@ -14,11 +14,19 @@ Theory of operation
     counted in the metrics and recorded as an ``ingest.rejected`` event (rate-limited per
     device, so a broken device cannot flood the registry). Nothing a device sends can stop
     the ingest thread.
+
+    Quotas (``server.quotas``, ``[quotas]``): each registered device's accepted messages are
+    budgeted per minute (events counted, bytes summed); the excess is dropped, counted
+    (``edgefleet_quota_throttled_total``) and reported once a minute as ``quota.exceeded``.
+    Only ``up/state`` may hold a retained message: one seen retained on another up-leaf (on
+    subscribe, or the periodic sweep) is not ingested but cleared by the control loop
+    (``clear_stray_retained``), counted and reported the same way.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import queue
 import threading
@@ -38,7 +46,10 @@ from agent.protocol.messages import (
     decode_up,
 )
 from agent.protocol.topics import Channel, parse_topic
+from server.config import QuotasSection
 from server.errors import ServerError
+from server.identity import device_id_problem, server_logins
+from server.quotas import RETAINED, IngestBudget, QuotaStats, ReportLimiter
 from server.registry.fleet import DEVICE_ACTIVE, DEVICE_REVOKED, EnrollmentRequest, FleetRegistry, IngestBatch
 from server.rollout.progress import ProgressTracker
 from server.signing import fingerprint
@@ -95,7 +106,15 @@ class Ingestor:
         max_batch: int = 500,
         max_delay_s: float = 0.05,
         clock: Callable[[], float] = time.time,
+        quotas: QuotasSection | None = None,
+        reserved_logins: frozenset[str] = server_logins(),
     ) -> None:
+        self.reserved_logins = reserved_logins
+        self.budget = IngestBudget(quotas or QuotasSection())
+        self.reports = ReportLimiter()
+        self.quota_stats = QuotaStats()
+        self._stray: dict[str, str] = {}  # topic -> device id: retained where only up/state may be
+        self._stray_lock = threading.Lock()
         self.registry = registry
         self.progress = progress
         self.bucket_s = bucket_s
@@ -112,6 +131,8 @@ class Ingestor:
     # -- paho's thread ------------------------------------------------------------------------------
 
     def submit(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        if retained and payload and not topic.endswith("/" + Channel.STATE.value) and self._note_stray(topic):
+            return  # a stale copy kept by the broker: cleared, never ingested
         if topic.endswith("/" + Channel.CHUNK_REQUEST.value) and self._on_chunk_request is not None:
             try:
                 parsed = parse_topic(topic)
@@ -126,6 +147,44 @@ class Ingestor:
             self._on_chunk_request(msg)
             return
         self._queue.put((topic, payload))
+
+    def _note_stray(self, topic: str) -> bool:
+        try:
+            parsed = parse_topic(topic)
+        except TopicError:
+            return False
+        if parsed.device_id is None or parsed.channel not in _EXPECTED_TYPE:
+            return False
+        with self._stray_lock:
+            self._stray[topic] = parsed.device_id
+        return True
+
+    # -- quotas (control loop and chunk threads) -------------------------------------------------------
+
+    def clear_stray_retained(self, publish: Callable[[str, bytes, bool], None], now: float) -> int:
+        """Clear every retained message noted on a leaf that must not keep one; returns how many."""
+        with self._stray_lock:
+            stray, self._stray = self._stray, {}
+        for topic, device_id in stray.items():
+            try:
+                publish(topic, b"", True)
+            except ServerError as exc:
+                log.warning("cannot clear the retained message on %s: %s", topic, exc)
+                with self._stray_lock:
+                    self._stray.setdefault(topic, device_id)
+                continue
+            self.throttled(device_id, RETAINED, f"cleared a retained message on {topic} (only up/state may "
+                           "keep one)", now)
+        return len(stray)
+
+    def throttled(self, device_id: str, quota: str, detail: str, now: float, *, record: bool = True) -> None:
+        """Count one throttled message; with ``record``, write the minute's ``quota.exceeded`` event if due."""
+        self.quota_stats.throttle(quota)
+        if record and self.reports.due(device_id, quota, now):
+            with contextlib.suppress(ServerError):
+                self.registry.server_event("quota.exceeded", f"device {device_id} over its {quota} quota: {detail}",
+                                           device_id=device_id, severity="warning", code=f"quota_{quota}",
+                                           data={"quota": quota}, now=now)
 
     # -- the ingest thread ----------------------------------------------------------------------------
 
@@ -166,7 +225,7 @@ class Ingestor:
         """Decode, check and write one batch (public for tests and the simulator)."""
         started = time.monotonic()
         now = self._clock()
-        decoded: list[tuple[Channel, str, UpMessage]] = []
+        decoded: list[tuple[Channel, str, UpMessage, int]] = []
         rejections: list[Rejection] = []
         for topic, payload in items:
             try:
@@ -188,11 +247,11 @@ class Ingestor:
                 rejections.append(Rejection(device_id, "device_mismatch",
                                             f"message names device {getattr(msg, 'device_id', None)!r}", topic))
                 continue
-            decoded.append((parsed.channel, device_id, msg))
-        statuses = self._statuses({d for _, d, _ in decoded})
+            decoded.append((parsed.channel, device_id, msg, len(payload)))
+        statuses = self._statuses({d for _, d, _, _ in decoded})
         batch = IngestBatch()
         enrolls: list[EnrollRequest] = []
-        for channel, device_id, msg in decoded:
+        for channel, device_id, msg, size in decoded:
             status = statuses.get(device_id)
             if isinstance(msg, EnrollRequest):
                 enrolls.append(msg)
@@ -205,6 +264,18 @@ class Ingestor:
                 continue
             if status == DEVICE_REVOKED:
                 rejections.append(Rejection(device_id, "revoked", "device is revoked", channel.value))
+                continue
+            over = self.budget.admit(device_id, event=isinstance(msg, Event), size=size, now=now)
+            if over is not None:
+                self.quota_stats.throttle(over)
+                if self.reports.due(device_id, over, now):
+                    q = self.budget.quotas
+                    batch.server_events.append((
+                        device_id, "quota.exceeded", "warning",
+                        f"device {device_id} over its {over} quota ({q.events_per_minute} events, "
+                        f"{q.bytes_per_minute} bytes per minute): the excess is dropped", f"quota_{over}",
+                        {"quota": over, "channel": channel.value},
+                    ))
                 continue
             self.stats.count(channel.name.lower())
             if isinstance(msg, StateReport):
@@ -261,6 +332,14 @@ class Ingestor:
     def _enroll(self, req: EnrollRequest, status: str | None, now: float) -> None:
         key = base64.b64encode(req.public_key).decode()
         self.stats.count("enroll")
+        problem = device_id_problem(req.device_id, self.reserved_logins)
+        if problem is not None:
+            self.stats.reject("reserved_id")
+            if self._should_record(req.device_id, now):
+                with contextlib.suppress(ServerError):
+                    self.registry.server_event("enroll.refused", problem, device_id=req.device_id,
+                                               severity="warning", code="reserved_id", now=now)
+            return
         try:
             with self.registry.tx() as tx:
                 if status == DEVICE_REVOKED:

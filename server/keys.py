@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.protocol.envelope import key_id, raw_public
-from server.config import ServerPaths
+from server.config import ServerPaths, private_home
 from server.errors import KeyStoreError
+from server.identity import SERVER_USER
 
 SIGNING_KEY = "signing.key"
 SIGNING_PUB = "signing.pub"
@@ -73,6 +74,7 @@ class SigningIdentity:
 
 
 def _keys_dir(paths: ServerPaths) -> Path:
+    private_home(paths.home)
     paths.keys_dir.mkdir(parents=True, exist_ok=True)
     paths.keys_dir.chmod(0o700)
     return paths.keys_dir
@@ -98,7 +100,6 @@ def init_signing_key(paths: ServerPaths, *, force: bool = False) -> SigningIdent
     atomic_write(
         public_path,
         public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-        mode=0o644,
     )
     return SigningIdentity(
         key_id=key_id(public),
@@ -183,12 +184,17 @@ def mosquitto_verify(password: str, encoded: str) -> bool:
     return hmac.compare_digest(mosquitto_hash(password, salt=salt, iterations=iterations), encoded)
 
 
-def server_broker_password(paths: ServerPaths, *, create: bool = True) -> str | None:
-    """The server's own MQTT password (created on first use when ``create``)."""
-    path = paths.keys_dir / BROKER_SERVER_PASSWORD
+def server_password_file(login: str = SERVER_USER) -> str:
+    """Where under keys/ the password of a server broker login lives (one login per server process)."""
+    return BROKER_SERVER_PASSWORD if login == SERVER_USER else f"broker-{login}.password"
+
+
+def server_broker_password(paths: ServerPaths, *, create: bool = True, login: str = SERVER_USER) -> str | None:
+    """The server's own MQTT password for ``login`` (created on first use when ``create``)."""
+    path = paths.keys_dir / server_password_file(login)
     existing = read_token_file(path)
     if existing or not create:
         return existing
     password = new_broker_password()
-    atomic_write(_keys_dir(paths) / BROKER_SERVER_PASSWORD, (password + "\n").encode())
+    atomic_write(_keys_dir(paths) / server_password_file(login), (password + "\n").encode())
     return password

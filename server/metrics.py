@@ -65,6 +65,7 @@ def render_metrics(
     *,
     ingest: Any | None = None,
     publish: PublishStats | None = None,
+    quota: Any | None = None,
     extra: Iterable[Family] = (),
 ) -> str:
     counts = registry.fleet_counts()
@@ -123,5 +124,12 @@ def render_metrics(
             for kind, n in sorted(publish.messages.items()):
                 msg.add(n, kind=kind)
             fams += [ch, by, msg]
+    if quota is not None:
+        with quota.lock:
+            thr = Family("edgefleet_quota_throttled_total", "counter",
+                         "Device messages dropped or cleared over a per-device quota, by quota")
+            for name in ("events", "bytes", "chunk_resends", "retained"):
+                thr.add(quota.throttled[name], quota=name)
+            fams.append(thr)
     fams += list(extra)
     return "\n".join(f.render() for f in fams) + "\n"

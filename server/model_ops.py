@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.config import private_home
 from server.errors import InvalidRequestError, ServerError
 
 #: Largest decoded upload per file (the HTTP body cap, ``api.max_body_bytes``, applies before this).
@@ -89,7 +90,7 @@ def add_model(home: Path, body: Mapping[str, Any]) -> dict[str, Any]:
             uploads[key] = _decode(key, body[key])
     if not uploads["model"]:
         raise InvalidRequestError("body.model is empty")
-    home.mkdir(parents=True, exist_ok=True)
+    private_home(home)
     work = Path(tempfile.mkdtemp(prefix=".upload-", dir=home))
     try:
         paths: dict[str, Path] = {}

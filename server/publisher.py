@@ -123,6 +123,13 @@ class MqttLink:
         if self._on_connection is not None:
             self._on_connection(True)
 
+    def sweep_retained(self) -> None:
+        """Subscribe the device up-leaves that must never hold a retained message again: the broker re-sends
+        any it keeps (retain flag set), which ingest then clears. Not with shared subscriptions (the broker
+        sends no retained messages to those); the exact-leaf ACL bounds what a device can keep there."""
+        if self._subscribe and not self._shared and self.connected.is_set():
+            self.client.subscribe([(f"{ROOT}/dev/+/{channel}", 1) for channel in UP_CHANNELS])
+
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
         self.connected.clear()
         if not self._closing:

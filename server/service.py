@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.errors import TopicError
+from agent.protocol.messages import model_name_problem
 from agent.protocol.topics import validate_device_id
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
 from server.config import ServerConfig
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
+from server.identity import check_device_id, server_logins
 from server.keys import load_signing_key, mosquitto_hash, new_broker_password
 from server.outbox import OUTBOX_LEASE
 from server.registry.fleet import (
@@ -60,8 +62,8 @@ def _device_id(value: str) -> str:
 
 def parse_model_ref(text: str) -> tuple[str, int]:
     m = MODEL_REF.match(text.strip())
-    if not m:
-        raise InvalidRequestError(f"{text!r} is not MODEL:VERSION (e.g. digits-cnn:3)")
+    if not m or model_name_problem(m["model"]) is not None:
+        raise InvalidRequestError(f"{text!r} is not MODEL:VERSION (e.g. digits-cnn:3; no '..' in the name)")
     return m["model"], int(m["version"])
 
 
@@ -121,6 +123,10 @@ class FleetService:
 
     # -- devices and enrollment -----------------------------------------------------------------------
 
+    def _new_device_id(self, device_id: str) -> str:
+        """A device id that may be registered: valid, and no server broker login (``server.identity``)."""
+        return check_device_id(device_id, server_logins(self.config.broker.username))
+
     def register_device(
         self,
         device_id: str,
@@ -130,7 +136,7 @@ class FleetService:
         groups: Sequence[str] = (),
         broker_password: bool = True,
     ) -> dict[str, Any]:
-        device_id = _device_id(device_id)
+        device_id = self._new_device_id(device_id)
         self._check_profile(profile)
         key = parse_public_key(public_key) if public_key else None
         for g in groups:
@@ -174,7 +180,7 @@ class FleetService:
         groups: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Accept the key of a pending enrollment request (the operator compares fingerprints)."""
-        device_id = _device_id(device_id)
+        device_id = self._new_device_id(device_id)
         req = self.registry.get_enroll_request(device_id)
         if req.status != "pending":
             raise ConflictError(f"the enrollment request of {device_id} is already {req.status}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
@@ -448,19 +449,42 @@ class WrappedKey:
         )
 
 
+#: A model name, on the server and on every device (it becomes a directory name in the agent's store):
+#: 1-64 ASCII letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit, and no ``..``.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def model_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a model name (None when it can): the one rule server and agent share."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
+        return (f"model name {name!r}: 1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit, no '..'")
+    return None
+
+
+def validate_model_name(name: str) -> str:
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise MalformedMessageError(problem, field="name")
+    return name
+
+
 @dataclass(frozen=True)
 class ModelRef:
+    """A model version. The name is checked on construction, so a ModelRef is always safe in a path."""
+
     name: str
     version: int
+
+    def __post_init__(self) -> None:
+        validate_model_name(self.name)
 
     def to_dict(self) -> Json:
         return {"name": self.name, "version": self.version}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelRef:
-        name = _get_str(d, "name", max_len=64)
-        if not name or not all(c.isalnum() or c in "._-" for c in name):
-            raise MalformedMessageError(f"model name {name!r}: use letters, digits, . _ -", field="name")
+        name = validate_model_name(_get_str(d, "name", max_len=64))
         return cls(name, _get_int(d, "version", lo=0, hi=2**31))
 
 

@@ -10,9 +10,10 @@
     edgefleet/v1/dev/{device_id}/up/enroll             device -> server, EnrollRequest
     edgefleet/v1/art/{art_id}                          server -> many devices, shared chunk stream
 
-The down/up split lets a broker ACL say it in two pattern lines (a device reads
-``dev/%u/down/#`` and ``art/#``, writes ``dev/%u/up/#``). Device ids and artifact
-ids are validated so they can never smuggle MQTT wildcards or separators.
+The generated broker ACL grants a device exactly these leaves (``server.broker.device_acl_lines``):
+it reads its own ``down/desired``, ``down/cmd``, ``down/chunk/+`` and ``art/+``, and writes its own
+five ``up/`` leaves. Device ids and artifact ids are validated so they can never smuggle MQTT
+wildcards or separators.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Example (``edgefleet-agent init`` writes one like it)::
     [broker]
     host = "mqtt.example.com"
     port = 8883
-    tls = true
+    tls = true                         # the default; `tls = false` (init --no-tls) for plain MQTT on port 1883
     ca_cert = "ca.crt"                 # relative paths are relative to this file
     username = "pi-0042"
     password_file = "mqtt-password"
@@ -73,8 +73,10 @@ class BrokerConfig:
     """
 
     host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
+    port: int = 8883
+    #: on unless the config says ``tls = false`` (``edgefleet-agent init --no-tls``): plain MQTT is for a
+    #: trusted network only, and has to be asked for
+    tls: bool = True
     ca_cert: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
@@ -211,7 +213,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         raise ConfigError("set broker.password or broker.password_file, not both", field="broker.password")
     if password_file is not None:
         password = _read_secret(password_file, "broker.password_file")
-    tls = broker.flag("tls", False)
+    tls = broker.flag("tls", True)
     broker_cfg = BrokerConfig(
         host=broker.text("host", "127.0.0.1", max_len=253),
         port=broker.integer("port", 8883 if tls else 1883, lo=1, hi=65535),

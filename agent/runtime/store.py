@@ -49,7 +49,7 @@ from agent.errors import (
     MalformedMessageError,
     StorageError,
 )
-from agent.protocol.messages import ArtifactInfo, HealthSpec, ModelRef, RuntimeSpec
+from agent.protocol.messages import ArtifactInfo, HealthSpec, ModelRef, RuntimeSpec, validate_model_name
 from agent.runtime.fsutil import TMP_MARKER, atomic_symlink, atomic_write, fsync_dir, storage_error
 
 META_FORMAT = 1
@@ -343,7 +343,7 @@ class ModelStore:
         failure nothing is left behind.
         """
         self.require_space(info.size, f"installing {ref.name} v{ref.version}")
-        final = self.models_dir / ref.name / f"{ref.version}-{info.artifact_id}"
+        final = self.models_dir / validate_model_name(ref.name) / f"{ref.version}-{info.artifact_id}"
         building = final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}")
         model_file = MODEL_FILES[runtime.format]
         try:

@@ -40,7 +40,7 @@ from agent.protocol.topics import Channel, device_topic
 from scripts.arm.rootfs import QEMU_CPU, VENV, ArmCheckError, chroot, log
 from scripts.arm.steps import Steps
 from scripts.arm.variants import PROBATION_S, PROFILE, build_variants
-from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, free_port, generate_tls
+from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, acl_text, free_port, generate_tls
 from tests.support.agent_process import write_config
 from tests.support.server_process import ServerProcess
 
@@ -55,6 +55,8 @@ EMULATION: dict[str, dict[str, Any]] = {
 }
 EMULATED_TIMEOUT = 300.0
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+#: a read-only broker login for the host-side telemetry observer (not the server's: one login, one session)
+OBSERVER = "arm-check-observer"
 
 
 def expect(ok: bool, message: str) -> None:
@@ -246,7 +248,7 @@ def _accuracy(agent: EmulatedAgent, pixels: np.ndarray, labels: np.ndarray) -> t
 
 
 class Telemetry(threading.Thread):
-    """The device's own telemetry messages, read off the broker by a host client with the server's credentials."""
+    """The device's own telemetry messages, read off the broker by a host client with a read-only login."""
 
     def __init__(self, port: int, ca_cert: Path, password: str, device_id: str) -> None:
         super().__init__(name="telemetry", daemon=True)
@@ -255,7 +257,7 @@ class Telemetry(threading.Thread):
 
         self.messages: list[TelemetryMessage] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"arm-check-{secrets.token_hex(3)}")
-        self.client.username_pw_set(SERVER_USER, password)
+        self.client.username_pw_set(OBSERVER, password)
         self.client.tls_set(ca_certs=str(ca_cert), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         topic = device_topic(device_id, Channel.TELEMETRY)
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=0)
@@ -340,8 +342,12 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
 
         with steps.step("host: mosquitto (TLS, passwords, ACL) + edgefleet server run") as info:
             tls = generate_tls(host_work / "tls")
-            users = {SERVER_USER: secrets.token_urlsafe(16), device_id: secrets.token_urlsafe(16)}
-            broker = MosquittoBroker(workdir=host_work / "mosquitto", security=BrokerSecurity(tls=tls, users=users))
+            users = {SERVER_USER: secrets.token_urlsafe(16), device_id: secrets.token_urlsafe(16),
+                     OBSERVER: secrets.token_urlsafe(16)}
+            # the observer has a login of its own: client id = username, so sharing the server's would kick it off
+            acl = acl_text() + f"\nuser {OBSERVER}\ntopic read edgefleet/v1/#\n"
+            broker = MosquittoBroker(workdir=host_work / "mosquitto",
+                                     security=BrokerSecurity(tls=tls, users=users, acl=acl))
             broker.start()
             (home / "mqtt-password").write_text(users[SERVER_USER] + "\n")
             (home / "mqtt-password").chmod(0o600)
@@ -425,7 +431,7 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
             info["detail"] = f"aarch64 {accuracy:.3f} vs x86_64 {host:.3f}; argmax agreement {agree:.3f}"
 
         with steps.step("telemetry: the device reports arch aarch64, the server ingests it") as info:
-            telemetry = Telemetry(broker.port, tls.ca_cert, users[SERVER_USER], device_id)
+            telemetry = Telemetry(broker.port, tls.ca_cert, users[OBSERVER], device_id)
             telemetry.start()
             t = server.wait("a telemetry message", lambda: telemetry.messages[-1] if telemetry.messages else None)
             expect(t.arch == "aarch64", f"telemetry arch is {t.arch!r}")

@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from server.errors import ServerError
+from server.textsafe import clean, plain, safe, untrusted
 
 console = Console()
 err_console = Console(stderr=True)
@@ -50,7 +51,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from server.client import connect  # noqa: PLC0415
 
-    return connect(args.home, server=args.server, config_path=args.config)
+    return _Cleaned(connect(args.home, server=args.server, config_path=args.config))
+
+
+class _Cleaned:
+    """The API client, with every string it returns cleaned of control characters (server.textsafe)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        return untrusted(self._client.call(*args, **kwargs))
 
 
 def _run(fn: Handler) -> Handler:
@@ -58,7 +69,7 @@ def _run(fn: Handler) -> Handler:
         try:
             return fn(args)
         except ServerError as exc:
-            err_console.print(f"[bold red]error[/]: {exc.message}", highlight=False)
+            err_console.print(f"[bold red]error[/]: {safe(exc.message)}", highlight=False)
             return 1
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)  # Ctrl-C: one line, no traceback
@@ -121,7 +132,7 @@ SEVERITY_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bol
 
 
 def _styled(value: str) -> Text:
-    return Text(value, style=STATE_STYLE.get(value, ""))
+    return plain(value, STATE_STYLE.get(value, ""))
 
 
 # -- keys, tokens, broker config (local administration) ---------------------------------------------------
@@ -170,7 +181,7 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     registry.add_token(args.name, token_digest(token))
     registry.record_audit(actor=f"local:{_user()}", action="token_create", target=f"token:{args.name}", params={},
                           outcome="ok")
-    err_console.print(f"API token for [bold]{args.name}[/] (shown once; the server keeps only its hash):")
+    err_console.print(f"API token for [bold]{safe(args.name)}[/] (shown once; the server keeps only its hash):")
     print(token)
     return 0
 
@@ -182,7 +193,7 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
     registry = open_registry(load_config(args.home, args.config))
     table = Table("name", "created", "revoked", box=box.SIMPLE)
     for t in registry.list_tokens():
-        table.add_row(t["name"], _clock(t["created_at"]), _clock(t["revoked_at"]) if t["revoked_at"] else "")
+        table.add_row(safe(t["name"]), _clock(t["created_at"]), _clock(t["revoked_at"]) if t["revoked_at"] else "")
     console.print(table)
     return 0
 
@@ -195,23 +206,31 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     registry.revoke_token(args.name)
     registry.record_audit(actor=f"local:{_user()}", action="token_revoke", target=f"token:{args.name}", params={},
                           outcome="ok")
-    console.print(f"token {args.name} revoked")
+    console.print(f"token {safe(args.name)} revoked")
     return 0
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from server.app import open_registry  # noqa: PLC0415
     from server.broker import (  # noqa: PLC0415
+        PROTOCOL_MAX_PACKET,
         SERVER_USER,
         BrokerError,
         BrokerSecurity,
         TLSFiles,
+        acl_text,
         generate_tls,
         hand_over,
         render_config,
     )
     from server.config import config_path, load_config  # noqa: PLC0415
-    from server.keys import atomic_write, mosquitto_hash, server_broker_password  # noqa: PLC0415
+    from server.identity import refuse_reserved_logins  # noqa: PLC0415
+    from server.keys import (  # noqa: PLC0415
+        atomic_write,
+        mosquitto_hash,
+        server_broker_password,
+        server_password_file,
+    )
 
     config = load_config(args.home, args.config)
     registry = open_registry(config)
@@ -228,13 +247,19 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             tls = TLSFiles(out / "tls" / "ca.crt", out / "tls" / "server.crt", out / "tls" / "server.key")
         else:
             tls = generate_tls(out / "tls", hosts=tuple(h.strip() for h in args.cert_hosts.split(",") if h.strip()))
-    password = server_broker_password(config.paths)
-    assert password is not None
-    users = {SERVER_USER: mosquitto_hash(password)} | registry.broker_users()
+    devices = registry.broker_users()
+    refuse_reserved_logins(devices, config.broker.username)
+    # one login per server process: the broker binds client id to username, so two processes sharing one
+    # login would take the session from each other
+    logins = [SERVER_USER] + [f"{SERVER_USER}-{i}" for i in range(2, args.server_logins + 1)]
+    servers = {login: str(server_broker_password(config.paths, login=login)) for login in logins}
+    users = {login: mosquitto_hash(pw) for login, pw in servers.items()} | devices
     try:
         text = render_config(port=args.port, host=args.listen, workdir=out, run_as=args.run_as,
-                             security=BrokerSecurity(tls=tls, users=users, hashed=True), persistence=args.persistence,
-                             max_inflight_messages=20, max_queued_bytes=16 << 20)  # bounded per device
+                             security=BrokerSecurity(tls=tls, users=users, hashed=True, acl=acl_text(logins)),
+                             persistence=args.persistence,
+                             max_inflight_messages=20, max_queued_bytes=16 << 20,  # bounded per device
+                             max_packet_size=PROTOCOL_MAX_PACKET)
         atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
         # mosquitto started as root switches to run_as before reading passwd and the TLS key (0600): hand them over
         # (the directory too, for persistence, but only one this command made: never chown an existing /etc/...)
@@ -255,15 +280,18 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     )
     cfg = config_path(args.home)
     if not cfg.exists():
-        atomic_write(cfg, broker_section.encode(), mode=0o644)
+        atomic_write(cfg, broker_section.encode())
         wrote = f"wrote {cfg} with this [broker] section"
     else:
         wrote = f"{cfg} exists; make its [broker] section read:"
     registry.record_audit(actor=f"local:{_user()}", action="broker_config", target=str(out),
                           params={"port": args.port, "tls": tls is not None}, outcome="ok",
-                          detail=f"{len(users) - 1} device login(s)")
+                          detail=f"{len(devices)} device login(s), {len(logins)} server login(s)")
     console.print(f"mosquitto config: {out / 'mosquitto.conf'}  (run: mosquitto -c {out / 'mosquitto.conf'})")
-    console.print(f"logins: server + {len(users) - 1} device(s); ACL: {out / 'acl'}")
+    console.print(f"logins: {len(logins)} server + {len(devices)} device(s); ACL: {out / 'acl'}")
+    for login in logins[1:]:
+        console.print(f"another server process: [broker] username = \"{login}\", password_file = "
+                      f"\"keys/{server_password_file(login)}\"", highlight=False, markup=False)
     console.print(f"mosquitto runs as user {args.run_as} when started as root"
                   + (f" (its files in {out} now belong to {args.run_as})" if handed else ""))
     if tls:
@@ -295,12 +323,12 @@ def status_table(devices: Sequence[Mapping[str, Any]], now: float | None = None)
     for d in devices:
         model = "-"
         if d.get("active_model"):
-            model = f"{d['active_model']}:{d['active_version']}"
+            model = safe(f"{d['active_model']}:{d['active_version']}")
             if d.get("active_state") == "probation":
                 model += " [magenta](probation)[/]"
         online = "[green]●[/]" if d.get("online") else "[dim]○[/]"
         table.add_row(
-            d["device_id"], d["profile"], online, model, d.get("lifecycle") or "-",
+            safe(d["device_id"]), safe(d["profile"]), online, model, safe(d.get("lifecycle") or "-"),
             _num(d.get("p95_ms"), ".1f", " ms"), _num(d.get("cpu_percent"), ".0f", "%"),
             _num(d.get("memory_percent"), ".0f", "%"), _num(d.get("temperature_c"), ".0f", "°C"),
             _ago(d.get("last_seen"), now), _device_flags(d),
@@ -316,7 +344,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             return devices
         summary = client.call("status")
-        live = ", ".join(f"{d['deployment_id']} ({d['status']})" for d in summary["live_deployments"]) or "none"
+        live = clean(", ".join(f"{d['deployment_id']} ({d['status']})" for d in summary["live_deployments"]) or "none")
         head = Text.assemble(
             (f"{summary['online']}/{summary['devices']} online", "bold"),
             f"   stale: {summary['stale']}   pending enrollments: {summary['pending_enrollments']}   ",
@@ -345,11 +373,12 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
                   box=box.SIMPLE_HEAD)
     for d in devices:
         want = d.get("desired")
-        desired = "-" if not want else f"{want['action']} {want.get('model') or ''}:{want.get('version') or ''}"
+        desired = "-" if not want else safe(f"{want['action']} {want.get('model') or ''}:{want.get('version') or ''}")
         if want and not want.get("published"):
             desired += " [yellow](unpublished)[/]"
-        table.add_row(d["device_id"], d["profile"], _styled(d["status"]), ",".join(d.get("groups") or []),
-                      d.get("fingerprint") or "-", str(d["seq"]), desired, _clock(d.get("enrolled_at")))
+        table.add_row(safe(d["device_id"]), safe(d["profile"]), _styled(d["status"]),
+                      safe(",".join(d.get("groups") or [])), safe(d.get("fingerprint") or "-"),
+                      str(d["seq"]), desired, _clock(d.get("enrolled_at")))
     console.print(table)
     return 0
 
@@ -360,20 +389,21 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
         _print_json(d)
         return 0
     console.print(status_table([d]))
-    console.print(f"status {d['status']}, groups {', '.join(d['groups']) or '-'}, key {d.get('fingerprint') or '-'}, "
-                  f"kept versions {d['kept']}, last seq {d.get('last_seq')} (server {d['seq']})")
+    console.print(safe(f"status {d['status']}, groups {', '.join(d['groups']) or '-'}, "
+                       f"key {d.get('fingerprint') or '-'}, "
+                       f"kept versions {d['kept']}, last seq {d.get('last_seq')} (server {d['seq']})"))
     if d.get("desired"):
         w = d["desired"]
-        console.print(f"desired: {w['action']} {w['model']}:{w['version']} (seq {w['seq']}, expires "
-                      f"{_clock(w['expires_at'])}, {'published' if w['published'] else 'not yet published'})")
+        console.print(safe(f"desired: {w['action']} {w['model']}:{w['version']} (seq {w['seq']}, expires "
+                           f"{_clock(w['expires_at'])}, {'published' if w['published'] else 'not yet published'})"))
     _events_table(d.get("events") or [], title="recent events")
     return 0
 
 
 def _show_password(out: Mapping[str, Any]) -> None:
     if out.get("broker_password"):
-        console.print(f"MQTT login (shown once): username [bold]{out['broker_username']}[/] password "
-                      f"[bold]{out['broker_password']}[/]")
+        console.print(f"MQTT login (shown once): username [bold]{safe(out['broker_username'])}[/] password "
+                      f"[bold]{safe(out['broker_password'])}[/]")
         console.print("regenerate the broker config (`edgefleet broker config`) and reload mosquitto to activate it")
 
 
@@ -386,8 +416,8 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
         "groups": args.group or [], "broker_password": not args.no_broker_password,
     })
     d = out["device"]
-    console.print(f"registered [bold]{d['device_id']}[/] ({d['profile']}), status {d['status']}"
-                  + (f", key {out['fingerprint']}" if out.get("fingerprint") else
+    console.print(f"registered [bold]{safe(d['device_id'])}[/] ({safe(d['profile'])}), status {safe(d['status'])}"
+                  + (f", key {safe(out['fingerprint'])}" if out.get("fingerprint") else
                      "; it will enroll its key on first connect (approve with `edgefleet devices approve`)"))
     _show_password(out)
     return 0
@@ -401,8 +431,9 @@ def cmd_devices_pending(args: argparse.Namespace) -> int:
     table = Table("device", "profile", "fingerprint", "agent", "arch", "hostname", "requested",
                   box=box.SIMPLE_HEAD, title="pending enrollment requests", title_justify="left")
     for r in pending:
-        table.add_row(r["device_id"], r["profile"], r["fingerprint"], r.get("agent_version") or "-",
-                      r.get("arch") or "-", r.get("hostname") or "-", _ago(r["received_at"]))
+        table.add_row(safe(r["device_id"]), safe(r["profile"]), safe(r["fingerprint"]),
+                      safe(r.get("agent_version") or "-"), safe(r.get("arch") or "-"),
+                      safe(r.get("hostname") or "-"), _ago(r["received_at"]))
     console.print(table)
     return 0
 
@@ -411,19 +442,19 @@ def cmd_devices_approve(args: argparse.Namespace) -> int:
     out = _client(args).call("approve_device", path={"device_id": args.device_id},
                              body={"fingerprint": args.fingerprint, "profile": args.profile,
                                    "groups": args.group or []})
-    console.print(f"approved [bold]{args.device_id}[/] with key {out['fingerprint']}")
+    console.print(f"approved [bold]{safe(args.device_id)}[/] with key {safe(out['fingerprint'])}")
     return 0
 
 
 def cmd_devices_reject(args: argparse.Namespace) -> int:
     _client(args).call("reject_enrollment", path={"device_id": args.device_id})
-    console.print(f"rejected the enrollment request of {args.device_id}")
+    console.print(f"rejected the enrollment request of {safe(args.device_id)}")
     return 0
 
 
 def cmd_devices_revoke(args: argparse.Namespace) -> int:
     out = _client(args).call("revoke_device", path={"device_id": args.device_id})
-    console.print(f"revoked [bold]{args.device_id}[/]; next: {out['next']}")
+    console.print(f"revoked [bold]{safe(args.device_id)}[/]; next: {safe(out['next'])}")
     return 0
 
 
@@ -439,20 +470,21 @@ def cmd_groups_list(args: argparse.Namespace) -> int:
         return 0
     table = Table("group", "devices", "members", box=box.SIMPLE_HEAD)
     for name, members in sorted(groups.items()):
-        table.add_row(name, str(len(members)), ", ".join(members[:12]) + (" ..." if len(members) > 12 else ""))
+        shown = ", ".join(members[:12]) + (" ..." if len(members) > 12 else "")
+        table.add_row(safe(name), str(len(members)), safe(shown))
     console.print(table)
     return 0
 
 
 def cmd_groups_add(args: argparse.Namespace) -> int:
     out = _client(args).call("group_add", path={"group": args.group}, body={"devices": args.devices})
-    console.print(f"group {out['group']}: {len(out['members'])} device(s)")
+    console.print(f"group {safe(out['group'])}: {len(out['members'])} device(s)")
     return 0
 
 
 def cmd_groups_remove(args: argparse.Namespace) -> int:
     out = _client(args).call("group_remove", path={"group": args.group}, body={"devices": args.devices})
-    console.print(f"group {out['group']}: removed {out['removed']}, {len(out['members'])} left")
+    console.print(f"group {safe(out['group'])}: removed {safe(out['removed'])}, {len(out['members'])} left")
     return 0
 
 
@@ -461,15 +493,15 @@ def cmd_groups_remove(args: argparse.Namespace) -> int:
 
 def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
     head = Text.assemble(
-        (f"{d['deployment_id']}  ", "bold"), f"{d['model']}:{d['version']} -> {d['target']}  ",
+        (clean(f"{d['deployment_id']}  "), "bold"), clean(f"{d['model']}:{d['version']} -> {d['target']}  "),
         _styled(d["status"]),
         f"  wave {d['current_wave']}/{d['wave_count'] - 1}  canary {d['canary_percent']:g}%  "
         f"wave {d['wave_percent']:g}%  max failures {d['max_failures_percent']:g}%"
         + (f"  probation {d['probation_s']:g}s" if d.get("probation_s") is not None else ""),
     )
-    parts: list[Any] = [head, Text(f"created {_clock(d['created_at'])} by {d['created_by']}", style="dim")]
+    parts: list[Any] = [head, plain(f"created {_clock(d['created_at'])} by {d['created_by']}", "dim")]
     if d.get("reason"):
-        parts.append(Text(f"reason: {d['reason']}", style="yellow"))
+        parts.append(plain(f"reason: {d['reason']}", "yellow"))
     progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
                         TextColumn("{task.completed}/{task.total} committed"), TextColumn("{task.fields[detail]}"),
                         console=console)
@@ -484,14 +516,15 @@ def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
         table = Table("device", "wave", "code", "why", box=box.SIMPLE_HEAD, title="failures", title_justify="left",
                       title_style="bold red")
         for f in d["failures"]:
-            table.add_row(f["device_id"], str(f["wave"]), f.get("code") or "-", f.get("reason") or "-")
+            table.add_row(safe(f["device_id"]), str(f["wave"]), safe(f.get("code") or "-"),
+                          safe(f.get("reason") or "-"))
         parts.append(table)
     if devices:
         table = Table("device", "profile", "wave", "phase", "progress", "online", "why", box=box.SIMPLE_HEAD)
         for r in d.get("devices", []):
             prog = "-" if r.get("progress") is None else f"{100 * r['progress']:.0f}%"
-            table.add_row(r["device_id"], r["profile"], str(r["wave"]), _styled(r["state"]), prog,
-                          "●" if r.get("online") else "○", r.get("reason") or "")
+            table.add_row(safe(r["device_id"]), safe(r["profile"]), str(r["wave"]), _styled(r["state"]), prog,
+                          "●" if r.get("online") else "○", safe(r.get("reason") or ""))
         parts.append(table)
     return Group(*parts)
 
@@ -519,14 +552,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.json and not args.watch:
         _print_json(dep)
         return 0
-    console.print(f"deployment [bold]{dep['deployment_id']}[/]: {dep['model']}:{dep['version']} -> {dep['target']}, "
-                  f"waves {dep['waves']}, artifacts {', '.join(f'{p}={a[:8]}' for p, a in dep['artifacts'].items())}")
+    console.print(f"deployment [bold]{safe(dep['deployment_id'])}[/]: "
+                  + safe(f"{dep['model']}:{dep['version']} -> {dep['target']}, waves {dep['waves']}, artifacts "
+                         f"{', '.join(f'{p}={a[:8]}' for p, a in dep['artifacts'].items())}"))
     if not dep.get("driver_running"):
         console.print("[yellow]no edgefleet server is running on this registry: the rollout starts when "
                       "`edgefleet server run` does[/]")
         return 0
     if not args.watch:
-        console.print(f"follow it with: edgefleet deployments show {dep['deployment_id']} --watch")
+        console.print(f"follow it with: edgefleet deployments show {safe(dep['deployment_id'])} --watch")
         return 0
     final = _watch_deployment(client, dep["deployment_id"], devices=False)
     return 0 if final["status"] == "completed" else 3
@@ -540,8 +574,9 @@ def cmd_deployments_list(args: argparse.Namespace) -> int:
     table = Table("id", "model", "target", "status", "wave", "devices", "by", "created", box=box.SIMPLE_HEAD)
     for d in deps:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(d["counts"].items()))
-        table.add_row(d["deployment_id"], f"{d['model']}:{d['version']}", d["target"], _styled(d["status"]),
-                      f"{d['current_wave']}/{d['wave_count'] - 1}", counts, d["created_by"], _clock(d["created_at"]))
+        table.add_row(safe(d["deployment_id"]), safe(f"{d['model']}:{d['version']}"), safe(d["target"]),
+                      _styled(d["status"]), f"{d['current_wave']}/{d['wave_count'] - 1}", safe(counts),
+                      safe(d["created_by"]), _clock(d["created_at"]))
     console.print(table)
     return 0
 
@@ -585,6 +620,7 @@ def rollback_table(plan: Sequence[Mapping[str, Any]], devices: Mapping[str, Mapp
             cstate = cmd["status"]
             if cmd.get("result") and cmd["result"].get("message") and cmd["status"] == "failed":
                 cstate += f": {cmd['result']['message']}"
+            cstate = safe(cstate)
         if running:
             note = "[green]confirmed[/]"
         elif not dev.get("online"):
@@ -595,7 +631,8 @@ def rollback_table(plan: Sequence[Mapping[str, Any]], devices: Mapping[str, Mapp
             note = "[cyan]waiting[/]"
             waiting += 1
         reported = "-" if not dev.get("active_model") else f"{dev['active_model']}:{dev['active_version']}"
-        table.add_row(p["device_id"], p["model"], str(p.get("from")), str(p["to"]), cstate, reported, note)
+        table.add_row(safe(p["device_id"]), safe(p["model"]), safe(p.get("from")), safe(p["to"]), cstate,
+                      safe(reported), note)
     return table, waiting
 
 
@@ -603,8 +640,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     client = _client(args)
     out = client.call("rollback", body={"target": args.to, "model": args.model, "version": args.version})
     for s in out.get("skipped", []):
-        err_console.print(f"[yellow]skipped[/] {s['device_id']}: {s['reason']}")
-    console.print(f"rollback batch [bold]{out['batch_id']}[/]: {len(out['devices'])} device(s)")
+        err_console.print(f"[yellow]skipped[/] {safe(s['device_id'])}: {safe(s['reason'])}")
+    console.print(f"rollback batch [bold]{safe(out['batch_id'])}[/]: {len(out['devices'])} device(s)")
     if args.json:
         _print_json(out)
         return 0
@@ -640,8 +677,10 @@ def _event_line(e: Mapping[str, Any]) -> Text:
     who = e.get("device_id") or "server"
     model = f" {e['model']}:{e['version']}" if e.get("model") else ""
     dep = f" [{e['deployment_id']}]" if e.get("deployment_id") else ""
-    return Text.assemble((time.strftime("%H:%M:%S", time.localtime(e["ts"])), "dim"), " ", (f"{who:<16}", "bold"),
-                         " ", (e["kind"], style or "cyan"), model, dep, " ", e.get("message") or "")
+    return Text.assemble((time.strftime("%H:%M:%S", time.localtime(e["ts"])), "dim"), " ",
+                         (clean(f"{who:<16}"), "bold"), " ", (clean(e["kind"]), style or "cyan"),
+                         clean(model), clean(dep), " ",
+                         clean(e.get("message") or ""))
 
 
 def _events_table(events: Iterable[Mapping[str, Any]], *, title: str) -> None:
@@ -688,11 +727,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0
     table = Table("#", "when", "who", "what", "target", "outcome", "detail", box=box.SIMPLE_HEAD)
     for a in records:
-        outcome = Text(a["outcome"], style="green" if a["outcome"] == "ok" else "red")
+        outcome = plain(a["outcome"], "green" if a["outcome"] == "ok" else "red")
         params = {k: _short(v) for k, v in a["params"].items() if not k.startswith("path.") and v not in (None, [], "")}
         what = a["action"] + (" " + " ".join(f"{k}={v}" for k, v in params.items()) if params else "")
-        table.add_row(str(a["id"]), _clock(a["ts"]), a["actor"], what, a.get("target") or "-", outcome,
-                      a.get("detail") or "")
+        table.add_row(str(a["id"]), _clock(a["ts"]), safe(a["actor"]), safe(what), safe(a.get("target") or "-"),
+                      outcome, safe(a.get("detail") or ""))
     console.print(table)
     return 0
 
@@ -706,6 +745,7 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     from server.config import load_config  # noqa: PLC0415
 
     config = load_config(args.home, args.config)
+    os.umask(0o077)  # whatever the server writes (builds, artifacts, uploads, the registry's WAL) is private
     logs.configure(args.log_level or config.server.log_level)
     server = FleetServer(config)
     stop = threading.Event()
@@ -758,6 +798,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--server-key", type=Path)
     p.add_argument("--persistence", action=argparse.BooleanOptionalAction, default=True,
                    help="persist retained messages and sessions across broker restarts (default on)")
+    p.add_argument("--server-logins", type=int, default=1, choices=range(1, 17), metavar="N",
+                   help="broker logins for N server processes (edgefleet-server, edgefleet-server-2, ...; default 1)")
     p.add_argument("--run-as", default="mosquitto", metavar="USER",
                    help="account mosquitto switches to when started as root (default mosquitto, the Debian "
                         "package's user); run as root, this command gives it the generated passwd, acl and key")

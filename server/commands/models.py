@@ -28,6 +28,7 @@ from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
+from server.textsafe import safe
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -40,7 +41,7 @@ def _run(fn: Handler) -> Handler:
         try:
             return fn(args)
         except ServerError as exc:
-            err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
+            err_console.print(f"[bold red]error[/] ({exc.code}): {safe(exc.message)}", highlight=False)
             return 1
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)  # Ctrl-C: one line, no traceback
@@ -188,8 +189,8 @@ def cmd_model_show(args: argparse.Namespace) -> int:
                       f"{out['sha256'][:16]}…  ({remote.description})", highlight=False)
         for kind in ("inputs", "outputs"):
             for t in out[kind]:
-                console.print(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}", highlight=False)
-        console.print(f"  gate: {json.dumps(out['gate'])}", highlight=False)
+                console.print(safe(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}"), highlight=False)
+        console.print(safe(f"  gate: {json.dumps(out['gate'])}"), highlight=False)
         for b in out["builds"]:
             console.print(f"  build {b['profile']}: {b['variant']} {_mb(b['size_bytes'])} "
                           f"(OTA {_mb(b['ota_size_bytes'])} {b['compression']})", highlight=False)
@@ -209,9 +210,9 @@ def cmd_model_show(args: argparse.Namespace) -> int:
         return 0
     console.print(f"[bold]{mv.ref}[/]  {mv.format}  {_mb(mv.size_bytes)}  sha256 {mv.sha256[:16]}…", highlight=False)
     for t in mv.inputs:
-        console.print(f"  input  {t.name}: {t.dtype} {list(t.shape)}", highlight=False)
+        console.print(safe(f"  input  {t.name}: {t.dtype} {list(t.shape)}"), highlight=False)
     for t in mv.outputs:
-        console.print(f"  output {t.name}: {t.dtype} {list(t.shape)}", highlight=False)
+        console.print(safe(f"  output {t.name}: {t.dtype} {list(t.shape)}"), highlight=False)
     console.print(f"  gate: {json.dumps(mv.gate.to_dict())}", highlight=False)
     table = Table(title="builds", box=box.SIMPLE_HEAD)
     for col in ("profile", "variant", "size", "OTA", "codec", "fidelity", "latency ms", "fp32 ms", "min runtime"):
@@ -271,7 +272,7 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
         summary.add_column(col)
     for r in rows:
         if "error" in r:
-            summary.add_row(r["profile"], "[red]not built[/]", "", "", "", "", "", r["error"][:80])
+            summary.add_row(safe(r["profile"]), "[red]not built[/]", "", "", "", "", "", safe(r["error"][:80]))
             continue
         fid = r["fidelity"] or {}
         variant = r["variant"] + (" [yellow](nothing smaller passed the gate)[/]" if r["fell_back_to_fp32"] else "")
@@ -323,7 +324,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 bar.remove_task(task)
                 rows.append({"profile": pid, "error": exc.message, "code": exc.code})
                 if not args.json:
-                    err_console.print(f"[bold red]{pid}[/]: {exc.message}", highlight=False)
+                    err_console.print(f"[bold red]{safe(pid)}[/]: {safe(exc.message)}", highlight=False)
                 continue
             bar.remove_task(task)
             rows.append({
@@ -344,7 +345,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         summary.add_column(col)
     for r in rows:
         if "error" in r:
-            summary.add_row(r["profile"], "[red]not built[/]", "", "", "", "", "", r["error"][:80])
+            summary.add_row(safe(r["profile"]), "[red]not built[/]", "", "", "", "", "", safe(r["error"][:80]))
             continue
         fid = r["fidelity"] or {}
         variant = r["variant"] + (" [yellow](nothing smaller passed the gate)[/]" if r["fell_back_to_fp32"] else "")

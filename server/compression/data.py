@@ -4,6 +4,13 @@ Each array has a leading sample axis; an optional ``labels`` array (integers, on
 on the accuracy gate. Files are capped in size, loaded without pickle, and checked against the
 model's inputs (names, element kind, every fixed dimension) so a wrong file fails before any
 quantizer sees it.
+
+A small ``.npz`` can inflate to gigabytes (a 1 MB file to 1.3 GiB was seen), so ``check_npz``
+reads the zip directory and each member's ``.npy`` header (a few hundred bytes inflated) first:
+member count, names, declared uncompressed size, dtype (numbers only), rank, sample count and
+that the header's shape x itemsize is exactly the member's size, all against the caps below.
+Nothing is inflated beyond those headers until every member passed; ``zipfile`` then never
+inflates more than a member's declared size.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -20,8 +28,14 @@ from agent.protocol.messages import TensorSpec
 from server.errors import DatasetError
 
 MAX_DATASET_BYTES = 1 << 30
+#: everything the arrays of one data set may take once inflated (declared sizes, summed)
+MAX_INFLATED_BYTES = 512 << 20
+MAX_MEMBERS = 64
+MAX_RANK = 8
 MAX_SAMPLES = 100_000
 LABELS = "labels"
+#: a .npy header is at most this long (numpy writes 64-byte-aligned headers of ~128 bytes)
+_MAX_NPY_HEADER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,12 +83,58 @@ def load_dataset(path: Path, inputs: Sequence[TensorSpec], *, role: str = "evalu
         raise DatasetError(f"{role} data {path}: cannot read ({exc.strerror})") from exc
     if size > MAX_DATASET_BYTES:
         raise DatasetError(f"{role} data {path}: {size} bytes is over the {MAX_DATASET_BYTES}-byte limit")
+    check_npz(path, role=role)
     try:
         with np.load(path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"{role} data {path}: not a readable .npz file ({exc})") from exc
     return validate_arrays(raw, inputs, role=role, sha256=file_sha256(path), source=path)
+
+
+def check_npz(path: Path, *, role: str = "evaluation", max_inflated: int = MAX_INFLATED_BYTES) -> None:
+    """Refuse ``path`` unless every member's declared size, dtype and shape fit the caps (DatasetError).
+
+    Reads the zip's central directory and each member's .npy header only."""
+    where = f"{role} data {path}"
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+            if not members or len(members) > MAX_MEMBERS:
+                raise DatasetError(f"{where}: {len(members)} arrays (need 1..{MAX_MEMBERS})")
+            for info in members:
+                name = info.filename
+                if not name.endswith(".npy") or "/" in name or info.is_dir():
+                    raise DatasetError(f"{where}: member {name!r} is not an array (.npy at the top level)")
+                total += info.file_size
+                if total > max_inflated:
+                    raise DatasetError(f"{where}: its arrays declare {total}+ bytes uncompressed, over the "
+                                       f"{max_inflated}-byte limit (checked before inflating anything)")
+                with zf.open(info) as member:
+                    _check_npy_header(member, info.file_size, f"{where}: array {name[:-4]!r}")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{where}: not a readable .npz file ({exc})") from exc
+
+
+def _check_npy_header(member: IO[bytes], file_size: int, where: str) -> None:
+    fmt = np.lib.format
+    version = fmt.read_magic(member)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise DatasetError(f"{where}: unknown .npy version {version}")
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _fortran, dtype = reader(member, max_header_size=_MAX_NPY_HEADER)
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise DatasetError(f"{where}: dtype {dtype} is not a plain number type")
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise DatasetError(f"{where}: shape {list(shape)} is not allowed (rank at most {MAX_RANK})")
+    if shape and shape[0] > MAX_SAMPLES:
+        raise DatasetError(f"{where}: {shape[0]} samples, over the {MAX_SAMPLES} limit")
+    data = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    header = member.tell() if member.seekable() else None
+    if header is not None and header + data != file_size:
+        raise DatasetError(f"{where}: header says {list(shape)} {dtype} ({data} bytes) but the member holds "
+                           f"{file_size - header} bytes")
 
 
 def validate_arrays(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -26,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
+from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec, model_name_problem
 from server.builds import Build
 from server.compression.data import Dataset, load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
-from server.config import ServerPaths
+from server.config import ServerPaths, private_home
 from server.errors import ConflictError, DatasetError, InvalidRequestError, NotFoundError, RegistryError
 from server.profiles import DeviceProfile
 from server.registry.db import Database, Migration
@@ -83,7 +82,6 @@ CREATE TABLE catalog_builds (
     ),
 )
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -121,8 +119,9 @@ class CatalogBuild(Build):
 def parse_ref(ref: str, *, need_version: bool = False) -> tuple[str, int | None]:
     """``name:version`` (or ``name`` when ``need_version`` is False) -> (name, version | None)."""
     name, sep, ver = ref.partition(":")
-    if not NAME.match(name):
-        raise InvalidRequestError(f"{ref!r}: model names are letters, digits, '.', '_' or '-' (up to 64)")
+    if model_name_problem(name) is not None:  # the rule the agent checks too (agent/protocol/messages.py)
+        raise InvalidRequestError(f"{ref!r}: model names are ASCII letters, digits, '.', '_' or '-' (up to 64, "
+                                  "starting with a letter or digit, no '..')")
     if not sep:
         if need_version:
             raise InvalidRequestError(f"{ref!r}: give a version, as NAME:VERSION")
@@ -195,7 +194,7 @@ class Catalog:
 
     @classmethod
     def open(cls, home: Path) -> Catalog:
-        paths = ServerPaths(Path(home))
+        paths = ServerPaths(private_home(Path(home)))
         catalog = cls(Database(paths.registry_db), paths)
         catalog.db.migrate(MIGRATIONS)
         return catalog

@@ -167,7 +167,7 @@ class AgentUnderFuzz:
         (tmp / "server.pub").write_bytes(_pem(self.server_key))
         path = write_config(tmp / "agent.toml", {
             "device_id": DEVICE, "profile": "x86_64-onnx-test", "store_dir": str(tmp / "store"),
-            "broker": {"host": "127.0.0.1", "port": 1}, "keys": {"device_key": "device.key",
+            "broker": {"host": "127.0.0.1", "port": 1, "tls": False}, "keys": {"device_key": "device.key",
                                                                 "server_keys": ["server.pub"]},
             "http": {"enabled": False}, "log": {"level": "error"},
         })

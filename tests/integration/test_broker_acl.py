@@ -6,14 +6,13 @@ up-topics: it can neither read another device's traffic nor publish a command.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,14 +21,12 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.topics import Channel, artifact_topic, device_topic
-from server.app import open_registry
-from server.artifacts import ArtifactStore
 from server.broker import SERVER_USER, current_user, find_mosquitto, free_port
-from server.builds import NoBuilds
 from server.cli import main as edgefleet
 from server.config import load_config
 from server.keys import init_signing_key, server_broker_password
 from server.service import FleetService
+from tests.support.abuse import local_service, wait_listening
 from tests.support.mqtt import MqttTestClient, login_accepted, wait_login
 
 pytestmark = pytest.mark.broker
@@ -63,24 +60,11 @@ class Secured:
         wait_login("127.0.0.1", self.port, refused, password, accepted=False, ca_cert=self.ca)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "mosquitto exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError("mosquitto did not listen")
-
-
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[Secured]:
     home, out = tmp_path / "home", tmp_path / "broker"
-    init_signing_key(load_config(home).paths)
-    config = load_config(home)
-    registry = open_registry(config)
-    service = FleetService(config, registry, builds=NoBuilds(),
-                           artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
+    service = local_service(home)
+    config, registry = service.config, service.registry
     passwords = {}
     for dev in ("dev-a", "dev-b"):
         passwords[dev] = service.register_device(dev, profile="rpi4", public_key=DEV_KEY)["broker_password"]
@@ -96,7 +80,7 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
     proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_port(port, proc)
+        wait_listening(port, proc)
         yield Secured(home, out, port, passwords, proc, service)
     finally:
         proc.terminate()
@@ -194,7 +178,7 @@ def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path
         assert (out / "passwd").stat().st_mode & 0o777 == 0o600
         proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_port(port, proc)  # it read passwd, the ACL and the TLS key after switching user
+        wait_listening(port, proc)  # it read passwd, the ACL and the TLS key after switching user
         uid = next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
                    if line.startswith("Uid:"))
         assert int(uid) == account.pw_uid != 0
@@ -209,3 +193,141 @@ def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path
             proc.terminate()
             proc.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_login_cannot_take_over_another_devices_client_id(secured: Secured) -> None:
+    """dev-a connects with dev-b's client id: dev-b is not kicked, its Will does not fire, its session stays."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    observer = secured.client(SERVER_USER)
+    observer.subscribe(device_topic("dev-b", Channel.STATE))
+    victim = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-b", clean_session=False,
+                         protocol=mqtt.MQTTv311)
+    victim.username_pw_set("dev-b", secured.passwords["dev-b"])
+    victim.tls_set(ca_certs=str(secured.ca))
+    victim.will_set(device_topic("dev-b", Channel.STATE), b"will-offline", qos=1, retain=True)
+    connected, dropped, subscribed = threading.Event(), threading.Event(), threading.Event()
+    got: list[bytes] = []
+    victim.on_connect = lambda *a: connected.set()
+    victim.on_subscribe = lambda *a: subscribed.set()
+    victim.on_disconnect = lambda *a: dropped.set()
+    victim.on_message = lambda c, u, m: got.append(bytes(m.payload))
+    victim.connect("127.0.0.1", secured.port)
+    victim.loop_start()
+    attacker = None
+    try:
+        assert connected.wait(10)
+        victim.subscribe("edgefleet/v1/dev/dev-b/down/#", qos=1)
+        assert subscribed.wait(10)
+        observer.publish(device_topic("dev-b", Channel.COMMAND), b"before")
+        deadline = time.monotonic() + 10
+        while b"before" not in got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b"before" in got
+        attacker = MqttTestClient("127.0.0.1", secured.port, username="dev-a", password=secured.passwords["dev-a"],
+                                  ca_cert=secured.ca, client_id="dev-b", clean_start=True)
+        assert not getattr(attacker.connect_rc, "is_failure", False)
+        observer.publish(device_topic("dev-b", Channel.COMMAND), b"after")
+        deadline = time.monotonic() + 10
+        while b"after" not in got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b"after" in got, "dev-b lost its session"
+        assert not dropped.is_set(), "dev-b was kicked off by a login with its client id"
+        assert not [m for m in observer.drain(0.3) if m.payload == b"will-offline"], "dev-b's Will fired"
+    finally:
+        if attacker is not None:
+            attacker.close()
+        victim.disconnect()
+        victim.loop_stop()
+        observer.close()
+
+
+def test_devices_get_only_the_protocols_leaf_topics(secured: Secured) -> None:
+    """No `up/#`: a device cannot publish (or retain) anything outside the protocol's leaves, even its own."""
+    server, a = secured.client(SERVER_USER), secured.client("dev-a")
+    try:
+        server.subscribe("edgefleet/v1/dev/dev-a/#")
+        for topic in ("edgefleet/v1/dev/dev-a/up/junk", "edgefleet/v1/dev/dev-a/up/state/x",
+                      "edgefleet/v1/dev/dev-a/up/event/1", "edgefleet/v1/dev/dev-a/upx"):
+            a.publish(topic, b"stored?", retain=True)
+        a.publish(device_topic("dev-a", Channel.EVENT), b"genuine")
+        got = server.expect()
+        assert (got.topic, got.payload) == (device_topic("dev-a", Channel.EVENT), b"genuine")
+        assert not [m for m in server.drain(0.3) if m.payload == b"stored?"]
+    finally:
+        server.close()
+        a.close()
+    late = secured.client(SERVER_USER)  # a new subscriber would get any retained copy
+    try:
+        late.subscribe("edgefleet/v1/dev/dev-a/#")
+        assert not [m for m in late.drain(0.5) if m.payload == b"stored?"], "the broker kept a retained message"
+    finally:
+        late.close()
+
+
+def test_packets_over_the_protocols_largest_are_refused(secured: Secured) -> None:
+    from agent.protocol.envelope import MAX_CHUNK_MESSAGE
+    from server.broker import PROTOCOL_MAX_PACKET
+
+    assert f"max_packet_size {PROTOCOL_MAX_PACKET}" in (secured.out / "mosquitto.conf").read_text()
+    server, a = secured.client(SERVER_USER), secured.client("dev-a")
+    try:
+        a.subscribe(device_topic("dev-a", Channel.CHUNK, "1" * 32))
+        server.publish(device_topic("dev-a", Channel.CHUNK, "1" * 32), b"c" * MAX_CHUNK_MESSAGE)  # the largest chunk
+        assert len(a.expect().payload) == MAX_CHUNK_MESSAGE
+        server.subscribe(device_topic("dev-a", Channel.EVENT))
+        a.client.publish(device_topic("dev-a", Channel.EVENT), b"x" * PROTOCOL_MAX_PACKET, qos=0)
+        a.close()
+        a = secured.client("dev-a")
+        a.publish(device_topic("dev-a", Channel.EVENT), b"small")
+        got = server.expect(timeout=15)
+        assert got.payload == b"small", f"the broker passed on a packet of {len(got.payload)} bytes"
+    finally:
+        server.close()
+        a.close()
+
+
+def test_reserved_names_can_never_be_devices(secured: Secured) -> None:
+    from server.errors import InvalidRequestError
+
+    for bad in (SERVER_USER, "EdgeFleet-Server", "edgefleet-server-2", "a/b", "x" * 65, "%u"):
+        with pytest.raises(InvalidRequestError):
+            secured.service.register_device(bad, profile="rpi4", public_key=DEV_KEY)
+    # a row that got in some other way (an old registry): the broker config refuses to write it
+    registry = secured.service.registry
+    registry.add_device(SERVER_USER, profile="rpi4", public_key=DEV_KEY, broker_hash=registry.broker_users()["dev-a"])
+    before = (secured.out / "passwd").read_text()
+    assert edgefleet(["--home", str(secured.home), "broker", "config", "--out", str(secured.out), "--listen",
+                      "127.0.0.1", "--port", str(secured.port), "--run-as", current_user()]) == 1
+    assert (secured.out / "passwd").read_text() == before
+    ok = secured.client(SERVER_USER)  # the server's own login still works
+    ok.close()
+
+
+def test_several_server_processes_each_have_a_login(secured: Secured) -> None:
+    """Client id = username, so every server process needs its own login: `--server-logins N` makes them."""
+    assert edgefleet(["--home", str(secured.home), "broker", "config", "--out", str(secured.out), "--listen",
+                      "127.0.0.1", "--port", str(secured.port), "--run-as", current_user(),
+                      "--server-logins", "2"]) == 0
+    secured.process.send_signal(signal.SIGHUP)
+    second = f"{SERVER_USER}-2"
+    password = (secured.home / "keys" / f"broker-{second}.password").read_text().strip()
+    assert "user edgefleet-server-2\ntopic readwrite edgefleet/v1/#" in (secured.out / "acl").read_text()
+    deadline = time.monotonic() + 10
+    while True:  # mosquitto re-reads passwd on SIGHUP: until the new login is accepted
+        other = MqttTestClient("127.0.0.1", secured.port, username=second, password=password, ca_cert=secured.ca)
+        if not getattr(other.connect_rc, "is_failure", False) or time.monotonic() > deadline:
+            break
+        other.close()
+        time.sleep(0.1)
+    one, a = secured.client(SERVER_USER), secured.client("dev-a")
+    try:
+        assert not getattr(other.connect_rc, "is_failure", False), other.connect_rc
+        for server in (one, other):
+            server.subscribe(device_topic("dev-a", Channel.EVENT))
+        a.publish(device_topic("dev-a", Channel.EVENT), b"to-both")
+        assert one.expect().payload == other.expect().payload == b"to-both"  # neither took the other's session
+    finally:
+        for c in (one, other, a):
+            c.close()

@@ -87,7 +87,7 @@ class AgentProcess:
             "device_id": device_id,
             "profile": "x86_64-onnx-test",
             "store_dir": str(self.store_dir),
-            "broker": {"host": broker_host, "port": broker_port},
+            "broker": {"host": broker_host, "port": broker_port, "tls": False},  # test brokers are plain
             "keys": {"device_key": "device.key", "server_keys": ["server.pub"]},
             "http": {"port": self.http_port},
         }

@@ -104,7 +104,8 @@ class RealServer:
 
     PROFILE = "x86-64-avx2"
 
-    def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]]) -> None:
+    def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]],
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
         from server.app import open_registry
         from server.artifacts import ArtifactStore
         from server.client import default_profiles
@@ -114,12 +115,14 @@ class RealServer:
 
         self.home = workdir / "srv-home"
         self.home.mkdir(parents=True, exist_ok=True)
-        data = {
+        data: dict[str, dict[str, Any]] = {
             "broker": {"url": f"mqtt://{host}:{port}", "client_id": f"srv-{workdir.name[-20:]}"},
             "api": {"host": "127.0.0.1", "port": 0},
             "publisher": {"chunk_window_s": 0.2},
             "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 60.0},
         }
+        for section, values in (overrides or {}).items():
+            data[section] = {**data.get(section, {}), **values}
         init_signing_key(ServerConfig(home=self.home).paths)
         self.config = config_from_mapping(self.home, data)
         self.registry = open_registry(self.config)

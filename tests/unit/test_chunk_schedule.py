@@ -124,3 +124,47 @@ def test_a_shared_stream_is_paced_by_its_fan_out() -> None:
     assert paced[-1] - paced[0] >= 0.35
     unpaced = _paced_run(0.0)
     assert unpaced[-1] - unpaced[0] < 0.3
+
+
+# -- asking again (quotas) ---------------------------------------------------------------------------------
+
+
+def test_one_devices_resend_is_never_broadcast_to_everyone() -> None:
+    from server.chunks import ResendLedger
+
+    s = ArtifactSchedule(8, window_s=0.0, late_threshold=3)
+    ledger = ResendLedger(8, limit=None)
+    s.request("a", [(0, 8)], now=0.0, ledger=ledger)
+    s.request("b", [(0, 8)], now=0.0, ledger=ledger)
+    assert drain(s, 0.0) == [Send(i, None) for i in range(8)]
+    for t in (1.0, 2.0, 3.0):  # a asks for the whole artifact again, and again
+        s.request("a", [(0, 8)], now=t, ledger=ledger)
+        again = drain(s, t)
+        assert again == [Send(i, "a") for i in range(8)], again  # only on a's own topic
+    # resends of several devices at once still make one shared round
+    for d in ("a", "b", "c"):
+        s.request(d, [(2, 4)], now=5.0, ledger=ledger)
+    shared = drain(s, 5.0)
+    assert [x for x in shared if x.device_id is None] == [Send(2, None), Send(3, None)], shared
+
+
+def test_resends_over_the_budget_are_refused_and_the_budget_renews() -> None:
+    from server.chunks import ChunkQuotaError, ResendLedger
+
+    ledger = ResendLedger(10, limit=15, window_s=600.0)
+    assert ledger.split("a", list(range(10)), 0.0) == (list(range(10)), [])
+    assert ledger.split("a", list(range(10)), 1.0)[1] == list(range(10))
+    try:
+        ledger.split("a", list(range(10)), 2.0)
+        raise AssertionError("a third full resend fit a budget of 15")
+    except ChunkQuotaError as exc:
+        assert "budget 15" in exc.message
+    assert ledger.split("b", list(range(10)), 2.0)[0] == list(range(10))  # others are not affected
+    assert ledger.split("a", list(range(5)), 601.0)[1] == list(range(5))  # a new window
+
+
+def test_repeated_or_overlapping_ranges_count_once() -> None:
+    s = ArtifactSchedule(8, window_s=0.0)
+    assert s.request("a", [(0, 4)] * 1024, now=0.0) == 4
+    assert s.request("b", [(6, 99), (2, 7), (-5, 1)], now=0.0) == 7  # 0, 2-7
+    assert drain(s, 0.0) == [Send(i, None) for i in range(8)]

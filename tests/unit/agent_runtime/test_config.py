@@ -25,10 +25,15 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert config.keys.device_key == tmp_path / "device.key"
     assert config.models.keep_versions == 3
     assert config.transfer.chunk_timeout_s == 5.0
-    assert (config.broker.host, config.broker.port, config.broker.tls) == ("127.0.0.1", 1883, False)
+    assert (config.broker.host, config.broker.port, config.broker.tls) == ("127.0.0.1", 8883, True), "TLS by default"
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
     assert config.log.format == "json"
     assert config.lifecycle.latency_scale == 1.0, "real budgets unless a board says it is slower"
+
+
+def test_plain_mqtt_must_be_asked_for_and_changes_the_default_port(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + "[broker]\ntls = false\n"))
+    assert (config.broker.port, config.broker.tls) == (1883, False)
 
 
 def test_tls_changes_the_default_port_and_password_file_is_read(tmp_path: Path) -> None:
