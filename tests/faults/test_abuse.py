@@ -257,7 +257,10 @@ def _retained(broker: MosquittoBroker, topics: list[str]) -> list[str]:
     try:
         for t in topics:
             probe.subscribe(t)
-        return [m.topic for m in probe.drain(0.5) if m.retain and m.payload]
+        # retained copies are sent on subscribing, before anything this client publishes afterwards
+        probe.subscribe("edgefleet-test/sentinel")
+        probe.publish("edgefleet-test/sentinel", b"sentinel")
+        return [m.topic for m in probe.before(b"sentinel") if m.retain and m.payload]
     finally:
         probe.close()
 
@@ -296,7 +299,7 @@ def test_chunk_rerequests_are_budgeted_and_never_rebroadcast(tmp_path: Path, bro
 
         def seen(want: str, n: int) -> Callable[[], bool]:
             def check() -> bool:
-                for m in watcher.drain(0.05):
+                for m in watcher.pending():
                     got["shared" if m.topic == artifact_topic(art) else "own"] += 1
                 return got[want] >= n
             return check

@@ -234,7 +234,8 @@ def test_a_login_cannot_take_over_another_devices_client_id(secured: Secured) ->
             time.sleep(0.02)
         assert b"after" in got, "dev-b lost its session"
         assert not dropped.is_set(), "dev-b was kicked off by a login with its client id"
-        assert not [m for m in observer.drain(0.3) if m.payload == b"will-offline"], "dev-b's Will fired"
+        observer.publish(device_topic("dev-b", Channel.STATE), b"sentinel")  # a Will would have come before it
+        assert not [m for m in observer.before(b"sentinel") if m.payload == b"will-offline"], "dev-b's Will fired"
     finally:
         if attacker is not None:
             attacker.close()
@@ -254,14 +255,17 @@ def test_devices_get_only_the_protocols_leaf_topics(secured: Secured) -> None:
         a.publish(device_topic("dev-a", Channel.EVENT), b"genuine")
         got = server.expect()
         assert (got.topic, got.payload) == (device_topic("dev-a", Channel.EVENT), b"genuine")
-        assert not [m for m in server.drain(0.3) if m.payload == b"stored?"]
+        a.publish(device_topic("dev-a", Channel.EVENT), b"sentinel")  # same connection: routed in order
+        assert not [m for m in server.before(b"sentinel") if m.payload == b"stored?"]
     finally:
         server.close()
         a.close()
     late = secured.client(SERVER_USER)  # a new subscriber would get any retained copy
     try:
         late.subscribe("edgefleet/v1/dev/dev-a/#")
-        assert not [m for m in late.drain(0.5) if m.payload == b"stored?"], "the broker kept a retained message"
+        late.publish(device_topic("dev-a", Channel.COMMAND), b"sentinel")  # retained copies come on SUBACK, first
+        kept = [m for m in late.before(b"sentinel") if m.payload == b"stored?"]
+        assert not kept, "the broker kept a retained message"
     finally:
         late.close()
 

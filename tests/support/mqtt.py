@@ -98,6 +98,15 @@ class MqttTestClient:
             out.append(msg)
         return out
 
+    def pending(self) -> list[Received]:
+        """What has arrived so far, without waiting (for polling loops that wait on state elsewhere)."""
+        out = []
+        while True:
+            try:
+                out.append(self.messages.get_nowait())
+            except queue.Empty:
+                return out
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
