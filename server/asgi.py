@@ -182,6 +182,7 @@ def guarded_protocol(limits: Limits, stats: ApiStats) -> type[HttpToolsProtocol]
         _deadline: asyncio.TimerHandle | None = None
         _head_done = False
         _head_bytes = 0
+        _head_too_large = False
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -205,13 +206,19 @@ def guarded_protocol(limits: Limits, stats: ApiStats) -> type[HttpToolsProtocol]
             if waiting_head and not self._head_done and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > limits.max_header_bytes:
-                    stats.reject("head_too_large")
-                    self.transport.write(_431)
-                    self.transport.close()
+                    self._refuse_head()
 
         def send_400_response(self, msg: str) -> None:
+            if self._head_too_large:
+                self._refuse_head()
+                return
             stats.reject("bad_request")
             super().send_400_response(msg)
+
+        def _refuse_head(self) -> None:
+            stats.reject("head_too_large")
+            self.transport.write(_431)
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -219,6 +226,10 @@ def guarded_protocol(limits: Limits, stats: ApiStats) -> type[HttpToolsProtocol]
 
         def on_headers_complete(self) -> None:
             self._head_done = True
+            size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            if size > limits.max_header_bytes:  # a whole head in one read: refused here, before the app
+                self._head_too_large = True
+                raise ValueError("request head too large")  # stops the parser; send_400_response answers 431
             super().on_headers_complete()
             if self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
                 stats.reject("over_capacity")

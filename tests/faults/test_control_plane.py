@@ -26,6 +26,7 @@ from server.access import ROLES, allows, row_hash
 from server.api import ROUTES
 from server.broker import MosquittoBroker
 from tests.support.faults import FaultLedger
+from tests.support.rawhttp import exchange, request, response
 from tests.support.server_process import ServerProcess, edgefleet
 
 pytestmark = pytest.mark.broker
@@ -49,40 +50,8 @@ def _port(server: ServerProcess) -> int:
     return int(server.api_url.rsplit(":", 1)[1])
 
 
-def _response(sock: socket.socket) -> tuple[int | None, bytes]:
-    """(status, body) of one response; (None, b"") when the server closed without answering."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            return (None, b"") if not data else (int(data.split()[1]), b"")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return int(head.split()[1]), body
-
-
 def raw(server: ServerProcess, data: bytes, *, timeout: float = 15.0) -> tuple[int | None, bytes]:
-    with socket.create_connection(("127.0.0.1", _port(server)), timeout=timeout) as sock:
-        sock.sendall(data)
-        return _response(sock)
-
-
-def _request(method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    return exchange(_port(server), data, timeout=timeout)
 
 
 def _rss(server: ServerProcess) -> int:
@@ -91,7 +60,7 @@ def _rss(server: ServerProcess) -> int:
 
 
 def _metric(server: ServerProcess, name: str, **labels: str) -> float:
-    status, body = raw(server, _request("GET", "/metrics"))
+    status, body = raw(server, request("GET", "/metrics"))
     assert status == 200
     want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
     for line in body.decode().splitlines():
@@ -109,17 +78,17 @@ def test_content_length_attacks_are_refused_unread(server: ServerProcess, ledger
     }
     for path, method in (("/healthz", "GET"), ("/v1/devices", "POST")):
         for case, headers in bad.items():
-            status, _ = raw(server, _request(method, path, headers, b"hello"))
+            status, _ = raw(server, request(method, path, headers, b"hello"))
             ledger.trial(status == 400)
             assert status == 400, (case, path, status)
-    status, body = raw(server, _request("GET", "/healthz", {"Content-Length": "5"}, b"hello"))
+    status, body = raw(server, request("GET", "/healthz", {"Content-Length": "5"}, b"hello"))
     ledger.trial(status == 400)
     assert status == 400 and b"take no body" in body, (status, body)
     # the reviewer's attack: a negative length, then stream a lot; the server must cut us off, not read it
     before = _rss(server)
     cut_off, sent = False, 0
     with socket.create_connection(("127.0.0.1", _port(server)), timeout=15) as sock:
-        sock.sendall(_request("GET", "/healthz", {"Content-Length": "-1"}))
+        sock.sendall(request("GET", "/healthz", {"Content-Length": "-1"}))
         try:
             while sent < 64 << 20:
                 sock.sendall(b"\0" * (1 << 20))
@@ -131,20 +100,20 @@ def test_content_length_attacks_are_refused_unread(server: ServerProcess, ledger
     ledger.trial(cut_off and grown < 16 << 20)
     assert cut_off, f"the server read {sent >> 20} MiB after a negative Content-Length"
     assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB"
-    assert raw(server, _request("GET", "/healthz"))[0] == 200
+    assert raw(server, request("GET", "/healthz"))[0] == 200
 
 
 def test_oversized_body_is_refused_before_it_is_read(server: ServerProcess, ledger: FaultLedger) -> None:
     auth = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"}
     # declared too large: answered from the headers alone (no body is ever sent)
-    status, body = raw(server, _request("POST", "/v1/devices", {**auth, "Content-Length": str(MAX_BODY + 1)}))
+    status, body = raw(server, request("POST", "/v1/devices", {**auth, "Content-Length": str(MAX_BODY + 1)}))
     ledger.trial(status == 413)
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large", (status, body)
     # chunked without a length: cut off at the cap, whatever follows
     before = _rss(server)
     cut_off, sent, status = False, 0, None
     with socket.create_connection(("127.0.0.1", _port(server)), timeout=15) as sock:
-        sock.sendall(_request("POST", "/v1/devices", {**auth, "Transfer-Encoding": "chunked"}))
+        sock.sendall(request("POST", "/v1/devices", {**auth, "Transfer-Encoding": "chunked"}))
         try:
             while sent < 32 << 20:
                 sock.sendall(b"100000\r\n" + b"\0" * (1 << 20) + b"\r\n")
@@ -152,14 +121,14 @@ def test_oversized_body_is_refused_before_it_is_read(server: ServerProcess, ledg
         except (BrokenPipeError, ConnectionResetError):
             cut_off = True
         if not cut_off:
-            status = _response(sock)[0]
+            status = response(sock)[0]
     grown = _rss(server) - before
     ledger.note(f"chunked body over the cap: cut off after {sent >> 20} MiB, RSS +{grown >> 20} MiB")
     ledger.trial((cut_off or status == 413) and grown < 16 << 20)
     assert cut_off or status == 413, status
     assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB"
     # without a token nothing is read either: 401 straight from the headers
-    status, _ = raw(server, _request("POST", "/v1/devices", {"Content-Length": str(MAX_BODY - 1)}))
+    status, _ = raw(server, request("POST", "/v1/devices", {"Content-Length": str(MAX_BODY - 1)}))
     ledger.trial(status == 401)
     assert status == 401
 
@@ -190,7 +159,7 @@ def test_half_sent_requests_are_cut_off_quietly(server: ServerProcess, ledger: F
     ledger.trial(not open_ and threads < 60)
     assert not open_, f"{len(open_)} half-sent connections still held open"
     assert threads < 60, f"{threads} threads for 150 connections"
-    assert raw(server, _request("GET", "/healthz"))[0] == 200
+    assert raw(server, request("GET", "/healthz"))[0] == 200
     added = server.log_text().splitlines()[log_before:]
     ledger.trial(len(added) < 10 and not any("Traceback" in line for line in added))
     assert not any("Traceback" in line for line in added), "\n".join(added[:40])
@@ -213,7 +182,7 @@ def _call(server: ServerProcess, method: str, path: str, token: str | None, body
     headers = {"Content-Length": str(len(data))} if data else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    status, payload = raw(server, _request(method, path, headers, data))
+    status, payload = raw(server, request(method, path, headers, data))
     assert status is not None
     return status, json.loads(payload) if payload.startswith((b"{", b"[")) else payload
 
@@ -262,7 +231,7 @@ def test_anonymous_flood_is_counted_not_written(server: ServerProcess, ledger: F
     refused = _metric(server, "edgefleet_api_refused_total", reason="unauthorized")
     body = json.dumps({"device_id": "flood", "profile": "rpi4"}).encode()
     for _ in range(500):
-        status, _ = raw(server, _request("POST", "/v1/devices", {"Content-Length": str(len(body))}, body))
+        status, _ = raw(server, request("POST", "/v1/devices", {"Content-Length": str(len(body))}, body))
         assert status == 401
     rows = [r for r in _audit(server, limit=1000) if r["id"] > mark and r["actor"] == "anonymous"]
     counted = _metric(server, "edgefleet_api_refused_total", reason="unauthorized") - refused
