@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 from agent import __version__
 from server.access import ADMIN, DEPLOY, PUBLIC, READ, allows, parse_anchor
@@ -164,11 +163,6 @@ class Route:
     @property
     def public(self) -> bool:
         return self.role == PUBLIC
-
-    @property
-    def regex(self) -> re.Pattern[str]:
-        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
-        return re.compile(f"^{pattern}$")
 
 
 def _health(c: Call) -> Any:
@@ -387,19 +381,6 @@ class Api:
 
     def route(self, name: str) -> Route:
         return self._by_name[name]
-
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = False
-        for r in self.routes:
-            m = r.regex.match(path)
-            if m is None:
-                continue
-            if r.method == method:
-                return r, {k: unquote(v) for k, v in m.groupdict().items()}
-            allowed = True
-        if allowed:
-            raise InvalidRequestError(f"{method} is not allowed on {path}")
-        raise NotFoundError(f"no such endpoint: {method} {path}")
 
     def role_needed(self, route: Route) -> str:
         if route.name == "metrics" and not self.public_metrics:

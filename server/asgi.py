@@ -423,9 +423,10 @@ class ApiHttpServer:
             raise ConfigError(f"[api] tls_cert/tls_key: cannot load: {exc}", field="api.tls_cert") from exc
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
-        quiet = _QuietLog()
         for name in ("uvicorn.error", "uvicorn"):
-            logging.getLogger(name).addFilter(quiet)
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _QuietLog) for f in logger.filters):
+                logger.addFilter(_QuietLog())
 
     @property
     def port(self) -> int:

@@ -150,7 +150,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     console.print(f"public key:  {ident.public_key_b64}")
     console.print(f"             {ident.public_path} (install on every device as its trust anchor)")
     if made_token:
-        console.print(f"API token for the local CLI (actor [bold]admin[/]): {token_path} (0600)")
+        console.print(f"API token for the local CLI (actor [bold]admin[/], role admin): {token_path} (0600)")
     return 0
 
 
