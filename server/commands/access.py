@@ -2,7 +2,7 @@
 
 It goes through the API like every fleet command (``GET /v1/audit/verify``, role ``read``): on the
 server machine without a server it reads the local registry directly. Exit status 0 when the chain
-is intact, 1 when a link is broken (the row and the reason are printed), 2 on a bad ``--anchor``.
+is intact, 1 when a link is broken (the row and the reason are printed) or the check could not run.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     elif report["ok"]:
-        console.print(f"audit log intact: {report['rows']} rows; head #{report['head_id']} {report['head_hash']}",
-                      highlight=False)
+        print(f"audit log intact: {report['rows']} rows; head #{report['head_id']} {report['head_hash']}")
         console.print("(keep the head off this machine; `edgefleet audit verify --anchor ID:HASH` later proves "
                       "nothing up to it was rewritten or truncated)", style="dim", highlight=False)
     else:
         err_console.print(f"[bold red]audit log BROKEN[/] at row #{report['broken_id']}: "
                           f"{escape(str(report['reason']))}", highlight=False)
-        err_console.print(f"rows checked: {report['rows']}; last intact row: #{report['head_id']}", highlight=False)
+        last = f"#{report['head_id']}" if report["head_id"] is not None else "none"
+        err_console.print(f"rows checked: {report['rows']}; last intact row: {last}", highlight=False)
     return 0 if report["ok"] else 1
 
 
