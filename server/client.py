@@ -102,7 +102,11 @@ class HttpClient:
         except urllib.error.HTTPError as exc:
             raise _decode_error(exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise ServerError(f"cannot reach the edgefleet server at {self.base_url}: {exc}") from exc
+            hint = ""
+            if data is not None and len(data) > 1 << 20 and "reset" in str(exc).lower():
+                hint = (f" (the server closes the connection on a {len(data)}-byte body over its [api] max_body_bytes "
+                        "or from a refused token before reading it)")
+            raise ServerError(f"cannot reach the edgefleet server at {self.base_url}: {exc}{hint}") from exc
         if ctype.startswith("application/json"):
             return json.loads(raw)
         return raw.decode()

@@ -143,9 +143,11 @@ def test_half_sent_requests_are_cut_off_quietly(server: ServerProcess, ledger: F
     assert server.proc is not None
     threads = psutil.Process(server.proc.pid).num_threads()
     ledger.note(f"150 half-sent requests: server threads {threads}")
+    for s in socks[:20]:  # some clients give up first: the server must not log their going away either
+        s.close()
     started = time.monotonic()
     deadline = started + HEADER_TIMEOUT_S + 30.0
-    open_ = set(socks)
+    open_ = set(socks[20:])
     while open_ and time.monotonic() < deadline:  # wait for the server to close every one
         readable, _, _ = select.select(list(open_), [], [], 1.0)
         for s in readable:
@@ -168,7 +170,7 @@ def test_half_sent_requests_are_cut_off_quietly(server: ServerProcess, ledger: F
     assert len(added) < 10, "\n".join(added[:40])
     cut = _metric(server, "edgefleet_api_rejected_total", reason="header_timeout") + _metric(
         server, "edgefleet_api_rejected_total", reason="connection_cap")
-    assert cut >= 150, cut
+    assert cut >= 130, cut
 
 
 def _probe(route_path: str) -> str:
