@@ -5,7 +5,8 @@ Parsing is llhttp's (uvicorn's ``httptools`` protocol): a negative, non-numeric 
 On top of it this module adds what uvicorn leaves to the operator:
 
 * a head deadline: the request line and headers must arrive within ``[api] header_timeout_s`` of
-  the connection opening (or of the previous response), and the head may not exceed
+  the connection opening (or of the request's first byte on a kept-alive connection, which is
+  otherwise closed after ``idle_timeout_s``), and the head may not exceed
   ``max_header_bytes`` (431); the body must arrive within ``body_timeout_s``. A slow or half-sent
   request is closed, counted, and not logged line by line;
 * a connection cap: past ``max_connections`` a request is answered 503 (uvicorn's
@@ -220,9 +221,11 @@ def guarded_protocol(limits: Limits, stats: ApiStats) -> type[HttpToolsProtocol]
             self.transport.write(_431)
             self.transport.close()
 
-        def on_message_begin(self) -> None:
+        def on_message_begin(self) -> None:  # the first byte of a request: its head deadline starts
             super().on_message_begin()
             self._head_done, self._head_bytes = False, 0
+            if self._deadline is None:
+                self._arm(limits.header_timeout_s, "header_timeout")
 
         def on_headers_complete(self) -> None:
             self._head_done = True
@@ -239,11 +242,9 @@ def guarded_protocol(limits: Limits, stats: ApiStats) -> type[HttpToolsProtocol]
             super().on_message_complete()
             self._disarm()
 
-        def on_response_complete(self) -> None:
+        def on_response_complete(self) -> None:  # idle until the next request: uvicorn's keep-alive timeout
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._head_done, self._head_bytes = False, 0
-                self._arm(limits.header_timeout_s, "header_timeout")
+            self._head_done, self._head_bytes = False, 0
 
         def _arm(self, seconds: float, reason: str) -> None:
             self._disarm()

@@ -166,8 +166,8 @@ class ApiSection:
     max_header_bytes: int = 32 * 1024
     #: past this many open connections a request gets 503; past twice as many a connection is closed
     max_connections: int = 64
-    #: the request line and headers must arrive within this many seconds of the connection (or the
-    #: previous response), 1..300
+    #: the request line and headers must arrive within this many seconds of the connection opening (on a
+    #: kept-alive connection: of the request's first byte), 1..300
     header_timeout_s: float = 10.0
     #: the whole body must arrive within this many seconds of the headers, 1..3600
     body_timeout_s: float = 300.0

@@ -23,7 +23,7 @@ from server.keys import token_digest
 from server.registry.db import Database
 from server.registry.fleet import FleetRegistry
 from server.service import FleetService
-from tests.support.rawhttp import exchange
+from tests.support.rawhttp import exchange, request, response
 
 LIMITS = ApiSection(max_body_bytes=4096, max_header_bytes=8192, header_timeout_s=5.0)
 
@@ -101,3 +101,19 @@ def test_a_client_that_goes_away_mid_body_is_counted_quietly(http: ApiHttpServer
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noisy, [r.getMessage() for r in noisy]
     assert http.api.service.registry.list_devices() == []
+
+
+def test_a_kept_alive_connection_gets_a_head_deadline_for_each_request(api: Api) -> None:
+    server = ApiHttpServer(("127.0.0.1", 0), api, limits=ApiSection(header_timeout_s=1.0, idle_timeout_s=60.0))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+            s.sendall(request("GET", "/healthz"))
+            assert response(s)[0] == 200
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the next request stalls mid-head
+            status, body = response(s)  # the server answers 408 and closes (the socket timeout is only a bound)
+            assert status == 408 and b"too slowly" in body
+            assert s.recv(1) == b""
+        assert server.stats.rejected["header_timeout"] == 1
+    finally:
+        server.stop()
