@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -117,3 +118,30 @@ def test_a_kept_alive_connection_gets_a_head_deadline_for_each_request(api: Api)
         assert server.stats.rejected["header_timeout"] == 1
     finally:
         server.stop()
+
+
+def test_past_the_connection_cap_requests_get_503_and_past_twice_it_connections_are_closed(api: Api) -> None:
+    server = ApiHttpServer(("127.0.0.1", 0), api, limits=ApiSection(max_connections=2))
+    server.start()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=15) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 15
+        while server.stats.open_connections < 2 and time.monotonic() < deadline:  # the server has accepted them
+            time.sleep(0.02)
+        assert exchange(server.port, request("GET", "/healthz"))[0] == 503
+        more = [socket.create_connection(("127.0.0.1", server.port), timeout=15) for _ in range(3)]
+        # the 5th open connection is over twice the cap: closed at once, before any request
+        with contextlib.suppress(ConnectionResetError):
+            assert more[-1].recv(1) == b""
+        assert server.stats.rejected["connection_cap"] >= 1
+        for s in more:
+            s.close()
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 15
+    while server.stats.open_connections > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert exchange(server.port, request("GET", "/healthz"))[0] == 200
+    assert server.stats.rejected["over_capacity"] == 1
+    server.stop()
