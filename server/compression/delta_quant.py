@@ -10,8 +10,10 @@ only biases, whose scale is input scale x weight scale, are recomputed). If neit
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,3 +103,36 @@ def reuse_scales(
             return level
     shutil.copyfile(fresh, out)
     return "none"
+
+
+def reuse_previous(builder: Any, chosen: Any, previous: Path | None) -> Any:
+    """The pipeline's hook: when the chosen candidate is a static int8 ONNX model and the previous version's
+    build for the same profile is known, keep its scales where the candidate still passes the same gate.
+    Returns ``chosen`` itself, or a copy of it pointing at the requantized file."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from server.compression.gate import check_fidelity, measure_fidelity  # noqa: PLC0415
+    from server.compression.runners import open_runner, run_dataset  # noqa: PLC0415
+
+    if previous is None or chosen.path is None or chosen.recipe.kind != "static" or not previous.is_file():
+        return chosen
+    if chosen.path.suffix != ".onnx" or previous.suffix != ".onnx":
+        return chosen
+
+    def gate(path: Path) -> bool:
+        outputs = run_dataset(open_runner(path, "onnx"), builder.evaluation)
+        fid = measure_fidelity(builder.reference, outputs, builder.gate, builder.evaluation.labels)
+        return check_fidelity(fid, builder.gate) is None
+
+    out = chosen.path.with_name(f"{chosen.path.stem}.reuse{chosen.path.suffix}")
+    try:
+        level = reuse_scales(chosen.path, builder.pre, previous, out, gate)
+    except Exception:  # noqa: BLE001 - a failed reuse leaves the fresh build, which already passed
+        builder.notes.append("scale reuse from the previous version failed; fresh calibration kept")
+        return chosen
+    if level == "none":
+        builder.notes.append("scale reuse from the previous version did not pass the gate; fresh calibration kept")
+        return chosen
+    builder.notes.append(f"quantization scales reused from the previous version ({level})")
+    data = out.read_bytes()
+    return replace(chosen, path=out, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())

@@ -369,6 +369,9 @@ class Catalog:
             ev = synthetic_dataset(source)
             opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False})
             cal = None
+        older = self.get_build(mv.model, mv.version - 1, profile.id) if opts.previous is None else None
+        if older is not None:  # delta-friendly quantization: start from the previous version's scales
+            opts = BuildOptions(**{**opts.__dict__, "previous": older.path})
         builds_dir = self.paths.builds_dir
         builds_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=builds_dir, prefix=".work-") as work:
