@@ -47,6 +47,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from agent.errors import IntegrityError, MalformedMessageError
+from agent.protocol.messages import ArtifactInfo, DesiredState, WrappedKey
+
 MAGIC = b"EFD1"
 CODEC_XZ = 1
 #: The body's filter chain: raw LZMA2 (no xz container: ~60 bytes less; the target's SHA-256 is the check).
@@ -61,8 +64,10 @@ _WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _READ = 1 << 16
 
 
-class DeltaError(ValueError):
+class DeltaError(IntegrityError):
     """A patch that is malformed, does not fit its base, or does not produce its target."""
+
+    code = "delta"
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,3 +399,73 @@ def apply_bytes(patch: bytes, base: bytes, *, target_sha256: str, max_size: int)
     base_sha256 = hashlib.sha256(base).hexdigest()
     apply_patch([patch], io.BytesIO(base), out, base_sha256=base_sha256, target_sha256=target_sha256, max_size=max_size)
     return out.getvalue()
+
+
+# -- the manifest contract ---------------------------------------------------------------------------------
+
+#: The signed desired state carries a delta offer under this key (beside the full ``artifact``/``key``).
+DESIRED_FIELD = "delta"
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaInfo:
+    """A delta offer inside a signed deploy: the sealed patch (``artifact``, ``key``: chunked and encrypted like
+    any artifact, ``compression`` "none"), the base it applies to (a version the device keeps, by digest) and the
+    target it must produce (the full artifact's model digest and size). The full artifact stays in the same
+    manifest: any problem with the delta falls back to it without another round trip."""
+
+    artifact: ArtifactInfo
+    key: WrappedKey
+    base_version: int
+    base_sha256: str
+    target_sha256: str
+    target_size: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "artifact": self.artifact.to_dict(),
+            "key": self.key.to_dict(),
+            "base_version": self.base_version,
+            "base_sha256": self.base_sha256,
+            "target_sha256": self.target_sha256,
+            "target_size": self.target_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> DeltaInfo:
+        if not isinstance(d, dict):
+            raise MalformedMessageError("delta must be an object", field=DESIRED_FIELD)
+        art, key = d.get("artifact"), d.get("key")
+        if not isinstance(art, dict) or not isinstance(key, dict):
+            raise MalformedMessageError("delta needs artifact and key objects", field=DESIRED_FIELD)
+        info = ArtifactInfo.from_dict(art)
+        if info.compression != "none":
+            raise MalformedMessageError("a delta artifact is not compressed again", field=DESIRED_FIELD)
+        values = []
+        for name in ("base_sha256", "target_sha256"):
+            v = d.get(name)
+            if not isinstance(v, str) or len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+                raise MalformedMessageError(f"delta {name} must be 64 lowercase hex digits", field=DESIRED_FIELD)
+            values.append(v)
+        ints = []
+        for name in ("base_version", "target_size"):
+            v = d.get(name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 1 << 40:
+                raise MalformedMessageError(f"delta {name} must be a positive integer", field=DESIRED_FIELD)
+            ints.append(v)
+        return cls(info, WrappedKey.from_dict(key), ints[0], values[0], values[1], ints[1])
+
+
+def delta_offer(desired: DesiredState) -> DeltaInfo | None:
+    """The desired state's delta offer, or None. Raises MalformedMessageError for a malformed or inconsistent
+    one (the caller falls back to the full artifact and reports why)."""
+    raw = desired.extra.get(DESIRED_FIELD)
+    if raw is None:
+        return None
+    offer = DeltaInfo.from_dict(raw)
+    full = desired.artifact
+    if full is None or (offer.target_sha256, offer.target_size) != (full.sha256, full.size):
+        raise MalformedMessageError("delta target does not match the full artifact", field=DESIRED_FIELD)
+    if offer.base_version >= desired.model.version:
+        raise MalformedMessageError("delta base must be an older version", field=DESIRED_FIELD)
+    return offer

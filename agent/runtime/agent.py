@@ -119,6 +119,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.messages import Event as WireEvent
 from agent.protocol.topics import Channel, device_down_filter, device_topic, parse_topic
+from agent.runtime import delta as delta_rt
 from agent.runtime import faults
 from agent.runtime.config import AgentConfig
 from agent.runtime.keys import public_key_b64
@@ -183,6 +184,8 @@ class _Download:
     last_progress_at: float = 0.0
     last_progress_fraction: float = 0.0
     complete: bool = False
+    artifact_id: str = ""  # the deploy's (full) artifact: what the lifecycle and the store's partial dir name
+    delta: delta_rt.DeltaPlan | None = None  # set when the transfer is the delta patch, not the full artifact
 
 
 def _write_snapshot(partial: PartialDownload, blob: bytes) -> None:
@@ -634,8 +637,14 @@ class Agent:
         if info.size > limit:
             raise ArtifactTooLargeError(info.size, limit)
         self._check_memory_budget(info.size, f"{_ref_text(target)} ({info.size}-byte model file)")
-        data_key = unwrap_key(key, self.device_key, artifact_id=artifact_id, device_id=self.device_id)
+        use, why = delta_rt.plan(desired, self.store, artifact_id=artifact_id,
+                                 max_ratio=self.config.transfer.delta_max_ratio)
+        if why is not None:
+            self._delta_fallback(target, desired, artifact_id, why)
         partial = self.store.partial(info)
+        if use is not None:
+            info, key, partial = use.offer.artifact, use.offer.key, delta_rt.partial(self.store, artifact_id, use.offer)
+        data_key = unwrap_key(key, self.device_key, artifact_id=info.artifact_id, device_id=self.device_id)
         reassembly = Reassembly(
             artifact_id=artifact_id,
             chunk_count=info.chunk_count,
@@ -664,6 +673,8 @@ class Agent:
             timeout=self.config.transfer.chunk_timeout_s,
             last_snapshot_at=self.monotonic(),
             last_progress_at=self.monotonic(),
+            artifact_id=artifact_id,
+            delta=use,
         )
 
     def _reopen_desired(self, blob: bytes) -> DesiredState:
@@ -722,7 +733,8 @@ class Agent:
         d.timeout = self.config.transfer.chunk_timeout_s
         d.unsnapshotted += len(opened.data)
         if d.reassembly.complete:
-            self._feed(self._download_complete(d))
+            if (done := self._download_complete(d)) is not None:
+                self._feed(done)
             return
         self._snapshot(d)
         self._progress(d, now)
@@ -772,11 +784,13 @@ class Agent:
             data={"received": p.received, "total": p.total, "bytes": p.bytes_received, "total_bytes": p.total_bytes},
         )
 
-    def _download_complete(self, d: _Download) -> Event:
+    def _download_complete(self, d: _Download) -> Event | None:
         self._snapshot(d, force=True)
         d.complete = True
         if d.info.topic and self.link is not None:
             self.link.unsubscribe(d.info.topic)
+        if d.delta is not None and not self._apply_delta(d):
+            return self._start_download(d.target, d.artifact_id, resume=False)  # the full artifact now
         p = d.reassembly.progress()
         self._event(
             "download.completed",
@@ -788,7 +802,7 @@ class Agent:
 
     def _discard_download(self, artifact_id: str) -> None:
         d = self._download
-        if d is not None and d.info.artifact_id == artifact_id:
+        if d is not None and d.artifact_id == artifact_id:
             self._settle_snapshot(d)
             d.partial.close()
             if d.info.topic and self.link is not None:
@@ -802,17 +816,20 @@ class Agent:
     def _verify(self, target: ModelRef, artifact_id: str) -> Event:
         d = self._download
         try:
-            if d is None or d.info.artifact_id != artifact_id:  # after a restart in verifying
+            if d is None or d.artifact_id != artifact_id:  # after a restart in verifying
                 d = self._open_download(target, artifact_id)
             self._settle_snapshot(d)
             d.reassembly.finish(d.partial)
+            info, source = d.info, d.partial.data_path
+            if d.delta is not None:  # the applied target (re-applied if a restart lost it), copied and re-hashed
+                info, source = delta_rt.as_installable(_need(d.desired.artifact)), self._delta_target(d)
             self.store.install(
                 ref=target,
-                info=d.info,
+                info=info,
                 runtime=_need(d.desired.runtime),
                 health=_need(d.desired.health),
                 variant=d.desired.variant,
-                source=d.partial.data_path,
+                source=source,
             )
         except EdgeError as exc:
             return Failed(self.clock(), LifecycleFailure("verifying", exc.code, exc.message))
@@ -822,6 +839,49 @@ class Agent:
         self._download = None
         self._discard_download(artifact_id)
         return Verified(self.clock())
+
+    # delta updates (agent/runtime/delta.py)
+
+    def _delta_target(self, d: _Download) -> Path:
+        target = delta_rt.target_path(self.store, d.artifact_id)
+        if target.is_file():
+            return target
+        assert d.delta is not None
+        return delta_rt.apply(self.store, d.artifact_id, d.partial.data_path, d.delta,
+                              max_size=self.config.models.max_artifact_bytes)
+
+    def _apply_delta(self, d: _Download) -> bool:
+        """Apply the completed patch; False (after reporting and marking the fallback) if the full artifact must
+        be downloaded instead."""
+        assert d.delta is not None
+        t0 = self.monotonic()
+        try:
+            d.reassembly.finish(d.partial)
+            self._delta_target(d)
+        except EdgeError as exc:
+            self._settle_snapshot(d)
+            d.partial.close()
+            self._download = None
+            self._delta_fallback(d.target, d.desired, d.artifact_id, f"{exc.code}: {exc.message}")
+            return False
+        full = _need(d.desired.artifact)
+        self._event("delta.applied", model=d.target, deployment_id=d.desired.deployment_id, data={
+            "base_version": d.delta.offer.base_version, "delta_bytes": d.info.compressed_size,
+            "full_bytes": full.compressed_size, "apply_s": round(self.monotonic() - t0, 4)})
+        return True
+
+    def _delta_fallback(self, target: ModelRef, desired: DesiredState, artifact_id: str, reason: str) -> None:
+        """Report (event ``delta.fallback``) and remember (``delta.failed``) that this deploy goes full."""
+        log.warning("delta for %s not used: %s; downloading the full artifact", _ref_text(target), reason)
+        try:
+            delta_rt.mark_failed(self.store, artifact_id, reason)
+        except OSError as exc:
+            log.warning("cannot record the delta fallback: %s", exc)
+        offer = desired.extra.get("delta")
+        size = offer.get("artifact", {}).get("compressed_size") if isinstance(offer, dict) else None
+        full = desired.artifact
+        self._event("delta.fallback", model=target, deployment_id=desired.deployment_id, data={
+            "reason": reason[:300], "delta_bytes": size, "full_bytes": full.compressed_size if full else None})
 
     # warm-up, switch, probation
 
