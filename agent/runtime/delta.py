@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import MalformedMessageError
-from agent.protocol.delta import DeltaInfo, apply_patch, delta_offer
+from agent.protocol.delta import DeltaError, DeltaInfo, apply_patch, delta_offer
 from agent.protocol.messages import ArtifactInfo, DesiredState, ModelRef
 from agent.runtime import faults
 from agent.runtime.fsutil import atomic_write, fsync_dir
@@ -115,7 +115,11 @@ def apply(store: ModelStore, artifact_id: str, patch_file: Path, p: DeltaPlan, *
     out = target_path(store, artifact_id)
     tmp = out.with_name(f"{TARGET}.tmp")
     try:
-        with p.base.path.open("rb") as base, tmp.open("wb") as f:
+        base = p.base.path.open("rb")
+    except OSError as exc:  # evicted (or unreadable) since the deploy arrived
+        raise DeltaError(f"base version {p.offer.base_version} is no longer readable: {exc.strerror}") from exc
+    try:
+        with base, tmp.open("wb") as f:
             apply_patch(
                 _pieces(patch_file),
                 base,
