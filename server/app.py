@@ -166,6 +166,16 @@ class FleetServer:
             " WHERE w.device_id = ? AND w.action = 'deploy' AND b.artifact_id = ? AND d.status = 'active'",
             (device_id, artifact_id),
         ).fetchone()
+        if row is None:  # a delta artifact (server/delta.py) of the build this device's desired state names
+            row = self.registry.db.connection().execute(
+                "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
+                " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
+                " JOIN artifacts f ON f.artifact_id = b.artifact_id"
+                " JOIN artifacts x ON x.artifact_id = ? AND x.variant = 'delta' AND x.model = f.model"
+                " AND x.version = f.version AND x.profile = f.profile"
+                " WHERE w.device_id = ? AND w.action = 'deploy' AND d.status = 'active'",
+                (artifact_id, device_id),
+            ).fetchone()
         if row is not None:
             self._allowed[(device_id, artifact_id)] = now + 60.0
         return row is not None

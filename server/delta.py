@@ -10,11 +10,16 @@ agree, else literally. The whole stream is then xz-compressed. Choices measured 
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agent.errors import EdgeError
 from agent.protocol.delta import (
     GROUPED,
     MAX_OP_BYTES,
@@ -31,6 +36,18 @@ from agent.protocol.delta import (
     group_bytes,
     zlit,
 )
+from agent.protocol.envelope import open_artifact, seal_artifact
+from server.errors import ServerError
+from server.keys import atomic_write
+from server.metrics import Family
+from server.registry.fleet import ArtifactRecord, FleetRegistry
+
+if TYPE_CHECKING:
+    from server.artifacts import ArtifactStore
+
+log = logging.getLogger("edgefleet.delta")
+#: the same cap as server.artifacts.MAX_MODEL_BYTES (not imported: server.artifacts imports the registry too)
+MAX_MODEL_BYTES = 2 * 1024**3
 
 #: A delta larger than this share of the full artifact is not worth sending (the device gets the full one).
 DEFAULT_MAX_RATIO = 0.60
@@ -190,3 +207,122 @@ def model_format(path: Path) -> str:
 def worth_sending(delta_size: int, full_size: int, max_ratio: float = DEFAULT_MAX_RATIO) -> bool:
     """The delta goes out only when it is at most ``max_ratio`` of the full artifact."""
     return delta_size <= max_ratio * full_size
+
+
+# -- server integration: delta artifacts for a deployment ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeltaOffer:
+    """What the signer puts beside the full artifact in one device's deploy."""
+
+    artifact: ArtifactRecord  # the sealed patch (compression "none"), content-keyed ``delta:<base>:<target>:<chunk>``
+    base_version: int
+    base_sha256: str
+
+
+class DeltaBuilder:
+    """Builds, seals and caches delta artifacts between sealed full artifacts (both decrypted here with their data
+    keys: the server holds them). One per (base, target) pair, shared by every device on that base (one broadcast
+    stream). A pair whose delta is over ``max_ratio`` of the full artifact is remembered as not worth it."""
+
+    def __init__(self, store: ArtifactStore, *, max_ratio: float = DEFAULT_MAX_RATIO) -> None:
+        self.store = store
+        self.max_ratio = max_ratio
+        self._lock = threading.Lock()
+        self._none: set[tuple[str, str]] = set()
+
+    def offer(self, model: str, profile: str, kept: Sequence[int], target: ArtifactRecord) -> DeltaOffer | None:
+        """A delta from the newest kept version below the target's, or None (no base, not worth it, error)."""
+        older = [v for v in kept if v < target.version]
+        if not older or self.max_ratio <= 0:
+            return None
+        base = self.store.registry.artifact_of(model, max(older), profile)
+        if base is None or base.artifact_id == target.artifact_id:
+            return None
+        pair = (base.artifact_id, target.artifact_id)
+        with self._lock:
+            if pair in self._none:
+                return None
+            try:
+                record = self._build(base, target)
+            except (ServerError, EdgeError, OSError, ValueError) as exc:
+                log.warning("no delta %s -> %s: %s", base.artifact_id, target.artifact_id, exc)
+                record = None
+            if record is None:
+                self._none.add(pair)
+                return None
+        return DeltaOffer(record, base.version, str(base.info["sha256"]))
+
+    def _open(self, rec: ArtifactRecord) -> bytes:
+        info = self.store.info(rec.artifact_id)
+        chunks = (self.store.chunk(rec.artifact_id, i) for i in range(info.chunk_count))
+        return open_artifact(chunks, rec.data_key, info, max_size=MAX_MODEL_BYTES)
+
+    def _build(self, base: ArtifactRecord, target: ArtifactRecord) -> ArtifactRecord | None:
+        full = self.store.info(target.artifact_id)
+        key = f"delta:{base.info['sha256']}:{full.sha256}:{full.chunk_size}"
+        existing = self.store.registry.find_artifact(key)
+        if existing is not None and self.store.path(existing.artifact_id).exists():
+            return existing
+        base_bytes, target_bytes = self._open(base), self._open(target)
+        fmt = "onnx" if base_bytes[:1] == b"\x08" and target_bytes[:1] == b"\x08" else "raw"
+        patch = make_delta(base_bytes, target_bytes, fmt)
+        sealed = seal_artifact(patch, chunk_size=full.chunk_size, compression="none", shared_topic=False)
+        if not worth_sending(sealed.wire_bytes, target.wire_bytes, self.max_ratio):
+            return None
+        atomic_write(self.store.path(sealed.info.artifact_id), b"".join(sealed.chunks))
+        record = ArtifactRecord(
+            artifact_id=sealed.info.artifact_id, content_key=key, model=target.model, version=target.version,
+            profile=target.profile, variant="delta", info=sealed.info.to_dict(), data_key=sealed.data_key,
+            wire_bytes=sealed.wire_bytes, created_at=time.time(),
+        )  # fmt: skip
+        stored = self.store.registry.put_artifact(record)
+        if stored.artifact_id != record.artifact_id:
+            self.store.path(record.artifact_id).unlink(missing_ok=True)
+        return stored
+
+
+# -- what operators see: `edgefleet deployments show` and /metrics -------------------------------------------
+
+
+def transfer_summary(registry: FleetRegistry, deployment_id: str) -> dict[str, int]:
+    """Model bytes a deployment's devices fetched vs what full artifacts would have cost (per device, as each
+    device reports: ``delta.applied`` carries the patch size; a fallback fetched the full artifact)."""
+    builds = registry.deployment_builds(deployment_id)
+    full_of = {p: registry.get_artifact(b.artifact_id).wire_bytes for p, b in builds.items()}
+    rows = registry.deployment_devices(deployment_id)
+    events = registry.list_events(deployment_id=deployment_id, kind_prefix="delta.", limit=100_000)
+    applied = {e.device_id: e.data for e in events if e.kind == "delta.applied"}
+    fell = {e.device_id for e in events if e.kind == "delta.fallback"}
+    sent = full = 0
+    for r in rows:
+        if r.dispatched_at is None:
+            continue
+        size = full_of.get(r.profile, 0)
+        full += size
+        got = applied.get(r.device_id)
+        sent += int(got.get("delta_bytes") or size) if got is not None else size
+    return {"bytes_sent": sent, "bytes_full": full, "devices_delta": len(applied), "devices_fallback": len(fell)}
+
+
+def delta_metrics(registry: FleetRegistry) -> list[Family]:
+    """Delta outcomes the devices reported (events still retained): applied vs fell back, and bytes saved."""
+    rows = (
+        registry.db.connection()
+        .execute(
+            "SELECT kind, COUNT(*) AS n, SUM(COALESCE(json_extract(data, '$.full_bytes'), 0)"
+            " - COALESCE(json_extract(data, '$.delta_bytes'), 0)) AS saved"
+            " FROM events WHERE kind IN ('delta.applied', 'delta.fallback') GROUP BY kind"
+        )
+        .fetchall()
+    )
+    by = {r["kind"]: r for r in rows}
+    updates = Family("edgefleet_delta_updates", "gauge", "Deploys offered a delta, by outcome (retained events)")
+    saved = Family("edgefleet_delta_bytes_saved", "gauge", "Artifact bytes devices did not fetch thanks to deltas")
+    for outcome in ("applied", "fallback"):
+        r = by.get(f"delta.{outcome}")
+        updates.add(r["n"] if r else 0, outcome=outcome)
+    r = by.get("delta.applied")
+    saved.add(r["saved"] if r else 0)
+    return [updates, saved]

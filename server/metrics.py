@@ -131,5 +131,8 @@ def render_metrics(
             for name in ("events", "bytes", "chunk_resends", "retained"):
                 thr.add(quota.throttled[name], quota=name)
             fams.append(thr)
+    from server.delta import delta_metrics  # noqa: PLC0415 - server.delta imports this module
+
+    fams += delta_metrics(registry)
     fams += list(extra)
     return "\n".join(f.render() for f in fams) + "\n"

@@ -45,8 +45,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import numpy as np
-
 from agent.errors import IntegrityError, MalformedMessageError
 from agent.protocol.messages import ArtifactInfo, DesiredState, WrappedKey
 
@@ -60,7 +58,8 @@ MAX_OP_BYTES = 1 << 20
 OP_END, OP_COPY, OP_LIT, OP_ADD, OP_XOR, OP_ZLIT = 0, 1, 2, 3, 4, 5
 MAX_ZDICT = 32768
 GROUPED = 0x80
-_WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+#: element dtypes by width (little-endian); numpy is imported where used: agent.protocol stays import-pure
+_WIDTHS = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 _READ = 1 << 16
 
 
@@ -125,25 +124,33 @@ def _varint(n: int) -> bytes:
 
 def group_bytes(data: bytes, width: int) -> bytes:
     """Byte planes: byte 0 of every element, then byte 1, ..."""
+    import numpy as np  # noqa: PLC0415
+
     if width == 1:
         return data
     return bytes(np.frombuffer(data, np.uint8).reshape(-1, width).T.tobytes())
 
 
 def ungroup_bytes(data: bytes | memoryview, width: int) -> bytes:
+    import numpy as np  # noqa: PLC0415
+
     if width == 1:
         return bytes(data)
     return bytes(np.frombuffer(data, np.uint8).reshape(width, -1).T.tobytes())
 
 
 def diff_add(base: bytes, target: bytes, width: int) -> bytes:
+    import numpy as np  # noqa: PLC0415
+
     dt = _WIDTHS[width]
-    return (np.frombuffer(target, dt) - np.frombuffer(base, dt)).tobytes()
+    return bytes((np.frombuffer(target, dt) - np.frombuffer(base, dt)).tobytes())
 
 
 def diff_xor(base: bytes, target: bytes, width: int) -> bytes:
+    import numpy as np  # noqa: PLC0415
+
     dt = _WIDTHS[width]
-    return (np.frombuffer(target, dt) ^ np.frombuffer(base, dt)).tobytes()
+    return bytes((np.frombuffer(target, dt) ^ np.frombuffer(base, dt)).tobytes())
 
 
 def zlit(base: bytes, dict_off: int, dict_len: int, target: bytes) -> Op:
@@ -374,6 +381,8 @@ def apply_patch(
                 raise DeltaError("operation larger than MAX_OP_BYTES")
             data = body.read(length)
             if tag != OP_LIT:
+                import numpy as np  # noqa: PLC0415
+
                 if grouped:
                     data = ungroup_bytes(data, width)
                 dt = _WIDTHS[width]
