@@ -9,6 +9,8 @@ versions come from scripts/make_delta_pairs.py, torch on the digits training spl
     finetune    full fine-tune of every weight, int8, scales reused where the gate passes
     finetune_fresh  the same fine-tune quantized with a fresh calibration (no reuse), for reference
     recalib     same weights, re-calibrated on other data (activation scales change)
+    recalib_ppocr_det  the same for the 4.7 MB PP-OCR detector (8 vs 8 other calibration images): a larger file,
+                so apply_seconds vs full_install_seconds means something on a busy machine
     control     an unrelated model (MLP): the delta is not worth it, the full artifact goes
 Rows: pair, full_bytes (the full sealed artifact: lzma + chunk framing + AEAD tags), delta_bytes (the sealed EFD1
 patch), xdelta3_bytes (xdelta3 -9 -S lzma on the same two files, sealed the same way), bsdiff_bytes,
@@ -129,8 +131,8 @@ def accuracy(model: Path, data: Dataset) -> float:
     return float((logits.argmax(1) == data.labels).mean())
 
 
-def quantize(src: Path, dst: Path, calib: Dataset) -> Path:
-    quantize_static(src, dst, calib, method="minmax", signed_activations=False, reduce_range=False, batch=50)
+def quantize(src: Path, dst: Path, calib: Dataset, batch: int = 50) -> Path:
+    quantize_static(src, dst, calib, method="minmax", signed_activations=False, reduce_range=False, batch=batch)
     return dst
 
 
@@ -155,7 +157,14 @@ def make_pairs(work: Path) -> dict[str, tuple[Path, Path]]:
     other = Dataset({"pixels": evaluation.arrays["pixels"][:200]}, evaluation.labels[:200])
     recal = quantize(digits / "model.onnx", work / "recalib.onnx", other)
     control = quantize(pairs_dir / "control.onnx", work / "control.onnx", calib)
+    # a larger real model (4.7 MB PP-OCR detector) re-calibrated on other images: apply time vs install time
+    ocr = fetch_models.cache_root() / "models" / "ppocr_det"
+    with np.load(ocr / "calibration.npz") as z:
+        images = z["x"]
+    ocr_a = quantize(ocr / "model.onnx", work / "ocr_a.onnx", Dataset({"x": images[:8]}), batch=1)
+    ocr_b = quantize(ocr / "model.onnx", work / "ocr_b.onnx", Dataset({"x": images[8:16]}), batch=1)
     return {
+        "recalib_ppocr_det": (ocr_a, ocr_b),
         "head": (base_q, reused("head")),
         "finetune": (base_q, reused("finetune")),
         "finetune_fresh": (base_q, work / "finetune.fresh.onnx"),

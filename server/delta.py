@@ -153,21 +153,23 @@ def delta_ops(base: bytes, target: bytes, fmt: str) -> list[Op]:
         if r.name in b_regions and b_regions[r.name].length == r.length
     ]
     ops: list[Op] = []
+    matcher = _Matcher(base)
     t_pos = b_pos = 0  # b_pos: where the base bytes matching target[t_pos:] start
     for r, b in paired:
-        ops += _gap(base, target, t_pos, r.offset, b_pos)
+        ops += _gap(base, target, t_pos, r.offset, b_pos, matcher=matcher)
         t_bytes = target[r.offset : r.offset + r.length]
         ops += _encode_range(base[b.offset : b.offset + b.length], t_bytes, b.offset, r.width, r.is_float)
         t_pos, b_pos = r.offset + r.length, b.offset + b.length
-    ops += _gap(base, target, t_pos, len(target), b_pos)
+    ops += _gap(base, target, t_pos, len(target), b_pos, matcher=matcher)
     return ops
 
 
-def _gap(base: bytes, target: bytes, start: int, end: int, b_start: int) -> list[Op]:
+def _gap(base: bytes, target: bytes, start: int, end: int, b_start: int, *, matcher: _Matcher) -> list[Op]:
     """Target bytes ``[start, end)`` that are not a paired tensor; ``b_start`` is where their base twin starts.
 
-    Same length as the base twin: a byte-wise range (COPY/ADD) if that compresses smaller; otherwise pieces of
-    up to 16 KiB deflated against a 32 KiB base window centred on the matching base position (ZLIT), or literal."""
+    Same length as the base twin: a byte-wise range (COPY/ADD) if that compresses smaller than the matcher's
+    COPY/ADD/LIT; if the matcher gives up (mostly new bytes), pieces of up to 16 KiB deflated against a 32 KiB base
+    window centred on the matching base position (ZLIT), or literal."""
     if end <= start:
         return []
     chunk = target[start:end]
@@ -177,6 +179,11 @@ def _gap(base: bytes, target: bytes, start: int, end: int, b_start: int) -> list
         ranged = _encode_range(twin, chunk, b_start, 1, False)
         if len(ranged) == 1 and ranged[0].tag == OP_COPY:
             return ranged
+    matched = matcher.ops(target, start, end, b_start - start, budget=int(0.6 * (end - start)) + 64)
+    if matched is not None:
+        ranged_cost = sum(_probe(o.data) for o in ranged) if ranged else None
+        matched_cost = sum(_probe(o.data) + 6 for o in matched)
+        return ranged if ranged_cost is not None and ranged_cost <= matched_cost else matched
     piece = MAX_ZDICT // 2
     zl: list[Op] = []
     for k in range(0, len(chunk), piece):
@@ -326,3 +333,78 @@ def delta_metrics(registry: FleetRegistry) -> list[Family]:
     r = by.get("delta.applied")
     saved.add(r["saved"] if r else 0)
     return [updates, saved]
+
+
+# -- byte matching for the bytes between tensors (and for files without tensor regions) ----------------------
+
+#: a run of at least this many equal bytes becomes a COPY
+MIN_MATCH = 24
+#: base blocks indexed for re-synchronising after an insertion or deletion
+BLOCK = 16
+
+
+def _common(a: bytes, i: int, b: bytes, j: int, limit: int) -> int:
+    """Length of the common prefix of ``a[i:]`` and ``b[j:]``, at most ``limit`` (vectorised, growing steps)."""
+    import numpy as np  # noqa: PLC0415
+
+    n = min(len(a) - i, len(b) - j, limit)
+    done, step = 0, 64
+    while done < n:
+        k = min(step, n - done)
+        diff = np.flatnonzero(np.frombuffer(a, np.uint8, k, i + done) != np.frombuffer(b, np.uint8, k, j + done))
+        if diff.size:
+            return done + int(diff[0])
+        done += k
+        step = min(step * 8, 1 << 20)
+    return n
+
+
+def _index(base: bytes) -> dict[bytes, int]:
+    idx: dict[bytes, int] = {}
+    for i in range(0, len(base) - BLOCK + 1, BLOCK):
+        idx.setdefault(base[i : i + BLOCK], i)
+    return idx
+
+
+class _Matcher:
+    """Greedy forward matcher (rsync-like): COPY the runs target and base share at the current shift, re-sync the
+    shift through an index of base blocks after an insertion or a deletion, send the rest as ADD (same-length
+    stretches at the current shift) or LIT. Gives up (None) when more than ``budget`` bytes stay unmatched."""
+
+    def __init__(self, base: bytes) -> None:
+        self.base = base
+        self._idx: dict[bytes, int] | None = None
+
+    def ops(self, target: bytes, start: int, end: int, shift: int, budget: int) -> list[Op] | None:
+        base = self.base
+        out: list[Op] = []
+        p = lit = start
+        unmatched = 0
+        while p < end:
+            q = p + shift
+            n = _common(target, p, base, q, end - p) if 0 <= q < len(base) else 0
+            if n >= MIN_MATCH:
+                out += self._literal(target, lit, p, shift)
+                out.append(Op(OP_COPY, n, q))
+                p = lit = p + n
+                continue
+            if self._idx is None:
+                self._idx = _index(base)
+            hit = self._idx.get(target[p : p + BLOCK])
+            if hit is not None and hit - p != shift and _common(target, p, base, hit, end - p) >= MIN_MATCH:
+                shift = hit - p
+                continue
+            p += 1
+            unmatched += 1
+            if unmatched > budget:
+                return None
+        out += self._literal(target, lit, end, shift)
+        return out
+
+    def _literal(self, target: bytes, a: int, b: int, shift: int) -> list[Op]:
+        if b <= a:
+            return []
+        chunk = target[a:b]
+        if b - a >= 64 and a + shift >= 0 and b + shift <= len(self.base):
+            return list(_split(OP_ADD, a + shift, b - a, 1, diff_add(self.base[a + shift : b + shift], chunk, 1)))
+        return list(_split(OP_LIT, 0, b - a, 1, chunk))
