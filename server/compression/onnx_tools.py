@@ -225,6 +225,61 @@ def to_fp16(src: Path, dst: Path) -> None:
     save(half, dst)
 
 
+#: Float initializers smaller than this stay fp32 (shapes, scales: the Cast would cost more than it saves).
+FP16_MIN_ELEMENTS = 256
+FP16_MAX = 65504.0
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Turn Constant nodes holding a tensor into initializers (Paddle exports keep weights there); count."""
+    keep, folded = [], 0
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and len(node.output) == 1 and node.domain in ("", "ai.onnx"):
+            init = onnx.TensorProto()
+            init.CopyFrom(value)
+            init.name = node.output[0]
+            model.graph.initializer.append(init)
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return folded
+
+
+def fp16_weights(src: Path, dst: Path) -> int:
+    """Store float weights as fp16 initializers, each restored by a Cast to fp32; returns how many.
+
+    The graph computes in fp32 as before: ONNX Runtime folds a Cast of an initializer at session
+    creation (constant folding), so the running model holds fp32 weights and runs at fp32 speed;
+    only the file (the download) is halved. Constant nodes are folded into initializers first;
+    integer tensors, tensors with values beyond the fp16 range, and tiny ones are left alone.
+    """
+    model = onnx.load(str(src))
+    fold_constants(model)
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    casts, converted = [], 0
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or init.name in inputs:
+            continue  # an initializer listed as a graph input may be overridden by a feed: keep its type
+        w = numpy_helper.to_array(init)
+        if w.size < FP16_MIN_ELEMENTS or not np.isfinite(w).all() or float(np.abs(w).max()) > FP16_MAX:
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(w.astype(np.float16), f"{name}__fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], name=f"{name}__to_fp32",
+                                           to=onnx.TensorProto.FLOAT))
+        converted += 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    save(model, dst)
+    return converted
+
+
 def toposort(graph: onnx.GraphProto) -> None:
     """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}

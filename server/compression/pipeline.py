@@ -29,7 +29,7 @@ from server.compression import codec, litert_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
-from server.compression.runners import Runner, latency_ms, open_runner, run_dataset, sample_feed
+from server.compression.runners import LiteRtRunner, Runner, latency_ms, open_runner, run_dataset, sample_feed
 from server.errors import DatasetError, GateError, ModelError, ServerError, UnsupportedOpError
 from server.profiles import DeviceProfile, version_tuple
 
@@ -187,6 +187,16 @@ def inspect_source(path: Path) -> SourceModel:
     )
 
 
+def _runs_without_xnnpack(path: Path, data: Dataset) -> str | None:
+    """None when the .tflite file loads and runs one sample on the builtin kernels; else the error."""
+    try:
+        runner = LiteRtRunner(path, xnnpack=False)
+        runner.run(sample_feed(runner, data))
+    except ModelError as exc:
+        return exc.message[:300]
+    return None
+
+
 def _golden(runner: Runner, feed: dict[str, np.ndarray], precision: str) -> tuple[GoldenCase, ...]:
     if sum(a.nbytes for a in feed.values()) > MAX_GOLDEN_BYTES:
         return ()
@@ -249,6 +259,7 @@ class _Builder:
         self.base: Path = source.path  # the fp32 model fitted to the profile (ONNX: opset)
         self.pre: Path = source.path  # pre-processed input for the quantizers
         self.notes: list[str] = []
+        self.builtin_ok: bool | None = None  # whether the .tflite source runs without XNNPACK (checked once)
         self.unchecked: str | None = None  # why fp32 could not be run here (synthetic inputs the model refuses)
 
     # ---- setup
@@ -280,6 +291,19 @@ class _Builder:
             self.notes.extend(onnx_tools.preprocess(self.base, self.pre))
             self.notes.extend(onnx_tools.raise_opset_for_quantization(self.pre, self.rt.max_opset))
 
+    def check_builtin_kernels(self, path: Path) -> None:
+        """A .tflite candidate must also run on LiteRT's builtin kernels (no XNNPACK) when the source does.
+
+        XNNPACK takes what it can and leaves the rest to the builtin kernels, which are stricter (int8
+        conv weights must be symmetric); a device without XNNPACK runs everything on them.
+        """
+        if self.builtin_ok is None:
+            self.builtin_ok = _runs_without_xnnpack(self.source.path, self.evaluation) is None
+        if self.builtin_ok:
+            error = _runs_without_xnnpack(path, self.evaluation)
+            if error is not None:
+                raise ModelError(f"LiteRT without XNNPACK refuses it: {error}")
+
     # ---- candidates
 
     def produce(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Path:
@@ -293,6 +317,15 @@ class _Builder:
                 shutil.copyfile(self.source.path, out)
         elif recipe.kind == "fp16":
             onnx_tools.to_fp16(self.pre, out)
+        elif recipe.kind == "fp16w":
+            if self.source.format == "onnx":
+                optimized = self.work / f"{recipe.name}.fp32.onnx"
+                onnx_tools.optimize_fp32(self.base, optimized)
+                converted = onnx_tools.fp16_weights(optimized, out)
+            else:
+                converted = litert_tools.fp16_weights(self.source.path, out)
+            if not converted:
+                raise ModelError("no float weights to store as fp16")
         elif recipe.kind == "dynamic":
             onnx_tools.quantize_dynamic(self.pre, out, per_channel=p["per_channel"], reduce_range=p["reduce_range"],
                                         op_types=p.get("op_types"), exclude=exclude)
@@ -329,6 +362,8 @@ class _Builder:
                                      opset=op_set, build_s=time.monotonic() - t0)
                 onnx_tools.check_ops(model, self.rt.max_opset, self.profile.id, self.runtime_name)
             runner = open_runner(path, self.source.format)
+            if self.source.format == "tflite" and recipe.kind != "fp32":
+                self.check_builtin_kernels(path)
             fid = None
             if self.unchecked is None:
                 outputs = run_dataset(runner, self.evaluation)
@@ -350,6 +385,8 @@ class _Builder:
             reason = self.unchecked or "not evaluated"
         if recipe.kind == "fp32":
             self.fp32_size, self.fp32_estimate = size, estimate
+        elif reason is None and size > self.source.size:
+            reason = f"larger than the source ({size} vs {self.source.size} bytes): not a candidate"
         elif reason is None and self.fp32_size and recipe.kind != "prune" and size >= 0.95 * self.fp32_size:
             reason = f"not smaller than fp32 ({size} vs {self.fp32_size} bytes): nothing was quantized"
         elif reason is None and self.fp32_estimate and recipe.kind == "prune" and estimate >= 0.95 * self.fp32_estimate:
@@ -440,6 +477,11 @@ def build_profile(
                    methods=opts.methods, pruning=opts.pruning)
     if opts.only:
         recipes = [r for r in recipes if r.name in opts.only or r.name == "fp32"]
+    if source.format == "tflite" and any(r.kind == "fp16w" for r in recipes) \
+            and litert_tools.stores_fp16_weights(source.path):
+        # the source is already what the recipe makes: its fp32 build is the fp16-weight file
+        recipes = [r for r in recipes if r.kind != "fp16w"]
+        b.notes.append("fp16-weights skipped: the source already stores its weights as fp16 (its fp32 build is that)")
     if not recipes:
         raise UnsupportedOpError(
             f"profile {profile.id} allows {', '.join(profile.allowed_precisions)}, and no recipe for a "
@@ -480,7 +522,8 @@ def build_profile(
     runner = open_runner(chosen.path, source.format)
     golden: tuple[GoldenCase, ...] = ()
     if b.unchecked is None:
-        golden = _golden(runner, sample_feed(runner, b.evaluation), chosen.recipe.precision)
+        exact = chosen.recipe.kind in ("fp32", "prune")  # fp16 weights differ from fp32 by rounding: looser
+        golden = _golden(runner, sample_feed(runner, b.evaluation), "fp32" if exact else chosen.recipe.precision)
     health = HealthSpec(
         inputs=runner.inputs,
         outputs=runner.outputs,
