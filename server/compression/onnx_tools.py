@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,23 +103,32 @@ def op_types(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
 
+def domain_ops(model: onnx.ModelProto) -> frozenset[tuple[str, str]]:
+    """(domain, op type) of every node, in the order-free form ``check_op_types`` takes."""
+    return frozenset((node.domain, node.op_type) for node in model.graph.node)
+
+
 def check_ops(model: onnx.ModelProto, max_opset: int, profile: str, runtime: str) -> None:
     """Every ai.onnx op must exist at the profile's highest opset; UnsupportedOpError names the first that does not."""
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            if node.domain == "com.microsoft":
+    check_op_types([(node.domain, node.op_type) for node in model.graph.node], max_opset, profile, runtime)
+
+
+def check_op_types(ops: Iterable[tuple[str, str]], max_opset: int, profile: str, runtime: str) -> None:
+    for domain, op_type in ops:
+        if domain not in ("", "ai.onnx"):
+            if domain == "com.microsoft":
                 continue  # ORT contrib ops: present in every ORT build the profiles list
             raise UnsupportedOpError(
-                f"op {node.op_type} (domain {node.domain}) is not available in {runtime} on profile {profile}",
-                op=node.op_type, profile=profile,
+                f"op {op_type} (domain {domain}) is not available in {runtime} on profile {profile}",
+                op=op_type, profile=profile,
             )
         try:
-            onnx.defs.get_schema(node.op_type, max_opset, "")
+            onnx.defs.get_schema(op_type, max_opset, "")
         except onnx.defs.SchemaError:
             raise UnsupportedOpError(
-                f"op {node.op_type} does not exist at opset {max_opset}, the highest {runtime} on profile "
+                f"op {op_type} does not exist at opset {max_opset}, the highest {runtime} on profile "
                 f"{profile} accepts",
-                op=node.op_type, profile=profile,
+                op=op_type, profile=profile,
             ) from None
 
 
@@ -378,7 +387,11 @@ def quantize_static(
     per_channel: bool = True,
     batch: int = 1,
     exclude: Sequence[str] = (),
+    cache: Path | None = None,
 ) -> None:
+    """Static QDQ. ``cache``: ORT's calibration cache (JSON tensor ranges), written by the first call and
+    read by later ones with the same model, data and method: activation types, reduce_range and node
+    exclusions only change how the ranges are used, so those candidates skip the calibration runs."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader,
         CalibrationMethod,
@@ -414,6 +427,7 @@ def quantize_static(
             calibrate_method=methods[method],
             nodes_to_exclude=list(exclude),
             extra_options=extra,
+            calibration_cache_path=str(cache) if cache is not None else None,
         )
 
 

@@ -14,6 +14,7 @@ plane reads (``server.builds.CatalogBuilds``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from server.builds import Build
 from server.compression.data import SAMPLE, Dataset, load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
+from server.compression.share import BuildShare
 from server.config import ServerPaths
 from server.errors import ConflictError, DatasetError, InvalidRequestError, NotFoundError, RegistryError
 from server.profiles import DeviceProfile
@@ -320,6 +322,12 @@ class Catalog:
 
     # -- builds ------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def build_share(self) -> Iterator[BuildShare]:
+        """Work shared by the profiles of one build command; fp32 reference outputs also kept on disk."""
+        with BuildShare.open(self.paths.builds_dir, self.paths.home / "cache" / "reference") as share:
+            yield share
+
     def _build_row(self, row: Mapping[str, Any]) -> CatalogBuild:
         return CatalogBuild(
             model=row["model"],
@@ -357,8 +365,13 @@ class Catalog:
         *,
         options: BuildOptions | None = None,
         progress: Callable[[str], None] | None = None,
+        share: BuildShare | None = None,
     ) -> tuple[CatalogBuild, ProfileResult]:
-        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build)."""
+        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build).
+
+        ``share`` (from ``build_share``): candidates and reference outputs kept across the profiles
+        of one build command, so identical candidates are made and measured once.
+        """
         source = inspect_source(mv.path)
         if source.sha256 != mv.sha256:
             raise RegistryError(f"{mv.path} no longer matches the registered digest of {mv.ref}")
@@ -376,7 +389,7 @@ class Catalog:
         with tempfile.TemporaryDirectory(dir=builds_dir, prefix=".work-") as work:
             result = build_profile(
                 source, profile, mv.gate, evaluation=ev, calibration=cal, workdir=Path(work), options=opts,
-                progress=progress,
+                progress=progress, share=share,
             )
             if ev.source is None:
                 result.provenance["notes"].append("no evaluation data: only fp32 offered (checked on synthetic inputs)")

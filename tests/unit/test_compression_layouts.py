@@ -88,7 +88,7 @@ def test_per_sample_layout_checks_every_fixed_dimension_and_kind() -> None:
         "state": np.zeros((3, 3, 1, 128), dtype=np.float32),  # axis 1 must be 2
         "sr": np.full((3,), 16000, dtype=np.int64),
     }
-    with pytest.raises(DatasetError, match=r"'state'.*array axis 1 is 3, not 2"):
+    with pytest.raises(DatasetError, match=r"'state'.*axis 1 is 3, not 2"):
         validate_arrays(raw, VAD_INPUTS)
     raw["state"] = np.zeros((3, 2, 1, 128), dtype=np.float32)
     raw["sr"] = np.full((3,), 16000.0)
