@@ -239,38 +239,40 @@ FP16_MIN_ELEMENTS = 256
 FP16_MAX = 65504.0
 
 
-def fold_constants(model: onnx.ModelProto) -> int:
+def fold_constants(graph: onnx.GraphProto) -> int:
     """Turn Constant nodes holding a tensor into initializers (Paddle exports keep weights there); count."""
     keep, folded = [], 0
-    for node in model.graph.node:
+    for node in graph.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
         if value is not None and len(node.output) == 1 and node.domain in ("", "ai.onnx"):
             init = onnx.TensorProto()
             init.CopyFrom(value)
             init.name = node.output[0]
-            model.graph.initializer.append(init)
+            graph.initializer.append(init)
             folded += 1
             continue
         keep.append(node)
     if folded:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+        del graph.node[:]
+        graph.node.extend(keep)
     return folded
 
 
-def fp16_weights(src: Path, dst: Path) -> int:
-    """Store float weights as fp16 initializers, each restored by a Cast to fp32; returns how many.
+def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                yield from attr.graphs
 
-    The graph computes in fp32 as before: ONNX Runtime folds a Cast of an initializer at session
-    creation (constant folding), so the running model holds fp32 weights and runs at fp32 speed;
-    only the file (the download) is halved. Constant nodes are folded into initializers first;
-    integer tensors, tensors with values beyond the fp16 range, and tiny ones are left alone.
-    """
-    model = onnx.load(str(src))
-    fold_constants(model)
-    graph = model.graph
+
+def _fp16_graph(graph: onnx.GraphProto) -> int:
+    """fp16 initializers + Casts in ``graph`` and, recursively, in its If/Loop/Scan bodies."""
+    converted = sum(_fp16_graph(sub) for sub in _subgraphs(graph))
+    fold_constants(graph)
     inputs = {i.name for i in graph.input}
-    casts, converted = [], 0
+    casts = []
     for init in graph.initializer:
         if init.data_type != onnx.TensorProto.FLOAT or init.name in inputs:
             continue  # an initializer listed as a graph input may be overridden by a feed: keep its type
@@ -282,9 +284,24 @@ def fp16_weights(src: Path, dst: Path) -> int:
         casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], name=f"{name}__to_fp32",
                                            to=onnx.TensorProto.FLOAT))
         converted += 1
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
+    if casts:
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(casts + nodes)
+    return converted
+
+
+def fp16_weights(src: Path, dst: Path) -> int:
+    """Store float weights as fp16 initializers, each restored by a Cast to fp32; returns how many.
+
+    The graph computes in fp32 as before: ONNX Runtime folds a Cast of an initializer at session
+    creation (constant folding), so the running model holds fp32 weights and runs at fp32 speed;
+    only the file (the download) is halved. Constant nodes are folded into initializers first;
+    integer tensors, tensors with values beyond the fp16 range, and tiny ones are left alone.
+    Subgraphs (If/Loop/Scan bodies, where recurrent exports keep their weights) are included.
+    """
+    model = onnx.load(str(src))
+    converted = _fp16_graph(model.graph)
     save(model, dst)
     return converted
 

@@ -333,21 +333,30 @@ class _Builder:
 
     # ---- candidates
 
+    def _optimized(self, out: Path) -> Path:
+        """ORT's basic graph optimizations of the fitted model, unless they grow the file (constant folding
+        inside If bodies can): then the fitted model as it is."""
+        onnx_tools.optimize_fp32(self.base, out)
+        if out.stat().st_size > self.base.stat().st_size:
+            shutil.copyfile(self.base, out)
+            if "graph optimization grew the model: fp32 kept unoptimized" not in self.notes:
+                self.notes.append("graph optimization grew the model: fp32 kept unoptimized")
+        return out
+
     def produce(self, recipe: Recipe, folder: Path, exclude: Sequence[str] = ()) -> Path:
         ext = ".onnx" if self.source.format == "onnx" else ".tflite"
         out = folder / f"{recipe.name}{ext}"
         p = recipe.params
         if recipe.kind == "fp32":
             if self.source.format == "onnx":
-                onnx_tools.optimize_fp32(self.base, out)
+                self._optimized(out)
             else:
                 shutil.copyfile(self.source.path, out)
         elif recipe.kind == "fp16":
             onnx_tools.to_fp16(self.pre, out)
         elif recipe.kind == "fp16w":
             if self.source.format == "onnx":
-                optimized = folder / f"{recipe.name}.fp32.onnx"
-                onnx_tools.optimize_fp32(self.base, optimized)
+                optimized = self._optimized(folder / f"{recipe.name}.fp32.onnx")
                 converted = onnx_tools.fp16_weights(optimized, out)
             else:
                 converted = litert_tools.fp16_weights(self.source.path, out)

@@ -392,7 +392,10 @@ class Catalog:
                 progress=progress, share=share,
             )
             if ev.source is None:
-                result.provenance["notes"].append("no evaluation data: only fp32 offered (checked on synthetic inputs)")
+                checked = result.chosen.fidelity is not None
+                result.provenance["notes"].append(
+                    "no evaluation data: only fp32 offered"
+                    + (" (checked on synthetic inputs)" if checked else " (not run: see the note above)"))
             chosen = result.chosen
             assert chosen.path is not None
             ext = chosen.path.suffix
