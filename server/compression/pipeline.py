@@ -596,8 +596,7 @@ def build_profile(
     runner = open_runner(chosen.path, source.format)
     golden: tuple[GoldenCase, ...] = ()
     if b.unchecked is None:
-        exact = chosen.recipe.kind in ("fp32", "prune")  # fp16 weights differ from fp32 by rounding: looser
-        golden = _golden(runner, sample_feed(runner, b.evaluation), "fp32" if exact else chosen.recipe.precision)
+        golden = _golden(runner, sample_feed(runner, b.evaluation), chosen.recipe.precision)
     health = HealthSpec(
         inputs=runner.inputs,
         outputs=runner.outputs,
