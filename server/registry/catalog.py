@@ -386,6 +386,23 @@ class Catalog:
             cal = None
         builds_dir = self.paths.builds_dir
         builds_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if share is None:  # a one-profile build still reads and writes the reference cache
+                share = stack.enter_context(self.build_share())
+            return self._build(mv, profile, source, ev, cal, opts, progress, share)
+
+    def _build(  # noqa: PLR0917
+        self,
+        mv: ModelVersion,
+        profile: DeviceProfile,
+        source: SourceModel,
+        ev: Dataset,
+        cal: Dataset | None,
+        opts: BuildOptions,
+        progress: Callable[[str], None] | None,
+        share: BuildShare,
+    ) -> tuple[CatalogBuild, ProfileResult]:
+        builds_dir = self.paths.builds_dir
         with tempfile.TemporaryDirectory(dir=builds_dir, prefix=".work-") as work:
             result = build_profile(
                 source, profile, mv.gate, evaluation=ev, calibration=cal, workdir=Path(work), options=opts,
