@@ -265,6 +265,7 @@ class _Builder:
         self.prep_key = ""  # which prepared (opset-fitted, pre-processed) model the candidates come from
         self.builtin_ok: bool | None = None  # whether the .tflite source runs without XNNPACK (checked once)
         self.unchecked: str | None = None  # why fp32 could not be run here (synthetic inputs the model refuses)
+        self.produce_notes: list[str] = []  # what making the current candidate noted (kept with its measurement)
 
     # ---- setup
 
@@ -339,8 +340,7 @@ class _Builder:
         onnx_tools.optimize_fp32(self.base, out)
         if out.stat().st_size > self.base.stat().st_size:
             shutil.copyfile(self.base, out)
-            if "graph optimization grew the model: fp32 kept unoptimized" not in self.notes:
-                self.notes.append("graph optimization grew the model: fp32 kept unoptimized")
+            self.produce_notes.append("graph optimization grew the model: fp32 kept unoptimized")
         return out
 
     def produce(self, recipe: Recipe, folder: Path, exclude: Sequence[str] = ()) -> Path:
@@ -408,6 +408,7 @@ class _Builder:
 
     def _measure(self, recipe: Recipe, exclude: Sequence[str], folder: Path) -> Measured:
         t0 = time.monotonic()
+        self.produce_notes = []
         try:
             path = self.produce(recipe, folder, exclude)
             data = path.read_bytes()
@@ -436,7 +437,7 @@ class _Builder:
             log.info("recipe %s failed", recipe.name, exc_info=True)
             return Measured(error=f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
         m = Measured(path=path, fidelity=fid, size=len(data), estimate=len(zlib.compress(data, 1)), sha256=sha,
-                     opset=op_set, ops=ops, build_s=time.monotonic() - t0)
+                     opset=op_set, ops=ops, build_s=time.monotonic() - t0, notes=tuple(self.produce_notes))
         self.share.by_sha[same_key] = m
         return m
 
@@ -444,6 +445,7 @@ class _Builder:
         """The shared measurement, judged by this profile: opset and ops, the gate, size and latency limits."""
         self.progress(recipe.name)
         m = self.measure(recipe, exclude)
+        self.notes.extend(n for n in m.notes if n not in self.notes)  # the same notes on every profile sharing it
         if m.error is not None or m.path is None:
             return Candidate(recipe, "error", m.error, build_s=m.build_s)
         if self.source.format == "onnx":

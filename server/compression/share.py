@@ -54,6 +54,7 @@ class Measured:
     latency: float | None = None
     best: float | None = None
     build_s: float = 0.0
+    notes: tuple[str, ...] = ()
 
 
 @dataclass

@@ -98,6 +98,9 @@ def test_silero_vad_registers_and_builds_with_and_without_data(tmp_path: Path) -
     build, result = catalog.build(mv, get_profile("x86-64-vnni"), options=options)
     fp32 = next(c for c in result.candidates if c.recipe.name == "fp32")
     assert fp32.passed and fp32.fidelity is not None and fp32.fidelity.value > 0.999
+    # ORT's constant folding inside the If bodies would grow it 1.4x: the fitted source ships instead
+    assert fp32.size_bytes <= mv.size_bytes
+    assert "graph optimization grew the model: fp32 kept unoptimized" in result.provenance["notes"]
     half = next(c for c in result.candidates if c.recipe.name == "fp16-weights")
-    assert half.status != "error", half.reason
+    assert half.passed and half.size_bytes < 0.55 * mv.size_bytes, half.reason
     assert result.chosen.passed
