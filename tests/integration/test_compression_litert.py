@@ -24,15 +24,16 @@ from server.profiles import get_profile
 from tests.support.models import cache_dir, real_model
 
 FACE_MEMBER = "mediapipe/modules/face_detection/face_detection_short_range.tflite"
+LANDMARK_MEMBER = "mediapipe/modules/face_landmark/face_landmark.tflite"
 OPTIONS = BuildOptions(pruning=False, fallback=False, latency_runs=2)
 
 
-def _face_detector(tmp_path: Path) -> Path:
+def _face_detector(tmp_path: Path, member: str = FACE_MEMBER) -> Path:
     wheels = sorted((cache_dir() / "downloads").glob("mediapipe-*.whl"))
     assert wheels, f"no mediapipe wheel in {cache_dir() / 'downloads'}: run scripts/setup (fetch_models.py)"
-    out = tmp_path / "face_detection_short_range.tflite"
+    out = tmp_path / Path(member).name
     with zipfile.ZipFile(wheels[-1]) as wheel:
-        out.write_bytes(wheel.read(FACE_MEMBER))
+        out.write_bytes(wheel.read(member))
     return out
 
 
@@ -82,7 +83,8 @@ def _conv_weights_symmetric(path: Path) -> int:
             weight, bias = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[2]]
             assert weight.type == schema.TensorType.INT8
             assert not np.any(np.asarray(weight.quantization.zeroPoint)), weight.name
-            assert len(weight.quantization.scale) > 1, f"{weight.name!r} is not per-channel"
+            channels = weight.shape[3] if code == schema.BuiltinOperator.DEPTHWISE_CONV_2D else weight.shape[0]
+            assert len(weight.quantization.scale) == channels, f"{weight.name!r} is not per-channel"
             assert bias.type == schema.TensorType.INT32
             convs += 1
     return convs
@@ -145,3 +147,15 @@ def test_fp16_weights_halve_an_fp32_tflite_and_run_on_both_kernel_sets(tmp_path:
         for a, b in zip(ref, got, strict=True):  # the weights were fp16 to begin with: the same values
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert result.chosen.recipe.name == "fp16-weights"
+
+
+def test_face_landmark_full_int8_loads_on_both_kernel_sets(tmp_path: Path) -> None:
+    """The landmark model failed the same way (``zero_point 2 != 0``); only the recipes that failed are run."""
+    source = inspect_source(_face_detector(tmp_path, LANDMARK_MEMBER))
+    ev, cal = _images(source, 2, 5), _images(source, 4, 6)
+    result = build_profile(source, get_profile("coral-dev-board"), GateSpec(metric="cosine", min_cosine=0.0),
+                           evaluation=ev, calibration=cal, workdir=_mkdir(tmp_path / "work"), options=OPTIONS)
+    assert _check_all_emitted(result, source, ev.feed(0)) == ["litert-static-wi8-ai8"]
+    static = result.candidates[0]
+    assert static.path is not None and _conv_weights_symmetric(static.path) > 20
+    assert static.size_bytes < 0.7 * source.size
