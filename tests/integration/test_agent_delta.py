@@ -4,12 +4,16 @@ a corrupted or foreign base falls back to the full artifact (reported), never a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from agent.runtime.store import ModelStore
 from tests.support import agent_models
 from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.agent_models import AgentModels
-from tests.support.delta import deploy_delta, fine_tuned, requested
+from tests.support.agent_process import AgentProcess
+from tests.support.delta import DeltaDeploy, deploy_delta, fine_tuned, requested
 from tests.support.fleet_server import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
@@ -25,21 +29,30 @@ def _commit_v2(fleet: FleetServer, device_id: str, mark: int) -> None:
     assert event.model == agent_models.ref(2)
 
 
+def _deploy_v2(
+    fleet: FleetServer, agent: AgentProcess, models: AgentModels, **kw: Any
+) -> tuple[DeltaDeploy, int, set[str]]:
+    """Deploy digits:2 (a fine-tuned head) with a delta offer over v1; wait for the commit. Returns the deploy,
+    the event mark before it and the artifact ids asked for before it."""
+    mark = fleet.event_count(agent.device_id)
+    before = requested(fleet, agent.device_id)
+    dd = deploy_delta(fleet, agent.device_id, models, base=models.bytes_of("good"), base_version=1,
+                      target=fine_tuned(models.good), version=2, **kw)  # fmt: skip
+    _commit_v2(fleet, agent.device_id, mark)
+    return dd, mark, requested(fleet, agent.device_id) - before
+
+
 def test_delta_is_downloaded_applied_and_served(
     agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels
 ) -> None:
     agent = agent_factory()
     deploy_and_commit(fleet, agent, models, 1)
-    mark = fleet.event_count(agent.device_id)
-    before = requested(fleet, agent.device_id)
-    dd = deploy_delta(fleet, agent.device_id, models, base=models.bytes_of("good"), base_version=1,
-                      target=fine_tuned(models.good), version=2)  # fmt: skip
-    _commit_v2(fleet, agent.device_id, mark)
-    assert requested(fleet, agent.device_id) - before == {dd.delta.info.artifact_id}, "only the patch travels"
+    dd, mark, asked = _deploy_v2(fleet, agent, models)
+    assert asked == {dd.delta.info.artifact_id}, "only the patch travels"
     kinds = fleet.kinds(agent.device_id, after=mark)
     assert "delta.applied" in kinds and "delta.fallback" not in kinds, kinds
     assert dd.delta.info.compressed_size < 0.6 * dd.full.info.compressed_size
-    kept = {v.ref.version: v for v in agent_models_store(agent).kept(agent_models.NAME)}
+    kept = {v.ref.version: v for v in ModelStore(agent.store_dir).kept(agent_models.NAME)}
     assert kept[2].path.read_bytes() == dd.target
     assert_serves(agent, models)
 
@@ -49,16 +62,12 @@ def test_corrupted_base_falls_back_to_the_full_artifact(
 ) -> None:
     agent = agent_factory()
     deploy_and_commit(fleet, agent, models, 1)
-    (v1,) = [v for v in agent_models_store(agent).kept(agent_models.NAME) if v.ref.version == 1]
+    (v1,) = [v for v in ModelStore(agent.store_dir).kept(agent_models.NAME) if v.ref.version == 1]
     raw = bytearray(v1.path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # bit rot in the kept base (the served copy is already in memory)
     v1.path.write_bytes(bytes(raw))
-    mark = fleet.event_count(agent.device_id)
-    before = requested(fleet, agent.device_id)
-    dd = deploy_delta(fleet, agent.device_id, models, base=models.bytes_of("good"), base_version=1,
-                      target=fine_tuned(models.good), version=2)  # fmt: skip
-    _commit_v2(fleet, agent.device_id, mark)
-    assert requested(fleet, agent.device_id) - before == {dd.delta.info.artifact_id, dd.full.info.artifact_id}
+    dd, mark, asked = _deploy_v2(fleet, agent, models)
+    assert asked == {dd.delta.info.artifact_id, dd.full.info.artifact_id}
     events = [e for e in fleet.log(agent.device_id).events[mark:] if e.kind == "delta.fallback"]
     assert len(events) == 1 and "base does not match" in events[0].data["reason"], events
     assert_serves(agent, models)
@@ -69,17 +78,7 @@ def test_foreign_base_goes_straight_to_full(
 ) -> None:
     agent = agent_factory()
     deploy_and_commit(fleet, agent, models, 1)
-    mark = fleet.event_count(agent.device_id)
-    before = requested(fleet, agent.device_id)
-    dd = deploy_delta(fleet, agent.device_id, models, base=models.bytes_of("good"), base_version=1,
-                      target=fine_tuned(models.good), version=2, base_sha256="0" * 64)  # fmt: skip
-    _commit_v2(fleet, agent.device_id, mark)
-    assert requested(fleet, agent.device_id) - before == {dd.full.info.artifact_id}, "the patch is never fetched"
+    dd, mark, asked = _deploy_v2(fleet, agent, models, base_sha256="0" * 64)
+    assert asked == {dd.full.info.artifact_id}, "the patch is never fetched"
     events = [e for e in fleet.log(agent.device_id).events[mark:] if e.kind == "delta.fallback"]
     assert len(events) == 1 and "digest differs" in events[0].data["reason"], events
-
-
-def agent_models_store(agent):  # type: ignore[no-untyped-def]
-    from agent.runtime.store import ModelStore
-
-    return ModelStore(agent.store_dir)
