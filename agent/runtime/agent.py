@@ -660,7 +660,8 @@ class Agent:
             except StorageError as exc:
                 log.warning("resume snapshot unusable (%s); starting the transfer over", exc.message)
         missing = info.compressed_size - reassembly.progress().bytes_received
-        self.store.require_space(missing + info.size, f"downloading {_ref_text(target)}")
+        target_bytes = use.offer.target_size if use is not None else 0  # a delta's applied file, before install
+        self.store.require_space(missing + info.size + target_bytes, f"downloading {_ref_text(target)}")
         partial.open()
         return _Download(
             target=target,
