@@ -147,3 +147,16 @@ def test_random_bodies_fail_cleanly(body: bytes) -> None:
     )
     with pytest.raises(fmt.DeltaError):
         apply(patch, base, sha(b"\x00" * 64))
+
+
+def test_vector_applies() -> None:
+    """tests/vectors/delta_v1.json (every operation; docs/protocol.md §8.1) produces its target."""
+    import base64
+    import json
+    from pathlib import Path
+
+    vec = json.loads((Path(__file__).parents[2] / "vectors" / "delta_v1.json").read_text())
+    base, patch = base64.b64decode(vec["base_b64"]), base64.b64decode(vec["patch_b64"])
+    assert sha(base) == vec["base_sha256"] and patch[:4] == b"EFD1"
+    out = apply(patch, base, vec["target_sha256"])
+    assert len(out) == vec["target_size"]
