@@ -28,7 +28,6 @@ Theory of operation
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import queue
@@ -46,14 +45,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
 from agent.core.health import ProbationPolicy, StatsLike, WindowStats
+from agent.core.intake import Intake, carry_out
 from agent.core.journal import Failure as LifecycleFailure
-from agent.core.journal import JournalRecord, State, Via, recover_replay_floor
+from agent.core.journal import JournalRecord, State
 from agent.core.lifecycle import (
-    Activate,
     CommandResult,
     Commit,
     Continue,
-    Deploy,
     DiscardDownload,
     DownloadComplete,
     Effect,
@@ -69,7 +67,6 @@ from agent.core.lifecycle import (
     Seen,
     ServeCommitted,
     StartDownload,
-    SwitchBack,
     SwitchTo,
     UpdateMachine,
     Verified,
@@ -78,12 +75,11 @@ from agent.core.lifecycle import (
     WatchProbation,
 )
 from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.core.trust import TrustState
 from agent.errors import (
     ArtifactTooLargeError,
     ConflictingChunkError,
-    DowngradeError,
     EdgeError,
-    ExpiredError,
     HealthCheckError,
     IntegrityError,
     LifecycleError,
@@ -91,16 +87,12 @@ from agent.errors import (
     StorageError,
     TopicError,
     VersionNotKeptError,
-    WrongRecipientError,
 )
 from agent.protocol.envelope import (
     ChunkOpener,
     TrustAnchor,
-    open_command,
-    open_desired,
     parse_chunk_header,
     unwrap_key,
-    verify_payload,
 )
 from agent.protocol.messages import (
     ActiveModel,
@@ -114,7 +106,6 @@ from agent.protocol.messages import (
     RuntimeSpec,
     StateReport,
     Telemetry,
-    decode_payload,
     encode,
 )
 from agent.protocol.messages import Event as WireEvent
@@ -135,7 +126,6 @@ SNAPSHOT_EVERY_BYTES = 8 << 20
 SNAPSHOT_EVERY_S = 0.2
 ERROR_EVENTS_PER_WINDOW = 5
 ERROR_WINDOW_S = 10.0
-MAX_IGNORED_BLOBS = 64
 
 
 # -- the ModelHost as this module uses it (CONTRACTS.md section 6; agent.runtime.host implements it) ----------
@@ -244,10 +234,9 @@ class Agent:
         self._probation_since: float | None = None  # host clock
         self._probation_next: float | None = None  # monotonic
         self._pending_desired: bytes | None = None
-        self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
-        self._seq_floor = 0  # what seq.floor holds on disk
-        self._desired_expires_at: float | None = None
-        self._expiry_reported = False  # one desired.expired event per expired desired state (freeze detection)
+        #: replay floor, expiry, downgrade floor, ignored blobs: the core's TrustState; decisions: its Intake
+        self.trusted = TrustState(trust, device_id=config.device_id, skew=config.lifecycle.clock_skew_s)
+        self.intake = Intake(self.trusted)
         self._error_counts: dict[str, tuple[float, int]] = {}
         self._telemetry_next = 0.0
         self._telemetry_since: float | None = None
@@ -293,10 +282,10 @@ class Agent:
             record = self._record_from_store()
         # Losing the journal must not lower the replay floor: take the highest seq any other record
         # vouches for (seq.floor, the last accepted desired state), and make seq.floor catch up.
-        on_disk = self.store.read_seq_floor()
-        self._seq_floor = on_disk or 0
         journal_seq = record.last_seq
-        record = recover_replay_floor(record, on_disk, self._load_last_desired())
+        record = self.trusted.recover(
+            record, on_disk=self.store.read_seq_floor(), last_desired=self.store.load_last_desired()
+        )
         if record.last_seq > journal_seq:
             log.warning("journal forgot the replay floor; restored", extra={"fields": {"last_seq": record.last_seq}})
         self._save_seq_floor(record.last_seq)
@@ -435,10 +424,9 @@ class Agent:
 
     def _check_desired_expiry(self) -> None:
         """Freeze detection: no fresh signed desired state before the last one expired is reported, once."""
-        expires = self._desired_expires_at
-        if expires is None or self._expiry_reported or self.clock() <= expires:
+        expires = self.trusted.expiry_due(self.clock())
+        if expires is None:
             return
-        self._expiry_reported = True
         self._state_dirty = True
         self._event(
             "desired.expired",
@@ -523,14 +511,14 @@ class Agent:
     def _save_seq_floor(self, seq: int) -> None:
         # Only when the floor moves (a signed message accepted: rare), so chunks and other
         # transitions cost one integer comparison, not an fsync.
-        if seq <= self._seq_floor:
+        if not self.trusted.floor_moves(seq):
             return
         try:
             self.store.write_seq_floor(seq)
         except StorageError as exc:
             log.warning("cannot write the replay floor: %s", exc.message)  # the journal still has it; retried later
             return
-        self._seq_floor = seq
+        self.trusted.floor_saved(seq)
 
     def _report(self, report: Report) -> None:
         self._event(
@@ -626,7 +614,7 @@ class Agent:
             self.link.subscribe(topic)
 
     def _open_download(self, target: ModelRef, artifact_id: str) -> _Download:
-        desired = self._reopen_desired(self.store.load_desired(artifact_id))
+        desired = self.trusted.reopen(self.store.load_desired(artifact_id), self.clock())
         info, key = desired.artifact, desired.key
         if info is None or key is None or info.artifact_id != artifact_id or desired.model != target:
             raise IntegrityError(f"stored desired state does not describe artifact {artifact_id}")
@@ -665,17 +653,6 @@ class Agent:
             last_snapshot_at=self.monotonic(),
             last_progress_at=self.monotonic(),
         )
-
-    def _reopen_desired(self, blob: bytes) -> DesiredState:
-        """Check a stored desired state again (signature, recipient, expiry); its seq was accepted already."""
-        desired = decode_payload(verify_payload(blob, "desired", self.trust), "desired")
-        assert isinstance(desired, DesiredState)
-        if desired.device_id != self.device_id:
-            raise WrongRecipientError(self.device_id, desired.device_id)
-        now = self.clock()
-        if now > desired.expires_at + self.config.lifecycle.clock_skew_s:
-            raise ExpiredError(desired.expires_at, now)
-        return desired
 
     def _request_missing(self, download: _Download, reason: str) -> None:
         ranges = download.reassembly.missing_ranges()
@@ -1109,40 +1086,21 @@ class Agent:
             self._request_missing(d, "resume")  # the server may have restarted and forgotten the request
 
     def _on_desired(self, blob: bytes) -> None:
-        digest = hashlib.sha256(blob).hexdigest()
-        record = self.machine.record
-        if digest == record.last_desired_sha256 or digest in self._ignored_blobs:
-            return  # the retained desired state, re-delivered on reconnect
-        now = self.clock()
+        carry_out(self.intake.desired(blob, self.machine, self.store, self.clock()), blob, self)
+
+    def _defer(self, blob: bytes) -> None:
+        self._pending_desired = blob  # not acknowledged: a crash before it runs re-delivers it
+        log.info("desired state deferred until %s ends", self.machine.state.value)
+
+    def _save_desired(self, desired: DesiredState, blob: bytes) -> EdgeError | None:
         try:
-            desired = open_desired(
-                blob,
-                trust=self.trust,
-                device_id=self.device_id,
-                now=now,
-                last_seq=record.last_seq,
-                committed_version=lambda _name: None,  # checked below, once we know the message is authentic
-                skew=self.config.lifecycle.clock_skew_s,
-            )
-        except EdgeError as exc:
-            self._ignored_blobs.append(digest)
-            self._event("desired.rejected", severity="warning", code=exc.code, message=exc.message)
-            return
-        model = desired.model
-        if desired.action == "deploy":
-            floor = record.committed_version(model.name)
-            if floor is not None and model.version < floor:
-                self._feed(Seen(now, desired.seq, digest))
-                err = DowngradeError(model.name, model.version, floor)
-                self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=model)
-                return
-            self._on_deploy(desired, blob, digest)
-        else:
-            self._on_pin(desired, blob, digest)
+            self.store.save_desired(_need(desired.artifact).artifact_id, blob)
+        except StorageError as exc:
+            return exc
+        return None
 
     def _accepted(self, desired: DesiredState, blob: bytes, message: str) -> None:
-        self._desired_expires_at = desired.expires_at
-        self._expiry_reported = False
+        self.trusted.accepted(desired)
         try:
             self.store.save_last_desired(blob)
         except StorageError as exc:
@@ -1155,90 +1113,18 @@ class Agent:
             data={"action": desired.action, "seq": desired.seq},
         )
 
-    def _on_deploy(self, desired: DesiredState, blob: bytes, digest: str) -> None:
-        info = _need(desired.artifact)
-        record, state, now = self.machine.record, self.machine.state, self.clock()
-        committed = self._committed_install()
-        same_as_committed = record.committed == desired.model and committed is not None
-        if same_as_committed and committed is not None and committed.artifact_id == info.artifact_id:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, blob, "already serving this version")
-            return
-        if state is State.DOWNLOADING and record.artifact_id == info.artifact_id:
-            self._feed(Seen(now, desired.seq, digest))  # the same rollout, re-signed: keep downloading
-            self._accepted(desired, blob, "already downloading this artifact")
-            return
-        if state not in (State.IDLE, State.DOWNLOADING):
-            self._pending_desired = blob  # not acknowledged: a crash before it runs re-delivers it
-            log.info("deploy deferred until %s ends", state.value)
-            return
-        try:
-            self.store.save_desired(info.artifact_id, blob)
-        except StorageError as exc:
-            self._feed(Seen(now, desired.seq, digest))
-            self._event("desired.rejected", severity="error", code=exc.code, message=exc.message, model=desired.model)
-            return
-        self._accepted(desired, blob, "deploying")
-        self._feed(
-            Deploy(desired.model, info.artifact_id, now, desired.deployment_id, seq=desired.seq, desired_sha256=digest)
-        )
-
-    def _on_pin(self, desired: DesiredState, blob: bytes, digest: str) -> None:
-        target, record, state, now = desired.model, self.machine.record, self.machine.state, self.clock()
-        if record.committed == target and state is State.IDLE:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, blob, "already serving this version")
-            return
-        if self.store.find(target, committed_only=True) is None:
-            self._feed(Seen(now, desired.seq, digest))
-            err = VersionNotKeptError(target.name, target.version)
-            self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=target)
-            self._error_event(err.code, err.message)
-            return
-        backwards = record.committed is not None and (
-            target.name != record.committed.name or target.version <= record.committed.version
-        )
-        if (state is State.PROBATION and backwards) or state in (State.IDLE, State.DOWNLOADING):
-            self._accepted(desired, blob, "switching to a kept version")
-            kind = SwitchBack if backwards else Activate
-            self._feed(
-                kind(
-                    target,
-                    now,
-                    via=Via.PIN,
-                    deployment_id=desired.deployment_id,
-                    seq=desired.seq,
-                    desired_sha256=digest,
-                )
-            )
-        else:
-            self._pending_desired = blob
-
     def _on_command(self, blob: bytes) -> None:
-        record, now = self.machine.record, self.clock()
+        now = self.clock()
         try:
-            cmd = open_command(
-                blob,
-                trust=self.trust,
-                device_id=self.device_id,
-                now=now,
-                last_seq=record.last_seq,
-                skew=self.config.lifecycle.clock_skew_s,
-            )
+            cmd = self.trusted.open_command(blob, self.machine.record, now)
         except EdgeError as exc:
             self._error_event(exc.code, f"command rejected: {exc.message}")
             return
         log.info("command", extra={"fields": {"action": cmd.action, "command_id": cmd.command_id, "seq": cmd.seq}})
-        if cmd.action == "ping":
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, "ping", ok=True, message="pong")
-        elif cmd.action == "purge":
-            self._purge(cmd)
-        elif cmd.action in ("rollback", "activate"):
-            self._switch_command(cmd)
+        carry_out(self.intake.command(cmd, self.machine, self.store, now), blob, self)
 
-    def _purge(self, cmd: Command) -> None:
-        self._feed(Seen(self.clock(), cmd.seq))
+    def _purge(self, cmd: Command, seen: Seen) -> None:
+        self._feed(seen)
         record = self.machine.record
         keep: set[ModelRef] = {r for r in (record.committed, record.target, _ref(self.host.active)) if r is not None}
         try:
@@ -1250,40 +1136,6 @@ class Agent:
         self._drop_unkept_standby()
         text = ", ".join(f"v{v.ref.version}" for v in removed) or "nothing"
         self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
-
-    def _switch_command(self, cmd: Command) -> None:
-        record, state, now = self.machine.record, self.machine.state, self.clock()
-        name = cmd.model or (record.committed.name if record.committed else None)
-        target: ModelRef | None = None
-        if name is not None and cmd.version is not None:
-            target = ModelRef(name, cmd.version)
-        elif name is not None and cmd.action == "rollback":
-            if state in (State.PROBATION, State.DOWNLOADING) and record.committed is not None:
-                target = record.committed  # roll back the update in progress
-            else:
-                older = [v.ref for v in self.store.kept(name) if v.ref != record.committed]
-                target = older[0] if older else None
-        if target is None or self.store.find(target, committed_only=True) is None:
-            self._feed(Seen(now, cmd.seq))
-            err = VersionNotKeptError(name or "model", None if target is None else target.version)
-            self._command_result(cmd.command_id, cmd.action, ok=False, message=err.message)
-            self._error_event(err.code, err.message)
-            return
-        if target == record.committed and state is State.IDLE:
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(
-                cmd.command_id, cmd.action, ok=True, message=f"already serving version {target.version}"
-            )
-            return
-        if cmd.action == "rollback" and state in (State.IDLE, State.DOWNLOADING, State.PROBATION):
-            self._feed(SwitchBack(target, now, via=Via.ROLLBACK, command_id=cmd.command_id, seq=cmd.seq))
-        elif cmd.action == "activate" and state in (State.IDLE, State.DOWNLOADING):
-            self._feed(Activate(target, now, via=Via.ACTIVATE, command_id=cmd.command_id, seq=cmd.seq))
-        else:
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(
-                cmd.command_id, cmd.action, ok=False, message=f"busy ({state.value}); send it again when idle"
-            )
 
     # -- publishing ---------------------------------------------------------------------------------------------
 
@@ -1382,7 +1234,7 @@ class Agent:
             target=record.target,
             kept=kept_versions,
             last_seq=record.last_seq,
-            desired_expires_at=self._desired_expires_at,
+            desired_expires_at=self.trusted.desired_expires_at,
             profile=self.config.profile,
             arch=self.arch,
             agent_version=__version__,
@@ -1444,19 +1296,6 @@ class Agent:
             arch=self.arch,
         )
         self._publish(device_topic(self.device_id, Channel.TELEMETRY), encode(telemetry))
-
-    def _load_last_desired(self) -> int | None:
-        """Note the expiry of the last accepted desired state; returns its seq (a floor for replays)."""
-        blob = self.store.load_last_desired()
-        if blob is None:
-            return None
-        try:
-            desired = decode_payload(verify_payload(blob, "desired", self.trust), "desired")
-        except EdgeError:
-            return None
-        assert isinstance(desired, DesiredState)
-        self._desired_expires_at = desired.expires_at
-        return desired.seq
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------

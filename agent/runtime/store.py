@@ -418,6 +418,15 @@ class ModelStore:
         committed = [v for v in self.versions() if v.committed and (name is None or v.ref.name == name)]
         return sorted(committed, key=lambda v: v.committed_at or 0.0, reverse=True)
 
+    def committed_refs(self, name: str | None = None) -> list[ModelRef]:
+        """``kept`` as references (what agent.core.intake asks of a store)."""
+        return [v.ref for v in self.kept(name)]
+
+    def committed_artifact(self, ref: ModelRef) -> str | None:
+        """The artifact id of the newest committed install of ``ref`` (None when not kept)."""
+        kept = self.find(ref, committed_only=True)
+        return kept.artifact_id if kept is not None else None
+
     def find(self, ref: ModelRef, *, committed_only: bool = False) -> KeptVersion | None:
         """The newest install of ``ref`` (a fresh staged one wins over an older committed one)."""
         matches = [v for v in self.versions() if v.ref == ref and (v.committed or not committed_only)]

@@ -25,7 +25,6 @@ Theory of operation
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -39,13 +38,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
 from agent.core.health import ProbationPolicy, WindowStats
-from agent.core.journal import Failure, State, Via
+from agent.core.intake import Intake, carry_out
+from agent.core.journal import Failure, State
 from agent.core.lifecycle import (
-    Activate,
     CommandResult,
     Commit,
     Continue,
-    Deploy,
     DiscardDownload,
     DownloadComplete,
     Effect,
@@ -60,7 +58,6 @@ from agent.core.lifecycle import (
     Seen,
     ServeCommitted,
     StartDownload,
-    SwitchBack,
     SwitchTo,
     UpdateMachine,
     Verified,
@@ -69,18 +66,17 @@ from agent.core.lifecycle import (
     WatchProbation,
 )
 from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.core.trust import TrustState
 from agent.errors import (
     ConflictingChunkError,
-    DowngradeError,
     EdgeError,
-    ExpiredError,
     HealthCheckError,
     IntegrityError,
     LifecycleError,
     TopicError,
     VersionNotKeptError,
 )
-from agent.protocol.envelope import ChunkOpener, TrustAnchor, open_command, open_desired, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
 from agent.protocol.messages import (
     ActiveModel,
     ArtifactInfo,
@@ -103,7 +99,6 @@ log = logging.getLogger("edgefleet.simulator")
 
 SIM_AGENT_VERSION = f"{__version__}+sim"
 SIM_ARCH = "simulated"
-MAX_IGNORED_BLOBS = 64
 MILESTONES = ("desired.accepted", "download.started", "download.completed", "lifecycle.probation",
               "lifecycle.committed", "lifecycle.rolled_back")
 
@@ -137,6 +132,7 @@ class _Kept:
     health: HealthSpec
     runtime: RuntimeSpec
     committed: bool = False
+    committed_order: int = 0  # the n-th commit (the agent's store orders kept versions by commit time)
 
 
 @dataclass
@@ -202,8 +198,9 @@ class SimDevice:
         self._probation_since: float | None = None
         self._probation_next: float | None = None
         self._pending_desired: bytes | None = None
-        self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
-        self._desired_expires_at: float | None = None
+        self.trusted = TrustState(trust, device_id=device_id, skew=settings.clock_skew_s)
+        self.intake = Intake(self.trusted)
+        self._commits = 0
         self._published_lifecycle: State | None = None
         self._state_dirty = False
         self._last_state: bytes | None = None
@@ -384,9 +381,7 @@ class SimDevice:
         info, key = desired.artifact, desired.key
         if info is None or key is None or desired.model != target:
             raise IntegrityError(f"stored desired state does not describe artifact {artifact_id}")
-        now = self.clock()
-        if now > desired.expires_at + self.settings.clock_skew_s:
-            raise ExpiredError(desired.expires_at, now)
+        self.trusted.check_fresh(desired, self.clock())
         data_key = unwrap_key(key, self.key, artifact_id=artifact_id, device_id=self.device_id)
         sink = StreamingSink(total_size=info.compressed_size, compression=info.compression, model_size=info.size)
         reassembly = Reassembly(
@@ -519,8 +514,10 @@ class SimDevice:
         kept = self._kept.get(target)
         if kept is not None:
             kept.committed = True
+            self._commits += 1
+            kept.committed_order = self._commits
         same = sorted((k for k in self._kept.values() if k.ref.name == target.name and k.committed),
-                      key=lambda k: k.ref.version, reverse=True)
+                      key=lambda k: k.committed_order, reverse=True)
         for old in same[self.settings.keep_versions:]:
             if old.ref != self.active:
                 del self._kept[old.ref]
@@ -550,136 +547,51 @@ class SimDevice:
         kept = self._kept.get(ref)
         return kept if kept is not None and (kept.committed or not committed_only) else None
 
-    def _on_desired(self, blob: bytes) -> None:
-        digest = hashlib.sha256(blob).hexdigest()
-        record = self.machine.record
-        if digest == record.last_desired_sha256 or digest in self._ignored_blobs:
-            return  # the retained desired state, re-delivered on reconnect
-        now = self.clock()
-        try:
-            desired = open_desired(blob, trust=self.trust, device_id=self.device_id, now=now,
-                                   last_seq=record.last_seq, committed_version=lambda _name: None,
-                                   skew=self.settings.clock_skew_s)
-        except EdgeError as exc:
-            self._ignored_blobs.append(digest)
-            self._event("desired.rejected", severity="warning", code=exc.code, message=exc.message)
-            return
-        model = desired.model
-        if desired.action == "deploy":
-            floor = record.committed_version(model.name)
-            if floor is not None and model.version < floor:
-                self._feed(Seen(now, desired.seq, digest))
-                err = DowngradeError(model.name, model.version, floor)
-                self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=model)
-                return
-            self._on_deploy(desired, blob, digest)
-        else:
-            self._on_pin(desired, blob, digest)
+    def committed_refs(self, name: str | None = None) -> list[ModelRef]:
+        """Committed versions kept, most recently committed first (agent.core.intake.KeptVersions)."""
+        kept = [k for k in self._kept.values() if k.committed and (name is None or k.ref.name == name)]
+        return [k.ref for k in sorted(kept, key=lambda k: k.committed_order, reverse=True)]
 
-    def _accepted(self, desired: DesiredState, message: str) -> None:
-        self._desired_expires_at = desired.expires_at
+    def committed_artifact(self, ref: ModelRef) -> str | None:
+        kept = self._find(ref, committed_only=True)
+        return kept.artifact_id if kept is not None else None
+
+    def _on_desired(self, blob: bytes) -> None:
+        carry_out(self.intake.desired(blob, self.machine, self, self.clock()), blob, self)
+
+    def _defer(self, blob: bytes) -> None:
+        self._pending_desired = blob
+
+    def _save_desired(self, desired: DesiredState, blob: bytes) -> EdgeError | None:
+        if desired.artifact is None:
+            return IntegrityError("the desired state lacks a field a deploy needs")
+        self._desired[desired.artifact.artifact_id] = desired
+        return None
+
+    def _accepted(self, desired: DesiredState, blob: bytes, message: str) -> None:
+        self.trusted.accepted(desired)
         self._event("desired.accepted", model=desired.model, deployment_id=desired.deployment_id, message=message,
                     data={"action": desired.action, "seq": desired.seq})
 
-    def _on_deploy(self, desired: DesiredState, blob: bytes, digest: str) -> None:
-        info = desired.artifact
-        if info is None:
-            raise IntegrityError("the desired state lacks a field a deploy needs")
-        record, state, now = self.machine.record, self.machine.state, self.clock()
-        committed = self._find(record.committed, committed_only=True) if record.committed else None
-        if record.committed == desired.model and committed is not None and committed.artifact_id == info.artifact_id:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, "already serving this version")
-            return
-        if state is State.DOWNLOADING and record.artifact_id == info.artifact_id:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, "already downloading this artifact")
-            return
-        if state not in (State.IDLE, State.DOWNLOADING):
-            self._pending_desired = blob
-            return
-        self._desired[info.artifact_id] = desired
-        self._accepted(desired, "deploying")
-        self._feed(Deploy(desired.model, info.artifact_id, now, desired.deployment_id, seq=desired.seq,
-                          desired_sha256=digest))
-
-    def _on_pin(self, desired: DesiredState, blob: bytes, digest: str) -> None:
-        target, record, state, now = desired.model, self.machine.record, self.machine.state, self.clock()
-        if record.committed == target and state is State.IDLE:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, "already serving this version")
-            return
-        if self._find(target, committed_only=True) is None:
-            self._feed(Seen(now, desired.seq, digest))
-            err = VersionNotKeptError(target.name, target.version)
-            self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=target)
-            return
-        backwards = record.committed is not None and (
-            target.name != record.committed.name or target.version <= record.committed.version
-        )
-        if (state is State.PROBATION and backwards) or state in (State.IDLE, State.DOWNLOADING):
-            self._accepted(desired, "switching to a kept version")
-            kind = SwitchBack if backwards else Activate
-            self._feed(kind(target, now, via=Via.PIN, deployment_id=desired.deployment_id, seq=desired.seq,
-                            desired_sha256=digest))
-        else:
-            self._pending_desired = blob
-
     def _on_command(self, blob: bytes) -> None:
-        record, now = self.machine.record, self.clock()
+        now = self.clock()
         try:
-            cmd = open_command(blob, trust=self.trust, device_id=self.device_id, now=now,
-                               last_seq=record.last_seq, skew=self.settings.clock_skew_s)
+            cmd = self.trusted.open_command(blob, self.machine.record, now)
         except EdgeError as exc:
             self._error_event(exc.code, f"command rejected: {exc.message}")
             return
-        if cmd.action == "ping":
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, "ping", ok=True, message="pong")
-        elif cmd.action == "purge":
-            self._feed(Seen(now, cmd.seq))
-            keep = {r for r in (record.committed, record.target, self.active) if r is not None}
-            removed = [k for k in list(self._kept) if k not in keep]
-            for ref in removed:
-                del self._kept[ref]
-            self._state_dirty = True
-            text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
-            self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
-        elif cmd.action in ("rollback", "activate"):
-            self._switch_command(cmd)
+        carry_out(self.intake.command(cmd, self.machine, self, now), blob, self)
 
-    def _switch_command(self, cmd: Command) -> None:
-        record, state, now = self.machine.record, self.machine.state, self.clock()
-        name = cmd.model or (record.committed.name if record.committed else None)
-        target: ModelRef | None = None
-        if name is not None and cmd.version is not None:
-            target = ModelRef(name, cmd.version)
-        elif name is not None and cmd.action == "rollback":
-            if state in (State.PROBATION, State.DOWNLOADING) and record.committed is not None:
-                target = record.committed
-            else:
-                older = sorted((k.ref for k in self._kept.values()
-                                if k.ref.name == name and k.committed and k.ref != record.committed),
-                               key=lambda r: r.version, reverse=True)
-                target = older[0] if older else None
-        if target is None or self._find(target, committed_only=True) is None:
-            self._feed(Seen(now, cmd.seq))
-            err = VersionNotKeptError(name or "model", None if target is None else target.version)
-            self._command_result(cmd.command_id, cmd.action, ok=False, message=err.message)
-            return
-        if target == record.committed and state is State.IDLE:
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, cmd.action, ok=True,
-                                 message=f"already serving version {target.version}")
-            return
-        if cmd.action == "rollback" and state in (State.IDLE, State.DOWNLOADING, State.PROBATION):
-            self._feed(SwitchBack(target, now, via=Via.ROLLBACK, command_id=cmd.command_id, seq=cmd.seq))
-        elif cmd.action == "activate" and state in (State.IDLE, State.DOWNLOADING):
-            self._feed(Activate(target, now, via=Via.ACTIVATE, command_id=cmd.command_id, seq=cmd.seq))
-        else:
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, cmd.action, ok=False,
-                                 message=f"busy ({state.value}); send it again when idle")
+    def _purge(self, cmd: Command, seen: Seen) -> None:
+        self._feed(seen)
+        record = self.machine.record
+        keep = {r for r in (record.committed, record.target, self.active) if r is not None}
+        removed = [k for k in list(self._kept) if k not in keep]
+        for ref in removed:
+            del self._kept[ref]
+        self._state_dirty = True
+        text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
+        self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
 
     # -- publishing -----------------------------------------------------------------------------------------
 
@@ -736,7 +648,7 @@ class SimDevice:
         report = StateReport(
             device_id=self.device_id, online=True, session=self.session, ts=self.clock(),
             lifecycle=record.state.value, active=active, target=record.target, kept=kept_versions,
-            last_seq=record.last_seq, desired_expires_at=self._desired_expires_at,
+            last_seq=record.last_seq, desired_expires_at=self.trusted.desired_expires_at,
         )
         if full:  # the birth report carries the static facts; later ones only what changes
             report = replace(report, profile=self.settings.profile, arch=SIM_ARCH,
