@@ -34,6 +34,7 @@ from agent.core.journal import State, Via
 from agent.core.lifecycle import Activate, Deploy, Event, Seen, SwitchBack, UpdateMachine
 from agent.core.trust import TrustState
 from agent.errors import EdgeError, IntegrityError, VersionNotKeptError
+from agent.protocol.events import EventKind
 from agent.protocol.messages import Command, DesiredState, ModelRef
 
 
@@ -269,7 +270,9 @@ def _rejected(decision: Rejected, shell: IntakeShell, *, severity: str = "warnin
     if decision.seen is not None:
         shell._feed(decision.seen)
     err = decision.error
-    shell._event("desired.rejected", severity=severity, code=err.code, message=err.message, model=decision.model)
+    shell._event(
+        EventKind.DESIRED_REJECTED, severity=severity, code=err.code, message=err.message, model=decision.model
+    )
     if decision.error_event:
         shell._error_event(err.code, err.message)
 

@@ -63,6 +63,7 @@ from agent.core.lifecycle import (
 from agent.core.trust import TrustState
 from agent.errors import EdgeError, LifecycleError, StorageError, TopicError
 from agent.protocol.envelope import TrustAnchor
+from agent.protocol.events import EventKind
 from agent.protocol.messages import Command, DesiredState, EnrollRequest, ModelRef, encode
 from agent.protocol.topics import Channel, device_down_filter, device_topic, parse_topic
 from agent.runtime import faults
@@ -311,7 +312,7 @@ class Agent(Downloads, Swapping):
             return
         self._state_dirty = True
         self._event(
-            "desired.expired",
+            EventKind.DESIRED_EXPIRED,
             severity="warning",
             code="expired",
             message=(
@@ -470,7 +471,7 @@ class Agent(Downloads, Swapping):
         except StorageError as exc:
             log.warning("cannot keep the desired state: %s", exc.message)
         self._event(
-            "desired.accepted",
+            EventKind.DESIRED_ACCEPTED,
             model=desired.model,
             deployment_id=desired.deployment_id,
             message=message,

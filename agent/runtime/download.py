@@ -16,6 +16,7 @@ from agent.errors import (
     TopicError,
 )
 from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
+from agent.protocol.events import EventKind
 from agent.protocol.messages import ChunkRequest, ModelRef, encode
 from agent.protocol.topics import Channel, device_topic, parse_topic
 from agent.runtime import faults
@@ -39,7 +40,7 @@ class Downloads(Reporting):
             self._subscribe(download.info.topic)
         progress = download.reassembly.progress()
         self._event(
-            "download.started",
+            EventKind.DOWNLOAD_STARTED,
             model=target,
             deployment_id=download.desired.deployment_id,
             data={
@@ -195,7 +196,7 @@ class Downloads(Reporting):
             return
         d.last_progress_fraction, d.last_progress_at = p.fraction, now
         self._event(
-            "download.progress",
+            EventKind.DOWNLOAD_PROGRESS,
             model=d.target,
             deployment_id=d.desired.deployment_id,
             data={"received": p.received, "total": p.total, "bytes": p.bytes_received, "total_bytes": p.total_bytes},
@@ -208,7 +209,7 @@ class Downloads(Reporting):
             self.link.unsubscribe(d.info.topic)
         p = d.reassembly.progress()
         self._event(
-            "download.completed",
+            EventKind.DOWNLOAD_COMPLETED,
             model=d.target,
             deployment_id=d.desired.deployment_id,
             data={"received": p.received, "total": p.total, "bytes": p.bytes_received, "total_bytes": p.total_bytes},

@@ -12,6 +12,7 @@ from typing import Any
 from agent import __version__
 from agent.core.journal import State
 from agent.errors import EdgeError, StorageError
+from agent.protocol.events import EventKind, error_kind
 from agent.protocol.messages import ActiveModel, ModelRef, StateReport, Telemetry, encode
 from agent.protocol.messages import Event as WireEvent
 from agent.protocol.topics import Channel, device_topic
@@ -91,12 +92,12 @@ class Reporting(AgentParts):
         if count >= ERROR_EVENTS_PER_WINDOW:
             log.debug("error event suppressed", extra={"fields": {"code": code}})
             return
-        self._event(f"error.{code}", severity="warning", code=code, message=message)
+        self._event(error_kind(code), severity="warning", code=code, message=message)
 
     def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None:
         active = _ref(self.host.active)
         self._event(
-            "command.result",
+            EventKind.COMMAND_RESULT,
             severity="info" if ok else "warning",
             message=message,
             command_id=command_id,

@@ -77,6 +77,7 @@ from agent.errors import (
     VersionNotKeptError,
 )
 from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
+from agent.protocol.events import EventKind, error_kind
 from agent.protocol.messages import (
     ActiveModel,
     ArtifactInfo,
@@ -99,8 +100,8 @@ log = logging.getLogger("edgefleet.simulator")
 
 SIM_AGENT_VERSION = f"{__version__}+sim"
 SIM_ARCH = "simulated"
-MILESTONES = ("desired.accepted", "download.started", "download.completed", "lifecycle.probation",
-              "lifecycle.committed", "lifecycle.rolled_back")
+MILESTONES = (EventKind.DESIRED_ACCEPTED, EventKind.DOWNLOAD_STARTED, EventKind.DOWNLOAD_COMPLETED,
+              EventKind.LIFECYCLE_PROBATION, EventKind.LIFECYCLE_COMMITTED, EventKind.LIFECYCLE_ROLLED_BACK)
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ class SimDevice:
                 self._on_command(payload)
         except EdgeError as exc:  # an unexpected edge: report, keep going (as the agent does)
             log.warning("%s: unhandled %s: %s", self.device_id, exc.code, exc.message)
-            self._event(f"error.{exc.code}", severity="warning", code=exc.code, message=exc.message)
+            self._event(error_kind(exc.code), severity="warning", code=exc.code, message=exc.message)
         self._after_events()
 
     def tick(self, now: float) -> None:
@@ -313,7 +314,7 @@ class SimDevice:
             try:
                 effects = self.machine.handle(ev)
             except LifecycleError as exc:
-                self._event(f"error.{exc.code}", severity="warning", code=exc.code, message=exc.message)
+                self._event(error_kind(exc.code), severity="warning", code=exc.code, message=exc.message)
                 continue
             for effect in effects:
                 answer = self._execute(effect)
@@ -368,7 +369,7 @@ class SimDevice:
             except TopicError:
                 log.warning("%s: ignoring artifact topic %r", self.device_id, d.info.topic)
         p = d.reassembly.progress()
-        self._event("download.started", model=target, deployment_id=d.desired.deployment_id,
+        self._event(EventKind.DOWNLOAD_STARTED, model=target, deployment_id=d.desired.deployment_id,
                     data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                           "total_bytes": p.total_bytes, "resumed": False})
         self._request_missing(d, "initial")
@@ -435,7 +436,7 @@ class SimDevice:
         if progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
                         self.settings.progress_interval_s):  # the agent's rule
             d.last_progress_fraction, d.last_progress_at = p.fraction, now
-            self._event("download.progress", model=d.target, deployment_id=d.desired.deployment_id,
+            self._event(EventKind.DOWNLOAD_PROGRESS, model=d.target, deployment_id=d.desired.deployment_id,
                         data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                               "total_bytes": p.total_bytes})
 
@@ -444,7 +445,7 @@ class SimDevice:
         if d.info.topic and self.client is not None:
             self.client.unsubscribe(d.info.topic)
         p = d.reassembly.progress()
-        self._event("download.completed", model=d.target, deployment_id=d.desired.deployment_id,
+        self._event(EventKind.DOWNLOAD_COMPLETED, model=d.target, deployment_id=d.desired.deployment_id,
                     data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                           "total_bytes": p.total_bytes})
         return DownloadComplete(self.clock())
@@ -570,8 +571,8 @@ class SimDevice:
 
     def _accepted(self, desired: DesiredState, blob: bytes, message: str) -> None:
         self.trusted.accepted(desired)
-        self._event("desired.accepted", model=desired.model, deployment_id=desired.deployment_id, message=message,
-                    data={"action": desired.action, "seq": desired.seq})
+        self._event(EventKind.DESIRED_ACCEPTED, model=desired.model, deployment_id=desired.deployment_id,
+                    message=message, data={"action": desired.action, "seq": desired.seq})
 
     def _on_command(self, blob: bytes) -> None:
         now = self.clock()
@@ -623,13 +624,13 @@ class SimDevice:
         self._publish(Channel.EVENT, encode(event))
 
     def _error_event(self, code: str, message: str) -> None:
-        if self.counters.events.get(f"error.{code}", 0) < 5:
-            self._event(f"error.{code}", severity="warning", code=code, message=message)
+        if self.counters.events.get(error_kind(code), 0) < 5:
+            self._event(error_kind(code), severity="warning", code=code, message=message)
 
     def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None:
         active = self.active
-        self._event("command.result", severity="info" if ok else "warning", message=message, command_id=command_id,
-                    model=active,
+        self._event(EventKind.COMMAND_RESULT, severity="info" if ok else "warning", message=message,
+                    command_id=command_id, model=active,
                     data={"ok": ok, "action": action, "active": active.to_dict() if active else None,
                           "message": message})
 
