@@ -185,6 +185,22 @@ def _expect_type(obj: Mapping[str, Any], expected: str) -> None:
 
 Dtype = Literal["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"]
 DTYPES: tuple[str, ...] = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+#: ONNX Runtime's tensor type names -> the dtype names above (plus the unsigned ones a model may declare
+#: locally); the agent's ONNX Runtime backend and the server's build pipeline both read this one table.
+ONNX_DTYPES: Mapping[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16",
+    "tensor(int32)": "int32",
+    "tensor(uint32)": "uint32",
+    "tensor(int64)": "int64",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
 MAX_RANK = 8
 
 

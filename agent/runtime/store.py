@@ -47,9 +47,10 @@ from agent.errors import (
     MalformedMessageError,
     StorageError,
 )
+from agent.files import file_hash, fsync_dir
 from agent.protocol.codec import Inflater
 from agent.protocol.messages import ArtifactInfo, HealthSpec, ModelRef, RuntimeSpec, validate_model_name
-from agent.runtime.fsutil import TMP_MARKER, atomic_symlink, atomic_write, fsync_dir, storage_error
+from agent.runtime.fsutil import TMP_MARKER, atomic_symlink, atomic_write, storage_error
 
 META_FORMAT = 1
 READ_BLOCK = 64 * 1024
@@ -559,14 +560,10 @@ def _remove_tree(path: Path) -> None:
 
 
 def _hash_file(path: Path) -> Any:
-    h = hashlib.sha256()
     try:
-        with path.open("rb") as f:
-            while block := f.read(READ_BLOCK * 16):
-                h.update(block)
+        return file_hash(path)
     except OSError as exc:
         raise storage_error(exc, f"cannot read {path}") from exc
-    return h
 
 
 def _decompress_stream(src: BinaryIO, dst: BinaryIO, method: str, expected_size: int) -> str:
