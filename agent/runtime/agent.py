@@ -80,7 +80,6 @@ from agent.runtime.telemetry import SystemSampler, machine_arch
 log = logging.getLogger("agent")
 
 
-# -- the ModelHost as this module uses it (CONTRACTS.md section 6; agent.runtime.host implements it) ----------
 class _Stop:
     pass
 

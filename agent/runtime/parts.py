@@ -37,6 +37,9 @@ from agent.runtime.telemetry import SystemSampler
 log = logging.getLogger("agent")
 
 
+# -- the ModelHost as the agent uses it (CONTRACTS.md section 6; agent.runtime.host implements it) ----------
+
+
 class LoadedLike(Protocol):
     @property
     def ref(self) -> ModelRef: ...
