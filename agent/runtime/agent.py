@@ -31,7 +31,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,26 +38,15 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
+from agent.core.executor import execute_all, feed
 from agent.core.intake import Intake, carry_out
 from agent.core.journal import JournalRecord, State
 from agent.core.lifecycle import (
-    CommandResult,
-    Commit,
-    Continue,
-    DiscardDownload,
     Effect,
     Event,
-    LoadCandidate,
-    Persist,
-    Report,
-    Restore,
     Seen,
     ServeCommitted,
-    StartDownload,
-    SwitchTo,
     UpdateMachine,
-    Verify,
-    WatchProbation,
 )
 from agent.core.trust import TrustState
 from agent.errors import EdgeError, LifecycleError, StorageError, TopicError
@@ -324,57 +312,21 @@ class Agent(Downloads, Swapping):
     # -- feeding the machine ---------------------------------------------------------------------------------
 
     def _feed(self, event: Event) -> None:
-        pending: deque[Event] = deque([event])
-        while pending:
-            ev = pending.popleft()
-            try:
-                effects = self.machine.handle(ev)
-            except LifecycleError as exc:
-                log.warning("lifecycle refused %s in %s", type(ev).__name__, self.machine.state.value)
-                self._error_event(exc.code, exc.message)
-                continue
-            pending.extend(self._execute_all(effects))
-            if self._head_done and self.machine.state is not self._published_lifecycle:
-                self._publish_state()  # one retained StateReport per transition, after its side effects
+        feed(event, self)
 
     def _execute_all(self, effects: list[Effect]) -> list[Event]:
-        """Run effects in order; collect the events they answer with (fed after all of them ran)."""
-        answers: list[Event] = []
-        for effect in effects:
-            answer = self._execute(effect)
-            if answer is not None:
-                answers.append(answer)
-        return answers
+        return execute_all(effects, self)
 
-    def _execute(self, effect: Effect) -> Event | None:
-        """The executor table: one branch per effect type (lifecycle.py documents each)."""
-        if isinstance(effect, Persist):
-            self._persist(effect.record)
-        elif isinstance(effect, Report):
-            self._report(effect)
-        elif isinstance(effect, CommandResult):
-            self._command_result(effect.command_id, effect.action, ok=effect.ok, message=effect.message)
-        elif isinstance(effect, ServeCommitted):
-            return self._serve_committed(effect.ref, fallback=effect.fallback)
-        elif isinstance(effect, StartDownload):
-            return self._start_download(effect.target, effect.artifact_id, resume=effect.resume)
-        elif isinstance(effect, DiscardDownload):
-            self._discard_download(effect.artifact_id)
-        elif isinstance(effect, Verify):
-            return self._verify(effect.target, effect.artifact_id)
-        elif isinstance(effect, LoadCandidate):
-            return self._load_candidate(effect.target)
-        elif isinstance(effect, SwitchTo):
-            return self._switch_to(effect.target)
-        elif isinstance(effect, WatchProbation):
-            self._probation_next = self.monotonic()
-        elif isinstance(effect, Commit):
-            self._commit(effect.target)
-        elif isinstance(effect, Restore):
-            return self._restore(effect.target, effect.discard, effect.artifact_id)
-        elif isinstance(effect, Continue):
-            return effect.event
-        return None
+    def _lifecycle_refused(self, event: Event, exc: LifecycleError) -> None:
+        log.warning("lifecycle refused %s in %s", type(event).__name__, self.machine.state.value)
+        self._error_event(exc.code, exc.message)
+
+    def _transitioned(self) -> None:
+        if self._head_done and self.machine.state is not self._published_lifecycle:
+            self._publish_state()
+
+    def _watch_probation(self) -> None:
+        self._probation_next = self.monotonic()
 
     # -- executors ---------------------------------------------------------------------------------------------
 
@@ -401,19 +353,6 @@ class Agent(Downloads, Swapping):
             log.warning("cannot write the replay floor: %s", exc.message)  # the journal still has it; retried later
             return
         self.trusted.floor_saved(seq)
-
-    def _report(self, report: Report) -> None:
-        self._event(
-            report.kind,
-            severity=report.severity,
-            message=report.message,
-            code=report.code,
-            model=report.model,
-            deployment_id=report.deployment_id,
-            data=report.data,
-        )
-
-    # -- messages -----------------------------------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
         try:

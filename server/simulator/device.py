@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,33 +36,20 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
+from agent.core.executor import feed
 from agent.core.health import ProbationPolicy, WindowStats
 from agent.core.intake import Intake, carry_out
-from agent.core.journal import Failure, State
+from agent.core.journal import Failure, JournalRecord, State
 from agent.core.lifecycle import (
-    CommandResult,
-    Commit,
-    Continue,
-    DiscardDownload,
     DownloadComplete,
-    Effect,
     Event,
     Failed,
-    LoadCandidate,
-    Persist,
-    Report,
-    Restore,
     RolledBack,
     Sample,
     Seen,
-    ServeCommitted,
-    StartDownload,
-    SwitchTo,
     UpdateMachine,
     Verified,
-    Verify,
     WarmedUp,
-    WatchProbation,
 )
 from agent.core.reassembly import Added, Reassembly, progress_due
 from agent.core.trust import TrustState
@@ -308,55 +294,28 @@ class SimDevice:
             self._publish_state()
 
     def _feed(self, event: Event) -> None:
-        pending: deque[Event] = deque([event])
-        while pending:
-            ev = pending.popleft()
-            try:
-                effects = self.machine.handle(ev)
-            except LifecycleError as exc:
-                self._event(error_kind(exc.code), severity="warning", code=exc.code, message=exc.message)
-                continue
-            for effect in effects:
-                answer = self._execute(effect)
-                if answer is not None:
-                    pending.append(answer)
-            if self.machine.state is not self._published_lifecycle:
-                self._publish_state()  # one retained StateReport per transition, after its side effects
+        feed(event, self)
 
-    def _execute(self, effect: Effect) -> Event | None:
-        """The agent's executor table, with memory for the store and the stand-in for inference."""
-        if isinstance(effect, Persist):
-            self._state_dirty = True  # the journal is this object; nothing to write
-        elif isinstance(effect, Report):
-            self._event(effect.kind, severity=effect.severity, message=effect.message, code=effect.code,
-                        model=effect.model, deployment_id=effect.deployment_id, data=effect.data)
-        elif isinstance(effect, CommandResult):
-            self._command_result(effect.command_id, effect.action, ok=effect.ok, message=effect.message)
-        elif isinstance(effect, ServeCommitted):
-            self.active = effect.ref if effect.ref in self._kept else None
-        elif isinstance(effect, StartDownload):
-            return self._start_download(effect.target, effect.artifact_id)
-        elif isinstance(effect, DiscardDownload):
-            self._discard_download(effect.artifact_id)
-        elif isinstance(effect, Verify):
-            return self._verify(effect.target, effect.artifact_id)
-        elif isinstance(effect, LoadCandidate):
-            return self._load_candidate(effect.target)
-        elif isinstance(effect, SwitchTo):
-            return self._switch_to(effect.target)
-        elif isinstance(effect, WatchProbation):
-            self._probation_next = self.monotonic()
-        elif isinstance(effect, Commit):
-            self._commit(effect.target)
-        elif isinstance(effect, Restore):
-            return self._restore(effect.target, effect.discard, effect.artifact_id)
-        elif isinstance(effect, Continue):
-            return effect.event
+    def _lifecycle_refused(self, event: Event, exc: LifecycleError) -> None:
+        self._error_event(exc.code, exc.message)
+
+    def _transitioned(self) -> None:
+        if self.machine.state is not self._published_lifecycle:
+            self._publish_state()
+
+    # -- executors (agent.core.executor's table; memory for the store, a stand-in for inference) ---------------
+
+    def _persist(self, record: JournalRecord) -> None:
+        self._state_dirty = True  # the journal is this object; nothing to write
+
+    def _serve_committed(self, ref: ModelRef | None, *, fallback: bool) -> Event | None:
+        self.active = ref if ref in self._kept else None
         return None
 
-    # -- executors ----------------------------------------------------------------------------------------
+    def _watch_probation(self) -> None:
+        self._probation_next = self.monotonic()
 
-    def _start_download(self, target: ModelRef, artifact_id: str) -> Event | None:
+    def _start_download(self, target: ModelRef, artifact_id: str, *, resume: bool = False) -> Event | None:
         try:
             d = self._open_download(target, artifact_id)
         except EdgeError as exc:
