@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from agent import __version__
 from agent.core.journal import State
+from agent.core.reports import EventReporter
 from agent.errors import EdgeError, StorageError
-from agent.protocol.events import EventKind, error_kind
 from agent.protocol.messages import ActiveModel, ModelRef, StateReport, Telemetry, encode
 from agent.protocol.messages import Event as WireEvent
 from agent.protocol.topics import Channel, device_topic
 from agent.runtime.parts import AgentParts, _ref, _ref_dict, _ref_text, _window
 from agent.runtime.store import KeptVersion
 
-ERROR_EVENTS_PER_WINDOW = 5
-ERROR_WINDOW_S = 10.0
-
 log = logging.getLogger("agent")
 
 
-class Reporting(AgentParts):
+class Reporting(AgentParts, EventReporter):
     """Publishing: what the server hears from the agent."""
 
     def _will(self, session: int) -> tuple[str, bytes]:
@@ -49,61 +44,18 @@ class Reporting(AgentParts):
         except EdgeError as exc:
             log.warning("publish failed: %s", exc.message)
 
-    def _event(
-        self,
-        kind: str,
-        *,
-        severity: str = "info",
-        message: str = "",
-        code: str | None = None,
-        model: ModelRef | None = None,
-        deployment_id: str | None = None,
-        command_id: str | None = None,
-        data: Mapping[str, Any] | None = None,
-    ) -> None:
-        event = WireEvent(
-            device_id=self.device_id,
-            ts=self.clock(),
-            event_id=uuid.uuid4().hex,
-            kind=kind,
-            severity=severity,
-            message=message,
-            code=code,
-            deployment_id=deployment_id,
-            model=model,
-            command_id=command_id,
-            data=dict(data or {}),
-        )
+    def _emit(self, event: WireEvent) -> None:
+        severity, kind = event.severity, event.kind
         level = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR)
-        fields: dict[str, Any] = {"kind": kind, "model": _ref_text(model)}
-        fields.update({k: v for k, v in (("code", code), ("deployment_id", deployment_id)) if v})
-        if data:
-            fields["data"] = dict(data)
-        log.log(level, message or kind, extra={"fields": fields})
+        fields: dict[str, Any] = {"kind": kind, "model": _ref_text(event.model)}
+        fields.update({k: v for k, v in (("code", event.code), ("deployment_id", event.deployment_id)) if v})
+        if event.data:
+            fields["data"] = dict(event.data)
+        log.log(level, event.message or kind, extra={"fields": fields})
         self._publish(device_topic(self.device_id, Channel.EVENT), encode(event))
 
-    def _error_event(self, code: str, message: str) -> None:
-        """``error.<code>``, at most ERROR_EVENTS_PER_WINDOW per code every ERROR_WINDOW_S (a flood stays local)."""
-        now = self.monotonic()
-        start, count = self._error_counts.get(code, (now, 0))
-        if now - start > ERROR_WINDOW_S:
-            start, count = now, 0
-        self._error_counts[code] = (start, count + 1)
-        if count >= ERROR_EVENTS_PER_WINDOW:
-            log.debug("error event suppressed", extra={"fields": {"code": code}})
-            return
-        self._event(error_kind(code), severity="warning", code=code, message=message)
-
-    def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None:
-        active = _ref(self.host.active)
-        self._event(
-            EventKind.COMMAND_RESULT,
-            severity="info" if ok else "warning",
-            message=message,
-            command_id=command_id,
-            model=active,
-            data={"ok": ok, "action": action, "active": active.to_dict() if active else None, "message": message},
-        )
+    def _serving(self) -> ModelRef | None:
+        return _ref(self.host.active)
 
     def _committed_install(self) -> KeptVersion | None:
         committed = self.machine.record.committed

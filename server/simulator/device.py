@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -52,6 +50,7 @@ from agent.core.lifecycle import (
     WarmedUp,
 )
 from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.core.reports import EventReporter
 from agent.core.trust import TrustState
 from agent.errors import (
     ConflictingChunkError,
@@ -153,7 +152,7 @@ class Counters:
     events: dict[str, int] = field(default_factory=dict)
 
 
-class SimDevice:
+class SimDevice(EventReporter):
     def __init__(
         self,
         device_id: str,
@@ -188,6 +187,7 @@ class SimDevice:
         self.trusted = TrustState(trust, device_id=device_id, skew=settings.clock_skew_s)
         self.intake = Intake(self.trusted)
         self._commits = 0
+        self._error_counts: dict[str, tuple[float, int]] = {}
         self._published_lifecycle: State | None = None
         self._state_dirty = False
         self._last_state: bytes | None = None
@@ -562,36 +562,15 @@ class SimDevice:
         self.counters.published += 1
         self.counters.published_bytes += len(payload)
 
-    def _event(
-        self,
-        kind: str,
-        *,
-        severity: str = "info",
-        message: str = "",
-        code: str | None = None,
-        model: ModelRef | None = None,
-        deployment_id: str | None = None,
-        command_id: str | None = None,
-        data: Mapping[str, Any] | None = None,
-    ) -> None:
+    def _emit(self, event: WireEvent) -> None:
+        kind = event.kind
         self.counters.events[kind] = self.counters.events.get(kind, 0) + 1
         if kind in MILESTONES:
             self.counters.milestones[kind] = self.clock()
-        event = WireEvent(device_id=self.device_id, ts=self.clock(), event_id=uuid.uuid4().hex, kind=kind,
-                          severity=severity, message=message, code=code, deployment_id=deployment_id, model=model,
-                          command_id=command_id, data=dict(data or {}))
         self._publish(Channel.EVENT, encode(event))
 
-    def _error_event(self, code: str, message: str) -> None:
-        if self.counters.events.get(error_kind(code), 0) < 5:
-            self._event(error_kind(code), severity="warning", code=code, message=message)
-
-    def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None:
-        active = self.active
-        self._event(EventKind.COMMAND_RESULT, severity="info" if ok else "warning", message=message,
-                    command_id=command_id, model=active,
-                    data={"ok": ok, "action": action, "active": active.to_dict() if active else None,
-                          "message": message})
+    def _serving(self) -> ModelRef | None:
+        return self.active
 
     def _state_report(self, *, full: bool) -> StateReport:
         record = self.machine.record
