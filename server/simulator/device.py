@@ -274,6 +274,14 @@ class SimDevice(EventReporter):
             self._publish_telemetry(now)
         self._after_events()
 
+    def seed(self, ref: ModelRef) -> None:
+        """Start with ``ref`` committed, kept and serving (a device already in service; before it connects)."""
+        self._commits += 1
+        self._kept[ref] = _Kept(ref, None, None, HealthSpec((), (), 0.0), RuntimeSpec("onnx", "onnxruntime"),
+                                committed=True, committed_order=self._commits)
+        self.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: ref.version}))
+        self.active = ref
+
     # -- what the status view reads -----------------------------------------------------------------------
 
     @property

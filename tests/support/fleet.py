@@ -101,9 +101,9 @@ class Fleet:
     def device(self, device_id: str, *, profile: str = "rpi4", groups: tuple[str, ...] = ("g",),
                connect: bool = True, seed: tuple[str, int] | None = None, fail: set[int] | None = None,
                register: bool = True) -> Any:
-        from tests.support.device import SimDevice
+        from tests.support.device import DeviceUnderTest
 
-        d = SimDevice(device_id, host=self.broker.host, port=self.broker.port,
+        d = DeviceUnderTest(device_id, host=self.broker.host, port=self.broker.port,
                       server_public_key=public_key(self.config), profile=profile, fail_versions=fail)
         if seed:
             d.seed(*seed)
