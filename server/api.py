@@ -1,36 +1,35 @@
-"""The HTTP API: one route table, served by the stdlib HTTP server and called in-process by the CLI.
+"""The HTTP API: one route table, served over HTTP by ``server.asgi`` and called in-process by the CLI.
 
-Every route is declared once (method, path, schema, handler, whether it changes anything).
-From that table come the request validation, the OpenAPI 3.1 document (``/openapi.json``),
-the audit log entry of every mutating call (who, what, when, outcome) and the CLI client's
-URLs, so the three cannot drift apart. Authentication is a bearer token
-(``Authorization: Bearer eft_...``); the registry keeps only its SHA-256 and the name of its
-owner, which is what the audit log records.
+Every route is declared once (method, path, schema, handler, the role it needs, whether it
+changes anything). From that table come the request validation, the authorization, the OpenAPI
+3.1 document (``/openapi.json``), the audit log entry of every mutating call (who, what, when,
+outcome), the HTTP routing and the CLI client's URLs, so they cannot drift apart.
+Authentication is a bearer token (``Authorization: Bearer eft_...``); the registry keeps only its
+SHA-256, the name of its owner (what the audit log records) and its role (``server.access``).
 
 Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with the status implied by the
-``server.errors`` type (404 not found, 409 conflict, 400 invalid, 401 unauthorized).
+``server.errors`` type (404 not found, 409 conflict, 400 invalid, 413 too large, 401
+unauthorized, 403 forbidden).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from agent import __version__
+from server.access import ADMIN, DEPLOY, PUBLIC, READ, allows, parse_anchor
 from server.errors import (
     AuthError,
     ConflictError,
+    ForbiddenError,
     InvalidRequestError,
     KeyStoreError,
     NotFoundError,
+    PayloadTooLargeError,
     ServerError,
 )
 from server.keys import token_digest
@@ -155,15 +154,15 @@ class Route:
     query: tuple[QueryParam, ...] = ()
     response: Json = field(default_factory=lambda: ANY_OBJ)
     mutating: bool = False
-    public: bool = False
     content_type: str = "application/json"
     #: what the audit log names as the target of the call
     audit_target: Callable[[Call], str | None] | None = None
+    #: who may call it: "public" (no token), "read", "deploy" or "admin" (server.access)
+    role: str = field(kw_only=True)
 
     @property
-    def regex(self) -> re.Pattern[str]:
-        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
-        return re.compile(f"^{pattern}$")
+    def public(self) -> bool:
+        return self.role == PUBLIC
 
 
 def _health(c: Call) -> Any:
@@ -211,15 +210,25 @@ def _model_ref(c: Call) -> str:
     return f"{c.path['model']}:{version}"
 
 
+def _verify_audit(c: Call) -> Any:
+    anchor = None
+    if c.query.get("anchor"):
+        try:
+            anchor = parse_anchor(c.query["anchor"])
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+    return c.service.registry.verify_audit(anchor=anchor).to_dict()
+
+
 ROUTES: list[Route] = [
-    Route("GET", "/healthz", "health", "Liveness of the server process", _health, tag="server", public=True),
+    Route("GET", "/healthz", "health", "Liveness of the server process", _health, tag="server", role=PUBLIC),
     Route("GET", "/openapi.json", "openapi", "This API's OpenAPI 3.1 document", lambda c: None, tag="server",
-          public=True),
+          role=PUBLIC),
     Route("GET", "/metrics", "metrics", "Prometheus metrics (fleet gauges, ingest and publish counters)", _metrics,
-          tag="server", public=True, content_type="text/plain; version=0.0.4"),
-    Route("GET", "/v1/status", "status", "Fleet summary: devices, online, stale, live rollouts", _status),
+          tag="server", content_type="text/plain; version=0.0.4", role=PUBLIC),
+    Route("GET", "/v1/status", "status", "Fleet summary: devices, online, stale, live rollouts", _status, role=READ),
     Route("GET", "/v1/devices", "list_devices", "Every device with its state, model, telemetry and desired state",
-          lambda c: c.service.list_devices(), response=ANY_LIST),
+          lambda c: c.service.list_devices(), response=ANY_LIST, role=READ),
     Route("POST", "/v1/devices", "register_device",
           "Register a device (with its X25519 public key, or wait for its enrollment request); returns its broker "
           "password once",
@@ -228,65 +237,67 @@ ROUTES: list[Route] = [
               groups=c.body.get("groups") or (), broker_password=c.body.get("broker_password", True)),
           body=obj({"device_id": STR, "profile": STR, "public_key": STR, "groups": STR_LIST,
                     "broker_password": BOOL}, ["device_id", "profile"]),
-          mutating=True, audit_target=lambda c: f"device:{c.body.get('device_id')}"),
+          mutating=True, audit_target=lambda c: f"device:{c.body.get('device_id')}", role=ADMIN),
     Route("GET", "/v1/devices/{device_id}", "get_device", "One device with recent events and telemetry",
-          lambda c: c.service.device_detail(c.path["device_id"])),
+          lambda c: c.service.device_detail(c.path["device_id"]), role=READ),
     Route("POST", "/v1/devices/{device_id}/approve", "approve_device",
-          "Approve a device's pending enrollment request (optionally checking the key fingerprint)",
+          "Approve a device's pending enrollment request: the key's fingerprint, as the device printed it, is "
+          "required and must match",
           lambda c: c.service.approve_device(
-              c.path["device_id"], fingerprint_check=(c.body or {}).get("fingerprint"),
-              profile=(c.body or {}).get("profile"), groups=(c.body or {}).get("groups") or ()),
-          body=obj({"fingerprint": STR, "profile": STR, "groups": STR_LIST}), mutating=True,
-          audit_target=lambda c: f"device:{c.path['device_id']}"),
+              c.path["device_id"], fingerprint_check=c.body["fingerprint"],
+              profile=c.body.get("profile"), groups=c.body.get("groups") or ()),
+          body=obj({"fingerprint": STR, "profile": STR, "groups": STR_LIST}, ["fingerprint"]), mutating=True,
+          audit_target=lambda c: f"device:{c.path['device_id']}", role=ADMIN),
     Route("POST", "/v1/devices/{device_id}/reject", "reject_enrollment", "Reject a pending enrollment request",
           lambda c: c.service.reject_enrollment(c.path["device_id"]), mutating=True,
-          audit_target=lambda c: f"device:{c.path['device_id']}"),
+          audit_target=lambda c: f"device:{c.path['device_id']}", role=ADMIN),
     Route("POST", "/v1/devices/{device_id}/revoke", "revoke_device",
           "Revoke a device: its messages are refused and it gets nothing more",
           lambda c: c.service.revoke_device(c.path["device_id"]), mutating=True,
-          audit_target=lambda c: f"device:{c.path['device_id']}"),
+          audit_target=lambda c: f"device:{c.path['device_id']}", role=ADMIN),
     Route("POST", "/v1/devices/{device_id}/broker-password", "reset_broker_password",
           "Issue a new MQTT password for a device (shown once)",
           lambda c: c.service.reset_broker_password(c.path["device_id"]), mutating=True,
-          audit_target=lambda c: f"device:{c.path['device_id']}"),
+          audit_target=lambda c: f"device:{c.path['device_id']}", role=ADMIN),
     Route("GET", "/v1/enrollments", "pending_enrollments", "Enrollment requests waiting for approval",
-          lambda c: c.service.pending_enrollments(), response=ANY_LIST),
-    Route("GET", "/v1/groups", "list_groups", "Groups and their members", lambda c: c.service.list_groups()),
+          lambda c: c.service.pending_enrollments(), response=ANY_LIST, role=READ),
+    Route("GET", "/v1/groups", "list_groups", "Groups and their members", lambda c: c.service.list_groups(),
+          role=READ),
     Route("POST", "/v1/groups/{group}/members", "group_add", "Add devices to a group (created on first use)",
           lambda c: c.service.group_add(c.path["group"], c.body["devices"]),
           body=obj({"devices": STR_LIST}, ["devices"]), mutating=True,
-          audit_target=lambda c: f"group:{c.path['group']}"),
+          audit_target=lambda c: f"group:{c.path['group']}", role=ADMIN),
     Route("POST", "/v1/groups/{group}/remove", "group_remove", "Remove devices from a group",
           lambda c: c.service.group_remove(c.path["group"], c.body["devices"]),
           body=obj({"devices": STR_LIST}, ["devices"]), mutating=True,
-          audit_target=lambda c: f"group:{c.path['group']}"),
+          audit_target=lambda c: f"group:{c.path['group']}", role=ADMIN),
     Route("GET", "/v1/deployments", "list_deployments", "Recent deployments with per-phase device counts",
           lambda c: c.service.list_deployments(limit=c.q_int("limit", 50, 1, 1000)), response=ANY_LIST,
-          query=(QueryParam("limit", INT, "most recent N (1..1000)"),)),
+          query=(QueryParam("limit", INT, "most recent N (1..1000)"),), role=READ),
     Route("POST", "/v1/deployments", "deploy",
           "Start a staged rollout of MODEL:VERSION to group:NAME, device:ID or all (canary, waves, failure "
           "threshold, probation)", _deploy,
           body=obj({"model": STR, "target": STR, "canary_percent": PERCENT, "wave_percent": PERCENT,
                     "max_failures_percent": PERCENT, "probation_s": {"type": "number", "minimum": 0}},
                    ["model", "target"]),
-          mutating=True, audit_target=lambda c: c.body.get("target")),
+          mutating=True, audit_target=lambda c: c.body.get("target"), role=DEPLOY),
     Route("GET", "/v1/deployments/{deployment_id}", "get_deployment",
           "One deployment: per-wave progress, every device's phase, failures and why",
-          lambda c: c.service.deployment_detail(c.path["deployment_id"])),
+          lambda c: c.service.deployment_detail(c.path["deployment_id"]), role=READ),
     Route("POST", "/v1/deployments/{deployment_id}/halt", "halt_deployment",
           "Halt a rollout; by default roll its devices back to their previous version",
           lambda c: c.service.halt(c.path["deployment_id"], rollback=(c.body or {}).get("rollback", True),
                                    actor=c.actor, reason=(c.body or {}).get("reason")),
           body=obj({"rollback": BOOL, "reason": STR}), mutating=True,
-          audit_target=lambda c: f"deployment:{c.path['deployment_id']}"),
+          audit_target=lambda c: f"deployment:{c.path['deployment_id']}", role=DEPLOY),
     Route("POST", "/v1/rollbacks", "rollback",
           "Roll devices back to a kept version (signed command + retained pin; offline devices converge)",
           lambda c: c.service.rollback(target=c.body["target"], model=c.body.get("model"),
                                        version=c.body.get("version"), actor=c.actor),
           body=obj({"target": STR, "model": STR, "version": {"type": "integer", "minimum": 0}}, ["target"]),
-          mutating=True, audit_target=lambda c: c.body.get("target")),
+          mutating=True, audit_target=lambda c: c.body.get("target"), role=DEPLOY),
     Route("GET", "/v1/commands/{batch_id}", "command_batch", "Commands of one batch and each device's answer",
-          lambda c: c.service.command_batch(c.path["batch_id"])),
+          lambda c: c.service.command_batch(c.path["batch_id"]), role=READ),
     Route("GET", "/v1/events", "events", "Events after a cursor; wait=N long-polls up to N seconds",
           lambda c: c.service.events(after=c.q_int("after", 0), device_id=c.query.get("device") or None,
                                      deployment_id=c.query.get("deployment") or None,
@@ -295,10 +306,10 @@ ROUTES: list[Route] = [
           query=(QueryParam("after", INT, "cursor: only events with a larger id"),
                  QueryParam("device", STR), QueryParam("deployment", STR),
                  QueryParam("kind", STR, "kind prefix, e.g. lifecycle."),
-                 QueryParam("limit", INT), QueryParam("wait", NUM, "long-poll seconds"))),
+                 QueryParam("limit", INT), QueryParam("wait", NUM, "long-poll seconds")), role=READ),
     Route("GET", "/v1/models", "list_models", "Registered model versions and the profiles each is built for",
           lambda c: _models(c).list_models(c.service.config.home, c.query.get("model") or None),
-          tag="models", response=ANY_LIST, query=(QueryParam("model", STR, "only this model"),)),
+          tag="models", response=ANY_LIST, query=(QueryParam("model", STR, "only this model"),), role=READ),
     Route("POST", "/v1/models", "register_model",
           "Register the next version of a model: the file (.onnx or .tflite) and its calibration/evaluation data "
           "sets (.npz), base64-encoded, and an optional accuracy gate", lambda c: _models(c).add_model(
@@ -310,10 +321,10 @@ ROUTES: list[Route] = [
                         "max_relative_drop": NUM, "min_cosine": NUM, "min_top1": NUM, "min_iou": NUM,
                         "iou_threshold": NUM, "max_abs_error": NUM}, "additionalProperties": False}},
                    ["name", "model"]),
-          mutating=True, audit_target=lambda c: f"model:{c.body.get('name')}"),
+          mutating=True, audit_target=lambda c: f"model:{c.body.get('name')}", role=DEPLOY),
     Route("GET", "/v1/models/{model}/versions/{version}", "get_model",
           "One model version: inputs, outputs, gate, and each build with its provenance",
-          lambda c: _models(c).show_model(c.service.config.home, _model_ref(c)), tag="models"),
+          lambda c: _models(c).show_model(c.service.config.home, _model_ref(c)), tag="models", role=READ),
     Route("POST", "/v1/models/{model}/versions/{version}/builds", "build_model",
           "Build compressed variants for profiles (ID[,ID...] or all) behind the accuracy gate; answers when done "
           "(seconds to minutes), one result per profile",
@@ -322,18 +333,23 @@ ROUTES: list[Route] = [
           body=obj({"profile": STR, "recipes": NAME_LIST, "calibration_methods": NAME_LIST, "pruning": BOOL,
                     "fallback": BOOL, "eval_limit": {"type": "integer", "minimum": 1},
                     "latency_runs": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["profile"]),
-          mutating=True, audit_target=lambda c: f"model:{c.path['model']}:{c.path['version']}"),
+          mutating=True, audit_target=lambda c: f"model:{c.path['model']}:{c.path['version']}", role=DEPLOY),
     Route("GET", "/v1/audit", "audit", "Who did what, when, with which outcome",
           lambda c: c.service.audit(limit=c.q_int("limit", 100, 1, 10000), actor=c.query.get("actor") or None,
                                     action=c.query.get("action") or None),
           response=ANY_LIST,
-          query=(QueryParam("limit", INT), QueryParam("actor", STR), QueryParam("action", STR))),
+          query=(QueryParam("limit", INT), QueryParam("actor", STR), QueryParam("action", STR)), role=READ),
+    Route("GET", "/v1/audit/verify", "verify_audit",
+          "Recompute the audit log's hash chain; names the first broken row (edited, deleted, inserted)",
+          _verify_audit, query=(QueryParam("anchor", STR, "ID:SHA256 of a head saved earlier"),), role=READ),
 ]
 
 _STATUS: Mapping[type[ServerError], int] = {
     NotFoundError: 404,
     ConflictError: 409,
+    ForbiddenError: 403,
     AuthError: 401,
+    PayloadTooLargeError: 413,
     InvalidRequestError: 400,
     KeyStoreError: 503,
 }
@@ -366,28 +382,27 @@ class Api:
     def route(self, name: str) -> Route:
         return self._by_name[name]
 
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = False
-        for r in self.routes:
-            m = r.regex.match(path)
-            if m is None:
-                continue
-            if r.method == method:
-                return r, {k: unquote(v) for k, v in m.groupdict().items()}
-            allowed = True
-        if allowed:
-            raise InvalidRequestError(f"{method} is not allowed on {path}")
-        raise NotFoundError(f"no such endpoint: {method} {path}")
+    def role_needed(self, route: Route) -> str:
+        if route.name == "metrics" and not self.public_metrics:
+            return READ
+        return route.role
 
     def authenticate(self, route: Route, token: str | None) -> str:
-        if route.public and (route.name != "metrics" or self.public_metrics):
+        """The actor of a call with this bearer token: AuthError without a live token, ForbiddenError
+        when its role does not cover the route."""
+        needed = self.role_needed(route)
+        if needed == PUBLIC:
             return "anonymous"
         if not token:
             raise AuthError("missing API token (Authorization: Bearer ...)")
-        owner = self.service.registry.token_owner(token_digest(token))
-        if owner is None:
+        ident = self.service.registry.token_identity(token_digest(token))
+        if ident is None:
             raise AuthError("unknown or revoked API token")
-        return owner
+        name, role = ident
+        if not allows(role, needed):
+            raise ForbiddenError(f"token {name!r} has role {role}; {route.method} {route.path} needs {needed}",
+                                 actor=name)
+        return name
 
     def invoke(self, route: Route, *, actor: str, path: Mapping[str, str] | None = None,
                query: Mapping[str, str] | None = None, body: Any = None) -> Any:
@@ -429,10 +444,14 @@ class Api:
         except ServerError:
             log.exception("could not write the audit record of %s", route.name)
 
-    def audit_refused(self, route: Route, reason: str) -> None:
-        if route.mutating:
-            self.service.record_audit(actor="anonymous", action=route.name, target=None, params={},
-                                      outcome="error:unauthorized", detail=reason)
+    def audit_refused(self, action: str, actor: str, code: str, detail: str, *,
+                      params: Mapping[str, Any] | None = None) -> None:
+        """One audit row for refused calls (the HTTP transport aggregates floods before calling this)."""
+        try:
+            self.service.record_audit(actor=actor, action=action, target=None, params=dict(params or {}),
+                                      outcome=f"error:{code}", detail=detail)
+        except ServerError:
+            log.exception("could not write the audit record of a refused %s", action)
 
     def openapi(self) -> Json:
         paths: dict[str, Json] = {}
@@ -446,6 +465,7 @@ class Api:
                         "schema": {"type": "string"} if r.content_type.startswith("text/") else r.response}}},
                     "400": {"$ref": "#/components/responses/Error"},
                     "401": {"$ref": "#/components/responses/Error"},
+                    "403": {"$ref": "#/components/responses/Error"},
                     "404": {"$ref": "#/components/responses/Error"},
                     "409": {"$ref": "#/components/responses/Error"},
                 },
@@ -461,6 +481,7 @@ class Api:
                                      "content": {"application/json": {"schema": r.body}}}
             if r.public:
                 op["security"] = []
+            op["x-role"] = r.role
             if r.mutating:
                 op["x-audited"] = True
             paths.setdefault(r.path, {})[r.method.lower()] = op
@@ -481,95 +502,3 @@ class Api:
 
 #: Routes other modules contribute (the compression pipeline's model/build endpoints register here).
 EXTRA_ROUTES: list[Route] = []
-
-
-# -- the HTTP transport ---------------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ApiHttpServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
-        if content_type.startswith("application/json"):
-            data = json.dumps(payload, default=str).encode()
-        else:
-            data = str(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, code: str, message: str) -> None:
-        self._send(status, {"error": {"code": code, "message": message}})
-
-    def _handle(self, method: str) -> None:
-        api = self.server.api
-        try:
-            url = urlsplit(self.path)
-            query = dict(parse_qsl(url.query))
-            route, params = api.match(method, url.path)
-            auth = self.headers.get("Authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-            try:
-                actor = api.authenticate(route, token)
-            except AuthError as exc:
-                api.audit_refused(route, exc.message)
-                raise
-            body = self._read_body()
-            result = api.invoke(route, actor=actor, path=params, query=query, body=body)
-            self._send(HTTPStatus.OK, result, route.content_type)
-        except ServerError as exc:
-            self._error(status_for(exc), exc.code, exc.message)
-        except Exception as exc:
-            log.exception("%s %s failed", method, self.path)
-            self._error(500, "internal", f"internal error: {type(exc).__name__}")
-        finally:
-            api.service.registry.db.close()  # this thread's connection; the next request gets a new thread
-
-    def _read_body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > self.server.max_body:
-            raise InvalidRequestError(f"request body over {self.server.max_body} bytes")
-        if not length:
-            return None
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequestError(f"request body is not JSON: {exc}") from exc
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
-
-
-class ApiHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], api: Api, *, max_body: int) -> None:
-        super().__init__(address, _Handler)
-        self.api = api
-        self.max_body = max_body
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="edgefleet-api", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()

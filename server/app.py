@@ -3,7 +3,8 @@ rollout driver, outbox, HTTP API and /metrics), built from the config and stoppe
 
 Threads (none per device): paho's network loop, the ingest writer, the chunk sender, the
 control loop (rollout driver + outbox + housekeeping, woken early whenever the API or the
-ingest changed something), and the HTTP server's per-request threads. Several processes may
+ingest changed something), and the HTTP API (uvicorn's event loop thread plus a bounded pool of
+worker threads for the handlers, ``server.asgi``). Several processes may
 share a registry and a broker: leases split the rollouts and the outbox between them.
 """
 
@@ -22,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.protocol.messages import ChunkRequest
-from server.api import Api, ApiHttpServer
+from server.api import Api
 from server.artifacts import ArtifactStore
+from server.asgi import ApiHttpServer
 from server.builds import BuildSource, default_build_source
 from server.chunks import ChunkServer
 from server.config import ServerConfig
@@ -126,7 +128,9 @@ class FleetServer:
         self.service = FleetService(config, self.registry, builds=self.builds, artifacts=self.artifacts,
                                     profiles=profiles, signer=self.signer, kick=self.kick, clock=clock)
         self.api = Api(self.service, metrics=self.render_metrics, public_metrics=config.api.public_metrics)
-        self.http = ApiHttpServer((config.api.host, config.api.port), self.api, max_body=config.api.max_body_bytes)
+        a = config.api
+        tls = (config.resolve(a.tls_cert), config.resolve(a.tls_key)) if a.tls_cert else None
+        self.http = ApiHttpServer((a.host, a.port), self.api, limits=a, tls=tls)
         self._last_housekeeping = 0.0
         self._allowed: dict[tuple[str, str], float] = {}
 
@@ -162,13 +166,15 @@ class FleetServer:
         log.warning("chunk request from %s refused: %s", req.device_id, reason)
 
     def render_metrics(self) -> str:
-        return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats)
+        return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats,
+                              extra=self.http.stats.families())
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.config.api.host}:{self.http.port}"
+        host = self.config.api.host
+        return f"{self.http.scheme}://{f'[{host}]' if ':' in host else host}:{self.http.port}"
 
     def start(self) -> FleetServer:
         self.ingest.start()
@@ -227,6 +233,7 @@ class FleetServer:
                 self._last_housekeeping = now
                 self.outbox.housekeeping(now)
                 safe_flush(self.outbox, now)
+        self.http.flush_audit()
 
     def __enter__(self) -> FleetServer:
         return self.start()

@@ -11,9 +11,9 @@ API cannot.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
+from server.access import local_actor
 from server.api import EXTRA_ROUTES as _EXTRA
 from server.api import ROUTES, Api, Route
-from server.errors import AuthError, ConflictError, InvalidRequestError, NotFoundError, ServerError
+from server.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServerError,
+)
 from server.keys import read_token_file
 
 _ERRORS: Mapping[str, type[ServerError]] = {
@@ -31,6 +40,8 @@ _ERRORS: Mapping[str, type[ServerError]] = {
     "conflict": ConflictError,
     "invalid": InvalidRequestError,
     "unauthorized": AuthError,
+    "forbidden": ForbiddenError,
+    "too_large": PayloadTooLargeError,
 }
 
 
@@ -57,11 +68,14 @@ def _route(name: str) -> Route:
 
 
 class HttpClient:
-    def __init__(self, base_url: str, token: str | None, *, timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str, token: str | None, *, timeout: float = 120.0,
+                 ca_cert: Path | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.description = f"server {self.base_url}"
+        #: https:// with a private CA (``[client] ca_cert``); None = the system trust store
+        self.ssl_context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
 
     def url(self, name: str, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None) -> str:
         route = _route(name)
@@ -81,13 +95,18 @@ class HttpClient:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310 - http(s) only
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout,  # noqa: S310 - http(s) only
+                                        context=self.ssl_context) as resp:
                 raw = resp.read()
                 ctype = resp.headers.get("Content-Type", "")
         except urllib.error.HTTPError as exc:
             raise _decode_error(exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise ServerError(f"cannot reach the edgefleet server at {self.base_url}: {exc}") from exc
+            hint = ""
+            if data is not None and len(data) > 1 << 20 and "reset" in str(exc).lower():
+                hint = (f" (the server closes the connection on a {len(data)}-byte body over its [api] max_body_bytes "
+                        "or from a refused token before reading it)")
+            raise ServerError(f"cannot reach the edgefleet server at {self.base_url}: {exc}{hint}") from exc
         if ctype.startswith("application/json"):
             return json.loads(raw)
         return raw.decode()
@@ -119,7 +138,7 @@ class LocalClient:
                                artifacts=ArtifactStore(config.paths.artifacts_dir, registry),
                                profiles=default_profiles())
         self.api = Api(service)
-        self.actor = f"local:{getpass.getuser()}"
+        self.actor = local_actor()
         self.description = f"local registry {config.paths.registry_db}"
 
     def call(self, name: str, *, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None,
@@ -167,9 +186,13 @@ def remote_client(home: Path, *, server: str | None = None, config_path: Path | 
     if not token:
         raise AuthError(
             f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
-            "(`edgefleet tokens create NAME` on the server prints one)"
+            "(`edgefleet tokens create NAME --role ROLE` on the server prints one)"
         )
-    return HttpClient(url, token)
+    return HttpClient(url, token, ca_cert=_ca(config))
+
+
+def _ca(config: Any) -> Path | None:
+    return config.resolve(config.client.ca_cert) if config.client.ca_cert else None
 
 
 def connect(home: Path, *, server: str | None = None, config_path: Path | None = None) -> ApiClient:
@@ -187,6 +210,6 @@ def connect(home: Path, *, server: str | None = None, config_path: Path | None =
     if not token:
         raise AuthError(
             f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
-            "(`edgefleet tokens create NAME` on the server prints one)"
+            "(`edgefleet tokens create NAME --role ROLE` on the server prints one)"
         )
-    return HttpClient(url, token)
+    return HttpClient(url, token, ca_cert=_ca(config))

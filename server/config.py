@@ -76,6 +76,8 @@ class ServerPaths:
 #     [api]
 #     host = "127.0.0.1"
 #     port = 8470
+#     tls_cert = "api/tls/server.crt"        # HTTPS (with tls_key); empty = plain HTTP
+#     max_connections = 64
 #
 #     [rollout]
 #     canary_percent = 10.0
@@ -158,13 +160,34 @@ class ApiSection:
     public_metrics: bool = True
     #: longest long-poll wait a client may ask for (events --follow), 1..120 s
     max_wait_s: float = 30.0
-    #: cap on any request body, 1 KiB..1 GiB
+    #: cap on any request body, 1 KiB..1 GiB (a larger declared Content-Length is refused unread)
     max_body_bytes: int = 256 * 1024 * 1024
+    #: cap on a request's line and headers, 4 KiB..1 MiB (431 past it)
+    max_header_bytes: int = 32 * 1024
+    #: past this many open connections a request gets 503; past twice as many a connection is closed
+    max_connections: int = 64
+    #: the request line and headers must arrive within this many seconds of the connection opening (on a
+    #: kept-alive connection: of the request's first byte), 1..300
+    header_timeout_s: float = 10.0
+    #: the whole body must arrive within this many seconds of the headers, 1..3600
+    body_timeout_s: float = 300.0
+    #: an idle keep-alive connection is closed after this many seconds, 1..600
+    idle_timeout_s: float = 15.0
+    #: serve HTTPS with this certificate chain and key (PEM; relative to the home); empty = plain HTTP
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def validate(self) -> None:
         _check(0 <= self.port < 65536, "api", "port", "must be within 0..65535")
         _check(1.0 <= self.max_wait_s <= 120.0, "api", "max_wait_s", "must be within 1..120")
         _check(1024 <= self.max_body_bytes <= 1 << 30, "api", "max_body_bytes", "must be within 1 KiB..1 GiB")
+        _check(4096 <= self.max_header_bytes <= 1 << 20, "api", "max_header_bytes", "must be within 4 KiB..1 MiB")
+        _check(1 <= self.max_connections <= 10000, "api", "max_connections", "must be within 1..10000")
+        _check(1.0 <= self.header_timeout_s <= 300.0, "api", "header_timeout_s", "must be within 1..300")
+        _check(1.0 <= self.body_timeout_s <= 3600.0, "api", "body_timeout_s", "must be within 1..3600")
+        _check(1.0 <= self.idle_timeout_s <= 600.0, "api", "idle_timeout_s", "must be within 1..600")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "api", "tls_cert",
+               "tls_cert and tls_key go together (both or neither)")
 
 
 @dataclass(frozen=True)
@@ -253,6 +276,8 @@ class ClientSection:
     server: str = ""
     #: file holding the API token; relative to the home
     token_file: str = "keys/cli.token"  # noqa: S105 - a path, not a secret
+    #: CA certificate to trust for an https:// server (relative to the home); empty = system trust store
+    ca_cert: str = ""
 
     def validate(self) -> None:
         if self.server:

@@ -12,7 +12,9 @@
     ├── KeyStoreError           signing key missing or unreadable
     ├── ConfigError             invalid server.toml (names section and key)
     ├── InvalidRequestError     an operator request that cannot be carried out as asked
+    │   └── PayloadTooLargeError    a request body over ``[api] max_body_bytes``
     ├── AuthError               missing or unknown API token
+    │   └── ForbiddenError          a valid token whose role does not cover the route
     └── PublishError            the broker refused or dropped a publish
 
 Errors that cross into the agent contract (bad signatures, malformed messages) are
@@ -100,7 +102,23 @@ class InvalidRequestError(ServerError, ValueError):
     code = "invalid"
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """A request body over the API's cap (refused before it is read)."""
+
+    code = "too_large"
+
+
 class AuthError(ServerError):
-    """Missing or unknown API token."""
+    """Missing or unknown API token; ``actor`` is who the audit log names (the token's owner when known)."""
 
     code = "unauthorized"
+
+    def __init__(self, message: str, *, actor: str = "anonymous") -> None:
+        super().__init__(message)
+        self.actor = actor
+
+
+class ForbiddenError(AuthError):
+    """A known API token whose role does not allow the call."""
+
+    code = "forbidden"

@@ -169,16 +169,21 @@ class FleetService:
         self,
         device_id: str,
         *,
-        fingerprint_check: str | None = None,
+        fingerprint_check: str | None,
         profile: str | None = None,
         groups: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """Accept the key of a pending enrollment request (the operator compares fingerprints)."""
+        """Accept the key of a pending enrollment request. The operator must give the fingerprint the
+        device printed (out of band): without it a token holder could approve any key, e.g. an attacker's
+        request for a known device id, and take over its future model keys."""
         device_id = _device_id(device_id)
+        if not fingerprint_check or not fingerprint_check.strip():
+            raise InvalidRequestError(f"approving {device_id} needs the key fingerprint the device printed "
+                                      "(--fingerprint)")
         req = self.registry.get_enroll_request(device_id)
         if req.status != "pending":
             raise ConflictError(f"the enrollment request of {device_id} is already {req.status}")
-        if fingerprint_check and fingerprint_check.replace(":", "").lower() != req.fingerprint.replace(":", ""):
+        if fingerprint_check.replace(":", "").strip().lower() != req.fingerprint.replace(":", ""):
             raise InvalidRequestError(
                 f"fingerprint mismatch for {device_id}: the request's key is {req.fingerprint}, not {fingerprint_check}"
             )

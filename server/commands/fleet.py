@@ -10,7 +10,6 @@ the server machine itself.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import signal
@@ -139,7 +138,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     token_path = paths.keys_dir / "cli.token"
     if not token_path.exists() or args.force:
         token = new_token()
-        registry.add_token("admin", token_digest(token), replace=True)
+        registry.add_token("admin", token_digest(token), role="admin", replace=True)
         write_cli_token(paths, token)
         made_token = True
     else:
@@ -152,12 +151,15 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     console.print(f"public key:  {ident.public_key_b64}")
     console.print(f"             {ident.public_path} (install on every device as its trust anchor)")
     if made_token:
-        console.print(f"API token for the local CLI (actor [bold]admin[/]): {token_path} (0600)")
+        console.print(f"API token for the local CLI (actor [bold]admin[/], role admin): {token_path} (0600)")
     return 0
 
 
 def _user() -> str:
-    return getpass.getuser()
+    """This process's OS account (from its uid, not $USER/$LOGNAME)."""
+    from server.access import local_actor  # noqa: PLC0415
+
+    return local_actor().removeprefix("local:")
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
@@ -167,10 +169,11 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
     registry = open_registry(load_config(args.home, args.config))
     token = new_token()
-    registry.add_token(args.name, token_digest(token))
-    registry.record_audit(actor=f"local:{_user()}", action="token_create", target=f"token:{args.name}", params={},
-                          outcome="ok")
-    err_console.print(f"API token for [bold]{args.name}[/] (shown once; the server keeps only its hash):")
+    registry.add_token(args.name, token_digest(token), role=args.role)
+    registry.record_audit(actor=f"local:{_user()}", action="token_create", target=f"token:{args.name}",
+                          params={"role": args.role}, outcome="ok")
+    err_console.print(f"API token for [bold]{args.name}[/], role {args.role} (shown once; the server keeps only "
+                      "its hash):")
     print(token)
     return 0
 
@@ -180,9 +183,9 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
     from server.config import load_config  # noqa: PLC0415
 
     registry = open_registry(load_config(args.home, args.config))
-    table = Table("name", "created", "revoked", box=box.SIMPLE)
+    table = Table("name", "role", "created", "revoked", box=box.SIMPLE)
     for t in registry.list_tokens():
-        table.add_row(t["name"], _clock(t["created_at"]), _clock(t["revoked_at"]) if t["revoked_at"] else "")
+        table.add_row(t["name"], t["role"], _clock(t["created_at"]), _clock(t["revoked_at"]) if t["revoked_at"] else "")
     console.print(table)
     return 0
 
@@ -738,8 +741,11 @@ def register(subparsers: Any) -> None:
     tokens = subparsers.add_parser("tokens", help="API tokens (for CI pipelines and operators)",
                                    description="API tokens. The server stores only their SHA-256.")
     ts = tokens.add_subparsers(dest="tokens_command", metavar="COMMAND", required=True)
-    p = _sub(ts, "create", "create a token for NAME and print it once", cmd_tokens_create)
+    p = _sub(ts, "create", "create a token for NAME with a role and print it once", cmd_tokens_create)
     p.add_argument("name")
+    p.add_argument("--role", required=True, choices=("read", "deploy", "admin"),
+                   help="read: status, events, audit; deploy: also deploy, rollback, halt, model add/build; "
+                        "admin: also devices, enrollment, groups, broker passwords")
     _sub(ts, "list", "list tokens", cmd_tokens_list)
     p = _sub(ts, "revoke", "revoke NAME's token", cmd_tokens_revoke)
     p.add_argument("name")
@@ -780,8 +786,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true")
     p = _sub(ds, "approve", "accept a device's enrollment request", cmd_devices_approve)
     p.add_argument("device_id")
-    p.add_argument("--fingerprint", help="refuse unless the request's key has this fingerprint (as the device "
-                   "printed it)")
+    p.add_argument("--fingerprint", required=True,
+                   help="the key fingerprint the device printed (compared out of band; approval refuses any other)")
     p.add_argument("--profile", help="override the profile the device announced")
     p.add_argument("--group", action="append")
     p = _sub(ds, "reject", "reject a device's enrollment request", cmd_devices_reject)
@@ -851,11 +857,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = _sub(subparsers, "audit", "who did what, when, and the outcome", cmd_audit)
+    p = _sub(subparsers, "audit", "who did what, when, and the outcome (`audit verify` checks the hash chain)",
+             cmd_audit)
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--actor")
     p.add_argument("--action")
     p.add_argument("--json", action="store_true")
+    from server.commands.access import register_audit_verify  # noqa: PLC0415
+
+    register_audit_verify(p, _sub)
 
     srv = subparsers.add_parser("server", help="run the control plane", description="The edgefleet server.")
     ss = srv.add_subparsers(dest="server_command", metavar="COMMAND", required=True)

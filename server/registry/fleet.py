@@ -32,6 +32,7 @@ from typing import Any
 from agent.errors import EdgeError
 from agent.protocol.messages import Event, StateReport, Telemetry, decode_up, encode
 from server.errors import ConflictError, NotFoundError, RegistryError
+from server.registry.access import AccessRegistry, AuditRecord  # noqa: F401 - AuditRecord re-exported
 from server.registry.db import Database, Migration
 
 # -- schema ------------------------------------------------------------------------------------------
@@ -509,21 +510,6 @@ class EventRecord:
 
 
 @dataclass(frozen=True)
-class AuditRecord:
-    id: int
-    ts: float
-    actor: str
-    action: str
-    target: str | None
-    params: Mapping[str, Any]
-    outcome: str
-    detail: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
 class NewDeployment:
     """Everything ``create_deployment`` writes in one transaction."""
 
@@ -591,12 +577,14 @@ class IngestBatch:
 # -- the registry --------------------------------------------------------------------------------------
 
 
-class FleetRegistry:
+class FleetRegistry(AccessRegistry):
+    """Devices, rollouts, events; API tokens and the audit log come from ``AccessRegistry``."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def migrate(self) -> list[str]:
-        return self.db.migrate(MIGRATIONS)
+        return self.db.migrate(MIGRATIONS) + self.migrate_access()
 
     def tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return self.db.transaction()
@@ -814,36 +802,6 @@ class FleetRegistry:
     def set_enroll_status(self, device_id: str, status: str, *, tx: sqlite3.Connection) -> None:
         tx.execute("UPDATE enroll_requests SET status = ? WHERE device_id = ?", (status, device_id))
 
-    # -- API tokens --------------------------------------------------------------------------------
-
-    def add_token(self, name: str, digest: str, *, replace: bool = False) -> None:
-        with self.tx() as conn:
-            exists = conn.execute("SELECT revoked_at FROM api_tokens WHERE name = ?", (name,)).fetchone()
-            if exists is not None and exists[0] is None and not replace:
-                raise ConflictError(f"an API token named {name!r} exists; revoke it first")
-            conn.execute(
-                "INSERT INTO api_tokens (name, token_sha256, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256,"
-                " created_at = excluded.created_at, revoked_at = NULL",
-                (name, digest, _now()),
-            )
-
-    def token_owner(self, digest: str) -> str | None:
-        row = self._read().execute(
-            "SELECT name FROM api_tokens WHERE token_sha256 = ? AND revoked_at IS NULL", (digest,)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
-    def revoke_token(self, name: str) -> None:
-        with self.tx() as conn:
-            if conn.execute("UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                            (_now(), name)).rowcount == 0:
-                raise NotFoundError(f"no active API token named {name!r}")
-
-    def list_tokens(self) -> list[dict[str, Any]]:
-        rows = self._read().execute("SELECT name, created_at, revoked_at FROM api_tokens ORDER BY name")
-        return [dict(r) for r in rows]
-
     # -- leases ------------------------------------------------------------------------------------
 
     def acquire_lease(self, name: str, owner: str, ttl_s: float, *, now: float | None = None) -> bool:
@@ -868,41 +826,6 @@ class FleetRegistry:
             "SELECT owner FROM leases WHERE name = ? AND expires_at >= ?", (name, now or _now())
         ).fetchone()
         return None if row is None else str(row[0])
-
-    # -- audit -------------------------------------------------------------------------------------
-
-    def record_audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        target: str | None,
-        params: Mapping[str, Any],
-        outcome: str,
-        detail: str | None = None,
-        now: float | None = None,
-    ) -> int:
-        with self.tx() as conn:
-            row = conn.execute(
-                "INSERT INTO audit (ts, actor, action, target, params, outcome, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (now or _now(), actor, action, target, _json(params), outcome, detail),
-            ).fetchone()
-        return int(row[0])
-
-    def list_audit(self, *, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[AuditRecord]:
-        clauses, args = [], []
-        if actor:
-            clauses.append("actor = ?")
-            args.append(actor)
-        if action:
-            clauses.append("action = ?")
-            args.append(action)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._read().execute(
-            f"SELECT * FROM (SELECT * FROM audit{where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit)
-        ).fetchall()
-        return [AuditRecord(**{**dict(r), "params": json.loads(r["params"])}) for r in rows]
 
     # -- artifacts ---------------------------------------------------------------------------------
 

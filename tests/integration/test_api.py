@@ -42,7 +42,7 @@ def fleet(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -
 @pytest.fixture
 def token(fleet: Fleet) -> str:
     t = new_token()
-    fleet.server.registry.add_token("ci-pipeline", token_digest(t))
+    fleet.server.registry.add_token("ci-pipeline", token_digest(t), role="admin")
     return t
 
 

@@ -53,7 +53,7 @@ def fleet(tmp_path: Path, fresh_broker: MosquittoBroker) -> Iterator[Fleet]:
 @pytest.fixture
 def api(fleet: Fleet) -> HttpClient:
     token = new_token()
-    fleet.server.registry.add_token("ci", token_digest(token))
+    fleet.server.registry.add_token("ci", token_digest(token), role="deploy")
     return HttpClient(fleet.server.api_url, token)
 
 

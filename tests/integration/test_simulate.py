@@ -262,7 +262,8 @@ def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
             time.sleep(0.05)
         server = FleetServer(load_config(home), builds=builds).start()
         capsys.readouterr()
-        assert main(["--home", str(home), "tokens", "create", "sim"]) == 0  # registration goes through the API
+        # registration goes through the API
+        assert main(["--home", str(home), "tokens", "create", "sim", "--role", "admin"]) == 0
         monkeypatch.setenv("EDGEFLEET_TOKEN", capsys.readouterr().out.split()[-1])
         sim = ["--home", str(home), "simulate", "--devices", "4", "--prefix", "simiss", "--seed", "iss",
                "--profile", "rpi4", "--quiet"]

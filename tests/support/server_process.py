@@ -68,7 +68,7 @@ class ServerProcess:
         self.builds_path = home / "builds.json"
         self.builds_path.write_text(json.dumps([build_row(b) for b in builds], indent=1))
         edgefleet(home, "keys", "init")
-        self.token = edgefleet(home, "tokens", "create", "e2e").stdout.strip().splitlines()[-1]
+        self.token = edgefleet(home, "tokens", "create", "e2e", "--role", "admin").stdout.strip().splitlines()[-1]
         self.log_path = home / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.api_url = ""

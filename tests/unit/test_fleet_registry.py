@@ -174,10 +174,10 @@ def test_telemetry_is_downsampled_into_buckets_and_pruned(registry: FleetRegistr
 
 
 def test_tokens_audit_and_enrollment(registry: FleetRegistry) -> None:
-    registry.add_token("ci", "h1")
+    registry.add_token("ci", "h1", role="deploy")
     assert registry.token_owner("h1") == "ci"
     with pytest.raises(ConflictError):
-        registry.add_token("ci", "h2")
+        registry.add_token("ci", "h2", role="read")
     registry.revoke_token("ci")
     assert registry.token_owner("h1") is None
     registry.record_audit(actor="ci", action="deploy", target="all", params={"model": "m:1"}, outcome="ok")
