@@ -120,7 +120,8 @@ class Console:
     def render(self, request: Request, name: str, ctx: Mapping[str, Any], *, session: Session | None,
                nav: str = "", status: int = 200) -> HTMLResponse:
         flash, flash_error = "", False
-        if session is not None and session.flash:
+        # a live-update fetch never takes the flash: it belongs to the page the action redirects to
+        if session is not None and session.flash and request.headers.get("x-requested-with") != "fetch":
             flash, flash_error, session.flash = session.flash, session.flash_error, ""
         html = self.env.get_template(name).render(
             **ctx, request=request, session=session, nav=NAV, active=nav, flash=flash, flash_error=flash_error,

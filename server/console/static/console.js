@@ -8,8 +8,27 @@
   var busy = false, again = false;
   document.body.setAttribute("data-updates", "0");
 
+  // a region the operator is typing in (focus, or a field changed from what the page was served
+  // with) is left alone until they are done
+  function inUse(region) {
+    if (region.contains(document.activeElement) && document.activeElement !== document.body) { return true; }
+    var fields = region.querySelectorAll("input, select, textarea");
+    for (var i = 0; i < fields.length; i++) {
+      var f = fields[i];
+      if (f.type === "hidden") { continue; }
+      if ((f.type === "checkbox" || f.type === "radio") ? f.checked !== f.defaultChecked : f.value !== f.defaultValue) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  var last = 0, MIN_GAP_MS = 1500;
   function refresh() {
     if (busy) { again = true; return; }
+    var wait = last + MIN_GAP_MS - Date.now();
+    if (wait > 0) { busy = true; window.setTimeout(function () { busy = false; refresh(); }, wait); return; }
+    last = Date.now();
     busy = true;
     fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "fetch" } })
       .then(function (r) {
@@ -21,7 +40,7 @@
         var regions = document.querySelectorAll("[data-live][id]");
         for (var i = 0; i < regions.length; i++) {
           var next = fresh.getElementById(regions[i].id);
-          if (next) { regions[i].replaceWith(document.importNode(next, true)); }
+          if (next && !inUse(regions[i])) { regions[i].replaceWith(document.importNode(next, true)); }
         }
         var n = parseInt(document.body.getAttribute("data-updates"), 10) + 1;
         document.body.setAttribute("data-updates", String(n));
