@@ -26,9 +26,14 @@ def _nice_max(value: float) -> float:
     return value
 
 
-def line_chart(title: str, unit: str, series: Sequence[Series], *, now: float, span_s: float = 3600.0) -> str:
-    """One chart: ``series`` over the last ``span_s`` seconds; the y axis starts at 0."""
+def line_chart(title: str, unit: str, series: Sequence[Series], *, now: float, span_s: float = 3600.0,
+               min_span_s: float = 120.0) -> str:
+    """One chart: ``series`` since their first point (at most ``span_s`` seconds back, at least
+    ``min_span_s``); the y axis starts at 0."""
     values = [v for s in series for _, v in s.points if v is not None]
+    times = [t for s in series for t, v in s.points if v is not None]
+    if times:
+        span_s = min(span_s, max(min_span_s, now - min(times)))
     esc = html.escape
     head = (f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{esc(title)}">'
             f'<title>{esc(title)}</title>')
@@ -49,7 +54,8 @@ def line_chart(title: str, unit: str, series: Sequence[Series], *, now: float, s
         y = PAD_T + plot_h * (1.0 - frac)
         parts.append(f'<line x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                      f'<text x="{PAD_L - 3}" y="{y + 3:.1f}" class="axis" text-anchor="end">{top * frac:g}</text>')
-    parts.append(f'<text x="{PAD_L}" y="{HEIGHT - 4}" class="axis">-60 min</text>'
+    back = f"-{span_s / 60:.0f} min" if span_s >= 120 else f"-{span_s:.0f} s"
+    parts.append(f'<text x="{PAD_L}" y="{HEIGHT - 4}" class="axis">{back}</text>'
                  f'<text x="{WIDTH - PAD_R}" y="{HEIGHT - 4}" class="axis" text-anchor="end">now</text>')
     legend_x = WIDTH - PAD_R
     for s in reversed(series):

@@ -14,7 +14,7 @@ from typing import Any
 from server.registry.console import LastRollout
 
 STATES = ("online", "offline", "stale", "updating", "failed", "rolled_back", "pending", "revoked")
-IN_FLIGHT = frozenset({"pending", "dispatched", "accepted", "downloading", "installing", "probation", "rolling_back"})
+IN_FLIGHT = frozenset({"dispatched", "accepted", "downloading", "installing", "probation", "rolling_back"})
 SORT_KEYS = ("device", "group", "profile", "model", "state", "p95", "cpu", "memory", "temperature", "last_seen")
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -201,6 +201,21 @@ def issues(rows: Sequence[DeviceRow], pending: Sequence[Mapping[str, Any]], *, n
     for p in pending:
         out.append(Issue(str(p["device_id"]), "pending enrollment", f"fingerprint {p['fingerprint']}"))
     return out[:limit]
+
+
+def collapse(events: Sequence[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Newest-first events with runs of the same (kind, device, message) shown once with a count."""
+    out: list[dict[str, Any]] = []
+    for e in events:
+        prev = out[-1] if out else None
+        if prev is not None and (prev["kind"], prev["device_id"], prev["message"]) == (
+                e["kind"], e["device_id"], e["message"]):
+            prev["repeats"] += 1
+            continue
+        if len(out) == limit:
+            break
+        out.append({**e, "repeats": 1})
+    return out
 
 
 def ago(seconds: float) -> str:

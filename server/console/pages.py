@@ -11,7 +11,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.console import charts
-from server.console.fleetview import DeviceQuery, device_rows, issues, overview_counts, select_devices
+from server.console.fleetview import (
+    DeviceQuery,
+    collapse,
+    device_rows,
+    issues,
+    overview_counts,
+    select_devices,
+)
 from server.errors import NotFoundError, ServerError
 from server.registry.console import ConsoleQueries
 from server.service import FleetService
@@ -61,13 +68,13 @@ class PageData:
         rows = self._rows(now)
         pending = self.service.pending_enrollments()
         live = [self._progress(d) for d in self.service.list_deployments(limit=50) if d["status"] in LIVE_STATUSES]
-        events = [e.to_dict() for e in self.registry.list_events(limit=15, newest=True)]
+        events = [e.to_dict() for e in self.registry.list_events(limit=200, newest=True)]
         return {
             "counts": overview_counts(rows, now=now, stale_after_s=self.stale_after_s),
             "pending": len(pending),
             "live": live,
             "issues": issues(rows, pending, now=now, stale_after_s=self.stale_after_s),
-            "events": list(reversed(events)),
+            "events": collapse(list(reversed(events)), 15),
             "now": now,
         }
 
@@ -83,7 +90,7 @@ class PageData:
         audit = [a for a in self.service.audit(limit=2000) if a["target"] == f"device:{detail['device_id']}"]
         rollouts = [r.to_dict() for r in self.registry.device_rows(detail["device_id"])]
         return {"d": detail, "row": row, "charts": charts.telemetry_charts(detail["telemetry"], now=now),
-                "events": list(reversed(detail["events"])), "audit": list(reversed(audit))[:50],
+                "events": collapse(list(reversed(detail["events"])), 20), "audit": list(reversed(audit))[:50],
                 "rollouts": sorted(rollouts, key=lambda r: -r["updated_at"])[:20], "now": now}
 
     def deployments(self) -> dict[str, Any]:
@@ -101,7 +108,8 @@ class PageData:
         delivered = sum(wire.get(d["profile"], 0) for d in detail["devices"]
                         if d["state"] in ("installing", "probation", "committed"))
         total = sum(wire.get(d["profile"], 0) for d in detail["devices"] if d["state"] not in ("skipped",))
-        return {"dep": detail, "wire": wire, "delivered": delivered, "to_deliver": total,
+        return {"dep": detail, "wire": wire, "events": collapse(list(reversed(detail["events"])), 20),
+                "delivered": delivered, "to_deliver": total,
                 "summary": self._progress(detail), "now": self.clock()}
 
     def models(self) -> dict[str, Any]:

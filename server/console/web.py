@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import secrets
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
@@ -56,6 +58,24 @@ def _ts(value: float | None) -> str:
     return dt.datetime.fromtimestamp(float(value), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _ts_html(value: float | None) -> Markup:
+    """The date part in a span that narrow screens hide."""
+    text = _ts(value)
+    if " " not in text:
+        return escape(text)
+    day, clock = text.split(" ", 1)
+    return Markup('<span class="date">{} </span>{}').format(day, clock)
+
+
+def _params(params: Mapping[str, Any], width: int = 40) -> str:
+    """An audit row's parameters on one line, long values (keys, hashes) shortened."""
+    def short(v: Any) -> str:
+        text = json.dumps(v, default=str)
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    return ", ".join(f"{k}={short(v)}" for k, v in sorted(params.items()))
+
+
 def _size(value: float | None) -> str:
     if value is None:
         return "-"
@@ -74,7 +94,7 @@ def _num(value: float | None, digits: int = 1) -> str:
 def environment() -> Environment:
     env = Environment(loader=PackageLoader("server.console", "templates"), autoescape=select_autoescape(default=True),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(ts=_ts, size=_size, num=_num, ago=lambda s: ago(float(s)),
+    env.filters.update(params=_params, ts_html=_ts_html, ts=_ts, size=_size, num=_num, ago=lambda s: ago(float(s)),
                        qs=urlencode)
     return env
 

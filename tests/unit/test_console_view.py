@@ -6,7 +6,15 @@ from types import SimpleNamespace
 from typing import Any
 
 from server.console.charts import Series, line_chart
-from server.console.fleetview import DeviceQuery, device_rows, device_state, issues, overview_counts, select_devices
+from server.console.fleetview import (
+    DeviceQuery,
+    collapse,
+    device_rows,
+    device_state,
+    issues,
+    overview_counts,
+    select_devices,
+)
 from server.registry.console import LastRollout
 
 NOW = 1_000_000.0
@@ -86,3 +94,15 @@ def test_charts_are_svg_with_escaped_labels_and_gaps() -> None:
     assert svg.count("<circle") == 1 and svg.count("<polyline") == 1, "a gap splits the line"
     empty = line_chart("cpu", "%", [Series("cpu", [], "s1")], now=NOW)
     assert "no data" in empty and "<polyline" not in empty
+
+
+def test_runs_of_the_same_event_are_shown_once_with_a_count() -> None:
+    def ev(kind: str, device: str | None, message: str = "") -> dict[str, Any]:
+        return {"kind": kind, "device_id": device, "message": message}
+
+    rejected = ev("ingest.rejected", "x", "unknown")
+    events = [rejected, rejected, rejected, ev("lifecycle.committed", "a"), rejected, ev("download.started", "b"),
+              ev("download.started", "c")]
+    out = collapse(events, 3)
+    assert [(e["kind"], e["device_id"], e["repeats"]) for e in out] == [
+        ("ingest.rejected", "x", 3), ("lifecycle.committed", "a", 1), ("ingest.rejected", "x", 1)]
