@@ -479,6 +479,7 @@ class Api:
             if r.body is not None:
                 op["requestBody"] = {"required": bool(r.body.get("required")),
                                      "content": {"application/json": {"schema": r.body}}}
+                op["responses"]["413"] = {"$ref": "#/components/responses/Error"}
             if r.public:
                 op["security"] = []
             op["x-role"] = r.role

@@ -169,7 +169,7 @@ class FleetService:
         self,
         device_id: str,
         *,
-        fingerprint_check: str | None,
+        fingerprint_check: str | None = None,
         profile: str | None = None,
         groups: Sequence[str] = (),
     ) -> dict[str, Any]:
