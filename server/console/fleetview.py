@@ -1,8 +1,8 @@
 """What the console shows about devices, computed from registry rows: pure functions, no I/O.
 
 A device has one *state* for the table (the most pressing of: revoked, pending, updating, failed,
-rolled back, stale, offline, online) and the overview counts each condition on its own (a device can
-be online and have failed its last update).
+rolled back, stale, offline, online; computed in SQL by ``server.registry.console``) and the overview
+counts each condition on its own (a device can be online and have failed its last update).
 """
 
 from __future__ import annotations
@@ -11,13 +11,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.registry.console import LastRollout
+from server.registry.console import SORTS, STATES, DeviceFilter, TableQuery
 
-STATES = ("online", "offline", "stale", "updating", "failed", "rolled_back", "pending", "revoked")
-IN_FLIGHT = frozenset({"dispatched", "accepted", "downloading", "installing", "probation", "rolling_back"})
-SORT_KEYS = ("device", "group", "profile", "model", "state", "p95", "cpu", "memory", "temperature", "last_seen")
+SORT_KEYS = tuple(SORTS)
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+
+
+@dataclass(frozen=True)
+class LastRollout:
+    """A device's most recent row in any deployment."""
+
+    deployment_id: str
+    state: str
+    code: str | None
+    reason: str | None
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -47,45 +56,21 @@ class DeviceRow:
         return self.p95_ms is not None and self.budget_ms is not None and self.p95_ms > self.budget_ms
 
 
-def device_state(d: Any, last: LastRollout | None, *, now: float, stale_after_s: float) -> str:
-    """``d`` is a registry ``Device``."""
-    if d.status == "revoked":
-        return "revoked"
-    if not d.public_key:
-        return "pending"
-    if (d.lifecycle not in (None, "idle")) or (last is not None and last.state in IN_FLIGHT):
-        return "updating"
-    if last is not None and last.state == "failed":
-        return "failed"
-    if last is not None and last.state == "rolled_back":
-        return "rolled_back"
-    if d.online:
-        return "online"
-    if d.last_seen is None or now - d.last_seen > stale_after_s:
-        return "stale"
-    return "offline"
-
-
-def device_rows(devices: Sequence[Any], last: Mapping[str, LastRollout], budgets: Mapping[str, float], *,
-                now: float, stale_after_s: float) -> list[DeviceRow]:
-    return [
-        DeviceRow(d.device_id, tuple(d.groups), d.profile, d.active_model, d.active_version,
-                  device_state(d, last.get(d.device_id), now=now, stale_after_s=stale_after_s), d.online, d.p95_ms,
-                  d.cpu_percent, d.memory_percent, d.temperature_c, d.last_seen, d.lifecycle, last.get(d.device_id),
-                  budgets.get(d.profile))
-        for d in devices
-    ]
+def device_row(r: Mapping[str, Any], budgets: Mapping[str, float]) -> DeviceRow:
+    """A row of ``ConsoleQueries.devices``."""
+    last = None
+    if r["last_deployment"] is not None:
+        last = LastRollout(r["last_deployment"], r["last_state"], r["last_code"], r["last_reason"], r["last_at"])
+    return DeviceRow(r["device_id"], tuple(g for g in (r["groups"] or "").split(",") if g), r["profile"],
+                     r["active_model"], r["active_version"], r["state"], bool(r["online"]), r["p95_ms"],
+                     r["cpu_percent"], r["memory_percent"], r["temperature_c"], r["last_seen"], r["lifecycle"], last,
+                     budgets.get(r["profile"]))
 
 
 @dataclass(frozen=True)
-class DeviceQuery:
-    q: str = ""
-    group: str = ""
-    profile: str = ""
-    state: str = ""
-    model: str = ""
-    sort: str = "device"
-    desc: bool = False
+class DeviceQuery(DeviceFilter):
+    """The device table's query string, validated."""
+
     page: int = 1
     size: int = PAGE_SIZE
 
@@ -105,6 +90,11 @@ class DeviceQuery:
                    sort=sort if sort in SORT_KEYS else "device", desc=text("dir") == "desc",
                    page=number("page", 1, 1 << 20), size=number("size", PAGE_SIZE, MAX_PAGE_SIZE))
 
+    def table(self, page: int | None = None) -> TableQuery:
+        return TableQuery(q=self.q, group=self.group, profile=self.profile, state=self.state, model=self.model,
+                          sort=self.sort, desc=self.desc, offset=((page or self.page) - 1) * self.size,
+                          limit=self.size)
+
     def args(self, **changes: Any) -> dict[str, str]:
         """Query parameters of this query with some changed (for links)."""
         merged = {"q": self.q, "group": self.group, "profile": self.profile, "state": self.state,
@@ -112,15 +102,6 @@ class DeviceQuery:
                   "page": str(self.page), "size": str(self.size)}
         merged.update({k: str(v) for k, v in changes.items()})
         return {k: v for k, v in merged.items() if v and not (k == "size" and v == str(PAGE_SIZE))}
-
-
-def _sort_value(row: DeviceRow, key: str) -> tuple[int, Any]:
-    value: Any = {
-        "device": row.device_id, "group": ",".join(row.groups), "profile": row.profile, "model": row.model_ref,
-        "state": STATES.index(row.state), "p95": row.p95_ms, "cpu": row.cpu_percent, "memory": row.memory_percent,
-        "temperature": row.temperature_c, "last_seen": row.last_seen,
-    }[key]
-    return (1, 0) if value is None or value == "" else (0, value)
 
 
 @dataclass
@@ -134,32 +115,8 @@ class DevicePage:
     facets: dict[str, list[str]] = field(default_factory=dict)
 
 
-def select_devices(rows: Sequence[DeviceRow], query: DeviceQuery) -> DevicePage:
-    q = query.q.lower()
-    hits = [
-        r for r in rows
-        if (not q or q in r.device_id.lower())
-        and (not query.group or query.group in r.groups)
-        and (not query.profile or r.profile == query.profile)
-        and (not query.state or r.state == query.state)
-        and (not query.model or query.model in (r.model_ref, r.model))
-    ]
-    hits.sort(key=lambda r: r.device_id)
-    if query.sort != "device" or query.desc:
-        # missing values sort last in either direction
-        present = [r for r in hits if _sort_value(r, query.sort)[0] == 0]
-        missing = [r for r in hits if _sort_value(r, query.sort)[0] == 1]
-        present.sort(key=lambda r: _sort_value(r, query.sort)[1], reverse=query.desc)
-        hits = present + missing
-    pages = max(1, -(-len(hits) // query.size))
-    page = min(query.page, pages)
-    start = (page - 1) * query.size
-    facets = {
-        "group": sorted({g for r in rows for g in r.groups}),
-        "profile": sorted({r.profile for r in rows}),
-        "model": sorted({r.model_ref for r in rows if r.model}),
-    }
-    return DevicePage(hits[start:start + query.size], len(rows), len(hits), page, pages, query, facets)
+def pages_of(matched: int, size: int) -> int:
+    return max(1, -(-matched // size))
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,17 @@ from typing import Any
 
 from server.console import charts
 from server.console.fleetview import (
+    DevicePage,
     DeviceQuery,
+    DeviceRow,
     collapse,
-    device_rows,
+    device_row,
     issues,
     overview_counts,
-    select_devices,
+    pages_of,
 )
 from server.errors import NotFoundError, ServerError
-from server.registry.console import ConsoleQueries
+from server.registry.console import ConsoleQueries, TableQuery
 from server.service import FleetService
 
 log = logging.getLogger("edgefleet.console")
@@ -54,9 +56,9 @@ class PageData:
             self._budgets = _budgets()
         return self._budgets
 
-    def _rows(self, now: float) -> list[Any]:
-        return device_rows(self.registry.list_devices(), self.queries.last_rollouts(), self.budgets, now=now,
-                           stale_after_s=self.stale_after_s)
+    def _rows(self, now: float, query: TableQuery) -> tuple[list[DeviceRow], int]:
+        rows, matched = self.queries.devices(query, now=now, stale_after_s=self.stale_after_s)
+        return [device_row(r, self.budgets) for r in rows], matched
 
     def change_stamp(self) -> str:
         return self.queries.change_stamp()
@@ -65,7 +67,7 @@ class PageData:
 
     def overview(self) -> dict[str, Any]:
         now = self.clock()
-        rows = self._rows(now)
+        rows, _ = self._rows(now, TableQuery(limit=None))
         pending = self.service.pending_enrollments()
         live = [self._progress(d) for d in self.service.list_deployments(limit=50) if d["status"] in LIVE_STATUSES]
         events = [e.to_dict() for e in self.registry.list_events(limit=200, newest=True)]
@@ -81,23 +83,30 @@ class PageData:
     def devices(self, params: Mapping[str, str]) -> dict[str, Any]:
         now = self.clock()
         query = DeviceQuery.parse(params)
-        return {"page": select_devices(self._rows(now), query), "now": now}
+        rows, matched = self._rows(now, query.table())
+        pages = pages_of(matched, query.size)
+        if query.page > pages:  # past the end: the last page
+            rows, matched = self._rows(now, query.table(pages))
+        facets = self.queries.facets()
+        total = int(facets.pop("total")[0])
+        return {"page": DevicePage(rows, total, matched, min(query.page, pages), pages, query, facets), "now": now}
 
     def device(self, device_id: str) -> dict[str, Any]:
         now = self.clock()
         detail = self.service.device_detail(device_id)
-        row = next((r for r in self._rows(now) if r.device_id == detail["device_id"]), None)
-        audit = [a for a in self.service.audit(limit=2000) if a["target"] == f"device:{detail['device_id']}"]
+        found, _ = self._rows(now, TableQuery(q=detail["device_id"], limit=None))
+        row = next((r for r in found if r.device_id == detail["device_id"]), None)
+        audit = self.queries.device_audit(detail["device_id"])
         rollouts = [r.to_dict() for r in self.registry.device_rows(detail["device_id"])]
         return {"d": detail, "row": row, "charts": charts.telemetry_charts(detail["telemetry"], now=now),
-                "events": collapse(list(reversed(detail["events"])), 20), "audit": list(reversed(audit))[:50],
+                "events": collapse(list(reversed(detail["events"])), 20), "audit": audit,
                 "rollouts": sorted(rollouts, key=lambda r: -r["updated_at"])[:20], "now": now}
 
     def deployments(self) -> dict[str, Any]:
         return {"deployments": [self._progress(d) for d in self.service.list_deployments(limit=200)],
                 "now": self.clock()}
 
-    def deployment(self, deployment_id: str) -> dict[str, Any]:
+    def deployment(self, deployment_id: str, show_all: bool = False, cap: int = 200) -> dict[str, Any]:
         detail = self.service.deployment_detail(deployment_id)
         wire: dict[str, int] = {}
         for profile, b in detail["builds"].items():
@@ -108,8 +117,13 @@ class PageData:
         delivered = sum(wire.get(d["profile"], 0) for d in detail["devices"]
                         if d["state"] in ("installing", "probation", "committed"))
         total = sum(wire.get(d["profile"], 0) for d in detail["devices"] if d["state"] not in ("skipped",))
+        # what needs attention first: failures, then devices at work, waiting, done
+        rank = {"failed": 0, "rolled_back": 1, "rolling_back": 2, "probation": 3, "installing": 4, "downloading": 5,
+                "accepted": 6, "dispatched": 7, "pending": 8}
+        ordered = sorted(detail["devices"], key=lambda d: (rank.get(d["state"], 9), d["wave"], d["device_id"]))
+        shown = ordered if show_all else ordered[:cap]
         return {"dep": detail, "wire": wire, "events": collapse(list(reversed(detail["events"])), 20),
-                "delivered": delivered, "to_deliver": total,
+                "delivered": delivered, "to_deliver": total, "shown": shown, "hidden": len(ordered) - len(shown),
                 "summary": self._progress(detail), "now": self.clock()}
 
     def models(self) -> dict[str, Any]:

@@ -31,11 +31,12 @@ from starlette.staticfiles import StaticFiles
 from server.access import ADMIN, DEPLOY, allows
 from server.api import Api
 from server.api import Route as ApiRoute
-from server.console.fleetview import STATES, ago
+from server.console.fleetview import ago
 from server.console.pages import PageData
 from server.console.sessions import COOKIE, LOGIN_COOKIE, Session, Sessions, same
 from server.errors import AuthError, ForbiddenError, InvalidRequestError, NotFoundError, ServerError
 from server.keys import token_digest
+from server.registry.console import STATES
 
 log = logging.getLogger("edgefleet.console")
 
@@ -246,7 +247,7 @@ class Console:
 
     async def deployment(self, request: Request) -> Response:
         return await self._page(request, "deployment.html", "deployments", self.data.deployment,
-                                request.path_params["deployment_id"])
+                                request.path_params["deployment_id"], request.query_params.get("all") == "1")
 
     async def models(self, request: Request) -> Response:
         return await self._page(request, "models.html", "models", self.data.models)
