@@ -214,13 +214,18 @@ def shoot(demo: Demo, live: str, out: Path) -> list[Path]:
             b.screenshot(target, max_height=1500)
             written.append(target)
             log(f"{target} ({target.stat().st_size // 1024} KB)")
-    with Browser(width=390, height=844) as b:  # a phone-sized screen
+    with Browser(width=500, height=844) as b:  # a phone-sized screen (390 CSS pixels, emulated)
         b.login(demo.url, demo.token)
         for name, path in (("phone-overview", "/ui/"), ("phone-deployment", f"/ui/deployments/{live}")):
-            b.driver.set_window_size(390, 844)
             b.get(demo.url + path)
+            height = int(b.driver.execute_script("return document.documentElement.scrollHeight"))
+            b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": 390, "height": min(height, 1700), "deviceScaleFactor": 1, "mobile": True})
+            height = int(b.driver.execute_script("return document.documentElement.scrollHeight"))
+            b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": 390, "height": min(height, 1700), "deviceScaleFactor": 1, "mobile": True})
             target = out / f"{name}.png"
-            b.screenshot(target, max_height=1700)
+            b.screenshot(target, full_height=False)
             written.append(target)
             log(f"{target} ({target.stat().st_size // 1024} KB)")
     return written
