@@ -201,7 +201,7 @@ def shoot(demo: Demo, live: str, out: Path) -> list[Path]:
         ("models", "/ui/models"),
         ("model", "/ui/models/digits/2"),
         ("enrollment", "/ui/enrollment"),
-        ("audit", "/ui/audit?limit=20"),
+        ("audit", "/ui/audit?limit=14"),
     ]
     written = []
     with Browser(width=1280, height=900) as b:

@@ -68,7 +68,7 @@ def _ts_html(value: float | None) -> Markup:
     return Markup('<span class="date">{} </span>{}').format(day, clock)
 
 
-def _params(params: Mapping[str, Any], width: int = 40) -> str:
+def _params(params: Mapping[str, Any], width: int = 28) -> str:
     """An audit row's parameters on one line, long values (keys, hashes) shortened."""
     def short(v: Any) -> str:
         text = json.dumps(v, default=str)
