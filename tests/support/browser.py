@@ -77,16 +77,27 @@ class Browser:
 
         return list(self.driver.find_elements(By.CSS_SELECTOR, selector))
 
-    def text(self, selector: str) -> str:
-        """The element's text; retried when a live update swapped the element meanwhile."""
-        from selenium.common.exceptions import StaleElementReferenceException
+    def retry(self, action: Callable[[], Any], attempts: int = 50) -> Any:
+        """Run ``action`` on an element again when a live update swapped the element meanwhile
+        (stale, or detached and so not interactable)."""
+        from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
 
-        for _ in range(50):
+        for _ in range(attempts - 1):
             try:
-                return str(self.css(selector).text)
-            except StaleElementReferenceException:
+                return action()
+            except (StaleElementReferenceException, ElementNotInteractableException):
                 time.sleep(0.05)
-        return str(self.css(selector).text)
+        return action()
+
+    def text(self, selector: str) -> str:
+        return str(self.retry(lambda: self.css(selector).text))
+
+    def attr(self, selector: str, name: str) -> str | None:
+        return self.retry(lambda: self.css(selector).get_attribute(name))  # type: ignore[no-any-return]
+
+    def type(self, selector: str, text: str) -> None:
+        """Type into a field (once it has focus or a changed value the page leaves its region alone)."""
+        self.retry(lambda: self.css(selector).send_keys(text))
 
     def wait(self, condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
         """Poll ``condition`` (exceptions count as not yet) until it is truthy."""
@@ -103,26 +114,13 @@ class Browser:
         raise TimeoutError(f"{what} not met within {timeout}s (last error: {last!r}); page: "
                            f"{self.driver.current_url}\n{self.driver.find_element('tag name', 'body').text[:2000]}")
 
-    def type(self, selector: str, text: str) -> None:
-        """Type into a field; retried when a live update swapped it before the first key (once it
-        has focus or a changed value the page leaves its region alone)."""
-        from selenium.common.exceptions import StaleElementReferenceException
-
-        for _ in range(50):
-            try:
-                self.css(selector).send_keys(text)
-                return
-            except StaleElementReferenceException:
-                time.sleep(0.05)
-        self.css(selector).send_keys(text)
-
     def submit(self, selector: str, timeout: float = 30.0) -> None:
         """Click a form's button and wait until the browser has loaded the page it leads to."""
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.wait import WebDriverWait
 
         old = self.css("html")
-        self.css(selector).click()
+        self.retry(lambda: self.css(selector).click())
         WebDriverWait(self.driver, timeout).until(expected_conditions.staleness_of(old))
         WebDriverWait(self.driver, timeout).until(
             lambda d: d.execute_script("return document.readyState") == "complete")
