@@ -193,3 +193,54 @@ def test_static_assets_ship_in_the_package(fleet: Fleet) -> None:
         status, _, body = c.request("GET", f"/ui/static/{name}")
         assert status == 200 and body == (root / name).read_text()
     assert "http://" not in (root / "console.css").read_text() and "https://" not in (root / "console.js").read_text()
+
+
+def test_over_https_the_session_cookie_is_secure(tmp_path: Path) -> None:
+    import ssl
+
+    from server.api import Api
+    from server.artifacts import ArtifactStore
+    from server.asgi import ApiHttpServer
+    from server.broker import generate_tls
+    from server.builds import StaticBuilds
+    from server.config import ServerConfig
+    from server.registry.db import Database
+    from server.registry.fleet import FleetRegistry
+    from server.service import FleetService
+
+    registry = FleetRegistry(Database(tmp_path / "registry.db"))
+    registry.migrate()
+    registry.add_token("viewer", token_digest("read-token"), role="read")
+    config = ServerConfig(home=tmp_path)
+    api = Api(FleetService(config, registry, builds=StaticBuilds(),
+                           artifacts=ArtifactStore(config.paths.artifacts_dir, registry)))
+    tls = generate_tls(tmp_path / "tls", hosts=("127.0.0.1",))
+    server = ApiHttpServer(("127.0.0.1", 0), api, tls=(tls.server_cert, tls.server_key))
+    server.start()
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_cert))
+
+        def call(method: str, path: str, body: str | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, list[tuple[str, str]], str]:
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10, context=context)
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            out = resp.status, resp.getheaders(), resp.read().decode()
+            conn.close()
+            return out
+
+        _, headers, page = call("GET", "/ui/login")
+        nonce_cookie = next(v for k, v in headers if k.lower() == "set-cookie")
+        assert "; secure" in nonce_cookie.lower()
+        nonce = re.search(r'name="nonce" value="([^"]+)"', page)
+        assert nonce is not None
+        status, headers, _ = call("POST", "/ui/login", urllib.parse.urlencode({"nonce": nonce.group(1),
+                                                                               "token": "read-token"}),
+                                  {"Content-Type": "application/x-www-form-urlencoded",
+                                   "Cookie": nonce_cookie.split(";")[0]})
+        session = next(v for k, v in headers if k.lower() == "set-cookie" and v.startswith("ef_session="))
+        assert status == 303 and "; secure" in session.lower() and "samesite=strict" in session.lower()
+        status, _, page = call("GET", "/ui/devices", headers={"Cookie": session.split(";")[0]})
+        assert status == 200 and "0 of 0 devices" in page
+    finally:
+        server.stop()
