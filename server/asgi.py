@@ -386,7 +386,8 @@ class ApiTransport:
         if console:
             from server.console.web import Console  # noqa: PLC0415 - jinja2 loads with the server only
 
-            self.console = Console(api, in_worker=self.in_worker, secure=secure, on_refused=self._console_refused)
+            self.console = Console(api, in_worker=self.in_worker, secure=secure, on_refused=self._console_refused,
+                                   max_streams=max(1, limits.max_connections // 4))
             routes += self.console.routes()
         self.app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
 

@@ -102,7 +102,7 @@ def environment() -> Environment:
 
 class Console:
     def __init__(self, api: Api, *, in_worker: Worker, secure: bool = False, on_refused: Refused | None = None,
-                 stale_after_s: float = 3600.0, poll_s: float = 1.0) -> None:
+                 stale_after_s: float = 3600.0, poll_s: float = 1.0, max_streams: int = 16) -> None:
         self.api = api
         self.data = PageData(api.service, stale_after_s=stale_after_s)
         self.sessions = Sessions()
@@ -112,6 +112,10 @@ class Console:
         self.poll_s = poll_s
         self.env = environment()
         self.closing = threading.Event()
+        #: live-update streams at once: each holds one of the server's connections, and API calls need them too
+        self.max_streams = max_streams
+        self._streams = 0
+        self._streams_lock = threading.Lock()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -271,25 +275,35 @@ class Console:
         s = await self.session(request)
         if s is None:
             return Response("no session", status_code=401, headers=HEADERS)
+        if self._streams >= self.max_streams:  # a soft cap: streams count themselves once they run
+            # 204 tells EventSource not to reconnect: the page stays readable, it is just not live
+            log.warning("live-update stream refused: %d open already", self._streams)
+            return Response(status_code=204, headers=HEADERS)
         return StreamingResponse(self._changes(request, s), media_type="text/event-stream",
                                  headers={**HEADERS, "X-Accel-Buffering": "no"})
 
     async def _changes(self, request: Request, s: Session, max_s: float = 300.0) -> AsyncIterator[str]:
         """One ``change`` event whenever the fleet's change stamp moves; the stream ends after
         ``max_s`` (the browser reconnects) so a revoked token stops it soon."""
-        yield "retry: 2000\n\n"
-        last, started, quiet = None, time.monotonic(), time.monotonic()
-        while not self.closing.is_set() and time.monotonic() - started < max_s:
-            if self.sessions.get(s.sid) is None:
-                return
-            stamp = await self.in_worker(self.data.change_stamp)
-            if stamp != last:
-                yield f"event: change\ndata: {stamp}\n\n"
-                last, quiet = stamp, time.monotonic()
-            elif time.monotonic() - quiet > 15:
-                yield ": keep-alive\n\n"
-                quiet = time.monotonic()
-            await asyncio.sleep(self.poll_s)
+        with self._streams_lock:
+            self._streams += 1
+        try:
+            yield "retry: 2000\n\n"
+            last, started, quiet = None, time.monotonic(), time.monotonic()
+            while not self.closing.is_set() and time.monotonic() - started < max_s:
+                if self.sessions.get(s.sid) is None:
+                    return
+                stamp = await self.in_worker(self.data.change_stamp)
+                if stamp != last:
+                    yield f"event: change\ndata: {stamp}\n\n"
+                    last, quiet = stamp, time.monotonic()
+                elif time.monotonic() - quiet > 15:
+                    yield ": keep-alive\n\n"
+                    quiet = time.monotonic()
+                await asyncio.sleep(self.poll_s)
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     # -- actions ------------------------------------------------------------------------------------------
 

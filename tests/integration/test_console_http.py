@@ -184,6 +184,29 @@ def test_the_live_stream_sends_the_change_stamp(fleet: Fleet) -> None:
     assert client(fleet).request("GET", "/ui/live")[0] == 401
 
 
+def test_live_streams_are_capped_so_api_calls_keep_their_connections(fleet: Fleet) -> None:
+    console = fleet.server.http.console
+    assert console is not None and console.max_streams == 16  # a quarter of [api] max_connections
+    c = client(fleet)
+    c.login(tokens(fleet, "read"))
+    cookie = {"Cookie": f"ef_session={c.cookies['ef_session']}"}
+    console.max_streams = 1
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", fleet.server.http.port, timeout=10)
+        conn.request("GET", "/ui/live", headers=cookie)
+        first = conn.getresponse()
+        assert first.status == 200 and first.readline() == b"retry: 2000\n"
+        status, _, _ = c.request("GET", "/ui/live")
+        assert status == 204, "over the cap: no stream, and EventSource does not retry a 204"
+        conn.close()
+        deadline = time.monotonic() + 10
+        while console._streams and time.monotonic() < deadline:  # the closed stream counts itself out
+            time.sleep(0.05)
+        assert console._streams == 0
+    finally:
+        console.max_streams = 16
+
+
 def test_static_assets_ship_in_the_package(fleet: Fleet) -> None:
     import server.console
 
