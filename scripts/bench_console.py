@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,6 +157,7 @@ def main() -> int:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     sim.wait(timeout=20)
             server.stop()
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
