@@ -125,12 +125,16 @@ class Guardian:
     def watch(self, item: int | Path, *, on: bool = True) -> None:
         """A process group to stop, or a directory to remove, if we die (``on=False``: no longer)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{'+' if on else '-'}{item if isinstance(item, int) else item.resolve()}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{'+' if on else '-'}{item if isinstance(item, int) else item.resolve()}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # the guardian was killed (e.g. pkill): we are still here to clean up ourselves
+            print("[stress] the guardian process is gone; cleaning up without it", file=sys.stderr)
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
         self.proc.wait()
 
 
@@ -262,10 +266,12 @@ def parse_output(text: str, run: Run) -> None:
     """pytest's final summary line and short summary (FAILED/ERROR lines), the two checks' verdicts, and how
     long each phase of scripts/test took."""
     starts: dict[str, int] = {}
+    phase_now = ""
     for line in text.splitlines():
         clean = line.strip()
         match = SUMMARY.match(clean)
-        if match:
+        # the counts are the pytest phase's (py310_check runs pytest too: its own verdict says how it went)
+        if match and phase_now in ("", "pytest"):
             run.summary = match.group(1)
             run.counts = {}
             for n, word in COUNT.findall(match.group(1)):
@@ -275,6 +281,7 @@ def parse_output(text: str, run: Run) -> None:
         phase = PHASE.match(clean)
         if phase:
             starts[phase.group(1)] = int(phase.group(2))
+            phase_now = phase.group(1)
         verdict = VERDICT.match(clean)
         if verdict:
             run.checks[verdict.group(1)] = verdict.group(2) or f"NOT RUN: {verdict.group(3)}"
