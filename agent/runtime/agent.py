@@ -214,9 +214,12 @@ class Agent:
         trust: TrustAnchor,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        http_url: str | None = None,
     ) -> None:
         self.config = config
         self.host = host
+        #: where the local inference API listens (its bound port: ``[http] port = 0`` picks one), for status.json
+        self.http_url = http_url
         self.device_key = device_key
         self.trust = trust
         self.clock = clock
@@ -1409,7 +1412,7 @@ class Agent:
         status = report.to_dict() | {
             "pid": os.getpid(),
             "committed": _ref_dict(self.machine.record.committed),
-            "http": f"http://{self.config.http.host}:{self.config.http.port}" if self.config.http.enabled else None,
+            "http": self.http_url,
         }
         try:
             self.store.write_status(status)
