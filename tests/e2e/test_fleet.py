@@ -45,6 +45,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.models import real_model
 from tests.support.mqtt import MqttTestClient
 from tests.support.server_process import ServerProcess
+from tests.support.waiting import wait_progress
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
 
@@ -90,9 +91,33 @@ class Fleet:
     def devices(self) -> dict[str, dict[str, Any]]:
         return {d["device_id"]: d for d in self.call("list_devices")}
 
-    def wait_online(self, *ids: str, online: bool = True, timeout: float = 60.0) -> None:
-        wait(lambda: all(self.devices()[i]["online"] is online for i in ids), timeout,
-             lambda: f"{ids} not online={online}: {[(i, self.devices()[i]['online']) for i in ids]}")
+    def wait_online(self, *ids: str, online: bool = True, stall_s: float = 60.0) -> None:
+        """Until the registry shows ``ids`` online (or offline). It waits as long as something moves (one more
+        device there, a late agent's log grows) and fails at once when an agent it waits for has exited;
+        the failure shows the late devices' processes and logs and the server's log."""
+        seen: dict[str, bool] = {}
+
+        def late() -> list[str]:
+            return [i for i in ids if seen.get(i) is not online]
+
+        def done() -> bool:
+            rows = self.devices()
+            seen.update({i: rows[i]["online"] for i in ids})
+            return not late()
+
+        def failed() -> str | None:
+            gone = [i for i in late() if online and i in self.agents and self.agents[i].exited() is not None]
+            return f"agent(s) {gone} exited" if gone else None
+
+        def describe() -> str:
+            agents = "\n".join(self.agents[i].describe() for i in late() if i in self.agents)
+            server = "\n".join(self.server.log_text().splitlines()[-15:])
+            return f"not online={online}: {late()} (registry: {seen})\n{agents}\n--- server log (end):\n{server}"
+
+        wait_progress(done, what=f"{len(ids)} device(s) online={online}", describe=describe, failed=failed,
+                      progress=lambda: (tuple(late()), tuple(self.agents[i].log_size() for i in late()
+                                                                 if i in self.agents)),
+                      stall_s=stall_s)
 
     def committed(self, device_id: str) -> tuple[str, int] | None:
         """What the device itself has committed (its journal on disk)."""
