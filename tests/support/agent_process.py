@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -212,6 +213,14 @@ class AgentProcess:
 
     # -- the local inference API ---------------------------------------------------------------------------------
 
+    def wait_until(self, condition: Callable[[], bool], what: str, *, stall_s: float = 60.0) -> None:
+        """Until ``condition`` holds, while this agent runs and makes progress (its log grows); a failure
+        says why (it exited, or stalled) and shows its log."""
+        proc = self.proc
+        assert proc is not None, f"{self.device_id}: not started"
+        wait_progress(condition, what=f"{self.device_id}: {what}", progress=self.log_size, describe=self.describe,
+                      failed=lambda: None if proc.poll() is None else "the agent exited", stall_s=stall_s)
+
     @property
     def http_port(self) -> int:
         """The port the running agent's local API bound (its status.json says; waits for it while it starts)."""
@@ -235,9 +244,7 @@ class AgentProcess:
                 found.append(int(urlsplit(url).port or 0))
             return bool(found)
 
-        wait_progress(bound, what=f"{self.device_id}: its local API's port in status.json", progress=self.log_size,
-                      describe=self.describe, failed=lambda: None if proc.poll() is None else "the agent exited",
-                      stall_s=stall_s)
+        self.wait_until(bound, "its local API's port in status.json", stall_s=stall_s)
         return found[0]
 
     @property
@@ -275,8 +282,6 @@ class AgentProcess:
     def wait_http_ready(self, timeout: float = 30.0) -> None:
         """Until the local API answers ready; ``timeout`` is how long the agent may show no progress
         (its log does not grow), not a budget for the whole start: a loaded machine is slow, not stuck."""
-        proc = self.proc
-        assert proc is not None, f"{self.device_id}: not started"
 
         def ready() -> bool:
             try:
@@ -287,6 +292,4 @@ class AgentProcess:
                 return False
             return status == 200
 
-        wait_progress(ready, what=f"{self.device_id}: local API ready", progress=self.log_size, describe=self.describe,
-                      failed=lambda: None if proc.poll() is None else "the agent exited", stall_s=timeout,
-                      interval_s=0.05)
+        self.wait_until(ready, "local API ready", stall_s=timeout)
