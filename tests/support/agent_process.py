@@ -238,7 +238,12 @@ class AgentProcess:
         found: list[int] = []
 
         def bound() -> bool:
-            status = ModelStore(self.store_dir).read_status() or {}
+            try:  # read directly: a ModelStore would create the store's directories before the agent does
+                status = json.loads((self.store_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                return False
+            if not isinstance(status, dict):
+                return False
             url = status.get("http")
             if status.get("pid") == proc.pid and isinstance(url, str):
                 found.append(int(urlsplit(url).port or 0))
