@@ -121,19 +121,30 @@ class Guardian:
             text=True,
             start_new_session=True,
         )
+        self._said_gone = False
 
     def watch(self, item: int | Path, *, on: bool = True) -> None:
-        """A process group to stop, or a directory to remove, if we die (``on=False``: no longer)."""
+        """A process group to stop, or a directory to remove, if we die (``on=False``: no longer).
+
+        A guardian that is gone (a signal to every process, as an interrupted session sends) is said once;
+        our own cleanup goes on (a BrokenPipeError here turned a SIGTERM into a cascade of tracebacks).
+        """
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(f"{'+' if on else '-'}{item if isinstance(item, int) else item.resolve()}\n")
             self.proc.stdin.flush()
-        except BrokenPipeError:  # the guardian was killed (e.g. pkill): we are still here to clean up ourselves
-            print("[stress] the guardian process is gone; cleaning up without it", file=sys.stderr)
+        except (BrokenPipeError, ValueError):
+            self._gone()
+
+    def _gone(self) -> None:
+        if self.proc.poll() is not None and not self._said_gone:
+            self._said_gone = True
+            print(f"[stress] the guardian process exited ({self.proc.returncode}); cleaning up without it",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(BrokenPipeError, ValueError):
             self.proc.stdin.close()
         self.proc.wait()
 

@@ -87,9 +87,12 @@ class Agent(Downloads, Swapping):
         trust: TrustAnchor,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        http_url: str | None = None,
     ) -> None:
         self.config = config
         self.host = host
+        #: where the local inference API listens (its bound port: ``[http] port = 0`` picks one), for status.json
+        self.http_url = http_url
         self.device_key = device_key
         self.trust = trust
         self.clock = clock

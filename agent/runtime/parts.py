@@ -69,6 +69,7 @@ class AgentParts:
 
     config: AgentConfig
     host: HostLike
+    http_url: str | None
     device_key: X25519PrivateKey
     trust: TrustAnchor
     clock: Callable[[], float]

@@ -115,7 +115,7 @@ class Reporting(AgentParts, EventReporter):
         status = report.to_dict() | {
             "pid": os.getpid(),
             "committed": _ref_dict(self.machine.record.committed),
-            "http": f"http://{self.config.http.host}:{self.config.http.port}" if self.config.http.enabled else None,
+            "http": self.http_url,
         }
         try:
             self.store.write_status(status)

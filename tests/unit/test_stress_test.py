@@ -116,3 +116,14 @@ def test_the_guardian_stops_the_watched_process_groups_when_the_script_is_sigkil
         for p in (watched, unwatched):
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def test_a_guardian_that_is_gone_does_not_break_our_own_cleanup(capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM sent to every process (an interrupted session) also stops the guardian: watch/close go on."""
+    guardian = stress_test.Guardian()
+    guardian.proc.kill()
+    guardian.proc.wait(60)
+    guardian.watch(12345)  # was: BrokenPipeError, and a cascade of tracebacks instead of exit 143
+    guardian.watch(12345, on=False)
+    guardian.close()
+    assert capsys.readouterr().err.count("the guardian process exited") == 1
