@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import MalformedMessageError
+from agent.files import fsync_dir
 from agent.protocol.delta import DeltaError, DeltaInfo, apply_patch, delta_offer
 from agent.protocol.messages import ArtifactInfo, DesiredState, ModelRef
 from agent.runtime import faults
-from agent.runtime.fsutil import atomic_write, fsync_dir
+from agent.runtime.fsutil import atomic_write
 from agent.runtime.store import KeptVersion, ModelStore, PartialDownload
 
 FAILED_MARK = "delta.failed"

@@ -12,11 +12,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+from server.commands.term import make_console
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

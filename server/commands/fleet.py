@@ -21,17 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from server.commands.term import ChangeLog, can_redraw, make_console
 from server.errors import ServerError
 from server.textsafe import clean, plain, safe, untrusted
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -362,6 +363,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(render())
         return 0
+    if not can_redraw(console):  # a pipe or a log: a new snapshot each interval, below the last
+        while True:
+            console.rule(time.strftime("%H:%M:%S"), style="dim")
+            console.print(render())
+            time.sleep(args.watch)
     with Live(render(), console=console, refresh_per_second=2) as live:
         while True:
             time.sleep(args.watch)
@@ -537,10 +543,30 @@ def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
     return Group(*parts)
 
 
+def deployment_line(d: Mapping[str, Any]) -> str:
+    """One line of a watched deployment: its status and each wave's progress."""
+    waves = []
+    for w in d.get("waves", []):
+        label = "canary" if w["wave"] == 0 and d["canary_percent"] > 0 else f"wave {w['wave']}"
+        detail = ", ".join(f"{n} {k}" for k, n in (("failed", w["failed"]), ("working", w["in_flight"]),
+                                                   ("offline", w["deferred"]), ("pending", w["pending"])) if n)
+        waves.append(f"{label} {w['committed']}/{w['size']}" + (f" ({detail})" if detail else ""))
+    return f"{d['deployment_id']} {d['status']}: " + "; ".join(waves) + " committed"
+
+
 def _watch_deployment(client: Any, deployment_id: str, *, devices: bool, interval: float = 1.0) -> dict[str, Any]:
     from server.registry.fleet import FINISHED_STATUSES  # noqa: PLC0415
 
     d: dict[str, Any] = client.call("get_deployment", path={"deployment_id": deployment_id})
+    if not can_redraw(console):  # a pipe or a log: a line per change, the full view at the end
+        log = ChangeLog(console)
+        log(deployment_line(d))
+        while d["status"] not in FINISHED_STATUSES:
+            time.sleep(interval)
+            d = client.call("get_deployment", path={"deployment_id": deployment_id})
+            log(deployment_line(d))
+        console.print(deployment_view(d, devices=devices))
+        return d
     with Live(deployment_view(d, devices=devices), console=console, refresh_per_second=4) as live:
         while d["status"] not in FINISHED_STATUSES:
             time.sleep(interval)
@@ -666,15 +692,29 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.no_wait:
         console.print(table)
         return 0
+    if not can_redraw(console):  # a pipe or a log: a line when the count changes, the table at the end
+        log = ChangeLog(console)
+        while waiting and time.monotonic() < deadline:
+            log(f"{len(plan) - waiting} of {len(plan)} device(s) settled, {waiting} online device(s) to confirm")
+            time.sleep(0.5)
+            table, waiting = snapshot()
+        console.print(table)
+    else:
+        table, waiting = _rollback_live(table, waiting, snapshot, deadline)
+    if waiting:
+        err_console.print(f"[yellow]{waiting} online device(s) did not confirm within {args.timeout:g}s[/]")
+        return 2
+    return 0
+
+
+def _rollback_live(table: Table, waiting: int, snapshot: Callable[[], tuple[Table, int]],
+                   deadline: float) -> tuple[Table, int]:
     with Live(table, console=console, refresh_per_second=4) as live:
         while waiting and time.monotonic() < deadline:
             time.sleep(0.5)
             table, waiting = snapshot()
             live.update(table)
-    if waiting:
-        err_console.print(f"[yellow]{waiting} online device(s) did not confirm within {args.timeout:g}s[/]")
-        return 2
-    return 0
+    return table, waiting
 
 
 # -- events and audit ----------------------------------------------------------------------------------

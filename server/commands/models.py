@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.commands.term import make_console
 from server.compression.gate import METRICS, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
@@ -30,7 +30,7 @@ from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
 from server.textsafe import safe
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = make_console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 Handler = Callable[[argparse.Namespace], int]

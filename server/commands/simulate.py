@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from server.commands.term import make_console
 from server.errors import ConflictError, ServerError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 DESCRIPTION = """\
 Run N simulated devices against a broker and a server. Each device is its own MQTT connection
