@@ -19,7 +19,7 @@ import numpy as np
 
 from agent.protocol.messages import TensorSpec
 
-NAMES = ("minilm", "ppocr_det", "digits", "selfie")
+NAMES = ("minilm", "ppocr_det", "digits", "selfie", "face_det", "face_mesh", "vad", "ppocr_rec")
 
 
 class ModelCacheMissing(RuntimeError):
