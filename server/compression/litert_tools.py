@@ -166,7 +166,7 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = No
             raise ModelError(f"recipe {recipe} needs calibration data")
         key, args = _signature(src)
         samples = [
-            {args.get(name, name): arr[i : i + 1] for name, arr in calibration.arrays.items()}
+            {args.get(name, name): arr for name, arr in calibration.feed(i).items()}
             for i in range(calibration.samples)
         ]
         with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars would garble the CLI's progress bar

@@ -63,6 +63,8 @@ class BuildOptions:
     evaluation_limit: int | None = None
     latency_runs: int = 30
     only: tuple[str, ...] = ()  # restrict to these recipe names (tests, benchmarks)
+    #: The evaluation data is synthetic: when the model does not run on it, ship fp32 unchecked rather than nothing.
+    synthetic: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class _Builder:
         self.base: Path = source.path  # the fp32 model fitted to the profile (ONNX: opset)
         self.pre: Path = source.path  # pre-processed input for the quantizers
         self.notes: list[str] = []
+        self.unchecked: str | None = None  # why fp32 could not be run here (synthetic inputs the model refuses)
 
     # ---- setup
 
@@ -255,7 +258,15 @@ class _Builder:
             raise DatasetError("the accuracy metric needs a 'labels' array in the evaluation data")
         self.progress("reference outputs (fp32)")
         ref_runner = open_runner(self.source.path, self.source.format)
-        self.reference = run_dataset(ref_runner, self.evaluation)
+        try:
+            self.reference = run_dataset(ref_runner, self.evaluation)
+        except ModelError as exc:
+            if not self.options.synthetic:
+                raise
+            # The synthetic values (not the shapes: those follow the model) can be out of the model's domain,
+            # e.g. a sample rate it checks. The model itself loaded: it still gets its fp32 build.
+            self.unchecked = f"fp32 not run: the model refused synthetic inputs ({exc.message[:200]})"
+            self.notes.append(self.unchecked)
         if self.source.format == "onnx":
             assert self.rt.max_opset is not None
             model = onnx_tools.fit_opset(onnx_tools.load(self.source.path), self.rt.max_opset, self.profile.id,
@@ -318,13 +329,15 @@ class _Builder:
                                      opset=op_set, build_s=time.monotonic() - t0)
                 onnx_tools.check_ops(model, self.rt.max_opset, self.profile.id, self.runtime_name)
             runner = open_runner(path, self.source.format)
-            outputs = run_dataset(runner, self.evaluation)
-            fid = measure_fidelity(self.reference, outputs, self.gate, self.evaluation.labels)
+            fid = None
+            if self.unchecked is None:
+                outputs = run_dataset(runner, self.evaluation)
+                fid = measure_fidelity(self.reference, outputs, self.gate, self.evaluation.labels)
             size = path.stat().st_size
             data = path.read_bytes()
             estimate = len(zlib.compress(data, 1))
             latency = best = None
-            if self.measure_latency:
+            if self.measure_latency and self.unchecked is None:
                 feed = sample_feed(runner, self.evaluation)
                 latency, best = latency_ms(runner, feed, runs=self.options.latency_runs)
         except ServerError as exc:
@@ -332,7 +345,9 @@ class _Builder:
         except Exception as exc:  # quantizers raise anything; one broken recipe must not stop the others
             log.info("recipe %s failed", recipe.name, exc_info=True)
             return Candidate(recipe, "error", f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
-        reason = check_fidelity(fid, self.gate)
+        reason = check_fidelity(fid, self.gate) if fid is not None else None
+        if fid is None and recipe.kind != "fp32":
+            reason = self.unchecked or "not evaluated"
         if recipe.kind == "fp32":
             self.fp32_size, self.fp32_estimate = size, estimate
         elif reason is None and self.fp32_size and recipe.kind != "prune" and size >= 0.95 * self.fp32_size:
@@ -463,12 +478,14 @@ def build_profile(
     choice = codec.choose_codec(data)
     ota = codec.ota_size(choice.compressed_size, profile.chunk_size)
     runner = open_runner(chosen.path, source.format)
-    feed = sample_feed(runner, b.evaluation)
+    golden: tuple[GoldenCase, ...] = ()
+    if b.unchecked is None:
+        golden = _golden(runner, sample_feed(runner, b.evaluation), chosen.recipe.precision)
     health = HealthSpec(
         inputs=runner.inputs,
         outputs=runner.outputs,
         latency_budget_ms=profile.latency_budget_ms,
-        golden=_golden(runner, feed, chosen.recipe.precision),
+        golden=golden,
     )
     min_version = _min_runtime_version(source.format, chosen)
     if version_tuple(min_version) > b.rt.version_tuple:

@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
 from server.builds import Build
-from server.compression.data import Dataset, load_dataset
+from server.compression.data import SAMPLE, Dataset, load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
 from server.config import ServerPaths
@@ -368,7 +368,8 @@ class Catalog:
         if ev is None:
             # Without evaluation data nothing quantized can be gated: fp32 only, checked on synthetic inputs.
             ev = synthetic_dataset(source)
-            opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False})
+            opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False,
+                                   "synthetic": True})
             cal = None
         builds_dir = self.paths.builds_dir
         builds_dir.mkdir(parents=True, exist_ok=True)
@@ -416,16 +417,19 @@ class Catalog:
 
 
 def synthetic_dataset(source: SourceModel, samples: int = 8) -> Dataset:
-    """Deterministic inputs for checking an fp32 graph optimization when no evaluation data was given."""
+    """Deterministic inputs for checking an fp32 graph optimization when no evaluation data was given.
+
+    Per-sample layout: each sample is one feed shaped exactly like the input, fixed dimensions kept
+    and symbolic ones 1, in the input's dtype (floats standard normal, integers 0 or 1), so inputs
+    that are not batch-first, and scalars, are fed as the model declares them.
+    """
     import numpy as np  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     arrays = {}
     for spec in source.inputs:
-        dims = spec.shape or (1,)
-        shape = (samples if dims[0] < 0 else dims[0] * samples, *(d if d > 0 else 8 for d in dims[1:]))
+        shape = (samples, *(d if d > 0 else 1 for d in spec.shape))
         kind = np.dtype(spec.dtype).kind
         arr = rng.standard_normal(shape) if kind == "f" else rng.integers(0, 2, shape)
         arrays[spec.name] = arr.astype(spec.dtype)
-    return Dataset(arrays)
-
+    return Dataset(arrays, layout=SAMPLE)
