@@ -65,7 +65,7 @@ class Dataset:
     def feed(self, index: int) -> dict[str, np.ndarray]:
         """Sample ``index`` as one model feed (batch-first: a batch of one)."""
         if self.per_sample:
-            return {k: v[index] for k, v in self.arrays.items()}
+            return {k: np.asarray(v[index]) for k, v in self.arrays.items()}  # a scalar stays an ndarray
         return {k: v[index : index + 1] for k, v in self.arrays.items()}
 
     def first(self, size: int) -> dict[str, np.ndarray]:

@@ -479,10 +479,15 @@ def build_profile(
     ota = codec.ota_size(choice.compressed_size, profile.chunk_size)
     runner = open_runner(chosen.path, source.format)
     golden: tuple[GoldenCase, ...] = ()
+    probe = runner.inputs
     if b.unchecked is None:
-        golden = _golden(runner, sample_feed(runner, b.evaluation), chosen.recipe.precision)
+        feed = sample_feed(runner, b.evaluation)
+        golden = _golden(runner, feed, chosen.recipe.precision)
+        # the agent's warm-up probe takes these shapes: a real sample's, so open dims get sizes the model accepts
+        probe = tuple(TensorSpec(s.name, s.dtype, tuple(feed[s.name].shape)) if s.name in feed else s
+                      for s in runner.inputs)
     health = HealthSpec(
-        inputs=runner.inputs,
+        inputs=probe,
         outputs=runner.outputs,
         latency_budget_ms=profile.latency_budget_ms,
         golden=golden,
