@@ -139,7 +139,7 @@ def validate_arrays(
             if want > 0 and want != got:
                 raise DatasetError(
                     f"{where}: input {spec.name!r} has shape {list(arr.shape)}, the model expects "
-                    f"{_expected(spec.shape, layout)} (array axis {axis} is {got}, not {want})"
+                    f"{_expected(spec.shape, layout)} (axis {axis} is {got}, not {want})"
                 )
         want_kind, got_kind = _kind(spec.dtype), arr.dtype.kind
         if (want_kind == "f" and got_kind not in "fiu") or (want_kind in "iu" and got_kind not in "iu"):

@@ -74,11 +74,15 @@ class OrtRunner:
 class LiteRtRunner:
     """LiteRT interpreter; int8/uint8 I/O is (de)quantized with the tensor's own scale and zero point."""
 
-    def __init__(self, path: Path, *, threads: int = 1) -> None:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    def __init__(self, path: Path, *, threads: int = 1, xnnpack: bool = True) -> None:
+        """``xnnpack=False``: LiteRT's builtin kernels only (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), the
+        path a device takes for ops XNNPACK does not delegate; the default (``AUTO``) applies XNNPACK."""
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
 
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interp = Interpreter(model_path=str(path), num_threads=threads)
+            self.interp = Interpreter(model_path=str(path), num_threads=threads,
+                                      experimental_op_resolver_type=resolver)
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"LiteRT cannot load {path.name}: {exc}") from exc

@@ -14,6 +14,7 @@ plane reads (``server.builds.CatalogBuilds``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from server.builds import Build
 from server.compression.data import SAMPLE, Dataset, load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
+from server.compression.share import BuildShare
 from server.config import ServerPaths
 from server.errors import ConflictError, DatasetError, InvalidRequestError, NotFoundError, RegistryError
 from server.profiles import DeviceProfile
@@ -320,6 +322,12 @@ class Catalog:
 
     # -- builds ------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def build_share(self) -> Iterator[BuildShare]:
+        """Work shared by the profiles of one build command; fp32 reference outputs also kept on disk."""
+        with BuildShare.open(self.paths.builds_dir, self.paths.home / "cache" / "reference") as share:
+            yield share
+
     def _build_row(self, row: Mapping[str, Any]) -> CatalogBuild:
         return CatalogBuild(
             model=row["model"],
@@ -357,8 +365,13 @@ class Catalog:
         *,
         options: BuildOptions | None = None,
         progress: Callable[[str], None] | None = None,
+        share: BuildShare | None = None,
     ) -> tuple[CatalogBuild, ProfileResult]:
-        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build)."""
+        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build).
+
+        ``share`` (from ``build_share``): candidates and reference outputs kept across the profiles
+        of one build command, so identical candidates are made and measured once.
+        """
         source = inspect_source(mv.path)
         if source.sha256 != mv.sha256:
             raise RegistryError(f"{mv.path} no longer matches the registered digest of {mv.ref}")
@@ -373,13 +386,33 @@ class Catalog:
             cal = None
         builds_dir = self.paths.builds_dir
         builds_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if share is None:  # a one-profile build still reads and writes the reference cache
+                share = stack.enter_context(self.build_share())
+            return self._build(mv, profile, source, ev, cal, opts, progress, share)
+
+    def _build(  # noqa: PLR0917
+        self,
+        mv: ModelVersion,
+        profile: DeviceProfile,
+        source: SourceModel,
+        ev: Dataset,
+        cal: Dataset | None,
+        opts: BuildOptions,
+        progress: Callable[[str], None] | None,
+        share: BuildShare,
+    ) -> tuple[CatalogBuild, ProfileResult]:
+        builds_dir = self.paths.builds_dir
         with tempfile.TemporaryDirectory(dir=builds_dir, prefix=".work-") as work:
             result = build_profile(
                 source, profile, mv.gate, evaluation=ev, calibration=cal, workdir=Path(work), options=opts,
-                progress=progress,
+                progress=progress, share=share,
             )
             if ev.source is None:
-                result.provenance["notes"].append("no evaluation data: only fp32 offered (checked on synthetic inputs)")
+                checked = result.chosen.fidelity is not None
+                result.provenance["notes"].append(
+                    "no evaluation data: only fp32 offered"
+                    + (" (checked on synthetic inputs)" if checked else " (not run: see the note above)"))
             chosen = result.chosen
             assert chosen.path is not None
             ext = chosen.path.suffix

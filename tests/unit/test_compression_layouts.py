@@ -69,7 +69,7 @@ def test_accuracy_labels_per_sample_or_per_position() -> None:
 
 def test_per_sample_layout_takes_any_input_layout_scalars_and_ints() -> None:
     n = 5
-    raw = {
+    raw: dict[str, np.ndarray] = {
         "input": np.zeros((n, 1, 512), dtype=np.float32),
         "state": np.zeros((n, 2, 1, 128), dtype=np.float32),
         "sr": np.full((n,), 16000, dtype=np.int64),
@@ -83,12 +83,12 @@ def test_per_sample_layout_takes_any_input_layout_scalars_and_ints() -> None:
 
 
 def test_per_sample_layout_checks_every_fixed_dimension_and_kind() -> None:
-    raw = {
+    raw: dict[str, np.ndarray] = {
         "input": np.zeros((3, 1, 512), dtype=np.float32),
         "state": np.zeros((3, 3, 1, 128), dtype=np.float32),  # axis 1 must be 2
         "sr": np.full((3,), 16000, dtype=np.int64),
     }
-    with pytest.raises(DatasetError, match=r"'state'.*array axis 1 is 3, not 2"):
+    with pytest.raises(DatasetError, match=r"'state'.*axis 1 is 3, not 2"):
         validate_arrays(raw, VAD_INPUTS)
     raw["state"] = np.zeros((3, 2, 1, 128), dtype=np.float32)
     raw["sr"] = np.full((3,), 16000.0)
@@ -97,7 +97,7 @@ def test_per_sample_layout_checks_every_fixed_dimension_and_kind() -> None:
 
 
 def test_the_old_batch_first_form_cannot_express_a_scalar_and_layouts_do_not_mix() -> None:
-    raw = {
+    raw: dict[str, np.ndarray] = {
         "input": np.zeros((3, 512), dtype=np.float32),  # batch-first
         "state": np.zeros((3, 2, 1, 128), dtype=np.float32),  # per-sample
         "sr": np.full((3,), 16000, dtype=np.int64),
