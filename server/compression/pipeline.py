@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, litert_tools, onnx_tools
+from server.compression import codec, litert_tools, nncf_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
@@ -375,6 +375,11 @@ class _Builder:
                                        signed_activations=p["signed_activations"], reduce_range=p["reduce_range"],
                                        per_channel=p["per_channel"], batch=batch, exclude=exclude,
                                        cache=self.share.dir / f"ranges-{ranges[:24]}.json")
+        elif recipe.kind == "nncf":
+            assert self.calibration is not None
+            first = self.source.inputs[0].shape
+            nncf_tools.quantize(self.pre, out, self.calibration, batch=first[0] if first and first[0] > 0 else 1,
+                                exclude=exclude)
         elif recipe.kind == "nbits":
             onnx_tools.quantize_weight_only(self.pre, out, block_size=p["block_size"],
                                             accuracy_level=p["accuracy_level"], exclude=exclude)
@@ -550,7 +555,7 @@ def build_profile(
     b = _Builder(source, profile, gate, evaluation, calibration, workdir, opts, progress or (lambda _m: None),
                  share or BuildShare(workdir))
     recipes = plan(profile, source.format, ops=source.ops, has_calibration=calibration is not None,
-                   methods=opts.methods, pruning=opts.pruning)
+                   methods=opts.methods, pruning=opts.pruning, nncf=nncf_tools.available())
     if opts.only:
         recipes = [r for r in recipes if r.name in opts.only or r.name == "fp32"]
     if source.format == "tflite" and any(r.kind == "fp16w" for r in recipes) \
