@@ -83,6 +83,7 @@ def quantize(src: Path, dst: Path, calibration: Dataset, *, batch: int = 1, fast
     with _quiet():
         quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=min(SUBSET_SIZE, len(feeds)),
                                   fast_bias_correction=fast_bias_correction, ignored_scope=_ignored(exclude))
+    del quantized.graph.value_info[:]  # shape annotations: ORT infers them at load
     onnx.save(quantized, str(dst))
 
 
