@@ -136,7 +136,8 @@ def bench_model(rm: RealModel, wanted: list[str], args: argparse.Namespace, work
     peers: list[tuple[str, Any]] = []
     if fmt == "onnx":
         peers += [("ort_default", lambda out: ort_default(rm, cal, out)),
-                  ("nncf", lambda out: (nncf_tools.quantize(rm.path, out, cal, batch=_batch(rm.path, fmt)),
+                  ("nncf", lambda out: (nncf_tools.quantize(rm.path, out, cal, batch=_batch(rm.path, fmt),
+                                                            strip=False),
                                         "nncf.quantize(defaults)")[1])]
         if not args.quick:
             peers.append(("nncf_accuracy_control",

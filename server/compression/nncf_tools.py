@@ -75,7 +75,9 @@ def _ignored(names: Sequence[str]) -> Any:
 
 
 def quantize(src: Path, dst: Path, calibration: Dataset, *, batch: int = 1, fast_bias_correction: bool = True,
-             exclude: Sequence[str] = ()) -> None:
+             exclude: Sequence[str] = (), strip: bool = True) -> None:
+    """``strip``: drop the shape annotations (value_info) from the file, as edgefleet ships it; the
+    benchmark's NNCF peer keeps NNCF's file as NNCF writes it."""
     import nncf  # noqa: PLC0415
     import onnx  # noqa: PLC0415
 
@@ -83,7 +85,8 @@ def quantize(src: Path, dst: Path, calibration: Dataset, *, batch: int = 1, fast
     with _quiet():
         quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), subset_size=min(SUBSET_SIZE, len(feeds)),
                                   fast_bias_correction=fast_bias_correction, ignored_scope=_ignored(exclude))
-    del quantized.graph.value_info[:]  # shape annotations: ORT infers them at load
+    if strip:
+        del quantized.graph.value_info[:]  # shape annotations: ORT infers them at load
     onnx.save(quantized, str(dst))
 
 
