@@ -220,6 +220,14 @@ def _golden(runner: Runner, feed: dict[str, np.ndarray], precision: str) -> tupl
     )
 
 
+def _io_types_changed(source: Path, variant: Path) -> str:
+    """'' when the .tflite variant takes and returns the source's dtypes, else which tensors differ
+    (LiteRT Quantizer's full-int8 recipe makes int8 inputs and outputs)."""
+    before, after = litert_tools.io_specs(source), litert_tools.io_specs(variant)
+    return ", ".join(f"{a.name} {a.dtype} -> {b.dtype}" for side in (0, 1)
+                     for a, b in zip(before[side], after[side], strict=False) if a.dtype != b.dtype)
+
+
 # -- the build ----------------------------------------------------------------------------------------
 
 
@@ -476,6 +484,10 @@ class _Builder:
             reason = "compresses no better than fp32"
         if reason is None and size > self.profile.max_artifact_bytes:
             reason = f"{size} bytes > the profile's max artifact size {self.profile.max_artifact_bytes}"
+        if reason is None and self.source.format == "tflite" and self.profile.accelerator != "edgetpu":
+            changed = _io_types_changed(self.source.path, m.path)
+            if changed:
+                reason = f"changes the model's I/O types ({changed}): clients of this profile send the source's types"
         measured_here = latency if self.measure_latency else None
         if reason is None and measured_here is not None and measured_here > self.profile.latency_budget_ms:
             reason = f"latency {measured_here:.2f} ms > budget {self.profile.latency_budget_ms} ms"
