@@ -38,8 +38,8 @@ class RealModel:
     evaluation: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    task: str  # classification | embedding | detection | segmentation
-    metric: str  # the fidelity metric that suits the task: accuracy | cosine | iou
+    task: str  # classification | embedding | detection | segmentation | landmarks | voice-activity | text-recognition
+    metric: str  # the fidelity metric that suits the task: accuracy | cosine | iou | top1
     labelled: bool
     meta: dict[str, Any]
 
