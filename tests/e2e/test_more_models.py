@@ -15,9 +15,12 @@ figures are measured here. Build options are the small ones (one calibration met
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,8 @@ from tests.support.models import RealModel, real_model
 from tests.support.server_process import ServerProcess, edgefleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROFILE = "x86-64-vnni"
 DEVICE = "edge-1"
@@ -50,10 +55,23 @@ def wait(condition: Callable[[], bool], timeout: float, describe: Callable[[], s
     raise TimeoutError(describe())
 
 
+def relaxed_profiles(folder: Path) -> Path:
+    """The real profiles, with the device's latency budget lifted: these tests check model kinds, not speed,
+    and on a busy machine a real 48x320 text line can take longer than the profile's 100 ms on every warm-up
+    run (the latency rule itself is tested in tests/integration/test_host_latency_check.py)."""
+    shutil.copytree(ROOT / "firmware_profiles", folder)
+    toml = folder / f"{PROFILE}.toml"
+    text, n = re.subn(r"(?m)^latency_budget_ms = .*$", "latency_budget_ms = 60000", toml.read_text())
+    assert n == 1, f"{toml} has no latency_budget_ms line"
+    toml.write_text(text)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("more-models")
-    with MosquittoBroker(workdir=tmp / "mosquitto") as broker:
+    with pytest.MonkeyPatch.context() as env, MosquittoBroker(workdir=tmp / "mosquitto") as broker:
+        env.setenv("EDGEFLEET_PROFILES", str(relaxed_profiles(tmp / "profiles")))
         server = ServerProcess(tmp / "home", broker, [])
         agent = None
         try:
