@@ -53,6 +53,49 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: how many ports the first start of a broker tries when the picked one was taken before mosquitto bound it
+BIND_ATTEMPTS = 5
+
+
+def _listen_inodes(host: str, port: int) -> set[str] | None:
+    """Socket inodes listening on ``host:port`` (IPv4) from /proc/net/tcp; None where there is no /proc."""
+    try:
+        address = int(ipaddress.IPv4Address(host))
+        table = Path("/proc/net/tcp").read_text()
+    except (OSError, ValueError):  # no /proc, or a name or an IPv6 address
+        return None
+    want = f"{socket.htonl(address):08X}:{port:04X}"
+    any_addr = f"00000000:{port:04X}"
+    inodes = set()
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] in (want, any_addr) and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(fields[9])
+    return inodes
+
+
+def listens(pid: int, host: str, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``host:port``: a connection that succeeds proves only that
+    some process does (another one may have taken a picked port). Without /proc, a connection it is."""
+    inodes = _listen_inodes(host, port)
+    if inodes is None:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return True
+        return False
+    if not inodes:
+        return False
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if str(fd.readlink()) in wanted:
+                return True
+    return False
+
+
 def find_mosquitto() -> str:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and Path(candidate).exists():
@@ -302,7 +345,11 @@ class MosquittoBroker:
         #: QoS 1 messages in flight per client; each one holds a copy of its payload in mosquitto, so with
         #: thousands of subscribers to 64 KiB chunks this bounds the broker's memory (bench_fleet uses 10)
         self.max_inflight_messages = max_inflight_messages
+        #: picked here when not given; if another process takes it before mosquitto binds it, the first
+        #: start() picks another (so read it after start())
         self.port = port or free_port(host)
+        self._port_given = port is not None
+        self._started = False
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-mosquitto-"))
         self.security = security
@@ -315,7 +362,27 @@ class MosquittoBroker:
         scheme = "mqtts" if self.security and self.security.tls else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> MosquittoBroker:
+    def start(self, timeout: float = 120.0) -> MosquittoBroker:
+        """Start mosquitto and return once it listens on ``port`` itself (not merely some process there).
+
+        A port picked by ``free_port`` is free only when picked: another process can bind it before
+        mosquitto does, and mosquitto then exits with "Address already in use". The first start of a
+        broker whose port was not given then picks another port and tries again (up to
+        ``BIND_ATTEMPTS`` times); a restart keeps its port (clients are configured with it) and fails.
+        ``timeout`` only catches a hang: the wait ends as soon as mosquitto listens or exits."""
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            offset = self._spawn()
+            error = self._wait_listening(timeout)
+            if error is None:
+                self._started = True
+                return self
+            lost_port = "Address already in use" in self._log_since(offset)
+            if not lost_port or self._port_given or self._started or attempt == BIND_ATTEMPTS:
+                raise BrokerError(error)
+            self.port = free_port(self.host)
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> int:
         binary = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
@@ -331,18 +398,34 @@ class MosquittoBroker:
                 max_queued_bytes=self.max_queued_bytes,
             )
         )
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        with self.log_path.open("ab") as log:
+            offset = log.tell()
+            self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log,
+                                            start_new_session=True)
+        return offset
+
+    def _wait_listening(self, timeout: float) -> str | None:
+        """None once our mosquitto listens on ``port``; else why not (it exited, or hung: then it is stopped)."""
+        proc = self.process
+        assert proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BrokerError(f"mosquitto exited with {self.process.returncode}: {self.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
-                return self
+            if proc.poll() is not None:
+                self.process = None
+                return f"mosquitto exited with {proc.returncode} (port {self.port}): {self.log_tail()}"
+            if listens(proc.pid, self.host, self.port):
+                return None
             time.sleep(0.02)
         self.stop()
-        raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
+        return f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s: {self.log_tail()}"
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 20) -> str:
         try:

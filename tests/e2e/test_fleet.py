@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,10 +137,41 @@ class Fleet:
             return None
         return record.committed.name, record.committed.version
 
-    def wait_committed(self, version: int, ids: list[str] | None = None, timeout: float = 120.0) -> None:
+    def wait_for(self, condition: Callable[[], bool], what: str, describe: Callable[[], str],
+                 stall_s: float = 60.0) -> None:
+        """Until ``condition`` holds, as long as the fleet moves (an agent's or the server's log grows); at
+        once a failure when an agent exited. No fixed budget: a loaded machine is slow, not stuck."""
+
+        def failed() -> str | None:
+            gone = [i for i, a in self.agents.items() if a.exited() is not None]
+            return f"agent(s) {gone} exited" if gone else None
+
+        def progress() -> tuple[int, ...]:
+            server = self.server.log_path.stat().st_size if self.server.log_path.exists() else 0
+            return (server, *(a.log_size() for a in self.agents.values()))
+
+        wait_progress(condition, what=what, progress=progress, failed=failed, stall_s=stall_s,
+                      describe=lambda: f"{describe()}\n--- server log (end):\n"
+                                       + "\n".join(self.server.log_text().splitlines()[-15:]))
+
+    def wait_rows(self, deployment_id: str, predicate: Callable[[dict[str, dict[str, Any]]], bool],
+                  what: str) -> dict[str, Any]:
+        """Until ``predicate`` holds for the deployment's device rows (by device id)."""
+        detail: dict[str, Any] = {}
+
+        def done() -> bool:
+            nonlocal detail
+            detail = self.detail(deployment_id)
+            return predicate({r["device_id"]: r for r in detail["devices"]})
+
+        self.wait_for(done, f"deployment {deployment_id}: {what}",
+                      lambda: f"rows: {[(r['device_id'], r['state']) for r in detail.get('devices', [])]}")
+        return detail
+
+    def wait_committed(self, version: int, ids: list[str] | None = None, *, name: str = "digits") -> None:
         ids = ids or list(self.agents)
-        wait(lambda: all(self.committed(i) == ("digits", version) for i in ids), timeout,
-             lambda: f"not all on v{version}: {[(i, self.committed(i)) for i in ids]}")
+        self.wait_for(lambda: all(self.committed(i) == (name, version) for i in ids), f"{name}:{version} committed",
+                      lambda: f"not all on {name}:{version}: {[(i, self.committed(i)) for i in ids]}")
 
 
 def retained_desired(broker: MosquittoBroker, device_id: str) -> tuple[str, int] | None:
@@ -158,15 +188,6 @@ def retained_desired(broker: MosquittoBroker, device_id: str) -> tuple[str, int]
         return None
     payload = json.loads(base64.b64decode(json.loads(retained[-1].payload)["payload"]))
     return payload["action"], int(payload["model"]["version"])
-
-
-def wait(condition: Callable[[], bool], timeout: float, describe: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(describe())
 
 
 def serves_real_digits(agent: AgentProcess, models: AgentModels, n: int = 16, *, name: str = "digits") -> float:
@@ -252,26 +273,42 @@ def test_offline_device_converges_when_it_comes_back(fleet: Fleet) -> None:
     assert fleet.committed("e2e-b-2") == ("digits", 1)
     victim.start()  # reconnects, finds its retained desired state, downloads v2, commits
     fleet.wait_committed(2, ["e2e-b-2"])
-    wait(lambda: {r["device_id"]: r for r in fleet.detail(dep["deployment_id"])["devices"]}["e2e-b-2"]["state"]
-         == "committed", 30, lambda: "the server never saw e2e-b-2 commit")
+    fleet.wait_rows(dep["deployment_id"], lambda rows: rows["e2e-b-2"]["state"] == "committed",
+                    "the server sees e2e-b-2 commit")
     assert serves_real_digits(victim, fleet.models) >= 0.9
 
 
 def test_server_killed_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> None:
-    # a long device-side probation keeps the canary busy while the server is dead
-    dep = fleet.deploy(3, canary_percent=20, wave_percent=50, max_failures_percent=0, probation_s=3.0)
+    # The canary (wave 0: e2e-a-0 and e2e-a-1, planned online-first, then by id) is held at its first
+    # probation sample by the agents' fault hook, so the server is killed while the rollout is in
+    # probation on any machine, however busy; a timed probation window could end before the kill.
+    canary_ids = ["e2e-a-0", "e2e-a-1"]
+    barriers = {i: fleet.tmp / f"probation-barrier-{i}" for i in canary_ids}
+    for i in canary_ids:
+        fleet.agents[i].stop()
+        fleet.agents[i].start(fault_at="probation:sample", barrier=barriers[i])
+    fleet.wait_online(*canary_ids)
+    dep = fleet.deploy(3, canary_percent=20, wave_percent=50, max_failures_percent=0)
     dep_id = dep["deployment_id"]
-    wait(lambda: any(r["state"] == "probation" for r in fleet.detail(dep_id)["devices"]), 30,
-         lambda: f"no device reached probation: {fleet.detail(dep_id)['devices']}")
+    for i in canary_ids:
+        reached = Path(f"{barriers[i]}.reached")
+        fleet.agents[i].wait_until(reached.exists, "held at its first probation sample")
+    fleet.wait_rows(dep_id, lambda rows: all(rows[i]["state"] == "probation" for i in canary_ids),
+                    "the canary on probation")
     before = fleet.detail(dep_id)
     assert before["status"] == "running"
+    assert sorted(r["device_id"] for r in before["devices"] if r["wave"] == 0) == canary_ids
     # a second rollout to the same devices is refused while this one holds them, naming it
     with pytest.raises(ConflictError, match=f"deployment {dep_id} is still running"):
         fleet.deploy(3, canary_percent=50)
     first_pid = fleet.server.proc.pid if fleet.server.proc else None
     fleet.server.kill()  # kill -9: its rollout lease stays held until it expires
+    assert all(fleet.agents[i].running for i in canary_ids)  # still held: nothing committed yet
+    assert {fleet.committed(i) for i in canary_ids} == {("digits", 2)}
+    for barrier in barriers.values():
+        barrier.touch()
     # devices go on without it: the canary on probation commits; its events wait in the broker (persistent session)
-    fleet.wait_committed(3, [r["device_id"] for r in before["devices"] if r["state"] == "probation"], timeout=60)
+    fleet.wait_committed(3, canary_ids)
     fleet.server.start()
     assert fleet.server.proc is not None and fleet.server.proc.pid != first_pid
     detail = fleet.wait_deployment(dep_id, ("completed",))
@@ -357,8 +394,7 @@ def test_ci_registers_builds_and_rolls_out_a_model_through_the_api(fleet: Fleet)
                                      "wave_percent": 100, "max_failures_percent": 0, "probation_s": PROBATION_S})
     detail = fleet.wait_deployment(dep["deployment_id"], ("completed",))
     assert {r["state"] for r in detail["devices"]} == {"committed"}
-    wait(lambda: all(fleet.committed(i) == ("digits-ci", 1) for i in DEVICES), 30,
-         lambda: f"{[(i, fleet.committed(i)) for i in DEVICES]}")
+    fleet.wait_committed(1, list(DEVICES), name="digits-ci")
     devices = fleet.devices()
     for device_id, profile in DEVICES.items():
         assert devices[device_id]["active_variant"] == variants[profile]  # each got its profile's build

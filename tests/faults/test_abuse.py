@@ -28,11 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.protocol.envelope import sign_payload
 from agent.protocol.messages import ChunkRequest, EnrollRequest, Event, ModelRef, StateReport, Telemetry, encode
 from agent.protocol.topics import Channel, artifact_topic, device_topic
-from server.broker import SERVER_USER, MosquittoBroker, current_user, find_mosquitto, free_port
+from server.broker import SERVER_USER, MosquittoBroker, current_user
 from server.errors import InvalidRequestError
 from tests.faults.helpers import intact
 from tests.support import agent_models
-from tests.support.abuse import local_service, npz_bomb, wait_listening
+from tests.support.abuse import local_service, npz_bomb, start_mosquitto
 from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.agent_models import AgentModels
 from tests.support.agent_process import ROOT, AgentProcess
@@ -144,19 +144,22 @@ def test_broker_identity_takeover(tmp_path: Path, models: AgentModels, ledger: F
     # the victim: a real agent process; its key comes from the test server that signs its commands
     passwords = {d: service.register_device(d, profile="rpi4", broker_password=True)["broker_password"]
                  for d in (victim_id, attacker_id)}
-    port = free_port()
-    args = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1", "--port", str(port),
-            "--run-as", current_user()]
-    assert edgefleet(args) == 0
+
+    args: list[str] = []
+
+    def configure(port: int) -> Path:
+        args[:] = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                   "--port", str(port), "--run-as", current_user()]
+        assert edgefleet(args) == 0
+        return out / "mosquitto.conf"
+
+    proc, port = start_mosquitto(configure, tmp_path / "mosquitto.log")
     server_password = str(server_broker_password(config.paths, create=False))
     ca = out / "tls" / "ca.crt"
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     fleet_srv: FleetServer | None = None
     agent: AgentProcess | None = None
     attacker: MqttTestClient | None = None
     try:
-        wait_listening(port, proc)
         fleet_srv = FleetServer("127.0.0.1", port, username=SERVER_USER, password=server_password, ca_cert=ca)
         (tmp_path / "pw").write_text(passwords[victim_id] + "\n")
         agent = AgentProcess(tmp_path, victim_id, broker_host="127.0.0.1", broker_port=port, server=fleet_srv,

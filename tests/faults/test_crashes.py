@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.fault_server import RealServer
 from tests.support.faults import FaultLedger, fault_mode, kept_versions, read_journal, trials
 from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.waiting import wait_progress
 
 __all__ = ["agent_factory", "fleet", "models"]
 
@@ -246,7 +246,9 @@ def test_power_loss_leftovers_are_cleaned(
     ledger.note(f"killed at an atomic write with its temp file on disk in {n}/{n} trials")
 
 
-#: where the server is killed mid-rollout (rollout 3 devices: 1 canary, then a wave of 2), by its device rows
+#: where the server is killed mid-rollout (rollout 3 devices: 1 canary, then a wave of 2), by its device rows;
+#: every agent is held at its first probation sample (a fault barrier) until the server is dead, so the
+#: rollout is still running at each point on any machine, however busy (no probation window to catch)
 SERVER_KILL_POINTS: dict[str, Any] = {
     "canary-dispatched": lambda rows: any(r["state"] not in ("pending", "queued") for r in rows),
     "canary-probation": lambda rows: any(r["state"] == "probation" for r in rows),
@@ -261,12 +263,13 @@ def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: Mosquitt
     """The real server process is killed -9 while a rollout is in flight; restarted, it finishes from its registry.
 
     The kill point is a rollout state read from the registry (never a delay): the canary dispatched, the
-    canary in probation, the wave dispatched after the canary committed. Each v2 device spends at least its
-    1.5 s probation before committing, so at each point the rollout is still running.
+    canary in probation, the wave dispatched after the canary committed. The agents are restarted before
+    the v2 rollout with their fault hook at ``probation:sample`` on a barrier each: a device cannot
+    commit v2 until the test lets it, so at each point the rollout is still running.
     """
     builds = [
         {"model": "digits", "version": v, "profile": RealServer.PROFILE, "path": str(p), "input": models.input_name,
-         "probation_s": 1.5, "chunk_size": 2048}
+         "probation_s": 0.5, "chunk_size": 2048}
         for v, p in ((1, models.good), (2, models.good_v2))
     ]
     server = RealServer(tmp_path, broker.host, broker.port, builds)
@@ -275,6 +278,7 @@ def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: Mosquitt
                      server=server, settings={"profile": RealServer.PROFILE})  # type: ignore[arg-type]
         for _ in range(3)
     ]
+    barriers = {a.device_id: tmp_path / f"barrier-{a.device_id}" for a in agents}
     try:
         server.process.start()
         for a in agents:
@@ -282,8 +286,18 @@ def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: Mosquitt
         first = server.service.deploy("digits:1", target="group:g", canary_percent=34, wave_percent=100,
                                       max_failures_percent=0, probation_s=0.5, actor="faults")
         _wait_deployment(server, first["deployment_id"], ("completed",))
+        for a in agents:  # armed from here: the v2 rollout's first probation sample is the hook's first
+            a.stop()
+            a.start(fault_at="probation:sample", barrier=barriers[a.device_id])
+            a.wait_http_ready()
         dep = server.service.deploy("digits:2", target="group:g", canary_percent=34, wave_percent=100,
-                                    max_failures_percent=0, probation_s=1.5, actor="faults")
+                                    max_failures_percent=0, probation_s=0.5, actor="faults")
+        canary_id = next(r["device_id"] for r in server.service.deployment_detail(dep["deployment_id"])["devices"]
+                         if r["wave"] == 0)
+        if point == "wave-dispatched":  # the canary commits; the wave's devices are held
+            canary_agent = next(a for a in agents if a.device_id == canary_id)
+            canary_agent.wait_until(Path(f"{barriers[canary_id]}.reached").exists, "held at probation")
+            barriers[canary_id].touch()
         _wait_rows(server, dep["deployment_id"], SERVER_KILL_POINTS[point])
         before = server.counts()
         at_kill = server.service.deployment_detail(dep["deployment_id"])
@@ -291,12 +305,13 @@ def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: Mosquitt
         assert at_kill["status"] == "running", f"{point}: the kill came after the rollout had finished"
         assert SERVER_KILL_POINTS[point](at_kill["devices"]), at_kill["devices"]
         ledger.note(f"killed at {point}: device rows in {sorted(d['state'] for d in at_kill['devices'])}")
+        for barrier in barriers.values():
+            barrier.touch()
         if point == "canary-probation":  # the canary carries on without a server: it commits, its report queues
-            canary = next(a for a in agents if a.device_id in {d["device_id"] for d in at_kill["devices"]
-                                                                if d["state"] == "probation"})
+            canary = next(a for a in agents if a.device_id == canary_id)
             _wait_journal_committed(canary, 2)
         server.process.start()
-        detail = _wait_deployment(server, dep["deployment_id"], ("completed",), timeout=90)
+        detail = _wait_deployment(server, dep["deployment_id"], ("completed",))
         after = server.counts()
         lost = sum(max(0, n - after.get(t, 0)) for t, n in before.items() if t not in _VOLATILE)
         assert not lost, f"registry rows lost: { {t: (n, after.get(t)) for t, n in before.items()} }"
@@ -323,35 +338,46 @@ def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: Mosquitt
 _VOLATILE = {"leases", "sqlite_sequence", "telemetry", "telemetry_buckets"}
 
 
-def _wait_deployment(server: RealServer, deployment_id: str, statuses: tuple[str, ...],
-                     timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+def _wait_deployment(server: RealServer, deployment_id: str, statuses: tuple[str, ...]) -> dict[str, Any]:
+    """Until the deployment's status is one of ``statuses``, as long as its rows or the server's log move."""
     detail: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def done() -> bool:
+        nonlocal detail
         detail = server.service.deployment_detail(deployment_id)
-        if detail["status"] in statuses:
-            return detail
-        time.sleep(0.2)
-    raise TimeoutError(f"deployment {detail.get('status')}: "
-                       f"{[(d['device_id'], d['state'], d.get('reason')) for d in detail.get('devices', [])]}")
+        return detail["status"] in statuses
+
+    def rows() -> list[tuple[str, str, str | None]]:
+        return [(d["device_id"], d["state"], d.get("reason")) for d in detail.get("devices", [])]
+
+    wait_progress(done, what=f"deployment {deployment_id} {statuses}", progress=lambda: (tuple(rows()),
+                  _size(server.process.log_path)), describe=lambda: f"{detail.get('status')}: {rows()}")
+    return detail
 
 
-def _wait_rows(server: RealServer, deployment_id: str, predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_rows(server: RealServer, deployment_id: str, predicate: Any) -> None:
     rows: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
+
+    def done() -> bool:
+        nonlocal rows
         rows = server.service.deployment_detail(deployment_id)["devices"]
-        if predicate(rows):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"the rollout never reached the kill point: {[r['state'] for r in rows]}")
+        return bool(predicate(rows))
+
+    wait_progress(done, what="the rollout reaching the kill point", interval_s=0.02,
+                  progress=lambda: (tuple(r["state"] for r in rows), _size(server.process.log_path)),
+                  describe=lambda: f"rows: {[r['state'] for r in rows]}")
 
 
-def _wait_journal_committed(agent: AgentProcess, version: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _wait_journal_committed(agent: AgentProcess, version: int) -> None:
+    def done() -> bool:
         record = read_journal(agent.store_dir)
-        if record is not None and record.state is State.IDLE and record.committed == agent_models.ref(version):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{agent.device_id} never committed v{version}:\n{agent.log_text()[-3000:]}")
+        return record is not None and record.state is State.IDLE and record.committed == agent_models.ref(version)
+
+    agent.wait_until(done, f"committed v{version}")

@@ -177,10 +177,8 @@ def test_freeze_is_visible_on_the_device_and_in_server_status(
     assert event.code == "expired" and "freeze" in event.message
     status = agent_status(agent)
     assert status["desired_expired"] is True
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not _server_row(real_server, device)["stale"]:
-        time.sleep(0.2)
-    assert _server_row(real_server, device)["stale"], "the server's status does not flag the frozen device"
+    agent.wait_until(lambda: bool(_server_row(real_server, device)["stale"]),
+                     "the server's status flags the frozen device as stale")
     intact(fleet, agent, models, 1, ledger=ledger)  # a freeze never stops the committed model
 
 

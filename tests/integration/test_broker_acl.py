@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.topics import Channel, artifact_topic, device_topic
-from server.broker import SERVER_USER, current_user, find_mosquitto, free_port
+from server.broker import SERVER_USER, current_user, free_port
 from server.cli import main as edgefleet
 from server.config import load_config
 from server.keys import init_signing_key, server_broker_password
 from server.service import FleetService
-from tests.support.abuse import local_service, wait_listening
+from tests.support.abuse import local_service, start_mosquitto
 from tests.support.mqtt import MqttTestClient, login_accepted, wait_login
 
 pytestmark = pytest.mark.broker
@@ -68,19 +68,20 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
     passwords = {}
     for dev in ("dev-a", "dev-b"):
         passwords[dev] = service.register_device(dev, profile="rpi4", public_key=DEV_KEY)["broker_password"]
-    port = free_port()
-    # the test's own files live in a private temp dir: this broker stays the invoking user, explicitly
-    assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
-                      "--port", str(port), "--run-as", current_user()]) == 0
-    passwords[SERVER_USER] = str(server_broker_password(config.paths, create=False))
-    conf = (out / "mosquitto.conf").read_text()
-    assert "set_tcp_nodelay true" in conf and "acl_file" in conf and "certfile" in conf
-    assert "allow_anonymous false" in conf
-    assert all(pw not in (out / "passwd").read_text() for pw in passwords.values())  # only hashes on disk
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def configure(port: int) -> Path:
+        # the test's own files live in a private temp dir: this broker stays the invoking user, explicitly
+        assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                          "--port", str(port), "--run-as", current_user()]) == 0
+        return out / "mosquitto.conf"
+
+    proc, port = start_mosquitto(configure, tmp_path / "mosquitto.log")
     try:
-        wait_listening(port, proc)
+        passwords[SERVER_USER] = str(server_broker_password(config.paths, create=False))
+        conf = (out / "mosquitto.conf").read_text()
+        assert "set_tcp_nodelay true" in conf and "acl_file" in conf and "certfile" in conf
+        assert "allow_anonymous false" in conf
+        assert all(pw not in (out / "passwd").read_text() for pw in passwords.values())  # only hashes on disk
         yield Secured(home, out, port, passwords, proc, service)
     finally:
         proc.terminate()
@@ -176,9 +177,14 @@ def test_generated_config_runs_mosquitto_as_the_mosquitto_user_not_root(tmp_path
         for f in (out, out / "passwd", out / "acl", out / "tls" / "server.key"):
             assert f.stat().st_uid == account.pw_uid, f
         assert (out / "passwd").stat().st_mode & 0o777 == 0o600
-        proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_listening(port, proc)  # it read passwd, the ACL and the TLS key after switching user
+
+        def configure(listen: int) -> Path:
+            assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                              "--port", str(listen)]) == 0
+            return out / "mosquitto.conf"
+
+        # it listens once it read passwd, the ACL and the TLS key after switching user
+        proc, port = start_mosquitto(configure, base / "mosquitto.log")
         uid = next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
                    if line.startswith("Uid:"))
         assert int(uid) == account.pw_uid != 0

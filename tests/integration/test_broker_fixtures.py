@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from agent.protocol.topics import Channel, artifact_topic, device_topic
-from server.broker import SERVER_USER, MosquittoBroker
+from server.broker import SERVER_USER, BrokerError, MosquittoBroker, listens
 from tests.conftest import SecureBrokerFactory
 from tests.support.mqtt import MqttTestClient
 
@@ -67,3 +70,45 @@ def test_secure_broker_rejects_bad_password(secure_broker: SecureBrokerFactory) 
         c.close()
         if getattr(rc, "is_failure", False):
             raise ConnectionError(str(rc))
+
+
+def test_a_picked_port_taken_before_mosquitto_binds_it_is_replaced(tmp_path: Path) -> None:
+    """Another process binds the picked port before mosquitto starts (the pick-then-bind race, forced):
+    the first start picks another port and listens there itself; a restart keeps its port and says why not."""
+    broker = MosquittoBroker(workdir=tmp_path / "mq")
+    picked = broker.port
+    with socket.socket() as thief:
+        thief.bind((broker.host, picked))
+        thief.listen()
+        try:
+            broker.start()
+            assert broker.port != picked
+            assert broker.process is not None and listens(broker.process.pid, broker.host, broker.port)
+            assert not listens(broker.process.pid, broker.host, picked)  # the thief's, not ours
+            client = MqttTestClient(broker.host, broker.port)  # a real MQTT round trip on the new port
+            try:
+                client.subscribe("test/moved")
+                client.publish("test/moved", b"here")
+                assert client.expect().payload == b"here"
+            finally:
+                client.close()
+            broker.stop()
+            with socket.socket() as second:  # the new port is taken while it is down: clients know only that one
+                second.bind((broker.host, broker.port))
+                second.listen()
+                with pytest.raises(BrokerError, match="Address already in use"):
+                    broker.start()
+        finally:
+            broker.close()
+
+
+def test_a_given_port_that_is_taken_fails_clearly(tmp_path: Path) -> None:
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        port = thief.getsockname()[1]
+        broker = MosquittoBroker(port=port, workdir=tmp_path / "mq")
+        with pytest.raises(BrokerError, match=f"(?s)port {port}.*Address already in use"):
+            broker.start()
+        broker.close()
+        assert broker.port == port

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,13 +22,14 @@ from cryptography.hazmat.primitives import serialization
 from agent.protocol.envelope import TrustAnchor, raw_public
 from agent.protocol.messages import ModelRef
 from server.app import FleetServer
-from server.broker import SERVER_USER, MosquittoBroker, current_user, find_mosquitto, free_port, generate_tls
+from server.broker import SERVER_USER, MosquittoBroker, current_user, generate_tls
 from server.builds import StaticBuilds
 from server.cli import build_parser, main
 from server.config import load_config
 from server.keys import init_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
 from tests.conftest import SecureBrokerFactory
+from tests.support.abuse import start_mosquitto
 from tests.support.fleet import onnx_builds, public_key, server_config
 from tests.support.mqtt import wait_login
 
@@ -244,22 +242,19 @@ def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
     """The operator's path: register with server-issued passwords, `broker config`, reload, simulate."""
     home, out, creds = tmp_path / "home", tmp_path / "broker", tmp_path / "sim.creds"
     init_signing_key(load_config(home).paths)
-    port = free_port()
-    broker_config = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
-                     "--port", str(port), "--run-as", current_user()]
-    assert main(broker_config) == 0  # writes server.toml's [broker] (mqtts, server login, CA)
+
+    def configure(port: int) -> Path:
+        broker_config = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                         "--port", str(port), "--run-as", current_user()]
+        assert main(broker_config) == 0  # writes server.toml's [broker] (mqtts, server login, CA)
+        return out / "mosquitto.conf"
+
+    proc, port = start_mosquitto(configure, tmp_path / "mosquitto.log")
     with (home / "server.toml").open("a") as f:
         f.write('\n[api]\nhost = "127.0.0.1"\nport = 0\n[publisher]\nchunk_window_s = 0.3\n'
                 "[rollout]\ntick_s = 0.1\nlease_ttl_s = 2.0\ndevice_timeout_s = 30.0\n")
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(out / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     server: FleetServer | None = None
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            time.sleep(0.05)
         server = FleetServer(load_config(home), builds=builds).start()
         capsys.readouterr()
         # registration goes through the API
@@ -274,7 +269,7 @@ def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
         assert all(pw not in (out / "passwd").read_text() for pw in (ln.split(":", 1)[1] for ln in lines))
         # not in the broker's password file yet: the logins are refused, and the run says so
         assert main([*sim, "--no-register", "--credentials", str(creds), "--timeout", "20"]) == 1
-        assert main(broker_config) == 0
+        configure(port)  # the same `broker config` again, now with the issued logins
         proc.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL ...
         first_id, first_password = lines[0].split(":", 1)
         wait_login("127.0.0.1", port, first_id, first_password, accepted=True, ca_cert=out / "tls" / "ca.crt")

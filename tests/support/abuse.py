@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
-import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tests.support.waiting import wait_progress
 
 
 def npz_bomb(path: Path, name: str, shape: tuple[int, ...], dtype: str = "float32", *,
@@ -51,12 +51,33 @@ def local_service(home: Path) -> Any:
                         artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Until the broker ``proc`` accepts connections on loopback ``port`` (it must not exit meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "mosquitto exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError("mosquitto did not listen")
+def start_mosquitto(configure: Callable[[int], Path], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """mosquitto on a free loopback port with the config ``configure(port)`` writes (it returns its path).
+
+    Returns ``(process, port)`` once that mosquitto itself listens on the port (``server.broker.listens``:
+    a connection would also reach another process that took the port). A port is free only when picked:
+    when mosquitto exits with "Address already in use", another is picked and configured (5 tries); any
+    other exit fails at once with what it logged (``log``)."""
+    from server.broker import find_mosquitto, free_port, listens
+
+    for attempt in range(1, 6):
+        port = free_port()
+        conf = configure(port)
+        with log.open("ab") as out:
+            offset = out.tell()
+            proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=out, stderr=out,
+                                    start_new_session=True)
+        try:
+            wait_progress(lambda: proc.poll() is not None or listens(proc.pid, "127.0.0.1", port),  # noqa: B023
+                          what=f"mosquitto listening on 127.0.0.1:{port}", progress=lambda: None, stall_s=120.0,
+                          describe=lambda: log.read_text(errors="replace")[-2000:], interval_s=0.02)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.poll() is None:
+            return proc, port
+        said = log.read_bytes()[offset:].decode(errors="replace")
+        if "Address already in use" not in said or attempt == 5:
+            raise AssertionError(f"mosquitto exited with {proc.returncode} (port {port}):\n{said}")
+    raise AssertionError("unreachable")

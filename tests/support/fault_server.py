@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.waiting import wait_progress
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,21 +64,24 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> ServerProcess:
+    def start(self, stall_s: float = 120.0) -> ServerProcess:
+        """Start it and wait for its "ready" line: as long as its log grows (a loaded machine is slow, not
+        stuck), failing at once if it exits."""
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
+        proc = self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.fault_server", str(self.spec_path)],
             cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if '"event": "ready"' in self.log_path.read_text(errors="replace").split("--- start ---")[-1]:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError("server did not start")
+
+        def this_run() -> str:
+            return self.log_path.read_text(errors="replace").split("--- start ---")[-1]
+
+        wait_progress(lambda: '"event": "ready"' in this_run(), what="the server starting", stall_s=stall_s,
+                      progress=lambda: self.log_path.stat().st_size, describe=lambda: this_run()[-3000:],
+                      failed=lambda: None if proc.poll() is None else f"the server exited {proc.returncode}",
+                      interval_s=0.05)
+        return self
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

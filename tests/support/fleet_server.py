@@ -306,6 +306,29 @@ class FleetServer:
 
     # -- waiting ------------------------------------------------------------------------------------------------
 
+    # Waits on real agent processes: ``timeout`` is how long the device (for ``wait_for``: any device) may
+    # send nothing new (an event, a state report, a chunk request) before the wait fails, not a budget for
+    # the whole wait; a loaded machine makes an agent slow, not silent (issue 11). ``5 * timeout`` (at
+    # least 300 s) caps a wait that keeps moving.
+
+    def _activity(self, device_id: str | None) -> int:
+        logs = [self.log(device_id)] if device_id is not None else list(self.devices.values())
+        return sum(len(d.events) + len(d.states) + len(d.chunk_requests) for d in logs)
+
+    def _wait_moving(self, device_id: str | None, done: Callable[[], bool], stall_s: float) -> bool:
+        """Under ``self._cond``: until ``done()`` (True), or False after ``stall_s`` without activity."""
+        start = moved = time.monotonic()
+        marker = self._activity(device_id)
+        while not done():
+            now = time.monotonic()
+            current = self._activity(device_id)
+            if current != marker:
+                marker, moved = current, now
+            if now - moved >= stall_s or now - start >= max(300.0, 5 * stall_s):
+                return False
+            self._cond.wait(timeout=min(0.5, stall_s - (now - moved)))
+        return True
+
     def wait_event(
         self,
         device_id: str,
@@ -317,10 +340,12 @@ class FleetServer:
         """The first event (from index ``after``) of that kind or matching the predicate."""
         match = (lambda e: e.kind == kind) if isinstance(kind, str) else kind
         with self._cond:
-            ok = self._cond.wait_for(lambda: any(match(e) for e in self.log(device_id).events[after:]), timeout=timeout)
+            ok = self._wait_moving(device_id, lambda: any(match(e) for e in self.log(device_id).events[after:]),
+                                   timeout)
             if not ok:
                 seen = [e.kind for e in self.log(device_id).events[after:]]
-                raise TimeoutError(f"{device_id}: no {kind!r} event within {timeout}s (saw {seen})")
+                raise TimeoutError(f"{device_id}: no {kind!r} event, and nothing new from it for {timeout}s "
+                                   f"(saw {seen})")
             return next(e for e in self.log(device_id).events[after:] if match(e))
 
     def wait_state(
@@ -328,20 +353,21 @@ class FleetServer:
     ) -> StateReport:
         """Wait until the *latest* state report satisfies ``predicate``."""
         with self._cond:
-            ok = self._cond.wait_for(
-                lambda: bool(self.log(device_id).states) and predicate(self.log(device_id).states[-1]),
-                timeout=timeout,
+            ok = self._wait_moving(
+                device_id, lambda: bool(self.log(device_id).states) and predicate(self.log(device_id).states[-1]),
+                timeout,
             )
             states = self.log(device_id).states
             if not ok:
                 last = states[-1] if states else None
-                raise TimeoutError(f"{device_id}: state not reached within {timeout}s (last: {last})")
+                raise TimeoutError(f"{device_id}: state not reached, and nothing new from it for {timeout}s "
+                                   f"(last: {last})")
             return states[-1]
 
     def wait_for(self, condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
         with self._cond:
-            if not self._cond.wait_for(condition, timeout=timeout):
-                raise TimeoutError(f"condition not met within {timeout}s")
+            if not self._wait_moving(None, condition, timeout):
+                raise TimeoutError(f"condition not met, and no device sent anything new for {timeout}s")
 
     def event_count(self, device_id: str) -> int:
         with self._cond:
