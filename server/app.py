@@ -160,15 +160,10 @@ class FleetServer:
         now = time.monotonic()
         if self._allowed.get((device_id, artifact_id), 0.0) > now:
             return True
-        row = self.registry.db.connection().execute(
-            "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
-            " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
-            " WHERE w.device_id = ? AND w.action = 'deploy' AND b.artifact_id = ? AND d.status = 'active'",
-            (device_id, artifact_id),
-        ).fetchone()
-        if row is not None:
+        allowed = self.registry.desired_names_artifact(device_id, artifact_id)
+        if allowed:
             self._allowed[(device_id, artifact_id)] = now + 60.0
-        return row is not None
+        return allowed
 
     def _on_chunk_reject(self, req: ChunkRequest, reason: str) -> None:
         self.ingest.stats.reject("chunk_access")

@@ -234,13 +234,8 @@ class FleetService:
         now = self.clock()
         with self.registry.tx() as tx:
             self.registry.revoke_device(device_id, tx=tx, now=now)
-            tx.execute(
-                "UPDATE deployment_devices SET state = 'cancelled', reason = 'device revoked', updated_at = ?"
-                " WHERE device_id = ? AND state NOT IN ('committed', 'failed', 'rolled_back', 'skipped',"
-                " 'superseded', 'cancelled')",
-                (now, device_id),
-            )
-            tx.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
+            self.registry.cancel_device_rows([device_id], "device revoked", tx=tx, now=now)
+            self.registry.delete_desired(device_id, tx=tx)
             self.registry.server_event("device.revoked", f"device {device_id} revoked", device_id=device_id,
                                        severity="warning", tx=tx, now=now)
         return {"device_id": device_id, "status": DEVICE_REVOKED,
@@ -501,15 +496,8 @@ class FleetService:
         with self.registry.tx() as tx:
             # the devices leave any rollout that still holds them, and a finished rollout to this same
             # target no longer re-deploys late joiners
-            tx.executemany(
-                "UPDATE deployment_devices SET state = 'cancelled', reason = ?, updated_at = ?"
-                " WHERE device_id = ? AND state NOT IN ('committed', 'failed', 'rolled_back', 'skipped',"
-                " 'superseded', 'cancelled') AND deployment_id IN (SELECT deployment_id FROM deployments WHERE"
-                " status IN ('running', 'rolling_back', 'completed'))",
-                [(f"operator rollback by {actor}", now, d) for d in ids],
-            )
-            tx.execute("UPDATE deployments SET active = 0 WHERE target = ? AND status IN (?, ?, ?)",
-                       (target, DEP_COMPLETED, DEP_HALTED, DEP_RUNNING))
+            self.registry.cancel_device_rows(ids, f"operator rollback by {actor}", tx=tx, now=now, live_only=True)
+            self.registry.deactivate_target(target, (DEP_COMPLETED, DEP_HALTED, DEP_RUNNING), tx=tx)
             batch_id = self.dispatcher.store_rollback(items, deployment_id=None, actor=actor, now=now, tx=tx)
             self.registry.server_event(
                 "rollback.requested",

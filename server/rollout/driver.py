@@ -40,6 +40,7 @@ from server.registry.fleet import (
     DEP_RUNNING,
     ArtifactRecord,
     Deployment,
+    DeploymentBuild,
     Device,
     FleetRegistry,
     StoredCommand,
@@ -332,13 +333,10 @@ class RolloutDriver:
                             f"its devices are not joined (run `edgefleet build`)")
             return False
         artifact = self.dispatcher.artifacts.seal_build(build)
-        with self.registry.tx() as tx:
-            tx.execute(
-                "INSERT INTO deployment_builds (deployment_id, profile, artifact_id, variant, runtime, health)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (dep.deployment_id, profile, artifact.artifact_id, build.variant,
-                 _dumps(build.runtime.to_dict()), _dumps(build.health.to_dict())),
-            )
+        self.registry.add_deployment_build(DeploymentBuild(
+            deployment_id=dep.deployment_id, profile=profile, artifact_id=artifact.artifact_id,
+            variant=build.variant, runtime=build.runtime.to_dict(), health=build.health.to_dict(),
+        ))
         return True
 
     def _warn_once(self, dep: Deployment, key: str, message: str) -> None:
@@ -412,8 +410,3 @@ def halt_deployment(
     log.warning("deployment %s halted: %s", dep.deployment_id, reason)
     return True
 
-
-def _dumps(value: object) -> str:
-    import json  # noqa: PLC0415
-
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
