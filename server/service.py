@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.errors import TopicError
-from agent.protocol.messages import model_name_problem
 from agent.protocol.topics import validate_device_id
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
@@ -25,6 +24,7 @@ from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.identity import check_device_id, server_logins
 from server.keys import load_signing_key, mosquitto_hash, new_broker_password
 from server.outbox import OUTBOX_LEASE
+from server.refs import parse_model_ref
 from server.registry.fleet import (
     DEP_COMPLETED,
     DEP_HALTED,
@@ -40,7 +40,6 @@ from server.rollout.planner import DeviceView, Phase, plan_waves, wave_stats
 from server.signing import Signer, fingerprint, parse_public_key
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MODEL_REF = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):v?(?P<version>\d{1,9})$")
 
 
 class ProfileSource(Protocol):
@@ -58,13 +57,6 @@ def _device_id(value: str) -> str:
         return validate_device_id(value)
     except TopicError as exc:
         raise InvalidRequestError(exc.message) from exc
-
-
-def parse_model_ref(text: str) -> tuple[str, int]:
-    m = MODEL_REF.match(text.strip())
-    if not m or model_name_problem(m["model"]) is not None:
-        raise InvalidRequestError(f"{text!r} is not MODEL:VERSION (e.g. digits-cnn:3; no '..' in the name)")
-    return m["model"], int(m["version"])
 
 
 def _percent(name: str, value: float, *, allow_zero: bool = True) -> float:

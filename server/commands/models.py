@@ -28,6 +28,7 @@ from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
+from server.refs import parse_ref
 from server.textsafe import safe
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -76,8 +77,6 @@ def _b64(path: Path | None) -> str | None:
 
 def _remote_ref(client: Any, ref: str) -> tuple[str, int]:
     """NAME:VERSION, or NAME alone for its latest version on the server."""
-    from server.registry.catalog import parse_ref  # noqa: PLC0415
-
     name, version = parse_ref(ref)
     if version is None:
         versions = [r["version"] for r in client.call("list_models", query={"model": name})]

@@ -18,7 +18,9 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from agent.protocol.messages import ModelRef
 from server.errors import ConflictError, ServerError
+from server.refs import parse_model_ref
 
 console = Console()
 err_console = Console(stderr=True)
@@ -54,9 +56,6 @@ MAX_CREDENTIALS_BYTES = 20000 * 2048
 
 
 def _ref(text: str) -> Any:
-    from agent.protocol.messages import ModelRef  # noqa: PLC0415
-    from server.service import parse_model_ref  # noqa: PLC0415
-
     try:
         name, version = parse_model_ref(text)
     except ServerError as exc:

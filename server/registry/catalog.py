@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec, model_name_problem
+from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
 from server.builds import Build
 from server.compression.data import Dataset, load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
 from server.config import ServerPaths, private_home
-from server.errors import ConflictError, DatasetError, InvalidRequestError, NotFoundError, RegistryError
+from server.errors import ConflictError, DatasetError, NotFoundError, RegistryError
 from server.profiles import DeviceProfile
+from server.refs import parse_ref
 from server.registry.db import Database, Migration
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -114,21 +115,6 @@ class CatalogBuild(Build):
     size_bytes: int = 0
     ota_size_bytes: int = 0
     built_at: float = 0.0
-
-
-def parse_ref(ref: str, *, need_version: bool = False) -> tuple[str, int | None]:
-    """``name:version`` (or ``name`` when ``need_version`` is False) -> (name, version | None)."""
-    name, sep, ver = ref.partition(":")
-    if model_name_problem(name) is not None:  # the rule the agent checks too (agent/protocol/messages.py)
-        raise InvalidRequestError(f"{ref!r}: model names are ASCII letters, digits, '.', '_' or '-' (up to 64, "
-                                  "starting with a letter or digit, no '..')")
-    if not sep:
-        if need_version:
-            raise InvalidRequestError(f"{ref!r}: give a version, as NAME:VERSION")
-        return name, None
-    if not ver.isdigit() or int(ver) < 1:
-        raise InvalidRequestError(f"{ref!r}: the version must be a positive integer")
-    return name, int(ver)
 
 
 # -- files ---------------------------------------------------------------------------------------------
