@@ -11,6 +11,7 @@ API cannot.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import ssl
@@ -24,6 +25,9 @@ from urllib.parse import quote, urlencode
 from server.access import local_actor
 from server.api import EXTRA_ROUTES as _EXTRA
 from server.api import ROUTES, Api, Route
+from server.artifacts import ArtifactStore
+from server.builds import default_build_source
+from server.config import load_config, runtime_info
 from server.errors import (
     AuthError,
     ConflictError,
@@ -34,6 +38,8 @@ from server.errors import (
     ServerError,
 )
 from server.keys import read_token_file
+from server.registry.fleet import open_registry
+from server.service import FleetService
 
 _ERRORS: Mapping[str, type[ServerError]] = {
     "not_found": NotFoundError,
@@ -126,12 +132,6 @@ class LocalClient:
     """The API's handlers called in-process on this home's registry (no server needed)."""
 
     def __init__(self, home: Path, config_path: Path | None = None) -> None:
-        from server.app import open_registry  # noqa: PLC0415 - keeps `edgefleet --help` light
-        from server.artifacts import ArtifactStore  # noqa: PLC0415
-        from server.builds import default_build_source  # noqa: PLC0415
-        from server.config import load_config  # noqa: PLC0415
-        from server.service import FleetService  # noqa: PLC0415
-
         config = load_config(home, config_path)
         registry = open_registry(config)
         service = FleetService(config, registry, builds=default_build_source(home),
@@ -152,8 +152,6 @@ class LocalClient:
 def default_profiles() -> Any:
     """The compression pipeline's profiles (``server.profiles.load_profiles``) when installed: device
     profiles are then checked against ``firmware_profiles/``; without it any well-formed name is taken."""
-    import importlib  # noqa: PLC0415
-
     try:
         module = importlib.import_module("server.profiles")
     except ImportError:
@@ -176,8 +174,6 @@ def remote_client(home: Path, *, server: str | None = None, config_path: Path | 
     """An HTTP client when a server is configured explicitly (``--server``, ``$EDGEFLEET_SERVER`` or
     ``[client] server``), else None: the model commands then work on the local catalog, even while a
     server runs on this home (builds are local CPU work either way)."""
-    from server.config import load_config  # noqa: PLC0415
-
     config = load_config(home, config_path)
     url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
     if not url:
@@ -196,9 +192,6 @@ def _ca(config: Any) -> Path | None:
 
 
 def connect(home: Path, *, server: str | None = None, config_path: Path | None = None) -> ApiClient:
-    from server.app import runtime_info  # noqa: PLC0415
-    from server.config import load_config  # noqa: PLC0415
-
     config = load_config(home, config_path)
     url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
     if not url:

@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 from agent.errors import TopicError
 from agent.protocol.topics import validate_device_id
+from server.access import ROLES
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
 from server.config import ServerConfig
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.identity import check_device_id, server_logins
-from server.keys import load_signing_key, mosquitto_hash, new_broker_password
+from server.keys import load_signing_key, mosquitto_hash, new_broker_password, new_token, token_digest
 from server.outbox import OUTBOX_LEASE
 from server.refs import parse_model_ref
 from server.registry.fleet import (
@@ -533,6 +534,25 @@ class FleetService:
     def audit(self, *, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.registry.list_audit(limit=max(1, min(limit, 10000)), actor=actor,
                                                               action=action)]
+
+    # -- API tokens --------------------------------------------------------------------------------
+
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        """A new token for ``name`` (shown once here; the registry keeps only its SHA-256)."""
+        if not name or len(name) > 64 or not name.isprintable():
+            raise InvalidRequestError("a token name is 1..64 printable characters")
+        if role not in ROLES:
+            raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}")
+        token = new_token()
+        self.registry.add_token(name, token_digest(token), role=role)
+        return {"name": name, "role": role, "token": token}
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return self.registry.list_tokens()
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        self.registry.revoke_token(name)
+        return {"name": name, "revoked": True}
 
     def record_audit(self, *, actor: str, action: str, target: str | None, params: Mapping[str, Any], outcome: str,
                      detail: str | None = None) -> None:

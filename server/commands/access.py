@@ -12,18 +12,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+from server.commands.common import api_client, console, err_console
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from server.client import connect  # noqa: PLC0415
-
-    report = connect(args.home, server=args.server, config_path=args.config).call(
-        "verify_audit", query={"anchor": args.anchor})
+    report = api_client(args).call("verify_audit", query={"anchor": args.anchor})
     if args.json:
         print(json.dumps(report))
     elif report["ok"]:

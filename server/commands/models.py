@@ -12,9 +12,10 @@ pipeline can register and build from anywhere; the output has the same shape eit
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,50 +24,32 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.commands.common import guarded
 from server.compression.gate import METRICS, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
 from server.refs import parse_ref
+from server.registry.catalog import Catalog
 from server.textsafe import safe
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-def _run(fn: Handler) -> Handler:
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except ServerError as exc:
-            err_console.print(f"[bold red]error[/] ({exc.code}): {safe(exc.message)}", highlight=False)
-            return 1
-        except KeyboardInterrupt:
-            err_console.print("interrupted", highlight=False)  # Ctrl-C: one line, no traceback
-            return 130
-
-    return wrapper
-
-
 def _catalog(args: argparse.Namespace) -> Any:
-    from server.registry.catalog import Catalog  # noqa: PLC0415
-
     return Catalog.open(args.home)
 
 
 def _remote(args: argparse.Namespace) -> Any:
     """The server's API client when one is configured explicitly, else None (work locally)."""
+    # startup cost: the API client stack loads only when a server is configured
     from server.client import remote_client  # noqa: PLC0415
 
     return remote_client(args.home, server=getattr(args, "server", None))
 
 
 def _b64(path: Path | None) -> str | None:
-    import base64  # noqa: PLC0415
-
     if path is None:
         return None
     try:
@@ -255,8 +238,6 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
         body["calibration_methods"] = list(args.calibration_method)
     if args.eval_limit:
         body["eval_limit"] = args.eval_limit
-    import contextlib  # noqa: PLC0415
-
     waiting = (contextlib.nullcontext() if args.json else
                err_console.status(f"building {name}:{version} on {remote.description} ...", spinner="dots"))
     with waiting:
@@ -383,13 +364,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_model_add))
+    p.set_defaults(handler=guarded(cmd_model_add, show_code=True, errors=err_console))
 
     p = ms.add_parser("list", help="registered models and versions", description="Registered models.")
     p.add_argument("--json", action="store_true")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_model_list))
+    p.set_defaults(handler=guarded(cmd_model_list, show_code=True, errors=err_console))
 
     p = ms.add_parser("show", help="one version: inputs, gate, builds with provenance",
                       description="Show NAME:VERSION (or NAME for the latest): inputs, gate and builds.")
@@ -397,7 +378,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="everything, including full provenance, as JSON")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_model_show))
+    p.set_defaults(handler=guarded(cmd_model_show, show_code=True, errors=err_console))
 
     p = subparsers.add_parser(
         "build", help="build compressed per-profile variants behind the accuracy gate",
@@ -421,4 +402,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_build))
+    p.set_defaults(handler=guarded(cmd_build, show_code=True, errors=err_console))

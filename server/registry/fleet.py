@@ -25,11 +25,13 @@ replaces the owner modules one table group at a time.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 from agent.protocol.messages import Event, StateReport
+from server.config import ServerConfig, private_home
 from server.registry.access import AccessRegistry, AuditRecord
 from server.registry.base import iter_chunks
 from server.registry.base import now as _now
@@ -65,7 +67,7 @@ __all__ = [
     "DEVICE_AWAITING_KEY", "DEVICE_REVOKED", "FINISHED_STATUSES", "HOLDING_STATUSES", "MIGRATIONS",
     "ArtifactRecord", "AuditRecord", "CommandRecord", "Deployment", "DeploymentBuild", "DeploymentDevice",
     "DesiredRecord", "Device", "EnrollmentRequest", "EventRecord", "FleetRegistry", "IngestBatch",
-    "NewDeployment", "StoredCommand", "StoredDesired", "iter_chunks",
+    "NewDeployment", "StoredCommand", "StoredDesired", "iter_chunks", "open_registry",
 ]
 
 # -- schema history: each owner's tables; names are applied-once keys, never renamed ----------------
@@ -304,6 +306,18 @@ CREATE INDEX unregistered_presence_received ON unregistered_presence(received_at
 """,
     ),
 )
+
+
+def open_registry(config: ServerConfig) -> FleetRegistry:
+    """The fleet registry of a server home, migrated, its files private (0600)."""
+    private_home(config.home)
+    db = config.paths.registry_db
+    registry = FleetRegistry(Database(db))
+    registry.migrate()
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
+    return registry
 
 
 # -- the registry --------------------------------------------------------------------------------------

@@ -286,7 +286,7 @@ def test_agent_handlers(topic: str, fuzz_agent: AgentUnderFuzz, ledger: FaultLed
 
 @pytest.fixture(scope="module")
 def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ingestor, list[ChunkRequest], Any]]:
-    from server.app import open_registry
+    from server.registry.fleet import open_registry
     from tests.support.fleet import server_config
 
     home = tmp_path_factory.mktemp("fuzz-server")

@@ -49,7 +49,7 @@ class Command:
 
     def __init__(self, fleet: Fleet, *args: str, api: bool = True) -> None:
         token = new_token()
-        fleet.server.registry.add_token(f"ctrl-c-{time.monotonic_ns()}", token_digest(token))
+        fleet.server.registry.add_token(f"ctrl-c-{time.monotonic_ns()}", token_digest(token), role="admin")
         home = fleet.tmp / "cli-home"
         env = {**os.environ, "EDGEFLEET_TOKEN": token, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"}
         self.out, self.err = fleet.tmp / "cmd.out", fleet.tmp / "cmd.err"

@@ -106,11 +106,11 @@ class RealServer:
 
     def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]],
                  overrides: dict[str, dict[str, Any]] | None = None) -> None:
-        from server.app import open_registry
         from server.artifacts import ArtifactStore
         from server.client import default_profiles
         from server.config import ServerConfig, config_from_mapping
         from server.keys import init_signing_key
+        from server.registry.fleet import open_registry
         from server.service import FleetService
 
         self.home = workdir / "srv-home"

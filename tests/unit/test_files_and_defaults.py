@@ -9,11 +9,11 @@ import pytest
 
 from agent.errors import MalformedMessageError
 from agent.protocol.messages import ModelRef
-from server.app import open_registry
 from server.cli import main as edgefleet
 from server.config import load_config
 from server.errors import InvalidRequestError
 from server.refs import parse_model_ref, parse_ref
+from server.registry.fleet import open_registry
 
 
 def _mode(path: Path) -> int:
