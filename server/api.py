@@ -33,6 +33,7 @@ from server.errors import (
     ServerError,
 )
 from server.keys import token_digest
+from server.metrics import render_metrics
 from server.refs import parse_model_ref
 from server.service import FleetService
 
@@ -172,8 +173,6 @@ def _health(c: Call) -> Any:
 
 def _metrics(c: Call) -> Any:
     if c.metrics is None:
-        from server.metrics import render_metrics  # noqa: PLC0415
-
         return render_metrics(c.service.registry)
     return c.metrics()
 

@@ -23,6 +23,7 @@ Theory of operation
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -137,13 +138,10 @@ class Dispatcher:
         deployment_id: str | None,
         actor: str,
         now: float,
-        tx: object,
+        tx: sqlite3.Connection,
         clear: Iterable[str] = (),
     ) -> str:
         """Commands first, then retained pins (so each pin's seq is above its command's); one batch id."""
-        import sqlite3  # noqa: PLC0415 - for the isinstance narrowing only
-
-        assert isinstance(tx, sqlite3.Connection)
         batch_id = uuid.uuid4().hex[:16]
         cmds = [(uuid.uuid4().hex, i.device_id, "rollback", i.model, i.version) for i in items if i.command]
         if cmds:
