@@ -140,23 +140,26 @@ def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: 
     with _catalog(home) as catalog:
         mv = catalog.resolve(ref)
         wanted = _wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
-        rows: list[dict[str, Any]] = []
-        for pid in wanted:
-            try:
-                stored, result = catalog.build(mv, profiles[pid], options=options)
-            except ServerError as exc:
-                rows.append({"profile": pid, "error": exc.message, "code": exc.code})
-                continue
-            rows.append({
-                "profile": pid, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
-                "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
-                "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
-                "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
-                "fidelity": result.chosen.fidelity.to_dict() if result.chosen.fidelity else None,
-                "source_size_bytes": mv.size_bytes,
-            })
+        with catalog.build_share() as share:
+            rows = [_build_row(catalog, mv, profiles[pid], options, share) for pid in wanted]
         return {"model": mv.model, "version": mv.version, "results": rows,
                 "failures": sum(1 for r in rows if "error" in r)}
+
+
+def _build_row(catalog: Any, mv: Any, profile: Any, options: Any, share: Any) -> dict[str, Any]:
+    """One profile's line of the answer; a profile that cannot be built is a row with ``error`` and ``code``."""
+    try:
+        stored, result = catalog.build(mv, profile, options=options, share=share)
+    except ServerError as exc:
+        return {"profile": profile.id, "error": exc.message, "code": exc.code}
+    return {
+        "profile": profile.id, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
+        "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
+        "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
+        "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
+        "fidelity": result.chosen.fidelity.to_dict() if result.chosen.fidelity else None,
+        "source_size_bytes": mv.size_bytes,
+    }
 
 
 def _wanted_profiles(spec: str, profiles: Mapping[str, Any], fmt: str) -> Sequence[str]:

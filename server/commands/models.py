@@ -287,7 +287,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     failures = 0
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=True, disable=args.json) as bar:
+                  TimeElapsedColumn(), console=err_console, transient=True, disable=args.json) as bar, \
+            catalog.build_share() as share:
         for pid in wanted:
             profile = profiles[pid]
             steps = len(plan(profile, mv.format, ops=frozenset({"MatMul", "Conv"}), has_calibration=True,
@@ -298,7 +299,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 bar.update(task, advance=1, description=f"{mv.ref} → {pid}: {message}")
 
             try:
-                stored, result = catalog.build(mv, profile, options=options, progress=step)
+                stored, result = catalog.build(mv, profile, options=options, progress=step, share=share)
             except ServerError as exc:
                 failures += 1
                 bar.remove_task(task)

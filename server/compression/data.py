@@ -1,7 +1,17 @@
 """Calibration and evaluation data sets: ``.npz`` files with one array per model input.
 
-Each array has a leading sample axis; an optional ``labels`` array (integers, one per sample) turns
-on the accuracy gate. Files are capped in size, loaded without pickle, and checked against the
+Two layouts, told apart by rank:
+
+* **batch-first** (``batch``): each array has the input's rank and its first axis is the model's
+  batch axis, which holds the samples (``x`` of ``[N, 3, 224, 224]`` for an input ``[-1, 3, 224, 224]``).
+  Samples are run in batches.
+* **per-sample** (``sample``): each array has one more axis than the input: ``[N, *input shape]``,
+  so every sample is one whole feed, whatever the input layout (a recurrent state ``[2, batch, 128]``
+  is ``[N, 2, 1, 128]``; a scalar input such as a sample rate is ``[N]``). Samples are run one at a time.
+  Models with a scalar input, or an input whose batch axis is not first, need this layout.
+
+All inputs use the same layout. An optional ``labels`` array (integers: one per sample, or one per
+output position) turns on the accuracy gate. Files are capped in size, loaded without pickle, and checked against the
 model's inputs (names, element kind, every fixed dimension) so a wrong file fails before any
 quantizer sees it.
 
@@ -36,6 +46,8 @@ MAX_SAMPLES = 100_000
 LABELS = "labels"
 #: a .npy header is at most this long (numpy writes 64-byte-aligned headers of ~128 bytes)
 _MAX_NPY_HEADER = 64 * 1024
+BATCH = "batch"
+SAMPLE = "sample"
 
 
 @dataclass(frozen=True)
@@ -47,18 +59,41 @@ class Dataset:
     sha256: str = ""
     source: Path | None = None
     extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+    layout: str = BATCH
 
     @property
     def samples(self) -> int:
         return len(next(iter(self.arrays.values())))
 
+    @property
+    def per_sample(self) -> bool:
+        return self.layout == SAMPLE
+
     def take(self, n: int | None) -> Dataset:
         if n is None or n >= self.samples:
             return self
         labels = self.labels[:n] if self.labels is not None else None
-        return Dataset({k: v[:n] for k, v in self.arrays.items()}, labels, self.sha256, self.source)
+        return Dataset({k: v[:n] for k, v in self.arrays.items()}, labels, self.sha256, self.source,
+                       layout=self.layout)
+
+    def feed(self, index: int) -> dict[str, np.ndarray]:
+        """Sample ``index`` as one model feed (batch-first: a batch of one)."""
+        if self.per_sample:
+            return {k: np.asarray(v[index]) for k, v in self.arrays.items()}  # a scalar stays an ndarray
+        return {k: v[index : index + 1] for k, v in self.arrays.items()}
+
+    def first(self, size: int) -> dict[str, np.ndarray]:
+        """One request: the first ``size`` samples batch-first, or the first sample per-sample."""
+        if self.per_sample:
+            return self.feed(0)
+        return {k: v[:size] for k, v in self.arrays.items()}
 
     def batches(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of ``batch`` samples (batch-first), or one feed per sample (per-sample; ``batch`` unused)."""
+        if self.per_sample:
+            for i in range(self.samples):
+                yield self.feed(i)
+            return
         for start in range(0, self.samples, batch):
             yield {k: v[start : start + batch] for k, v in self.arrays.items()}
 
@@ -154,18 +189,17 @@ def validate_arrays(
         )
     arrays: dict[str, np.ndarray] = {}
     count: int | None = None
+    layout = _layout(raw, inputs, where)
     for spec in inputs:
         arr = raw[spec.name]
-        if arr.ndim != len(spec.shape):
-            raise DatasetError(
-                f"{where}: input {spec.name!r} has shape {list(arr.shape)}; the model expects rank "
-                f"{len(spec.shape)} {list(spec.shape)} with samples on the first axis"
-            )
-        for axis, (want, got) in enumerate(zip(spec.shape[1:], arr.shape[1:], strict=False), start=1):
+        # per-sample: every axis of the input is checked; batch-first: all but the batch (sample) axis
+        pairs = zip(spec.shape, arr.shape[1:], strict=True) if layout == SAMPLE else \
+            zip(spec.shape[1:], arr.shape[1:], strict=True)
+        for axis, (want, got) in enumerate(pairs, start=1):
             if want > 0 and want != got:
                 raise DatasetError(
                     f"{where}: input {spec.name!r} has shape {list(arr.shape)}, the model expects "
-                    f"{list(spec.shape)} (axis {axis} is {got}, not {want})"
+                    f"{_expected(spec.shape, layout)} (axis {axis} is {got}, not {want})"
                 )
         want_kind, got_kind = _kind(spec.dtype), arr.dtype.kind
         if (want_kind == "f" and got_kind not in "fiu") or (want_kind in "iu" and got_kind not in "iu"):
@@ -180,8 +214,36 @@ def validate_arrays(
         count = n
         arrays[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
     labels = raw.get(LABELS)
-    if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != count):
-        raise DatasetError(f"{where}: 'labels' must be one integer per sample ({count}), got {labels.dtype} "
-                           f"{list(labels.shape)}")
+    if labels is not None and (labels.ndim < 1 or labels.dtype.kind not in "iu" or len(labels) != count):
+        raise DatasetError(f"{where}: 'labels' must be integers, one (or one per output position) per sample "
+                           f"({count}), got {labels.dtype} {list(labels.shape)}")
     extra = {k: v for k, v in raw.items() if k not in arrays and k != LABELS}
-    return Dataset(arrays, labels, sha256, source, extra)
+    return Dataset(arrays, labels, sha256, source, extra, layout)
+
+
+def _expected(shape: Sequence[int], layout: str) -> str:
+    dims = ["N", *("?" if d < 0 else str(d) for d in shape)] if layout == SAMPLE else \
+        ["N", *("?" if d < 0 else str(d) for d in shape[1:])]
+    return f"[{', '.join(dims)}] ({'per-sample' if layout == SAMPLE else 'batch-first'} layout)"
+
+
+def _layout(raw: Mapping[str, np.ndarray], inputs: Sequence[TensorSpec], where: str) -> str:
+    """``batch`` when every array has its input's rank, ``sample`` when every one has one more."""
+    layouts: dict[str, str] = {}
+    for spec in inputs:
+        rank, got = len(spec.shape), raw[spec.name].ndim
+        if got == rank + 1:
+            layouts[spec.name] = SAMPLE
+        elif got == rank and rank > 0:
+            layouts[spec.name] = BATCH
+        else:
+            raise DatasetError(
+                f"{where}: input {spec.name!r} has shape {list(raw[spec.name].shape)}; the model expects "
+                f"{list(spec.shape)}: give {_expected(spec.shape, SAMPLE)}"
+                + (f" or {_expected(spec.shape, BATCH)}" if rank > 0 else "")
+            )
+    if len(set(layouts.values())) > 1:
+        per = ", ".join(f"{k}: {v}" for k, v in layouts.items())
+        raise DatasetError(f"{where}: the arrays mix layouts ({per}); give every input per-sample "
+                           "([N, *input shape]) or every input batch-first")
+    return next(iter(layouts.values()), BATCH)

@@ -6,9 +6,18 @@ Metrics (``GateSpec.metric``):
   accuracy is at most ``max_relative_drop`` (default 1 %).
 * ``cosine``    per-sample cosine similarity of all outputs with fp32's; the *minimum* over the
   evaluation set must reach ``min_cosine`` (default 0.99).
-* ``top1``      agreement of the arg-max of the first output with fp32's (default >= 0.99).
+* ``top1``      agreement of the predicted class of the first output with fp32's (default >= 0.99).
+  The class axis is the *last* axis; every other axis after the sample axis is a position (time
+  step, pixel, anchor), compared on its own: a ``(batch, time, classes)`` output agrees on the share
+  of (sample, step) pairs whose arg-max matches. A last axis of size 1 (or a scalar per sample) is a
+  binary decision: ``value > iou_threshold``.
 * ``iou``       mean IoU of the first output thresholded at ``iou_threshold`` (maps, masks) with
-  fp32's mask (default >= 0.97).
+  fp32's mask (default >= 0.97); per sample over all its elements, so any layout works.
+
+``cosine`` compares each sample's outputs flattened and concatenated, so it too is layout-free.
+Outputs arrive with the sample axis first and each sample's own shape after it
+(``runners.run_dataset``); ``accuracy`` takes one label per sample (a single-position output)
+or one label per position (labels shaped like the predicted classes).
 
 Every candidate's report carries all of them plus the max absolute error, whatever the metric.
 Selection: among the variants that pass (fidelity, size, latency budget), prefer those not slower
@@ -83,6 +92,15 @@ def _per_sample(outputs: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in outputs], axis=1)
 
 
+def _classes(out: np.ndarray, threshold: float) -> np.ndarray:
+    """Predicted class per (sample, position): arg-max over the last axis, or a threshold when it has one unit."""
+    if out.ndim == 1 or out.shape[-1] == 1:
+        decided: np.ndarray = (out.reshape(out.shape[0], -1) > threshold).astype(np.int64)
+        return decided
+    classes: np.ndarray = out.argmax(axis=-1).reshape(out.shape[0], -1)
+    return classes
+
+
 def _iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
     a = ref.reshape(ref.shape[0], -1) > threshold
     b = cand.reshape(cand.shape[0], -1) > threshold
@@ -103,16 +121,23 @@ def measure_fidelity(
     dots = (ref * cand).sum(axis=1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cos = np.where(norms > 0, dots / np.maximum(norms, 1e-30), np.where((ref == cand).all(axis=1), 1.0, 0.0))
-    first_ref = reference[0].reshape(reference[0].shape[0], -1)[:n]
-    first_cand = candidate[0].reshape(candidate[0].shape[0], -1)[:n]
-    top1 = float((first_ref.argmax(axis=1) == first_cand.argmax(axis=1)).mean())
+    first_ref, first_cand = reference[0][:n], candidate[0][:n]
+    if first_ref.shape != first_cand.shape:
+        raise DatasetError(f"the candidate's first output is {list(first_cand.shape[1:])} per sample, "
+                           f"fp32's is {list(first_ref.shape[1:])}")
+    ref_cls = _classes(first_ref, spec.iou_threshold)
+    cand_cls = _classes(np.nan_to_num(first_cand), spec.iou_threshold)
+    top1 = float((ref_cls == cand_cls).mean())
     max_abs = float(np.abs(ref - cand).max()) if finite else math.inf
     accuracy = reference_acc = None
     mean_iou = None
     if labels is not None:
-        lab = labels[:n]
-        accuracy = float((first_cand.argmax(axis=1) == lab).mean())
-        reference_acc = float((first_ref.argmax(axis=1) == lab).mean())
+        lab = labels[:n].reshape(n, -1)
+        if lab.shape != ref_cls.shape:
+            raise DatasetError(f"'labels' give {lab.shape[1]} label(s) per sample; the first output predicts "
+                               f"{ref_cls.shape[1]} class(es) per sample")
+        accuracy = float((cand_cls == lab).mean())
+        reference_acc = float((ref_cls == lab).mean())
     if spec.metric == "iou":
         mean_iou = float(_iou(first_ref, first_cand, spec.iou_threshold).mean())
     if not finite:

@@ -100,13 +100,15 @@ def fold_fp16_weights(src: Path, dst: Path) -> int:
     Models shipped with fp16 weights (MediaPipe's) feed every Conv through a DEQUANTIZE; LiteRT
     Quantizer then sees no constant weights or biases and leaves the model as it is (dynamic) or
     fails (static). Folding gives it fp32 constants to quantize; the graph computes the same values.
+    The fp16 tensors, used by no op any more, are removed with their buffers (else the quantized
+    file would still carry every fp16 weight).
     """
     from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
     from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
 
     model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
     folded = 0
-    for graph in model.subgraphs:
+    for index, graph in enumerate(model.subgraphs):
         keep = []
         for op in graph.operators:
             code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
@@ -123,8 +125,148 @@ def fold_fp16_weights(src: Path, dst: Path) -> int:
                     continue
             keep.append(op)
         graph.operators = keep
+        _drop_unused_tensors(model, index)
+    _drop_unused_buffers(model)
+    fix_operator_codes(model)
     dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
     return folded
+
+
+def fix_operator_codes(model: Any) -> int:
+    """Fill ``builtinCode`` from ``deprecatedBuiltinCode`` in older flatbuffers; returns how many were fixed.
+
+    Converters before TF 2.4 (MediaPipe's face models) set only the deprecated 8-bit field, leaving
+    ``builtinCode`` 0 (ADD). LiteRT reads the larger of the two, but LiteRT Quantizer reads
+    ``builtinCode``: it then took every op for an ADD and quantized conv weights like activations
+    (per-tensor, asymmetric), which LiteRT refuses (conv.cc: zero_point != 0).
+    """
+    fixed = 0
+    for code in model.operatorCodes:
+        if code.builtinCode < code.deprecatedBuiltinCode:
+            code.builtinCode = code.deprecatedBuiltinCode
+            fixed += 1
+    return fixed
+
+
+def _drop_unused_tensors(model: Any, index: int) -> None:
+    """Remove the tensors of subgraph ``index`` that no op, graph input/output or signature names."""
+    graph = model.subgraphs[index]
+    used = {int(i) for op in graph.operators for i in [*op.inputs, *op.outputs] if i >= 0}
+    used |= {int(i) for i in graph.inputs} | {int(i) for i in graph.outputs}
+    for sig in model.signatureDefs or []:
+        if sig.subgraphIndex == index:
+            used |= {m.tensorIndex for m in [*sig.inputs, *sig.outputs]}
+    new = {old: i for i, old in enumerate(sorted(used))}
+    if len(new) == len(graph.tensors):
+        return
+    graph.tensors = [graph.tensors[old] for old in sorted(used)]
+
+    def remap(seq: Any) -> list[int]:
+        return [new[int(i)] if i >= 0 else int(i) for i in seq]
+
+    for op in graph.operators:
+        op.inputs, op.outputs = remap(op.inputs), remap(op.outputs)
+        if op.intermediates is not None and len(op.intermediates):
+            op.intermediates = remap(op.intermediates)
+    graph.inputs, graph.outputs = remap(graph.inputs), remap(graph.outputs)
+    for sig in model.signatureDefs or []:
+        if sig.subgraphIndex == index:
+            for m in [*sig.inputs, *sig.outputs]:
+                m.tensorIndex = new[m.tensorIndex]
+
+
+def _drop_unused_buffers(model: Any) -> None:
+    """Empty the buffers no tensor points at (indices stay: metadata may name buffers too)."""
+    used = {t.buffer for g in model.subgraphs for t in g.tensors}
+    used |= {m.buffer for m in model.metadata or []}
+    for i, buf in enumerate(model.buffers):
+        if i not in used and buf.data is not None and len(buf.data):
+            buf.data = None
+
+
+#: Ops whose float constant inputs (weights, biases) are stored as fp16 by ``fp16_weights``.
+FP16_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CUSTOM")
+#: Smaller constants stay fp32: the DEQUANTIZE op would cost more than the bytes saved.
+FP16_MIN_ELEMENTS = 16
+FP16_MAX = 65504.0
+#: DEQUANTIZE from float16 is version 3 of the op (LiteRT op versioning).
+DEQUANTIZE_FP16_VERSION = 3
+
+
+def stores_fp16_weights(path: Path) -> bool:
+    """Whether the model already keeps its weights as fp16 constants behind DEQUANTIZE ops (MediaPipe's)."""
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
+
+    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+            if code == schema.BuiltinOperator.DEQUANTIZE and len(op.inputs) == 1:
+                t = graph.tensors[op.inputs[0]]
+                data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+                if t.type == schema.TensorType.FLOAT16 and data is not None and len(data):
+                    return True
+    return False
+
+
+def fp16_weights(src: Path, dst: Path) -> int:
+    """Store the float weights and biases of conv/FC ops as fp16 constants, each behind a DEQUANTIZE op.
+
+    The layout MediaPipe ships: half the bytes, computed in fp32 (XNNPACK folds the DEQUANTIZE into
+    static fp32 weights at load; the builtin kernels run the DEQUANTIZE once). Constants beyond the
+    fp16 range, or smaller than FP16_MIN_ELEMENTS, stay fp32. Returns how many tensors were converted.
+    """
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
+
+    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
+    fix_operator_codes(model)
+    wanted = {getattr(schema.BuiltinOperator, name) for name in FP16_WEIGHT_OPS}
+    dq_index = next((i for i, c in enumerate(model.operatorCodes)
+                     if flatbuffer_utils.get_builtin_code_from_operator_code(c) == schema.BuiltinOperator.DEQUANTIZE
+                     and c.version >= DEQUANTIZE_FP16_VERSION), None)
+    converted = 0
+    for graph in model.subgraphs:
+        done: set[int] = set()
+        dequantize = []
+        for op in graph.operators:
+            code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+            if code not in wanted:
+                continue
+            for index in (int(i) for i in op.inputs[1:] if i >= 0):
+                t = graph.tensors[index]
+                data = model.buffers[t.buffer].data if 0 < t.buffer < len(model.buffers) else None
+                quantized = t.quantization is not None and t.quantization.scale is not None \
+                    and len(t.quantization.scale) > 0
+                if index in done or t.type != schema.TensorType.FLOAT32 or data is None or quantized:
+                    continue
+                values = np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype="<f4")
+                if values.size < FP16_MIN_ELEMENTS or not np.isfinite(values).all() or \
+                        float(np.abs(values).max()) > FP16_MAX:
+                    continue
+                if dq_index is None:
+                    code_t = schema.OperatorCodeT()
+                    code_t.builtinCode = code_t.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
+                    code_t.version = DEQUANTIZE_FP16_VERSION
+                    model.operatorCodes.append(code_t)
+                    dq_index = len(model.operatorCodes) - 1
+                half = schema.TensorT()
+                half.shape, half.type = t.shape, schema.TensorType.FLOAT16
+                half.name = (t.name if isinstance(t.name, bytes) else str(t.name).encode()) + b"_fp16"
+                half.buffer = t.buffer  # the buffer now holds the fp16 values; the fp32 tensor becomes the op output
+                model.buffers[t.buffer].data = np.frombuffer(values.astype("<f2").tobytes(), dtype=np.uint8)
+                t.buffer = 0
+                graph.tensors.append(half)
+                op_t = schema.OperatorT()
+                op_t.opcodeIndex = dq_index
+                op_t.inputs, op_t.outputs = [len(graph.tensors) - 1], [index]
+                dequantize.append(op_t)
+                done.add(index)
+                converted += 1
+        graph.operators = dequantize + list(graph.operators)
+    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return converted
 
 
 def _signature(path: Path) -> tuple[str, dict[str, str]]:
@@ -152,8 +294,8 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = No
         except ImportError as exc:
             raise ModelError("LiteRT Quantizer is not installed (pip install litert-quantizer)") from exc
     unfolded = dst.with_name(dst.stem + ".fp32.tflite")
-    if fold_fp16_weights(src, unfolded):
-        src = unfolded
+    fold_fp16_weights(src, unfolded)  # also fills operator codes the quantizer reads
+    src = unfolded
     if calibration is not None:
         signed = dst.with_name(dst.stem + ".signed.tflite")
         with_default_signature(src, signed)
@@ -166,7 +308,7 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = No
             raise ModelError(f"recipe {recipe} needs calibration data")
         key, args = _signature(src)
         samples = [
-            {args.get(name, name): arr[i : i + 1] for name, arr in calibration.arrays.items()}
+            {args.get(name, name): arr for name, arr in calibration.feed(i).items()}
             for i in range(calibration.samples)
         ]
         with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars would garble the CLI's progress bar

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,23 +103,32 @@ def op_types(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
 
+def domain_ops(model: onnx.ModelProto) -> frozenset[tuple[str, str]]:
+    """(domain, op type) of every node, in the order-free form ``check_op_types`` takes."""
+    return frozenset((node.domain, node.op_type) for node in model.graph.node)
+
+
 def check_ops(model: onnx.ModelProto, max_opset: int, profile: str, runtime: str) -> None:
     """Every ai.onnx op must exist at the profile's highest opset; UnsupportedOpError names the first that does not."""
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            if node.domain == "com.microsoft":
+    check_op_types([(node.domain, node.op_type) for node in model.graph.node], max_opset, profile, runtime)
+
+
+def check_op_types(ops: Iterable[tuple[str, str]], max_opset: int, profile: str, runtime: str) -> None:
+    for domain, op_type in ops:
+        if domain not in ("", "ai.onnx"):
+            if domain == "com.microsoft":
                 continue  # ORT contrib ops: present in every ORT build the profiles list
             raise UnsupportedOpError(
-                f"op {node.op_type} (domain {node.domain}) is not available in {runtime} on profile {profile}",
-                op=node.op_type, profile=profile,
+                f"op {op_type} (domain {domain}) is not available in {runtime} on profile {profile}",
+                op=op_type, profile=profile,
             )
         try:
-            onnx.defs.get_schema(node.op_type, max_opset, "")
+            onnx.defs.get_schema(op_type, max_opset, "")
         except onnx.defs.SchemaError:
             raise UnsupportedOpError(
-                f"op {node.op_type} does not exist at opset {max_opset}, the highest {runtime} on profile "
+                f"op {op_type} does not exist at opset {max_opset}, the highest {runtime} on profile "
                 f"{profile} accepts",
-                op=node.op_type, profile=profile,
+                op=op_type, profile=profile,
             ) from None
 
 
@@ -225,6 +234,78 @@ def to_fp16(src: Path, dst: Path) -> None:
     save(half, dst)
 
 
+#: Float initializers smaller than this stay fp32 (shapes, scales: the Cast would cost more than it saves).
+FP16_MIN_ELEMENTS = 256
+FP16_MAX = 65504.0
+
+
+def fold_constants(graph: onnx.GraphProto) -> int:
+    """Turn Constant nodes holding a tensor into initializers (Paddle exports keep weights there); count."""
+    keep, folded = [], 0
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and len(node.output) == 1 and node.domain in ("", "ai.onnx"):
+            init = onnx.TensorProto()
+            init.CopyFrom(value)
+            init.name = node.output[0]
+            graph.initializer.append(init)
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
+def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                yield from attr.graphs
+
+
+def _fp16_graph(graph: onnx.GraphProto) -> int:
+    """fp16 initializers + Casts in ``graph`` and, recursively, in its If/Loop/Scan bodies."""
+    converted = sum(_fp16_graph(sub) for sub in _subgraphs(graph))
+    fold_constants(graph)
+    inputs = {i.name for i in graph.input}
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or init.name in inputs:
+            continue  # an initializer listed as a graph input may be overridden by a feed: keep its type
+        w = numpy_helper.to_array(init)
+        if w.size < FP16_MIN_ELEMENTS or not np.isfinite(w).all() or float(np.abs(w).max()) > FP16_MAX:
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(w.astype(np.float16), f"{name}__fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], name=f"{name}__to_fp32",
+                                           to=onnx.TensorProto.FLOAT))
+        converted += 1
+    if casts:
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(casts + nodes)
+    return converted
+
+
+def fp16_weights(src: Path, dst: Path) -> int:
+    """Store float weights as fp16 initializers, each restored by a Cast to fp32; returns how many.
+
+    The graph computes in fp32 as before: ONNX Runtime folds a Cast of an initializer at session
+    creation (constant folding), so the running model holds fp32 weights and runs at fp32 speed;
+    only the file (the download) is halved. Constant nodes are folded into initializers first;
+    integer tensors, tensors with values beyond the fp16 range, and tiny ones are left alone.
+    Subgraphs (If/Loop/Scan bodies, where recurrent exports keep their weights) are included.
+    """
+    model = onnx.load(str(src))
+    converted = _fp16_graph(model.graph)
+    save(model, dst)
+    return converted
+
+
 def toposort(graph: onnx.GraphProto) -> None:
     """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
@@ -323,7 +404,11 @@ def quantize_static(
     per_channel: bool = True,
     batch: int = 1,
     exclude: Sequence[str] = (),
+    cache: Path | None = None,
 ) -> None:
+    """Static QDQ. ``cache``: ORT's calibration cache (JSON tensor ranges), written by the first call and
+    read by later ones with the same model, data and method: activation types, reduce_range and node
+    exclusions only change how the ranges are used, so those candidates skip the calibration runs."""
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationDataReader,
         CalibrationMethod,
@@ -359,6 +444,7 @@ def quantize_static(
             calibrate_method=methods[method],
             nodes_to_exclude=list(exclude),
             extra_options=extra,
+            calibration_cache_path=str(cache) if cache is not None else None,
         )
 
 

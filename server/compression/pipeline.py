@@ -29,7 +29,8 @@ from server.compression import codec, litert_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
-from server.compression.runners import Runner, latency_ms, open_runner, run_dataset, sample_feed
+from server.compression.runners import LiteRtRunner, Runner, latency_ms, open_runner, run_dataset, sample_feed
+from server.compression.share import BuildShare, Measured, Prepared, digest
 from server.errors import DatasetError, GateError, ModelError, ServerError, UnsupportedOpError
 from server.profiles import DeviceProfile, version_tuple
 
@@ -63,6 +64,8 @@ class BuildOptions:
     evaluation_limit: int | None = None
     latency_runs: int = 30
     only: tuple[str, ...] = ()  # restrict to these recipe names (tests, benchmarks)
+    #: The evaluation data is synthetic: when the model does not run on it, ship fp32 unchecked rather than nothing.
+    synthetic: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,16 @@ def inspect_source(path: Path) -> SourceModel:
     )
 
 
+def _runs_without_xnnpack(path: Path, data: Dataset) -> str | None:
+    """None when the .tflite file loads and runs one sample on the builtin kernels; else the error."""
+    try:
+        runner = LiteRtRunner(path, xnnpack=False)
+        runner.run(sample_feed(runner, data))
+    except ModelError as exc:
+        return exc.message[:300]
+    return None
+
+
 def _golden(runner: Runner, feed: dict[str, np.ndarray], precision: str) -> tuple[GoldenCase, ...]:
     if sum(a.nbytes for a in feed.values()) > MAX_GOLDEN_BYTES:
         return ()
@@ -221,6 +234,7 @@ class _Builder:
         workdir: Path,
         options: BuildOptions,
         progress: Progress,
+        share: BuildShare,
     ) -> None:
         self.source = source
         self.profile = profile
@@ -247,41 +261,107 @@ class _Builder:
         self.base: Path = source.path  # the fp32 model fitted to the profile (ONNX: opset)
         self.pre: Path = source.path  # pre-processed input for the quantizers
         self.notes: list[str] = []
+        self.share = share
+        self.prep_key = ""  # which prepared (opset-fitted, pre-processed) model the candidates come from
+        self.builtin_ok: bool | None = None  # whether the .tflite source runs without XNNPACK (checked once)
+        self.unchecked: str | None = None  # why fp32 could not be run here (synthetic inputs the model refuses)
+        self.produce_notes: list[str] = []  # what making the current candidate noted (kept with its measurement)
 
     # ---- setup
+
+    def _reference_key(self) -> str:
+        ev = self.evaluation
+        return digest("reference", self.source.sha256, ev.sha256 or None, ev.samples, ev.layout,
+                      _version("onnxruntime") if self.source.format == "onnx" else _version("ai-edge-litert"))
 
     def prepare(self) -> None:
         if self.gate.metric == "accuracy" and self.evaluation.labels is None:
             raise DatasetError("the accuracy metric needs a 'labels' array in the evaluation data")
-        self.progress("reference outputs (fp32)")
-        ref_runner = open_runner(self.source.path, self.source.format)
-        self.reference = run_dataset(ref_runner, self.evaluation)
+        key = self._reference_key()
+        cached = self.share.reference(key) if self.evaluation.sha256 else None
+        if cached is None:
+            self.progress("reference outputs (fp32)")
+            ref_runner = open_runner(self.source.path, self.source.format)
+            try:
+                cached = run_dataset(ref_runner, self.evaluation)
+            except ModelError as exc:
+                if not self.options.synthetic:
+                    raise
+                # The synthetic values (not the shapes: those follow the model) can be out of the model's
+                # domain, e.g. a sample rate it checks. The model itself loaded: it still gets its fp32 build.
+                cached = f"fp32 not run: the model refused synthetic inputs ({exc.message[:200]})"
+            self.share.put_reference(key, cached, persist=bool(self.evaluation.sha256))
+        else:
+            self.progress("reference outputs (fp32, cached)")
+        if isinstance(cached, str):
+            self.unchecked = cached
+            self.notes.append(cached)
+        else:
+            self.reference = cached
         if self.source.format == "onnx":
             assert self.rt.max_opset is not None
             model = onnx_tools.fit_opset(onnx_tools.load(self.source.path), self.rt.max_opset, self.profile.id,
                                          self.runtime_name)
-            if onnx_tools.opset(model) != self.source.opset:
-                self.notes.append(f"opset converted {self.source.opset} -> {onnx_tools.opset(model)}")
-            self.base = self.work / "base.onnx"
-            onnx_tools.save(model, self.base)
-            self.pre = self.work / "pre.onnx"
-            self.progress("pre-processing")
-            self.notes.extend(onnx_tools.preprocess(self.base, self.pre))
-            self.notes.extend(onnx_tools.raise_opset_for_quantization(self.pre, self.rt.max_opset))
+            converted = onnx_tools.opset(model) != self.source.opset
+            # the same fitted model (and the same quantizer input) serves every profile with the same outcome
+            self.prep_key = digest("prepared", self.source.sha256, onnx_tools.opset(model),
+                                   self.rt.max_opset >= onnx_tools.PER_CHANNEL_OPSET)
+            prepared = self.share.prepared.get(self.prep_key)
+            if prepared is None:
+                folder = self.share.folder(self.prep_key)
+                notes = [f"opset converted {self.source.opset} -> {onnx_tools.opset(model)}"] if converted else []
+                base, pre = folder / "base.onnx", folder / "pre.onnx"
+                onnx_tools.save(model, base)
+                self.progress("pre-processing")
+                notes.extend(onnx_tools.preprocess(base, pre))
+                notes.extend(onnx_tools.raise_opset_for_quantization(pre, self.rt.max_opset))
+                prepared = self.share.prepared[self.prep_key] = Prepared(base, pre, notes)
+            self.base, self.pre = prepared.base, prepared.pre
+            self.notes.extend(prepared.notes)
+
+    def check_builtin_kernels(self, path: Path) -> None:
+        """A .tflite candidate must also run on LiteRT's builtin kernels (no XNNPACK) when the source does.
+
+        XNNPACK takes what it can and leaves the rest to the builtin kernels, which are stricter (int8
+        conv weights must be symmetric); a device without XNNPACK runs everything on them.
+        """
+        if self.builtin_ok is None:
+            self.builtin_ok = _runs_without_xnnpack(self.source.path, self.evaluation) is None
+        if self.builtin_ok:
+            error = _runs_without_xnnpack(path, self.evaluation)
+            if error is not None:
+                raise ModelError(f"LiteRT without XNNPACK refuses it: {error}")
 
     # ---- candidates
 
-    def produce(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Path:
+    def _optimized(self, out: Path) -> Path:
+        """ORT's basic graph optimizations of the fitted model, unless they grow the file (constant folding
+        inside If bodies can): then the fitted model as it is."""
+        onnx_tools.optimize_fp32(self.base, out)
+        if out.stat().st_size > self.base.stat().st_size:
+            shutil.copyfile(self.base, out)
+            self.produce_notes.append("graph optimization grew the model: fp32 kept unoptimized")
+        return out
+
+    def produce(self, recipe: Recipe, folder: Path, exclude: Sequence[str] = ()) -> Path:
         ext = ".onnx" if self.source.format == "onnx" else ".tflite"
-        out = self.work / f"{recipe.name}{ext}"
+        out = folder / f"{recipe.name}{ext}"
         p = recipe.params
         if recipe.kind == "fp32":
             if self.source.format == "onnx":
-                onnx_tools.optimize_fp32(self.base, out)
+                self._optimized(out)
             else:
                 shutil.copyfile(self.source.path, out)
         elif recipe.kind == "fp16":
             onnx_tools.to_fp16(self.pre, out)
+        elif recipe.kind == "fp16w":
+            if self.source.format == "onnx":
+                optimized = self._optimized(folder / f"{recipe.name}.fp32.onnx")
+                converted = onnx_tools.fp16_weights(optimized, out)
+            else:
+                converted = litert_tools.fp16_weights(self.source.path, out)
+            if not converted:
+                raise ModelError("no float weights to store as fp16")
         elif recipe.kind == "dynamic":
             onnx_tools.quantize_dynamic(self.pre, out, per_channel=p["per_channel"], reduce_range=p["reduce_range"],
                                         op_types=p.get("op_types"), exclude=exclude)
@@ -289,9 +369,12 @@ class _Builder:
             assert self.calibration is not None
             first = self.source.inputs[0].shape
             batch = first[0] if first and first[0] > 0 else 1
+            ranges = digest("calibration", self.prep_key, self.calibration.sha256, self.calibration.samples,
+                            p["method"])
             onnx_tools.quantize_static(self.pre, out, self.calibration, method=p["method"],
                                        signed_activations=p["signed_activations"], reduce_range=p["reduce_range"],
-                                       per_channel=p["per_channel"], batch=batch, exclude=exclude)
+                                       per_channel=p["per_channel"], batch=batch, exclude=exclude,
+                                       cache=self.share.dir / f"ranges-{ranges[:24]}.json")
         elif recipe.kind == "nbits":
             onnx_tools.quantize_weight_only(self.pre, out, block_size=p["block_size"],
                                             accuracy_level=p["accuracy_level"], exclude=exclude)
@@ -303,60 +386,96 @@ class _Builder:
             raise ModelError(f"unknown recipe kind {recipe.kind}")
         return out
 
-    def evaluate(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Candidate:
-        self.progress(recipe.name)
+    def _candidate_key(self, recipe: Recipe, exclude: Sequence[str]) -> str:
+        ev, cal = self.evaluation, self.calibration
+        return digest("candidate", self.source.sha256, self.prep_key, recipe.kind,
+                      recipe.params, sorted(exclude), self.gate.to_dict(), ev.sha256, ev.samples,
+                      cal.sha256 if cal else None, cal.samples if cal else 0, self.unchecked is None)
+
+    def measure(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Measured:
+        """Make and run the candidate, or take what an earlier profile of this build measured."""
+        key = self._candidate_key(recipe, exclude)
+        m = self.share.measured.get(key)
+        if m is None:
+            m = self.share.measured[key] = self._measure(recipe, exclude, self.share.folder(key))
+        else:
+            self.share.hits += 1
+        if self.measure_latency and m.latency is None and m.error is None and m.path is not None \
+                and self.unchecked is None:
+            runner = open_runner(m.path, self.source.format)
+            m.latency, m.best = latency_ms(runner, sample_feed(runner, self.evaluation), runs=self.options.latency_runs)
+        return m
+
+    def _measure(self, recipe: Recipe, exclude: Sequence[str], folder: Path) -> Measured:
         t0 = time.monotonic()
+        self.produce_notes = []
         try:
-            path = self.produce(recipe, exclude)
-            op_set = None
+            path = self.produce(recipe, folder, exclude)
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            same_key = digest("file", sha, self.evaluation.sha256, self.evaluation.samples, self.gate.to_dict(),
+                              self.unchecked is None)
+            same = self.share.by_sha.get(same_key)
+            if same is not None:  # another recipe made the very same file (entropy ranges = minmax ranges)
+                self.share.hits += 1
+                return replace(same, path=path, latency=None, best=None, build_s=time.monotonic() - t0)
+            op_set, ops = None, frozenset[tuple[str, str]]()
             if self.source.format == "onnx":
                 model = onnx_tools.load(path)
-                op_set = onnx_tools.opset(model)
-                assert self.rt.max_opset is not None
-                if op_set > self.rt.max_opset:
-                    return Candidate(recipe, "error", f"opset {op_set} > {self.rt.max_opset} ({self.profile.id})",
-                                     opset=op_set, build_s=time.monotonic() - t0)
-                onnx_tools.check_ops(model, self.rt.max_opset, self.profile.id, self.runtime_name)
+                op_set, ops = onnx_tools.opset(model), onnx_tools.domain_ops(model)
+                del model
             runner = open_runner(path, self.source.format)
-            outputs = run_dataset(runner, self.evaluation)
-            fid = measure_fidelity(self.reference, outputs, self.gate, self.evaluation.labels)
-            size = path.stat().st_size
-            data = path.read_bytes()
-            estimate = len(zlib.compress(data, 1))
-            latency = best = None
-            if self.measure_latency:
-                feed = sample_feed(runner, self.evaluation)
-                latency, best = latency_ms(runner, feed, runs=self.options.latency_runs)
+            if self.source.format == "tflite" and recipe.kind != "fp32":
+                self.check_builtin_kernels(path)
+            fid = None
+            if self.unchecked is None:
+                outputs = run_dataset(runner, self.evaluation)
+                fid = measure_fidelity(self.reference, outputs, self.gate, self.evaluation.labels)
         except ServerError as exc:
-            return Candidate(recipe, "error", exc.message[:300], build_s=time.monotonic() - t0)
+            return Measured(error=exc.message[:300], build_s=time.monotonic() - t0)
         except Exception as exc:  # quantizers raise anything; one broken recipe must not stop the others
             log.info("recipe %s failed", recipe.name, exc_info=True)
-            return Candidate(recipe, "error", f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
-        reason = check_fidelity(fid, self.gate)
+            return Measured(error=f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
+        m = Measured(path=path, fidelity=fid, size=len(data), estimate=len(zlib.compress(data, 1)), sha256=sha,
+                     opset=op_set, ops=ops, build_s=time.monotonic() - t0, notes=tuple(self.produce_notes))
+        self.share.by_sha[same_key] = m
+        return m
+
+    def evaluate(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Candidate:
+        """The shared measurement, judged by this profile: opset and ops, the gate, size and latency limits."""
+        self.progress(recipe.name)
+        m = self.measure(recipe, exclude)
+        self.notes.extend(n for n in m.notes if n not in self.notes)  # the same notes on every profile sharing it
+        if m.error is not None or m.path is None:
+            return Candidate(recipe, "error", m.error, build_s=m.build_s)
+        if self.source.format == "onnx":
+            assert self.rt.max_opset is not None
+            if m.opset is not None and m.opset > self.rt.max_opset:
+                return Candidate(recipe, "error", f"opset {m.opset} > {self.rt.max_opset} ({self.profile.id})",
+                                 opset=m.opset, build_s=m.build_s)
+            try:
+                onnx_tools.check_op_types(m.ops, self.rt.max_opset, self.profile.id, self.runtime_name)
+            except ServerError as exc:
+                return Candidate(recipe, "error", exc.message[:300], build_s=m.build_s)
+        fid, size, estimate, latency = m.fidelity, m.size, m.estimate, m.latency
+        reason = check_fidelity(fid, self.gate) if fid is not None else None
+        if fid is None and recipe.kind != "fp32":
+            reason = self.unchecked or "not evaluated"
         if recipe.kind == "fp32":
             self.fp32_size, self.fp32_estimate = size, estimate
+        elif reason is None and size > self.source.size:
+            reason = f"larger than the source ({size} vs {self.source.size} bytes): not a candidate"
         elif reason is None and self.fp32_size and recipe.kind != "prune" and size >= 0.95 * self.fp32_size:
             reason = f"not smaller than fp32 ({size} vs {self.fp32_size} bytes): nothing was quantized"
         elif reason is None and self.fp32_estimate and recipe.kind == "prune" and estimate >= 0.95 * self.fp32_estimate:
             reason = "compresses no better than fp32"
         if reason is None and size > self.profile.max_artifact_bytes:
             reason = f"{size} bytes > the profile's max artifact size {self.profile.max_artifact_bytes}"
-        if reason is None and latency is not None and latency > self.profile.latency_budget_ms:
-            reason = f"latency {latency:.2f} ms > budget {self.profile.latency_budget_ms} ms"
-        return Candidate(
-            recipe,
-            "passed" if reason is None else "failed",
-            reason,
-            path,
-            fid,
-            size,
-            estimate,
-            latency,
-            op_set,
-            hashlib.sha256(data).hexdigest(),
-            time.monotonic() - t0,
-            best,
-        )
+        measured_here = latency if self.measure_latency else None
+        if reason is None and measured_here is not None and measured_here > self.profile.latency_budget_ms:
+            reason = f"latency {measured_here:.2f} ms > budget {self.profile.latency_budget_ms} ms"
+        return Candidate(recipe, "passed" if reason is None else "failed", reason, m.path, fid, size, estimate,
+                         measured_here, m.opset, m.sha256, m.build_s, m.best if self.measure_latency else None)
 
     def fallback(self, done: list[Candidate]) -> list[Candidate]:
         """Re-quantize the best failing int8 ONNX candidate with its most divergent nodes kept in float.
@@ -377,12 +496,15 @@ class _Builder:
         self.progress(f"{best.recipe.name}: finding divergent nodes")
         first = self.source.inputs[0].shape
         batch = first[0] if first and first[0] > 0 else 1
+        rank_key = digest("ranking", best.sha256, self.prep_key, best.recipe.kind, best.recipe.params)
         try:
-            if best.recipe.kind == "dynamic":
+            ranked = self.share.rankings.get(rank_key) or []
+            if rank_key not in self.share.rankings and best.recipe.kind == "dynamic":
                 bits = 7 if best.recipe.params.get("reduce_range") else 8
                 ranked = onnx_tools.matmul_sensitivity(self.pre, self.evaluation, weight_bits=bits)
-            else:
+            elif rank_key not in self.share.rankings:
                 ranked = onnx_tools.divergent_nodes(self.pre, best.path, self.evaluation, count=10_000, batch=batch)
+            self.share.rankings[rank_key] = ranked
         except Exception as exc:
             log.info("divergence analysis failed", exc_info=True)
             self.notes.append(f"fallback skipped: divergence analysis failed ({type(exc).__name__})")
@@ -417,14 +539,25 @@ def build_profile(
     workdir: Path,
     options: BuildOptions | None = None,
     progress: Progress | None = None,
+    share: BuildShare | None = None,
 ) -> ProfileResult:
-    """Every recipe the profile allows, gated; the best passing one (else fp32) with provenance."""
+    """Every recipe the profile allows, gated; the best passing one (else fp32) with provenance.
+
+    ``share``: work kept across the profiles of one build (``server.compression.share``); the
+    candidates' files then live in the share's directory, not ``workdir``.
+    """
     opts = options or BuildOptions()
-    b = _Builder(source, profile, gate, evaluation, calibration, workdir, opts, progress or (lambda _m: None))
+    b = _Builder(source, profile, gate, evaluation, calibration, workdir, opts, progress or (lambda _m: None),
+                 share or BuildShare(workdir))
     recipes = plan(profile, source.format, ops=source.ops, has_calibration=calibration is not None,
                    methods=opts.methods, pruning=opts.pruning)
     if opts.only:
         recipes = [r for r in recipes if r.name in opts.only or r.name == "fp32"]
+    if source.format == "tflite" and any(r.kind == "fp16w" for r in recipes) \
+            and litert_tools.stores_fp16_weights(source.path):
+        # the source is already what the recipe makes: its fp32 build is the fp16-weight file
+        recipes = [r for r in recipes if r.kind != "fp16w"]
+        b.notes.append("fp16-weights skipped: the source already stores its weights as fp16 (its fp32 build is that)")
     if not recipes:
         raise UnsupportedOpError(
             f"profile {profile.id} allows {', '.join(profile.allowed_precisions)}, and no recipe for a "
@@ -463,12 +596,14 @@ def build_profile(
     choice = codec.choose_codec(data)
     ota = codec.ota_size(choice.compressed_size, profile.chunk_size)
     runner = open_runner(chosen.path, source.format)
-    feed = sample_feed(runner, b.evaluation)
+    golden: tuple[GoldenCase, ...] = ()
+    if b.unchecked is None:
+        golden = _golden(runner, sample_feed(runner, b.evaluation), chosen.recipe.precision)
     health = HealthSpec(
         inputs=runner.inputs,
         outputs=runner.outputs,
         latency_budget_ms=profile.latency_budget_ms,
-        golden=_golden(runner, feed, chosen.recipe.precision),
+        golden=golden,
     )
     min_version = _min_runtime_version(source.format, chosen)
     if version_tuple(min_version) > b.rt.version_tuple:

@@ -1,6 +1,10 @@
 """Which recipes a profile gets, from what it allows and what its hardware does well.
 
 * fp32, graph-optimized: whenever the profile allows fp32 (also the fallback when nothing passes).
+* fp16 weights (``fp16-weights``): every profile whose runtime takes float (not the Edge TPU):
+  weights stored as fp16 and restored to fp32 at load (ONNX: fp16 initializers + Cast, folded by
+  ONNX Runtime at session creation; LiteRT: fp16 constants + DEQUANTIZE, as MediaPipe ships them).
+  Half the download, fp32 compute. Skipped for a .tflite that already stores fp16 weights.
 * fp16 (I/O kept fp32): GPU profiles only; fp16 ONNX on CPUs is slower (Cast nodes; ORT #25824).
 * int8 dynamic: models with MatMul/Gemm weights (transformers); per-channel; MatMul, Gemm and
   embedding Gathers; reduce_range (7-bit weights) on x86 without VNNI, where the U8S8 AVX2 kernels
@@ -35,11 +39,15 @@ WEIGHT_ONLY_MIN_ORT = (1, 22)
 class Recipe:
     name: str
     precision: str  # fp32 | fp16 | int8
-    kind: str  # fp32 | fp16 | dynamic | static | prune | litert
+    kind: str  # fp32 | fp16w | fp16 | dynamic | static | nbits | prune | litert
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "precision": self.precision, "kind": self.kind, "params": dict(self.params)}
+
+
+#: Float storage: fp16 weights in the file, restored to fp32 at load (ONNX: Cast; LiteRT: DEQUANTIZE).
+FP16_WEIGHTS = Recipe("fp16-weights", "fp32", "fp16w", {"storage": "float16", "compute": "float32"})
 
 
 def int8_flavour(profile: DeviceProfile) -> dict[str, bool]:
@@ -60,9 +68,12 @@ def plan(
 ) -> list[Recipe]:
     allowed = profile.allowed_precisions
     out: list[Recipe] = []
+    float_storage = "fp32" in allowed and profile.accelerator != "edgetpu"
     if fmt == "tflite":
         if "fp32" in allowed:
             out.append(Recipe("fp32", "fp32", "fp32"))
+        if float_storage:
+            out.append(FP16_WEIGHTS)
         if "int8" in allowed:
             if profile.accelerator != "edgetpu":
                 out.append(Recipe("litert-dynamic-wi8", "int8", "litert", {"recipe": "dynamic_wi8_afp32"}))
@@ -71,6 +82,8 @@ def plan(
         return out
     if "fp32" in allowed:
         out.append(Recipe("fp32", "fp32", "fp32"))
+    if float_storage:
+        out.append(FP16_WEIGHTS)
     if "fp16" in allowed and profile.gpu:
         out.append(Recipe("fp16", "fp16", "fp16", {"keep_io_types": True}))
     if "int8" in allowed:

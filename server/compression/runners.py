@@ -74,11 +74,15 @@ class OrtRunner:
 class LiteRtRunner:
     """LiteRT interpreter; int8/uint8 I/O is (de)quantized with the tensor's own scale and zero point."""
 
-    def __init__(self, path: Path, *, threads: int = 1) -> None:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    def __init__(self, path: Path, *, threads: int = 1, xnnpack: bool = True) -> None:
+        """``xnnpack=False``: LiteRT's builtin kernels only (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``), the
+        path a device takes for ops XNNPACK does not delegate; the default (``AUTO``) applies XNNPACK."""
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
 
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interp = Interpreter(model_path=str(path), num_threads=threads)
+            self.interp = Interpreter(model_path=str(path), num_threads=threads,
+                                      experimental_op_resolver_type=resolver)
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"LiteRT cannot load {path.name}: {exc}") from exc
@@ -131,23 +135,38 @@ def _batch_size(inputs: Sequence[TensorSpec]) -> int:
 
 
 def run_dataset(runner: Runner, data: Dataset) -> list[np.ndarray]:
-    """Every output over every sample, concatenated on the sample axis."""
+    """Every output over every sample: the sample axis first, then each sample's own output shape.
+
+    Batch-first data: an output whose first axis is the batch keeps its shape, one row per sample.
+    Per-sample data (or an output without a batch axis): each run's whole output is one sample.
+    When samples' outputs differ in shape, each is flattened (and must then have the same size).
+    """
     batch = _batch_size(runner.inputs)
     parts: list[list[np.ndarray]] = [[] for _ in runner.outputs]
     for feeds in data.batches(batch):
-        n = len(next(iter(feeds.values())))
-        if n < batch and batch > 1 and _batch_size(runner.inputs) != MAX_BATCH:
+        n = 1 if data.per_sample else len(next(iter(feeds.values())))
+        if not data.per_sample and n < batch and batch > 1 and _batch_size(runner.inputs) != MAX_BATCH:
             break  # a fixed batch larger than the remainder: drop the tail
         for i, out in enumerate(runner.run(feeds)):
-            parts[i].append(out.reshape(n, -1) if out.ndim and out.shape[0] == n else out.reshape(1, -1))
-    return [np.concatenate(p, axis=0) for p in parts]
+            per_sample = data.per_sample or not (out.ndim and out.shape[0] == n)
+            parts[i].append(out[None] if per_sample else out)
+    return [_stack(p) for p in parts]
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    if len({p.shape[1:] for p in parts}) == 1:
+        return np.concatenate(parts, axis=0)
+    flat = [p.reshape(p.shape[0], -1) for p in parts]
+    if len({f.shape[1] for f in flat}) > 1:
+        raise ModelError("the model's outputs differ in size from one sample to the next; the gate cannot compare "
+                         "them")
+    return np.concatenate(flat, axis=0)
 
 
 def sample_feed(runner: Runner, data: Dataset) -> dict[str, np.ndarray]:
     """One inference request (the first sample, or the model's fixed batch)."""
     batch = _batch_size(runner.inputs)
-    size = 1 if batch == MAX_BATCH else batch
-    return {k: v[:size] for k, v in data.arrays.items()}
+    return data.first(1 if batch == MAX_BATCH else batch)
 
 
 def latency_ms(

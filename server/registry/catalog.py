@@ -14,22 +14,24 @@ plane reads (``server.builds.CatalogBuilds``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
 from server.builds import Build
-from server.compression.data import Dataset, load_dataset
+from server.compression.data import SAMPLE, Dataset, load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
+from server.compression.share import BuildShare
 from server.config import ServerPaths, private_home
 from server.errors import ConflictError, DatasetError, NotFoundError, RegistryError
 from server.profiles import DeviceProfile
@@ -305,6 +307,12 @@ class Catalog:
 
     # -- builds ------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def build_share(self) -> Iterator[BuildShare]:
+        """Work shared by the profiles of one build command; fp32 reference outputs also kept on disk."""
+        with BuildShare.open(self.paths.builds_dir, self.paths.home / "cache" / "reference") as share:
+            yield share
+
     def _build_row(self, row: Mapping[str, Any]) -> CatalogBuild:
         return CatalogBuild(
             model=row["model"],
@@ -342,8 +350,13 @@ class Catalog:
         *,
         options: BuildOptions | None = None,
         progress: Callable[[str], None] | None = None,
+        share: BuildShare | None = None,
     ) -> tuple[CatalogBuild, ProfileResult]:
-        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build)."""
+        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build).
+
+        ``share`` (from ``build_share``): candidates and reference outputs kept across the profiles
+        of one build command, so identical candidates are made and measured once.
+        """
         source = inspect_source(mv.path)
         if source.sha256 != mv.sha256:
             raise RegistryError(f"{mv.path} no longer matches the registered digest of {mv.ref}")
@@ -353,17 +366,38 @@ class Catalog:
         if ev is None:
             # Without evaluation data nothing quantized can be gated: fp32 only, checked on synthetic inputs.
             ev = synthetic_dataset(source)
-            opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False})
+            opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False,
+                                   "synthetic": True})
             cal = None
         builds_dir = self.paths.builds_dir
         builds_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if share is None:  # a one-profile build still reads and writes the reference cache
+                share = stack.enter_context(self.build_share())
+            return self._build(mv, profile, source, ev, cal, opts, progress, share)
+
+    def _build(  # noqa: PLR0917
+        self,
+        mv: ModelVersion,
+        profile: DeviceProfile,
+        source: SourceModel,
+        ev: Dataset,
+        cal: Dataset | None,
+        opts: BuildOptions,
+        progress: Callable[[str], None] | None,
+        share: BuildShare,
+    ) -> tuple[CatalogBuild, ProfileResult]:
+        builds_dir = self.paths.builds_dir
         with tempfile.TemporaryDirectory(dir=builds_dir, prefix=".work-") as work:
             result = build_profile(
                 source, profile, mv.gate, evaluation=ev, calibration=cal, workdir=Path(work), options=opts,
-                progress=progress,
+                progress=progress, share=share,
             )
             if ev.source is None:
-                result.provenance["notes"].append("no evaluation data: only fp32 offered (checked on synthetic inputs)")
+                checked = result.chosen.fidelity is not None
+                result.provenance["notes"].append(
+                    "no evaluation data: only fp32 offered"
+                    + (" (checked on synthetic inputs)" if checked else " (not run: see the note above)"))
             chosen = result.chosen
             assert chosen.path is not None
             ext = chosen.path.suffix
@@ -401,16 +435,19 @@ class Catalog:
 
 
 def synthetic_dataset(source: SourceModel, samples: int = 8) -> Dataset:
-    """Deterministic inputs for checking an fp32 graph optimization when no evaluation data was given."""
+    """Deterministic inputs for checking an fp32 graph optimization when no evaluation data was given.
+
+    Per-sample layout: each sample is one feed shaped exactly like the input, fixed dimensions kept
+    and symbolic ones 1, in the input's dtype (floats standard normal, integers 0 or 1), so inputs
+    that are not batch-first, and scalars, are fed as the model declares them.
+    """
     import numpy as np  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     arrays = {}
     for spec in source.inputs:
-        dims = spec.shape or (1,)
-        shape = (samples if dims[0] < 0 else dims[0] * samples, *(d if d > 0 else 8 for d in dims[1:]))
+        shape = (samples, *(d if d > 0 else 1 for d in spec.shape))
         kind = np.dtype(spec.dtype).kind
         arr = rng.standard_normal(shape) if kind == "f" else rng.integers(0, 2, shape)
         arrays[spec.name] = arr.astype(spec.dtype)
-    return Dataset(arrays)
-
+    return Dataset(arrays, layout=SAMPLE)

@@ -79,7 +79,7 @@ def test_dataset_validation_names_the_problem() -> None:
         validate_arrays({"y": np.zeros((4, 1, 8, 8))}, spec)
     with pytest.raises(DatasetError, match=r"axis 2 is 7, not 8"):
         validate_arrays({"x": np.zeros((4, 1, 7, 8))}, spec, role="calibration")
-    with pytest.raises(DatasetError, match="rank"):
+    with pytest.raises(DatasetError, match="per-sample layout"):
         validate_arrays({"x": np.zeros((4, 64))}, spec)
     with pytest.raises(DatasetError, match="labels"):
         validate_arrays({"x": np.zeros((4, 1, 8, 8)), "labels": np.arange(3)}, spec)
