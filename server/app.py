@@ -25,7 +25,8 @@ from agent.protocol.messages import ChunkRequest
 from server.api import Api
 from server.artifacts import ArtifactStore
 from server.asgi import ApiHttpServer
-from server.builds import BuildSource, default_build_source
+from server.build_ops import default_build_source
+from server.builds import BuildSource
 from server.chunks import ChunkServer
 from server.config import RUNTIME_FILE, ServerConfig
 from server.errors import ServerError

@@ -26,7 +26,6 @@ from server.access import local_actor
 from server.api import EXTRA_ROUTES as _EXTRA
 from server.api import ROUTES, Api, Route
 from server.artifacts import ArtifactStore
-from server.builds import default_build_source
 from server.config import load_config, runtime_info
 from server.errors import (
     AuthError,
@@ -132,6 +131,9 @@ class LocalClient:
     """The API's handlers called in-process on this home's registry (no server needed)."""
 
     def __init__(self, home: Path, config_path: Path | None = None) -> None:
+        # startup cost: the catalog brings the compression pipeline (~2 s); an HTTP client never loads it
+        from server.build_ops import default_build_source  # noqa: PLC0415
+
         config = load_config(home, config_path)
         registry = open_registry(config)
         service = FleetService(config, registry, builds=default_build_source(home),

@@ -24,9 +24,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server import model_ops
+from server.build_ops import build_share, build_variant
 from server.commands.common import guarded
 from server.compression.gate import METRICS, GateSpec
-from server.compression.pipeline import BuildOptions, ProfileResult
+from server.compression.pipeline import ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
@@ -226,10 +228,8 @@ def _result_table(result: ProfileResult) -> Table:
     return table
 
 
-def _remote_build(args: argparse.Namespace, remote: Any) -> int:
-    if args.profiles is not None:
-        raise InvalidRequestError("--profiles applies to local builds; a server builds with its own profiles")
-    name, version = _remote_ref(remote, args.ref)
+def _build_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The API's build request from the command line (the local build reads it the same way)."""
     body: dict[str, Any] = {"profile": args.profile, "pruning": not args.no_pruning, "fallback": not args.no_fallback,
                             "latency_runs": args.latency_runs}
     if args.recipe:
@@ -238,16 +238,14 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
         body["calibration_methods"] = list(args.calibration_method)
     if args.eval_limit:
         body["eval_limit"] = args.eval_limit
-    waiting = (contextlib.nullcontext() if args.json else
-               err_console.status(f"building {name}:{version} on {remote.description} ...", spinner="dots"))
-    with waiting:
-        out = remote.call("build_model", path={"model": name, "version": str(version)}, body=body, timeout=6 * 3600.0)
-    rows = out["results"]
-    if args.json:
+    return body
+
+
+def _summary(title: str, rows: list[dict[str, Any]], failures: int, *, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(rows, default=str))
-        return 1 if out["failures"] else 0
-    summary = Table(title=f"{name}:{version}: shipped variants ({remote.description})", box=box.SIMPLE_HEAD,
-                    title_justify="left")
+        return 1 if failures else 0
+    summary = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("profile", "variant", "size", "OTA (codec)", "vs fp32 size", "latency ms", "fp32 ms", "fidelity"):
         summary.add_column(col)
     for r in rows:
@@ -260,35 +258,38 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
                         f"{r['size_bytes'] / r['source_size_bytes']:.3f}x", _ms(r["latency_ms"]),
                         _ms(r["fp32_latency_ms"]), f"{fid.get('metric', '')} {fid.get('value', 0):.4f}")
     console.print(summary)
-    return 1 if out["failures"] else 0
+    return 1 if failures else 0
+
+
+def _remote_build(args: argparse.Namespace, remote: Any) -> int:
+    if args.profiles is not None:
+        raise InvalidRequestError("--profiles applies to local builds; a server builds with its own profiles")
+    name, version = _remote_ref(remote, args.ref)
+    waiting = (contextlib.nullcontext() if args.json else
+               err_console.status(f"building {name}:{version} on {remote.description} ...", spinner="dots"))
+    with waiting:
+        out = remote.call("build_model", path={"model": name, "version": str(version)}, body=_build_body(args),
+                          timeout=6 * 3600.0)
+    return _summary(f"{name}:{version}: shipped variants ({remote.description})", out["results"], out["failures"],
+                    as_json=args.json)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """Builds run here (with a progress bar per profile) unless a server is configured; either way the
+    options, the profile list and the answer rows come from ``server.model_ops``, as the API's."""
     remote = _remote(args)
     if remote is not None:
         return _remote_build(args, remote)
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
     profiles = load_profiles(args.profiles)
-    wanted = list(profiles) if args.profile == "all" else [p.strip() for p in args.profile.split(",")]
-    unknown = [p for p in wanted if p not in profiles]
-    if unknown:
-        raise InvalidRequestError(f"unknown profile(s) {', '.join(unknown)} (known: {', '.join(profiles)}, all)")
-    if args.profile == "all":
-        wanted = [p for p in wanted if mv.format in profiles[p].format_preference]
-    options = BuildOptions(
-        methods=tuple(args.calibration_method or CALIBRATION_METHODS),
-        pruning=not args.no_pruning,
-        fallback=not args.no_fallback,
-        evaluation_limit=args.eval_limit,
-        latency_runs=args.latency_runs,
-        only=tuple(args.recipe or ()),
-    )
+    wanted = model_ops.wanted_profiles(args.profile, profiles, mv.format)
+    options = model_ops.build_options(_build_body(args))
     rows: list[dict[str, Any]] = []
     failures = 0
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True, disable=args.json) as bar, \
-            catalog.build_share() as share:
+            build_share(catalog.paths) as share:
         for pid in wanted:
             profile = profiles[pid]
             steps = len(plan(profile, mv.format, ops=frozenset({"MatMul", "Conv"}), has_calibration=True,
@@ -299,42 +300,19 @@ def cmd_build(args: argparse.Namespace) -> int:
                 bar.update(task, advance=1, description=f"{mv.ref} → {pid}: {message}")
 
             try:
-                stored, result = catalog.build(mv, profile, options=options, progress=step, share=share)
+                stored, result = build_variant(catalog, mv, profile, options=options, progress=step, share=share)
             except ServerError as exc:
                 failures += 1
                 bar.remove_task(task)
-                rows.append({"profile": pid, "error": exc.message, "code": exc.code})
+                rows.append(model_ops.error_row(pid, exc))
                 if not args.json:
                     err_console.print(f"[bold red]{safe(pid)}[/]: {safe(exc.message)}", highlight=False)
                 continue
             bar.remove_task(task)
-            rows.append({
-                "profile": pid, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
-                "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
-                "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
-                "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
-                "fidelity": result.chosen.fidelity.to_dict() if result.chosen.fidelity else None,
-                "path": str(stored.path),
-            })
+            rows.append(model_ops.result_row(mv, pid, stored, result) | {"path": str(stored.path)})
             if not args.json:
                 console.print(_result_table(result))
-    if args.json:
-        print(json.dumps(rows, default=str))
-        return 1 if failures else 0
-    summary = Table(title=f"{mv.ref}: shipped variants", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("profile", "variant", "size", "OTA (codec)", "vs fp32 size", "latency ms", "fp32 ms", "fidelity"):
-        summary.add_column(col)
-    for r in rows:
-        if "error" in r:
-            summary.add_row(safe(r["profile"]), "[red]not built[/]", "", "", "", "", "", safe(r["error"][:80]))
-            continue
-        fid = r["fidelity"] or {}
-        variant = r["variant"] + (" [yellow](nothing smaller passed the gate)[/]" if r["fell_back_to_fp32"] else "")
-        summary.add_row(r["profile"], variant, _mb(r["size_bytes"]), f"{_mb(r['ota_size_bytes'])} ({r['compression']})",
-                        f"{r['size_bytes'] / mv.size_bytes:.3f}x", _ms(r["latency_ms"]), _ms(r["fp32_latency_ms"]),
-                        f"{fid.get('metric', '')} {fid.get('value', 0):.4f}")
-    console.print(summary)
-    return 1 if failures else 0
+    return _summary(f"{mv.ref}: shipped variants", rows, failures, as_json=args.json)
 
 
 # -- registration --------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol.messages import HealthSpec, RuntimeSpec
-from server.builds import Build, BuildLike, BuildSource, StaticBuilds, default_build_source
+from server.build_ops import default_build_source
+from server.builds import Build, BuildLike, BuildSource, StaticBuilds
 
 
 def load_builds(path: Path) -> StaticBuilds:
