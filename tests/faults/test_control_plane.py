@@ -27,7 +27,7 @@ from server.api import ROUTES
 from server.broker import MosquittoBroker
 from tests.support.faults import FaultLedger
 from tests.support.rawhttp import exchange, request, response
-from tests.support.server_process import ServerProcess, edgefleet
+from tests.support.servers.process import ServerProcess, edgefleet
 
 pytestmark = pytest.mark.broker
 

@@ -26,8 +26,8 @@ from server.compression.pipeline import BuildOptions
 from server.errors import DatasetError, InvalidRequestError, ModelError, NotFoundError, UnsupportedOpError
 from server.profiles import get_profile, load_profile
 from server.registry.catalog import Catalog
-from tests.support.fleet import Fleet
 from tests.support.models import RealModel, real_model
+from tests.support.servers.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = BuildOptions(methods=("minmax",), latency_runs=5)

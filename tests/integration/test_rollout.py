@@ -16,7 +16,7 @@ from server.app import FleetServer
 from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
-from tests.support.fleet import Fleet, onnx_builds
+from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
 

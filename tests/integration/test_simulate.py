@@ -32,8 +32,8 @@ from server.config import load_config
 from server.keys import init_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
 from tests.conftest import SecureBrokerFactory
-from tests.support.fleet import onnx_builds, public_key, server_config
 from tests.support.mqtt import wait_login
+from tests.support.servers.fleet import onnx_builds, public_key, server_config
 
 pytestmark = pytest.mark.broker
 

@@ -13,7 +13,7 @@ from server.cli import main
 from server.config import load_config
 from server.registry.fleet import open_registry
 
-COMMANDS = Path(__file__).resolve().parents[2] / "server" / "commands"
+COMMANDS = Path(__file__).resolve().parents[3] / "server" / "commands"
 #: what a command module may not import: the registry, the service layer and the server process
 BYPASSES = ("server.registry", "server.service", "server.app", "server.model_ops")
 

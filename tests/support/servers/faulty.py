@@ -1,6 +1,6 @@
 """The real edgefleet server as a separate process (so a test can kill -9 it), with a static build table.
 
-    python -m tests.support.fault_server SPEC.json
+    python -m tests.support.servers.faulty SPEC.json
 
 SPEC: {"home": str, "config": {section: {key: value}}, "builds": [{model, version, profile, path, input}]}.
 It runs ``server.app.FleetServer`` exactly as ``edgefleet server run`` does, only with the builds
@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _builds(items: list[dict[str, Any]]) -> Any:
     from agent.protocol.messages import RuntimeSpec
     from server.builds import Build, StaticBuilds
-    from tests.support.agent_models import digits_health
+    from tests.support.models.agent import digits_health
 
     builds = StaticBuilds()
     for b in items:
@@ -66,7 +66,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fault_server", str(self.spec_path)],
+            [sys.executable, "-m", "tests.support.servers.faulty", str(self.spec_path)],
             cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
