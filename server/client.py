@@ -26,7 +26,7 @@ from server.access import local_actor
 from server.api import EXTRA_ROUTES as _EXTRA
 from server.api import ROUTES, Api, Route
 from server.artifacts import ArtifactStore
-from server.config import load_config, runtime_info
+from server.config import ServerConfig, load_config, runtime_info
 from server.errors import (
     AuthError,
     ConflictError,
@@ -180,17 +180,19 @@ def remote_client(home: Path, *, server: str | None = None, config_path: Path | 
     url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
     if not url:
         return None
+    return _http(config, url)
+
+
+def _http(config: ServerConfig, url: str) -> HttpClient:
+    """An HTTP client for ``url`` with the token from ``$EDGEFLEET_TOKEN`` or the token file."""
     token = os.environ.get("EDGEFLEET_TOKEN") or read_token_file(config.resolve(config.client.token_file))
     if not token:
         raise AuthError(
             f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
             "(`edgefleet tokens create NAME --role ROLE` on the server prints one)"
         )
-    return HttpClient(url, token, ca_cert=_ca(config))
-
-
-def _ca(config: Any) -> Path | None:
-    return config.resolve(config.client.ca_cert) if config.client.ca_cert else None
+    ca = config.resolve(config.client.ca_cert) if config.client.ca_cert else None
+    return HttpClient(url, token, ca_cert=ca)
 
 
 def connect(home: Path, *, server: str | None = None, config_path: Path | None = None) -> ApiClient:
@@ -201,10 +203,4 @@ def connect(home: Path, *, server: str | None = None, config_path: Path | None =
         url = str(info["api_url"]) if info else None
     if not url:
         return LocalClient(home, config_path)
-    token = os.environ.get("EDGEFLEET_TOKEN") or read_token_file(config.resolve(config.client.token_file))
-    if not token:
-        raise AuthError(
-            f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
-            "(`edgefleet tokens create NAME --role ROLE` on the server prints one)"
-        )
-    return HttpClient(url, token, ca_cert=_ca(config))
+    return _http(config, url)

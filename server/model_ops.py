@@ -149,7 +149,8 @@ def build_options(body: Mapping[str, Any]) -> BuildOptions:
                                   f"(one of {', '.join(CALIBRATION_METHODS)})")
     return BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)),
                         fallback=bool(body.get("fallback", True)), evaluation_limit=body.get("eval_limit"),
-                        latency_runs=int(body.get("latency_runs", 30)), only=tuple(body.get("recipes") or ()))
+                        latency_runs=int(body.get("latency_runs", BuildOptions.latency_runs)),
+                        only=tuple(body.get("recipes") or ()))
 
 
 def _build_row(catalog: Any, mv: Any, profile: Any, options: Any, share: Any) -> dict[str, Any]:

@@ -224,22 +224,15 @@ def cmd_events(args: argparse.Namespace) -> int:
     query: dict[str, Any] = {"device": args.device, "deployment": args.deployment, "kind": args.kind,
                              "limit": args.limit}
     page = client.call("events", query=query)
-    for e in page["events"]:
-        if args.json:
-            print(json.dumps(e, default=str), flush=True)
-        else:
-            console.print(event_line(e), highlight=False)
-    if not args.follow:
-        return 0
-    cursor = page["cursor"]
     while True:
-        page = client.call("events", query={**query, "after": cursor, "wait": 25, "limit": 500}, timeout=60)
         for e in page["events"]:
             if args.json:
                 print(json.dumps(e, default=str), flush=True)
             else:
                 console.print(event_line(e), highlight=False)
-        cursor = page["cursor"]
+        if not args.follow:
+            return 0
+        page = client.call("events", query={**query, "after": page["cursor"], "wait": 25, "limit": 500}, timeout=60)
 
 
 def _short(value: Any, limit: int = 24) -> str:

@@ -28,7 +28,7 @@ from server import model_ops
 from server.build_ops import build_share, build_variant
 from server.commands.common import guarded
 from server.compression.gate import METRICS, GateSpec
-from server.compression.pipeline import ProfileResult
+from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
@@ -41,6 +41,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def _catalog(args: argparse.Namespace) -> Any:
     return Catalog.open(args.home)
+
+
+#: the gate flags' defaults are GateSpec's, written once in server.compression.gate
+_GATE = GateSpec()
 
 
 def _remote(args: argparse.Namespace) -> Any:
@@ -335,10 +339,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metric", choices=METRICS,
                    help="gate metric (default: accuracy when the evaluation data has labels, else cosine)")
     p.add_argument("--max-drop", type=float, metavar="FRACTION",
-                   help="accuracy: largest relative drop vs fp32 (default 0.01)")
-    p.add_argument("--min-cosine", type=float, help="cosine: smallest per-sample cosine (default 0.99)")
-    p.add_argument("--min-top1", type=float, help="top1: smallest top-1 agreement with fp32 (default 0.99)")
-    p.add_argument("--min-iou", type=float, help="iou: smallest mean IoU of thresholded maps (default 0.97)")
+                   help=f"accuracy: largest relative drop vs fp32 (default {_GATE.max_relative_drop:g})")
+    p.add_argument("--min-cosine", type=float,
+                   help=f"cosine: smallest per-sample cosine (default {_GATE.min_cosine:g})")
+    p.add_argument("--min-top1", type=float,
+                   help=f"top1: smallest top-1 agreement with fp32 (default {_GATE.min_top1:g})")
+    p.add_argument("--min-iou", type=float,
+                   help=f"iou: smallest mean IoU of thresholded maps (default {_GATE.min_iou:g})")
     p.add_argument("--max-abs-error", type=float, help="also cap the max absolute output error (any metric)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--server", metavar="URL", default=None,
@@ -377,7 +384,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-pruning", action="store_true", help="skip the magnitude-pruning candidate")
     p.add_argument("--no-fallback", action="store_true", help="skip the divergent-nodes-in-float fallback")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
-    p.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per variant (default 30)")
+    p.add_argument("--latency-runs", type=int, default=BuildOptions.latency_runs, metavar="N",
+                   help=f"timed runs per variant (default {BuildOptions.latency_runs})")
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")

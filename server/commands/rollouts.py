@@ -25,8 +25,12 @@ from server.commands.common import (
     print_json,
     styled,
 )
+from server.config import RolloutSection
 from server.registry.rollouts import FINISHED_STATUSES
 from server.textsafe import clean, plain, safe
+
+#: the defaults of the flags below are the [rollout] section's (server.toml), written once in server.config
+_ROLLOUT = RolloutSection()
 
 
 def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
@@ -206,10 +210,13 @@ def register(subparsers: Any) -> None:
     p = add_command(subparsers, "deploy", "roll MODEL:VERSION out in canary and waves", cmd_deploy)
     p.add_argument("model", metavar="MODEL:VERSION")
     p.add_argument("--to", required=True, metavar="TARGET", help="group:NAME, device:ID or all")
-    p.add_argument("--canary", type=percent_arg, metavar="N%", help="canary size (default from server.toml, 10%%)")
-    p.add_argument("--wave", type=percent_arg, metavar="N%", help="size of each later wave (default 25%%)")
+    p.add_argument("--canary", type=percent_arg, metavar="N%",
+                   help=f"canary size (default from server.toml, {_ROLLOUT.canary_percent:g}%%)")
+    p.add_argument("--wave", type=percent_arg, metavar="N%",
+                   help=f"size of each later wave (default {_ROLLOUT.wave_percent:g}%%)")
     p.add_argument("--max-failures", type=percent_arg, metavar="N%",
-                   help="halt and roll back when more than this share of released devices failed (default 10%%)")
+                   help="halt and roll back when more than this share of released devices failed "
+                        f"(default {_ROLLOUT.max_failures_percent:g}%%)")
     p.add_argument("--probation", type=float, metavar="SECONDS",
                    help="device-side probation before a version commits (default: the build's)")
     p.add_argument("--watch", action="store_true", help="follow the rollout until it finishes")

@@ -234,15 +234,18 @@ class RolloutDriver:
             if pending:
                 self._dispatch(dep, pending, views, now)
         elif dep.status == DEP_ROLLING_BACK and rollback_settled(views):
-            with self.registry.tx() as tx:
-                if self.registry.set_deployment_status(dep.deployment_id, DEP_ROLLED_BACK, expect=[DEP_ROLLING_BACK],
-                                                       tx=tx, now=now):
-                    self.registry.server_event(
-                        "deployment.rolled_back",
-                        f"deployment {dep.deployment_id}: every online device is back on its previous version",
-                        deployment_id=dep.deployment_id, severity="warning", tx=tx, now=now,
-                    )
+            self._finish(dep, DEP_ROLLED_BACK, DEP_ROLLING_BACK, "deployment.rolled_back",
+                         f"deployment {dep.deployment_id}: every online device is back on its previous version",
+                         severity="warning", now=now)
             self.registry.release_deployment(dep.deployment_id, self.owner)
+
+    def _finish(self, dep: Deployment, status: str, expect: str, kind: str, message: str, *, severity: str = "info",
+                now: float) -> None:
+        """Move ``dep`` from ``expect`` to ``status`` and record ``kind`` (once, whichever process gets there)."""
+        with self.registry.tx() as tx:
+            if self.registry.set_deployment_status(dep.deployment_id, status, expect=[expect], tx=tx, now=now):
+                self.registry.server_event(kind, message, deployment_id=dep.deployment_id, severity=severity, tx=tx,
+                                           now=now)
 
     def _drive_running(self, dep: Deployment, views: list[DeviceView], now: float) -> None:
         policy = Policy(dep.canary_percent, dep.wave_percent, dep.max_failures_percent,
@@ -268,14 +271,9 @@ class RolloutDriver:
                 deployment_id=dep.deployment_id, data={"wave": decision.current_wave}, now=now,
             )
         if decision.complete:
-            with self.registry.tx() as tx:
-                if self.registry.set_deployment_status(dep.deployment_id, DEP_COMPLETED, expect=[DEP_RUNNING],
-                                                       tx=tx, now=now):
-                    self.registry.server_event(
-                        "deployment.completed",
-                        f"deployment {dep.deployment_id}: {dep.model} v{dep.version} rolled out to every wave",
-                        deployment_id=dep.deployment_id, tx=tx, now=now,
-                    )
+            self._finish(dep, DEP_COMPLETED, DEP_RUNNING, "deployment.completed",
+                         f"deployment {dep.deployment_id}: {dep.model} v{dep.version} rolled out to every wave",
+                         now=now)
 
     def _dispatch(self, dep: Deployment, device_ids: Sequence[str], views: list[DeviceView], now: float) -> None:
         sent = self.dispatcher.dispatch_deploy(dep, device_ids, now=now)
