@@ -21,10 +21,11 @@ def parse_ref(ref: str, *, need_version: bool = False) -> tuple[str, int | None]
                                   "starting with a letter or digit, no '..')")
     if not sep:
         if need_version:
-            raise InvalidRequestError(f"{ref!r}: give a version, as NAME:VERSION (e.g. digits-cnn:3)")
+            raise InvalidRequestError(f"{ref!r}: give a version, as MODEL:VERSION (e.g. digits-cnn:3)")
         return name, None
     if not (ver.isascii() and ver.isdigit()) or len(ver) > 10 or not 1 <= int(ver) <= MAX_VERSION:
-        raise InvalidRequestError(f"{ref!r}: the version must be a positive integer (e.g. digits-cnn:3)")
+        raise InvalidRequestError(f"{ref!r} is not MODEL:VERSION: the version must be a positive integer "
+                                  "(e.g. digits-cnn:3)")
     return name, int(ver)
 
 
