@@ -146,12 +146,8 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         return 0
     catalog = _catalog(args)
     versions = catalog.versions()
-    if args.json:
-        print(json.dumps([
-            {"model": v.model, "version": v.version, "format": v.format, "sha256": v.sha256,
-             "size_bytes": v.size_bytes, "builds": [b.profile for b in catalog.builds(v.model, v.version)]}
-            for v in versions
-        ]))
+    if args.json:  # the API's rows (model_ops), so both paths print the same
+        print(json.dumps([model_ops.version_row(catalog, v) for v in versions]))
         return 0
     table = Table(box=box.SIMPLE_HEAD)
     for col in ("model", "version", "format", "size", "gate", "calibration", "evaluation", "built for"):
@@ -186,15 +182,8 @@ def cmd_model_show(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
     builds = catalog.builds(mv.model, mv.version)
-    if args.json:
-        print(json.dumps({
-            "model": mv.model, "version": mv.version, "format": mv.format, "sha256": mv.sha256,
-            "size_bytes": mv.size_bytes, "inputs": [t.to_dict() for t in mv.inputs],
-            "outputs": [t.to_dict() for t in mv.outputs], "gate": mv.gate.to_dict(),
-            "builds": [{"profile": b.profile, "variant": b.variant, "size_bytes": b.size_bytes,
-                        "ota_size_bytes": b.ota_size_bytes, "compression": b.compression,
-                        "provenance": b.provenance} for b in builds],
-        }, default=str))
+    if args.json:  # the API's answer (model_ops), so both paths print the same
+        print(json.dumps(model_ops.version_detail(catalog, mv), default=str))
         return 0
     console.print(f"[bold]{mv.ref}[/]  {mv.format}  {_mb(mv.size_bytes)}  sha256 {mv.sha256[:16]}…", highlight=False)
     for t in mv.inputs:
