@@ -344,7 +344,7 @@ class FleetService:
                 f"no variant of {model}:{version} is built for profile(s) {detail}. "
                 f"Build them first: edgefleet build {model}:{version} --profile {missing[0]}"
             )
-        held = self.registry.holding_deployments([d.device_id for d in enrolled], conn=self.registry.db.connection())
+        held = self.registry.holding_deployments([d.device_id for d in enrolled])
         if held:
             dep_id, devs = next(iter(sorted(held.items())))
             raise ConflictError(

@@ -165,11 +165,13 @@ class RolloutTables(TableOwner):
 
     # -- deployments -------------------------------------------------------------------------------
 
-    def holding_deployments(self, device_ids: Sequence[str], *, conn: sqlite3.Connection) -> dict[str, list[str]]:
+    def holding_deployments(
+        self, device_ids: Sequence[str], *, conn: sqlite3.Connection | None = None
+    ) -> dict[str, list[str]]:
         """deployment id -> the given devices it holds (running or rolling back)."""
         out: dict[str, list[str]] = {}
         wanted = set(device_ids)
-        rows = conn.execute(
+        rows = (conn or self._read()).execute(
             "SELECT dd.deployment_id, dd.device_id FROM deployment_devices dd"
             " JOIN deployments d ON d.deployment_id = dd.deployment_id"
             f" WHERE d.status IN ({', '.join('?' * len(HOLDING_STATUSES))})"
