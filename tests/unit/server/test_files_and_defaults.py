@@ -63,6 +63,6 @@ def test_cli_api_and_service_share_the_parser() -> None:
     import server.registry.catalog as catalog
     import server.service as service
 
-    assert service.parse_model_ref is parse_model_ref and simulate_cli.parse_model_ref is parse_model_ref
-    assert catalog.parse_ref is parse_ref and models_cli.parse_ref is parse_ref
+    assert all(getattr(m, "parse_model_ref") is parse_model_ref for m in (service, simulate_cli))  # noqa: B009
+    assert all(getattr(m, "parse_ref") is parse_ref for m in (catalog, models_cli))  # noqa: B009
     assert parse_model_ref(" digits:3 ") == ("digits", 3)

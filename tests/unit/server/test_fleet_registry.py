@@ -232,7 +232,7 @@ def test_every_deployment_status_is_set_somewhere_and_is_holding_or_finished() -
 
     names = {k: v for k, v in vars(rollouts).items() if k.startswith("DEP_")}
     root = Path(rollouts.__file__).resolve().parents[1]
-    owners = {Path(m.__file__).resolve() for m in (fleet, rollouts)}  # where they are defined and re-exported
+    owners = {Path(str(m.__file__)).resolve() for m in (fleet, rollouts)}  # where they are defined and re-exported
     elsewhere = "".join(p.read_text() for p in root.rglob("*.py") if p.resolve() not in owners)
     assert not [k for k in names if not re.search(rf"\b{k}\b", elsewhere)], "a status nothing ever sets"
     holding, finished = set(rollouts.HOLDING_STATUSES), set(rollouts.FINISHED_STATUSES)
