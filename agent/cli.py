@@ -232,7 +232,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     trust = load_trust_anchor(config.keys.server_keys)
     host = _make_host(config)
     server = _start_http(config, host)
-    agent = Agent(config, host=host, device_key=device_key, trust=trust)
+    agent = Agent(config, host=host, device_key=device_key, trust=trust,
+                  http_url=server.url if server is not None else None)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
@@ -295,7 +296,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     pid = saved.get("pid")
     running = isinstance(pid, int) and _alive(pid)
     serving_name = record.committed.name if record and record.committed else None
-    api = _local_api(config, serving_name) if running and config.http.enabled else None
+    api = _local_api(config, serving_name, saved.get("http")) if running and config.http.enabled else None
     kept = [
         {
             "version": v.ref.version,
@@ -341,9 +342,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _local_api(config: AgentConfig, model: str | None) -> dict[str, Any]:
-    """Readiness, and what the running agent's HTTP API says it serves (its live view, not the journal's)."""
-    base = f"http://{config.http.host}:{config.http.port}"
+def _local_api(config: AgentConfig, model: str | None, running_url: Any = None) -> dict[str, Any]:
+    """Readiness, and what the running agent's HTTP API says it serves (its live view, not the journal's).
+
+    ``running_url`` is what the running agent wrote in status.json: the port it bound (``port = 0`` picks one).
+    """
+    base = running_url if isinstance(running_url, str) and running_url.startswith("http://") else (
+        f"http://{config.http.host}:{config.http.port}")
     out: dict[str, Any] = {"url": base, "ready": _get_json(f"{base}/v2/health/ready") is not None}
     if model is not None:
         meta = _get_json(f"{base}/v2/models/{model}")

@@ -121,16 +121,31 @@ class Guardian:
             text=True,
             start_new_session=True,
         )
+        self._said_gone = False
 
     def watch(self, item: int | Path, *, on: bool = True) -> None:
-        """A process group to stop, or a directory to remove, if we die (``on=False``: no longer)."""
+        """A process group to stop, or a directory to remove, if we die (``on=False``: no longer).
+
+        A guardian that is gone (a signal to every process, as an interrupted session sends) is said once;
+        our own cleanup goes on (a BrokenPipeError here turned a SIGTERM into a cascade of tracebacks).
+        """
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{'+' if on else '-'}{item if isinstance(item, int) else item.resolve()}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{'+' if on else '-'}{item if isinstance(item, int) else item.resolve()}\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            self._gone()
+
+    def _gone(self) -> None:
+        if self.proc.poll() is not None and not self._said_gone:
+            self._said_gone = True
+            print(f"[stress] the guardian process exited ({self.proc.returncode}); cleaning up without it",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self.proc.stdin.close()
         self.proc.wait()
 
 
@@ -262,10 +277,12 @@ def parse_output(text: str, run: Run) -> None:
     """pytest's final summary line and short summary (FAILED/ERROR lines), the two checks' verdicts, and how
     long each phase of scripts/test took."""
     starts: dict[str, int] = {}
+    phase_now = ""
     for line in text.splitlines():
         clean = line.strip()
         match = SUMMARY.match(clean)
-        if match:
+        # the counts are the pytest phase's (py310_check runs pytest too: its own verdict says how it went)
+        if match and phase_now in ("", "pytest"):
             run.summary = match.group(1)
             run.counts = {}
             for n, word in COUNT.findall(match.group(1)):
@@ -275,6 +292,7 @@ def parse_output(text: str, run: Run) -> None:
         phase = PHASE.match(clean)
         if phase:
             starts[phase.group(1)] = int(phase.group(2))
+            phase_now = phase.group(1)
         verdict = VERDICT.match(clean)
         if verdict:
             run.checks[verdict.group(1)] = verdict.group(2) or f"NOT RUN: {verdict.group(3)}"

@@ -182,8 +182,8 @@ class FleetServer:
                         "owner": self.owner, "started_at": self.clock()}).encode(),
             mode=0o600,
         )
-        log.info("edgefleet server %s: API on %s, broker %s:%d", self.owner, self.api_url, self.link.host,
-                 self.link.port)
+        log.info("edgefleet server %s: API on %s (web console %s/ui/), broker %s:%d", self.owner, self.api_url,
+                 self.api_url.rstrip("/"), self.link.host, self.link.port)
         return self
 
     def stop(self) -> None:

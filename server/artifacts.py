@@ -11,13 +11,13 @@ what every server process shares.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
+from agent.files import file_sha256
 from agent.protocol.envelope import CHUNK_HEADER_SIZE, TAG_SIZE, seal_artifact
 from agent.protocol.messages import ArtifactInfo
 from server.builds import BuildLike
@@ -31,14 +31,6 @@ MAX_MODEL_BYTES = 2 * 1024**3
 
 def content_key(model_sha256: str, chunk_size: int, compression: str) -> str:
     return f"{model_sha256}:{chunk_size}:{compression}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ArtifactStore:

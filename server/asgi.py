@@ -44,6 +44,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.routing import Route as StarRoute
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -375,11 +376,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 class ApiTransport:
     """The Starlette app for an ``Api`` plus what its requests share (limits, counters, workers)."""
 
-    def __init__(self, api: Api, limits: Limits, stats: ApiStats, refusals: RefusalAudit) -> None:
+    def __init__(self, api: Api, limits: Limits, stats: ApiStats, refusals: RefusalAudit, *,
+                 secure: bool = False, console: bool = True) -> None:
         self.api, self.limits, self.stats, self.refusals = api, limits, stats, refusals
         self._limiter: anyio.CapacityLimiter | None = None
-        routes = [StarRoute(r.path, _Endpoint(self, r).handle, methods=[r.method], name=r.name) for r in api.routes]
+        routes: list[BaseRoute] = [StarRoute(r.path, _Endpoint(self, r).handle, methods=[r.method], name=r.name)
+                                   for r in api.routes]
+        self.console = None
+        if console:
+            from server.console.web import Console  # noqa: PLC0415 - jinja2 loads with the server only
+
+            self.console = Console(api, in_worker=self.in_worker, secure=secure, on_refused=self._console_refused,
+                                   max_streams=max(1, limits.max_connections // 4))
+            routes += self.console.routes()
         self.app = Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
+
+    def _console_refused(self, route: Route, exc: AuthError) -> None:
+        self.stats.refuse(exc.code)
+        self.refusals.refused(route, exc)
 
     async def in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._limiter is None:
@@ -400,7 +414,8 @@ class ApiHttpServer:
         self.stats = ApiStats()
         self.refusals = RefusalAudit(api)
         self.tls = tls is not None
-        transport = ApiTransport(api, self.limits, self.stats, self.refusals)
+        transport = ApiTransport(api, self.limits, self.stats, self.refusals, secure=tls is not None)
+        self.console = transport.console
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -451,6 +466,8 @@ class ApiHttpServer:
         self.refusals.flush()
 
     def stop(self) -> None:
+        if self.console is not None:
+            self.console.closing.set()  # live-update streams end at their next poll
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)

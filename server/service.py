@@ -26,6 +26,7 @@ from server.identity import check_device_id, server_logins
 from server.keys import load_signing_key, mosquitto_hash, new_broker_password, new_token, token_digest
 from server.outbox import OUTBOX_LEASE
 from server.refs import parse_model_ref
+from server.registry.console import ConsoleQueries
 from server.registry.fleet import (
     DEP_COMPLETED,
     DEP_HALTED,
@@ -33,6 +34,8 @@ from server.registry.fleet import (
     DEVICE_ACTIVE,
     DEVICE_REVOKED,
     DeploymentBuild,
+    DesiredRecord,
+    Device,
     FleetRegistry,
     NewDeployment,
 )
@@ -246,27 +249,27 @@ class FleetService:
     def list_devices(self) -> list[dict[str, Any]]:
         now = self.clock()
         desired = self.registry.all_desired()
-        out = []
-        for d in self.registry.list_devices():
-            row = d.to_dict()
-            want = desired.get(d.device_id)
-            row["desired"] = None if want is None else {
-                "action": want.action, "model": want.model, "version": want.version,
-                "deployment_id": want.deployment_id, "seq": want.seq, "expires_at": want.expires_at,
-                "published": want.published_seq >= want.seq,
-            }
-            row["stale"] = bool(
-                (d.desired_expires_at is not None and d.desired_expires_at < now)
-                or (want is not None and want.action != "clear" and want.expires_at < now)
-            )
-            row["fingerprint"] = fingerprint(d.public_key) if d.public_key else None
-            out.append(row)
-        return out
+        return [self._device_row(d, desired.get(d.device_id), now) for d in self.registry.list_devices()]
+
+    @staticmethod
+    def _device_row(d: Device, want: DesiredRecord | None, now: float) -> dict[str, Any]:
+        row = d.to_dict()
+        row["desired"] = None if want is None else {
+            "action": want.action, "model": want.model, "version": want.version,
+            "deployment_id": want.deployment_id, "seq": want.seq, "expires_at": want.expires_at,
+            "published": want.published_seq >= want.seq,
+        }
+        row["stale"] = bool(
+            (d.desired_expires_at is not None and d.desired_expires_at < now)
+            or (want is not None and want.action != "clear" and want.expires_at < now)
+        )
+        row["fingerprint"] = fingerprint(d.public_key) if d.public_key else None
+        return row
 
     def device_detail(self, device_id: str) -> dict[str, Any]:
         device_id = _device_id(device_id)
-        self.registry.get_device(device_id)
-        row = next(r for r in self.list_devices() if r["device_id"] == device_id)
+        row = self._device_row(self.registry.get_device(device_id), self.registry.get_desired(device_id),
+                               self.clock())
         row["events"] = [e.to_dict() for e in self.registry.list_events(device_id=device_id, limit=20, newest=True)]
         row["telemetry"] = self.registry.telemetry_series(device_id, since=self.clock() - 3600)
         return row
@@ -406,7 +409,7 @@ class FleetService:
     def deployment_detail(self, deployment_id: str) -> dict[str, Any]:
         dep = self.registry.get_deployment(deployment_id)
         rows = self.registry.deployment_devices(deployment_id)
-        online = {d.device_id: d.online for d in self.registry.list_devices()}
+        online = ConsoleQueries(self.registry).online_of([r.device_id for r in rows])
         views = [DeviceView(r.device_id, r.wave, Phase(r.state), online.get(r.device_id, False), r.updated_at, r.code)
                  for r in rows]
         out = dep.to_dict()

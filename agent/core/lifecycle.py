@@ -52,6 +52,7 @@ from agent.core.journal import (
     resume_action,
 )
 from agent.errors import LifecycleError
+from agent.protocol.events import EventKind
 from agent.protocol.messages import ModelRef
 
 # -- events (inputs) --------------------------------------------------------------------------------
@@ -468,7 +469,7 @@ class UpdateMachine:
         )
         return new, [
             *effects,
-            Report("lifecycle.warming", ev.target, deployment_id=ev.deployment_id, data={"via": ev.via.value}),
+            Report(EventKind.LIFECYCLE_WARMING, ev.target, deployment_id=ev.deployment_id, data={"via": ev.via.value}),
             LoadCandidate(ev.target),
         ]
 
@@ -496,14 +497,14 @@ class UpdateMachine:
         r = self._record
         assert r.target is not None and r.artifact_id is not None
         return r.next(state=State.VERIFYING), [
-            Report("lifecycle.verifying", r.target, deployment_id=r.deployment_id),
+            Report(EventKind.LIFECYCLE_VERIFYING, r.target, deployment_id=r.deployment_id),
             Verify(r.target, r.artifact_id),
         ]
 
     def _verified(self, ev: Verified) -> Result:
         r = self._record
         return r.next(state=State.STAGED), [
-            Report("lifecycle.staged", r.target, deployment_id=r.deployment_id),
+            Report(EventKind.LIFECYCLE_STAGED, r.target, deployment_id=r.deployment_id),
             Continue(Warm(ev.now)),
         ]
 
@@ -511,7 +512,7 @@ class UpdateMachine:
         r = self._record
         assert r.target is not None
         return r.next(state=State.WARMING), [
-            Report("lifecycle.warming", r.target, deployment_id=r.deployment_id),
+            Report(EventKind.LIFECYCLE_WARMING, r.target, deployment_id=r.deployment_id),
             LoadCandidate(r.target),
         ]
 
@@ -522,7 +523,7 @@ class UpdateMachine:
         effects: list[Effect] = [
             SwitchTo(r.target),
             Report(
-                "lifecycle.probation",
+                EventKind.LIFECYCLE_PROBATION,
                 r.target,
                 deployment_id=r.deployment_id,
                 data={"window_s": ev.policy.window_s, "previous": _ref_dict(r.committed)},
@@ -560,7 +561,7 @@ class UpdateMachine:
             return new, [
                 Commit(r.target),
                 Report(
-                    "lifecycle.committed",
+                    EventKind.LIFECYCLE_COMMITTED,
                     r.target,
                     message=verdict.reason,
                     deployment_id=r.deployment_id,
@@ -602,7 +603,7 @@ class UpdateMachine:
             if ok:
                 effects.append(
                     Report(
-                        "lifecycle.committed",
+                        EventKind.LIFECYCLE_COMMITTED,
                         r.restore,
                         message=f"switched by {(r.via or Via.ROLLBACK).value}",
                         deployment_id=r.deployment_id,
@@ -612,7 +613,7 @@ class UpdateMachine:
             else:
                 effects.append(
                     Report(
-                        "lifecycle.failed",
+                        EventKind.LIFECYCLE_FAILED,
                         r.restore,
                         severity="error",
                         code="restore_failed",
@@ -631,7 +632,7 @@ class UpdateMachine:
             effects.append(CommandResult(r.command_id, (r.via or Via.ACTIVATE).value, False, r.failure.reason))
         if ev.restored is None and (r.committed is not None or r.restore is not None):
             effects.append(
-                Report("lifecycle.unserved", None, severity="error", message="no kept version could be served")
+                Report(EventKind.LIFECYCLE_UNSERVED, None, severity="error", message="no kept version could be served")
             )
 
         new = r.next(
@@ -658,7 +659,7 @@ class UpdateMachine:
             # keep calling the version committed, so a later start tries it again.
             return r, [
                 Report(
-                    "lifecycle.unserved",
+                    EventKind.LIFECYCLE_UNSERVED,
                     ev.failed,
                     severity="error",
                     code="restart_loop" if r.attempts else "model_load",
@@ -670,7 +671,7 @@ class UpdateMachine:
         # reported before the journal write (rule 1): a crash in between falls back, and reports, again
         return new, [
             Report(
-                "lifecycle.rolled_back",
+                EventKind.LIFECYCLE_ROLLED_BACK,
                 ev.failed,
                 severity="error",
                 code="restart_loop" if r.attempts else "model_load",
@@ -700,7 +701,7 @@ def _ref_dict(ref: ModelRef | None) -> dict[str, Any] | None:
 
 def _failed_report(r: JournalRecord, failure: Failure) -> Report:
     return Report(
-        "lifecycle.failed",
+        EventKind.LIFECYCLE_FAILED,
         r.target,
         severity="warning" if failure.code in ("superseded", "cancelled") else "error",
         message=failure.reason,
@@ -718,7 +719,7 @@ def _end_report(r: JournalRecord, restored: ModelRef | None) -> Report:
     if not loaded:
         return _failed_report(r, failure)
     return Report(
-        "lifecycle.rolled_back",
+        EventKind.LIFECYCLE_ROLLED_BACK,
         r.target,
         severity="warning" if failure.code in ("cancelled",) else "error",
         message=failure.reason,

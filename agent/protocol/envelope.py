@@ -38,10 +38,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import lzma
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -68,8 +66,8 @@ from agent.errors import (
     UnsupportedVersionError,
     WrongRecipientError,
 )
+from agent.protocol.codec import compress, decompress
 from agent.protocol.messages import (
-    COMPRESSIONS,
     MAX_CONTROL_MESSAGE,
     ArtifactInfo,
     Command,
@@ -382,38 +380,6 @@ class ChunkOpener:
 
 
 # -- whole artifacts (server side) ----------------------------------------------------------------------
-
-
-def compress(data: bytes, method: str) -> bytes:
-    if method == "none":
-        return data
-    if method == "zlib":
-        return zlib.compress(data, 9)
-    if method == "lzma":
-        return lzma.compress(data, preset=6)
-    raise ValueError(f"unknown compression {method!r} (one of {', '.join(COMPRESSIONS)})")
-
-
-def decompress(data: bytes, method: str, *, expected_size: int) -> bytes:
-    """Undo ``compress`` with the stdlib, never producing more than ``expected_size`` bytes."""
-    try:
-        if method == "none":
-            out = data
-        elif method == "zlib":
-            d = zlib.decompressobj()
-            out = d.decompress(data, expected_size + 1)
-        elif method == "lzma":
-            dl = lzma.LZMADecompressor()
-            out = dl.decompress(data, max_length=expected_size + 1)
-        else:
-            raise IntegrityError(f"unknown compression {method!r}")
-    except (zlib.error, lzma.LZMAError) as exc:
-        raise IntegrityError(f"artifact does not decompress with {method}: {exc}") from exc
-    if len(out) > expected_size:
-        raise ArtifactTooLargeError(len(out), expected_size)
-    if len(out) != expected_size:
-        raise IntegrityError(f"decompressed size {len(out)} != declared {expected_size}")
-    return out
 
 
 @dataclass(frozen=True)

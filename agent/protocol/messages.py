@@ -17,346 +17,48 @@ the Unix epoch. Integers are JSON integers (never floats, never booleans).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar
-
-from agent.errors import MalformedMessageError, MessageTooLargeError, UnsupportedVersionError
-
-SCHEMA_VERSION = "1.0"
-SCHEMA_MAJOR = 1
-
-#: Byte caps applied before parsing, by message type.
-LIMITS: Mapping[str, int] = {
-    "desired": 256 * 1024,
-    "command": 16 * 1024,
-    "state": 16 * 1024,
-    "telemetry": 16 * 1024,
-    "event": 32 * 1024,
-    "chunk_request": 16 * 1024,
-    "enroll": 8 * 1024,
-}
-#: Largest control message of any type (the signed wrapper of a desired state adds base64 overhead).
-MAX_CONTROL_MESSAGE = 512 * 1024
-MAX_RANGES = 1024
-MAX_GOLDEN_CASES = 8
-
-Json = dict[str, Any]
-T = TypeVar("T")
-
-
-# -- field readers: every decoder goes through these, so errors name the field ---------------------
-
-
-def _get(d: Mapping[str, Any], key: str, kind: type[T], *, optional: bool = False) -> T:
-    if key not in d or d[key] is None:
-        if optional:
-            return None  # type: ignore[return-value]  # callers pass optional=True only for "T | None" fields
-        raise MalformedMessageError(f"missing field {key!r}", field=key)
-    value = d[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is int and isinstance(value, bool):
-        raise MalformedMessageError(f"field {key!r} must be an integer", field=key)
-    if not isinstance(value, kind):
-        raise MalformedMessageError(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}", field=key)
-    return value
-
-
-def _get_int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int:
-    value = _get(d, key, int)
-    if not lo <= value <= hi:
-        raise MalformedMessageError(f"field {key!r}={value} outside [{lo}, {hi}]", field=key)
-    return value
-
-
-def _get_opt_int(d: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int | None:
-    if d.get(key) is None:
-        return None
-    return _get_int(d, key, lo=lo, hi=hi)
-
-
-def _get_str(d: Mapping[str, Any], key: str, *, max_len: int = 256, optional: bool = False) -> str:
-    value = _get(d, key, str, optional=optional)
-    if value is not None and len(value) > max_len:
-        raise MalformedMessageError(f"field {key!r} longer than {max_len} characters", field=key)
-    return value
-
-
-def _get_choice(d: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = _get_str(d, key)
-    if value not in choices:
-        raise MalformedMessageError(f"field {key!r}={value!r} is not one of {', '.join(choices)}", field=key)
-    return value
-
-
-def _get_b64(d: Mapping[str, Any], key: str, *, size: int | None = None, max_size: int = 1 << 20) -> bytes:
-    text = _get_str(d, key, max_len=(max_size * 4) // 3 + 8)
-    raw = strict_b64decode(text)
-    if raw is None:
-        raise MalformedMessageError(f"field {key!r} is not canonical base64", field=key)
-    if size is not None and len(raw) != size:
-        raise MalformedMessageError(f"field {key!r} must decode to {size} bytes, got {len(raw)}", field=key)
-    return raw
-
-
-def _get_obj(d: Mapping[str, Any], key: str, *, optional: bool = False) -> Json:
-    return _get(d, key, dict, optional=optional)
-
-
-def strict_b64decode(text: str) -> bytes | None:
-    """Standard base64 with padding, rejecting non-canonical encodings (set padding bits, whitespace).
-
-    Without the re-encode check, flipping an unused padding bit would give a *different* string that
-    decodes to the same bytes; we want every bit of a signed message to matter.
-    """
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return raw if base64.b64encode(raw).decode("ascii") == text else None
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _extra(d: Mapping[str, Any], known: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in known}
-
-
-def _known(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)} - {"extra"}
-
-
-def _clean(d: Json) -> Json:
-    """Drop None values so optional fields are simply absent on the wire."""
-    return {k: v for k, v in d.items() if v is not None}
-
-
-# -- envelope of every message -------------------------------------------------------------------
-
-
-def load_json(payload: bytes, *, what: str, limit: int = MAX_CONTROL_MESSAGE) -> Json:
-    """Size-capped JSON object parse with the schema-major check."""
-    if len(payload) > limit:
-        raise MessageTooLargeError(what, len(payload), limit)
-    try:
-        obj = json.loads(payload, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
-        raise MalformedMessageError(f"{what}: not valid UTF-8 JSON ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise MalformedMessageError(f"{what}: expected a JSON object")
-    check_schema(obj, what=what)
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
-
-
-def check_schema(obj: Mapping[str, Any], *, what: str) -> None:
-    schema = obj.get("schema")
-    if not isinstance(schema, str):
-        raise MalformedMessageError(f"{what}: missing field 'schema'", field="schema")
-    major, _, minor = schema.partition(".")
-    if not major.isdigit() or (minor and not minor.isdigit()):
-        raise MalformedMessageError(f"{what}: schema {schema!r} is not MAJOR.MINOR", field="schema")
-    if int(major) != SCHEMA_MAJOR:
-        raise UnsupportedVersionError(what, schema, SCHEMA_VERSION)
-
-
-def dump_json(obj: Json) -> bytes:
-    """Canonical encoding: sorted keys, no whitespace (what signatures are computed over)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def _expect_type(obj: Mapping[str, Any], expected: str) -> None:
-    got = obj.get("type")
-    if got != expected:
-        raise MalformedMessageError(f"expected a {expected!r} message, got type {got!r}", field="type")
-
-
-# -- building blocks ------------------------------------------------------------------------------
-
-Dtype = Literal["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"]
-DTYPES: tuple[str, ...] = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
-MAX_RANK = 8
-
-
-def _get_shape(d: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    raw = _get(d, key, list)
-    if len(raw) > MAX_RANK:
-        raise MalformedMessageError(f"field {key!r} has rank over {MAX_RANK}", field=key)
-    shape: list[int] = []
-    for dim in raw:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < -1 or dim > 2**31:
-            raise MalformedMessageError(f"field {key!r}: dimensions are integers >= -1 (-1 = dynamic)", field=key)
-        shape.append(dim)
-    return tuple(shape)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, element type and shape of one model input or output; -1 marks a dynamic dimension."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_dict(self) -> Json:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(_get_str(d, "name"), _get_choice(d, "dtype", DTYPES), _get_shape(d, "shape"))
-
-
-@dataclass(frozen=True)
-class TensorData:
-    """A concrete tensor: little-endian, C-order raw bytes of ``dtype`` with ``shape``."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-
-    def to_dict(self) -> Json:
-        return {"dtype": self.dtype, "shape": list(self.shape), "data": b64(self.data)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TensorData:
-        return cls(_get_choice(d, "dtype", DTYPES), _get_shape(d, "shape"), _get_b64(d, "data", max_size=64 * 1024))
-
-
-def _tensor_map(d: Mapping[str, Any], key: str) -> dict[str, TensorData]:
-    raw = _get_obj(d, key)
-    if len(raw) > 64:
-        raise MalformedMessageError(f"field {key!r} has too many tensors", field=key)
-    out: dict[str, TensorData] = {}
-    for name, value in raw.items():
-        if not isinstance(value, dict):
-            raise MalformedMessageError(f"field {key!r}.{name} must be a tensor object", field=key)
-        out[name] = TensorData.from_dict(value)
-    return out
-
-
-@dataclass(frozen=True)
-class GoldenCase:
-    """An input with the outputs the server measured for it; the device must reproduce them."""
-
-    inputs: Mapping[str, TensorData]
-    outputs: Mapping[str, TensorData]
-    atol: float = 1e-3
-    rtol: float = 1e-2
-
-    def to_dict(self) -> Json:
-        return {
-            "inputs": {k: v.to_dict() for k, v in self.inputs.items()},
-            "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
-            "atol": self.atol,
-            "rtol": self.rtol,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GoldenCase:
-        return cls(_tensor_map(d, "inputs"), _tensor_map(d, "outputs"), _get(d, "atol", float), _get(d, "rtol", float))
-
-
-@dataclass(frozen=True)
-class HealthSpec:
-    """What the agent checks before switching (warm-up) and after (probation)."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    latency_budget_ms: float
-    probation_s: float = 60.0
-    probation_min_requests: int = 0
-    max_error_rate: float = 0.01
-    max_latency_regression: float = 1.5
-    warmup_runs: int = 3
-    golden: tuple[GoldenCase, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> Json:
-        return {
-            **self.extra,
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
-            "latency_budget_ms": self.latency_budget_ms,
-            "probation_s": self.probation_s,
-            "probation_min_requests": self.probation_min_requests,
-            "max_error_rate": self.max_error_rate,
-            "max_latency_regression": self.max_latency_regression,
-            "warmup_runs": self.warmup_runs,
-            "golden": [g.to_dict() for g in self.golden],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> HealthSpec:
-        golden = _get(d, "golden", list)
-        if len(golden) > MAX_GOLDEN_CASES:
-            raise MalformedMessageError(f"at most {MAX_GOLDEN_CASES} golden cases", field="golden")
-        ins, outs = _get(d, "inputs", list), _get(d, "outputs", list)
-        if len(ins) > 64 or len(outs) > 64:
-            raise MalformedMessageError("at most 64 inputs and 64 outputs", field="inputs")
-        return cls(
-            inputs=tuple(TensorSpec.from_dict(_as_obj(t, "inputs")) for t in ins),
-            outputs=tuple(TensorSpec.from_dict(_as_obj(t, "outputs")) for t in outs),
-            latency_budget_ms=_get(d, "latency_budget_ms", float),
-            probation_s=_get(d, "probation_s", float),
-            probation_min_requests=_get_int(d, "probation_min_requests"),
-            max_error_rate=_get(d, "max_error_rate", float),
-            max_latency_regression=_get(d, "max_latency_regression", float),
-            warmup_runs=_get_int(d, "warmup_runs", hi=1000),
-            golden=tuple(GoldenCase.from_dict(_as_obj(g, "golden")) for g in golden),
-            extra=_extra(d, _known(cls)),
-        )
-
-
-def _as_obj(value: Any, key: str) -> Json:
-    if not isinstance(value, dict):
-        raise MalformedMessageError(f"items of {key!r} must be objects", field=key)
-    return value
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    """What the device needs to run the artifact."""
-
-    format: str  # "onnx" | "tflite"
-    runtime: str  # "onnxruntime" | "litert"
-    min_version: str = "0"
-    execution_providers: tuple[str, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> Json:
-        return {
-            **self.extra,
-            "format": self.format,
-            "runtime": self.runtime,
-            "min_version": self.min_version,
-            "execution_providers": list(self.execution_providers),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RuntimeSpec:
-        providers = _get(d, "execution_providers", list)
-        if len(providers) > 16 or not all(isinstance(p, str) and len(p) <= 64 for p in providers):
-            raise MalformedMessageError(
-                "execution_providers must be up to 16 short strings", field="execution_providers"
-            )
-        return cls(
-            format=_get_choice(d, "format", ("onnx", "tflite")),
-            runtime=_get_choice(d, "runtime", ("onnxruntime", "litert")),
-            min_version=_get_str(d, "min_version", max_len=32),
-            execution_providers=tuple(providers),
-            extra=_extra(d, _known(cls)),
-        )
-
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.errors import MalformedMessageError
+from agent.protocol.fields import (
+    LIMITS,
+    MAX_CONTROL_MESSAGE,
+    MAX_GOLDEN_CASES,
+    MAX_RANGES,
+    SCHEMA_MAJOR,
+    SCHEMA_VERSION,
+    Json,
+    _clean,
+    _expect_type,
+    _extra,
+    _get,
+    _get_b64,
+    _get_choice,
+    _get_int,
+    _get_obj,
+    _get_opt_int,
+    _get_str,
+    _known,
+    b64,
+    check_schema,
+    dump_json,
+    load_json,
+    strict_b64decode,
+)
+from agent.protocol.specs import (
+    DTYPES,
+    MAX_RANK,
+    ONNX_DTYPES,
+    Dtype,
+    GoldenCase,
+    HealthSpec,
+    RuntimeSpec,
+    TensorData,
+    TensorSpec,
+)
 
 COMPRESSIONS = ("none", "zlib", "lzma")
 
@@ -1001,3 +703,52 @@ def decode_payload(payload: bytes, kind: Literal["desired", "command"]) -> Desir
     """Decode the JSON *inside* a verified signed envelope (see envelope.open_signed)."""
     obj = load_json(payload, what=kind, limit=LIMITS[kind])
     return DesiredState.from_dict(obj) if kind == "desired" else Command.from_dict(obj)
+
+
+__all__ = [
+    "COMMAND_ACTIONS",
+    "COMPRESSIONS",
+    "DESIRED_ACTIONS",
+    "DTYPES",
+    "LIMITS",
+    "MAX_CONTROL_MESSAGE",
+    "MAX_GOLDEN_CASES",
+    "MAX_RANGES",
+    "MAX_RANK",
+    "MODEL_NAME_PATTERN",
+    "ONNX_DTYPES",
+    "SCHEMA_MAJOR",
+    "SCHEMA_VERSION",
+    "SEVERITIES",
+    "WRAP_ALGORITHM",
+    "ActiveModel",
+    "ArtifactInfo",
+    "ChunkRequest",
+    "Command",
+    "DesiredState",
+    "Dtype",
+    "EnrollRequest",
+    "Event",
+    "GoldenCase",
+    "HealthSpec",
+    "Json",
+    "Message",
+    "ModelRef",
+    "RuntimeSpec",
+    "StateReport",
+    "Telemetry",
+    "TensorData",
+    "TensorSpec",
+    "UpMessage",
+    "WrappedKey",
+    "b64",
+    "check_schema",
+    "decode_payload",
+    "decode_up",
+    "dump_json",
+    "encode",
+    "load_json",
+    "model_name_problem",
+    "strict_b64decode",
+    "validate_model_name",
+]

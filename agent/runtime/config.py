@@ -186,6 +186,10 @@ class AgentConfig:
     source: Path | None = None
 
 
+#: The defaults, written once: the dataclasses above say them, the parser below reads them from here.
+DEFAULTS = AgentConfig(device_id="", profile="", store_dir=Path())
+
+
 # -- loading ---------------------------------------------------------------------------------------
 
 
@@ -213,9 +217,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         raise ConfigError("set broker.password or broker.password_file, not both", field="broker.password")
     if password_file is not None:
         password = _read_secret(password_file, "broker.password_file")
-    tls = broker.flag("tls", True)
+    tls = broker.flag("tls", DEFAULTS.broker.tls)
     broker_cfg = BrokerConfig(
-        host=broker.text("host", "127.0.0.1", max_len=253),
+        host=broker.text("host", DEFAULTS.broker.host, max_len=253),
         port=broker.integer("port", 8883 if tls else 1883, lo=1, hi=65535),
         tls=tls,
         ca_cert=broker.opt_path("ca_cert"),
@@ -224,9 +228,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         username=broker.opt_text("username", max_len=256),
         password=password,
         password_file=password_file,
-        keepalive_s=broker.integer("keepalive_s", 30, lo=5, hi=3600),
-        reconnect_min_s=broker.number("reconnect_min_s", 1.0, lo=0.05, hi=600),
-        reconnect_max_s=broker.number("reconnect_max_s", 60.0, lo=0.05, hi=3600),
+        keepalive_s=broker.integer("keepalive_s", DEFAULTS.broker.keepalive_s, lo=5, hi=3600),
+        reconnect_min_s=broker.number("reconnect_min_s", DEFAULTS.broker.reconnect_min_s, lo=0.05, hi=600),
+        reconnect_max_s=broker.number("reconnect_max_s", DEFAULTS.broker.reconnect_max_s, lo=0.05, hi=3600),
     )
     if broker_cfg.reconnect_max_s < broker_cfg.reconnect_min_s:
         raise ConfigError("broker.reconnect_max_s must be >= reconnect_min_s", field="broker.reconnect_max_s")
@@ -235,27 +239,35 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     broker.done()
 
     keys = top.section("keys")
-    server_keys = keys.path_list("server_keys", [Path("server.pub")])
+    server_keys = keys.path_list("server_keys", list(DEFAULTS.keys.server_keys))
     if not server_keys:
         raise ConfigError("keys.server_keys needs at least one server public key", field="keys.server_keys")
-    keys_cfg = KeysConfig(device_key=keys.path("device_key", Path("device.key")), server_keys=tuple(server_keys))
+    keys_cfg = KeysConfig(device_key=keys.path("device_key", DEFAULTS.keys.device_key), server_keys=tuple(server_keys))
     keys.done()
 
     models = top.section("models")
     models_cfg = ModelsConfig(
-        keep_versions=models.integer("keep_versions", 3, lo=1, hi=64),
-        max_artifact_bytes=models.integer("max_artifact_bytes", 1 << 30, lo=1024, hi=1 << 40),
-        min_free_bytes=models.integer("min_free_bytes", 32 << 20, lo=0, hi=1 << 50),
-        memory_budget_bytes=models.integer("memory_budget_bytes", 0, lo=0, hi=1 << 50),
-        warm_standby=models.flag("warm_standby", True),
+        keep_versions=models.integer("keep_versions", DEFAULTS.models.keep_versions, lo=1, hi=64),
+        max_artifact_bytes=models.integer(
+            "max_artifact_bytes", DEFAULTS.models.max_artifact_bytes, lo=1024, hi=1 << 40
+        ),
+        min_free_bytes=models.integer("min_free_bytes", DEFAULTS.models.min_free_bytes, lo=0, hi=1 << 50),
+        memory_budget_bytes=models.integer(
+            "memory_budget_bytes", DEFAULTS.models.memory_budget_bytes, lo=0, hi=1 << 50
+        ),
+        warm_standby=models.flag("warm_standby", DEFAULTS.models.warm_standby),
     )
     models.done()
 
     transfer = top.section("transfer")
     transfer_cfg = TransferConfig(
-        chunk_timeout_s=transfer.number("chunk_timeout_s", 5.0, lo=0.05, hi=3600),
-        chunk_timeout_max_s=transfer.number("chunk_timeout_max_s", 60.0, lo=0.05, hi=86400),
-        progress_interval_s=transfer.number("progress_interval_s", 5.0, lo=0.0, hi=3600),
+        chunk_timeout_s=transfer.number("chunk_timeout_s", DEFAULTS.transfer.chunk_timeout_s, lo=0.05, hi=3600),
+        chunk_timeout_max_s=transfer.number(
+            "chunk_timeout_max_s", DEFAULTS.transfer.chunk_timeout_max_s, lo=0.05, hi=86400
+        ),
+        progress_interval_s=transfer.number(
+            "progress_interval_s", DEFAULTS.transfer.progress_interval_s, lo=0.0, hi=3600
+        ),
     )
     if transfer_cfg.chunk_timeout_max_s < transfer_cfg.chunk_timeout_s:
         raise ConfigError(
@@ -265,43 +277,52 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
 
     lifecycle = top.section("lifecycle")
     lifecycle_cfg = LifecycleConfig(
-        restart_limit=lifecycle.integer("restart_limit", 3, lo=1, hi=100),
-        probation_check_s=lifecycle.number("probation_check_s", 1.0, lo=0.01, hi=600),
-        clock_skew_s=lifecycle.number("clock_skew_s", 300.0, lo=0, hi=86400 * 7),
-        latency_scale=lifecycle.number("latency_scale", 1.0, lo=1.0, hi=1000.0),
+        restart_limit=lifecycle.integer("restart_limit", DEFAULTS.lifecycle.restart_limit, lo=1, hi=100),
+        probation_check_s=lifecycle.number("probation_check_s", DEFAULTS.lifecycle.probation_check_s, lo=0.01, hi=600),
+        clock_skew_s=lifecycle.number("clock_skew_s", DEFAULTS.lifecycle.clock_skew_s, lo=0, hi=86400 * 7),
+        latency_scale=lifecycle.number("latency_scale", DEFAULTS.lifecycle.latency_scale, lo=1.0, hi=1000.0),
     )
     lifecycle.done()
 
     telemetry = top.section("telemetry")
-    telemetry_cfg = TelemetryConfig(interval_s=telemetry.number("interval_s", 30.0, lo=0.1, hi=86400))
+    telemetry_cfg = TelemetryConfig(
+        interval_s=telemetry.number("interval_s", DEFAULTS.telemetry.interval_s, lo=0.1, hi=86400)
+    )
     telemetry.done()
 
     http = top.section("http")
     http_cfg = HttpConfig(
-        enabled=http.flag("enabled", True),
-        host=http.text("host", "127.0.0.1", max_len=253),
-        port=http.integer("port", 8080, lo=0, hi=65535),
-        max_body_bytes=http.integer("max_body_bytes", 16 * 1024 * 1024, lo=1024, hi=1 << 30),
-        max_connections=http.integer("max_connections", 64, lo=1, hi=1024),
-        idle_timeout_s=http.number("idle_timeout_s", 30.0, lo=0.1, hi=3600),
-        allow_remote=http.flag("allow_remote", False),
+        enabled=http.flag("enabled", DEFAULTS.http.enabled),
+        host=http.text("host", DEFAULTS.http.host, max_len=253),
+        port=http.integer("port", DEFAULTS.http.port, lo=0, hi=65535),
+        max_body_bytes=http.integer("max_body_bytes", DEFAULTS.http.max_body_bytes, lo=1024, hi=1 << 30),
+        max_connections=http.integer("max_connections", DEFAULTS.http.max_connections, lo=1, hi=1024),
+        idle_timeout_s=http.number("idle_timeout_s", DEFAULTS.http.idle_timeout_s, lo=0.1, hi=3600),
+        allow_remote=http.flag("allow_remote", DEFAULTS.http.allow_remote),
     )
     http.done()
 
     inference = top.section("inference")
     inference_cfg = InferenceConfig(
-        intra_op_threads=inference.integer("intra_op_threads", 0, lo=0, hi=256),
-        inter_op_threads=inference.integer("inter_op_threads", 1, lo=0, hi=64),
-        allow_spinning=inference.flag("allow_spinning", False),
+        intra_op_threads=inference.integer("intra_op_threads", DEFAULTS.inference.intra_op_threads, lo=0, hi=256),
+        inter_op_threads=inference.integer("inter_op_threads", DEFAULTS.inference.inter_op_threads, lo=0, hi=64),
+        allow_spinning=inference.flag("allow_spinning", DEFAULTS.inference.allow_spinning),
         cache_dir=inference.opt_path("cache_dir"),
-        trt_fp16=inference.flag("trt_fp16", True),
-        trt_workspace_bytes=inference.integer("trt_workspace_bytes", 1 << 30, lo=1 << 20, hi=1 << 40),
-        litert_interpreters=inference.integer("litert_interpreters", 1, lo=1, hi=16),
+        trt_fp16=inference.flag("trt_fp16", DEFAULTS.inference.trt_fp16),
+        trt_workspace_bytes=inference.integer(
+            "trt_workspace_bytes", DEFAULTS.inference.trt_workspace_bytes, lo=1 << 20, hi=1 << 40
+        ),
+        litert_interpreters=inference.integer(
+            "litert_interpreters", DEFAULTS.inference.litert_interpreters, lo=1, hi=16
+        ),
     )
     inference.done()
 
     log = top.section("log")
-    log_cfg = LogConfig(format=log.choice("format", "json", LOG_FORMATS), level=log.choice("level", "info", LOG_LEVELS))
+    log_cfg = LogConfig(
+        format=log.choice("format", DEFAULTS.log.format, LOG_FORMATS),
+        level=log.choice("level", DEFAULTS.log.level, LOG_LEVELS),
+    )
     log.done()
 
     device_id = top.text("device_id", None, max_len=64)

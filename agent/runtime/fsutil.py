@@ -13,17 +13,10 @@ import os
 from pathlib import Path
 
 from agent.errors import DiskFullError, StorageError
+from agent.files import fsync_dir
 from agent.runtime import faults
 
 TMP_MARKER = ".tmp-"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def storage_error(exc: OSError, what: str) -> StorageError:

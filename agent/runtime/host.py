@@ -189,7 +189,9 @@ class ModelHost:
         Checks, in order: ``dtype``/``shape`` of the declared inputs against the model's; a priming run
         (``load`` if it raises); output dtypes and shapes against ``health.outputs`` (or the model's own
         declaration); ``finite`` float outputs on every run; ``latency`` p95 of ``warmup_runs`` timed runs
-        against ``latency_budget_ms`` (<= 0 disables it); ``golden`` outputs within each case's atol/rtol.
+        against ``latency_budget_ms`` (<= 0 disables it; over it, a second round of runs is timed and the
+        better round judged, so one scheduling hiccup does not fail a model); ``golden`` outputs within each
+        case's atol/rtol.
         """
         slot = self._checkout(model)
         try:
@@ -447,6 +449,15 @@ class ModelHost:
             raise HealthCheckError(f"{what} failed: {exc.message}", check="load") from exc
         return outputs, (self._clock() - started) * 1000.0
 
+    def _warm_up(self, slot: _Slot, feeds: Mapping[str, np.ndarray], runs: int, what: str) -> list[float]:
+        """``runs`` timed runs, each checked for finite outputs; their times in ms, sorted."""
+        timings: list[float] = []
+        for run in range(runs):
+            outputs, ms = self._timed_run(slot, feeds, f"{what} {run + 1}")
+            self._check_finite(outputs, f"{what} {run + 1}")
+            timings.append(ms)
+        return sorted(timings)
+
     def _check(self, slot: _Slot, health: HealthSpec) -> HealthReport:
         model = slot.model
         feeds = self._probe_feeds(model, health)
@@ -456,17 +467,22 @@ class ModelHost:
         self._check_outputs(model, health, outputs)
         checks += ["dtype", "shape", "finite"]
 
-        timings: list[float] = []
-        for run in range(health.warmup_runs):
-            outputs, ms = self._timed_run(slot, feeds, f"warm-up run {run + 1}")
-            self._check_finite(outputs, f"warm-up run {run + 1}")
-            timings.append(ms)
-        timings = sorted(timings or [first_ms])
+        timings = self._warm_up(slot, feeds, health.warmup_runs, "warm-up run") or [first_ms]
+        runs = 1 + health.warmup_runs
         p95 = percentile(timings, 95)
-        if health.latency_budget_ms > 0:
-            if p95 > health.latency_budget_ms:
+        budget = health.latency_budget_ms
+        if budget > 0:
+            if p95 > budget:
+                # With a handful of runs the p95 is the slowest one, and one scheduling hiccup on a busy
+                # board (or a CPU hog) makes it: measure again before calling the model slow. A slow model
+                # is slow on every run, so it fails both rounds.
+                again = self._warm_up(slot, feeds, max(1, health.warmup_runs), "confirming run")
+                runs += len(again)
+                if percentile(again, 95) < p95:
+                    timings, p95 = again, percentile(again, 95)
+            if p95 > budget:
                 raise HealthCheckError(
-                    f"p95 latency {p95:.1f} ms over the {health.latency_budget_ms:g} ms budget "
+                    f"p95 latency {p95:.1f} ms over the {budget:g} ms budget, measured twice "
                     f"({len(timings)} runs, fastest {timings[0]:.1f} ms)",
                     check="latency",
                 )
@@ -481,7 +497,7 @@ class ModelHost:
         return HealthReport(
             ref=model.ref,
             checks=tuple(checks),
-            runs=1 + health.warmup_runs + len(health.golden),
+            runs=runs + len(health.golden),
             first_run_ms=first_ms,
             p50_ms=percentile(timings, 50),
             p95_ms=p95,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import lzma
 import os
 import shutil
 import time
@@ -43,18 +42,18 @@ from typing import Any, BinaryIO
 
 from agent.core.journal import JournalRecord, State
 from agent.errors import (
-    ArtifactTooLargeError,
     DiskFullError,
     IntegrityError,
     MalformedMessageError,
     StorageError,
 )
+from agent.files import file_hash, fsync_dir
+from agent.protocol.codec import Inflater
 from agent.protocol.messages import ArtifactInfo, HealthSpec, ModelRef, RuntimeSpec, validate_model_name
-from agent.runtime.fsutil import TMP_MARKER, atomic_symlink, atomic_write, fsync_dir, storage_error
+from agent.runtime.fsutil import TMP_MARKER, atomic_symlink, atomic_write, storage_error
 
 META_FORMAT = 1
 READ_BLOCK = 64 * 1024
-OUT_BLOCK = 1 << 20
 MODEL_FILES = {"onnx": "model.onnx", "tflite": "model.tflite"}
 
 
@@ -418,6 +417,15 @@ class ModelStore:
         committed = [v for v in self.versions() if v.committed and (name is None or v.ref.name == name)]
         return sorted(committed, key=lambda v: v.committed_at or 0.0, reverse=True)
 
+    def committed_refs(self, name: str | None = None) -> list[ModelRef]:
+        """``kept`` as references (what agent.core.intake asks of a store)."""
+        return [v.ref for v in self.kept(name)]
+
+    def committed_artifact(self, ref: ModelRef) -> str | None:
+        """The artifact id of the newest committed install of ``ref`` (None when not kept)."""
+        kept = self.find(ref, committed_only=True)
+        return kept.artifact_id if kept is not None else None
+
     def find(self, ref: ModelRef, *, committed_only: bool = False) -> KeptVersion | None:
         """The newest install of ``ref`` (a fresh staged one wins over an older committed one)."""
         matches = [v for v in self.versions() if v.ref == ref and (v.committed or not committed_only)]
@@ -552,61 +560,21 @@ def _remove_tree(path: Path) -> None:
 
 
 def _hash_file(path: Path) -> Any:
-    h = hashlib.sha256()
     try:
-        with path.open("rb") as f:
-            while block := f.read(READ_BLOCK * 16):
-                h.update(block)
+        return file_hash(path)
     except OSError as exc:
         raise storage_error(exc, f"cannot read {path}") from exc
-    return h
 
 
 def _decompress_stream(src: BinaryIO, dst: BinaryIO, method: str, expected_size: int) -> str:
     """Undo the artifact's compression with bounded memory; returns the SHA-256 hex of the output."""
     digest = hashlib.sha256()
-    written = 0
-
-    def emit(data: bytes) -> None:
-        nonlocal written
-        if not data:
-            return
-        written += len(data)
-        if written > expected_size:
-            raise ArtifactTooLargeError(written, expected_size)
-        digest.update(data)
-        dst.write(data)
-
-    try:
-        if method == "none":
-            while block := src.read(READ_BLOCK):
-                emit(block)
-        elif method == "zlib":
-            z = zlib.decompressobj()
-            while block := src.read(READ_BLOCK):
-                if z.eof:
-                    raise IntegrityError("data after the end of the zlib stream")
-                data = block
-                while data:
-                    emit(z.decompress(data, OUT_BLOCK))
-                    data = z.unconsumed_tail
-            emit(z.flush())
-            if not z.eof or z.unused_data:
-                raise IntegrityError("zlib stream is truncated or has trailing data")
-        elif method == "lzma":
-            x = lzma.LZMADecompressor()
-            while block := src.read(READ_BLOCK):
-                if x.eof:
-                    raise IntegrityError("data after the end of the lzma stream")
-                emit(x.decompress(block, max_length=OUT_BLOCK))
-                while not x.needs_input and not x.eof:
-                    emit(x.decompress(b"", max_length=OUT_BLOCK))
-            if not x.eof or x.unused_data:
-                raise IntegrityError("lzma stream is truncated or has trailing data")
-        else:
-            raise IntegrityError(f"unknown compression {method!r}")
-    except (zlib.error, lzma.LZMAError, EOFError) as exc:
-        raise IntegrityError(f"artifact does not decompress with {method}: {exc}") from exc
-    if written != expected_size:
-        raise IntegrityError(f"decompressed size {written} != declared {expected_size}")
+    inflater = Inflater(method, expected_size)
+    while block := src.read(READ_BLOCK):
+        for out in inflater.feed(block):
+            digest.update(out)
+            dst.write(out)
+    tail = inflater.finish()
+    digest.update(tail)
+    dst.write(tail)
     return digest.hexdigest()

@@ -17,11 +17,12 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from server.commands.term import make_console
 from server.errors import ServerError
 from server.textsafe import clean, plain, safe, untrusted
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -32,6 +32,7 @@ from server.commands.common import (
     print_json,
     styled,
 )
+from server.commands.term import can_redraw
 from server.textsafe import clean, plain, safe
 
 
@@ -89,6 +90,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(render())
         return 0
+    if not can_redraw(console):  # a pipe or a log: a new snapshot each interval, below the last
+        while True:
+            console.rule(time.strftime("%H:%M:%S"), style="dim")
+            console.print(render())
+            time.sleep(args.watch)
     with Live(render(), console=console, refresh_per_second=2) as live:
         while True:
             time.sleep(args.watch)

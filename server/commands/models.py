@@ -15,7 +15,6 @@ import argparse
 import base64
 import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from rich.table import Table
 from server import model_ops
 from server.build_ops import build_share, build_variant
 from server.commands.common import guarded
+from server.commands.term import make_console
 from server.compression.gate import METRICS, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
@@ -36,7 +36,7 @@ from server.refs import parse_ref
 from server.registry.catalog import Catalog
 from server.textsafe import safe
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = make_console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 def _catalog(args: argparse.Namespace) -> Any:

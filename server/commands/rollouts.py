@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rich import box
@@ -25,6 +25,7 @@ from server.commands.common import (
     print_json,
     styled,
 )
+from server.commands.term import ChangeLog, can_redraw
 from server.config import RolloutSection
 from server.registry.rollouts import FINISHED_STATUSES
 from server.textsafe import clean, plain, safe
@@ -71,8 +72,28 @@ def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
     return Group(*parts)
 
 
+def deployment_line(d: Mapping[str, Any]) -> str:
+    """One line of a watched deployment: its status and each wave's progress."""
+    waves = []
+    for w in d.get("waves", []):
+        label = "canary" if w["wave"] == 0 and d["canary_percent"] > 0 else f"wave {w['wave']}"
+        detail = ", ".join(f"{n} {k}" for k, n in (("failed", w["failed"]), ("working", w["in_flight"]),
+                                                   ("offline", w["deferred"]), ("pending", w["pending"])) if n)
+        waves.append(f"{label} {w['committed']}/{w['size']}" + (f" ({detail})" if detail else ""))
+    return f"{d['deployment_id']} {d['status']}: " + "; ".join(waves) + " committed"
+
+
 def _watch_deployment(client: Any, deployment_id: str, *, devices: bool, interval: float = 1.0) -> dict[str, Any]:
     d: dict[str, Any] = client.call("get_deployment", path={"deployment_id": deployment_id})
+    if not can_redraw(console):  # a pipe or a log: a line per change, the full view at the end
+        log = ChangeLog(console)
+        log(deployment_line(d))
+        while d["status"] not in FINISHED_STATUSES:
+            time.sleep(interval)
+            d = client.call("get_deployment", path={"deployment_id": deployment_id})
+            log(deployment_line(d))
+        console.print(deployment_view(d, devices=devices))
+        return d
     with Live(deployment_view(d, devices=devices), console=console, refresh_per_second=4) as live:
         while d["status"] not in FINISHED_STATUSES:
             time.sleep(interval)
@@ -195,15 +216,30 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.no_wait:
         console.print(table)
         return 0
+    if not can_redraw(console):  # a pipe or a log: a line when the count changes, the table at the end
+        log = ChangeLog(console)
+        while waiting and time.monotonic() < deadline:
+            log(f"{len(plan) - waiting} of {len(plan)} device(s) settled, {waiting} online device(s) to confirm")
+            time.sleep(0.5)
+            table, waiting = snapshot()
+        console.print(table)
+    else:
+        table, waiting = _rollback_live(table, waiting, snapshot, deadline)
+    if waiting:
+        err_console.print(f"[yellow]{waiting} online device(s) did not confirm within {args.timeout:g}s[/]")
+        return 2
+    return 0
+
+
+
+def _rollback_live(table: Table, waiting: int, snapshot: Callable[[], tuple[Table, int]],
+                   deadline: float) -> tuple[Table, int]:
     with Live(table, console=console, refresh_per_second=4) as live:
         while waiting and time.monotonic() < deadline:
             time.sleep(0.5)
             table, waiting = snapshot()
             live.update(table)
-    if waiting:
-        err_console.print(f"[yellow]{waiting} online device(s) did not confirm within {args.timeout:g}s[/]")
-        return 2
-    return 0
+    return table, waiting
 
 
 def register(subparsers: Any) -> None:

@@ -15,20 +15,20 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich import box
-from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from agent.protocol.envelope import TrustAnchor, raw_public
 from agent.protocol.messages import ModelRef
+from server.commands.term import make_console
 from server.config import BrokerSection, load_config
 from server.errors import ConflictError, ServerError
 from server.keys import atomic_write, load_signing_key
 from server.refs import parse_model_ref
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 DESCRIPTION = """\
 Run N simulated devices against a broker and a server. Each device is its own MQTT connection

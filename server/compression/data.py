@@ -25,7 +25,6 @@ inflates more than a member's declared size.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import IO
 
 import numpy as np
 
+from agent.files import file_sha256
 from agent.protocol.messages import TensorSpec
 from server.errors import DatasetError
 
@@ -96,14 +96,6 @@ class Dataset:
             return
         for start in range(0, self.samples, batch):
             yield {k: v[start : start + batch] for k, v in self.arrays.items()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _kind(dtype: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
 from server.compression import codec, litert_tools, onnx_tools
 from server.compression.data import Dataset
@@ -154,14 +155,6 @@ def stand_in(profile: DeviceProfile) -> tuple[bool, str]:
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -177,13 +170,13 @@ def inspect_source(path: Path) -> SourceModel:
     if path.suffix == ".tflite" or head[4:8] == litert_tools.TFLITE_MAGIC:
         litert_tools.check(path)
         ins, outs = litert_tools.io_specs(path)
-        return SourceModel(path, "tflite", ins, outs, None, frozenset(), _sha256(path), path.stat().st_size)
+        return SourceModel(path, "tflite", ins, outs, None, frozenset(), file_sha256(path), path.stat().st_size)
     model = onnx_tools.load(path)
     ins, outs = onnx_tools.io_specs(model)
     if not ins:
         raise ModelError(f"{path.name} has no inputs")
     return SourceModel(
-        path, "onnx", ins, outs, onnx_tools.opset(model), frozenset(onnx_tools.op_types(model)), _sha256(path),
+        path, "onnx", ins, outs, onnx_tools.opset(model), frozenset(onnx_tools.op_types(model)), file_sha256(path),
         path.stat().st_size,
     )
 

@@ -14,21 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.protocol.messages import TensorSpec
+from agent.protocol.messages import ONNX_DTYPES, TensorSpec
 from server.compression.data import Dataset
 from server.errors import ModelError
 
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(bool)": "bool",
-}
 MAX_BATCH = 32
 
 
@@ -56,11 +45,11 @@ class OrtRunner:
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise ModelError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
         self.inputs = tuple(
-            TensorSpec(i.name, _ORT_TYPES.get(i.type, "float32"), tuple(_dim(d) for d in i.shape))
+            TensorSpec(i.name, ONNX_DTYPES.get(i.type, "float32"), tuple(_dim(d) for d in i.shape))
             for i in self.session.get_inputs()
         )
         self.outputs = tuple(
-            TensorSpec(o.name, _ORT_TYPES.get(o.type, "float32"), tuple(_dim(d) for d in (o.shape or ())))
+            TensorSpec(o.name, ONNX_DTYPES.get(o.type, "float32"), tuple(_dim(d) for d in (o.shape or ())))
             for o in self.session.get_outputs()
         )
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.files import fsync_dir
 from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
 from server.builds import Build
 from server.compression.data import load_dataset
@@ -120,14 +121,6 @@ class CatalogBuild(Build):
 # -- files ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_synced(src: Path, dst: Path) -> None:
     with src.open("rb") as fin, dst.open("wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
@@ -152,7 +145,7 @@ class _Staging:
         self.dir.mkdir()
 
     def commit(self, final: Path) -> None:
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         if final.exists():
             old = final.with_name(f".old-{uuid.uuid4().hex}")
             final.rename(old)
@@ -160,7 +153,7 @@ class _Staging:
             shutil.rmtree(old, ignore_errors=True)
         else:
             self.dir.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

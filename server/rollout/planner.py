@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from agent.protocol.events import EventKind
+
 
 class Phase(str, Enum):
     PENDING = "pending"
@@ -241,18 +243,18 @@ def wave_stats(devices: Sequence[DeviceView], wave_count: int) -> list[WaveStats
 # -- phases from what devices report --------------------------------------------------------------------
 
 _EVENT_PHASE: Mapping[str, Phase] = {
-    "desired.accepted": Phase.ACCEPTED,
-    "desired.rejected": Phase.FAILED,
-    "download.started": Phase.DOWNLOADING,
-    "download.progress": Phase.DOWNLOADING,
-    "download.completed": Phase.INSTALLING,
-    "lifecycle.verifying": Phase.INSTALLING,
-    "lifecycle.staged": Phase.INSTALLING,
-    "lifecycle.warming": Phase.INSTALLING,
-    "lifecycle.probation": Phase.PROBATION,
-    "lifecycle.committed": Phase.COMMITTED,
-    "lifecycle.rolled_back": Phase.FAILED,
-    "lifecycle.failed": Phase.FAILED,
+    EventKind.DESIRED_ACCEPTED: Phase.ACCEPTED,
+    EventKind.DESIRED_REJECTED: Phase.FAILED,
+    EventKind.DOWNLOAD_STARTED: Phase.DOWNLOADING,
+    EventKind.DOWNLOAD_PROGRESS: Phase.DOWNLOADING,
+    EventKind.DOWNLOAD_COMPLETED: Phase.INSTALLING,
+    EventKind.LIFECYCLE_VERIFYING: Phase.INSTALLING,
+    EventKind.LIFECYCLE_STAGED: Phase.INSTALLING,
+    EventKind.LIFECYCLE_WARMING: Phase.INSTALLING,
+    EventKind.LIFECYCLE_PROBATION: Phase.PROBATION,
+    EventKind.LIFECYCLE_COMMITTED: Phase.COMMITTED,
+    EventKind.LIFECYCLE_ROLLED_BACK: Phase.FAILED,
+    EventKind.LIFECYCLE_FAILED: Phase.FAILED,
 }
 
 
@@ -280,7 +282,7 @@ def observe_event(
     """
     data = data or {}
     if current is Phase.ROLLING_BACK:
-        if kind == "lifecycle.rolled_back":
+        if kind == EventKind.LIFECYCLE_ROLLED_BACK:
             return Observation(Phase.ROLLED_BACK, reason=_reason(message, data))
         return None
     target = _EVENT_PHASE.get(kind)
@@ -293,7 +295,7 @@ def observe_event(
     if current not in IN_FLIGHT:
         return None  # pending (not sent yet: an event about an older desired state), or settled
     if target is Phase.FAILED:
-        if kind == "lifecycle.rolled_back":
+        if kind == EventKind.LIFECYCLE_ROLLED_BACK:
             check = data.get("check")
             return Observation(Phase.FAILED, reason=_reason(message, data),
                                code=f"health.{check}" if isinstance(check, str) and check else code or "rolled_back")

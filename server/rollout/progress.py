@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
+from agent.protocol.events import EventKind
 from agent.protocol.messages import Event, StateReport
 from server.registry.rollouts import RolloutTables
 from server.rollout.planner import IN_FLIGHT, TERMINAL, Observation, Phase, observe_event, observe_state
@@ -41,7 +42,7 @@ class ProgressTracker:
                 and ev.model.name == r["model"]
                 and (ev.model.version == r["version"] or phase is Phase.ROLLING_BACK)
             )
-            if ev.kind == "command.result" and phase is Phase.ROLLING_BACK:
+            if ev.kind == EventKind.COMMAND_RESULT and phase is Phase.ROLLING_BACK:
                 active = ev.data.get("active")
                 if (
                     ev.data.get("ok") is True

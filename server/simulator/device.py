@@ -25,62 +25,44 @@ Theory of operation
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
+from agent.core.executor import feed
 from agent.core.health import ProbationPolicy, WindowStats
-from agent.core.journal import Failure, State, Via
+from agent.core.intake import Intake, carry_out
+from agent.core.journal import Failure, JournalRecord, State
 from agent.core.lifecycle import (
-    Activate,
-    CommandResult,
-    Commit,
-    Continue,
-    Deploy,
-    DiscardDownload,
     DownloadComplete,
-    Effect,
     Event,
     Failed,
-    LoadCandidate,
-    Persist,
-    Report,
-    Restore,
     RolledBack,
     Sample,
     Seen,
-    ServeCommitted,
-    StartDownload,
-    SwitchBack,
-    SwitchTo,
     UpdateMachine,
     Verified,
-    Verify,
     WarmedUp,
-    WatchProbation,
 )
 from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.core.reports import EventReporter
+from agent.core.trust import TrustState
 from agent.errors import (
     ConflictingChunkError,
-    DowngradeError,
     EdgeError,
-    ExpiredError,
     HealthCheckError,
     IntegrityError,
     LifecycleError,
     TopicError,
     VersionNotKeptError,
 )
-from agent.protocol.envelope import ChunkOpener, TrustAnchor, open_command, open_desired, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
+from agent.protocol.events import EventKind, error_kind
 from agent.protocol.messages import (
     ActiveModel,
     ArtifactInfo,
@@ -103,9 +85,8 @@ log = logging.getLogger("edgefleet.simulator")
 
 SIM_AGENT_VERSION = f"{__version__}+sim"
 SIM_ARCH = "simulated"
-MAX_IGNORED_BLOBS = 64
-MILESTONES = ("desired.accepted", "download.started", "download.completed", "lifecycle.probation",
-              "lifecycle.committed", "lifecycle.rolled_back")
+MILESTONES = (EventKind.DESIRED_ACCEPTED, EventKind.DOWNLOAD_STARTED, EventKind.DOWNLOAD_COMPLETED,
+              EventKind.LIFECYCLE_PROBATION, EventKind.LIFECYCLE_COMMITTED, EventKind.LIFECYCLE_ROLLED_BACK)
 
 
 @dataclass(frozen=True)
@@ -137,6 +118,7 @@ class _Kept:
     health: HealthSpec
     runtime: RuntimeSpec
     committed: bool = False
+    committed_order: int = 0  # the n-th commit (the agent's store orders kept versions by commit time)
 
 
 @dataclass
@@ -170,7 +152,7 @@ class Counters:
     events: dict[str, int] = field(default_factory=dict)
 
 
-class SimDevice:
+class SimDevice(EventReporter):
     def __init__(
         self,
         device_id: str,
@@ -202,8 +184,10 @@ class SimDevice:
         self._probation_since: float | None = None
         self._probation_next: float | None = None
         self._pending_desired: bytes | None = None
-        self._ignored_blobs: deque[str] = deque(maxlen=MAX_IGNORED_BLOBS)
-        self._desired_expires_at: float | None = None
+        self.trusted = TrustState(trust, device_id=device_id, skew=settings.clock_skew_s)
+        self.intake = Intake(self.trusted)
+        self._commits = 0
+        self._error_counts: dict[str, tuple[float, int]] = {}
         self._published_lifecycle: State | None = None
         self._state_dirty = False
         self._last_state: bytes | None = None
@@ -270,7 +254,7 @@ class SimDevice:
                 self._on_command(payload)
         except EdgeError as exc:  # an unexpected edge: report, keep going (as the agent does)
             log.warning("%s: unhandled %s: %s", self.device_id, exc.code, exc.message)
-            self._event(f"error.{exc.code}", severity="warning", code=exc.code, message=exc.message)
+            self._event(error_kind(exc.code), severity="warning", code=exc.code, message=exc.message)
         self._after_events()
 
     def tick(self, now: float) -> None:
@@ -289,6 +273,14 @@ class SimDevice:
             self._telemetry_next = now + self.settings.telemetry_s
             self._publish_telemetry(now)
         self._after_events()
+
+    def seed(self, ref: ModelRef) -> None:
+        """Start with ``ref`` committed, kept and serving (a device already in service; before it connects)."""
+        self._commits += 1
+        self._kept[ref] = _Kept(ref, None, None, HealthSpec((), (), 0.0), RuntimeSpec("onnx", "onnxruntime"),
+                                committed=True, committed_order=self._commits)
+        self.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: ref.version}))
+        self.active = ref
 
     # -- what the status view reads -----------------------------------------------------------------------
 
@@ -310,55 +302,28 @@ class SimDevice:
             self._publish_state()
 
     def _feed(self, event: Event) -> None:
-        pending: deque[Event] = deque([event])
-        while pending:
-            ev = pending.popleft()
-            try:
-                effects = self.machine.handle(ev)
-            except LifecycleError as exc:
-                self._event(f"error.{exc.code}", severity="warning", code=exc.code, message=exc.message)
-                continue
-            for effect in effects:
-                answer = self._execute(effect)
-                if answer is not None:
-                    pending.append(answer)
-            if self.machine.state is not self._published_lifecycle:
-                self._publish_state()  # one retained StateReport per transition, after its side effects
+        feed(event, self)
 
-    def _execute(self, effect: Effect) -> Event | None:
-        """The agent's executor table, with memory for the store and the stand-in for inference."""
-        if isinstance(effect, Persist):
-            self._state_dirty = True  # the journal is this object; nothing to write
-        elif isinstance(effect, Report):
-            self._event(effect.kind, severity=effect.severity, message=effect.message, code=effect.code,
-                        model=effect.model, deployment_id=effect.deployment_id, data=effect.data)
-        elif isinstance(effect, CommandResult):
-            self._command_result(effect.command_id, effect.action, ok=effect.ok, message=effect.message)
-        elif isinstance(effect, ServeCommitted):
-            self.active = effect.ref if effect.ref in self._kept else None
-        elif isinstance(effect, StartDownload):
-            return self._start_download(effect.target, effect.artifact_id)
-        elif isinstance(effect, DiscardDownload):
-            self._discard_download(effect.artifact_id)
-        elif isinstance(effect, Verify):
-            return self._verify(effect.target, effect.artifact_id)
-        elif isinstance(effect, LoadCandidate):
-            return self._load_candidate(effect.target)
-        elif isinstance(effect, SwitchTo):
-            return self._switch_to(effect.target)
-        elif isinstance(effect, WatchProbation):
-            self._probation_next = self.monotonic()
-        elif isinstance(effect, Commit):
-            self._commit(effect.target)
-        elif isinstance(effect, Restore):
-            return self._restore(effect.target, effect.discard, effect.artifact_id)
-        elif isinstance(effect, Continue):
-            return effect.event
+    def _lifecycle_refused(self, event: Event, exc: LifecycleError) -> None:
+        self._error_event(exc.code, exc.message)
+
+    def _transitioned(self) -> None:
+        if self.machine.state is not self._published_lifecycle:
+            self._publish_state()
+
+    # -- executors (agent.core.executor's table; memory for the store, a stand-in for inference) ---------------
+
+    def _persist(self, record: JournalRecord) -> None:
+        self._state_dirty = True  # the journal is this object; nothing to write
+
+    def _serve_committed(self, ref: ModelRef | None, *, fallback: bool) -> Event | None:
+        self.active = ref if ref in self._kept else None
         return None
 
-    # -- executors ----------------------------------------------------------------------------------------
+    def _watch_probation(self) -> None:
+        self._probation_next = self.monotonic()
 
-    def _start_download(self, target: ModelRef, artifact_id: str) -> Event | None:
+    def _start_download(self, target: ModelRef, artifact_id: str, *, resume: bool = False) -> Event | None:
         try:
             d = self._open_download(target, artifact_id)
         except EdgeError as exc:
@@ -371,7 +336,7 @@ class SimDevice:
             except TopicError:
                 log.warning("%s: ignoring artifact topic %r", self.device_id, d.info.topic)
         p = d.reassembly.progress()
-        self._event("download.started", model=target, deployment_id=d.desired.deployment_id,
+        self._event(EventKind.DOWNLOAD_STARTED, model=target, deployment_id=d.desired.deployment_id,
                     data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                           "total_bytes": p.total_bytes, "resumed": False})
         self._request_missing(d, "initial")
@@ -384,9 +349,7 @@ class SimDevice:
         info, key = desired.artifact, desired.key
         if info is None or key is None or desired.model != target:
             raise IntegrityError(f"stored desired state does not describe artifact {artifact_id}")
-        now = self.clock()
-        if now > desired.expires_at + self.settings.clock_skew_s:
-            raise ExpiredError(desired.expires_at, now)
+        self.trusted.check_fresh(desired, self.clock())
         data_key = unwrap_key(key, self.key, artifact_id=artifact_id, device_id=self.device_id)
         sink = StreamingSink(total_size=info.compressed_size, compression=info.compression, model_size=info.size)
         reassembly = Reassembly(
@@ -440,7 +403,7 @@ class SimDevice:
         if progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
                         self.settings.progress_interval_s):  # the agent's rule
             d.last_progress_fraction, d.last_progress_at = p.fraction, now
-            self._event("download.progress", model=d.target, deployment_id=d.desired.deployment_id,
+            self._event(EventKind.DOWNLOAD_PROGRESS, model=d.target, deployment_id=d.desired.deployment_id,
                         data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                               "total_bytes": p.total_bytes})
 
@@ -449,7 +412,7 @@ class SimDevice:
         if d.info.topic and self.client is not None:
             self.client.unsubscribe(d.info.topic)
         p = d.reassembly.progress()
-        self._event("download.completed", model=d.target, deployment_id=d.desired.deployment_id,
+        self._event(EventKind.DOWNLOAD_COMPLETED, model=d.target, deployment_id=d.desired.deployment_id,
                     data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
                           "total_bytes": p.total_bytes})
         return DownloadComplete(self.clock())
@@ -519,8 +482,10 @@ class SimDevice:
         kept = self._kept.get(target)
         if kept is not None:
             kept.committed = True
+            self._commits += 1
+            kept.committed_order = self._commits
         same = sorted((k for k in self._kept.values() if k.ref.name == target.name and k.committed),
-                      key=lambda k: k.ref.version, reverse=True)
+                      key=lambda k: k.committed_order, reverse=True)
         for old in same[self.settings.keep_versions:]:
             if old.ref != self.active:
                 del self._kept[old.ref]
@@ -550,136 +515,51 @@ class SimDevice:
         kept = self._kept.get(ref)
         return kept if kept is not None and (kept.committed or not committed_only) else None
 
+    def committed_refs(self, name: str | None = None) -> list[ModelRef]:
+        """Committed versions kept, most recently committed first (agent.core.intake.KeptVersions)."""
+        kept = [k for k in self._kept.values() if k.committed and (name is None or k.ref.name == name)]
+        return [k.ref for k in sorted(kept, key=lambda k: k.committed_order, reverse=True)]
+
+    def committed_artifact(self, ref: ModelRef) -> str | None:
+        kept = self._find(ref, committed_only=True)
+        return kept.artifact_id if kept is not None else None
+
     def _on_desired(self, blob: bytes) -> None:
-        digest = hashlib.sha256(blob).hexdigest()
-        record = self.machine.record
-        if digest == record.last_desired_sha256 or digest in self._ignored_blobs:
-            return  # the retained desired state, re-delivered on reconnect
-        now = self.clock()
-        try:
-            desired = open_desired(blob, trust=self.trust, device_id=self.device_id, now=now,
-                                   last_seq=record.last_seq, committed_version=lambda _name: None,
-                                   skew=self.settings.clock_skew_s)
-        except EdgeError as exc:
-            self._ignored_blobs.append(digest)
-            self._event("desired.rejected", severity="warning", code=exc.code, message=exc.message)
-            return
-        model = desired.model
-        if desired.action == "deploy":
-            floor = record.committed_version(model.name)
-            if floor is not None and model.version < floor:
-                self._feed(Seen(now, desired.seq, digest))
-                err = DowngradeError(model.name, model.version, floor)
-                self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=model)
-                return
-            self._on_deploy(desired, blob, digest)
-        else:
-            self._on_pin(desired, blob, digest)
+        carry_out(self.intake.desired(blob, self.machine, self, self.clock()), blob, self)
 
-    def _accepted(self, desired: DesiredState, message: str) -> None:
-        self._desired_expires_at = desired.expires_at
-        self._event("desired.accepted", model=desired.model, deployment_id=desired.deployment_id, message=message,
-                    data={"action": desired.action, "seq": desired.seq})
+    def _defer(self, blob: bytes) -> None:
+        self._pending_desired = blob
 
-    def _on_deploy(self, desired: DesiredState, blob: bytes, digest: str) -> None:
-        info = desired.artifact
-        if info is None:
-            raise IntegrityError("the desired state lacks a field a deploy needs")
-        record, state, now = self.machine.record, self.machine.state, self.clock()
-        committed = self._find(record.committed, committed_only=True) if record.committed else None
-        if record.committed == desired.model and committed is not None and committed.artifact_id == info.artifact_id:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, "already serving this version")
-            return
-        if state is State.DOWNLOADING and record.artifact_id == info.artifact_id:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, "already downloading this artifact")
-            return
-        if state not in (State.IDLE, State.DOWNLOADING):
-            self._pending_desired = blob
-            return
-        self._desired[info.artifact_id] = desired
-        self._accepted(desired, "deploying")
-        self._feed(Deploy(desired.model, info.artifact_id, now, desired.deployment_id, seq=desired.seq,
-                          desired_sha256=digest))
+    def _save_desired(self, desired: DesiredState, blob: bytes) -> EdgeError | None:
+        if desired.artifact is None:
+            return IntegrityError("the desired state lacks a field a deploy needs")
+        self._desired[desired.artifact.artifact_id] = desired
+        return None
 
-    def _on_pin(self, desired: DesiredState, blob: bytes, digest: str) -> None:
-        target, record, state, now = desired.model, self.machine.record, self.machine.state, self.clock()
-        if record.committed == target and state is State.IDLE:
-            self._feed(Seen(now, desired.seq, digest))
-            self._accepted(desired, "already serving this version")
-            return
-        if self._find(target, committed_only=True) is None:
-            self._feed(Seen(now, desired.seq, digest))
-            err = VersionNotKeptError(target.name, target.version)
-            self._event("desired.rejected", severity="warning", code=err.code, message=err.message, model=target)
-            return
-        backwards = record.committed is not None and (
-            target.name != record.committed.name or target.version <= record.committed.version
-        )
-        if (state is State.PROBATION and backwards) or state in (State.IDLE, State.DOWNLOADING):
-            self._accepted(desired, "switching to a kept version")
-            kind = SwitchBack if backwards else Activate
-            self._feed(kind(target, now, via=Via.PIN, deployment_id=desired.deployment_id, seq=desired.seq,
-                            desired_sha256=digest))
-        else:
-            self._pending_desired = blob
+    def _accepted(self, desired: DesiredState, blob: bytes, message: str) -> None:
+        self.trusted.accepted(desired)
+        self._event(EventKind.DESIRED_ACCEPTED, model=desired.model, deployment_id=desired.deployment_id,
+                    message=message, data={"action": desired.action, "seq": desired.seq})
 
     def _on_command(self, blob: bytes) -> None:
-        record, now = self.machine.record, self.clock()
+        now = self.clock()
         try:
-            cmd = open_command(blob, trust=self.trust, device_id=self.device_id, now=now,
-                               last_seq=record.last_seq, skew=self.settings.clock_skew_s)
+            cmd = self.trusted.open_command(blob, self.machine.record, now)
         except EdgeError as exc:
             self._error_event(exc.code, f"command rejected: {exc.message}")
             return
-        if cmd.action == "ping":
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, "ping", ok=True, message="pong")
-        elif cmd.action == "purge":
-            self._feed(Seen(now, cmd.seq))
-            keep = {r for r in (record.committed, record.target, self.active) if r is not None}
-            removed = [k for k in list(self._kept) if k not in keep]
-            for ref in removed:
-                del self._kept[ref]
-            self._state_dirty = True
-            text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
-            self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
-        elif cmd.action in ("rollback", "activate"):
-            self._switch_command(cmd)
+        carry_out(self.intake.command(cmd, self.machine, self, now), blob, self)
 
-    def _switch_command(self, cmd: Command) -> None:
-        record, state, now = self.machine.record, self.machine.state, self.clock()
-        name = cmd.model or (record.committed.name if record.committed else None)
-        target: ModelRef | None = None
-        if name is not None and cmd.version is not None:
-            target = ModelRef(name, cmd.version)
-        elif name is not None and cmd.action == "rollback":
-            if state in (State.PROBATION, State.DOWNLOADING) and record.committed is not None:
-                target = record.committed
-            else:
-                older = sorted((k.ref for k in self._kept.values()
-                                if k.ref.name == name and k.committed and k.ref != record.committed),
-                               key=lambda r: r.version, reverse=True)
-                target = older[0] if older else None
-        if target is None or self._find(target, committed_only=True) is None:
-            self._feed(Seen(now, cmd.seq))
-            err = VersionNotKeptError(name or "model", None if target is None else target.version)
-            self._command_result(cmd.command_id, cmd.action, ok=False, message=err.message)
-            return
-        if target == record.committed and state is State.IDLE:
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, cmd.action, ok=True,
-                                 message=f"already serving version {target.version}")
-            return
-        if cmd.action == "rollback" and state in (State.IDLE, State.DOWNLOADING, State.PROBATION):
-            self._feed(SwitchBack(target, now, via=Via.ROLLBACK, command_id=cmd.command_id, seq=cmd.seq))
-        elif cmd.action == "activate" and state in (State.IDLE, State.DOWNLOADING):
-            self._feed(Activate(target, now, via=Via.ACTIVATE, command_id=cmd.command_id, seq=cmd.seq))
-        else:
-            self._feed(Seen(now, cmd.seq))
-            self._command_result(cmd.command_id, cmd.action, ok=False,
-                                 message=f"busy ({state.value}); send it again when idle")
+    def _purge(self, cmd: Command, seen: Seen) -> None:
+        self._feed(seen)
+        record = self.machine.record
+        keep = {r for r in (record.committed, record.target, self.active) if r is not None}
+        removed = [k for k in list(self._kept) if k not in keep]
+        for ref in removed:
+            del self._kept[ref]
+        self._state_dirty = True
+        text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
+        self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
 
     # -- publishing -----------------------------------------------------------------------------------------
 
@@ -690,36 +570,15 @@ class SimDevice:
         self.counters.published += 1
         self.counters.published_bytes += len(payload)
 
-    def _event(
-        self,
-        kind: str,
-        *,
-        severity: str = "info",
-        message: str = "",
-        code: str | None = None,
-        model: ModelRef | None = None,
-        deployment_id: str | None = None,
-        command_id: str | None = None,
-        data: Mapping[str, Any] | None = None,
-    ) -> None:
+    def _emit(self, event: WireEvent) -> None:
+        kind = event.kind
         self.counters.events[kind] = self.counters.events.get(kind, 0) + 1
         if kind in MILESTONES:
             self.counters.milestones[kind] = self.clock()
-        event = WireEvent(device_id=self.device_id, ts=self.clock(), event_id=uuid.uuid4().hex, kind=kind,
-                          severity=severity, message=message, code=code, deployment_id=deployment_id, model=model,
-                          command_id=command_id, data=dict(data or {}))
         self._publish(Channel.EVENT, encode(event))
 
-    def _error_event(self, code: str, message: str) -> None:
-        if self.counters.events.get(f"error.{code}", 0) < 5:
-            self._event(f"error.{code}", severity="warning", code=code, message=message)
-
-    def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None:
-        active = self.active
-        self._event("command.result", severity="info" if ok else "warning", message=message, command_id=command_id,
-                    model=active,
-                    data={"ok": ok, "action": action, "active": active.to_dict() if active else None,
-                          "message": message})
+    def _serving(self) -> ModelRef | None:
+        return self.active
 
     def _state_report(self, *, full: bool) -> StateReport:
         record = self.machine.record
@@ -736,7 +595,7 @@ class SimDevice:
         report = StateReport(
             device_id=self.device_id, online=True, session=self.session, ts=self.clock(),
             lifecycle=record.state.value, active=active, target=record.target, kept=kept_versions,
-            last_seq=record.last_seq, desired_expires_at=self._desired_expires_at,
+            last_seq=record.last_seq, desired_expires_at=self.trusted.desired_expires_at,
         )
         if full:  # the birth report carries the static facts; later ones only what changes
             report = replace(report, profile=self.settings.profile, arch=SIM_ARCH,

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol.envelope import TrustAnchor
+from agent.protocol.events import EventKind
 from agent.protocol.messages import ModelRef
 from server.simulator.device import SimDevice, SimSettings
 
@@ -356,7 +357,7 @@ class SimFleet:
         for d in self.devices:
             for kind, ts in d.counters.milestones.items():
                 marks.setdefault(kind, []).append(ts)
-        origin = min(marks.get("desired.accepted", [0.0]))
+        origin = min(marks.get(EventKind.DESIRED_ACCEPTED, [0.0]))
         out: dict[str, dict[str, float]] = {}
         for kind, values in marks.items():
             values.sort()

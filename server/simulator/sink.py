@@ -13,11 +13,9 @@ then decompression with the declared size as a hard cap, then the model's SHA-25
 from __future__ import annotations
 
 import hashlib
-import lzma
-import zlib
-from typing import Any
 
-from agent.errors import ArtifactTooLargeError, EdgeError, IntegrityError
+from agent.errors import EdgeError, IntegrityError
+from agent.protocol.codec import Inflater
 
 #: Out-of-order chunks held while waiting for the gap before them (bytes).
 MAX_PENDING_BYTES = 16 << 20
@@ -27,8 +25,7 @@ class StreamingSink:
     """``ChunkSink`` for ``agent.core.reassembly.Reassembly`` that hashes and inflates in stream order."""
 
     def __init__(self, *, total_size: int, compression: str, model_size: int) -> None:
-        if compression not in ("none", "zlib", "lzma"):
-            raise IntegrityError(f"unknown compression {compression!r}")
+        self._inflater = Inflater(compression, model_size)  # IntegrityError for an unknown compression
         self.total_size = total_size
         self.compression = compression
         self.model_size = model_size
@@ -37,12 +34,6 @@ class StreamingSink:
         self._pending_bytes = 0
         self._stream = hashlib.sha256()
         self._model = hashlib.sha256()
-        self._model_bytes = 0
-        self._inflater: Any = None
-        if compression == "zlib":
-            self._inflater = zlib.decompressobj()
-        elif compression == "lzma":
-            self._inflater = lzma.LZMADecompressor()
         self.error: EdgeError | None = None
 
     def write_at(self, offset: int, data: bytes) -> None:
@@ -65,22 +56,11 @@ class StreamingSink:
         self._stream.update(data)
         if self.error is not None:
             return
-        if self._inflater is None:  # "none": the model is the stream; one digest serves both checks
-            self._model_bytes += len(data)
-            return
         try:
-            if isinstance(self._inflater, lzma.LZMADecompressor):
-                out = self._inflater.decompress(data, max_length=self.model_size + 1 - self._model_bytes)
-            else:
-                out = self._inflater.decompress(data, self.model_size + 1 - self._model_bytes)
-        except (zlib.error, lzma.LZMAError) as exc:
-            self.error = IntegrityError(f"artifact does not decompress with {self.compression}: {exc}")
-            return
-        self._model_bytes += len(out)
-        if self._model_bytes > self.model_size:
-            self.error = ArtifactTooLargeError(self._model_bytes, self.model_size)
-            return
-        self._model.update(out)
+            for out in self._inflater.feed(data):
+                self._model.update(out)
+        except EdgeError as exc:
+            self.error = exc
 
     def sha256(self) -> bytes:
         """SHA-256 of the compressed stream (what ``Reassembly.finish`` compares); empty until it is whole."""
@@ -90,8 +70,6 @@ class StreamingSink:
         """After ``finish``: the decompressed model has the declared size and digest (IntegrityError if not)."""
         if self.error is not None:
             raise self.error
-        if self._model_bytes != self.model_size:
-            raise IntegrityError(f"decompressed size {self._model_bytes} != declared {self.model_size}")
-        model = self._stream if self._inflater is None else self._model
-        if model.hexdigest() != sha256_hex:
+        self._model.update(self._inflater.finish())
+        if self._model.hexdigest() != sha256_hex:
             raise IntegrityError("model digest mismatch after decompression")

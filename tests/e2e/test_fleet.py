@@ -39,6 +39,7 @@ from agent.runtime.keys import public_key_b64
 from server.broker import MosquittoBroker
 from server.builds import Build
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
+from server.registry.fleet import FINISHED_STATUSES
 from tests.support.devices.agent_process import AgentProcess
 from tests.support.models import agent as agent_models
 from tests.support.models import bad as badmodels
@@ -46,6 +47,7 @@ from tests.support.models import real_model
 from tests.support.models.agent import AgentModels
 from tests.support.mqtt import MqttTestClient
 from tests.support.servers.process import ServerProcess
+from tests.support.waiting import wait_progress
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
 
@@ -76,24 +78,59 @@ class Fleet:
         result: dict[str, Any] = self.call("get_deployment", path={"deployment_id": deployment_id})
         return result
 
-    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 180.0) -> dict[str, Any]:
+    def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], stall_s: float = 120.0) -> dict[str, Any]:
+        """Until the deployment's status is one of ``statuses``: as long as its device rows move, and at once
+        a failure when it finished otherwise (a rolled-back rollout will not complete)."""
         detail: dict[str, Any] = {}
+
+        def rows() -> list[tuple[str, str, str | None]]:
+            return [(d["device_id"], d["state"], d["reason"]) for d in detail.get("devices", [])]
 
         def done() -> bool:
             nonlocal detail
             detail = self.detail(deployment_id)
             return detail["status"] in statuses
 
-        wait(done, timeout, lambda: f"deployment {deployment_id} is {detail.get('status')}, not {statuses}: "
-                                    f"{[(d['device_id'], d['state'], d['reason']) for d in detail.get('devices', [])]}")
+        def failed() -> str | None:
+            status = detail.get("status")
+            return f"it finished {status}" if status in FINISHED_STATUSES else None
+
+        wait_progress(done, what=f"deployment {deployment_id} {statuses}", failed=failed,
+                      progress=lambda: (detail.get("status"), tuple(rows())), stall_s=stall_s, cap_s=600.0,
+                      describe=lambda: f"it is {detail.get('status')}: {rows()}\n--- server log (end):\n"
+                                       + "\n".join(self.server.log_text().splitlines()[-15:]))
         return detail
 
     def devices(self) -> dict[str, dict[str, Any]]:
         return {d["device_id"]: d for d in self.call("list_devices")}
 
-    def wait_online(self, *ids: str, online: bool = True, timeout: float = 60.0) -> None:
-        wait(lambda: all(self.devices()[i]["online"] is online for i in ids), timeout,
-             lambda: f"{ids} not online={online}: {[(i, self.devices()[i]['online']) for i in ids]}")
+    def wait_online(self, *ids: str, online: bool = True, stall_s: float = 60.0) -> None:
+        """Until the registry shows ``ids`` online (or offline). It waits as long as something moves (one more
+        device there, a late agent's log grows) and fails at once when an agent it waits for has exited;
+        the failure shows the late devices' processes and logs and the server's log."""
+        seen: dict[str, bool] = {}
+
+        def late() -> list[str]:
+            return [i for i in ids if seen.get(i) is not online]
+
+        def done() -> bool:
+            rows = self.devices()
+            seen.update({i: rows[i]["online"] for i in ids})
+            return not late()
+
+        def failed() -> str | None:
+            gone = [i for i in late() if online and i in self.agents and self.agents[i].exited() is not None]
+            return f"agent(s) {gone} exited" if gone else None
+
+        def describe() -> str:
+            agents = "\n".join(self.agents[i].describe() for i in late() if i in self.agents)
+            server = "\n".join(self.server.log_text().splitlines()[-15:])
+            return f"not online={online}: {late()} (registry: {seen})\n{agents}\n--- server log (end):\n{server}"
+
+        wait_progress(done, what=f"{len(ids)} device(s) online={online}", describe=describe, failed=failed,
+                      progress=lambda: (tuple(late()), tuple(self.agents[i].log_size() for i in late()
+                                                                 if i in self.agents)),
+                      stall_s=stall_s)
 
     def committed(self, device_id: str) -> tuple[str, int] | None:
         """What the device itself has committed (its journal on disk)."""
@@ -238,7 +275,7 @@ def test_server_killed_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> No
     fleet.wait_committed(3, [r["device_id"] for r in before["devices"] if r["state"] == "probation"], timeout=60)
     fleet.server.start()
     assert fleet.server.proc is not None and fleet.server.proc.pid != first_pid
-    detail = fleet.wait_deployment(dep_id, ("completed",), timeout=180)
+    detail = fleet.wait_deployment(dep_id, ("completed",))
     assert {r["state"] for r in detail["devices"]} == {"committed"}
     assert [w["size"] for w in detail["waves"]] == [w["size"] for w in before["waves"]] == [2, 3, 1]
     fleet.wait_committed(3)
@@ -259,7 +296,7 @@ def test_bad_version_halts_the_rollout_and_rolls_the_fleet_back(fleet: Fleet) ->
     # canary: e2e-a-0 (its variant is fine); wave 1: a-1, a-2, b-0 (b-0's variant outputs NaN)
     dep = fleet.deploy(4, canary_percent=10, wave_percent=50, max_failures_percent=20)
     assert dep["waves"] == [1, 3, 2]
-    detail = fleet.wait_deployment(dep["deployment_id"], ("rolled_back",), timeout=180)
+    detail = fleet.wait_deployment(dep["deployment_id"], ("rolled_back",))
     failures = {f["device_id"]: f for f in detail["failures"]}
     assert set(failures) == {"e2e-b-0"}, failures
     assert "finite" in f"{failures['e2e-b-0']['code']} {failures['e2e-b-0']['reason']}"
@@ -319,7 +356,7 @@ def test_ci_registers_builds_and_rolls_out_a_model_through_the_api(fleet: Fleet)
     assert set(variants) == {PROFILE_A, PROFILE_B}
     dep = fleet.call("deploy", body={"model": "digits-ci:1", "target": f"group:{GROUP}", "canary_percent": 20,
                                      "wave_percent": 100, "max_failures_percent": 0, "probation_s": PROBATION_S})
-    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=180)
+    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",))
     assert {r["state"] for r in detail["devices"]} == {"committed"}
     wait(lambda: all(fleet.committed(i) == ("digits-ci", 1) for i in DEVICES), 30,
          lambda: f"{[(i, fleet.committed(i)) for i in DEVICES]}")

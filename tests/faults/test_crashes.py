@@ -90,7 +90,7 @@ def fault_spec(name: str, rng: random.Random, chunk_count: int) -> str:
 def restart_first_online(fleet: FleetServer, agent: AgentProcess) -> tuple[str, int] | None:
     before = len(fleet.log(agent.device_id).states)
     agent.start()
-    fleet.wait_for(lambda: any(s.online for s in fleet.log(agent.device_id).states[before:]), timeout=30)
+    agent.wait_until(lambda: any(s.online for s in fleet.log(agent.device_id).states[before:]), "online again")
     first = next(s for s in fleet.log(agent.device_id).states[before:] if s.online)
     if first.active is None:
         return None

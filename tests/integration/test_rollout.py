@@ -16,6 +16,7 @@ from server.app import FleetServer
 from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
+from server.simulator.device import SIM_AGENT_VERSION
 from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
@@ -273,7 +274,7 @@ def test_device_approved_while_connected_is_online_without_reconnecting(fleet: F
     out = fleet.service.approve_device("en-live", fingerprint_check=str(pending[0]["fingerprint"]), groups=["g"])
     dev = out["device"]
     assert dev["online"] and dev["last_seen"] is not None, dev  # its retained birth report, not a reconnect
-    assert (dev["active_model"], dev["active_version"], dev["agent_version"]) == ("m", 1, "sim")
+    assert (dev["active_model"], dev["active_version"], dev["agent_version"]) == ("m", 1, SIM_AGENT_VERSION)
     row = next(r for r in fleet.service.list_devices() if r["device_id"] == "en-live")  # what `status` shows
     assert row["online"] and row["session"] == d.state.session
     assert "device.online" in [e["kind"] for e in fleet.service.events(device_id="en-live")["events"]]

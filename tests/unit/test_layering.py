@@ -82,3 +82,72 @@ def test_no_agent_source_mentions_the_server_package() -> None:
             if stripped.startswith(("import server", "from server")):
                 offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
     assert not offenders, offenders
+
+
+# -- module by module: every import statement of every source file, function-local ones included ----------
+
+#: (package whose modules are checked, packages they must not import)
+RULES = (
+    ("agent.protocol", ("agent.core", "agent.runtime", "agent.cli", "agent.api", "server")),
+    ("agent.core", ("agent.runtime", "agent.cli", "agent.api", "server")),
+    ("agent", ("server",)),
+    ("server", ("agent.runtime", "agent.cli", "agent.api")),
+)
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, root: Path) -> list[tuple[int, str]]:
+    """Every module an import statement in ``path`` names (relative imports resolved)."""
+    import ast
+
+    module = _module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def _violations(package: str, forbidden: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    out = []
+    for path in sorted((root / package.replace(".", "/")).rglob("*.py")):
+        for line, name in _imports(path, root):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                out.append(f"{path.relative_to(root)}:{line} imports {name}")
+    return out
+
+
+def test_each_module_keeps_to_its_layer() -> None:
+    """protocol <- core <- runtime inside the agent; the agent never reaches the server; the server never
+    reaches the agent's runtime (it may use agent.protocol, agent.errors, agent.files and, in the simulator,
+    agent.core)."""
+    offenders = [v for package, forbidden in RULES for v in _violations(package, forbidden)]
+    assert not offenders, offenders
+
+
+def test_the_layering_check_sees_a_violation(tmp_path: Path) -> None:
+    """The scanner itself: function-local and relative imports of the runtime inside core are caught."""
+    core = tmp_path / "agent" / "core"
+    core.mkdir(parents=True)
+    (core / "__init__.py").write_text("")
+    (core / "probe.py").write_text(
+        "def f():\n    from agent.runtime import store\n    return store\n\n\nfrom ..runtime import agent\n"
+    )
+    assert sorted(_violations("agent.core", ("agent.runtime",), root=tmp_path)) == [
+        "agent/core/probe.py:2 imports agent.runtime",
+        "agent/core/probe.py:2 imports agent.runtime.store",
+        "agent/core/probe.py:6 imports agent.runtime",
+        "agent/core/probe.py:6 imports agent.runtime.agent",
+    ]

@@ -29,6 +29,7 @@ FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - A
 ERROR tests/integration/test_x.py::test_y - RuntimeError: broker
 ============ 2 failed, 535 passed, 3 skipped, 1 error, 2 warnings in 541.20s (0:09:01) ============
 [test] py310_check (the agent on Python 3.10; at 641 s)
+335 passed in 29.84s
 py310_check: PASSED (Python 3.10.14)
 [test] arm_check (the agent on emulated aarch64; EDGEFLEET_ARM_CHECK=0 skips, =require fails if impossible; at 700 s)
 arm_check NOT RUN: needs root (debootstrap, mount, chroot); run as root or set EDGEFLEET_ARM_CHECK=0
@@ -39,6 +40,7 @@ arm_check NOT RUN: needs root (debootstrap, mount, chroot); run as root or set E
 def test_the_summary_failures_and_both_checks_are_read_from_the_output() -> None:
     run = Run(1, "abc")
     parse_output(OUTPUT, run)
+    # the pytest phase's counts, not py310_check's own pytest summary printed after it
     assert run.counts == {"failed": 2, "passed": 535, "skipped": 3, "errors": 1, "warnings": 2}
     assert run.failures == [
         "FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - AssertionError: exit 0",
@@ -114,3 +116,14 @@ def test_the_guardian_stops_the_watched_process_groups_when_the_script_is_sigkil
         for p in (watched, unwatched):
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def test_a_guardian_that_is_gone_does_not_break_our_own_cleanup(capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM sent to every process (an interrupted session) also stops the guardian: watch/close go on."""
+    guardian = stress_test.Guardian()
+    guardian.proc.kill()
+    guardian.proc.wait(60)
+    guardian.watch(12345)  # was: BrokenPipeError, and a cascade of tracebacks instead of exit 143
+    guardian.watch(12345, on=False)
+    guardian.close()
+    assert capsys.readouterr().err.count("the guardian process exited") == 1

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import InferenceError, ModelLoadError
-from agent.protocol.messages import RuntimeSpec, TensorSpec
+from agent.protocol.messages import ONNX_DTYPES, RuntimeSpec, TensorSpec
 from agent.runtime.inference import InferenceOptions, version_at_least
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,6 @@ PROVIDER_ALIASES: Mapping[str, str] = {
     "dml": "DmlExecutionProvider",
 }
 
-_ORT_DTYPES: Mapping[str, str] = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(uint16)": "uint16",
-    "tensor(int32)": "int32",
-    "tensor(uint32)": "uint32",
-    "tensor(int64)": "int64",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-}
 
 
 def _ort() -> Any:
@@ -112,7 +98,7 @@ def provider_options(provider: str, options: InferenceOptions) -> dict[str, str]
 
 
 def _spec(arg: Any) -> TensorSpec:
-    dtype = _ORT_DTYPES.get(arg.type)
+    dtype = ONNX_DTYPES.get(arg.type)
     if dtype is None:
         raise ModelLoadError(f"tensor {arg.name!r} has type {arg.type}, which the agent cannot serve")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))

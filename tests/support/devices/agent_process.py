@@ -2,11 +2,19 @@
 
 Keys are real files made by the agent's own key code; the device is enrolled with the test
 server; timeouts are short through the config (never sleeps in product code). ``kill()`` is
-SIGKILL. Logs (JSON lines) go to ``agent.log`` in the device's directory.
+SIGKILL. Logs (JSON lines) go to ``agent.log`` in the device's directory; ``describe()`` says
+whether the process runs and shows its log since it started (for a failing wait's message).
+
+The local inference API binds ``port = 0``: the agent picks a free port itself and writes it to
+its ``status.json``, which ``http_port`` reads. A port picked here and handed over would be free
+only when picked: on a busy machine another process can take it in the seconds before the agent
+binds it, and the agent exits ("cannot serve HTTP"), which looked like a device that never came
+online (issue 11).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,8 +23,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -24,9 +34,9 @@ from agent.core.journal import JournalRecord
 from agent.runtime import faults
 from agent.runtime.keys import generate_device_key
 from agent.runtime.store import ModelStore
-from server.broker import free_port
 from tests.support.processes import kill_hard, stop_gently
 from tests.support.servers.stub import FleetServer
+from tests.support.waiting import WaitError, wait_progress
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -82,14 +92,13 @@ class AgentProcess:
         key = generate_device_key(self.dir / "device.key")
         server.write_public_key(self.dir / "server.pub")
         server.enroll(device_id, key.public_key())
-        self.http_port = free_port()
         merged: dict[str, Any] = {
             "device_id": device_id,
             "profile": "x86_64-onnx-test",
             "store_dir": str(self.store_dir),
             "broker": {"host": broker_host, "port": broker_port, "tls": False},  # test brokers are plain
             "keys": {"device_key": "device.key", "server_keys": ["server.pub"]},
-            "http": {"port": self.http_port},
+            "http": {"port": 0},  # the agent picks a free one and writes it to status.json (http_port)
         }
         for section, values in FAST.items():
             merged[section] = {**values, **merged.get(section, {})}
@@ -99,9 +108,12 @@ class AgentProcess:
             else:
                 merged[key_name] = value
         self.config_path = write_config(self.dir / "agent.toml", merged)
+        self._configured_port = int(merged["http"].get("port", 8080)) if merged["http"].get("enabled", True) else None
+        self._bound_port: int | None = None  # read from status.json, per start
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._log_offset = 0
+        self._started_at = 0.0
 
     # -- process control ---------------------------------------------------------------------------------------
 
@@ -127,6 +139,8 @@ class AgentProcess:
         )
         log.close()
         self.starts += 1
+        self._started_at = time.monotonic()
+        self._bound_port = None
         return self
 
     def kill(self) -> None:
@@ -160,6 +174,34 @@ class AgentProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_since_start(self) -> str:
+        """What this run of the process logged (earlier runs append to the same file)."""
+        with contextlib.suppress(OSError):
+            return self.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
+        return ""
+
+    def log_size(self) -> int:
+        """Bytes logged so far (a waiter's progress marker: a starting agent logs each step)."""
+        with contextlib.suppress(OSError):
+            return self.log_path.stat().st_size
+        return 0
+
+    def exited(self) -> int | None:
+        """The exit status of the last run, None while it runs (or before the first start)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def describe(self, lines: int = 25) -> str:
+        """Whether the process runs, and the end of its log since it started (for failure messages)."""
+        if self.proc is None:
+            state = "never started"
+        elif self.proc.poll() is None:
+            state = f"running as pid {self.proc.pid} for {time.monotonic() - self._started_at:.0f}s"
+        else:
+            state = f"exited with {self.proc.returncode} (pid {self.proc.pid})"
+        tail = self.log_since_start().splitlines()[-lines:]
+        body = "\n".join(f"    {line}" for line in tail) or "    (nothing logged)"
+        return f"--- agent {self.device_id}: {state}; its log since it started ({self.log_path}):\n{body}"
+
     def log_records(self) -> list[dict[str, Any]]:
         out = []
         for line in self.log_text().splitlines():
@@ -170,6 +212,45 @@ class AgentProcess:
         return out
 
     # -- the local inference API ---------------------------------------------------------------------------------
+
+    def wait_until(self, condition: Callable[[], bool], what: str, *, stall_s: float = 60.0) -> None:
+        """Until ``condition`` holds, while this agent runs and makes progress (its log grows); a failure
+        says why (it exited, or stalled) and shows its log."""
+        proc = self.proc
+        assert proc is not None, f"{self.device_id}: not started"
+        wait_progress(condition, what=f"{self.device_id}: {what}", progress=self.log_size, describe=self.describe,
+                      failed=lambda: None if proc.poll() is None else "the agent exited", stall_s=stall_s)
+
+    @property
+    def http_port(self) -> int:
+        """The port the running agent's local API bound (its status.json says; waits for it while it starts)."""
+        if self._configured_port is None:
+            raise RuntimeError(f"{self.device_id}: its local API is disabled ([http] enabled = false)")
+        if self._configured_port:
+            return self._configured_port
+        if self._bound_port is None:
+            self._bound_port = self._wait_bound_port()
+        return self._bound_port
+
+    def _wait_bound_port(self, stall_s: float = 120.0) -> int:
+        assert self.proc is not None, f"{self.device_id}: not started"
+        proc = self.proc
+        found: list[int] = []
+
+        def bound() -> bool:
+            try:  # read directly: a ModelStore would create the store's directories before the agent does
+                status = json.loads((self.store_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                return False
+            if not isinstance(status, dict):
+                return False
+            url = status.get("http")
+            if status.get("pid") == proc.pid and isinstance(url, str):
+                found.append(int(urlsplit(url).port or 0))
+            return bool(found)
+
+        self.wait_until(bound, "its local API's port in status.json", stall_s=stall_s)
+        return found[0]
 
     @property
     def url(self) -> str:
@@ -204,15 +285,16 @@ class AgentProcess:
         return self.http(f"/v2/models/{model}/infer", body)
 
     def wait_http_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until the local API answers ready; ``timeout`` is how long the agent may show no progress
+        (its log does not grow), not a budget for the whole start: a loaded machine is slow, not stuck."""
+
+        def ready() -> bool:
             try:
                 status, _ = self.http("/v2/health/ready", timeout=1.0)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"agent HTTP not ready within {timeout}s:\n{self.log_text()[-3000:]}")
+            except (urllib.error.URLError, ConnectionError, OSError) as exc:
+                if isinstance(exc, WaitError):
+                    raise
+                return False
+            return status == 200
+
+        self.wait_until(ready, "local API ready", stall_s=timeout)

@@ -125,3 +125,18 @@ def test_warm_standby_defaults_on_and_round_trips(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, MINIMAL + '[models]\nwarm_standby = "no"\n'))
     assert err.value.field == "models.warm_standby"
+
+
+def test_a_minimal_config_gets_the_dataclass_defaults() -> None:
+    """The defaults are written once (the dataclasses); the parser reads them from ``DEFAULTS``."""
+    import dataclasses
+
+    from agent.runtime.config import DEFAULTS, parse_config
+
+    config = parse_config({"device_id": "d1", "profile": "p", "store_dir": "/var/lib/x"}, base=Path("/etc/x"))
+    for section in dataclasses.fields(config):
+        got, want = getattr(config, section.name), getattr(DEFAULTS, section.name)
+        if not dataclasses.is_dataclass(got) or section.name == "keys":  # keys: paths resolve against ``base``
+            continue
+        assert got == want, section.name
+    assert config.keys.device_key == Path("/etc/x") / DEFAULTS.keys.device_key

@@ -50,5 +50,10 @@ def test_each_owner_writes_only_its_tables_and_reads_known_ones() -> None:
             assert read <= every, (owner, s)  # no table the registry does not know
 
 
+def test_the_console_queries_only_read() -> None:
+    text = (SERVER / "registry" / "console.py").read_text()
+    assert READ.search(text) and not WRITE.search(text)
+
+
 def test_the_composite_runs_no_sql_of_its_own() -> None:
     assert _sql(SERVER / "registry" / "fleet.py") == []

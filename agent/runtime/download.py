@@ -1,0 +1,254 @@
+"""The download path: open the transfer, take chunks, keep resume snapshots, verify and install."""
+
+from __future__ import annotations
+
+import logging
+
+from agent.core.journal import Failure as LifecycleFailure
+from agent.core.lifecycle import DownloadComplete, Event, Failed, Verified
+from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.errors import (
+    ArtifactTooLargeError,
+    ConflictingChunkError,
+    EdgeError,
+    IntegrityError,
+    StorageError,
+    TopicError,
+)
+from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
+from agent.protocol.events import EventKind
+from agent.protocol.messages import ChunkRequest, ModelRef, encode
+from agent.protocol.topics import Channel, device_topic, parse_topic
+from agent.runtime import faults
+from agent.runtime.download_state import SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_S, Download, _write_snapshot
+from agent.runtime.parts import _need, _ref_text
+from agent.runtime.reporting import Reporting
+
+log = logging.getLogger("agent")
+
+
+class Downloads(Reporting):
+    """The transfer executors (StartDownload, DiscardDownload, Verify) and chunk intake."""
+
+    def _start_download(self, target: ModelRef, artifact_id: str, *, resume: bool) -> Event | None:
+        try:
+            download = self._open_download(target, artifact_id)
+        except EdgeError as exc:
+            return Failed(self.clock(), LifecycleFailure("downloading", exc.code, exc.message))
+        self._download = download
+        if download.info.topic:
+            self._subscribe(download.info.topic)
+        progress = download.reassembly.progress()
+        self._event(
+            EventKind.DOWNLOAD_STARTED,
+            model=target,
+            deployment_id=download.desired.deployment_id,
+            data={
+                "received": progress.received,
+                "total": progress.total,
+                "bytes": progress.bytes_received,
+                "total_bytes": progress.total_bytes,
+                "resumed": bool(resume and progress.received),
+            },
+        )
+        if download.reassembly.complete:
+            return self._download_complete(download)
+        self._request_missing(download, "resume" if resume and progress.received else "initial")
+        return None
+
+    def _subscribe(self, topic: str) -> None:
+        assert self.link is not None
+        try:
+            parsed = parse_topic(topic)
+        except TopicError:
+            log.warning("ignoring artifact topic %r outside the edgefleet tree", topic)
+            return
+        if parsed.channel is Channel.ARTIFACT:
+            self.link.subscribe(topic)
+
+    def _open_download(self, target: ModelRef, artifact_id: str) -> Download:
+        desired = self.trusted.reopen(self.store.load_desired(artifact_id), self.clock())
+        info, key = desired.artifact, desired.key
+        if info is None or key is None or info.artifact_id != artifact_id or desired.model != target:
+            raise IntegrityError(f"stored desired state does not describe artifact {artifact_id}")
+        limit = self.config.models.max_artifact_bytes
+        if info.size > limit:
+            raise ArtifactTooLargeError(info.size, limit)
+        self._check_memory_budget(info.size, f"{_ref_text(target)} ({info.size}-byte model file)")
+        data_key = unwrap_key(key, self.device_key, artifact_id=artifact_id, device_id=self.device_id)
+        partial = self.store.partial(info)
+        reassembly = Reassembly(
+            artifact_id=artifact_id,
+            chunk_count=info.chunk_count,
+            chunk_size=info.chunk_size,
+            total_size=info.compressed_size,
+            sha256=info.compressed_sha256,
+            max_bytes=limit,
+        )
+        snapshot = partial.read_snapshot()
+        if snapshot is not None:
+            try:
+                reassembly.restore(snapshot)
+            except StorageError as exc:
+                log.warning("resume snapshot unusable (%s); starting the transfer over", exc.message)
+        missing = info.compressed_size - reassembly.progress().bytes_received
+        self.store.require_space(missing + info.size, f"downloading {_ref_text(target)}")
+        partial.open()
+        return Download(
+            target=target,
+            desired=desired,
+            info=info,
+            opener=ChunkOpener(data_key, info),
+            reassembly=reassembly,
+            partial=partial,
+            last_new_at=self.monotonic(),
+            timeout=self.config.transfer.chunk_timeout_s,
+            last_snapshot_at=self.monotonic(),
+            last_progress_at=self.monotonic(),
+        )
+
+    def _request_missing(self, download: Download, reason: str) -> None:
+        ranges = download.reassembly.missing_ranges()
+        if not ranges:
+            return
+        request = ChunkRequest(
+            device_id=self.device_id,
+            artifact_id=download.info.artifact_id,
+            ranges=ranges,
+            ts=self.clock(),
+            reason=reason,
+        )
+        self._publish(device_topic(self.device_id, Channel.CHUNK_REQUEST), encode(request))
+
+    def _on_chunk(self, payload: bytes) -> None:
+        d = self._download
+        if d is None or d.complete:
+            return
+        try:
+            header = parse_chunk_header(payload)
+        except EdgeError as exc:
+            self._error_event(exc.code, f"dropped a malformed chunk: {exc.message}")
+            return
+        if header.artifact_id != d.info.artifact_id:
+            return  # another artifact's stream (an older rollout still running): not ours
+        try:
+            opened = d.opener.open_chunk(payload)
+            added = d.reassembly.add(opened.index, opened.data, d.partial, fingerprint=opened.tag)
+        except ConflictingChunkError as exc:
+            self._error_event(exc.code, exc.message)
+            return
+        except StorageError as exc:
+            self._feed(Failed(self.clock(), LifecycleFailure("downloading", exc.code, exc.message)))
+            return
+        except EdgeError as exc:  # failed authentication, wrong length: dropped, never stored
+            self._error_event(exc.code, f"dropped chunk {header.index}: {exc.message}")
+            return
+        if added is Added.DUPLICATE:
+            return
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach(f"download:chunk:{d.reassembly.progress().received}")
+        now = self.monotonic()
+        d.last_new_at = now
+        d.timeout = self.config.transfer.chunk_timeout_s
+        d.unsnapshotted += len(opened.data)
+        if d.reassembly.complete:
+            self._feed(self._download_complete(d))
+            return
+        self._snapshot(d)
+        self._progress(d, now)
+
+    def _snapshot(self, d: Download, *, force: bool = False) -> None:
+        """Persist the resume state when due (see SNAPSHOT_EVERY_*); ``force`` writes it now and waits.
+
+        A due snapshot is written on a worker thread so chunk handling goes on during the fsyncs. It is
+        still sound: the bitmap is taken here, after every chunk it names was written (pwrite, on this
+        thread), and the worker fsyncs the data file before it writes the snapshot. One at a time: while
+        one is in flight, a due snapshot waits for a later chunk.
+        """
+        now = self.monotonic()
+        due = d.unsnapshotted >= SNAPSHOT_EVERY_BYTES or now - d.last_snapshot_at >= SNAPSHOT_EVERY_S
+        if not d.unsnapshotted or not (force or due):
+            return
+        if not force and d.snapshot_job is not None and not d.snapshot_job.done():
+            return
+        self._settle_snapshot(d)
+        blob = d.reassembly.to_bytes()
+        d.unsnapshotted = 0
+        d.last_snapshot_at = now
+        if force:
+            _write_snapshot(d.partial, blob)
+        else:
+            d.snapshot_job = self._snapshots.submit(_write_snapshot, d.partial, blob)
+
+    @staticmethod
+    def _settle_snapshot(d: Download) -> None:
+        """Wait for a background snapshot of ``d`` (before its partial is closed, discarded or verified)."""
+        job, d.snapshot_job = d.snapshot_job, None
+        if job is not None:
+            job.result()
+
+    def _progress(self, d: Download, now: float) -> None:
+        """``download.progress`` per quarter, at most every ``progress_interval_s`` (``progress_due``): per-10%
+        events cost a fleet of a thousand ~3 KB per device and rollout (docs/benchmarks.md, bench_fleet)."""
+        p = d.reassembly.progress()
+        if not progress_due(d.last_progress_fraction, p.fraction, now - d.last_progress_at,
+                            self.config.transfer.progress_interval_s):
+            return
+        d.last_progress_fraction, d.last_progress_at = p.fraction, now
+        self._event(
+            EventKind.DOWNLOAD_PROGRESS,
+            model=d.target,
+            deployment_id=d.desired.deployment_id,
+            data={"received": p.received, "total": p.total, "bytes": p.bytes_received, "total_bytes": p.total_bytes},
+        )
+
+    def _download_complete(self, d: Download) -> Event:
+        self._snapshot(d, force=True)
+        d.complete = True
+        if d.info.topic and self.link is not None:
+            self.link.unsubscribe(d.info.topic)
+        p = d.reassembly.progress()
+        self._event(
+            EventKind.DOWNLOAD_COMPLETED,
+            model=d.target,
+            deployment_id=d.desired.deployment_id,
+            data={"received": p.received, "total": p.total, "bytes": p.bytes_received, "total_bytes": p.total_bytes},
+        )
+        return DownloadComplete(self.clock())
+
+    def _discard_download(self, artifact_id: str) -> None:
+        d = self._download
+        if d is not None and d.info.artifact_id == artifact_id:
+            self._settle_snapshot(d)
+            d.partial.close()
+            if d.info.topic and self.link is not None:
+                self.link.unsubscribe(d.info.topic)
+            self._download = None
+        try:
+            self.store.discard_partial(artifact_id)
+        except StorageError as exc:
+            log.warning("cannot remove partial download %s: %s", artifact_id, exc.message)
+
+    def _verify(self, target: ModelRef, artifact_id: str) -> Event:
+        d = self._download
+        try:
+            if d is None or d.info.artifact_id != artifact_id:  # after a restart in verifying
+                d = self._open_download(target, artifact_id)
+            self._settle_snapshot(d)
+            d.reassembly.finish(d.partial)
+            self.store.install(
+                ref=target,
+                info=d.info,
+                runtime=_need(d.desired.runtime),
+                health=_need(d.desired.health),
+                variant=d.desired.variant,
+                source=d.partial.data_path,
+            )
+        except EdgeError as exc:
+            return Failed(self.clock(), LifecycleFailure("verifying", exc.code, exc.message))
+        finally:
+            if d is not None:
+                d.partial.close()
+        self._download = None
+        self._discard_download(artifact_id)
+        return Verified(self.clock())
