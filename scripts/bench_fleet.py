@@ -14,7 +14,10 @@ Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS
 
 Modes: ``broadcast`` = the chunks go once on the shared artifact topic (publisher.broadcast = true,
 the default); ``unicast`` = the baseline, the same rollout served per device on its own chunk
-topic (publisher.broadcast = false).
+topic (publisher.broadcast = false); ``delta`` = broadcast, but every device first commits version 1 (not
+timed), then version 2 (the same model with a new output layer) rolls out and is what is measured: the server
+offers each device a delta from the version it keeps (one shared patch artifact, server/delta.py), so
+``artifact_bytes`` is the patch and broker bytes compare with the ``broadcast`` row's full artifact.
 
 Columns:
   rollout_s      deploy call -> every device reported lifecycle.committed (server's registry)
@@ -52,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
+from onnx import TensorProto, helper, load, numpy_helper, save  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.protocol.envelope import raw_public  # noqa: E402
@@ -116,13 +119,29 @@ def write_model(path: Path, megabytes: float, seed: int = 7) -> Path:
     return path
 
 
-def builds_for(model_path: Path, compression: str) -> StaticBuilds:
+def new_head(src: Path, dst: Path, seed: int = 11) -> Path:
+    """Version 2 of ``write_model``'s MLP: the same hidden layer, a retrained output layer (w2)."""
+    model = load(str(src))
+    for init in model.graph.initializer:
+        if init.name == "w2":
+            w2 = numpy_helper.to_array(init)
+            fresh = (np.random.default_rng(seed).standard_normal(w2.shape) * 0.1).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(fresh, "w2"))
+    save(model, str(dst))
+    return dst
+
+
+def builds_for(model_path: Path, compression: str, v2_path: Path | None = None) -> StaticBuilds:
     health = HealthSpec(inputs=(TensorSpec("x", "float32", (1, 64)),), outputs=(TensorSpec("y", "float32", (1, 10)),),
                         latency_budget_ms=50.0, probation_s=1.0)
     builds = StaticBuilds()
     builds.add(Build(model=MODEL, version=1, profile=PROFILE, variant="fp32", path=model_path,
                      runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=64 * 1024,
                      compression=compression))
+    if v2_path is not None:
+        builds.add(Build(model=MODEL, version=2, profile=PROFILE, variant="fp32", path=v2_path,
+                         runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=64 * 1024,
+                         compression=compression))
     return builds
 
 
@@ -206,6 +225,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
             egress_mb_s: float, verbose: bool = False) -> Row:
     work.mkdir(parents=True)
     begun = time.perf_counter()
+    version = 2 if mode == "delta" else 1
 
     def phase(what: str) -> None:
         if verbose:
@@ -217,7 +237,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
     server: FleetServer | None = None
     sysbytes: SysBytes | None = None
     try:
-        config = server_config(work / "home", broker, broadcast=mode == "broadcast", egress_mb_s=egress_mb_s)
+        config = server_config(work / "home", broker, broadcast=mode != "unicast", egress_mb_s=egress_mb_s)
         server = FleetServer(config, builds=builds).start()
         ids = device_ids(n, "dev")
         for device_id in ids:
@@ -234,7 +254,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
         sim = subprocess.Popen(
             [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
              "--home", str(work / "home"), "simulate", "--devices", str(n), "--prefix", "dev", "--seed", "bench",
-             "--no-register", "--broker", broker.url, "--server-key", str(pem), "--until", f"{MODEL}:1",
+             "--no-register", "--broker", broker.url, "--server-key", str(pem), "--until", f"{MODEL}:{version}",
              "--timeout", str(timeout + 120), "--loops", str(loops), "--quiet", "--json", str(work / "sim.json")],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
             stderr=(work / "sim.log").open("wb"),
@@ -247,11 +267,22 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
         connect_s = time.perf_counter() - started
         phase("every device online")
         time.sleep(1.0)  # births and enrollments settle
+        if mode == "delta":  # every device commits v1 and reports keeping it; then v2 is what is measured
+            first = server.service.deploy(f"{MODEL}:1", target=f"group:{GROUP}", canary_percent=0,
+                                          wave_percent=100, max_failures_percent=100, probation_s=1.0, actor="bench")
+            end = time.monotonic() + timeout
+            while time.monotonic() < end and count(
+                    server, "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND state = 'committed'",
+                    first["deployment_id"]) < n:
+                time.sleep(0.2)
+            while time.monotonic() < end and count(server, "SELECT COUNT(*) FROM devices WHERE kept LIKE '%1%'") < n:
+                time.sleep(0.2)
+            phase("every device keeps v1")
         before = sysbytes.fresh()
         broker_pid = broker.process.pid if broker.process else 0
         broker_cpu0, cpu0, t0 = process_cpu(broker_pid), time.process_time(), time.perf_counter()
-        dep = server.service.deploy(f"{MODEL}:1", target=f"group:{GROUP}", canary_percent=0, wave_percent=100,
-                                    max_failures_percent=100, probation_s=1.0, actor="bench")
+        dep = server.service.deploy(f"{MODEL}:{version}", target=f"group:{GROUP}", canary_percent=0,
+                                    wave_percent=100, max_failures_percent=100, probation_s=1.0, actor="bench")
         dep_id = dep["deployment_id"]
         rollout_s: float | None = None
         committed = 0
@@ -280,6 +311,10 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
         after = sysbytes.fresh()
         artifact_id = dep["artifacts"][PROFILE]
         artifact_bytes = server.artifacts.info(artifact_id).compressed_size
+        if mode == "delta":  # what the devices fetched: the shared patch
+            delta = server.registry.db.connection().execute(
+                "SELECT artifact_id FROM artifacts WHERE variant = 'delta' AND version = 2").fetchone()
+            artifact_bytes = server.artifacts.info(delta[0]).compressed_size if delta else artifact_bytes
         phase("rollout measured")
         with contextlib.suppress(subprocess.TimeoutExpired):
             sim.wait(timeout=30)  # it exits by itself once it sees every device committed
@@ -320,7 +355,8 @@ def main() -> int:
                         help="artifact compression (default none: this fp32 model shrinks 7%% with zlib, and a "
                              "thousand simulated devices inflating it would take CPU the broker needs)")
     parser.add_argument("--loops", type=int, default=2, help="simulator threads (default 2)")
-    parser.add_argument("--modes", default="broadcast,unicast", help=argparse.SUPPRESS)  # for investigating one mode
+    parser.add_argument("--modes", default="broadcast,unicast",
+                        help="comma-separated: broadcast, unicast, delta (default broadcast,unicast)")
     parser.add_argument("--egress-mb-s", type=float, default=150.0,
                         help="server setting publisher.broadcast_egress_mb_s (default 150; 0 = unpaced)")
     parser.add_argument("--verbose", action="store_true", help="print the simulator's timeline of each run")
@@ -336,7 +372,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
         model = write_model(work / "model.onnx", args.model_mb)
-        builds = builds_for(model, args.compression)
+        v2 = new_head(model, work / "model-v2.onnx") if "delta" in args.modes else None
+        builds = builds_for(model, args.compression, v2)
         print(f"model {model.stat().st_size / 1e6:.2f} MB (ONNX MLP, {args.compression}, 64 KiB chunks); "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}")
@@ -354,14 +391,22 @@ def main() -> int:
               f"{'server_cpu_s':>12} {'broker_cpu_s':>12} {'sim_cpu_s':>9} {'committed':>9}")
     print(header)
     for r in rows:
-        per_dev = (r.broker_bytes - r.artifact_bytes) / r.devices / 1024 if r.mode == "broadcast" else \
+        per_dev = (r.broker_bytes - r.artifact_bytes) / r.devices / 1024 if r.mode != "unicast" else \
             (r.broker_bytes - r.artifact_bytes * r.devices) / r.devices / 1024
         print(f"{r.devices:>7} {r.mode:<9} {r.rollout_s if r.rollout_s is not None else 'timeout':>9} "
               f"{r.broker_bytes / 1e6:>9.2f} {per_dev:>10.1f} {r.budget / 1e6:>9.2f} {r.server_cpu_s:>12.2f} "
               f"{r.broker_cpu_s:>12.2f} {r.sim_cpu_s:>9.2f} {r.committed:>9}")
     print()
     ok = True
-    for n in sizes if args.modes == "broadcast,unicast" else []:
+    for n in sizes if {"broadcast", "delta"} <= set(args.modes.split(",")) else []:
+        b = next(r for r in rows if r.devices == n and r.mode == "broadcast")
+        d = next(r for r in rows if r.devices == n and r.mode == "delta")
+        print(f"N={n}: delta rollout broker bytes {d.broker_bytes / 1e6:.2f} MB vs full {b.broker_bytes / 1e6:.2f} MB "
+              f"({d.broker_bytes / b.broker_bytes:.2f}x; patch {d.artifact_bytes / 1e6:.2f} MB vs artifact "
+              f"{b.artifact_bytes / 1e6:.2f} MB), rollout {d.rollout_s}s vs {b.rollout_s}s, "
+              f"committed {d.committed}/{n}")
+        ok = ok and d.committed == n
+    for n in sizes if {"broadcast", "unicast"} <= set(args.modes.split(",")) else []:
         b = next(r for r in rows if r.devices == n and r.mode == "broadcast")
         u = next(r for r in rows if r.devices == n and r.mode == "unicast")
         ratio_t = (u.rollout_s / b.rollout_s) if b.rollout_s and u.rollout_s else float("nan")

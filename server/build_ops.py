@@ -60,6 +60,9 @@ def build_variant(
         opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False,
                                "synthetic": True})
         cal = None
+    older = catalog.get_build(mv.model, mv.version - 1, profile.id) if opts.previous is None else None
+    if older is not None:  # delta-friendly quantization: start from the previous version's scales
+        opts = BuildOptions(**{**opts.__dict__, "previous": older.path})
     catalog.paths.builds_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if share is None:  # a one-profile build still reads and writes the reference cache

@@ -237,6 +237,9 @@ class PublisherSection:
     resign_margin_s: float = 86400.0
     #: lifetime of a signed command, 10 s..7 days
     command_ttl_s: float = 3600.0
+    #: offer a delta (a patch over a version the device keeps) when it is at most this share of the full
+    #: artifact, 0..1; 0 = always full (docs/protocol.md, delta updates)
+    delta_max_ratio: float = 0.6
 
     def validate(self) -> None:
         _check(1 <= self.max_inflight <= 1000, "publisher", "max_inflight", "must be within 1..1000")
@@ -249,6 +252,7 @@ class PublisherSection:
         _check(0.0 < self.resign_margin_s < self.desired_ttl_s, "publisher", "resign_margin_s",
                "must be > 0 and < desired_ttl_s")
         _check(10.0 <= self.command_ttl_s <= 7 * 86400.0, "publisher", "command_ttl_s", "must be within 10 s..7 days")
+        _check(0.0 <= self.delta_max_ratio <= 1.0, "publisher", "delta_max_ratio", "must be within 0..1")
 
 
 @dataclass(frozen=True)

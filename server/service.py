@@ -21,6 +21,7 @@ from server.access import ROLES
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
 from server.config import ServerConfig
+from server.delta import transfer_summary
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.identity import check_device_id, server_logins
 from server.keys import load_signing_key, mosquitto_hash, new_broker_password, new_token, token_digest
@@ -421,6 +422,7 @@ class FleetService:
         ]
         out["builds"] = {p: {"artifact_id": b.artifact_id, "variant": b.variant}
                          for p, b in self.registry.deployment_builds(deployment_id).items()}
+        out["transfer"] = transfer_summary(self.registry, deployment_id)
         out["events"] = [e.to_dict() for e in self.registry.list_events(deployment_id=deployment_id, limit=50,
                                                                           newest=True)]
         return out

@@ -6,11 +6,12 @@ import base64
 import dataclasses
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from agent.protocol.delta import DESIRED_FIELD, DeltaInfo
 from agent.protocol.envelope import TrustAnchor, seal_command, seal_desired, verify_payload, wrap_key
 from agent.protocol.messages import (
     ArtifactInfo,
@@ -24,6 +25,9 @@ from agent.protocol.messages import (
 from agent.protocol.topics import artifact_topic
 from server.errors import InvalidRequestError, RegistryError
 from server.registry.fleet import ArtifactRecord, StoredCommand, StoredDesired
+
+if TYPE_CHECKING:
+    from server.delta import DeltaOffer
 
 
 def device_public_key(device_id: str, public_key_b64: str | None) -> X25519PublicKey:
@@ -71,6 +75,7 @@ class Signer:
         variant: str | None,
         probation_s: float | None,
         broadcast: bool,
+        delta: DeltaOffer | None = None,
     ) -> bytes:
         info = ArtifactInfo.from_dict(artifact.info)
         info = dataclasses.replace(info, topic=artifact_topic(info.artifact_id) if broadcast else None)
@@ -95,8 +100,23 @@ class Signer:
             runtime=RuntimeSpec.from_dict(runtime),
             health=health_spec,
             variant=variant,
+            extra=self._delta_field(stored, device_public_key_b64, info, delta, broadcast),
         )
         return seal_desired(desired, self._key)
+
+    @staticmethod
+    def _delta_field(
+        stored: StoredDesired, public_key_b64: str | None, full: ArtifactInfo, delta: DeltaOffer | None, broadcast: bool
+    ) -> dict[str, Any]:
+        """The signed delta offer (agent/protocol/delta.py DeltaInfo), or nothing."""
+        if delta is None:
+            return {}
+        info = ArtifactInfo.from_dict(delta.artifact.info)
+        info = dataclasses.replace(info, topic=artifact_topic(info.artifact_id) if broadcast else None)
+        key = wrap_key(delta.artifact.data_key, device_public_key(stored.device_id, public_key_b64),
+                       artifact_id=info.artifact_id, device_id=stored.device_id)
+        offer = DeltaInfo(info, key, delta.base_version, delta.base_sha256, full.sha256, full.size)
+        return {DESIRED_FIELD: offer.to_dict()}
 
     def pin(self, stored: StoredDesired, *, model: str, version: int, deployment_id: str | None) -> bytes:
         desired = DesiredState(

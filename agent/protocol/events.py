@@ -20,6 +20,9 @@ class EventKind(str, Enum):
     DOWNLOAD_STARTED = "download.started"
     DOWNLOAD_PROGRESS = "download.progress"
     DOWNLOAD_COMPLETED = "download.completed"
+    # a delta offer (device; agent/runtime/delta.py): applied, or the full artifact fetched instead
+    DELTA_APPLIED = "delta.applied"
+    DELTA_FALLBACK = "delta.fallback"
     # the update lifecycle (device; agent.core.lifecycle)
     LIFECYCLE_VERIFYING = "lifecycle.verifying"
     LIFECYCLE_STAGED = "lifecycle.staged"

@@ -115,6 +115,8 @@ class TransferConfig:
     chunk_timeout_s: float = 5.0
     chunk_timeout_max_s: float = 60.0
     progress_interval_s: float = 5.0
+    #: take a delta offer only when it is at most this share of the full artifact (else the full one)
+    delta_max_ratio: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         progress_interval_s=transfer.number(
             "progress_interval_s", DEFAULTS.transfer.progress_interval_s, lo=0.0, hi=3600
         ),
+        delta_max_ratio=transfer.number("delta_max_ratio", DEFAULTS.transfer.delta_max_ratio, lo=0.0, hi=1.0),
     )
     if transfer_cfg.chunk_timeout_max_s < transfer_cfg.chunk_timeout_s:
         raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from agent.core.journal import Failure as LifecycleFailure
 from agent.core.lifecycle import DownloadComplete, Event, Failed, Verified
@@ -17,8 +18,9 @@ from agent.errors import (
 )
 from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
 from agent.protocol.events import EventKind
-from agent.protocol.messages import ChunkRequest, ModelRef, encode
+from agent.protocol.messages import ChunkRequest, DesiredState, ModelRef, encode
 from agent.protocol.topics import Channel, device_topic, parse_topic
+from agent.runtime import delta as delta_rt
 from agent.runtime import faults
 from agent.runtime.download_state import SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_S, Download, _write_snapshot
 from agent.runtime.parts import _need, _ref_text
@@ -75,10 +77,16 @@ class Downloads(Reporting):
         if info.size > limit:
             raise ArtifactTooLargeError(info.size, limit)
         self._check_memory_budget(info.size, f"{_ref_text(target)} ({info.size}-byte model file)")
-        data_key = unwrap_key(key, self.device_key, artifact_id=artifact_id, device_id=self.device_id)
+        use, why = delta_rt.plan(desired, self.store, artifact_id=artifact_id,
+                                 max_ratio=self.config.transfer.delta_max_ratio)
+        if why is not None:
+            self._delta_fallback(target, desired, artifact_id, why)
         partial = self.store.partial(info)
+        if use is not None:
+            info, key, partial = use.offer.artifact, use.offer.key, delta_rt.partial(self.store, artifact_id, use.offer)
+        data_key = unwrap_key(key, self.device_key, artifact_id=info.artifact_id, device_id=self.device_id)
         reassembly = Reassembly(
-            artifact_id=artifact_id,
+            artifact_id=info.artifact_id,
             chunk_count=info.chunk_count,
             chunk_size=info.chunk_size,
             total_size=info.compressed_size,
@@ -92,7 +100,8 @@ class Downloads(Reporting):
             except StorageError as exc:
                 log.warning("resume snapshot unusable (%s); starting the transfer over", exc.message)
         missing = info.compressed_size - reassembly.progress().bytes_received
-        self.store.require_space(missing + info.size, f"downloading {_ref_text(target)}")
+        target_bytes = use.offer.target_size if use is not None else 0  # a delta's applied file, before install
+        self.store.require_space(missing + info.size + target_bytes, f"downloading {_ref_text(target)}")
         partial.open()
         return Download(
             target=target,
@@ -105,6 +114,8 @@ class Downloads(Reporting):
             timeout=self.config.transfer.chunk_timeout_s,
             last_snapshot_at=self.monotonic(),
             last_progress_at=self.monotonic(),
+            artifact_id=artifact_id,
+            delta=use,
         )
 
     def _request_missing(self, download: Download, reason: str) -> None:
@@ -152,7 +163,8 @@ class Downloads(Reporting):
         d.timeout = self.config.transfer.chunk_timeout_s
         d.unsnapshotted += len(opened.data)
         if d.reassembly.complete:
-            self._feed(self._download_complete(d))
+            if (done := self._download_complete(d)) is not None:
+                self._feed(done)
             return
         self._snapshot(d)
         self._progress(d, now)
@@ -202,11 +214,13 @@ class Downloads(Reporting):
             data={"received": p.received, "total": p.total, "bytes": p.bytes_received, "total_bytes": p.total_bytes},
         )
 
-    def _download_complete(self, d: Download) -> Event:
+    def _download_complete(self, d: Download) -> Event | None:
         self._snapshot(d, force=True)
         d.complete = True
         if d.info.topic and self.link is not None:
             self.link.unsubscribe(d.info.topic)
+        if d.delta is not None and not self._apply_delta(d):
+            return self._start_download(d.target, d.artifact_id, resume=False)  # the full artifact now
         p = d.reassembly.progress()
         self._event(
             EventKind.DOWNLOAD_COMPLETED,
@@ -218,7 +232,7 @@ class Downloads(Reporting):
 
     def _discard_download(self, artifact_id: str) -> None:
         d = self._download
-        if d is not None and d.info.artifact_id == artifact_id:
+        if d is not None and d.artifact_id == artifact_id:
             self._settle_snapshot(d)
             d.partial.close()
             if d.info.topic and self.link is not None:
@@ -232,17 +246,20 @@ class Downloads(Reporting):
     def _verify(self, target: ModelRef, artifact_id: str) -> Event:
         d = self._download
         try:
-            if d is None or d.info.artifact_id != artifact_id:  # after a restart in verifying
+            if d is None or d.artifact_id != artifact_id:  # after a restart in verifying
                 d = self._open_download(target, artifact_id)
             self._settle_snapshot(d)
             d.reassembly.finish(d.partial)
+            info, source = d.info, d.partial.data_path
+            if d.delta is not None:  # the applied target (re-applied if a restart lost it), copied and re-hashed
+                info, source = delta_rt.as_installable(_need(d.desired.artifact)), self._delta_target(d)
             self.store.install(
                 ref=target,
-                info=d.info,
+                info=info,
                 runtime=_need(d.desired.runtime),
                 health=_need(d.desired.health),
                 variant=d.desired.variant,
-                source=d.partial.data_path,
+                source=source,
             )
         except EdgeError as exc:
             return Failed(self.clock(), LifecycleFailure("verifying", exc.code, exc.message))
@@ -252,3 +269,46 @@ class Downloads(Reporting):
         self._download = None
         self._discard_download(artifact_id)
         return Verified(self.clock())
+
+    # delta updates (agent/runtime/delta.py)
+
+    def _delta_target(self, d: Download) -> Path:
+        target = delta_rt.target_path(self.store, d.artifact_id)
+        if target.is_file():
+            return target
+        assert d.delta is not None
+        return delta_rt.apply(self.store, d.artifact_id, d.partial.data_path, d.delta,
+                              max_size=self.config.models.max_artifact_bytes)
+
+    def _apply_delta(self, d: Download) -> bool:
+        """Apply the completed patch; False (after reporting and marking the fallback) if the full artifact must
+        be downloaded instead."""
+        assert d.delta is not None
+        t0 = self.monotonic()
+        try:
+            d.reassembly.finish(d.partial)
+            self._delta_target(d)
+        except EdgeError as exc:
+            self._settle_snapshot(d)
+            d.partial.close()
+            self._download = None
+            self._delta_fallback(d.target, d.desired, d.artifact_id, f"{exc.code}: {exc.message}")
+            return False
+        full = _need(d.desired.artifact)
+        self._event(EventKind.DELTA_APPLIED, model=d.target, deployment_id=d.desired.deployment_id, data={
+            "base_version": d.delta.offer.base_version, "delta_bytes": d.info.compressed_size,
+            "full_bytes": full.compressed_size, "apply_s": round(self.monotonic() - t0, 4)})
+        return True
+
+    def _delta_fallback(self, target: ModelRef, desired: DesiredState, artifact_id: str, reason: str) -> None:
+        """Report (event ``delta.fallback``) and remember (``delta.failed``) that this deploy goes full."""
+        log.warning("delta for %s not used: %s; downloading the full artifact", _ref_text(target), reason)
+        try:
+            delta_rt.mark_failed(self.store, artifact_id, reason)
+        except OSError as exc:
+            log.warning("cannot record the delta fallback: %s", exc)
+        offer = desired.extra.get("delta")
+        size = offer.get("artifact", {}).get("compressed_size") if isinstance(offer, dict) else None
+        full = desired.artifact
+        self._event(EventKind.DELTA_FALLBACK, model=target, deployment_id=desired.deployment_id, data={
+            "reason": reason[:300], "delta_bytes": size, "full_bytes": full.compressed_size if full else None})

@@ -11,6 +11,7 @@ from agent.errors import StorageError
 from agent.protocol.envelope import ChunkOpener
 from agent.protocol.messages import ArtifactInfo, DesiredState, ModelRef
 from agent.runtime import faults
+from agent.runtime.delta import DeltaPlan
 from agent.runtime.store import PartialDownload
 
 log = logging.getLogger("agent")
@@ -40,6 +41,8 @@ class Download:
     last_progress_at: float = 0.0
     last_progress_fraction: float = 0.0
     complete: bool = False
+    artifact_id: str = ""  # the deploy's (full) artifact: what the lifecycle and the store's partial dir name
+    delta: DeltaPlan | None = None  # set when the transfer is the delta patch, not the full artifact
 
 
 def _write_snapshot(partial: PartialDownload, blob: bytes) -> None:

@@ -17,6 +17,7 @@ power cut or the OOM killer would). Points (docs/faults.md lists them with what 
                            too (in the state it found), so ``journal:idle`` counts those
     download:chunk:<K>     the download holds K chunks (pwritten, not yet in a resume snapshot)
     download:snapshot      a resume snapshot (and the chunk data it names) is durably written
+    delta:apply            a received delta is being applied: part of the target file is written
     switched               the candidate serves; probation has not taken a sample yet
     probation:sample       a probation sample is about to be judged
     commit                 the journal names the candidate committed; the store's pointer has not moved
@@ -44,7 +45,7 @@ ENV_WAIT = "EDGEFLEET_FAULT_WAIT"
 
 _POINT = re.compile(
     r"(journal:(idle|downloading|verifying|staged|warming|probation|rolling_back)"
-    r"|download:chunk:[1-9][0-9]{0,8}|download:snapshot|switched|probation:sample|commit|write:tmp)(#([1-9][0-9]{0,5}))?"
+    r"|download:chunk:[1-9][0-9]{0,8}|download:snapshot|delta:apply|switched|probation:sample|commit|write:tmp)(#([1-9][0-9]{0,5}))?"
 )
 
 log = logging.getLogger("agent.faults")

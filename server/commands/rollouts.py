@@ -55,6 +55,10 @@ def deployment_view(d: Mapping[str, Any], *, devices: bool = False) -> Group:
                                                    ("other", w["other"])) if n)
         progress.add_task(f"{label:>8}", total=w["size"] or 1, completed=w["committed"], detail=detail)
     parts.append(progress.get_renderable())
+    if (t := d.get("transfer")) and t.get("bytes_full"):
+        parts.append(plain(f"bytes sent {t['bytes_sent']:,} vs {t['bytes_full']:,} full "
+                           f"({t['bytes_sent'] / t['bytes_full']:.0%}); deltas applied {t['devices_delta']}, "
+                           f"fell back {t['devices_fallback']}", "dim"))
     if d.get("failures"):
         table = Table("device", "wave", "code", "why", box=box.SIMPLE_HEAD, title="failures", title_justify="left",
                       title_style="bold red")

@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, litert_tools, onnx_tools
+from server.compression import codec, delta_quant, litert_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
@@ -65,6 +65,7 @@ class BuildOptions:
     evaluation_limit: int | None = None
     latency_runs: int = 30
     only: tuple[str, ...] = ()  # restrict to these recipe names (tests, benchmarks)
+    previous: Path | None = None  # the previous version's build for this profile: reuse its int8 scales (deltas)
     #: The evaluation data is synthetic: when the model does not run on it, ship fp32 unchecked rather than nothing.
     synthetic: bool = False
 
@@ -584,6 +585,7 @@ def build_profile(
             )
         chosen, fell_back = fp32, True
     assert chosen.path is not None
+    chosen = delta_quant.reuse_previous(b, chosen, opts.previous)
 
     data = chosen.path.read_bytes()
     choice = codec.choose_codec(data)

@@ -189,6 +189,16 @@ class ObservationTables(TableOwner):
         rows = self._read().execute(sql, (*args, limit)).fetchall()
         return [EventRecord(**{**dict(r), "data": json.loads(r["data"])}) for r in rows]
 
+    def delta_outcomes(self) -> dict[str, sqlite3.Row]:
+        """``delta.applied``/``delta.fallback`` -> a row of ``n`` (events retained) and ``saved`` (bytes devices
+        did not fetch). ``json_extract`` is SQLite's; PostgreSQL reads ``(data::json ->> 'full_bytes')``."""
+        rows = self._read().execute(
+            "SELECT kind, COUNT(*) AS n, SUM(COALESCE(json_extract(data, '$.full_bytes'), 0)"
+            " - COALESCE(json_extract(data, '$.delta_bytes'), 0)) AS saved"
+            " FROM events WHERE kind IN ('delta.applied', 'delta.fallback') GROUP BY kind"
+        ).fetchall()
+        return {r["kind"]: r for r in rows}
+
     def last_event_id(self) -> int:
         row = self._read().execute("SELECT MAX(id) FROM events").fetchone()
         return int(row[0] or 0)

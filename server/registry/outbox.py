@@ -251,13 +251,25 @@ class OutboxTables(TableOwner):
         tx.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
 
     def desired_names_artifact(self, device_id: str, artifact_id: str) -> bool:
-        """Whether the device is active and its desired state deploys a build sealed as ``artifact_id``."""
-        row = self._read().execute(
+        """Whether the device is active and its desired state deploys a build sealed as ``artifact_id``, or a
+        delta artifact (``server/delta.py``) of that build."""
+        conn = self._read()
+        row = conn.execute(
             "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
             " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
             " WHERE w.device_id = ? AND w.action = 'deploy' AND b.artifact_id = ? AND d.status = 'active'",
             (device_id, artifact_id),
         ).fetchone()
+        if row is None:
+            row = conn.execute(
+                "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
+                " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
+                " JOIN artifacts f ON f.artifact_id = b.artifact_id"
+                " JOIN artifacts x ON x.artifact_id = ? AND x.variant = 'delta' AND x.model = f.model"
+                " AND x.version = f.version AND x.profile = f.profile"
+                " WHERE w.device_id = ? AND w.action = 'deploy' AND d.status = 'active'",
+                (artifact_id, device_id),
+            ).fetchone()
         return row is not None
 
 

@@ -134,6 +134,13 @@ class RolloutTables(TableOwner):
         row = self._read().execute("SELECT * FROM artifacts WHERE content_key = ?", (content_key,)).fetchone()
         return None if row is None else _artifact(row)
 
+    def artifact_of(self, model: str, version: int, profile: str) -> ArtifactRecord | None:
+        """The newest full (non-delta) artifact sealed for ``model:version`` on ``profile`` (a delta's base)."""
+        row = self._read().execute(
+            "SELECT * FROM artifacts WHERE model = ? AND version = ? AND profile = ? AND content_key NOT LIKE 'delta:%'"
+            " ORDER BY created_at DESC LIMIT 1", (model, version, profile)).fetchone()
+        return None if row is None else _artifact(row)
+
     def get_artifact(self, artifact_id: str) -> ArtifactRecord:
         row = self._read().execute("SELECT * FROM artifacts WHERE artifact_id = ?", (artifact_id,)).fetchone()
         if row is None:

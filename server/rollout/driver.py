@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
 from server.config import ServerConfig
+from server.delta import DeltaBuilder, DeltaOffer
 from server.errors import PublishError, ServerError
 from server.registry.fleet import (
     DEP_COMPLETED,
@@ -74,6 +75,11 @@ def parse_target(target: str) -> tuple[str, str | None]:
     return kind, value
 
 
+def _sent(offer: DeltaOffer | None) -> str | None:
+    """The artifact a device offered a delta will ask chunks of first (the full one only on fallback)."""
+    return offer.artifact.artifact_id if offer is not None else None
+
+
 @dataclass(frozen=True)
 class RollbackItem:
     device_id: str
@@ -90,6 +96,7 @@ class Dispatcher:
         self.signer = signer
         self.artifacts = artifacts
         self.config = config
+        self.deltas = DeltaBuilder(artifacts, max_ratio=config.publisher.delta_max_ratio)
 
     def dispatch_deploy(self, dep: Deployment, device_ids: Sequence[str], *, now: float) -> dict[str, str]:
         """Desired states for ``device_ids`` of ``dep``; returns device -> artifact id."""
@@ -97,6 +104,7 @@ class Dispatcher:
         rows = {r.device_id: r for r in self.registry.deployment_devices(dep.deployment_id)}
         devices = {d.device_id: d for d in self.registry.list_devices()}
         artifacts: dict[str, ArtifactRecord] = {}
+        offers: dict[str, DeltaOffer | None] = {}
         items, plan = [], {}
         for device_id in device_ids:
             row, dev = rows.get(device_id), devices.get(device_id)
@@ -108,6 +116,9 @@ class Dispatcher:
             if build.artifact_id not in artifacts:
                 artifacts[build.artifact_id] = self.registry.get_artifact(build.artifact_id)
             items.append((device_id, "deploy", dep.model, dep.version, dep.deployment_id))
+            # a device that keeps an older version of this model (its state reports say which) gets a delta too
+            kept = dev.kept if dev.active_model == dep.model else ()
+            offers[device_id] = self.deltas.offer(dep.model, row.profile, kept, artifacts[build.artifact_id])
             plan[device_id] = (dev, build)
 
         def sign(stored: StoredDesired) -> bytes:
@@ -124,12 +135,13 @@ class Dispatcher:
                 variant=build.variant,
                 probation_s=dep.probation_s,
                 broadcast=self.config.publisher.broadcast,
+                delta=offers.get(stored.device_id),
             )
 
         with self.registry.tx() as tx:
             seqs = self.registry.store_desired(items, sign, ttl_s=self.config.publisher.desired_ttl_s, tx=tx, now=now)
             self.registry.mark_dispatched(dep.deployment_id, seqs, tx=tx, now=now)
-        return {d: plan[d][1].artifact_id for d in seqs}
+        return {d: _sent(offers.get(d)) or plan[d][1].artifact_id for d in seqs}
 
     def store_rollback(
         self,

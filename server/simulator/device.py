@@ -61,6 +61,7 @@ from agent.errors import (
     TopicError,
     VersionNotKeptError,
 )
+from agent.protocol.delta import DeltaInfo, delta_offer
 from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
 from agent.protocol.events import EventKind, error_kind
 from agent.protocol.messages import (
@@ -119,6 +120,7 @@ class _Kept:
     runtime: RuntimeSpec
     committed: bool = False
     committed_order: int = 0  # the n-th commit (the agent's store orders kept versions by commit time)
+    sha256: str = ""  # the model file's digest, from the deploy (a delta's base is named by it)
 
 
 @dataclass
@@ -134,6 +136,7 @@ class _Download:
     last_progress_at: float
     last_progress_fraction: float = 0.0
     complete: bool = False
+    artifact_id: str = ""  # the deploy's full artifact (the transfer may be its delta: ``info``)
 
 
 @dataclass
@@ -350,15 +353,32 @@ class SimDevice(EventReporter):
         if info is None or key is None or desired.model != target:
             raise IntegrityError(f"stored desired state does not describe artifact {artifact_id}")
         self.trusted.check_fresh(desired, self.clock())
-        data_key = unwrap_key(key, self.key, artifact_id=artifact_id, device_id=self.device_id)
+        offer = self._delta_offer(desired, target)
+        if offer is not None:  # the patch travels instead (applying it is a stand-in: no model bytes are kept here)
+            info, key = offer.artifact, offer.key
+        data_key = unwrap_key(key, self.key, artifact_id=info.artifact_id, device_id=self.device_id)
         sink = StreamingSink(total_size=info.compressed_size, compression=info.compression, model_size=info.size)
         reassembly = Reassembly(
-            artifact_id=artifact_id, chunk_count=info.chunk_count, chunk_size=info.chunk_size,
+            artifact_id=info.artifact_id, chunk_count=info.chunk_count, chunk_size=info.chunk_size,
             total_size=info.compressed_size, sha256=info.compressed_sha256, max_bytes=self.settings.max_artifact_bytes,
         )
         mono = self.monotonic()
         return _Download(target, desired, info, ChunkOpener(data_key, info), reassembly, sink,
-                         last_new_at=mono, timeout=self.settings.chunk_timeout_s, last_progress_at=mono)
+                         last_new_at=mono, timeout=self.settings.chunk_timeout_s, last_progress_at=mono,
+                         artifact_id=artifact_id)
+
+    def _delta_offer(self, desired: DesiredState, target: ModelRef) -> DeltaInfo | None:
+        """The agent's rule (agent/runtime/delta.py): the base kept with the named digest, the patch small enough."""
+        try:
+            offer = delta_offer(desired)
+        except EdgeError:
+            return None
+        if offer is None or desired.artifact is None:
+            return None
+        base = self._kept.get(ModelRef(target.name, offer.base_version))
+        if base is None or base.sha256 != offer.base_sha256:
+            return None
+        return offer if offer.artifact.compressed_size <= 0.6 * desired.artifact.compressed_size else None
 
     def _request_missing(self, d: _Download, reason: str) -> None:
         ranges = d.reassembly.missing_ranges()
@@ -411,6 +431,10 @@ class SimDevice(EventReporter):
         d.complete = True
         if d.info.topic and self.client is not None:
             self.client.unsubscribe(d.info.topic)
+        full = d.desired.artifact
+        if full is not None and d.info.artifact_id != full.artifact_id:
+            self._event(EventKind.DELTA_APPLIED, model=d.target, deployment_id=d.desired.deployment_id,
+                        data={"delta_bytes": d.info.compressed_size, "full_bytes": full.compressed_size})
         p = d.reassembly.progress()
         self._event(EventKind.DOWNLOAD_COMPLETED, model=d.target, deployment_id=d.desired.deployment_id,
                     data={"received": p.received, "total": p.total, "bytes": p.bytes_received,
@@ -419,7 +443,7 @@ class SimDevice(EventReporter):
 
     def _discard_download(self, artifact_id: str) -> None:
         d = self._download
-        if d is not None and d.info.artifact_id == artifact_id:
+        if d is not None and d.artifact_id == artifact_id:
             if d.info.topic and self.client is not None and not d.complete:
                 self.client.unsubscribe(d.info.topic)
             self._download = None
@@ -427,7 +451,7 @@ class SimDevice(EventReporter):
 
     def _verify(self, target: ModelRef, artifact_id: str) -> Event:
         d = self._download
-        if d is None or d.info.artifact_id != artifact_id:
+        if d is None or d.artifact_id != artifact_id:
             return Failed(self.clock(), Failure("verifying", "integrity", "the download is gone"))
         try:
             d.reassembly.finish(d.sink)
@@ -437,7 +461,8 @@ class SimDevice(EventReporter):
                 raise IntegrityError("the desired state lacks a field a deploy needs")
         except EdgeError as exc:
             return Failed(self.clock(), Failure("verifying", exc.code, exc.message))
-        self._kept[target] = _Kept(target, artifact_id, d.desired.variant, health, runtime)
+        sha = d.desired.artifact.sha256 if d.desired.artifact is not None else ""
+        self._kept[target] = _Kept(target, artifact_id, d.desired.variant, health, runtime, sha256=sha)
         self._download = None
         self._desired.pop(artifact_id, None)
         return Verified(self.clock())

@@ -1,0 +1,70 @@
+"""server.delta.DeltaBuilder on real sealed artifacts: one shared delta per (base, target), none when not worth it."""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+from pathlib import Path
+
+import numpy as np
+
+from agent.protocol.delta import apply_bytes
+from agent.protocol.envelope import open_artifact
+from server.artifacts import ArtifactStore
+from server.builds import Build
+from server.delta import DeltaBuilder
+from server.registry.db import Database
+from server.registry.fleet import FleetRegistry
+from tests.support.delta import fine_tuned
+from tests.support.models import agent as agent_models
+from tests.support.models import real_model
+
+
+def _store(tmp_path: Path) -> ArtifactStore:
+    registry = FleetRegistry(Database(tmp_path / "registry.db"))
+    registry.migrate()
+    return ArtifactStore(tmp_path / "artifacts", registry)
+
+
+def _build(path: Path, version: int) -> Build:
+    return Build(
+        model="digits", version=version, profile="x86-64-avx2", variant="fp32", path=path,
+        runtime=agent_models.ONNX, health=agent_models.digits_health(), chunk_size=4096, compression="lzma",
+    )  # fmt: skip
+
+
+def test_delta_is_built_once_shared_and_applies(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    v1 = real_model("digits").path
+    v2 = tmp_path / "v2.onnx"
+    v2.write_bytes(fine_tuned(v1))
+    store.seal_build(_build(v1, 1))
+    target = store.seal_build(_build(v2, 2))
+    builder = DeltaBuilder(store)
+    offer = builder.offer("digits", "x86-64-avx2", (1,), target)
+    assert offer is not None and offer.base_version == 1
+    assert offer.base_sha256 == hashlib.sha256(v1.read_bytes()).hexdigest()
+    again = DeltaBuilder(store).offer("digits", "x86-64-avx2", (1,), target)  # another process, same registry
+    assert again is not None and again.artifact.artifact_id == offer.artifact.artifact_id
+    assert offer.artifact.wire_bytes < 0.6 * target.wire_bytes
+    info = store.info(offer.artifact.artifact_id)
+    chunks = [store.chunk(info.artifact_id, i) for i in range(info.chunk_count)]
+    patch = open_artifact(chunks, offer.artifact.data_key, info, max_size=1 << 30)
+    out = apply_bytes(patch, v1.read_bytes(), target_sha256=str(target.info["sha256"]), max_size=1 << 30)
+    assert out == v2.read_bytes()
+    assert builder.offer("digits", "x86-64-avx2", (), target) is None, "nothing kept: no delta"
+    assert builder.offer("digits", "x86-64-avx2", (2, 3), target) is None, "no older version kept"
+
+
+def test_unrelated_versions_get_no_delta(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    v1 = real_model("digits").path
+    noise = tmp_path / "v2.bin"
+    noise.write_bytes(np.random.default_rng(0).bytes(len(lzma.compress(v1.read_bytes())) * 2))
+    store.seal_build(_build(v1, 1))
+    target = store.seal_build(_build(noise, 2))
+    builder = DeltaBuilder(store)
+    assert builder.offer("digits", "x86-64-avx2", (1,), target) is None
+    assert builder.offer("digits", "x86-64-avx2", (1,), target) is None  # remembered, not rebuilt
+    n = store.registry.db.connection().execute("SELECT COUNT(*) FROM artifacts WHERE variant = 'delta'").fetchone()[0]
+    assert n == 0
