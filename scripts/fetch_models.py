@@ -13,6 +13,8 @@ Cache: ``${EDGEFLEET_CACHE:-~/.cache/edgefleet}/models/``, one folder per model:
     ppocr_det/  PP-OCRv4 text detection ONNX from the ``rapidocr-onnxruntime==1.4.4`` wheel; rendered text images
     digits/     a small CNN trained here on scikit-learn's bundled digits data set; labelled splits
     selfie/     MediaPipe selfie segmentation .tflite from the ``mediapipe==0.10.14`` wheel; synthetic portraits
+    face_det/, face_mesh/, vad/, ppocr_rec/: see scripts/fetch_more_models.py (a .tflite detector and landmark
+                model, a stateful VAD with non-batch-first and scalar inputs, a CTC text recognizer)
 
 Each folder holds the model, ``calibration.npz`` and ``evaluation.npz`` (disjoint sample sets; arrays keyed by the
 model's input names with a leading sample axis, sample i is ``arr[i:i+1]``, plus ``labels`` where labelled) and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +44,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import fetch_more_models as more
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCES = REPO / "scripts" / "data" / "sentences.txt"
@@ -62,12 +67,13 @@ TOOL_PACKAGES = (
     "onnx==1.23.2",
 )
 #: Bump a model's version to force a rebuild of that model everywhere.
-VERSIONS = {"minilm": 1, "ppocr_det": 1, "digits": 1, "selfie": 1}
+VERSIONS = {"minilm": 1, "ppocr_det": 1, "digits": 1, "selfie": 1, **more.VERSIONS}
 MODEL_FILES = {
     "minilm": "model.onnx",
     "ppocr_det": "model.onnx",
     "digits": "model.onnx",
     "selfie": "model.tflite",
+    **more.MODEL_FILES,
 }
 NEEDS_TOOLENV = {"minilm", "ppocr_det", "digits"}
 
@@ -197,8 +203,9 @@ def extract_prefix(wheel: Path, prefix: str, target: Path) -> None:
 class ToolEnv:
     """A venv under the cache with torch & co, created on first use and deleted by ``close``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, packages: tuple[str, ...] = TOOL_PACKAGES) -> None:
         self.root = root
+        self.packages = packages
         self._python: Path | None = None
 
     def python(self) -> Path:
@@ -207,11 +214,11 @@ class ToolEnv:
             stamp = self.root / ".complete"
             if not stamp.is_file():
                 shutil.rmtree(self.root, ignore_errors=True)
-                log(f"creating the throwaway export environment {self.root} (torch from the local wheel)")
+                log(f"creating the throwaway tool environment {self.root} ({', '.join(self.packages)})")
                 base = getattr(sys, "_base_executable", sys.executable)
                 subprocess.run([base, "-m", "venv", str(self.root)], check=True)
-                quiet_run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *TOOL_PACKAGES])
-                stamp.write_text(" ".join(TOOL_PACKAGES))
+                quiet_run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *self.packages])
+                stamp.write_text(" ".join(self.packages))
             self._python = py
         return self._python
 
@@ -548,7 +555,14 @@ BUILDERS: dict[str, Callable[[Path, dict[str, Any], ToolEnv, Path], dict[str, An
     "ppocr_det": build_ppocr,
     "digits": build_digits,
     "selfie": build_selfie,
+    **{name: functools.partial(builder, sys.modules[__name__]) for name, builder in more.BUILDERS.items()},
 }
+
+
+def first_sample(arr: Any, rank: int) -> Any:
+    """Sample 0 of a data-set array: ``arr[0]`` in the per-sample layout (one axis more than the model's
+    input), else ``arr[:1]`` (batch-first)."""
+    return arr[0:1].reshape(arr.shape[1:]) if arr.ndim == rank + 1 else arr[:1]
 
 
 def describe_and_check(name: str, folder: Path) -> dict[str, Any]:
@@ -570,7 +584,7 @@ def describe_and_check(name: str, folder: Path) -> dict[str, Any]:
             {"name": o.name, "dtype": to_dtype[o.type], "shape": [d if isinstance(d, int) else -1 for d in o.shape]}
             for o in sess.get_outputs()
         ]
-        sample = {i["name"]: evaluation[i["name"]][:1] for i in inputs}
+        sample = {i["name"]: first_sample(evaluation[i["name"]], len(i["shape"])) for i in inputs}
         result = sess.run(None, sample)
     else:
         from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
@@ -642,9 +656,11 @@ def fetch(names: list[str], *, force: bool = False) -> int:
             log(f"models up to date in {models}")
             return 0
         tools = ToolEnv(models / ".toolenv")
+        light = ToolEnv(models / ".toolenv-light", more.LIGHT_PACKAGES)
         for name in todo:
-            build_one(name, models, manifest, tools)
+            build_one(name, models, manifest, light if name in more.NEEDS_LIGHT else tools)
         tools.close()  # only after success: a failed run keeps it so that the retry is quick
+        light.close()
     log(f"models ready in {models}")
     return 0
 
@@ -659,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--calib", type=int, default=24, help=argparse.SUPPRESS)
     parser.add_argument("--eval", type=int, default=40, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         import warnings  # noqa: PLC0415
@@ -672,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.worker == "ocr-images":
         worker_ocr_images(args.out, args.calib, args.eval)
+        return 0
+    if args.worker and more.run_worker(args.worker, args):
         return 0
     if args.list:
         print(json.dumps(load_manifest(cache_root() / "models"), indent=2, sort_keys=True))

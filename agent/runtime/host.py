@@ -522,6 +522,13 @@ class ModelHost:
                 raise HealthCheckError(
                     f"input {spec.name!r} has shape {list(have.shape)}, expected {list(spec.shape)}", check="shape"
                 )
+        if health.golden and set(health.golden[0].inputs) == set(actual):
+            # a real sample the build recorded: values the model accepts (a sample rate, a token id, a
+            # state), where synthetic ones may not be; its outputs are checked later as golden case 0
+            try:
+                return {name: array_from_tensor(t) for name, t in health.golden[0].inputs.items()}
+            except ValueError:
+                pass  # a malformed case fails its own golden check below
         feeds: dict[str, np.ndarray] = {}
         for index, have in enumerate(model.inputs):
             want = declared.get(have.name)

@@ -446,6 +446,16 @@ def quantize_static(
             extra_options=extra,
             calibration_cache_path=str(cache) if cache is not None else None,
         )
+    strip_value_info(dst)
+
+
+def strip_value_info(path: Path) -> None:
+    """Drop the intermediate shape annotations the pre-processing left in: ORT infers them at load, and on a
+    small model they are a measurable part of the download (digits int8: 406 of 44,946 bytes)."""
+    model = load(path)
+    if len(model.graph.value_info):
+        del model.graph.value_info[:]
+        save(model, path)
 
 
 def prune(src: Path, dst: Path, sparsity: float) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, delta_quant, litert_tools, onnx_tools
+from server.compression import codec, delta_quant, litert_tools, nncf_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
@@ -214,6 +214,14 @@ def _golden(runner: Runner, feed: dict[str, np.ndarray], precision: str) -> tupl
     )
 
 
+def _io_types_changed(source: Path, variant: Path) -> str:
+    """'' when the .tflite variant takes and returns the source's dtypes, else which tensors differ
+    (LiteRT Quantizer's full-int8 recipe makes int8 inputs and outputs)."""
+    before, after = litert_tools.io_specs(source), litert_tools.io_specs(variant)
+    return ", ".join(f"{a.name} {a.dtype} -> {b.dtype}" for side in (0, 1)
+                     for a, b in zip(before[side], after[side], strict=False) if a.dtype != b.dtype)
+
+
 # -- the build ----------------------------------------------------------------------------------------
 
 
@@ -369,6 +377,11 @@ class _Builder:
                                        signed_activations=p["signed_activations"], reduce_range=p["reduce_range"],
                                        per_channel=p["per_channel"], batch=batch, exclude=exclude,
                                        cache=self.share.dir / f"ranges-{ranges[:24]}.json")
+        elif recipe.kind == "nncf":
+            assert self.calibration is not None
+            first = self.source.inputs[0].shape
+            nncf_tools.quantize(self.pre, out, self.calibration, batch=first[0] if first and first[0] > 0 else 1,
+                                exclude=exclude)
         elif recipe.kind == "nbits":
             onnx_tools.quantize_weight_only(self.pre, out, block_size=p["block_size"],
                                             accuracy_level=p["accuracy_level"], exclude=exclude)
@@ -465,6 +478,10 @@ class _Builder:
             reason = "compresses no better than fp32"
         if reason is None and size > self.profile.max_artifact_bytes:
             reason = f"{size} bytes > the profile's max artifact size {self.profile.max_artifact_bytes}"
+        if reason is None and self.source.format == "tflite" and self.profile.accelerator != "edgetpu":
+            changed = _io_types_changed(self.source.path, m.path)
+            if changed:
+                reason = f"changes the model's I/O types ({changed}): clients of this profile send the source's types"
         measured_here = latency if self.measure_latency else None
         if reason is None and measured_here is not None and measured_here > self.profile.latency_budget_ms:
             reason = f"latency {measured_here:.2f} ms > budget {self.profile.latency_budget_ms} ms"
@@ -544,7 +561,7 @@ def build_profile(
     b = _Builder(source, profile, gate, evaluation, calibration, workdir, opts, progress or (lambda _m: None),
                  share or BuildShare(workdir))
     recipes = plan(profile, source.format, ops=source.ops, has_calibration=calibration is not None,
-                   methods=opts.methods, pruning=opts.pruning)
+                   methods=opts.methods, pruning=opts.pruning, nncf=nncf_tools.available())
     if opts.only:
         recipes = [r for r in recipes if r.name in opts.only or r.name == "fp32"]
     if source.format == "tflite" and any(r.kind == "fp16w" for r in recipes) \
@@ -592,10 +609,15 @@ def build_profile(
     ota = codec.ota_size(choice.compressed_size, profile.chunk_size)
     runner = open_runner(chosen.path, source.format)
     golden: tuple[GoldenCase, ...] = ()
+    probe = runner.inputs
     if b.unchecked is None:
-        golden = _golden(runner, sample_feed(runner, b.evaluation), chosen.recipe.precision)
+        feed = sample_feed(runner, b.evaluation)
+        golden = _golden(runner, feed, chosen.recipe.precision)
+        # the agent's warm-up probe takes these shapes: a real sample's, so open dims get sizes the model accepts
+        probe = tuple(TensorSpec(s.name, s.dtype, tuple(feed[s.name].shape)) if s.name in feed else s
+                      for s in runner.inputs)
     health = HealthSpec(
-        inputs=runner.inputs,
+        inputs=probe,
         outputs=runner.outputs,
         latency_budget_ms=profile.latency_budget_ms,
         golden=golden,

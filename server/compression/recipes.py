@@ -13,6 +13,10 @@
   level 4) plus int8 embeddings; x86 profiles with onnxruntime >= 1.22 (its 8-bit x86 kernel).
 * int8 static QDQ: with calibration data; MinMax, Percentile and Entropy calibration; S8S8 on ARM
   and VNNI, U8S8 with reduce_range on x86 without VNNI (ORT "Quantize ONNX models").
+* int8 static per-tensor (``int8-static-pertensor``): ONNX Runtime's quantize_static defaults (MinMax,
+  per-tensor weights), kept as a candidate so the gate can ship it where it is as faithful and smaller.
+* int8 NNCF (``int8-nncf``): ``nncf.quantize`` on the pre-processed model (int8 weights, fast bias
+  correction), when NNCF is installed (the ``server`` extra).
 * magnitude pruning (fp32 weights, 50 % zeros): shrinks the compressed download only.
 * .tflite: LiteRT Quantizer ``dynamic_wi8_afp32`` and ``static_wi8_ai8``; an Edge TPU profile
   gets only the full-int8 recipe (all it can run).
@@ -65,6 +69,7 @@ def plan(
     has_calibration: bool,
     methods: tuple[str, ...] = CALIBRATION_METHODS,
     pruning: bool = True,
+    nncf: bool = False,
 ) -> list[Recipe]:
     allowed = profile.allowed_precisions
     out: list[Recipe] = []
@@ -121,6 +126,12 @@ def plan(
                         {"method": method, "format": "QDQ", "types": act, "per_channel": True, **flavour},
                     )
                 )
+            # what ORT's quantize_static does by default (per-tensor weights, MinMax): smaller scales, and
+            # on some CNNs as faithful; and NNCF's (fast bias correction, its own placement of QDQ pairs)
+            out.append(Recipe("int8-static-pertensor", "int8", "static",
+                              {"method": "minmax", "format": "QDQ", "types": act, "per_channel": False, **flavour}))
+            if nncf:
+                out.append(Recipe("int8-nncf", "int8", "nncf", {"preset": "performance", "fast_bias_correction": True}))
     if pruning and "fp32" in allowed:
         out.append(Recipe("fp32-pruned50", "fp32", "prune", {"sparsity": PRUNE_SPARSITY}))
     return out

@@ -284,6 +284,13 @@ class AgentProcess:
         }
         return self.http(f"/v2/models/{model}/infer", body)
 
+    def infer_inputs(self, model: str, arrays: dict[str, np.ndarray]) -> tuple[int, Any]:
+        """Every input by name, in its own dtype and shape (scalars and int64 included)."""
+        types = {"float32": "FP32", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
+        body = {"inputs": [{"name": name, "shape": list(a.shape), "datatype": types[a.dtype.name],
+                            "data": a.ravel().tolist()} for name, a in arrays.items()]}
+        return self.http(f"/v2/models/{model}/infer", body)
+
     def wait_http_ready(self, timeout: float = 30.0) -> None:
         """Until the local API answers ready; ``timeout`` is how long the agent may show no progress
         (its log does not grow), not a budget for the whole start: a loaded machine is slow, not stuck."""

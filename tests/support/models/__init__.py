@@ -19,7 +19,7 @@ import numpy as np
 
 from agent.protocol.messages import TensorSpec
 
-NAMES = ("minilm", "ppocr_det", "digits", "selfie")
+NAMES = ("minilm", "ppocr_det", "digits", "selfie", "face_det", "face_mesh", "vad", "ppocr_rec")
 
 
 class ModelCacheMissing(RuntimeError):
@@ -38,8 +38,8 @@ class RealModel:
     evaluation: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    task: str  # classification | embedding | detection | segmentation
-    metric: str  # the fidelity metric that suits the task: accuracy | cosine | iou
+    task: str  # classification | embedding | detection | segmentation | landmarks | voice-activity | text-recognition
+    metric: str  # the fidelity metric that suits the task: accuracy | cosine | iou | top1
     labelled: bool
     meta: dict[str, Any]
 
