@@ -111,8 +111,8 @@ def start_agent(model: Path, work: Path) -> tuple[int, int, Callable[[], None]]:
     """A real agent process with production timings, the model deployed to it and committed."""
     # agent-core's half: present only in a checkout with the full agent (see agent_available)
     from agent.runtime.config import BrokerConfig, LifecycleConfig, TelemetryConfig, TransferConfig  # noqa: PLC0415
-    from tests.support.agent_process import AgentProcess  # noqa: PLC0415
-    from tests.support.fleet_server import FleetServer, unique_device_id  # noqa: PLC0415
+    from tests.support.devices.agent_process import AgentProcess  # noqa: PLC0415
+    from tests.support.servers.stub import FleetServer, unique_device_id  # noqa: PLC0415
 
     broker = MosquittoBroker(workdir=work / "mosquitto").start()
     fleet = FleetServer(broker.host, broker.port)

@@ -59,8 +59,8 @@ from agent.runtime.host import ModelHost  # noqa: E402
 from agent.runtime.http import HttpConfig, InferenceHttpServer  # noqa: E402
 from agent.runtime.inference import InferenceOptions  # noqa: E402
 from server.broker import MosquittoBroker  # noqa: E402
-from tests.support.badmodels import identity_variant  # noqa: E402
 from tests.support.models import NAMES, real_model  # noqa: E402
+from tests.support.models.bad import identity_variant  # noqa: E402
 
 # -- the serving process -------------------------------------------------------------------------
 
@@ -336,8 +336,8 @@ class AgentDriver:
         self, files: dict[int, Path], work: Path, *, warm_standby: bool = True, compression: str = "lzma"
     ) -> None:
         # agent-core's half: present only in a checkout with the full agent (see agent_available)
-        from tests.support.agent_process import AgentProcess  # noqa: PLC0415
-        from tests.support.fleet_server import FleetServer, unique_device_id  # noqa: PLC0415
+        from tests.support.devices.agent_process import AgentProcess  # noqa: PLC0415
+        from tests.support.servers.stub import FleetServer, unique_device_id  # noqa: PLC0415
 
         self.files = files
         self.compression = compression

@@ -50,8 +50,8 @@ from agent.runtime.keys import public_key_b64  # noqa: E402
 from server.app import FleetServer  # noqa: E402
 from server.broker import MosquittoBroker  # noqa: E402
 from server.builds import Build, StaticBuilds  # noqa: E402
-from tests.support.agent_process import AgentProcess  # noqa: E402
-from tests.support.fleet import health, public_key, server_config, write_onnx  # noqa: E402
+from tests.support.devices.agent_process import AgentProcess  # noqa: E402
+from tests.support.servers.fleet import health, public_key, server_config, write_onnx  # noqa: E402
 
 MIB = 1 << 20
 PROFILE = "bench"

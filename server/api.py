@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import __version__
-from server.access import ADMIN, DEPLOY, PUBLIC, READ, allows, parse_anchor
+from server.access import ADMIN, DEPLOY, PUBLIC, READ, ROLES, allows, parse_anchor
 from server.errors import (
     AuthError,
     ConflictError,
@@ -33,6 +33,8 @@ from server.errors import (
     ServerError,
 )
 from server.keys import token_digest
+from server.metrics import render_metrics
+from server.refs import parse_model_ref
 from server.service import FleetService
 
 log = logging.getLogger("edgefleet.api")
@@ -171,8 +173,6 @@ def _health(c: Call) -> Any:
 
 def _metrics(c: Call) -> Any:
     if c.metrics is None:
-        from server.metrics import render_metrics  # noqa: PLC0415
-
         return render_metrics(c.service.registry)
     return c.metrics()
 
@@ -204,10 +204,8 @@ def _models(c: Call) -> Any:
 
 
 def _model_ref(c: Call) -> str:
-    version = c.path["version"]
-    if not version.isdigit():
-        raise InvalidRequestError(f"version must be a positive integer, not {version!r}")
-    return f"{c.path['model']}:{version}"
+    name, version = parse_model_ref(f"{c.path['model']}:{c.path['version']}")
+    return f"{name}:{version}"
 
 
 def _verify_audit(c: Call) -> Any:
@@ -339,6 +337,17 @@ ROUTES: list[Route] = [
                                     action=c.query.get("action") or None),
           response=ANY_LIST,
           query=(QueryParam("limit", INT), QueryParam("actor", STR), QueryParam("action", STR)), role=READ),
+    Route("GET", "/v1/tokens", "token_list", "API tokens: name, role, created, revoked (never the token)",
+          lambda c: c.service.list_tokens(), tag="access", response=ANY_LIST, role=ADMIN),
+    Route("POST", "/v1/tokens", "token_create",
+          "Create an API token for NAME with a role; the answer shows it once (the server keeps only its SHA-256)",
+          lambda c: c.service.create_token(c.body["name"], c.body["role"]), tag="access",
+          body=obj({"name": {"type": "string", "maxLength": 64}, "role": {"type": "string", "enum": list(ROLES)}},
+                   ["name", "role"]),
+          mutating=True, audit_target=lambda c: f"token:{c.body.get('name')}", role=ADMIN),
+    Route("POST", "/v1/tokens/{name}/revoke", "token_revoke", "Revoke NAME's API token",
+          lambda c: c.service.revoke_token(c.path["name"]), tag="access", mutating=True,
+          audit_target=lambda c: f"token:{c.path['name']}", role=ADMIN),
     Route("GET", "/v1/audit/verify", "verify_audit",
           "Recompute the audit log's hash chain; names the first broken row (edited, deleted, inserted)",
           _verify_audit, query=(QueryParam("anchor", STR, "ID:SHA256 of a head saved earlier"),), role=READ),

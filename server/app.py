@@ -20,15 +20,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from agent.protocol.messages import ChunkRequest
 from server.api import Api
 from server.artifacts import ArtifactStore
 from server.asgi import ApiHttpServer
-from server.builds import BuildSource, default_build_source
+from server.build_ops import default_build_source
+from server.builds import BuildSource
 from server.chunks import ChunkServer
-from server.config import ServerConfig, private_home
+from server.config import RUNTIME_FILE, ServerConfig
 from server.errors import ServerError
 from server.identity import server_logins
 from server.ingest import Ingestor
@@ -37,8 +37,7 @@ from server.metrics import PublishStats, render_metrics
 from server.outbox import Outbox, safe_flush
 from server.publisher import MqttLink
 from server.quotas import CHUNK_RESENDS
-from server.registry.db import Database
-from server.registry.fleet import FleetRegistry
+from server.registry.fleet import open_registry
 from server.rollout.driver import Dispatcher, RolloutDriver
 from server.rollout.progress import ProgressTracker
 from server.service import FleetService, ProfileSource
@@ -47,7 +46,6 @@ from server.signing import Signer
 log = logging.getLogger("edgefleet.server")
 
 HOUSEKEEPING_EVERY_S = 5.0
-RUNTIME_FILE = "server.json"
 
 
 def instance_id(config: ServerConfig) -> str:
@@ -55,27 +53,6 @@ def instance_id(config: ServerConfig) -> str:
         return config.server.instance_id
     digest = hashlib.sha256(str(config.home.resolve()).encode()).hexdigest()[:6]
     return f"{socket.gethostname()}-{digest}"
-
-
-def open_registry(config: ServerConfig) -> FleetRegistry:
-    private_home(config.home)
-    db = config.paths.registry_db
-    registry = FleetRegistry(Database(db))
-    registry.migrate()
-    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        with contextlib.suppress(OSError):
-            path.chmod(0o600)
-    return registry
-
-
-def runtime_info(home: Path) -> dict[str, object] | None:
-    """What a running server on this home wrote about itself (None when none is alive)."""
-    try:
-        info = json.loads((home / RUNTIME_FILE).read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return dict(info)
 
 
 class FleetServer:
@@ -160,25 +137,10 @@ class FleetServer:
         now = time.monotonic()
         if self._allowed.get((device_id, artifact_id), 0.0) > now:
             return True
-        row = self.registry.db.connection().execute(
-            "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
-            " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
-            " WHERE w.device_id = ? AND w.action = 'deploy' AND b.artifact_id = ? AND d.status = 'active'",
-            (device_id, artifact_id),
-        ).fetchone()
-        if row is None:  # a delta artifact (server/delta.py) of the build this device's desired state names
-            row = self.registry.db.connection().execute(
-                "SELECT 1 FROM desired w JOIN devices d ON d.device_id = w.device_id"
-                " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
-                " JOIN artifacts f ON f.artifact_id = b.artifact_id"
-                " JOIN artifacts x ON x.artifact_id = ? AND x.variant = 'delta' AND x.model = f.model"
-                " AND x.version = f.version AND x.profile = f.profile"
-                " WHERE w.device_id = ? AND w.action = 'deploy' AND d.status = 'active'",
-                (artifact_id, device_id),
-            ).fetchone()
-        if row is not None:
+        allowed = self.registry.desired_names_artifact(device_id, artifact_id)
+        if allowed:
             self._allowed[(device_id, artifact_id)] = now + 60.0
-        return row is not None
+        return allowed
 
     def _on_chunk_reject(self, req: ChunkRequest, reason: str) -> None:
         self.ingest.stats.reject("chunk_access")

@@ -1,8 +1,8 @@
 """What the control plane needs from the compression pipeline: one built variant per profile.
 
-The rollout engine depends only on ``BuildSource``. ``catalog_build_source`` adapts the
-compression helper's catalog (``server.registry.catalog``) when it is installed; tests can pass
-any object with the same two methods.
+The rollout engine depends only on ``BuildSource``. ``server.build_ops.CatalogBuilds`` adapts the
+catalog (``server.registry.catalog``); tests can pass any object with the same two methods. This
+module imports neither, so it stays a leaf.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class BuildSource(Protocol):
 
 
 class NoBuilds:
-    """Used when no build catalog is installed: every deploy is refused with a clear message."""
+    """No builds at all: every deploy is refused with a clear message (tests of the control plane)."""
 
     def has_version(self, model: str, version: int) -> bool:
         return False
@@ -90,26 +90,3 @@ class StaticBuilds:
 
     def get_build(self, model: str, version: int, profile: str) -> Build | None:
         return self.builds.get((model, version, profile))
-
-
-class CatalogBuilds:
-    """Adapter over the compression pipeline's catalog (``server.registry.catalog.Catalog``)."""
-
-    def __init__(self, catalog: Any) -> None:
-        self.catalog = catalog
-
-    def has_version(self, model: str, version: int) -> bool:
-        return self.catalog.get_model_version(model, version) is not None
-
-    def get_build(self, model: str, version: int, profile: str) -> BuildLike | None:
-        build: BuildLike | None = self.catalog.get_build(model, version, profile)
-        return build
-
-
-def default_build_source(home: Path) -> BuildSource:
-    """The catalog of the server home when the compression pipeline is installed, else NoBuilds."""
-    try:
-        from server.registry.catalog import Catalog  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
-    except ImportError:
-        return NoBuilds()
-    return CatalogBuilds(Catalog.open(home))

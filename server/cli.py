@@ -17,7 +17,9 @@ from server.config import default_home
 
 #: Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
+    "server.commands.admin",
     "server.commands.fleet",
+    "server.commands.rollouts",
     "server.commands.models",
     "server.commands.simulate",
 )

@@ -11,6 +11,7 @@ API cannot.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import ssl
@@ -24,6 +25,8 @@ from urllib.parse import quote, urlencode
 from server.access import local_actor
 from server.api import EXTRA_ROUTES as _EXTRA
 from server.api import ROUTES, Api, Route
+from server.artifacts import ArtifactStore
+from server.config import ServerConfig, load_config, runtime_info
 from server.errors import (
     AuthError,
     ConflictError,
@@ -34,6 +37,8 @@ from server.errors import (
     ServerError,
 )
 from server.keys import read_token_file
+from server.registry.fleet import open_registry
+from server.service import FleetService
 
 _ERRORS: Mapping[str, type[ServerError]] = {
     "not_found": NotFoundError,
@@ -126,11 +131,8 @@ class LocalClient:
     """The API's handlers called in-process on this home's registry (no server needed)."""
 
     def __init__(self, home: Path, config_path: Path | None = None) -> None:
-        from server.app import open_registry  # noqa: PLC0415 - keeps `edgefleet --help` light
-        from server.artifacts import ArtifactStore  # noqa: PLC0415
-        from server.builds import default_build_source  # noqa: PLC0415
-        from server.config import load_config  # noqa: PLC0415
-        from server.service import FleetService  # noqa: PLC0415
+        # startup cost: the catalog brings the compression pipeline (~2 s); an HTTP client never loads it
+        from server.build_ops import default_build_source  # noqa: PLC0415
 
         config = load_config(home, config_path)
         registry = open_registry(config)
@@ -152,8 +154,6 @@ class LocalClient:
 def default_profiles() -> Any:
     """The compression pipeline's profiles (``server.profiles.load_profiles``) when installed: device
     profiles are then checked against ``firmware_profiles/``; without it any well-formed name is taken."""
-    import importlib  # noqa: PLC0415
-
     try:
         module = importlib.import_module("server.profiles")
     except ImportError:
@@ -176,29 +176,26 @@ def remote_client(home: Path, *, server: str | None = None, config_path: Path | 
     """An HTTP client when a server is configured explicitly (``--server``, ``$EDGEFLEET_SERVER`` or
     ``[client] server``), else None: the model commands then work on the local catalog, even while a
     server runs on this home (builds are local CPU work either way)."""
-    from server.config import load_config  # noqa: PLC0415
-
     config = load_config(home, config_path)
     url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
     if not url:
         return None
+    return _http(config, url)
+
+
+def _http(config: ServerConfig, url: str) -> HttpClient:
+    """An HTTP client for ``url`` with the token from ``$EDGEFLEET_TOKEN`` or the token file."""
     token = os.environ.get("EDGEFLEET_TOKEN") or read_token_file(config.resolve(config.client.token_file))
     if not token:
         raise AuthError(
             f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
             "(`edgefleet tokens create NAME --role ROLE` on the server prints one)"
         )
-    return HttpClient(url, token, ca_cert=_ca(config))
-
-
-def _ca(config: Any) -> Path | None:
-    return config.resolve(config.client.ca_cert) if config.client.ca_cert else None
+    ca = config.resolve(config.client.ca_cert) if config.client.ca_cert else None
+    return HttpClient(url, token, ca_cert=ca)
 
 
 def connect(home: Path, *, server: str | None = None, config_path: Path | None = None) -> ApiClient:
-    from server.app import runtime_info  # noqa: PLC0415
-    from server.config import load_config  # noqa: PLC0415
-
     config = load_config(home, config_path)
     url: str | None = server or os.environ.get("EDGEFLEET_SERVER") or config.client.server
     if not url:
@@ -206,10 +203,4 @@ def connect(home: Path, *, server: str | None = None, config_path: Path | None =
         url = str(info["api_url"]) if info else None
     if not url:
         return LocalClient(home, config_path)
-    token = os.environ.get("EDGEFLEET_TOKEN") or read_token_file(config.resolve(config.client.token_file))
-    if not token:
-        raise AuthError(
-            f"no API token for {url}: set $EDGEFLEET_TOKEN or write it to {config.resolve(config.client.token_file)} "
-            "(`edgefleet tokens create NAME --role ROLE` on the server prints one)"
-        )
-    return HttpClient(url, token, ca_cert=_ca(config))
+    return _http(config, url)

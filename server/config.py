@@ -12,6 +12,7 @@ Layout under the server home (``--home``, ``$EDGEFLEET_HOME``, default ``~/.loca
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -33,6 +34,20 @@ def default_home() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".local" / "share" / "edgefleet"
+
+
+#: what a running server writes about itself under its home (API URL, pid)
+RUNTIME_FILE = "server.json"
+
+
+def runtime_info(home: Path) -> dict[str, object] | None:
+    """What a running server on this home wrote about itself (None when none is alive)."""
+    try:
+        info = json.loads((home / RUNTIME_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(info)
 
 
 def private_home(home: Path) -> Path:

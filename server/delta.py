@@ -39,7 +39,6 @@ from agent.protocol.delta import (
 from agent.protocol.envelope import open_artifact, seal_artifact
 from server.errors import ServerError
 from server.keys import atomic_write
-from server.metrics import Family
 from server.registry.fleet import ArtifactRecord, FleetRegistry
 
 if TYPE_CHECKING:
@@ -311,28 +310,6 @@ def transfer_summary(registry: FleetRegistry, deployment_id: str) -> dict[str, i
         got = applied.get(r.device_id)
         sent += int(got.get("delta_bytes") or size) if got is not None else size
     return {"bytes_sent": sent, "bytes_full": full, "devices_delta": len(applied), "devices_fallback": len(fell)}
-
-
-def delta_metrics(registry: FleetRegistry) -> list[Family]:
-    """Delta outcomes the devices reported (events still retained): applied vs fell back, and bytes saved."""
-    rows = (
-        registry.db.connection()
-        .execute(
-            "SELECT kind, COUNT(*) AS n, SUM(COALESCE(json_extract(data, '$.full_bytes'), 0)"
-            " - COALESCE(json_extract(data, '$.delta_bytes'), 0)) AS saved"
-            " FROM events WHERE kind IN ('delta.applied', 'delta.fallback') GROUP BY kind"
-        )
-        .fetchall()
-    )
-    by = {r["kind"]: r for r in rows}
-    updates = Family("edgefleet_delta_updates", "gauge", "Deploys offered a delta, by outcome (retained events)")
-    saved = Family("edgefleet_delta_bytes_saved", "gauge", "Artifact bytes devices did not fetch thanks to deltas")
-    for outcome in ("applied", "fallback"):
-        r = by.get(f"delta.{outcome}")
-        updates.add(r["n"] if r else 0, outcome=outcome)
-    r = by.get("delta.applied")
-    saved.add(r["saved"] if r else 0)
-    return [updates, saved]
 
 
 # -- byte matching for the bytes between tensors (and for files without tensor regions) ----------------------

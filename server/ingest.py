@@ -310,17 +310,7 @@ class Ingestor:
     def _statuses(self, device_ids: set[str]) -> dict[str, str]:
         if not device_ids:
             return {}
-        conn = self.registry.db.connection()
-        out: dict[str, str] = {}
-        ids = list(device_ids)
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            rows = conn.execute(
-                f"SELECT device_id, status FROM devices WHERE device_id IN ({', '.join('?' * len(part))})",  # noqa: S608
-                part,
-            )
-            out.update({r[0]: r[1] for r in rows})
-        return out
+        return self.registry.device_statuses(device_ids)
 
     def _should_record(self, device_id: str | None, now: float) -> bool:
         start, n = self._reject_window.get(device_id, (now, 0))
@@ -347,11 +337,8 @@ class Ingestor:
                                                device_id=req.device_id, severity="warning", code="revoked", tx=tx,
                                                now=now)
                     return
-                if status == DEVICE_ACTIVE:
-                    current = tx.execute("SELECT public_key FROM devices WHERE device_id = ?",
-                                         (req.device_id,)).fetchone()
-                    if current is not None and current[0] == key:
-                        return  # already enrolled with this key: a re-sent request
+                if status == DEVICE_ACTIVE and self.registry.device_public_key(tx, req.device_id) == key:
+                    return  # already enrolled with this key: a re-sent request
                 fresh = self.registry.record_enroll_request(
                     EnrollmentRequest(
                         device_id=req.device_id,

@@ -131,8 +131,19 @@ def render_metrics(
             for name in ("events", "bytes", "chunk_resends", "retained"):
                 thr.add(quota.throttled[name], quota=name)
             fams.append(thr)
-    from server.delta import delta_metrics  # noqa: PLC0415 - server.delta imports this module
-
     fams += delta_metrics(registry)
     fams += list(extra)
     return "\n".join(f.render() for f in fams) + "\n"
+
+
+def delta_metrics(registry: FleetRegistry) -> list[Family]:
+    """Delta outcomes the devices reported (events still retained): applied vs fell back, and bytes saved."""
+    by = registry.delta_outcomes()
+    updates = Family("edgefleet_delta_updates", "gauge", "Deploys offered a delta, by outcome (retained events)")
+    saved = Family("edgefleet_delta_bytes_saved", "gauge", "Artifact bytes devices did not fetch thanks to deltas")
+    for outcome in ("applied", "fallback"):
+        r = by.get(f"delta.{outcome}")
+        updates.add(r["n"] if r else 0, outcome=outcome)
+    r = by.get("delta.applied")
+    saved.add(r["saved"] if r else 0)
+    return [updates, saved]

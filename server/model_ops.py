@@ -5,6 +5,9 @@ profiles, then starts a rollout with ``POST /v1/deployments``, all with one toke
 the shapes of ``edgefleet model add|list|show --json`` and ``edgefleet build --json``, so the CLI
 prints the same thing whether it worked locally or through a server.
 
+``server.api`` imports this module on first use, so the compression pipeline loads only when a
+model route is called.
+
 Uploads are decoded into a private temporary directory under the home and handed to
 ``Catalog.add_model``, which checks and copies them (the temporary files are removed either way).
 Sizes are capped before decoding (the HTTP body cap applies first). A build runs in the request's
@@ -23,8 +26,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from server import build_ops
+from server.compression.gate import GateSpec
+from server.compression.pipeline import BuildOptions
+from server.compression.recipes import CALIBRATION_METHODS
 from server.config import private_home
 from server.errors import InvalidRequestError, ServerError
+from server.profiles import load_profiles
+from server.registry.catalog import Catalog
 
 #: Largest decoded upload per file (the HTTP body cap, ``api.max_body_bytes``, applies before this).
 MAX_UPLOAD_BYTES = 1 << 30
@@ -41,9 +50,7 @@ def _decode(field: str, text: str, limit: int = MAX_UPLOAD_BYTES) -> bytes:
 
 
 @contextlib.contextmanager
-def _catalog(home: Path) -> Iterator[Any]:
-    from server.registry.catalog import Catalog  # noqa: PLC0415 - the compression extra is imported on use
-
+def _catalog(home: Path) -> Iterator[Catalog]:
     catalog = Catalog.open(home)
     try:
         yield catalog
@@ -72,8 +79,6 @@ def version_detail(catalog: Any, mv: Any) -> dict[str, Any]:
 
 def add_model(home: Path, body: Mapping[str, Any]) -> dict[str, Any]:
     """Register the next version of ``body["name"]`` from an upload; the answer of ``model add --json``."""
-    from server.compression.gate import GateSpec  # noqa: PLC0415
-
     filename = Path(str(body.get("filename") or "model.onnx")).name
     if not filename.endswith(UPLOAD_SUFFIXES):
         raise InvalidRequestError(f"body.filename must end with {' or '.join(UPLOAD_SUFFIXES)} (got {filename!r})")
@@ -124,36 +129,47 @@ def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: 
     Answers ``{"model", "version", "results": [row per profile], "failures": n}``; a profile that
     cannot be built is a row with ``error`` and ``code``, not a failed call, like the CLI.
     """
-    from server.compression.pipeline import BuildOptions  # noqa: PLC0415
-    from server.compression.recipes import CALIBRATION_METHODS  # noqa: PLC0415
-    from server.profiles import load_profiles  # noqa: PLC0415
-
-    methods = tuple(body.get("calibration_methods") or CALIBRATION_METHODS)
-    bad = [m for m in methods if m not in CALIBRATION_METHODS]
-    if bad:
-        raise InvalidRequestError(f"body.calibration_methods: unknown {', '.join(bad)} "
-                                  f"(one of {', '.join(CALIBRATION_METHODS)})")
-    options = BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)),
-                           fallback=bool(body.get("fallback", True)), evaluation_limit=body.get("eval_limit"),
-                           latency_runs=int(body.get("latency_runs", 30)), only=tuple(body.get("recipes") or ()))
+    options = build_options(body)
     profiles = load_profiles(profiles_dir)
     with _catalog(home) as catalog:
         mv = catalog.resolve(ref)
-        wanted = _wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
-        with catalog.build_share() as share:
+        wanted = wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
+        with build_ops.build_share(catalog.paths) as share:
             rows = [_build_row(catalog, mv, profiles[pid], options, share) for pid in wanted]
         return {"model": mv.model, "version": mv.version, "results": rows,
                 "failures": sum(1 for r in rows if "error" in r)}
 
 
+def build_options(body: Mapping[str, Any]) -> BuildOptions:
+    """The pipeline's options from a build request (the API's body; the CLI builds the same body)."""
+    methods = tuple(body.get("calibration_methods") or CALIBRATION_METHODS)
+    bad = [m for m in methods if m not in CALIBRATION_METHODS]
+    if bad:
+        raise InvalidRequestError(f"body.calibration_methods: unknown {', '.join(bad)} "
+                                  f"(one of {', '.join(CALIBRATION_METHODS)})")
+    return BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)),
+                        fallback=bool(body.get("fallback", True)), evaluation_limit=body.get("eval_limit"),
+                        latency_runs=int(body.get("latency_runs", BuildOptions.latency_runs)),
+                        only=tuple(body.get("recipes") or ()))
+
+
 def _build_row(catalog: Any, mv: Any, profile: Any, options: Any, share: Any) -> dict[str, Any]:
     """One profile's line of the answer; a profile that cannot be built is a row with ``error`` and ``code``."""
     try:
-        stored, result = catalog.build(mv, profile, options=options, share=share)
+        stored, result = build_ops.build_variant(catalog, mv, profile, options=options, share=share)
     except ServerError as exc:
-        return {"profile": profile.id, "error": exc.message, "code": exc.code}
+        return error_row(profile.id, exc)
+    return result_row(mv, profile.id, stored, result)
+
+
+def error_row(profile_id: str, exc: ServerError) -> dict[str, Any]:
+    return {"profile": profile_id, "error": exc.message, "code": exc.code}
+
+
+def result_row(mv: Any, profile_id: str, stored: Any, result: Any) -> dict[str, Any]:
+    """A built profile's line of ``build --json`` (and of the API's answer)."""
     return {
-        "profile": profile.id, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
+        "profile": profile_id, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
         "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
         "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
         "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
@@ -162,7 +178,7 @@ def _build_row(catalog: Any, mv: Any, profile: Any, options: Any, share: Any) ->
     }
 
 
-def _wanted_profiles(spec: str, profiles: Mapping[str, Any], fmt: str) -> Sequence[str]:
+def wanted_profiles(spec: str, profiles: Mapping[str, Any], fmt: str) -> Sequence[str]:
     if not spec:
         raise InvalidRequestError("body.profile is required: ID[,ID...] or all")
     if spec == "all":

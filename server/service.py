@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.errors import TopicError
-from agent.protocol.messages import model_name_problem
 from agent.protocol.topics import validate_device_id
+from server.access import ROLES
 from server.artifacts import ArtifactStore
 from server.builds import BuildSource
 from server.config import ServerConfig
 from server.delta import transfer_summary
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.identity import check_device_id, server_logins
-from server.keys import load_signing_key, mosquitto_hash, new_broker_password
+from server.keys import load_signing_key, mosquitto_hash, new_broker_password, new_token, token_digest
 from server.outbox import OUTBOX_LEASE
+from server.refs import parse_model_ref
 from server.registry.console import ConsoleQueries
 from server.registry.fleet import (
     DEP_COMPLETED,
@@ -44,7 +45,6 @@ from server.rollout.planner import DeviceView, Phase, plan_waves, wave_stats
 from server.signing import Signer, fingerprint, parse_public_key
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MODEL_REF = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,63}):v?(?P<version>\d{1,9})$")
 
 
 class ProfileSource(Protocol):
@@ -62,13 +62,6 @@ def _device_id(value: str) -> str:
         return validate_device_id(value)
     except TopicError as exc:
         raise InvalidRequestError(exc.message) from exc
-
-
-def parse_model_ref(text: str) -> tuple[str, int]:
-    m = MODEL_REF.match(text.strip())
-    if not m or model_name_problem(m["model"]) is not None:
-        raise InvalidRequestError(f"{text!r} is not MODEL:VERSION (e.g. digits-cnn:3; no '..' in the name)")
-    return m["model"], int(m["version"])
 
 
 def _percent(name: str, value: float, *, allow_zero: bool = True) -> float:
@@ -238,13 +231,8 @@ class FleetService:
         now = self.clock()
         with self.registry.tx() as tx:
             self.registry.revoke_device(device_id, tx=tx, now=now)
-            tx.execute(
-                "UPDATE deployment_devices SET state = 'cancelled', reason = 'device revoked', updated_at = ?"
-                " WHERE device_id = ? AND state NOT IN ('committed', 'failed', 'rolled_back', 'skipped',"
-                " 'superseded', 'cancelled')",
-                (now, device_id),
-            )
-            tx.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
+            self.registry.cancel_device_rows([device_id], "device revoked", tx=tx, now=now)
+            self.registry.delete_desired(device_id, tx=tx)
             self.registry.server_event("device.revoked", f"device {device_id} revoked", device_id=device_id,
                                        severity="warning", tx=tx, now=now)
         return {"device_id": device_id, "status": DEVICE_REVOKED,
@@ -360,7 +348,7 @@ class FleetService:
                 f"no variant of {model}:{version} is built for profile(s) {detail}. "
                 f"Build them first: edgefleet build {model}:{version} --profile {missing[0]}"
             )
-        held = self.registry.holding_deployments([d.device_id for d in enrolled], conn=self.registry.db.connection())
+        held = self.registry.holding_deployments([d.device_id for d in enrolled])
         if held:
             dep_id, devs = next(iter(sorted(held.items())))
             raise ConflictError(
@@ -506,15 +494,8 @@ class FleetService:
         with self.registry.tx() as tx:
             # the devices leave any rollout that still holds them, and a finished rollout to this same
             # target no longer re-deploys late joiners
-            tx.executemany(
-                "UPDATE deployment_devices SET state = 'cancelled', reason = ?, updated_at = ?"
-                " WHERE device_id = ? AND state NOT IN ('committed', 'failed', 'rolled_back', 'skipped',"
-                " 'superseded', 'cancelled') AND deployment_id IN (SELECT deployment_id FROM deployments WHERE"
-                " status IN ('running', 'rolling_back', 'completed'))",
-                [(f"operator rollback by {actor}", now, d) for d in ids],
-            )
-            tx.execute("UPDATE deployments SET active = 0 WHERE target = ? AND status IN (?, ?, ?)",
-                       (target, DEP_COMPLETED, DEP_HALTED, DEP_RUNNING))
+            self.registry.cancel_device_rows(ids, f"operator rollback by {actor}", tx=tx, now=now, live_only=True)
+            self.registry.deactivate_target(target, (DEP_COMPLETED, DEP_HALTED, DEP_RUNNING), tx=tx)
             batch_id = self.dispatcher.store_rollback(items, deployment_id=None, actor=actor, now=now, tx=tx)
             self.registry.server_event(
                 "rollback.requested",
@@ -558,6 +539,25 @@ class FleetService:
     def audit(self, *, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.registry.list_audit(limit=max(1, min(limit, 10000)), actor=actor,
                                                               action=action)]
+
+    # -- API tokens --------------------------------------------------------------------------------
+
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        """A new token for ``name`` (shown once here; the registry keeps only its SHA-256)."""
+        if not name or len(name) > 64 or not name.isprintable():
+            raise InvalidRequestError("a token name is 1..64 printable characters")
+        if role not in ROLES:
+            raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}")
+        token = new_token()
+        self.registry.add_token(name, token_digest(token), role=role)
+        return {"name": name, "role": role, "token": token}
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return self.registry.list_tokens()
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        self.registry.revoke_token(name)
+        return {"name": name, "revoked": True}
 
     def record_audit(self, *, actor: str, action: str, target: str | None, params: Mapping[str, Any], outcome: str,
                      detail: str | None = None) -> None:

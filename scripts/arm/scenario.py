@@ -1,7 +1,7 @@
 """The end-to-end scenario: the agent inside the emulated aarch64 root filesystem, everything else on the host.
 
 Host: mosquitto with TLS, per-client passwords and the device ACL (``server.broker.MosquittoBroker``), the
-real control plane (``edgefleet server run``, through ``tests.support.server_process``, driven over its HTTP
+real control plane (``edgefleet server run``, through ``tests.support.servers.process``, driven over its HTTP
 API), and the ``raspberry-pi-5`` builds in its catalog (``scripts.arm.variants``: ``edgefleet model add`` +
 ``edgefleet build``). Emulated: ``edgefleet-agent init`` and
 ``edgefleet-agent run`` under qemu-aarch64 in the chroot, which shares the host's network, so the agent
@@ -41,8 +41,8 @@ from scripts.arm.rootfs import QEMU_CPU, VENV, ArmCheckError, chroot, log
 from scripts.arm.steps import Steps
 from scripts.arm.variants import PROBATION_S, PROFILE, build_variants
 from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, acl_text, free_port, generate_tls
-from tests.support.agent_process import write_config
-from tests.support.server_process import ServerProcess
+from tests.support.devices.agent_process import write_config
+from tests.support.servers.process import ServerProcess
 
 #: The agent's settings for an emulated board (each a documented config knob; the defaults stay the real ones).
 EMULATION: dict[str, dict[str, Any]] = {
@@ -277,7 +277,7 @@ class Telemetry(threading.Thread):
 
 
 class Server:
-    """``edgefleet server run`` (tests.support.server_process) on TLS, used through its HTTP API."""
+    """``edgefleet server run`` (tests.support.servers.process) on TLS, used through its HTTP API."""
 
     def __init__(self, process: ServerProcess, device_id: str) -> None:
         self.process, self.device_id = process, device_id

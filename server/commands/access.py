@@ -14,17 +14,11 @@ from typing import Any
 
 from rich.markup import escape
 
-from server.commands.term import make_console
-
-console = make_console()
-err_console = make_console(stderr=True)
+from server.commands.common import api_client, console, err_console
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from server.client import connect  # noqa: PLC0415
-
-    report = connect(args.home, server=args.server, config_path=args.config).call(
-        "verify_audit", query={"anchor": args.anchor})
+    report = api_client(args).call("verify_audit", query={"anchor": args.anchor})
     if args.json:
         print(json.dumps(report))
     elif report["ok"]:

@@ -12,8 +12,9 @@ pipeline can register and build from anywhere; the output has the same shape eit
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,50 +23,39 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server import model_ops
+from server.build_ops import build_share, build_variant
+from server.commands.common import guarded
 from server.commands.term import make_console
 from server.compression.gate import METRICS, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
 from server.profiles import load_profiles
+from server.refs import parse_ref
+from server.registry.catalog import Catalog
 from server.textsafe import safe
 
 console = make_console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-def _run(fn: Handler) -> Handler:
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except ServerError as exc:
-            err_console.print(f"[bold red]error[/] ({exc.code}): {safe(exc.message)}", highlight=False)
-            return 1
-        except KeyboardInterrupt:
-            err_console.print("interrupted", highlight=False)  # Ctrl-C: one line, no traceback
-            return 130
-
-    return wrapper
-
-
 def _catalog(args: argparse.Namespace) -> Any:
-    from server.registry.catalog import Catalog  # noqa: PLC0415
-
     return Catalog.open(args.home)
+
+
+#: the gate flags' defaults are GateSpec's, written once in server.compression.gate
+_GATE = GateSpec()
 
 
 def _remote(args: argparse.Namespace) -> Any:
     """The server's API client when one is configured explicitly, else None (work locally)."""
+    # startup cost: the API client stack loads only when a server is configured
     from server.client import remote_client  # noqa: PLC0415
 
     return remote_client(args.home, server=getattr(args, "server", None))
 
 
 def _b64(path: Path | None) -> str | None:
-    import base64  # noqa: PLC0415
-
     if path is None:
         return None
     try:
@@ -76,8 +66,6 @@ def _b64(path: Path | None) -> str | None:
 
 def _remote_ref(client: Any, ref: str) -> tuple[str, int]:
     """NAME:VERSION, or NAME alone for its latest version on the server."""
-    from server.registry.catalog import parse_ref  # noqa: PLC0415
-
     name, version = parse_ref(ref)
     if version is None:
         versions = [r["version"] for r in client.call("list_models", query={"model": name})]
@@ -158,12 +146,8 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         return 0
     catalog = _catalog(args)
     versions = catalog.versions()
-    if args.json:
-        print(json.dumps([
-            {"model": v.model, "version": v.version, "format": v.format, "sha256": v.sha256,
-             "size_bytes": v.size_bytes, "builds": [b.profile for b in catalog.builds(v.model, v.version)]}
-            for v in versions
-        ]))
+    if args.json:  # the API's rows (model_ops), so both paths print the same
+        print(json.dumps([model_ops.version_row(catalog, v) for v in versions]))
         return 0
     table = Table(box=box.SIMPLE_HEAD)
     for col in ("model", "version", "format", "size", "gate", "calibration", "evaluation", "built for"):
@@ -198,15 +182,8 @@ def cmd_model_show(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
     builds = catalog.builds(mv.model, mv.version)
-    if args.json:
-        print(json.dumps({
-            "model": mv.model, "version": mv.version, "format": mv.format, "sha256": mv.sha256,
-            "size_bytes": mv.size_bytes, "inputs": [t.to_dict() for t in mv.inputs],
-            "outputs": [t.to_dict() for t in mv.outputs], "gate": mv.gate.to_dict(),
-            "builds": [{"profile": b.profile, "variant": b.variant, "size_bytes": b.size_bytes,
-                        "ota_size_bytes": b.ota_size_bytes, "compression": b.compression,
-                        "provenance": b.provenance} for b in builds],
-        }, default=str))
+    if args.json:  # the API's answer (model_ops), so both paths print the same
+        print(json.dumps(model_ops.version_detail(catalog, mv), default=str))
         return 0
     console.print(f"[bold]{mv.ref}[/]  {mv.format}  {_mb(mv.size_bytes)}  sha256 {mv.sha256[:16]}…", highlight=False)
     for t in mv.inputs:
@@ -244,10 +221,8 @@ def _result_table(result: ProfileResult) -> Table:
     return table
 
 
-def _remote_build(args: argparse.Namespace, remote: Any) -> int:
-    if args.profiles is not None:
-        raise InvalidRequestError("--profiles applies to local builds; a server builds with its own profiles")
-    name, version = _remote_ref(remote, args.ref)
+def _build_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The API's build request from the command line (the local build reads it the same way)."""
     body: dict[str, Any] = {"profile": args.profile, "pruning": not args.no_pruning, "fallback": not args.no_fallback,
                             "latency_runs": args.latency_runs}
     if args.recipe:
@@ -256,18 +231,14 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
         body["calibration_methods"] = list(args.calibration_method)
     if args.eval_limit:
         body["eval_limit"] = args.eval_limit
-    import contextlib  # noqa: PLC0415
+    return body
 
-    waiting = (contextlib.nullcontext() if args.json else
-               err_console.status(f"building {name}:{version} on {remote.description} ...", spinner="dots"))
-    with waiting:
-        out = remote.call("build_model", path={"model": name, "version": str(version)}, body=body, timeout=6 * 3600.0)
-    rows = out["results"]
-    if args.json:
+
+def _summary(title: str, rows: list[dict[str, Any]], failures: int, *, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(rows, default=str))
-        return 1 if out["failures"] else 0
-    summary = Table(title=f"{name}:{version}: shipped variants ({remote.description})", box=box.SIMPLE_HEAD,
-                    title_justify="left")
+        return 1 if failures else 0
+    summary = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("profile", "variant", "size", "OTA (codec)", "vs fp32 size", "latency ms", "fp32 ms", "fidelity"):
         summary.add_column(col)
     for r in rows:
@@ -280,35 +251,38 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
                         f"{r['size_bytes'] / r['source_size_bytes']:.3f}x", _ms(r["latency_ms"]),
                         _ms(r["fp32_latency_ms"]), f"{fid.get('metric', '')} {fid.get('value', 0):.4f}")
     console.print(summary)
-    return 1 if out["failures"] else 0
+    return 1 if failures else 0
+
+
+def _remote_build(args: argparse.Namespace, remote: Any) -> int:
+    if args.profiles is not None:
+        raise InvalidRequestError("--profiles applies to local builds; a server builds with its own profiles")
+    name, version = _remote_ref(remote, args.ref)
+    waiting = (contextlib.nullcontext() if args.json else
+               err_console.status(f"building {name}:{version} on {remote.description} ...", spinner="dots"))
+    with waiting:
+        out = remote.call("build_model", path={"model": name, "version": str(version)}, body=_build_body(args),
+                          timeout=6 * 3600.0)
+    return _summary(f"{name}:{version}: shipped variants ({remote.description})", out["results"], out["failures"],
+                    as_json=args.json)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """Builds run here (with a progress bar per profile) unless a server is configured; either way the
+    options, the profile list and the answer rows come from ``server.model_ops``, as the API's."""
     remote = _remote(args)
     if remote is not None:
         return _remote_build(args, remote)
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
     profiles = load_profiles(args.profiles)
-    wanted = list(profiles) if args.profile == "all" else [p.strip() for p in args.profile.split(",")]
-    unknown = [p for p in wanted if p not in profiles]
-    if unknown:
-        raise InvalidRequestError(f"unknown profile(s) {', '.join(unknown)} (known: {', '.join(profiles)}, all)")
-    if args.profile == "all":
-        wanted = [p for p in wanted if mv.format in profiles[p].format_preference]
-    options = BuildOptions(
-        methods=tuple(args.calibration_method or CALIBRATION_METHODS),
-        pruning=not args.no_pruning,
-        fallback=not args.no_fallback,
-        evaluation_limit=args.eval_limit,
-        latency_runs=args.latency_runs,
-        only=tuple(args.recipe or ()),
-    )
+    wanted = model_ops.wanted_profiles(args.profile, profiles, mv.format)
+    options = model_ops.build_options(_build_body(args))
     rows: list[dict[str, Any]] = []
     failures = 0
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True, disable=args.json) as bar, \
-            catalog.build_share() as share:
+            build_share(catalog.paths) as share:
         for pid in wanted:
             profile = profiles[pid]
             steps = len(plan(profile, mv.format, ops=frozenset({"MatMul", "Conv"}), has_calibration=True,
@@ -319,42 +293,19 @@ def cmd_build(args: argparse.Namespace) -> int:
                 bar.update(task, advance=1, description=f"{mv.ref} → {pid}: {message}")
 
             try:
-                stored, result = catalog.build(mv, profile, options=options, progress=step, share=share)
+                stored, result = build_variant(catalog, mv, profile, options=options, progress=step, share=share)
             except ServerError as exc:
                 failures += 1
                 bar.remove_task(task)
-                rows.append({"profile": pid, "error": exc.message, "code": exc.code})
+                rows.append(model_ops.error_row(pid, exc))
                 if not args.json:
                     err_console.print(f"[bold red]{safe(pid)}[/]: {safe(exc.message)}", highlight=False)
                 continue
             bar.remove_task(task)
-            rows.append({
-                "profile": pid, "variant": stored.variant, "fell_back_to_fp32": result.fell_back,
-                "size_bytes": stored.size_bytes, "ota_size_bytes": stored.ota_size_bytes,
-                "compression": stored.compression, "latency_ms": result.chosen.latency_ms,
-                "fp32_latency_ms": result.provenance.get("fp32_latency_ms"),
-                "fidelity": result.chosen.fidelity.to_dict() if result.chosen.fidelity else None,
-                "path": str(stored.path),
-            })
+            rows.append(model_ops.result_row(mv, pid, stored, result) | {"path": str(stored.path)})
             if not args.json:
                 console.print(_result_table(result))
-    if args.json:
-        print(json.dumps(rows, default=str))
-        return 1 if failures else 0
-    summary = Table(title=f"{mv.ref}: shipped variants", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("profile", "variant", "size", "OTA (codec)", "vs fp32 size", "latency ms", "fp32 ms", "fidelity"):
-        summary.add_column(col)
-    for r in rows:
-        if "error" in r:
-            summary.add_row(safe(r["profile"]), "[red]not built[/]", "", "", "", "", "", safe(r["error"][:80]))
-            continue
-        fid = r["fidelity"] or {}
-        variant = r["variant"] + (" [yellow](nothing smaller passed the gate)[/]" if r["fell_back_to_fp32"] else "")
-        summary.add_row(r["profile"], variant, _mb(r["size_bytes"]), f"{_mb(r['ota_size_bytes'])} ({r['compression']})",
-                        f"{r['size_bytes'] / mv.size_bytes:.3f}x", _ms(r["latency_ms"]), _ms(r["fp32_latency_ms"]),
-                        f"{fid.get('metric', '')} {fid.get('value', 0):.4f}")
-    console.print(summary)
-    return 1 if failures else 0
+    return _summary(f"{mv.ref}: shipped variants", rows, failures, as_json=args.json)
 
 
 # -- registration --------------------------------------------------------------------------------------
@@ -377,21 +328,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metric", choices=METRICS,
                    help="gate metric (default: accuracy when the evaluation data has labels, else cosine)")
     p.add_argument("--max-drop", type=float, metavar="FRACTION",
-                   help="accuracy: largest relative drop vs fp32 (default 0.01)")
-    p.add_argument("--min-cosine", type=float, help="cosine: smallest per-sample cosine (default 0.99)")
-    p.add_argument("--min-top1", type=float, help="top1: smallest top-1 agreement with fp32 (default 0.99)")
-    p.add_argument("--min-iou", type=float, help="iou: smallest mean IoU of thresholded maps (default 0.97)")
+                   help=f"accuracy: largest relative drop vs fp32 (default {_GATE.max_relative_drop:g})")
+    p.add_argument("--min-cosine", type=float,
+                   help=f"cosine: smallest per-sample cosine (default {_GATE.min_cosine:g})")
+    p.add_argument("--min-top1", type=float,
+                   help=f"top1: smallest top-1 agreement with fp32 (default {_GATE.min_top1:g})")
+    p.add_argument("--min-iou", type=float,
+                   help=f"iou: smallest mean IoU of thresholded maps (default {_GATE.min_iou:g})")
     p.add_argument("--max-abs-error", type=float, help="also cap the max absolute output error (any metric)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_model_add))
+    p.set_defaults(handler=guarded(cmd_model_add, show_code=True, errors=err_console))
 
     p = ms.add_parser("list", help="registered models and versions", description="Registered models.")
     p.add_argument("--json", action="store_true")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_model_list))
+    p.set_defaults(handler=guarded(cmd_model_list, show_code=True, errors=err_console))
 
     p = ms.add_parser("show", help="one version: inputs, gate, builds with provenance",
                       description="Show NAME:VERSION (or NAME for the latest): inputs, gate and builds.")
@@ -399,7 +353,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="everything, including full provenance, as JSON")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_model_show))
+    p.set_defaults(handler=guarded(cmd_model_show, show_code=True, errors=err_console))
 
     p = subparsers.add_parser(
         "build", help="build compressed per-profile variants behind the accuracy gate",
@@ -419,8 +373,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-pruning", action="store_true", help="skip the magnitude-pruning candidate")
     p.add_argument("--no-fallback", action="store_true", help="skip the divergent-nodes-in-float fallback")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
-    p.add_argument("--latency-runs", type=int, default=30, metavar="N", help="timed runs per variant (default 30)")
+    p.add_argument("--latency-runs", type=int, default=BuildOptions.latency_runs, metavar="N",
+                   help=f"timed runs per variant (default {BuildOptions.latency_runs})")
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
-    p.set_defaults(handler=_run(cmd_build))
+    p.set_defaults(handler=guarded(cmd_build, show_code=True, errors=err_console))

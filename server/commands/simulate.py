@@ -12,13 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich import box
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from agent.protocol.envelope import TrustAnchor, raw_public
+from agent.protocol.messages import ModelRef
 from server.commands.term import make_console
+from server.config import BrokerSection, load_config
 from server.errors import ConflictError, ServerError
+from server.keys import atomic_write, load_signing_key
+from server.refs import parse_model_ref
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -54,9 +61,6 @@ MAX_CREDENTIALS_BYTES = 20000 * 2048
 
 
 def _ref(text: str) -> Any:
-    from agent.protocol.messages import ModelRef  # noqa: PLC0415
-    from server.service import parse_model_ref  # noqa: PLC0415
-
     try:
         name, version = parse_model_ref(text)
     except ServerError as exc:
@@ -115,12 +119,6 @@ def register(subparsers: Any) -> None:
 
 
 def _trust(args: argparse.Namespace, config: Any) -> Any:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415
-
-    from agent.protocol.envelope import TrustAnchor  # noqa: PLC0415
-    from server.keys import load_signing_key  # noqa: PLC0415
-
     if args.server_key is not None:
         key = serialization.load_pem_public_key(args.server_key.read_bytes())
         if not isinstance(key, Ed25519PublicKey):
@@ -162,7 +160,6 @@ def _ca_cert(args: argparse.Namespace, config: Any, broker: Any) -> Path | None:
 
 def _issue_credentials(args: argparse.Namespace, ids: list[str]) -> int:
     """Register with a server-issued broker password each (the real enrolment path) and write them."""
-    from server.keys import atomic_write  # noqa: PLC0415
 
     if args.no_register:
         raise ServerError("--issue-credentials registers the devices; it does not go with --no-register")
@@ -181,7 +178,7 @@ def _issue_credentials(args: argparse.Namespace, ids: list[str]) -> int:
 
 def _register(args: argparse.Namespace, ids: list[str], passwords: dict[str, str] | None = None) -> int:
     """Register ``ids`` through the API; with ``passwords``, each gets a broker password put there."""
-    from agent.protocol.envelope import raw_public  # noqa: PLC0415
+    # startup cost: the API client stack and the simulator (paho, the device core) load only for `simulate`
     from server.client import connect  # noqa: PLC0415
     from server.simulator import device_key  # noqa: PLC0415
 
@@ -224,7 +221,7 @@ def _view(snap: Any, started: float, until: Any) -> Table:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.config import load_config  # noqa: PLC0415
+    # startup cost: the simulator (paho, the device core) loads only for `simulate`
     from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids  # noqa: PLC0415
 
     if not 1 <= args.devices <= 20000:
@@ -233,7 +230,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.home, args.config)
         if args.broker:
-            from server.config import BrokerSection  # noqa: PLC0415
 
             b = BrokerSection(url=args.broker)
             b.validate()

@@ -9,33 +9,32 @@ files live under the server home:
 Files are written to a staging directory (fsync'd) and renamed into place before the row that
 names them is committed, so a crash leaves at worst an unreferenced staging directory, never a
 row pointing at a half-written file. ``get_model_version`` and ``get_build`` are what the control
-plane reads (``server.builds.CatalogBuilds``).
+plane reads (``server.build_ops.CatalogBuilds``). Building is ``server.build_ops``: this module only
+stores what a build chose (``store_build``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.files import fsync_dir
-from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec, model_name_problem
+from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec
 from server.builds import Build
-from server.compression.data import SAMPLE, Dataset, load_dataset
+from server.compression.data import load_dataset
 from server.compression.gate import GateSpec
-from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel, build_profile, inspect_source
-from server.compression.share import BuildShare
+from server.compression.pipeline import ProfileResult, inspect_source
 from server.config import ServerPaths, private_home
-from server.errors import ConflictError, DatasetError, InvalidRequestError, NotFoundError, RegistryError
+from server.errors import ConflictError, DatasetError, NotFoundError
 from server.profiles import DeviceProfile
+from server.refs import parse_ref
 from server.registry.db import Database, Migration
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -117,21 +116,6 @@ class CatalogBuild(Build):
     size_bytes: int = 0
     ota_size_bytes: int = 0
     built_at: float = 0.0
-
-
-def parse_ref(ref: str, *, need_version: bool = False) -> tuple[str, int | None]:
-    """``name:version`` (or ``name`` when ``need_version`` is False) -> (name, version | None)."""
-    name, sep, ver = ref.partition(":")
-    if model_name_problem(name) is not None:  # the rule the agent checks too (agent/protocol/messages.py)
-        raise InvalidRequestError(f"{ref!r}: model names are ASCII letters, digits, '.', '_' or '-' (up to 64, "
-                                  "starting with a letter or digit, no '..')")
-    if not sep:
-        if need_version:
-            raise InvalidRequestError(f"{ref!r}: give a version, as NAME:VERSION")
-        return name, None
-    if not ver.isdigit() or int(ver) < 1:
-        raise InvalidRequestError(f"{ref!r}: the version must be a positive integer")
-    return name, int(ver)
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -314,12 +298,6 @@ class Catalog:
 
     # -- builds ------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def build_share(self) -> Iterator[BuildShare]:
-        """Work shared by the profiles of one build command; fp32 reference outputs also kept on disk."""
-        with BuildShare.open(self.paths.builds_dir, self.paths.home / "cache" / "reference") as share:
-            yield share
-
     def _build_row(self, row: Mapping[str, Any]) -> CatalogBuild:
         return CatalogBuild(
             model=row["model"],
@@ -350,114 +328,44 @@ class Catalog:
         ).fetchall()
         return [self._build_row(r) for r in rows]
 
-    def build(
-        self,
-        mv: ModelVersion,
-        profile: DeviceProfile,
-        *,
-        options: BuildOptions | None = None,
-        progress: Callable[[str], None] | None = None,
-        share: BuildShare | None = None,
-    ) -> tuple[CatalogBuild, ProfileResult]:
-        """Build ``mv`` for ``profile`` and store the chosen variant (replacing an earlier build).
+    def store_build(self, mv: ModelVersion, profile: DeviceProfile, result: ProfileResult) -> CatalogBuild:
+        """Keep the variant ``result`` chose for ``profile`` (replacing an earlier build of it).
 
-        ``share`` (from ``build_share``): candidates and reference outputs kept across the profiles
-        of one build command, so identical candidates are made and measured once.
+        The file and its provenance are staged (fsync'd) and renamed into place before the row
+        naming them commits. Building is ``server.build_ops``; this only stores.
         """
-        source = inspect_source(mv.path)
-        if source.sha256 != mv.sha256:
-            raise RegistryError(f"{mv.path} no longer matches the registered digest of {mv.ref}")
-        cal = load_dataset(mv.calibration, source.inputs, role="calibration") if mv.calibration else None
-        ev = load_dataset(mv.evaluation, source.inputs, role="evaluation") if mv.evaluation else None
-        opts = options or BuildOptions()
-        if ev is None:
-            # Without evaluation data nothing quantized can be gated: fp32 only, checked on synthetic inputs.
-            ev = synthetic_dataset(source)
-            opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False,
-                                   "synthetic": True})
-            cal = None
-        older = self.get_build(mv.model, mv.version - 1, profile.id) if opts.previous is None else None
-        if older is not None:  # delta-friendly quantization: start from the previous version's scales
-            opts = BuildOptions(**{**opts.__dict__, "previous": older.path})
         builds_dir = self.paths.builds_dir
-        builds_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            if share is None:  # a one-profile build still reads and writes the reference cache
-                share = stack.enter_context(self.build_share())
-            return self._build(mv, profile, source, ev, cal, opts, progress, share)
-
-    def _build(  # noqa: PLR0917
-        self,
-        mv: ModelVersion,
-        profile: DeviceProfile,
-        source: SourceModel,
-        ev: Dataset,
-        cal: Dataset | None,
-        opts: BuildOptions,
-        progress: Callable[[str], None] | None,
-        share: BuildShare,
-    ) -> tuple[CatalogBuild, ProfileResult]:
-        builds_dir = self.paths.builds_dir
-        with tempfile.TemporaryDirectory(dir=builds_dir, prefix=".work-") as work:
-            result = build_profile(
-                source, profile, mv.gate, evaluation=ev, calibration=cal, workdir=Path(work), options=opts,
-                progress=progress, share=share,
-            )
-            if ev.source is None:
-                checked = result.chosen.fidelity is not None
-                result.provenance["notes"].append(
-                    "no evaluation data: only fp32 offered"
-                    + (" (checked on synthetic inputs)" if checked else " (not run: see the note above)"))
-            chosen = result.chosen
-            assert chosen.path is not None
-            ext = chosen.path.suffix
-            parent = builds_dir / mv.model / str(mv.version)
-            staging = _Staging(parent)
-            try:
-                _copy_synced(chosen.path, staging.dir / f"{chosen.recipe.name}{ext}")
-                _write_synced(staging.dir / "provenance.json",
-                              json.dumps(result.provenance, indent=2, sort_keys=True, default=str).encode())
-                rel = Path("builds") / mv.model / str(mv.version) / profile.id / f"{chosen.recipe.name}{ext}"
-                with self.db.transaction() as tx:
-                    tx.execute(
-                        "INSERT INTO catalog_builds (model, version, profile, variant, path, sha256, size_bytes,"
-                        " ota_size_bytes, compression, chunk_size, runtime, health, provenance, built_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT (model, version, profile) DO UPDATE SET variant = excluded.variant,"
-                        " path = excluded.path, sha256 = excluded.sha256, size_bytes = excluded.size_bytes,"
-                        " ota_size_bytes = excluded.ota_size_bytes, compression = excluded.compression,"
-                        " chunk_size = excluded.chunk_size, runtime = excluded.runtime, health = excluded.health,"
-                        " provenance = excluded.provenance, built_at = excluded.built_at",
-                        (
-                            mv.model, mv.version, profile.id, chosen.recipe.name, str(rel), chosen.sha256,
-                            chosen.size_bytes, result.ota_size, result.compression, profile.chunk_size,
-                            json.dumps(result.runtime.to_dict()), json.dumps(result.health.to_dict()),
-                            json.dumps(result.provenance, default=str), time.time(),
-                        ),
-                    )
-                    staging.commit(parent / profile.id)
-            except BaseException:
-                staging.discard()
-                raise
+        chosen = result.chosen
+        assert chosen.path is not None
+        ext = chosen.path.suffix
+        parent = builds_dir / mv.model / str(mv.version)
+        staging = _Staging(parent)
+        try:
+            _copy_synced(chosen.path, staging.dir / f"{chosen.recipe.name}{ext}")
+            _write_synced(staging.dir / "provenance.json",
+                          json.dumps(result.provenance, indent=2, sort_keys=True, default=str).encode())
+            rel = Path("builds") / mv.model / str(mv.version) / profile.id / f"{chosen.recipe.name}{ext}"
+            with self.db.transaction() as tx:
+                tx.execute(
+                    "INSERT INTO catalog_builds (model, version, profile, variant, path, sha256, size_bytes,"
+                    " ota_size_bytes, compression, chunk_size, runtime, health, provenance, built_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (model, version, profile) DO UPDATE SET variant = excluded.variant,"
+                    " path = excluded.path, sha256 = excluded.sha256, size_bytes = excluded.size_bytes,"
+                    " ota_size_bytes = excluded.ota_size_bytes, compression = excluded.compression,"
+                    " chunk_size = excluded.chunk_size, runtime = excluded.runtime, health = excluded.health,"
+                    " provenance = excluded.provenance, built_at = excluded.built_at",
+                    (
+                        mv.model, mv.version, profile.id, chosen.recipe.name, str(rel), chosen.sha256,
+                        chosen.size_bytes, result.ota_size, result.compression, profile.chunk_size,
+                        json.dumps(result.runtime.to_dict()), json.dumps(result.health.to_dict()),
+                        json.dumps(result.provenance, default=str), time.time(),
+                    ),
+                )
+                staging.commit(parent / profile.id)
+        except BaseException:
+            staging.discard()
+            raise
         stored = self.get_build(mv.model, mv.version, profile.id)
         assert stored is not None
-        return stored, result
-
-
-def synthetic_dataset(source: SourceModel, samples: int = 8) -> Dataset:
-    """Deterministic inputs for checking an fp32 graph optimization when no evaluation data was given.
-
-    Per-sample layout: each sample is one feed shaped exactly like the input, fixed dimensions kept
-    and symbolic ones 1, in the input's dtype (floats standard normal, integers 0 or 1), so inputs
-    that are not batch-first, and scalars, are fed as the model declares them.
-    """
-    import numpy as np  # noqa: PLC0415
-
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for spec in source.inputs:
-        shape = (samples, *(d if d > 0 else 1 for d in spec.shape))
-        kind = np.dtype(spec.dtype).kind
-        arr = rng.standard_normal(shape) if kind == "f" else rng.integers(0, 2, shape)
-        arrays[spec.name] = arr.astype(spec.dtype)
-    return Dataset(arrays, layout=SAMPLE)
+        return stored

@@ -23,6 +23,7 @@ Theory of operation
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,7 @@ from server.registry.fleet import (
     DEP_RUNNING,
     ArtifactRecord,
     Deployment,
+    DeploymentBuild,
     Device,
     FleetRegistry,
     StoredCommand,
@@ -148,13 +150,10 @@ class Dispatcher:
         deployment_id: str | None,
         actor: str,
         now: float,
-        tx: object,
+        tx: sqlite3.Connection,
         clear: Iterable[str] = (),
     ) -> str:
         """Commands first, then retained pins (so each pin's seq is above its command's); one batch id."""
-        import sqlite3  # noqa: PLC0415 - for the isinstance narrowing only
-
-        assert isinstance(tx, sqlite3.Connection)
         batch_id = uuid.uuid4().hex[:16]
         cmds = [(uuid.uuid4().hex, i.device_id, "rollback", i.model, i.version) for i in items if i.command]
         if cmds:
@@ -247,15 +246,18 @@ class RolloutDriver:
             if pending:
                 self._dispatch(dep, pending, views, now)
         elif dep.status == DEP_ROLLING_BACK and rollback_settled(views):
-            with self.registry.tx() as tx:
-                if self.registry.set_deployment_status(dep.deployment_id, DEP_ROLLED_BACK, expect=[DEP_ROLLING_BACK],
-                                                       tx=tx, now=now):
-                    self.registry.server_event(
-                        "deployment.rolled_back",
-                        f"deployment {dep.deployment_id}: every online device is back on its previous version",
-                        deployment_id=dep.deployment_id, severity="warning", tx=tx, now=now,
-                    )
+            self._finish(dep, DEP_ROLLED_BACK, DEP_ROLLING_BACK, "deployment.rolled_back",
+                         f"deployment {dep.deployment_id}: every online device is back on its previous version",
+                         severity="warning", now=now)
             self.registry.release_deployment(dep.deployment_id, self.owner)
+
+    def _finish(self, dep: Deployment, status: str, expect: str, kind: str, message: str, *, severity: str = "info",
+                now: float) -> None:
+        """Move ``dep`` from ``expect`` to ``status`` and record ``kind`` (once, whichever process gets there)."""
+        with self.registry.tx() as tx:
+            if self.registry.set_deployment_status(dep.deployment_id, status, expect=[expect], tx=tx, now=now):
+                self.registry.server_event(kind, message, deployment_id=dep.deployment_id, severity=severity, tx=tx,
+                                           now=now)
 
     def _drive_running(self, dep: Deployment, views: list[DeviceView], now: float) -> None:
         policy = Policy(dep.canary_percent, dep.wave_percent, dep.max_failures_percent,
@@ -281,14 +283,9 @@ class RolloutDriver:
                 deployment_id=dep.deployment_id, data={"wave": decision.current_wave}, now=now,
             )
         if decision.complete:
-            with self.registry.tx() as tx:
-                if self.registry.set_deployment_status(dep.deployment_id, DEP_COMPLETED, expect=[DEP_RUNNING],
-                                                       tx=tx, now=now):
-                    self.registry.server_event(
-                        "deployment.completed",
-                        f"deployment {dep.deployment_id}: {dep.model} v{dep.version} rolled out to every wave",
-                        deployment_id=dep.deployment_id, tx=tx, now=now,
-                    )
+            self._finish(dep, DEP_COMPLETED, DEP_RUNNING, "deployment.completed",
+                         f"deployment {dep.deployment_id}: {dep.model} v{dep.version} rolled out to every wave",
+                         now=now)
 
     def _dispatch(self, dep: Deployment, device_ids: Sequence[str], views: list[DeviceView], now: float) -> None:
         sent = self.dispatcher.dispatch_deploy(dep, device_ids, now=now)
@@ -344,13 +341,10 @@ class RolloutDriver:
                             f"its devices are not joined (run `edgefleet build`)")
             return False
         artifact = self.dispatcher.artifacts.seal_build(build)
-        with self.registry.tx() as tx:
-            tx.execute(
-                "INSERT INTO deployment_builds (deployment_id, profile, artifact_id, variant, runtime, health)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (dep.deployment_id, profile, artifact.artifact_id, build.variant,
-                 _dumps(build.runtime.to_dict()), _dumps(build.health.to_dict())),
-            )
+        self.registry.add_deployment_build(DeploymentBuild(
+            deployment_id=dep.deployment_id, profile=profile, artifact_id=artifact.artifact_id,
+            variant=build.variant, runtime=build.runtime.to_dict(), health=build.health.to_dict(),
+        ))
         return True
 
     def _warn_once(self, dep: Deployment, key: str, message: str) -> None:
@@ -424,8 +418,3 @@ def halt_deployment(
     log.warning("deployment %s halted: %s", dep.deployment_id, reason)
     return True
 
-
-def _dumps(value: object) -> str:
-    import json  # noqa: PLC0415
-
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

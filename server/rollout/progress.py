@@ -8,21 +8,14 @@ round, whichever server process received it. The phase rules themselves are pure
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Callable
 
 from agent.protocol.events import EventKind
 from agent.protocol.messages import Event, StateReport
+from server.registry.rollouts import RolloutTables
 from server.rollout.planner import IN_FLIGHT, TERMINAL, Observation, Phase, observe_event, observe_state
-
-_ROWS_FOR_DEVICE = (
-    "SELECT dd.deployment_id, dd.state, dd.code, dd.previous_version, d.model, d.version"
-    " FROM deployment_devices dd JOIN deployments d ON d.deployment_id = dd.deployment_id"
-    " WHERE dd.device_id = ? AND dd.state NOT IN ('pending', 'skipped', 'superseded', 'cancelled')"
-    " AND (d.status IN ('running', 'rolling_back', 'rolled_back') OR d.active = 1)"
-)
 
 
 class ProgressTracker:
@@ -32,27 +25,15 @@ class ProgressTracker:
         self.changed = False
 
     def _apply(self, conn: sqlite3.Connection, deployment_id: str, device_id: str, obs: Observation) -> None:
-        now = self._clock()
-        conn.execute(
-            "UPDATE deployment_devices SET state = ?, reason = COALESCE(?, reason), code = ?,"
-            " progress = COALESCE(?, progress), updated_at = ?,"
-            " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE deployment_id = ? AND device_id = ?",
-            (
-                obs.phase.value,
-                obs.reason,
-                obs.code,
-                obs.progress if obs.phase is not Phase.COMMITTED else 1.0,
-                now,
-                int(obs.phase in TERMINAL),
-                now,
-                deployment_id,
-                device_id,
-            ),
+        RolloutTables.set_device_progress(
+            conn, deployment_id, device_id, state=obs.phase.value, reason=obs.reason, code=obs.code,
+            progress=obs.progress if obs.phase is not Phase.COMMITTED else 1.0, finished=obs.phase in TERMINAL,
+            now=self._clock(),
         )
         self.changed = True
 
     def on_event(self, conn: sqlite3.Connection, ev: Event, event_row: int) -> None:
-        rows = conn.execute(_ROWS_FOR_DEVICE, (ev.device_id,)).fetchall()
+        rows = RolloutTables.progress_rows(conn, ev.device_id)
         for r in rows:
             phase = Phase(r["state"])
             about_this = (ev.deployment_id is not None and ev.deployment_id == r["deployment_id"]) or (
@@ -81,7 +62,7 @@ class ProgressTracker:
     def on_state(self, conn: sqlite3.Connection, report: StateReport) -> None:
         if not report.online:
             return
-        rows = conn.execute(_ROWS_FOR_DEVICE, (report.device_id,)).fetchall()
+        rows = RolloutTables.progress_rows(conn, report.device_id)
         now = self._clock()
         for r in rows:
             phase = Phase(r["state"])
@@ -99,11 +80,5 @@ class ProgressTracker:
                 self._apply(conn, r["deployment_id"], report.device_id, obs)
             elif phase in IN_FLIGHT:
                 # a device that just came back (or moved on) is making progress: restart its timeout
-                conn.execute(
-                    "UPDATE deployment_devices SET updated_at = ? WHERE deployment_id = ? AND device_id = ?",
-                    (now, r["deployment_id"], report.device_id),
-                )
+                RolloutTables.touch_device_row(conn, r["deployment_id"], report.device_id, now)
 
-
-def dumps(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

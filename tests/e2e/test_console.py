@@ -25,8 +25,8 @@ from server.config import ServerConfig
 from server.keys import load_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_key
 from tests.support.browser import Browser
-from tests.support.fleet import onnx_builds
-from tests.support.server_process import ServerProcess, edgefleet
+from tests.support.servers.fleet import onnx_builds
+from tests.support.servers.process import ServerProcess, edgefleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
 

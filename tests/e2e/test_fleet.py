@@ -12,7 +12,7 @@ the previous one left the fleet; the versions only go up, as in production):
                                                   over HTTP, built per profile by the server's
                                                   compression pipeline, rolled out to both profiles
 
-v1-v4 are handed to the server as prepared files (tests.support.server_main: a NaN variant is
+v1-v4 are handed to the server as prepared files (tests.support.servers.main: a NaN variant is
 nothing a compression pipeline would ship); every other model version comes from its catalog.
 
 Devices: e2e-a-{0,1,2} on ``raspberry-pi-4`` and e2e-b-{0,1,2} on ``jetson-orin-nano`` (both run
@@ -39,12 +39,13 @@ from server.broker import MosquittoBroker
 from server.builds import Build
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.registry.fleet import FINISHED_STATUSES
-from tests.support import agent_models, badmodels
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.models import agent as agent_models
+from tests.support.models import bad as badmodels
 from tests.support.models import real_model
+from tests.support.models.agent import AgentModels
 from tests.support.mqtt import MqttTestClient
-from tests.support.server_process import ServerProcess
+from tests.support.servers.process import ServerProcess
 from tests.support.waiting import wait_progress
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from server.broker import MosquittoBroker
-from tests.support.agent_process import AgentProcess
+from tests.support.devices.agent_process import AgentProcess
 from tests.support.models import RealModel, real_model
-from tests.support.server_process import ServerProcess, edgefleet
+from tests.support.servers.process import ServerProcess, edgefleet
 
 pytestmark = [pytest.mark.broker, pytest.mark.e2e]
 

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from typing import Any
 
-from tests.support import agent_models
-from tests.support.agent_fixtures import assert_serves
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import ROOT, AgentProcess
+from tests.support.devices.agent_process import ROOT, AgentProcess
+from tests.support.devices.fixtures import assert_serves
 from tests.support.faults import FaultLedger, kept_versions, read_journal
-from tests.support.fleet_server import FleetServer
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 
 def intact(

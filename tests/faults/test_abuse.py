@@ -31,15 +31,15 @@ from agent.protocol.topics import Channel, artifact_topic, device_topic
 from server.broker import SERVER_USER, MosquittoBroker, current_user
 from server.errors import InvalidRequestError
 from tests.faults.helpers import intact
-from tests.support import agent_models
 from tests.support.abuse import local_service, npz_bomb, start_mosquitto
-from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import ROOT, AgentProcess
-from tests.support.fault_server import RealServer
+from tests.support.devices.agent_process import ROOT, AgentProcess
+from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, kept_versions, read_journal
-from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
 from tests.support.mqtt import MqttTestClient
+from tests.support.servers.faulty import RealServer
+from tests.support.servers.stub import FleetServer, unique_device_id
 
 __all__ = ["agent_factory", "fleet", "models"]
 

@@ -27,7 +27,7 @@ from server.api import ROUTES
 from server.broker import MosquittoBroker
 from tests.support.faults import FaultLedger
 from tests.support.rawhttp import exchange, request, response
-from tests.support.server_process import ServerProcess, edgefleet
+from tests.support.servers.process import ServerProcess, edgefleet
 
 pytestmark = pytest.mark.broker
 
@@ -175,7 +175,7 @@ def test_half_sent_requests_are_cut_off_quietly(server: ServerProcess, ledger: F
 
 def _probe(route_path: str) -> str:
     values = {"device_id": "probe-dev", "group": "probe-g", "deployment_id": "d-probe", "batch_id": "b-probe",
-              "model": "probe", "version": "1"}
+              "model": "probe", "version": "1", "name": "probe-token"}
     for k, v in values.items():
         route_path = route_path.replace("{" + k + "}", v)
     return route_path

@@ -33,13 +33,13 @@ from agent.protocol.messages import ChunkRequest
 from agent.runtime.fsutil import TMP_MARKER
 from server.broker import MosquittoBroker
 from tests.faults.helpers import intact
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
-from tests.support.fault_server import RealServer
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, fault_mode, kept_versions, read_journal, trials
-from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.faulty import RealServer
+from tests.support.servers.stub import FleetServer, unique_device_id
 from tests.support.waiting import wait_progress
 
 __all__ = ["agent_factory", "fleet", "models"]

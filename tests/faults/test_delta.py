@@ -12,13 +12,13 @@ import pytest
 from agent.core.journal import State
 from agent.runtime.store import ModelStore
 from tests.faults.helpers import intact
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
 from tests.support.delta import DeltaDeploy, deploy_delta, fine_tuned, requested
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, read_journal
-from tests.support.fleet_server import FleetServer
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 

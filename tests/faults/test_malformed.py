@@ -66,14 +66,14 @@ from server.builds import StaticBuilds
 from server.ingest import Ingestor
 from server.rollout.progress import ProgressTracker
 from tests.faults.helpers import intact
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import write_config
+from tests.support.devices.agent_process import write_config
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, read_journal, trials
-from tests.support.fleet import Fleet
-from tests.support.fleet_server import FleetServer
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
 from tests.support.mqtt import MqttTestClient
+from tests.support.servers.fleet import Fleet
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 
@@ -211,7 +211,7 @@ def fuzz_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentUnderF
 
 
 def _desired(a: AgentUnderFuzz, sealed: Any) -> DesiredState:
-    from tests.support.agent_models import digits_health
+    from tests.support.models.agent import digits_health
 
     return DesiredState(
         device_id=DEVICE, seq=5, issued_at=NOW, expires_at=NOW + 3600, action="deploy", model=ModelRef("digits", 3),
@@ -286,8 +286,8 @@ def test_agent_handlers(topic: str, fuzz_agent: AgentUnderFuzz, ledger: FaultLed
 
 @pytest.fixture(scope="module")
 def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ingestor, list[ChunkRequest], Any]]:
-    from server.app import open_registry
-    from tests.support.fleet import server_config
+    from server.registry.fleet import open_registry
+    from tests.support.servers.fleet import server_config
 
     home = tmp_path_factory.mktemp("fuzz-server")
 

@@ -14,12 +14,12 @@ import pytest
 from agent.protocol.topics import Channel, device_topic
 from server.broker import MosquittoBroker
 from tests.faults.helpers import intact
-from tests.support import agent_models
-from tests.support.agent_fixtures import assert_serves, deploy_and_commit, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import assert_serves, deploy_and_commit, models
 from tests.support.faults import FaultLedger, TcpProxy
-from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer, unique_device_id
 
 __all__ = ["models"]
 

@@ -22,11 +22,11 @@ from agent.protocol.envelope import CHUNK_HEADER_SIZE, seal_command, seal_desire
 from agent.protocol.messages import Command, WrappedKey
 from agent.protocol.topics import Channel, device_topic
 from tests.faults.helpers import edit_payload, flip, intact
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, read_journal
-from tests.support.fleet_server import FleetServer
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 

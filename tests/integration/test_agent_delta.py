@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from agent.runtime.store import ModelStore
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
 from tests.support.delta import DeltaDeploy, deploy_delta, fine_tuned, requested
-from tests.support.fleet_server import FleetServer
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 

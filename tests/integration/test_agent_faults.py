@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.protocol.envelope import seal_command, seal_desired
 from agent.protocol.messages import Command
 from agent.protocol.topics import Channel, device_topic
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
-from tests.support.fleet_server import FleetServer
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 

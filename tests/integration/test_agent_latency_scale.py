@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.fleet_server import FleetServer
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]
 

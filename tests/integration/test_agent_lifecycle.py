@@ -1,7 +1,7 @@
 """The agent as a real process against real mosquitto, real crypto and real ONNX models.
 
 Each test drives one (or two) ``python -m agent run`` processes through the test server
-(tests/support/fleet_server.py), then looks at what the device reported and what its local
+(tests/support/servers/stub.py), then looks at what the device reported and what its local
 HTTP API serves.
 """
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from agent.protocol.messages import ModelRef
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.fleet_server import FleetServer
+from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 __all__ = ["agent_factory", "fleet", "models"]  # fixtures used by name below
 

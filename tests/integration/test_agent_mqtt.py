@@ -9,11 +9,11 @@ import pytest
 
 from server.broker import SERVER_USER, MosquittoBroker
 from tests.conftest import SecureBrokerFactory
-from tests.support import agent_models
-from tests.support.agent_fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
-from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer, unique_device_id
 
 __all__ = ["agent_factory", "fleet", "models"]
 

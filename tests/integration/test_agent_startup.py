@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from tests.support.agent_fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import ROOT
-from tests.support.fleet_server import FleetServer
+from tests.support.devices.agent_process import ROOT
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 from tests.support.waiting import WaitError
 
 __all__ = ["agent_factory", "fleet", "models"]

@@ -22,7 +22,7 @@ from server.builds import StaticBuilds
 from server.client import HttpClient
 from server.errors import AuthError, ConflictError, InvalidRequestError, NotFoundError
 from server.keys import new_token, token_digest
-from tests.support.fleet import Fleet, onnx_builds
+from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
 

@@ -25,8 +25,8 @@ from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from server.keys import new_token, token_digest
 from server.simulator import device_ids, device_key
-from tests.support.agent_process import ROOT
-from tests.support.fleet import Fleet, onnx_builds, public_key
+from tests.support.devices.agent_process import ROOT
+from tests.support.servers.fleet import Fleet, onnx_builds, public_key
 from tests.support.waiting import wait_progress
 
 pytestmark = pytest.mark.broker

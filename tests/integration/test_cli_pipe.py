@@ -17,7 +17,7 @@ import pytest
 
 from server.broker import MosquittoBroker
 from server.keys import new_token, token_digest
-from tests.support.fleet import Fleet, onnx_builds
+from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
 

@@ -20,14 +20,14 @@ from onnx import TensorProto, helper
 
 from agent.protocol.messages import HealthSpec, RuntimeSpec
 from server.broker import MosquittoBroker
-from server.builds import CatalogBuilds, default_build_source
+from server.build_ops import CatalogBuilds, build_variant, default_build_source
 from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions
 from server.errors import DatasetError, InvalidRequestError, ModelError, NotFoundError, UnsupportedOpError
 from server.profiles import get_profile, load_profile
 from server.registry.catalog import Catalog
-from tests.support.fleet import Fleet
 from tests.support.models import RealModel, real_model
+from tests.support.servers.fleet import Fleet
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = BuildOptions(methods=("minmax",), latency_runs=5)
@@ -46,7 +46,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, digits: RealModel) -> tuple[
     mv = catalog.add_model(digits.path, "digits", calibration=digits.calibration, evaluation=digits.evaluation)
     assert (mv.model, mv.version, mv.gate.metric) == ("digits", 1, "accuracy")
     for pid in ("x86-64-avx2", "jetson-nano"):
-        catalog.build(mv, get_profile(pid), options=FAST)
+        build_variant(catalog, mv, get_profile(pid), options=FAST)
     return home, catalog
 
 
@@ -134,7 +134,7 @@ def test_gate_refuses_a_recipe_pushed_past_its_budget_and_ships_fp32(tmp_path: P
                            gate=GateSpec(metric="cosine", min_cosine=0.999999))
     # fp16-weights (fp32 compute) stays within 1e-6 of fp32: left out, so that only int8 is judged here
     int8_only = replace(FAST, only=("int8-dynamic", "int8-static-minmax", "fp32-pruned50"))
-    b, result = catalog.build(mv, get_profile("raspberry-pi-4"), options=int8_only)
+    b, result = build_variant(catalog, mv, get_profile("raspberry-pi-4"), options=int8_only)
     assert b.variant == "fp32" and result.fell_back and b.provenance["fell_back_to_fp32"]
     others = [c for c in result.candidates if c.recipe.name != "fp32"]
     assert others and all(c.status == "failed" and "cosine" in (c.reason or "") for c in others)
@@ -169,7 +169,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(tmp_path: Path, digits
     onnx.save(gelu, str(path))
     mv = catalog.add_model(path, "gelu")
     with pytest.raises(UnsupportedOpError, match=r"op Gelu .* profile jetson-nano") as info:
-        catalog.build(mv, get_profile("jetson-nano"))
+        build_variant(catalog, mv, get_profile("jetson-nano"))
     assert info.value.op == "Gelu" and info.value.profile == "jetson-nano"
     assert catalog.get_build("gelu", 1, "jetson-nano") is None
 
@@ -186,7 +186,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing_behind(tmp_path: Path, digits
                                                   [w]), opset_imports=[helper.make_opsetid("", 17)]), str(big))
     mv = catalog.add_model(big, "big")
     with pytest.raises(ModelError, match="holds at most"):
-        catalog.build(mv, load_profile(tiny))
+        build_variant(catalog, mv, load_profile(tiny))
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from server.build_ops import build_variant, synthetic_dataset
 from server.compression.pipeline import BuildOptions, inspect_source
 from server.profiles import get_profile
-from server.registry.catalog import Catalog, synthetic_dataset
+from server.registry.catalog import Catalog
 from tests.support.models import cache_dir
 
 H = 16
@@ -64,14 +65,14 @@ def test_a_stateful_model_builds_without_data_and_with_per_sample_data(tmp_path:
     _stateful(tmp_path / "m.onnx")
     catalog = Catalog.open(tmp_path / "home")
     bare = catalog.add_model(tmp_path / "m.onnx", "bare")
-    build, result = catalog.build(bare, get_profile("x86-64-avx2"))
+    build, result = build_variant(catalog, bare, get_profile("x86-64-avx2"))
     assert build.variant == "fp32" and result.chosen.passed  # checked on synthetic per-sample feeds
     assert result.chosen.fidelity is not None and result.chosen.fidelity.value > 0.999
     assert result.health.golden and result.health.golden[0].inputs["state"].shape == (2, 1, H)
 
     mv = catalog.add_model(tmp_path / "m.onnx", "vadlike", calibration=_per_sample(tmp_path / "cal.npz", 16, 1),
                            evaluation=_per_sample(tmp_path / "ev.npz", 12, 2))
-    build, result = catalog.build(mv, get_profile("raspberry-pi-5"),
+    build, result = build_variant(catalog, mv, get_profile("raspberry-pi-5"),
                                   options=BuildOptions(methods=("minmax",), fallback=False, latency_runs=3))
     names = {c.recipe.name: c for c in result.candidates}
     assert {"fp32", "fp16-weights", "int8-dynamic", "int8-static-minmax"} <= set(names)
@@ -87,7 +88,7 @@ def test_silero_vad_registers_and_builds_with_and_without_data(tmp_path: Path) -
     # without data: the synthetic sample rate (0 or 1) is outside what the model accepts (If on sr):
     # it still gets its fp32 build, recorded as not run here
     bare = catalog.add_model(folder / "model.onnx", "vad-bare")
-    build, result = catalog.build(bare, get_profile("x86-64-avx2"))
+    build, result = build_variant(catalog, bare, get_profile("x86-64-avx2"))
     assert build.variant == "fp32"
     assert any("synthetic" in n for n in result.provenance["notes"])
     # with its per-sample data: [N, 1, 512] audio, [N, 2, 1, 128] state, [N] sample rate
@@ -95,7 +96,7 @@ def test_silero_vad_registers_and_builds_with_and_without_data(tmp_path: Path) -
                            evaluation=folder / "evaluation.npz")
     options = BuildOptions(methods=("minmax",), fallback=False, evaluation_limit=64, calibration_limit=32,
                            latency_runs=3)
-    build, result = catalog.build(mv, get_profile("x86-64-vnni"), options=options)
+    build, result = build_variant(catalog, mv, get_profile("x86-64-vnni"), options=options)
     fp32 = next(c for c in result.candidates if c.recipe.name == "fp32")
     assert fp32.passed and fp32.fidelity is not None and fp32.fidelity.value > 0.999
     # ORT's constant folding inside the If bodies would grow it 1.4x: the fitted source ships instead

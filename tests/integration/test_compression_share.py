@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server.build_ops import build_share, build_variant
 from server.compression.pipeline import BuildOptions
 from server.compression.share import BuildShare
 from server.profiles import get_profile
@@ -23,11 +24,11 @@ def test_profiles_share_identical_candidates_and_the_reference(tmp_path: Path) -
     catalog = Catalog.open(tmp_path / "home")
     mv = catalog.add_model(digits.path, "digits", calibration=digits.calibration, evaluation=digits.evaluation)
     steps: dict[str, list[str]] = {}
-    with catalog.build_share() as share:
+    with build_share(catalog.paths) as share:
         results = {}
         for pid in PROFILES:
             steps[pid] = []
-            _, results[pid] = catalog.build(mv, get_profile(pid), options=OPTIONS, progress=steps[pid].append,
+            _, results[pid] = build_variant(catalog, mv, get_profile(pid), options=OPTIONS, progress=steps[pid].append,
                                             share=share)
         assert share.hits > 0
         work = share.dir
@@ -52,12 +53,12 @@ def test_profiles_share_identical_candidates_and_the_reference(tmp_path: Path) -
     cached = list((tmp_path / "home" / "cache" / "reference").glob("*.npz"))
     assert len(cached) == 1
     rebuild: list[str] = []
-    catalog.build(mv, get_profile("x86-64-vnni"), options=OPTIONS, progress=rebuild.append)
+    build_variant(catalog, mv, get_profile("x86-64-vnni"), options=OPTIONS, progress=rebuild.append)
     assert rebuild[0] == "reference outputs (fp32, cached)"
     # a corrupt cache file is recomputed, not trusted
     cached[0].write_bytes(b"not an npz")
     again: list[str] = []
-    catalog.build(mv, get_profile("x86-64-vnni"), options=OPTIONS, progress=again.append)
+    build_variant(catalog, mv, get_profile("x86-64-vnni"), options=OPTIONS, progress=again.append)
     assert again[0] == "reference outputs (fp32)"
 
 

@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from agent.protocol.delta import apply_bytes
+from server.build_ops import build_variant
 from server.compression.pipeline import BuildOptions
 from server.delta import make_delta
 from server.profiles import get_profile
@@ -38,11 +39,11 @@ def test_next_version_reuses_scales_and_ships_a_small_delta(tmp_path: Path) -> N
     catalog = Catalog.open(tmp_path / "home")
     profile = get_profile("x86-64-avx2")
     v1 = catalog.add_model(digits.path, "digits", calibration=digits.calibration, evaluation=digits.evaluation)
-    b1, _ = catalog.build(v1, profile, options=FAST)
+    b1, _ = build_variant(catalog, v1, profile, options=FAST)
     v2 = catalog.add_model(fine_tuned(digits.path, tmp_path / "v2.onnx"), "digits", calibration=digits.calibration,
                            evaluation=digits.evaluation)  # fmt: skip
     assert v2.version == 2
-    b2, result = catalog.build(v2, profile, options=FAST)
+    b2, result = build_variant(catalog, v2, profile, options=FAST)
     assert b1.variant.startswith("int8") and b2.variant.startswith("int8"), result.provenance["candidates"]
     notes = result.provenance["notes"]
     assert any("scales reused from the previous version" in n for n in notes), notes

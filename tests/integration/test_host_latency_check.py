@@ -15,7 +15,7 @@ from agent.errors import HealthCheckError
 from agent.protocol.messages import ModelRef
 from agent.runtime.host import ModelHost
 from agent.runtime.inference import InferenceOptions
-from tests.support.serving_models import DIGITS_HEALTH, ONNX, digits_onnx
+from tests.support.models.serving import DIGITS_HEALTH, ONNX, digits_onnx
 
 STALL_S = 2 * DIGITS_HEALTH.latency_budget_ms / 1000.0
 

@@ -17,8 +17,8 @@ from agent.protocol.messages import ModelRef
 from agent.runtime.host import ModelHost
 from agent.runtime.http import HttpConfig, InferenceHttpServer
 from agent.runtime.inference import InferenceOptions
-from tests.support import badmodels
-from tests.support.serving_models import (
+from tests.support.models import bad as badmodels
+from tests.support.models.serving import (
     DIGITS_HEALTH,
     ONNX,
     SELFIE_HEALTH,

@@ -23,8 +23,8 @@ from server.client import HttpClient
 from server.errors import InvalidRequestError, NotFoundError, ServerError
 from server.keys import new_token, token_digest
 from server.registry.catalog import Catalog
-from tests.support.fleet import Fleet
 from tests.support.models import RealModel, real_model
+from tests.support.servers.fleet import Fleet
 
 pytestmark = pytest.mark.broker
 

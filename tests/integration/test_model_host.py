@@ -25,8 +25,8 @@ from agent.protocol.messages import GoldenCase, ModelRef, RuntimeSpec
 from agent.runtime.host import ModelHost, Served
 from agent.runtime.inference import InferenceOptions
 from agent.runtime.tensors import tensor_from_array
-from tests.support import badmodels
-from tests.support.serving_models import (
+from tests.support.models import bad as badmodels
+from tests.support.models.serving import (
     DIGITS_HEALTH,
     ONNX,
     SELFIE_HEALTH,

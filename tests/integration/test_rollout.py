@@ -17,7 +17,7 @@ from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.simulator.device import SIM_AGENT_VERSION
-from tests.support.fleet import Fleet, onnx_builds
+from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
 

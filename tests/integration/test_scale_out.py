@@ -13,7 +13,7 @@ import pytest
 from server.app import FleetServer
 from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
-from tests.support.fleet import Fleet, onnx_builds
+from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
 

@@ -12,12 +12,12 @@ import pytest
 
 from server.broker import MosquittoBroker
 from server.metrics import render_metrics
-from tests.support.agent_fixtures import assert_serves, models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
 from tests.support.delta import fine_tuned
-from tests.support.fault_server import RealServer
-from tests.support.fleet_server import unique_device_id
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import assert_serves, models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.faulty import RealServer
+from tests.support.servers.stub import unique_device_id
 
 __all__ = ["models"]
 

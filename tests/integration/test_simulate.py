@@ -26,12 +26,11 @@ from server.broker import SERVER_USER, MosquittoBroker, current_user, generate_t
 from server.builds import StaticBuilds
 from server.cli import build_parser, main
 from server.config import load_config
-from server.keys import init_signing_key
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
 from tests.conftest import SecureBrokerFactory
 from tests.support.abuse import start_mosquitto
-from tests.support.fleet import onnx_builds, public_key, server_config
 from tests.support.mqtt import wait_login
+from tests.support.servers.fleet import onnx_builds, public_key, server_config
 
 pytestmark = pytest.mark.broker
 
@@ -241,7 +240,7 @@ def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
 ) -> None:
     """The operator's path: register with server-issued passwords, `broker config`, reload, simulate."""
     home, out, creds = tmp_path / "home", tmp_path / "broker", tmp_path / "sim.creds"
-    init_signing_key(load_config(home).paths)
+    assert main(["--home", str(home), "keys", "init"]) == 0  # the signing key and the CLI's admin token
 
     def configure(port: int) -> Path:
         broker_config = ["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",

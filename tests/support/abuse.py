@@ -37,11 +37,11 @@ def npz_bomb(path: Path, name: str, shape: tuple[int, ...], dtype: str = "float3
 
 def local_service(home: Path) -> Any:
     """A server home with its signing key, and the FleetService the local CLI uses on it (no builds)."""
-    from server.app import open_registry
     from server.artifacts import ArtifactStore
     from server.builds import NoBuilds
     from server.config import load_config
     from server.keys import init_signing_key
+    from server.registry.fleet import open_registry
     from server.service import FleetService
 
     init_signing_key(load_config(home).paths)

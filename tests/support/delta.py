@@ -15,9 +15,9 @@ from agent.protocol.delta import DESIRED_FIELD, DeltaInfo
 from agent.protocol.envelope import SealedArtifact, wrap_key
 from agent.protocol.messages import DesiredState, ModelRef
 from server.delta import make_delta
-from tests.support import agent_models
-from tests.support.agent_models import AgentModels
-from tests.support.fleet_server import FleetServer
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer
 
 
 def fine_tuned(src: Path, seed: int = 5, scale: float = 0.02, prefix: str = "8.") -> bytes:

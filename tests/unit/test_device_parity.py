@@ -33,8 +33,8 @@ from agent.runtime.inference import InferenceOptions
 from agent.runtime.keys import generate_device_key
 from agent.runtime.mqtt import Message
 from server.simulator.device import SimDevice, SimSettings
-from tests.support import agent_models
-from tests.support.agent_process import write_config
+from tests.support.devices.agent_process import write_config
+from tests.support.models import agent as agent_models
 
 DEVICE = "parity-1"
 NOW = 1_900_000_000.0

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from server.app import open_registry
 from server.cli import main as edgefleet
 from server.config import load_config
 from server.keys import init_signing_key
-from server.registry.fleet import EnrollmentRequest
+from server.registry.fleet import EnrollmentRequest, open_registry
 from server.textsafe import clean, safe, untrusted
 
 HOSTILE = "[/]\x1b[2J[bold red]FAKE[/]\r\u202eevil"

@@ -14,7 +14,7 @@ from server.compression.gate import GateSpec, Scored, check_fidelity, measure_fi
 from server.compression.recipes import int8_flavour, plan
 from server.errors import DatasetError, InvalidRequestError
 from server.profiles import load_profiles
-from server.registry.catalog import parse_ref
+from server.refs import parse_ref
 
 
 def test_codec_picks_lzma_for_compressible_and_none_for_random_bytes() -> None:

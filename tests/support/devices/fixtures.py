@@ -1,6 +1,6 @@
 """pytest fixtures for agent tests against the session broker: a test server, real models, agent processes.
 
-Import the fixtures into a test module (``from tests.support.agent_fixtures import *``-style, by name).
+Import the fixtures into a test module (``from tests.support.devices.fixtures import *``-style, by name).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from server.broker import MosquittoBroker
-from tests.support import agent_models
-from tests.support.agent_models import AgentModels
-from tests.support.agent_process import AgentProcess
-from tests.support.fleet_server import FleetServer, unique_device_id
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.models import agent as agent_models
+from tests.support.models.agent import AgentModels
+from tests.support.servers.stub import FleetServer, unique_device_id
 
 
 @pytest.fixture(scope="session")

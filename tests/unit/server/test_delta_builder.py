@@ -15,8 +15,8 @@ from server.builds import Build
 from server.delta import DeltaBuilder
 from server.registry.db import Database
 from server.registry.fleet import FleetRegistry
-from tests.support import agent_models
 from tests.support.delta import fine_tuned
+from tests.support.models import agent as agent_models
 from tests.support.models import real_model
 
 

@@ -1,6 +1,6 @@
 """``edgefleet server run`` with its builds read from a JSON file (tests only).
 
-    python -m tests.support.server_main BUILDS_JSON edgefleet-args...
+    python -m tests.support.servers.main BUILDS_JSON edgefleet-args...
 
 Runs the real command line (``server.cli.main``: config, logging, signals, the whole server)
 with one addition: the builds listed in ``BUILDS_JSON`` (written by ``ServerProcess``; e.g. a
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol.messages import HealthSpec, RuntimeSpec
-from server.builds import Build, BuildLike, BuildSource, StaticBuilds, default_build_source
+from server.build_ops import default_build_source
+from server.builds import Build, BuildLike, BuildSource, StaticBuilds
 
 
 def load_builds(path: Path) -> StaticBuilds:

@@ -9,12 +9,11 @@ import pytest
 
 from agent.errors import MalformedMessageError
 from agent.protocol.messages import ModelRef
-from server.app import open_registry
 from server.cli import main as edgefleet
 from server.config import load_config
 from server.errors import InvalidRequestError
-from server.registry.catalog import parse_ref
-from server.service import parse_model_ref
+from server.refs import parse_model_ref, parse_ref
+from server.registry.fleet import open_registry
 
 
 def _mode(path: Path) -> int:
@@ -49,3 +48,21 @@ def test_agent_and_server_refuse_the_same_model_names(name: str) -> None:
 def test_ordinary_model_names_pass_both() -> None:
     assert ModelRef("digits-cnn_v2.1", 3).name == "digits-cnn_v2.1"
     assert parse_model_ref("digits-cnn_v2.1:3") == ("digits-cnn_v2.1", 3)
+
+
+@pytest.mark.parametrize("ref", ["digits:v3", "digits:0", "digits:-1", "digits:3.0", "digits: 3", "digits:\u0661",
+                                 "digits:99999999999", "digits"])
+def test_one_model_version_grammar_refuses_what_it_refused_anywhere(ref: str) -> None:
+    with pytest.raises(InvalidRequestError):
+        parse_model_ref(ref)
+
+
+def test_cli_api_and_service_share_the_parser() -> None:
+    import server.commands.models as models_cli
+    import server.commands.simulate as simulate_cli
+    import server.registry.catalog as catalog
+    import server.service as service
+
+    assert all(getattr(m, "parse_model_ref") is parse_model_ref for m in (service, simulate_cli))  # noqa: B009
+    assert all(getattr(m, "parse_ref") is parse_ref for m in (catalog, models_cli))  # noqa: B009
+    assert parse_model_ref(" digits:3 ") == ("digits", 3)

@@ -2,7 +2,7 @@
 
 The home is prepared with the CLI itself (``edgefleet keys init``, ``edgefleet tokens create``)
 and a ``server.toml``; the process runs the production command line, with its builds taken from
-a JSON file (``tests.support.server_main``). ``kill()`` is SIGKILL: no lease released, nothing
+a JSON file (``tests.support.servers.main``). ``kill()`` is SIGKILL: no lease released, nothing
 flushed. The test talks to it over HTTP with a bearer token, as a CI pipeline would.
 """
 
@@ -26,10 +26,10 @@ from server.client import HttpClient
 from server.config import ServerConfig
 from server.keys import load_signing_key
 from tests.support.processes import kill_hard, stop_gently
-from tests.support.server_main import build_row
+from tests.support.servers.main import build_row
 from tests.support.waiting import wait_progress
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
@@ -90,7 +90,7 @@ class ServerProcess:
         log = self.log_path.open("ab")
         offset = log.tell()
         proc = self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.server_main", str(self.builds_path), "--home", str(self.home),
+            [sys.executable, "-m", "tests.support.servers.main", str(self.builds_path), "--home", str(self.home),
              "server", "run", "--log-level", "info"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -15,8 +15,8 @@ from server.compression.gate import GateSpec, check_fidelity, measure_fidelity
 from server.compression.recipes import plan
 from server.compression.runners import open_runner, run_dataset
 from server.profiles import load_profiles
-from tests.support.fleet import write_onnx
 from tests.support.models import real_model
+from tests.support.servers.fleet import write_onnx
 
 
 def test_peers_are_planned_where_static_int8_is() -> None:

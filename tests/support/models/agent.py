@@ -1,7 +1,7 @@
 """The models the agent lifecycle tests deploy: the real digits CNN and its misbehaving variants.
 
 v1 is the fetched digits classifier (``tests.support.models``); the variants are made from it by
-graph surgery (``tests.support.badmodels``): same inputs and output names, so each is a drop-in
+graph surgery (``tests.support.models.bad``): same inputs and output names, so each is a drop-in
 "next version" that the agent must accept or roll back on its own merits.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.protocol.messages import HealthSpec, ModelRef, RuntimeSpec, TensorSpec
-from tests.support import badmodels
+from tests.support.models import bad as badmodels
 from tests.support.models import real_model
 
 ONNX = RuntimeSpec(format="onnx", runtime="onnxruntime")

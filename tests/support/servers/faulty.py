@@ -1,6 +1,6 @@
 """The real edgefleet server as a separate process (so a test can kill -9 it), with a static build table.
 
-    python -m tests.support.fault_server SPEC.json
+    python -m tests.support.servers.faulty SPEC.json
 
 SPEC: {"home": str, "config": {section: {key: value}}, "builds": [{model, version, profile, path, input}]}.
 It runs ``server.app.FleetServer`` exactly as ``edgefleet server run`` does, only with the builds
@@ -21,13 +21,13 @@ from typing import Any
 
 from tests.support.waiting import wait_progress
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _builds(items: list[dict[str, Any]]) -> Any:
     from agent.protocol.messages import RuntimeSpec
     from server.builds import Build, StaticBuilds
-    from tests.support.agent_models import digits_health
+    from tests.support.models.agent import digits_health
 
     builds = StaticBuilds()
     for b in items:
@@ -69,7 +69,7 @@ class ServerProcess:
         stuck), failing at once if it exits."""
         log = self.log_path.open("ab")
         proc = self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fault_server", str(self.spec_path)],
+            [sys.executable, "-m", "tests.support.servers.faulty", str(self.spec_path)],
             cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
@@ -110,11 +110,11 @@ class RealServer:
 
     def __init__(self, workdir: Path, host: str, port: int, builds: list[dict[str, Any]],
                  overrides: dict[str, dict[str, Any]] | None = None) -> None:
-        from server.app import open_registry
         from server.artifacts import ArtifactStore
         from server.client import default_profiles
         from server.config import ServerConfig, config_from_mapping
         from server.keys import init_signing_key
+        from server.registry.fleet import open_registry
         from server.service import FleetService
 
         self.home = workdir / "srv-home"

@@ -34,11 +34,11 @@ from agent.core.journal import JournalRecord
 from agent.runtime import faults
 from agent.runtime.keys import generate_device_key
 from agent.runtime.store import ModelStore
-from tests.support.fleet_server import FleetServer
 from tests.support.processes import kill_hard, stop_gently
+from tests.support.servers.stub import FleetServer
 from tests.support.waiting import WaitError, wait_progress
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 #: Test-speed settings; each is a documented config knob.
 FAST = {
