@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -139,8 +140,34 @@ def load_json(payload: bytes, *, what: str, limit: int = MAX_CONTROL_MESSAGE) ->
         raise MalformedMessageError(f"{what}: not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise MalformedMessageError(f"{what}: expected a JSON object")
+    if _SURROGATE_ESCAPE.search(payload):
+        _refuse_lone_surrogates(obj, what=what)
     check_schema(obj, what=what)
     return obj
+
+
+#: JSON may escape a UTF-16 surrogate (``\ud8c8``); Python decodes a lone one into a str that is not
+#: Unicode text and cannot be encoded (SQLite, the terminal, any UTF-8 writer raises on it later)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(obj: Any, *, what: str) -> None:
+    """Every string (keys too) must be Unicode text; paired surrogate escapes decode to one character."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise MalformedMessageError(
+                    f"{what}: a string holds a lone surrogate (\\u{ord(value[exc.start]):04x}): not Unicode text"
+                ) from exc
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _reject_constant(name: str) -> Any:

@@ -194,3 +194,18 @@ def test_arbitrary_json_never_escapes_the_error_tree(value, kind: str) -> None: 
     obj = value if not isinstance(value, dict) else {"schema": "1.0", "type": kind, **value}
     with contextlib.suppress(ProtocolError):
         m.decode_up(json.dumps(obj).encode())
+
+
+def test_a_lone_surrogate_escape_is_refused_and_a_pair_is_text() -> None:
+    """JSON can escape half a UTF-16 pair; Python decodes it into a str no UTF-8 writer accepts (the server's
+    SQLite raised on such a lifecycle string and the whole ingest batch was lost: found by the fuzz suite)."""
+    report = m.StateReport("dev-1", True, 1, 1.0, lifecycle="idle")
+    good = json.loads(m.encode(report))
+    for where in ("lifecycle", "agent_version"):
+        bad = {**good, where: "x\ud8c8y"}
+        with pytest.raises(MalformedMessageError, match="lone surrogate"):
+            m.decode_up(json.dumps(bad).encode(), "state")  # json.dumps writes it as the escape \\ud8c8
+    with pytest.raises(MalformedMessageError, match="lone surrogate"):
+        m.decode_up(json.dumps({**good, "extra_key\udc00": 1}).encode(), "state")
+    paired = m.decode_up(json.dumps({**good, "agent_version": "1.0 \U0001f600"}).encode(), "state")
+    assert isinstance(paired, m.StateReport) and paired.agent_version == "1.0 \U0001f600"
