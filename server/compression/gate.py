@@ -190,6 +190,9 @@ class Scored:
     ota_size: int
     latency_ms: float | None
     fidelity: float = 0.0
+    #: Computes in fp32 like the fp32 build (``Recipe.fp32_compute``: fp32, ``fp16-weights``, pruned): its
+    #: kernels are fp32's, so a slower timing is the machine's noise and never sets it aside.
+    fp32_compute: bool = False
 
 
 def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Scored | None:
@@ -200,7 +203,8 @@ def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Score
 
     def slow(c: Scored) -> bool:
         return (
-            c.latency_ms is not None
+            not c.fp32_compute
+            and c.latency_ms is not None
             and fp32_latency_ms is not None
             and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
             and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS

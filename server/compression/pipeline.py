@@ -584,7 +584,7 @@ def build_profile(
     b.fp32_latency = fp32.latency_ms if fp32 else None
     picked = select(
         [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_best_ms,
-                c.fidelity.value if c.fidelity else 0.0) for c in candidates],
+                c.fidelity.value if c.fidelity else 0.0, c.recipe.fp32_compute) for c in candidates],
         fp32.latency_best_ms if fp32 else None,
     )
     fell_back = False

@@ -39,6 +39,10 @@ PRUNE_SPARSITY = 0.5
 WEIGHT_ONLY_MIN_ORT = (1, 22)
 
 
+#: Recipe kinds whose variant computes in fp32 (the file differs, the kernels do not).
+FP32_COMPUTE_KINDS = frozenset({"fp32", "fp16w", "prune"})
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -46,8 +50,15 @@ class Recipe:
     kind: str  # fp32 | fp16w | fp16 | dynamic | static | nbits | prune | litert
     params: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def fp32_compute(self) -> bool:
+        """Runs fp32's kernels at inference (fp32, fp16 weights restored to fp32 at load, pruned fp32): the
+        selection never sets it aside on latency, whatever a busy machine's timing says."""
+        return self.kind in FP32_COMPUTE_KINDS
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "precision": self.precision, "kind": self.kind, "params": dict(self.params)}
+        return {"name": self.name, "precision": self.precision, "kind": self.kind, "params": dict(self.params),
+                "compute": "float32" if self.fp32_compute else self.precision}
 
 
 #: Float storage: fp16 weights in the file, restored to fp32 at load (ONNX: Cast; LiteRT: DEQUANTIZE).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,3 +115,21 @@ def test_model_refs() -> None:
             parse_ref(bad)
     with pytest.raises(InvalidRequestError, match="version"):
         parse_ref("digits", need_version=True)
+
+
+def test_select_never_sets_aside_a_variant_that_computes_in_fp32_on_latency() -> None:
+    """Injected timings as a busy machine gives them: fp16-weights (fp32's kernels) timed 1.3x fp32's."""
+    recipes = {r.name: r for r in plan(load_profiles()["x86-64-avx2"], "onnx", ops=frozenset({"Conv", "MatMul"}),
+                                       has_calibration=True)}
+    fp32_recipe, fp16w, dynamic = recipes["fp32"], recipes["fp16-weights"], recipes["int8-dynamic"]
+    assert fp32_recipe.fp32_compute and fp16w.fp32_compute and not dynamic.fp32_compute
+    assert fp16w.to_dict()["compute"] == "float32" and dynamic.to_dict()["compute"] == "int8"
+    fp32 = Scored("fp32", True, 10_000, 12.0, 1.0, fp16w.fp32_compute)
+    half = Scored("fp16-weights", True, 5_030, 15.6, 0.9996, fp16w.fp32_compute)  # noise: 1.3x fp32
+    int8 = Scored("int8-dynamic", True, 7_200, 11.9, 0.9965, dynamic.fp32_compute)
+    assert select([fp32, half, int8], 12.0) == half  # PP-OCRv4 rec's run: it shipped int8-dynamic (0.72x) before
+    # without the recipe's metadata the same timings set it aside (what happened)
+    assert select([fp32, replace(half, fp32_compute=False), int8], 12.0) == int8
+    # an int8 variant that is really slower is still set aside on the same timings
+    slow_int8 = Scored("int8-static", True, 2_900, 15.6, 0.995, False)
+    assert select([fp32, half, slow_int8], 12.0) == half
