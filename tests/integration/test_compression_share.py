@@ -15,7 +15,7 @@ from server.registry.catalog import Catalog
 from tests.support.models import real_model
 
 OPTIONS = BuildOptions(methods=("minmax",), latency_runs=3)
-# S8S8 int8 for both Pis and the VNNI x86; U8S8 with reduce_range for x86 without VNNI
+# S8S8 int8 for both Pis; U8S8 on x86 (ORT's fused x86 kernels), with reduce_range without VNNI
 PROFILES = ("raspberry-pi-4", "raspberry-pi-5", "x86-64-vnni", "x86-64-avx2")
 
 
@@ -43,10 +43,10 @@ def test_profiles_share_identical_candidates_and_the_reference(tmp_path: Path) -
 
     pi4, pi5, vnni, avx2 = (cands(p) for p in PROFILES)
     # the same recipe with the same parameters: the same file and the same measurement
-    assert pi4["int8-static-minmax"] == pi5["int8-static-minmax"] == vnni["int8-static-minmax"]
+    assert pi4["int8-static-minmax"] == pi5["int8-static-minmax"]
     assert pi4["fp32"] == avx2["fp32"] and pi4["fp16-weights"] == avx2["fp16-weights"]
-    # a different flavour is a different candidate (reduce_range, U8S8)
-    assert avx2["int8-static-minmax"][0] != vnni["int8-static-minmax"][0]
+    # a different flavour is a different candidate (U8S8 on x86; reduce_range without VNNI)
+    assert len({pi4["int8-static-minmax"][0], vnni["int8-static-minmax"][0], avx2["int8-static-minmax"][0]}) == 3
     # the reference ran once; later profiles (and later builds) take it from the share or the disk
     assert steps[PROFILES[0]][0] == "reference outputs (fp32)"
     assert all(s[0] == "reference outputs (fp32, cached)" for p, s in steps.items() if p != PROFILES[0])

@@ -99,7 +99,7 @@ def test_recipes_follow_the_profile() -> None:
     assert "fp16" in names["jetson-nano"] and not any("int8" in n for n in names["jetson-nano"])
     assert "fp16" not in names["x86-64-avx2"] and "int8-dynamic" in names["x86-64-avx2"]
     assert int8_flavour(profiles["x86-64-avx2"]) == {"signed_activations": False, "reduce_range": True}
-    assert int8_flavour(profiles["x86-64-vnni"]) == {"signed_activations": True, "reduce_range": False}
+    assert int8_flavour(profiles["x86-64-vnni"]) == {"signed_activations": False, "reduce_range": False}
     assert int8_flavour(profiles["raspberry-pi-4"]) == {"signed_activations": True, "reduce_range": False}
     coral = [r.name for r in plan(profiles["coral-dev-board"], "tflite", ops=frozenset(), has_calibration=True)]
     assert coral == ["litert-static-wi8-ai8"]  # the Edge TPU runs full int8 only
