@@ -214,7 +214,7 @@ def _result_table(result: ProfileResult) -> Table:
         table.add_column(col, overflow="fold")
     for c in result.candidates:
         mark = "→" if c is result.chosen else ""
-        style = {"passed": "green", "failed": "yellow", "error": "red"}[c.status]
+        style = {"passed": "green", "failed": "yellow", "error": "red", "skipped": "dim"}[c.status]
         fid = f"{c.fidelity.metric} {c.fidelity.value:.4f}" if c.fidelity else "-"
         table.add_row(mark, c.recipe.name, f"[{style}]{c.status}[/]", _mb(c.size_bytes or None),
                       _mb(c.compressed_estimate or None), _ms(c.latency_ms), fid, c.reason or "")

@@ -181,6 +181,14 @@ def check_fidelity(fid: Fidelity, spec: GateSpec) -> str | None:
     return None
 
 
+def shortfall(fid: Fidelity, spec: GateSpec) -> float:
+    """How far the metric is below the gate's floor (<= 0: at or above it), in the metric's own units."""
+    if spec.metric == "accuracy":
+        return (fid.reference or 0.0) * (1.0 - spec.max_relative_drop) - fid.value
+    floor = {"cosine": spec.min_cosine, "top1": spec.min_top1, "iou": spec.min_iou}[spec.metric]
+    return floor - fid.value
+
+
 @dataclass(frozen=True)
 class Scored:
     """What the selection rule needs from a candidate."""

@@ -28,7 +28,15 @@ from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
 from server.compression import codec, delta_quant, litert_tools, nncf_tools, onnx_tools
 from server.compression.data import Dataset
-from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
+from server.compression.gate import (
+    Fidelity,
+    GateSpec,
+    Scored,
+    check_fidelity,
+    measure_fidelity,
+    select,
+    shortfall,
+)
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
 from server.compression.runners import LiteRtRunner, Runner, latency_ms, open_runner, run_dataset, sample_feed
 from server.compression.share import BuildShare, Measured, Prepared, digest
@@ -65,6 +73,10 @@ class BuildOptions:
     evaluation_limit: int | None = None
     latency_runs: int = 30
     only: tuple[str, ...] = ()  # restrict to these recipe names (tests, benchmarks)
+    #: Static int8: the first calibration method is made first; the others are skipped when it misses the
+    #: gate by more than this (in the metric's units), more than other methods moved it on the models
+    #: measured. None: every method always runs.
+    method_skip_gap: float | None = 0.02
     previous: Path | None = None  # the previous version's build for this profile: reuse its int8 scales (deltas)
     #: The evaluation data is synthetic: when the model does not run on it, ship fp32 unchecked rather than nothing.
     synthetic: bool = False
@@ -87,7 +99,7 @@ class Candidate:
 
     @property
     def passed(self) -> bool:
-        return self.status == "passed"
+        return self.status == "passed"  # status: passed | failed | error | skipped (never made)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -576,7 +588,10 @@ def build_profile(
             profile=profile.id,
         )
     b.prepare()
-    candidates = [b.evaluate(r) for r in recipes]
+    candidates: list[Candidate] = []
+    for r in recipes:
+        skip = _method_skip(r, candidates, gate, opts)
+        candidates.append(Candidate(r, "skipped", skip) if skip else b.evaluate(r))
     if opts.fallback:
         candidates += b.fallback(candidates)
 
@@ -681,6 +696,27 @@ def build_profile(
     }
     return ProfileResult(profile.id, chosen, fell_back, tuple(candidates), choice.compression, ota, runtime, health,
                          provenance)
+
+
+def _method_skip(recipe: Recipe, done: Sequence[Candidate], gate: GateSpec, opts: BuildOptions) -> str | None:
+    """Why a static int8 calibration method need not be made: the first method, same flavour, missed the
+    gate by more than ``opts.method_skip_gap``. Calibration is most of a CNN's build time, and the methods
+    moved fidelity by at most 0.022 on PP-OCRv4 det (MinMax 0.944, Percentile 0.922, Entropy 0.944 IoU)."""
+    if opts.method_skip_gap is None or recipe.kind != "static" or recipe.params.get("float_nodes"):
+        return None
+    first = opts.methods[0] if opts.methods else None
+    if recipe.params.get("method") == first:
+        return None
+    same = {k: v for k, v in recipe.params.items() if k != "method"}
+    ref = next((c for c in done if c.recipe.kind == "static" and c.recipe.params.get("method") == first
+                and {k: v for k, v in c.recipe.params.items() if k != "method"} == same), None)
+    if ref is None or ref.fidelity is None:
+        return None
+    gap = shortfall(ref.fidelity, gate)
+    if gap <= opts.method_skip_gap:
+        return None
+    return (f"skipped: {ref.recipe.name} is {gap:.3f} below the gate ({gate.metric} {ref.fidelity.value:.4f}), "
+            f"more than another calibration method moves it (<= {opts.method_skip_gap})")
 
 
 def _min_runtime_version(fmt: str, chosen: Candidate) -> str:
