@@ -488,72 +488,25 @@ def prune(src: Path, dst: Path, sparsity: float) -> int:
     return zeroed
 
 
-def divergent_nodes(
-    float_path: Path, quant_path: Path, data: Dataset, *, count: int, batch: int = 1
-) -> list[str]:
-    """The ``count`` float nodes that add the most error when quantized (error of output minus inputs').
-
-    Both models are run with every shared intermediate tensor exposed as an output; each node's
-    relative L2 error on its output, minus the largest on its inputs, is the error it introduces.
-    """
-    from server.compression.runners import OrtRunner  # noqa: PLC0415
-
-    fmodel = onnx.load(str(float_path))
-    qmodel = onnx.load(str(quant_path))
-    q_outputs = {o for n in qmodel.graph.node for o in n.output}
-    outputs = {o.name for o in fmodel.graph.output}
-    tracked = [o for n in fmodel.graph.node for o in n.output if o in q_outputs and o and o not in outputs]
-    tracked = list(dict.fromkeys(tracked))
-    if not tracked:
-        return []
-    errors: dict[str, float] = {}
-    with_outputs = []
-    for model in (fmodel, qmodel):
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        for name in tracked:
-            m.graph.output.append(onnx.ValueInfoProto(name=name))
-        with_outputs.append(m)
-    sample = data.take(16)
-    work = quant_path.with_suffix(".debug")
-    work.mkdir(exist_ok=True)
-    runners = []
-    for i, m in enumerate(with_outputs):
-        path = work / f"m{i}.onnx"
-        save(m, path)
-        runners.append(OrtRunner(path))
-    names = [[o.name for o in r.outputs] for r in runners]
-    diff2: dict[str, float] = dict.fromkeys(tracked, 0.0)
-    ref2: dict[str, float] = dict.fromkeys(tracked, 0.0)
-    for feeds in sample.batches(batch):  # accumulate per batch: all activations of a CNN do not fit in memory
-        fouts = dict(zip(names[0], runners[0].run(feeds), strict=True))
-        qouts = dict(zip(names[1], runners[1].run(feeds), strict=True))
-        for name in tracked:
-            a, b = fouts.get(name), qouts.get(name)
-            if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
-                continue
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            ok = np.isfinite(a64) & np.isfinite(b64)  # masks add -inf/-1e9 on purpose: compare the rest
-            diff2[name] += float(np.square(a64[ok] - b64[ok]).sum())
-            ref2[name] += float(np.square(a64[ok]).sum())
-    shutil.rmtree(work, ignore_errors=True)
-    for name in tracked:
-        errors[name] = (diff2[name] ** 0.5) / ((ref2[name] ** 0.5) or 1.0)
-    # the nodes the quantizer touched: QDQ nodes fed by a DequantizeLinear, or float nodes it replaced (dynamic)
+def _touched(fmodel: onnx.ModelProto, qmodel: onnx.ModelProto) -> set[str]:
+    """The nodes the quantizer touched: QDQ nodes fed by a DequantizeLinear, or float nodes it replaced."""
     dq_outputs = {o for n in qmodel.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     q_names = {n.name for n in qmodel.graph.node}
     touched = {n.name for n in qmodel.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
                and any(i in dq_outputs for i in n.input)}
     touched |= {n.name for n in fmodel.graph.node if n.name and n.name not in q_names}
-    introduced: list[tuple[float, str]] = []
-    for node in fmodel.graph.node:
-        if not node.name or node.name not in touched:
-            continue
-        out_err = max((errors.get(o, 0.0) for o in node.output), default=0.0)
-        in_err = max((errors.get(i, 0.0) for i in node.input), default=0.0)
-        introduced.append((out_err - in_err, node.name))
-    introduced.sort(reverse=True)
-    return [name for _gain, name in introduced[:count]]
+    return touched
+
+
+def front_nodes(float_path: Path, quant_path: Path) -> list[str]:
+    """The quantized nodes in the float graph's order, first layers first: the order in which a static
+    int8 fallback keeps them in float. A CNN's early layers see the widest activation ranges and their
+    error is amplified by every layer after them, which a per-node divergence (each node's output error
+    minus its inputs', used before) does not see: on PP-OCRv4 det its 99 worst nodes in float left IoU
+    at 0.932; the first 30 % of the nodes in float, 0.979."""
+    fmodel, qmodel = onnx.load(str(float_path)), onnx.load(str(quant_path))
+    touched = _touched(fmodel, qmodel)
+    return [n.name for n in fmodel.graph.node if n.name and n.name in touched]
 
 
 def _fake_quant_weight(w: np.ndarray, bits: int) -> np.ndarray:

@@ -517,16 +517,14 @@ class _Builder:
         best = max(scored, key=lambda c: c.fidelity.value if c.fidelity else -math.inf)
         assert best.path is not None
         self.progress(f"{best.recipe.name}: finding divergent nodes")
-        first = self.source.inputs[0].shape
-        batch = first[0] if first and first[0] > 0 else 1
         rank_key = digest("ranking", best.sha256, self.prep_key, best.recipe.kind, best.recipe.params)
         try:
             ranked = self.share.rankings.get(rank_key) or []
             if rank_key not in self.share.rankings and best.recipe.kind == "dynamic":
                 bits = 7 if best.recipe.params.get("reduce_range") else 8
                 ranked = onnx_tools.matmul_sensitivity(self.pre, self.evaluation, weight_bits=bits)
-            elif rank_key not in self.share.rankings:
-                ranked = onnx_tools.divergent_nodes(self.pre, best.path, self.evaluation, count=10_000, batch=batch)
+            elif rank_key not in self.share.rankings:  # static: the first layers first (front_nodes says why)
+                ranked = onnx_tools.front_nodes(self.pre, best.path)
             self.share.rankings[rank_key] = ranked
         except Exception as exc:
             log.info("divergence analysis failed", exc_info=True)
