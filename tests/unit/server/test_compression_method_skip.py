@@ -28,9 +28,10 @@ def test_other_methods_are_skipped_only_when_the_first_is_far_below_the_gate() -
     assert reason is not None and "0.026 below the gate" in reason and "int8-static-minmax" in reason
     assert _method_skip(cands["int8-static-entropy"].recipe, [far], gate, opts) is not None
     assert _method_skip(cands["int8-static-percentile"].recipe, [near], gate, opts) is None
-    # the first method itself, per-tensor weights (another flavour), and the fallbacks are always made
+    # per-tensor weights are skipped on the same grounds; the first method itself is always made
+    assert _method_skip(cands["int8-static-pertensor"].recipe, [far], gate, opts) is not None
+    assert _method_skip(cands["int8-static-pertensor"].recipe, [near], gate, opts) is None
     assert _method_skip(minmax.recipe, [far], gate, opts) is None
-    assert _method_skip(cands["int8-static-pertensor"].recipe, [far], gate, opts) is None
     # a minmax made for another flavour (the Pis' S8S8) says nothing about this one
     pi_minmax = _static("raspberry-pi-4")["int8-static-minmax"]
     pi_far = Candidate(pi_minmax.recipe, "failed", fidelity=_fid("iou", 0.5))

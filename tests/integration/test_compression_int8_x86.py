@@ -1,0 +1,72 @@
+"""Static int8 that runs int8 on x86: U8S8 QDQ, fused by ONNX Runtime's CPU EP, and a fallback that keeps
+the first layers in float (PP-OCRv4 det, the real model; structure is asserted, not timings)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from server.compression.data import load_dataset
+from server.compression.gate import GateSpec
+from server.compression.pipeline import BuildOptions, build_profile, inspect_source
+from server.profiles import DeviceProfile, get_profile
+from tests.support.models import real_model
+
+
+def _vnni() -> DeviceProfile:
+    """The VNNI x86 profile with no latency budget: a busy test machine must not fail the gate on time."""
+    return replace(get_profile("x86-64-vnni"), latency_budget_ms=1e9)
+
+
+def _ops_after_session_optimization(path: Path, tmp_path: Path) -> Counter[str]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what the agent runs
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_ppocr_det_int8_on_x86_is_fused_and_passes_with_its_first_layers_in_float(tmp_path: Path) -> None:
+    rm = real_model("ppocr_det")
+    source = inspect_source(rm.path)
+    ev = load_dataset(rm.evaluation, source.inputs)
+    cal = load_dataset(rm.calibration, source.inputs, role="calibration")
+    result = build_profile(source, _vnni(), GateSpec(metric="iou"), evaluation=ev,
+                           calibration=cal, workdir=tmp_path,
+                           options=BuildOptions(only=("int8-static-minmax",), pruning=False, latency_runs=3))
+    by_name = {c.recipe.name: c for c in result.candidates}
+    static = by_name["int8-static-minmax"]
+    assert static.recipe.params["types"] == "U8S8" and not static.recipe.params["reduce_range"]
+    assert static.path is not None
+    ops = _ops_after_session_optimization(static.path, tmp_path)
+    # every convolution runs as QLinearConv: no float Conv between a DequantizeLinear and a QuantizeLinear
+    assert ops["QLinearConv"] == 62 and ops["Conv"] == 0 and ops["QLinearAdd"] > 0, ops
+    assert ops["DequantizeLinear"] < 60, ops  # S8S8 left 442 here
+    # the whole-model int8 misses the IoU gate; the fallback keeps the first layers (graph order) in float
+    assert not static.passed and static.fidelity is not None and static.fidelity.value < 0.97
+    fallbacks = [c for c in result.candidates if "-fallback" in c.recipe.name]
+    assert fallbacks and fallbacks[-1].passed, [(c.recipe.name, c.reason) for c in fallbacks]
+    kept = list(fallbacks[-1].recipe.params["float_nodes"])
+    graph = [n for n in onnx.load(str(static.path)).graph.node if n.op_type not in ("QuantizeLinear",
+                                                                                     "DequantizeLinear")]
+    assert kept[0] == graph[0].name == "p2o.Conv.0"  # the front of the graph first: the stem convolution
+    assert result.chosen is fallbacks[-1] and result.chosen.size_bytes < 0.4 * source.size
+
+
+def test_the_fallback_is_skipped_when_int8_is_too_far_below_the_gate(tmp_path: Path) -> None:
+    rm = real_model("ppocr_det")
+    source = inspect_source(rm.path)
+    ev = load_dataset(rm.evaluation, source.inputs).take(8)
+    cal = load_dataset(rm.calibration, source.inputs, role="calibration").take(8)
+    result = build_profile(source, _vnni(), GateSpec(metric="iou", min_iou=0.999),
+                           evaluation=ev, calibration=cal, workdir=tmp_path,
+                           options=BuildOptions(only=("int8-static-minmax",), pruning=False, latency_runs=3))
+    static = next(c for c in result.candidates if c.recipe.name == "int8-static-minmax")
+    assert static.fidelity is not None and static.fidelity.value < 0.999 - 0.05
+    assert not any("-fallback" in c.recipe.name for c in result.candidates)
+    assert any(n.startswith("fallback skipped: the best int8 candidate (int8-static-minmax)")
+               for n in result.provenance["notes"])
