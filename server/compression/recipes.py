@@ -39,22 +39,19 @@ PRUNE_SPARSITY = 0.5
 WEIGHT_ONLY_MIN_ORT = (1, 22)
 
 
-#: Recipe kinds whose variant computes in fp32 (the file differs, the kernels do not).
-FP32_COMPUTE_KINDS = frozenset({"fp32", "fp16w", "prune"})
-
-
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    precision: str  # fp32 | fp16 | int8
+    precision: str  # fp32 | fp16 | int8: what the variant computes in (fp16-weights: fp32)
     kind: str  # fp32 | fp16w | fp16 | dynamic | static | nbits | prune | litert
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def fp32_compute(self) -> bool:
-        """Runs fp32's kernels at inference (fp32, fp16 weights restored to fp32 at load, pruned fp32): the
-        selection never sets it aside on latency, whatever a busy machine's timing says."""
-        return self.kind in FP32_COMPUTE_KINDS
+        """Runs fp32's kernels at inference (fp32, fp16 weights restored to fp32 at load, pruned fp32; any
+        recipe whose params say ``compute: float32``): the selection never sets it aside on latency,
+        whatever a busy machine's timing says."""
+        return self.precision == "fp32" or self.params.get("compute") == "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "precision": self.precision, "kind": self.kind, "params": dict(self.params),
