@@ -371,7 +371,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calibration-method", action="append", choices=CALIBRATION_METHODS,
                    help="static calibration methods to try (repeatable; default all)")
     p.add_argument("--no-pruning", action="store_true", help="skip the magnitude-pruning candidate")
-    p.add_argument("--no-fallback", action="store_true", help="skip the fallback (int8 re-made with some nodes kept in float)")
+    p.add_argument("--no-fallback", action="store_true", help="skip the int8 fallback (some nodes kept in float)")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
     p.add_argument("--latency-runs", type=int, default=BuildOptions.latency_runs, metavar="N",
                    help=f"timed runs per variant (default {BuildOptions.latency_runs})")
