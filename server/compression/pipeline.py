@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, delta_quant, litert_tools, nncf_tools, onnx_tools
+from server.compression import codec, delta_quant, litert_int8w, litert_tools, nncf_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import Fidelity, GateSpec, Scored, check_fidelity, measure_fidelity, select
 from server.compression.recipes import CALIBRATION_METHODS, Recipe, plan
@@ -389,6 +389,14 @@ class _Builder:
             onnx_tools.prune(self.base, out, p["sparsity"])
         elif recipe.kind == "litert":
             litert_tools.quantize(self.source.path, out, p["recipe"], self.calibration)
+        elif recipe.kind == "int8w":
+            if p["granularity"] == "searched":
+                assert self.calibration is not None
+                plans = litert_int8w.search(self.source.path, out, self.calibration, self.gate)
+            else:
+                plans = litert_int8w.int8_weights(self.source.path, out)
+            if not any(plan.granularity != "kept" for plan in plans):
+                raise ModelError("no conv/FC weights to store as int8")
         else:  # pragma: no cover - plan() only makes the kinds above
             raise ModelError(f"unknown recipe kind {recipe.kind}")
         return out
