@@ -236,7 +236,7 @@ def _drop_unused_codes(model: Any) -> None:
 
 #: Share of the gate's budget the search may spend on the calibration split (the rest is margin for the
 #: evaluation split, which the gate then judges).
-SEARCH_BUDGET_SHARE = 0.75
+SEARCH_BUDGET_SHARE = 0.5
 
 
 def _tighter(gate: GateSpec) -> GateSpec:

@@ -388,7 +388,12 @@ class _Builder:
         elif recipe.kind == "prune":
             onnx_tools.prune(self.base, out, p["sparsity"])
         elif recipe.kind == "litert":
-            litert_tools.quantize(self.source.path, out, p["recipe"], self.calibration)
+            if p.get("float_io"):
+                quantized = folder / f"{recipe.name}.int8-io.tflite"
+                litert_tools.quantize(self.source.path, quantized, p["recipe"], self.calibration)
+                litert_tools.float_io(quantized, out)
+            else:
+                litert_tools.quantize(self.source.path, out, p["recipe"], self.calibration)
         elif recipe.kind == "int8w":
             if p["granularity"] == "searched":
                 assert self.calibration is not None

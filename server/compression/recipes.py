@@ -93,8 +93,9 @@ def plan(
         if "int8" in allowed:
             if profile.accelerator != "edgetpu":
                 out.append(Recipe("litert-dynamic-wi8", "int8", "litert", {"recipe": "dynamic_wi8_afp32"}))
-            if has_calibration:
-                out.append(Recipe("litert-static-wi8-ai8", "int8", "litert", {"recipe": "static_wi8_ai8"}))
+            if has_calibration:  # float I/O wrapped around it, but on the Edge TPU (int8 end to end)
+                params = {"recipe": "static_wi8_ai8", "float_io": profile.accelerator != "edgetpu"}
+                out.append(Recipe("litert-static-wi8-ai8", "int8", "litert", params))
         return out
     if "fp32" in allowed:
         out.append(Recipe("fp32", "fp32", "fp32"))

@@ -118,7 +118,8 @@ def test_search_spends_the_budget_on_the_calibration_split_only(tmp_path: Path) 
 def test_the_pipeline_offers_and_ships_int8_weights(tmp_path: Path) -> None:
     source = inspect_source(_face_detector(tmp_path))
     ev, cal = _images(source, 4, 10), _images(source, 6, 11)
-    result = build_profile(source, get_profile("x86-64-avx2"), GateSpec(metric="cosine", min_cosine=0.99),
+    # a profile this machine does not stand in for: no latency measured, the choice is by size and fidelity
+    result = build_profile(source, get_profile("raspberry-pi-5"), GateSpec(metric="cosine", min_cosine=0.99),
                            evaluation=ev, calibration=cal, workdir=_mkdir(tmp_path / "work"),
                            options=BuildOptions(only=("fp32", "int8-weights", "int8-weights-searched"),
                                                 pruning=False, fallback=False, latency_runs=2))
@@ -143,3 +144,32 @@ def test_choose_keeps_small_depthwise_filters_fp16_and_takes_per_tensor_within_t
     assert granularity == "per-channel" and q.dtype == np.int8 and scale.shape == (32,) and err < 0.01
     assert litert_int8w.choose(conv, 0, 0.05)[0] == "per-tensor"
     assert int(np.abs(q).max()) == 127 and int(q.min()) >= -127  # symmetric: zero point 0, -128 unused
+
+
+def test_full_int8_gets_the_source_float_io_on_cpu_profiles(tmp_path: Path) -> None:
+    """LiteRT Quantizer's static recipe quantizes the graph's inputs and outputs; wrapped, the variant takes
+    and returns float32 like the source and computes the same values on both kernel sets."""
+    source_path = _face_detector(tmp_path)
+    source = inspect_source(source_path)
+    ev, cal = _images(source, 2, 12), _images(source, 6, 13)
+    int8_io, wrapped = tmp_path / "int8io.tflite", tmp_path / "float_io.tflite"
+    litert_tools.quantize(source_path, int8_io, "static_wi8_ai8", cal)
+    assert {t.dtype for t in litert_tools.io_specs(int8_io)[0]} == {"int8"}
+    assert litert_tools.float_io(int8_io, wrapped) == 3
+    assert [(t.name, t.dtype, t.shape) for t in (*litert_tools.io_specs(wrapped)[0],
+                                                   *litert_tools.io_specs(wrapped)[1])] == \
+        [(t.name, t.dtype, t.shape) for t in (*source.inputs, *source.outputs)]
+    feed = ev.feed(0)
+    for xnnpack in (True, False):
+        a = LiteRtRunner(int8_io, xnnpack=xnnpack).run(feed)  # the runner (de)quantizes int8 I/O itself
+        b = LiteRtRunner(wrapped, xnnpack=xnnpack).run(feed)
+        for x, y in zip(a, b, strict=True):
+            assert y.dtype == np.float32
+            np.testing.assert_allclose(x, y, atol=0.1 * float(np.abs(x).max()))
+
+    result = build_profile(source, get_profile("x86-64-vnni"), GateSpec(metric="cosine", min_cosine=0.0),
+                           evaluation=ev, calibration=cal, workdir=_mkdir(tmp_path / "work"),
+                           options=BuildOptions(only=("litert-static-wi8-ai8",), pruning=False, fallback=False,
+                                                latency_runs=2))
+    static = next(c for c in result.candidates if c.recipe.name == "litert-static-wi8-ai8")
+    assert static.recipe.params["float_io"] and static.passed, static.reason  # no "changes the I/O types"
