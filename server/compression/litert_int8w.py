@@ -12,13 +12,15 @@ Granularity per tensor, by bytes and by measured weight error: per-channel int8 
 and one int64 zero point per output channel (12 bytes), which on a 3x3 depthwise filter (9 weights a
 channel) is more than the fp16 it replaces, so such tensors stay fp16 unless one scale for the whole
 tensor is within ``max_tensor_error`` (relative L2 error of the dequantized weights); per-tensor is
-also used wherever its error is within that bound, since it saves the 12 bytes a channel.
+also used wherever its error is within that bound, since it saves the 12 bytes a channel. With
+calibration data the biases absorb the mean output shift the rounding causes (bias correction), and
+``search`` picks per-tensor scales tensor by tensor, measured with the gate's metric.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -96,12 +98,14 @@ def choose(values: np.ndarray, axis: int, max_tensor_error: float) -> tuple[str,
 
 
 def int8_weights(src: Path, dst: Path, *, max_tensor_error: float = 0.0, keep: Collection[str] = (),
-                 per_tensor: Collection[str] = ()) -> list[Plan]:
+                 per_tensor: Collection[str] = (), means: Mapping[str, np.ndarray] | None = None) -> list[Plan]:
     """Write ``src`` with its conv/FC weights stored as int8 (see the module doc); returns the plan.
 
     ``max_tensor_error`` 0 means per-channel wherever it is smaller than fp16 (per-tensor only for a
     tensor that quantizes exactly). ``keep``: weight tensors (by name) left as they are, ``per_tensor``:
-    those given one scale whatever their error.
+    those given one scale whatever their error. ``means``: the mean of each op's input activation per
+    channel (by tensor name; ``activation_means``): the expected output shift the rounded weights cause,
+    ``(Wq - W) . E[x]``, is taken off the op's bias (bias correction, Nagel et al. 2019).
     """
     from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
     from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
@@ -192,12 +196,63 @@ def int8_weights(src: Path, dst: Path, *, max_tensor_error: float = 0.0, keep: C
             dq.opcodeIndex = dequantize_code(version)
             if len(o.inputs) > bias and o.inputs[bias] >= 0:
                 folded |= _fold_fp16_bias(model, graph, producer, int(o.inputs[bias]))
+                act = graph.tensors[o.inputs[0 if builtin(o) != op.TRANSPOSE_CONV else 2]].name
+                mean = (means or {}).get(act.decode() if isinstance(act, bytes) else str(act))
+                if mean is not None:
+                    shape = [1] * values.ndim
+                    shape[quant.quantizedDimension] = -1
+                    error = q.astype(np.float64) * scale.astype(np.float64).reshape(shape) - values
+                    _correct_bias(model, graph.tensors[o.inputs[bias]], error, mean, builtin(o) == op.DEPTHWISE_CONV_2D)
         graph.operators = added + [o for o in graph.operators if id(o) not in folded]
     for index in range(len(model.subgraphs)):
         _drop_unused_tensors(model, index)
     _drop_unused_codes(model)
     dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
     return plans
+
+
+def _correct_bias(model: Any, bias: Any, error: np.ndarray, mean: np.ndarray, depthwise: bool) -> None:
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+
+    data = model.buffers[bias.buffer].data if 0 < bias.buffer < len(model.buffers) else None
+    if bias.type != schema.TensorType.FLOAT32 or data is None or not len(data):
+        return
+    values = np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype="<f4").astype(np.float64)
+    if depthwise:  # [1, H, W, C]: each output channel reads its own input channel
+        if error.shape[-1] != mean.size:
+            return
+        shift = (error.reshape(-1, error.shape[-1]) * mean).sum(axis=0)
+    else:  # [O, ..., I]
+        if error.shape[-1] != mean.size:
+            return
+        shift = error.reshape(error.shape[0], -1, error.shape[-1]).sum(axis=1) @ mean
+    if shift.shape != values.shape:
+        return
+    model.buffers[bias.buffer].data = np.frombuffer((values - shift).astype("<f4").tobytes(), dtype=np.uint8)
+
+
+def activation_means(src: Path, data: Dataset) -> dict[str, np.ndarray]:
+    """Per-channel mean (last axis) of every float tensor of ``src`` over ``data``, by tensor name."""
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    interp = Interpreter(model_path=str(src), experimental_preserve_all_tensors=True)
+    interp.allocate_tensors()
+    inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
+    tensors = [d for d in interp.get_tensor_details() if np.dtype(d["dtype"]) == np.float32 and len(d["shape"])]
+    sums: dict[str, np.ndarray] = {}
+    for i in range(data.samples):
+        for name, arr in data.feed(i).items():
+            interp.set_tensor(inputs[name], arr.astype(np.float32))
+        interp.invoke()
+        for d in tensors:
+            try:
+                value = interp.get_tensor(d["index"])
+            except ValueError:
+                continue
+            if value.size:
+                m = value.reshape(-1, value.shape[-1]).astype(np.float64).mean(axis=0)
+                sums[d["name"]] = sums.get(d["name"], 0) + m
+    return {k: v / max(data.samples, 1) for k, v in sums.items()}
 
 
 def _fold_fp16_bias(model: Any, graph: Any, producer: dict[int, Any], index: int) -> set[int]:
@@ -251,21 +306,23 @@ def search(src: Path, dst: Path, data: Dataset, gate: GateSpec) -> list[Plan]:
 
     Measured on ``data`` (the calibration split) against the source's own outputs: each tensor alone
     is switched to per-tensor on top of the per-channel model and the metric's drop recorded; tensors are
-    then taken in order of drop per byte saved, and the longest prefix that still passes the gate with
-    SEARCH_BUDGET_SHARE of its budget (binary search) is kept. ``N + log2 N`` runs over ``data``.
+    then tried in order of drop per byte saved, each kept per-tensor when the model still passes the gate
+    with SEARCH_BUDGET_SHARE of its budget. Biases are corrected for the weights' rounding (``means``).
+    ``2 N`` runs over ``data`` for N weight tensors.
     """
     from server.compression.runners import LiteRtRunner, run_dataset  # noqa: PLC0415
 
     reference = run_dataset(LiteRtRunner(src), data)
+    means = activation_means(src, data)
     strict = _tighter(gate)
     trial = dst.with_name(dst.stem + ".trial.tflite")
 
     def measure(per_tensor: Collection[str]) -> tuple[float, bool]:
-        int8_weights(src, trial, per_tensor=per_tensor)
+        int8_weights(src, trial, per_tensor=per_tensor, means=means)
         fid = measure_fidelity(reference, run_dataset(LiteRtRunner(trial), data), strict, data.labels)
         return fid.value, check_fidelity(fid, strict) is None
 
-    plans = int8_weights(src, dst)
+    plans = int8_weights(src, dst, means=means)
     base, ok = measure(())
     if not ok:
         return plans  # per-channel already spends the budget: the gate will judge it as it is
@@ -276,13 +333,9 @@ def search(src: Path, dst: Path, data: Dataset, gate: GateSpec) -> list[Plan]:
         if saved > 0:
             value, _ = measure([name])
             cost[name] = max(base - value, 0.0) / saved
-    order = sorted(cost, key=lambda n: cost[n])
-    lo, hi = 0, len(order)  # the first lo pass; more than hi do not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if measure(order[:mid])[1]:
-            lo = mid
-        else:
-            hi = mid - 1
+    chosen: list[str] = []
+    for name in sorted(cost, key=lambda n: cost[n]):  # greedy: drops do not add up, so each step is measured
+        if measure([*chosen, name])[1]:
+            chosen.append(name)
     trial.unlink(missing_ok=True)
-    return int8_weights(src, dst, per_tensor=order[:lo])
+    return int8_weights(src, dst, per_tensor=chosen, means=means)

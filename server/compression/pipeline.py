@@ -398,8 +398,9 @@ class _Builder:
             if p["granularity"] == "searched":
                 assert self.calibration is not None
                 plans = litert_int8w.search(self.source.path, out, self.calibration, self.gate)
-            else:
-                plans = litert_int8w.int8_weights(self.source.path, out)
+            else:  # biases corrected for the weights' rounding when there is data to measure activations on
+                means = litert_int8w.activation_means(self.source.path, self.calibration) if self.calibration else None
+                plans = litert_int8w.int8_weights(self.source.path, out, means=means)
             if not any(plan.granularity != "kept" for plan in plans):
                 raise ModelError("no conv/FC weights to store as int8")
         else:  # pragma: no cover - plan() only makes the kinds above

@@ -173,3 +173,24 @@ def test_full_int8_gets_the_source_float_io_on_cpu_profiles(tmp_path: Path) -> N
                                                 latency_runs=2))
     static = next(c for c in result.candidates if c.recipe.name == "litert-static-wi8-ai8")
     assert static.recipe.params["float_io"] and static.passed, static.reason  # no "changes the I/O types"
+
+
+def test_bias_correction_takes_the_rounding_shift_off_the_biases(tmp_path: Path) -> None:
+    source = _face_detector(tmp_path)
+    spec = inspect_source(source)
+    cal, ev = _images(spec, 6, 14), _images(spec, 4, 15)
+    plain, corrected = tmp_path / "plain.tflite", tmp_path / "corrected.tflite"
+    litert_int8w.int8_weights(source, plain, max_tensor_error=1.0)
+    means = litert_int8w.activation_means(source, cal)
+    assert "input" in means and means["input"].shape == (3,)
+    litert_int8w.int8_weights(source, corrected, max_tensor_error=1.0, means=means)
+    assert corrected.stat().st_size == plain.stat().st_size  # the same bytes, other bias values
+    reference = run_dataset(LiteRtRunner(source), ev)
+    gate = GateSpec(metric="cosine")
+
+    def mean_cosine(path: Path) -> float:
+        fid = measure_fidelity(reference, run_dataset(LiteRtRunner(path), ev), gate, None)
+        assert fid.mean_cosine is not None
+        return fid.mean_cosine
+
+    assert mean_cosine(corrected) > mean_cosine(plain)
