@@ -14,6 +14,7 @@ architecture and ISA features; server.compression.pipeline.stand_in) one row per
                          validated on the evaluation split as a user would (so it sees the data it is
                          judged on); stopped after --ac-timeout seconds
   litert_default         LiteRT Quantizer's default dynamic_wi8_afp32 recipe (.tflite models)
+  litert_weight_only     LiteRT Quantizer's weight_only_wi8_afp32 recipe (int8 weights, float compute)
   edgefleet              what the build stored for the profile (the gate's choice; fp32 when nothing passes)
 
 Every row: ``size_bytes`` (the file a device downloads), ``ota_bytes`` (after the transfer codec),
@@ -145,6 +146,8 @@ def bench_model(rm: RealModel, wanted: list[str], args: argparse.Namespace, work
     else:
         peers.append(("litert_default", lambda out: (litert_tools.quantize(rm.path, out, "dynamic_wi8_afp32"),
                                                      "litert_quantizer dynamic_wi8_afp32")[1]))
+        peers.append(("litert_weight_only", lambda out: (litert_tools.quantize(rm.path, out, "weight_only_wi8_afp32"),
+                                                         "litert_quantizer weight_only_wi8_afp32")[1]))
     for variant, make in peers:
         out = work / f"{variant}{rm.path.suffix}"
         t0 = time.monotonic()
