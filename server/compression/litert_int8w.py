@@ -19,7 +19,9 @@ calibration data the biases absorb the mean output shift the rounding causes (bi
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,20 +100,27 @@ def choose(values: np.ndarray, axis: int, max_tensor_error: float) -> tuple[str,
 
 
 def int8_weights(src: Path, dst: Path, *, max_tensor_error: float = 0.0, keep: Collection[str] = (),
-                 per_tensor: Collection[str] = (), means: Mapping[str, np.ndarray] | None = None) -> list[Plan]:
+                 per_tensor: Collection[str] = (), means: Mapping[str, np.ndarray] | None = None,
+                 cache: dict[Any, Any] | None = None) -> list[Plan]:
     """Write ``src`` with its conv/FC weights stored as int8 (see the module doc); returns the plan.
 
     ``max_tensor_error`` 0 means per-channel wherever it is smaller than fp16 (per-tensor only for a
     tensor that quantizes exactly). ``keep``: weight tensors (by name) left as they are, ``per_tensor``:
     those given one scale whatever their error. ``means``: the mean of each op's input activation per
     channel (by tensor name; ``activation_means``): the expected output shift the rounded weights cause,
-    ``(Wq - W) . E[x]``, is taken off the op's bias (bias correction, Nagel et al. 2019).
+    ``(Wq - W) . E[x]``, is taken off the op's bias (bias correction, Nagel et al. 2019). ``cache``: kept
+    between calls on the same ``src`` (the parsed model and each tensor's quantization), as ``search`` does.
     """
     from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
     from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
 
-    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
-    fix_operator_codes(model)
+    if cache is not None and "model" in cache:
+        model: Any = copy.deepcopy(cache["model"])
+    else:
+        model = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
+        fix_operator_codes(model)
+        if cache is not None:
+            cache["model"] = copy.deepcopy(model)
     op = schema.BuiltinOperator
     wanted = {getattr(op, name): spec for name, spec in WEIGHT_OPS.items()}
     codes: dict[int, int] = {}
@@ -167,7 +176,13 @@ def int8_weights(src: Path, dst: Path, *, max_tensor_error: float = 0.0, keep: C
             if name in keep:
                 granularity, q, scale, err = "kept", values, np.ones(1, np.float32), 0.0
             else:
-                granularity, q, scale, err = choose(values, axis, math.inf if name in per_tensor else max_tensor_error)
+                bound = math.inf if name in per_tensor else max_tensor_error
+                chosen = cache.get((name, bound)) if cache is not None else None
+                if chosen is None:
+                    chosen = choose(values, axis, bound)
+                    if cache is not None:
+                        cache[(name, bound)] = chosen
+                granularity, q, scale, err = chosen
             plans.append(Plan(name, int(values.size), int(values.shape[axis]), granularity, err))
             done.add(storage)
             if granularity == "kept":
@@ -235,7 +250,9 @@ def activation_means(src: Path, data: Dataset) -> dict[str, np.ndarray]:
     """Per-channel mean (last axis) of every float tensor of ``src`` over ``data``, by tensor name."""
     from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
 
-    interp = Interpreter(model_path=str(src), experimental_preserve_all_tensors=True)
+    with warnings.catch_warnings():  # "intended for debugging purposes only": it is what this needs
+        warnings.simplefilter("ignore", UserWarning)
+        interp = Interpreter(model_path=str(src), experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
     inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
     tensors = [d for d in interp.get_tensor_details() if np.dtype(d["dtype"]) == np.float32 and len(d["shape"])]
@@ -315,14 +332,15 @@ def search(src: Path, dst: Path, data: Dataset, gate: GateSpec) -> list[Plan]:
     reference = run_dataset(LiteRtRunner(src), data)
     means = activation_means(src, data)
     strict = _tighter(gate)
+    cache: dict[Any, Any] = {}
     trial = dst.with_name(dst.stem + ".trial.tflite")
 
     def measure(per_tensor: Collection[str]) -> tuple[float, bool]:
-        int8_weights(src, trial, per_tensor=per_tensor, means=means)
+        int8_weights(src, trial, per_tensor=per_tensor, means=means, cache=cache)
         fid = measure_fidelity(reference, run_dataset(LiteRtRunner(trial), data), strict, data.labels)
         return fid.value, check_fidelity(fid, strict) is None
 
-    plans = int8_weights(src, dst, means=means)
+    plans = int8_weights(src, dst, means=means, cache=cache)
     base, ok = measure(())
     if not ok:
         return plans  # per-channel already spends the budget: the gate will judge it as it is
@@ -338,4 +356,4 @@ def search(src: Path, dst: Path, data: Dataset, gate: GateSpec) -> list[Plan]:
         if measure([*chosen, name])[1]:
             chosen.append(name)
     trial.unlink(missing_ok=True)
-    return int8_weights(src, dst, per_tensor=chosen, means=means)
+    return int8_weights(src, dst, per_tensor=chosen, means=means, cache=cache)
