@@ -14,6 +14,7 @@ architecture and ISA features; server.compression.pipeline.stand_in) one row per
                          validated on the evaluation split as a user would (so it sees the data it is
                          judged on); stopped after --ac-timeout seconds
   litert_default         LiteRT Quantizer's default dynamic_wi8_afp32 recipe (.tflite models)
+  litert_weight_only     LiteRT Quantizer's weight_only_wi8_afp32 recipe (int8 weights, float compute)
   edgefleet              what the build stored for the profile (the gate's choice; fp32 when nothing passes)
 
 Every row: ``size_bytes`` (the file a device downloads), ``ota_bytes`` (after the transfer codec),
@@ -99,6 +100,14 @@ def nncf_accuracy_control(rm: RealModel, gate: GateSpec, out: Path, limit: int |
     return f"quantize_with_accuracy_control(max_drop per the gate, {gate.metric})"
 
 
+def litert_peer(rm: RealModel, recipe: str) -> Any:
+    """A LiteRT Quantizer recipe as a peer: writes ``out`` and says what it ran."""
+    def make(out: Path) -> str:
+        litert_tools.quantize(rm.path, out, recipe)
+        return f"litert_quantizer {recipe}"
+    return make
+
+
 def interleaved_latency(paths: list[Path], fmt: str, ev: Dataset, runs: int) -> list[float]:
     runners = [open_runner(p, fmt) for p in paths]
     feeds = [sample_feed(r, ev) for r in runners]
@@ -143,8 +152,8 @@ def bench_model(rm: RealModel, wanted: list[str], args: argparse.Namespace, work
             peers.append(("nncf_accuracy_control",
                           lambda out: nncf_accuracy_control(rm, gate, out, limit, args.ac_timeout)))
     else:
-        peers.append(("litert_default", lambda out: (litert_tools.quantize(rm.path, out, "dynamic_wi8_afp32"),
-                                                     "litert_quantizer dynamic_wi8_afp32")[1]))
+        peers += [("litert_default", litert_peer(rm, "dynamic_wi8_afp32")),
+                  ("litert_weight_only", litert_peer(rm, "weight_only_wi8_afp32"))]
     for variant, make in peers:
         out = work / f"{variant}{rm.path.suffix}"
         t0 = time.monotonic()

@@ -323,3 +323,69 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: Dataset | None = No
 def is_float_io(path: Path) -> bool:
     _, outs = io_specs(path)
     return all(np.dtype(t.dtype).kind == "f" for t in outs)
+
+
+def float_io(src: Path, dst: Path) -> int:
+    """Give a full-int8 model the float inputs and outputs of its source: a QUANTIZE after each int8/int16
+    graph input and a DEQUANTIZE before each such output, with the tensor's own scale and zero point.
+
+    LiteRT Quantizer's static recipes quantize the graph's inputs and outputs too; clients (and the
+    agent's API checks) send and expect the source's float tensors. The new float tensors take the
+    original names (signatures keep pointing at them). Returns how many tensors were wrapped.
+    """
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
+
+    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
+    quantized = {schema.TensorType.INT8, schema.TensorType.INT16, schema.TensorType.UINT8}
+    codes: dict[int, int] = {}
+
+    def code(builtin: int) -> int:
+        if builtin not in codes:
+            found = next((i for i, c in enumerate(model.operatorCodes)
+                          if flatbuffer_utils.get_builtin_code_from_operator_code(c) == builtin), None)
+            if found is None:
+                code_t = schema.OperatorCodeT()
+                code_t.builtinCode = code_t.deprecatedBuiltinCode = builtin
+                code_t.version = 2
+                model.operatorCodes.append(code_t)
+                found = len(model.operatorCodes) - 1
+            codes[builtin] = found
+        return codes[builtin]
+
+    wrapped = 0
+    for index, graph in enumerate(model.subgraphs):
+        if index and not any(s.subgraphIndex == index for s in model.signatureDefs or []):
+            continue  # control-flow bodies keep their tensors as they are
+        renamed: dict[int, int] = {}
+        before, after = [], []
+        for kind, ends in (("input", graph.inputs), ("output", graph.outputs)):
+            for pos, t_index in enumerate(ends):
+                t = graph.tensors[t_index]
+                if t.type not in quantized:
+                    continue
+                outer = schema.TensorT()
+                outer.shape, outer.shapeSignature = t.shape, t.shapeSignature
+                outer.type, outer.name, outer.buffer = schema.TensorType.FLOAT32, t.name, 0
+                t.name = (t.name if isinstance(t.name, bytes) else str(t.name).encode()) + b"_quantized"
+                graph.tensors.append(outer)
+                new_index = len(graph.tensors) - 1
+                op_t = schema.OperatorT()
+                if kind == "input":
+                    op_t.opcodeIndex = code(schema.BuiltinOperator.QUANTIZE)
+                    op_t.inputs, op_t.outputs = [new_index], [int(t_index)]
+                    before.append(op_t)
+                else:
+                    op_t.opcodeIndex = code(schema.BuiltinOperator.DEQUANTIZE)
+                    op_t.inputs, op_t.outputs = [int(t_index)], [new_index]
+                    after.append(op_t)
+                ends[pos] = new_index
+                renamed[int(t_index)] = new_index
+                wrapped += 1
+        graph.operators = before + list(graph.operators) + after
+        for sig in model.signatureDefs or []:
+            if sig.subgraphIndex == index:
+                for m in [*sig.inputs, *sig.outputs]:
+                    m.tensorIndex = renamed.get(m.tensorIndex, m.tensorIndex)
+    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return wrapped

@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, delta_quant, litert_tools, nncf_tools, onnx_tools
+from server.compression import codec, delta_quant, litert_int8w, litert_tools, nncf_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import (
     Fidelity,
@@ -404,7 +404,21 @@ class _Builder:
         elif recipe.kind == "prune":
             onnx_tools.prune(self.base, out, p["sparsity"])
         elif recipe.kind == "litert":
-            litert_tools.quantize(self.source.path, out, p["recipe"], self.calibration)
+            if p.get("float_io"):
+                quantized = folder / f"{recipe.name}.int8-io.tflite"
+                litert_tools.quantize(self.source.path, quantized, p["recipe"], self.calibration)
+                litert_tools.float_io(quantized, out)
+            else:
+                litert_tools.quantize(self.source.path, out, p["recipe"], self.calibration)
+        elif recipe.kind == "int8w":
+            if p["granularity"] == "searched":
+                assert self.calibration is not None
+                plans = litert_int8w.search(self.source.path, out, self.calibration, self.gate)
+            else:  # biases corrected for the weights' rounding when there is data to measure activations on
+                means = litert_int8w.activation_means(self.source.path, self.calibration) if self.calibration else None
+                plans = litert_int8w.int8_weights(self.source.path, out, means=means)
+            if not any(plan.granularity != "kept" for plan in plans):
+                raise ModelError("no conv/FC weights to store as int8")
         else:  # pragma: no cover - plan() only makes the kinds above
             raise ModelError(f"unknown recipe kind {recipe.kind}")
         return out

@@ -18,8 +18,10 @@
 * int8 NNCF (``int8-nncf``): ``nncf.quantize`` on the pre-processed model (int8 weights, fast bias
   correction), when NNCF is installed (the ``server`` extra).
 * magnitude pruning (fp32 weights, 50 % zeros): shrinks the compressed download only.
-* .tflite: LiteRT Quantizer ``dynamic_wi8_afp32`` and ``static_wi8_ai8``; an Edge TPU profile
-  gets only the full-int8 recipe (all it can run).
+* .tflite: int8 weight storage with fp32 compute (``int8-weights``, ``int8-weights-searched``: int8
+  constants behind DEQUANTIZE, per-channel or per-tensor scales) on every float profile; LiteRT
+  Quantizer ``dynamic_wi8_afp32`` and ``static_wi8_ai8``; an Edge TPU profile gets only the full-int8
+  recipe (all it can run).
 
 A fallback (the int8 candidate with the best fidelity, re-quantized with its most divergent nodes
 kept in float) is added by the pipeline when no int8 recipe passes the gate.
@@ -42,8 +44,8 @@ WEIGHT_ONLY_MIN_ORT = (1, 22)
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    precision: str  # fp32 | fp16 | int8: what the variant computes in (fp16-weights: fp32)
-    kind: str  # fp32 | fp16w | fp16 | dynamic | static | nbits | prune | litert
+    precision: str  # fp32 | fp16 | int8: what the variant computes in (fp16-weights, int8-weights: fp32)
+    kind: str  # fp32 | fp16w | fp16 | dynamic | static | nbits | prune | litert | int8w
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -60,6 +62,12 @@ class Recipe:
 
 #: Float storage: fp16 weights in the file, restored to fp32 at load (ONNX: Cast; LiteRT: DEQUANTIZE).
 FP16_WEIGHTS = Recipe("fp16-weights", "fp32", "fp16w", {"storage": "float16", "compute": "float32"})
+#: LiteRT int8 weight storage, fp32 compute (server/compression/litert_int8w.py): per-channel scales, and
+#: the same with one scale per tensor wherever the gate's metric affords it on the calibration split.
+INT8_WEIGHTS = Recipe("int8-weights", "fp32", "int8w",
+                      {"storage": "int8", "compute": "float32", "granularity": "per-channel"})
+INT8_WEIGHTS_SEARCHED = Recipe("int8-weights-searched", "fp32", "int8w",
+                               {"storage": "int8", "compute": "float32", "granularity": "searched"})
 
 
 def int8_flavour(profile: DeviceProfile) -> dict[str, bool]:
@@ -92,11 +100,15 @@ def plan(
             out.append(Recipe("fp32", "fp32", "fp32"))
         if float_storage:
             out.append(FP16_WEIGHTS)
+            out.append(INT8_WEIGHTS)
+            if has_calibration:
+                out.append(INT8_WEIGHTS_SEARCHED)
         if "int8" in allowed:
             if profile.accelerator != "edgetpu":
                 out.append(Recipe("litert-dynamic-wi8", "int8", "litert", {"recipe": "dynamic_wi8_afp32"}))
-            if has_calibration:
-                out.append(Recipe("litert-static-wi8-ai8", "int8", "litert", {"recipe": "static_wi8_ai8"}))
+            if has_calibration:  # float I/O wrapped around it, but on the Edge TPU (int8 end to end)
+                params = {"recipe": "static_wi8_ai8", "float_io": profile.accelerator != "edgetpu"}
+                out.append(Recipe("litert-static-wi8-ai8", "int8", "litert", params))
         return out
     if "fp32" in allowed:
         out.append(Recipe("fp32", "fp32", "fp32"))
