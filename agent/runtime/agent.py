@@ -117,6 +117,7 @@ class Agent(Downloads, Swapping):
         self._standby: Any = None  # the previous model, kept loaded during probation for a fast switch back
         #: the standby is the previous *committed* version, kept after a commit (``[models] warm_standby``)
         self._standby_warm = False
+        self._measured = {}
         self._probation_since: float | None = None  # host clock
         self._probation_next: float | None = None  # monotonic
         self._pending_desired: bytes | None = None

@@ -1,0 +1,115 @@
+"""The device's own latency figures: the off-path benchmark after warm-up and at commit, reported on ``up/measure``.
+
+The benchmark times the candidate in its own slot before it serves (the serving model keeps running on
+the HTTP threads meanwhile), at most ``lifecycle.benchmark_cpu_share`` of one core and
+``benchmark_max_s`` of wall time. A failure here never fails the update: the health check already judged
+the model; a figure that cannot be taken is logged and not sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from agent.core.serving import percentile
+from agent.errors import EdgeError
+from agent.protocol.measurement import Measurement
+from agent.protocol.messages import HealthSpec, ModelRef, encode
+from agent.protocol.topics import Channel, device_topic
+from agent.runtime.parts import AgentParts, _peak_rss_bytes, _ref_text, _window
+from agent.runtime.telemetry import read_cpu_context
+
+log = logging.getLogger("agent")
+
+
+class Measuring(AgentParts):
+    """Benchmarks a loaded model and publishes what it measured."""
+
+    def _benchmark(
+        self,
+        model: Any,
+        health: HealthSpec,
+        *,
+        ref: ModelRef,
+        artifact_id: str | None,
+        variant: str | None,
+        source: str = "warmup",
+        probe_id: str | None = None,
+    ) -> Measurement | None:
+        """Time ``model`` off the serving path and publish the figures; None when off or it could not run."""
+        cfg = self.config.lifecycle
+        if cfg.benchmark_runs <= 0:
+            return None
+        started = time.monotonic()
+        try:
+            timings = self.host.benchmark(
+                model, health, runs=cfg.benchmark_runs, max_s=cfg.benchmark_max_s, cpu_share=cfg.benchmark_cpu_share
+            )
+        except EdgeError as exc:
+            log.warning("benchmark of %s failed: %s", _ref_text(ref), exc.message)
+            return None
+        if not timings:
+            return None
+        providers = getattr(model, "providers", ()) or ()
+        context = read_cpu_context()
+        measurement = Measurement(
+            device_id=self.device_id,
+            ts=self.clock(),
+            model=ref.name,
+            version=ref.version,
+            source=source,
+            runs=len(timings),
+            p50_ms=round(percentile(timings, 50), 4),
+            p95_ms=round(percentile(timings, 95), 4),
+            min_ms=round(timings[0], 4),
+            artifact_id=artifact_id,
+            variant=variant,
+            probe_id=probe_id,
+            peak_rss_bytes=_peak_rss_bytes(),
+            execution_provider=(providers[0] if providers else getattr(model, "backend", None) or None),
+            governor=context.governor,
+            cpu_mhz=context.cpu_mhz,
+            temperature_c=context.temperature_c,
+            load_avg=context.load_avg,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self._measured[ref] = measurement
+        self._send_measurement(measurement)
+        return measurement
+
+    def _report_service(self, ref: ModelRef, artifact_id: str | None, variant: str | None, since: float) -> None:
+        """What real traffic measured on ``ref`` since ``since`` (probation), as a ``service`` measurement."""
+        stats = _window(self.host.stats(since=since, version=ref.version, name=ref.name))
+        if not stats.requests or stats.p50_ms is None or stats.p95_ms is None:
+            return
+        self._send_measurement(
+            Measurement(
+                device_id=self.device_id,
+                ts=self.clock(),
+                model=ref.name,
+                version=ref.version,
+                source="service",
+                runs=stats.requests,
+                p50_ms=round(stats.p50_ms, 4),
+                p95_ms=round(max(stats.p95_ms, stats.p50_ms), 4),
+                artifact_id=artifact_id,
+                variant=variant,
+            )
+        )
+
+    def _send_measurement(self, measurement: Measurement) -> None:
+        log.info(
+            "measured",
+            extra={"fields": {
+                "model": f"{measurement.model}:{measurement.version}", "source": measurement.source,
+                "variant": measurement.variant, "runs": measurement.runs, "p50_ms": measurement.p50_ms,
+                "p95_ms": measurement.p95_ms,
+            }},
+        )
+        if self.link is None:
+            return
+        try:
+            self.link.publish(device_topic(self.device_id, Channel.MEASUREMENT), encode(measurement))
+        except EdgeError as exc:
+            log.warning("publish failed: %s", exc.message)
