@@ -31,9 +31,11 @@ from server.compression.gate import GateSpec
 from server.compression.pipeline import BuildOptions
 from server.compression.recipes import CALIBRATION_METHODS
 from server.config import private_home
-from server.errors import InvalidRequestError, ServerError
+from server.errors import InvalidRequestError, ProfileError, ServerError
+from server.measured import aggregate
 from server.profiles import load_profiles
 from server.registry.catalog import Catalog
+from server.registry.measurements import MeasurementRegistry
 
 #: Largest decoded upload per file (the HTTP body cap, ``api.max_body_bytes``, applies before this).
 MAX_UPLOAD_BYTES = 1 << 30
@@ -74,7 +76,20 @@ def version_detail(catalog: Any, mv: Any) -> dict[str, Any]:
         "builds": [{"profile": b.profile, "variant": b.variant, "size_bytes": b.size_bytes,
                     "ota_size_bytes": b.ota_size_bytes, "compression": b.compression,
                     "provenance": b.provenance} for b in catalog.builds(mv.model, mv.version)],
+        "measured": measured_figures(catalog, mv.model, mv.version),
     }
+
+
+def measured_figures(catalog: Any, model: str, version: int) -> list[dict[str, Any]]:
+    """What the devices measured of this version, per profile and variant (``server.measured.aggregate``)."""
+    rows = MeasurementRegistry(catalog.db).measurements(model, version)
+    if not rows:
+        return []
+    try:
+        budgets = {pid: p.latency_budget_ms for pid, p in load_profiles().items()}
+    except ProfileError:
+        budgets = {}
+    return [f.to_dict() for f in aggregate(rows, budgets)]
 
 
 def add_model(home: Path, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -178,6 +178,7 @@ def cmd_model_show(args: argparse.Namespace) -> int:
         for b in out["builds"]:
             console.print(f"  build {b['profile']}: {b['variant']} {_mb(b['size_bytes'])} "
                           f"(OTA {_mb(b['ota_size_bytes'])} {b['compression']})", highlight=False)
+        _print_measured(out.get("measured") or [])
         return 0
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
@@ -202,7 +203,25 @@ def cmd_model_show(args: argparse.Namespace) -> int:
                       f"{fid.get('metric', '')} {fid.get('value', 0):.4f}" if fid else "-",
                       _ms(p.get("latency_ms")), _ms(p.get("fp32_latency_ms")), b.runtime.min_version)
     console.print(table if builds else "  no builds yet")
+    _print_measured(model_ops.measured_figures(catalog, mv.model, mv.version), builds)
     return 0
+
+
+def _print_measured(figures: list[dict[str, Any]], builds: Any = ()) -> None:
+    """The devices' own figures per profile, beside the build machine's estimate where it made one."""
+    if not figures:
+        console.print("  measured on devices: none yet")
+        return
+    estimate = {(b.profile, b.variant): b.provenance.get("latency_ms") for b in builds}
+    table = Table(title="measured on devices", box=box.SIMPLE_HEAD)
+    for col in ("profile", "variant", "kind", "devices", "p50 ms", "p95 ms", "spread", "estimate ms", "budget"):
+        table.add_column(col)
+    for f in figures:
+        budget = "-" if f["budget_ms"] is None else f"{f['budget_ms']:g} ms" + (" OVER" if f["over_budget"] else "")
+        table.add_row(f["profile"], f["variant"] or "-", f["kind"], str(f["devices"]), _ms(f["p50_ms"]),
+                      _ms(f["p95_ms"]), f"{f['spread']:.0%}", _ms(estimate.get((f["profile"], f["variant"]))),
+                      budget)
+    console.print(table)
 
 
 # -- build ---------------------------------------------------------------------------------------------

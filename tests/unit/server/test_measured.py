@@ -1,0 +1,90 @@
+"""Device measurements: the registry owner on a real SQLite file, the per-profile aggregation, /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.measurement import Measurement
+from server.measured import aggregate, measured_latency
+from server.metrics import render_metrics
+from server.registry.db import Database
+from server.registry.fleet import FleetRegistry, IngestBatch
+from server.registry.measurements import MeasurementRegistry
+
+KEY = "A" * 43 + "="
+
+
+def m(device: str, p50: float, *, variant: str = "int8-dynamic", source: str = "warmup", p95: float | None = None,
+      version: int = 1) -> Measurement:
+    return Measurement(device_id=device, ts=1.0, model="digits", version=version, source=source, runs=20,
+                       p50_ms=p50, p95_ms=p95 if p95 is not None else p50 * 1.2, variant=variant,
+                       load_avg=(0.5, 0.5, 0.5))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> FleetRegistry:
+    r = FleetRegistry(Database(tmp_path / "registry.db"))
+    r.migrate()
+    for i in range(3):
+        r.add_device(f"pi-{i}", profile="rpi4", public_key=KEY, broker_hash=None)
+    r.add_device("x86-0", profile="x86", public_key=KEY, broker_hash=None)
+    return r
+
+
+def test_ingest_keeps_the_latest_figure_per_device_build_variant_and_source(registry: FleetRegistry) -> None:
+    registry.write_ingest(IngestBatch(measurements=[m("pi-0", 10.0), m("pi-1", 12.0), m("ghost", 1.0)]), bucket_s=60)
+    registry.write_ingest(IngestBatch(measurements=[m("pi-0", 11.0), m("pi-0", 9.0, source="service")]), bucket_s=60)
+    rows = registry.measurements("digits", 1)
+    assert sorted((r.device_id, r.source, r.p50_ms) for r in rows) == [
+        ("pi-0", "service", 9.0), ("pi-0", "warmup", 11.0), ("pi-1", "warmup", 12.0)]
+    assert {r.profile for r in rows} == {"rpi4"}  # copied from the device: an unknown device's figure is dropped
+    assert rows[0].context["load_avg"] == [0.5, 0.5, 0.5]
+    assert registry.measurements("digits", 1, sources=("service",))[0].device_id == "pi-0"
+    assert registry.measurements("digits", 2) == []
+
+
+def test_the_owner_alone_reads_what_the_fleet_registry_wrote(tmp_path: Path, registry: FleetRegistry) -> None:
+    registry.record_measurements([m("pi-0", 10.0)])
+    alone = MeasurementRegistry(Database(tmp_path / "registry.db"))
+    assert [r.p50_ms for r in alone.measurements("digits")] == [10.0]
+
+
+def test_aggregate_per_profile_median_spread_and_budget(registry: FleetRegistry) -> None:
+    registry.record_measurements([
+        m("pi-0", 10.0, p95=12.0), m("pi-1", 12.0, p95=30.0), m("pi-2", 20.0, p95=31.0),
+        m("pi-0", 8.0, p95=9.0, variant="fp32"), m("x86-0", 2.0, p95=2.5),
+        m("pi-1", 40.0, source="service", p95=45.0),
+    ])
+    figures = {(f.profile, f.variant, f.kind): f for f in aggregate(registry.measurements("digits"), {"rpi4": 25.0})}
+    pi = figures[("rpi4", "int8-dynamic", "bench")]
+    assert (pi.devices, pi.p50_ms, pi.p95_ms, pi.p50_min_ms, pi.p50_max_ms) == (3, 12.0, 30.0, 10.0, 20.0)
+    assert pi.spread == pytest.approx((20.0 - 10.0) / 12.0, abs=1e-4)
+    assert pi.over_budget and pi.budget_ms == 25.0
+    assert not figures[("rpi4", "fp32", "bench")].over_budget
+    assert figures[("rpi4", "int8-dynamic", "service")].devices == 1  # real traffic is its own kind
+    assert figures[("x86", "int8-dynamic", "bench")].budget_ms is None
+
+
+def test_a_probe_figure_wins_over_the_same_devices_warmup() -> None:
+    rows = [_Row("d", "p", "v", "warmup", 50.0), _Row("d", "p", "v", "probe", 5.0), _Row("e", "p", "v", "warmup", 7.0)]
+    (fig,) = aggregate(rows)
+    assert (fig.devices, fig.p50_min_ms, fig.p50_max_ms) == (2, 5.0, 7.0)
+    assert measured_latency(rows, "p") == {"v": 6.0}
+    assert measured_latency(rows, "other") == {}
+
+
+def test_metrics_export_measured_latency_and_the_budget_flag(registry: FleetRegistry) -> None:
+    registry.record_measurements([m("pi-0", 10.0), m("pi-1", 14.0)])
+    text = render_metrics(registry)
+    assert 'edgefleet_measured_latency_p50_ms{model="digits",version="1",profile="rpi4",variant="int8-dynamic",' \
+           'kind="bench"} 12' in text
+    assert "# TYPE edgefleet_measured_over_budget gauge" in text
+    assert 'edgefleet_measured_devices{model="digits",version="1",profile="rpi4"' in text
+
+
+class _Row:
+    def __init__(self, device_id: str, profile: str, variant: str, source: str, p50: float) -> None:
+        self.device_id, self.profile, self.variant, self.source = device_id, profile, variant, source
+        self.p50_ms, self.p95_ms = p50, p50
