@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from server import build_ops
-from server.compression.gate import GateSpec
+from server.compression.gate import OPTIMIZE_CHOICES, GateSpec
 from server.compression.pipeline import BuildOptions
 from server.compression.recipes import CALIBRATION_METHODS
 from server.config import private_home
@@ -162,7 +162,10 @@ def build_options(body: Mapping[str, Any]) -> BuildOptions:
     if bad:
         raise InvalidRequestError(f"body.calibration_methods: unknown {', '.join(bad)} "
                                   f"(one of {', '.join(CALIBRATION_METHODS)})")
-    return BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)),
+    optimize = str(body.get("optimize") or "balanced")
+    if optimize not in OPTIMIZE_CHOICES:
+        raise InvalidRequestError(f"body.optimize: one of {', '.join(OPTIMIZE_CHOICES)} (got {optimize!r})")
+    return BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)), optimize=optimize,
                         fallback=bool(body.get("fallback", True)), evaluation_limit=body.get("eval_limit"),
                         latency_runs=int(body.get("latency_runs", BuildOptions.latency_runs)),
                         only=tuple(body.get("recipes") or ()))

@@ -27,7 +27,7 @@ from server import model_ops
 from server.build_ops import build_share, build_variant
 from server.commands.common import guarded
 from server.commands.term import make_console
-from server.compression.gate import METRICS, GateSpec
+from server.compression.gate import METRICS, OPTIMIZE_CHOICES, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
@@ -243,7 +243,7 @@ def _result_table(result: ProfileResult) -> Table:
 def _build_body(args: argparse.Namespace) -> dict[str, Any]:
     """The API's build request from the command line (the local build reads it the same way)."""
     body: dict[str, Any] = {"profile": args.profile, "pruning": not args.no_pruning, "fallback": not args.no_fallback,
-                            "latency_runs": args.latency_runs}
+                            "latency_runs": args.latency_runs, "optimize": args.optimize}
     if args.recipe:
         body["recipes"] = list(args.recipe)
     if args.calibration_method:
@@ -394,6 +394,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
     p.add_argument("--latency-runs", type=int, default=BuildOptions.latency_runs, metavar="N",
                    help=f"timed runs per variant (default {BuildOptions.latency_runs})")
+    p.add_argument("--optimize", choices=OPTIMIZE_CHOICES, default="balanced",
+                   help="latency: the fastest passing variant; size: the smallest; balanced (default): the smallest "
+                   "of those within 10%% of the fastest where the profile's devices measured them, else size first")
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")
