@@ -33,6 +33,7 @@ from server.compression.recipes import CALIBRATION_METHODS
 from server.config import private_home
 from server.errors import InvalidRequestError, ProfileError, ServerError
 from server.measured import aggregate
+from server.probe import start_probe, wait_probe
 from server.profiles import load_profiles
 from server.registry.catalog import Catalog
 from server.registry.measurements import MeasurementRegistry
@@ -138,19 +139,30 @@ def show_model(home: Path, ref: str) -> dict[str, Any]:
         return version_detail(catalog, catalog.resolve(ref))
 
 
-def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: Path | None = None) -> dict[str, Any]:
+def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: Path | None = None,
+                service: Any = None, actor: str = "local") -> dict[str, Any]:
     """Build ``ref`` for ``body["profile"]`` (``ID[,ID...]`` or ``all``), as ``edgefleet build --json`` does.
 
     Answers ``{"model", "version", "results": [row per profile], "failures": n}``; a profile that
-    cannot be built is a row with ``error`` and ``code``, not a failed call, like the CLI.
+    cannot be built is a row with ``error`` and ``code``, not a failed call, like the CLI. With
+    ``body["probe"]`` (a target) and one profile, every passing candidate is timed on the target's
+    devices of that profile (``server.probe``) and the variant chosen again with what they measured.
     """
     options = build_options(body)
     profiles = load_profiles(profiles_dir)
+    probe = body.get("probe")
     with _catalog(home) as catalog:
         mv = catalog.resolve(ref)
         wanted = wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
+        if probe and (len(wanted) != 1 or service is None):
+            raise InvalidRequestError("a probe build names exactly one profile (and needs the fleet registry)")
         with build_ops.build_share(catalog.paths) as share:
-            rows = [_build_row(catalog, mv, profiles[pid], options, share) for pid in wanted]
+            if probe:
+                timeout = float(body.get("probe_timeout_s") or 120.0)
+                rows = [_probe_row(catalog, mv, profiles[wanted[0]], options, share, service=service,
+                                   target=str(probe), actor=actor, timeout_s=timeout)]
+            else:
+                rows = [_build_row(catalog, mv, profiles[pid], options, share) for pid in wanted]
         return {"model": mv.model, "version": mv.version, "results": rows,
                 "failures": sum(1 for r in rows if "error" in r)}
 
@@ -178,6 +190,23 @@ def _build_row(catalog: Any, mv: Any, profile: Any, options: Any, share: Any) ->
     except ServerError as exc:
         return error_row(profile.id, exc)
     return result_row(mv, profile.id, stored, result)
+
+
+def _probe_row(catalog: Any, mv: Any, profile: Any, options: BuildOptions, share: Any, *, service: Any,
+               target: str, actor: str, timeout_s: float) -> dict[str, Any]:
+    """Build blind, probe every passing candidate on ``target``, build again with the measurements."""
+    try:
+        _, blind = build_ops.build_variant(catalog, mv, profile, options=options, share=share)
+        plan = start_probe(service, blind, model=mv.model, version=mv.version, profile=profile, target=target,
+                           actor=actor)
+        outcome = wait_probe(service.registry, plan, timeout_s=timeout_s)
+        evidence = {**outcome.evidence(), "blind_variant": blind.chosen.recipe.name}
+        measured = BuildOptions(**{**options.__dict__, "measured": outcome.measured, "probe": evidence})
+        stored, result = build_ops.build_variant(catalog, mv, profile, options=measured, share=share)
+    except ServerError as exc:
+        return error_row(profile.id, exc)
+    return {**result_row(mv, profile.id, stored, result), "blind_variant": blind.chosen.recipe.name,
+            "probe": evidence}
 
 
 def error_row(profile_id: str, exc: ServerError) -> dict[str, Any]:

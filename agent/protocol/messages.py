@@ -256,7 +256,7 @@ class DesiredState:
         )
 
 
-COMMAND_ACTIONS = ("rollback", "activate", "purge", "ping")
+COMMAND_ACTIONS = ("rollback", "activate", "purge", "ping", "probe")
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ class AgentParts:
 
         def _discard_download(self, artifact_id: str) -> None: ...
 
+        def _subscribe(self, topic: str) -> None: ...
+
 
 # -- small helpers ---------------------------------------------------------------------------------------------
 

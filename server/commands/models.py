@@ -25,7 +25,7 @@ from rich.table import Table
 
 from server import model_ops
 from server.build_ops import build_share, build_variant
-from server.commands.common import guarded
+from server.commands.common import api_client, guarded
 from server.commands.term import make_console
 from server.compression.gate import METRICS, OPTIMIZE_CHOICES, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
@@ -250,6 +250,9 @@ def _build_body(args: argparse.Namespace) -> dict[str, Any]:
         body["calibration_methods"] = list(args.calibration_method)
     if args.eval_limit:
         body["eval_limit"] = args.eval_limit
+    if args.probe:
+        body["probe"] = args.probe
+        body["probe_timeout_s"] = args.probe_timeout
     return body
 
 
@@ -282,13 +285,26 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
     with waiting:
         out = remote.call("build_model", path={"model": name, "version": str(version)}, body=_build_body(args),
                           timeout=6 * 3600.0)
-    return _summary(f"{name}:{version}: shipped variants ({remote.description})", out["results"], out["failures"],
+    code = _summary(f"{name}:{version}: shipped variants ({remote.description})", out["results"], out["failures"],
                     as_json=args.json)
+    for r in out["results"] if not args.json else ():
+        probe = r.get("probe")
+        if probe:
+            figures = sorted(probe["measured_p50_ms"].items(), key=lambda x: x[1])
+            measured = ", ".join(f"{k} {v:.2f} ms" for k, v in figures) or "none"
+            console.print(safe(f"  probe {probe['probe_id']} of {r['profile']}: blind {r['blind_variant']} -> "
+                               f"{r['variant']}; measured p50 on {len(probe['answered'])} device(s): {measured} "
+                               f"({probe['seconds']:.1f} s)"), highlight=False)
+            if probe["missing"]:
+                console.print(safe(f"  [yellow]no answer from {', '.join(probe['missing'])}[/]"))
+    return code
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Builds run here (with a progress bar per profile) unless a server is configured; either way the
     options, the profile list and the answer rows come from ``server.model_ops``, as the API's."""
+    if args.probe:  # needs the fleet: the running server's API, else this home's registry in-process
+        return _remote_build(args, api_client(args))
     remote = _remote(args)
     if remote is not None:
         return _remote_build(args, remote)
@@ -397,6 +413,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--optimize", choices=OPTIMIZE_CHOICES, default="balanced",
                    help="latency: the fastest passing variant; size: the smallest; balanced (default): the smallest "
                    "of those within 10%% of the fastest where the profile's devices measured them, else size first")
+    p.add_argument("--probe", metavar="TARGET",
+                   help="time every passing candidate on TARGET's devices of the profile (group:NAME, device:ID; "
+                   "off their serving path), then choose again with what they measured")
+    p.add_argument("--probe-timeout", type=float, default=120.0, metavar="S",
+                   help="how long to wait for the probed devices (default 120); who did not answer is named")
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")

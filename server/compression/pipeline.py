@@ -72,6 +72,8 @@ class BuildOptions:
     optimize: str = "balanced"
     #: per candidate name, the latency the profile's own devices measured (median p50, ``server.measured``)
     measured: Mapping[str, float] = field(default_factory=dict)
+    #: a probe's evidence (``server.probe.ProbeOutcome.evidence``): kept in the provenance, marks the build measured
+    probe: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -684,7 +686,7 @@ def build_profile(
         "notes": b.notes,
         "candidates": [c.to_dict() for c in candidates],
         "selection": {"optimize": opts.optimize, "measured_latency_ms": dict(opts.measured) or None,
-                      "measured": bool(opts.measured)},
+                      "measured": bool(opts.measured), "probe": dict(opts.probe) if opts.probe else None},
         "built_at": time.time(),
     }
     return ProfileResult(profile.id, chosen, fell_back, tuple(candidates), choice.compression, ota, runtime, health,

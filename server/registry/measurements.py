@@ -1,8 +1,10 @@
-"""Device latency measurements (table ``device_measurements``): owner of every SQL statement on it.
+"""Device latency measurements and probe grants (tables ``device_measurements``, ``probe_artifacts``).
 
 One row per device, model version, variant and source (``warmup``, ``probe``, ``service``): a newer
 report of the same replaces the older one, so the table holds the latest figure of each build on each
-device. The device's profile is copied in when the row is written (what it ran as then). Plain SQL that
+device. The device's profile is copied in when the row is written (what it ran as then). A probe
+(``server/probe.py``) records which device may fetch which candidate artifact until when (the chunk
+scheduler's authorization asks ``probe_names_artifact``). Plain SQL that
 SQLite and PostgreSQL both accept (``ON CONFLICT ... DO UPDATE``, no engine-specific functions).
 """
 
@@ -45,7 +47,20 @@ CREATE TABLE device_measurements (
     PRIMARY KEY (device_id, model, version, variant, source)
 );
 CREATE INDEX device_measurements_model ON device_measurements(model, version);
-CREATE INDEX device_measurements_probe ON device_measurements(probe_id)
+CREATE INDEX device_measurements_probe ON device_measurements(probe_id);
+CREATE TABLE probe_artifacts (
+    probe_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    artifact_id TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    profile TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (probe_id, device_id, artifact_id)
+);
+CREATE INDEX probe_artifacts_device ON probe_artifacts(device_id, artifact_id)
 """,
     ),
 )
@@ -154,6 +169,28 @@ class MeasurementTables(TableOwner):
             (limit,),
         ).fetchall()
         return [_record(r) for r in rows]
+
+
+    @staticmethod
+    def record_probe(
+        conn: sqlite3.Connection, probe_id: str, *, device_ids: Sequence[str], artifacts: Sequence[tuple[str, str]],
+        model: str, version: int, profile: str, now: float, expires_at: float,
+    ) -> None:
+        """Grant each device the (artifact id, variant) pairs of one probe until ``expires_at``."""
+        for device_id in device_ids:
+            for artifact_id, variant in artifacts:
+                conn.execute(
+                    "INSERT INTO probe_artifacts (probe_id, device_id, artifact_id, variant, model, version, profile,"
+                    " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (probe_id, device_id, artifact_id, variant, model, version, profile, now, expires_at),
+                )
+
+    def probe_names_artifact(self, device_id: str, artifact_id: str, now: float | None = None) -> bool:
+        row = self._read().execute(
+            "SELECT 1 FROM probe_artifacts WHERE device_id = ? AND artifact_id = ? AND expires_at > ?",
+            (device_id, artifact_id, now or _now()),
+        ).fetchone()
+        return row is not None
 
 
 class MeasurementRegistry(MeasurementTables):
