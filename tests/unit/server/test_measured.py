@@ -88,3 +88,20 @@ class _Row:
     def __init__(self, device_id: str, profile: str, variant: str, source: str, p50: float) -> None:
         self.device_id, self.profile, self.variant, self.source = device_id, profile, variant, source
         self.p50_ms, self.p95_ms = p50, p50
+
+
+def test_simulator_stand_in_figures_follow_the_profile_model() -> None:
+    import random
+
+    from server.simulator.measure import stand_in
+
+    def p50(profile: str, variant: str, device: str = "sim-1") -> float:
+        return stand_in(device_id=device, profile=profile, model="m", version=1, variant=variant, base_ms=10.0,
+                        ts=0.0, rng=random.Random(1)).p50_ms
+
+    assert p50("raspberry-pi-5", "fp32") < p50("raspberry-pi-4", "fp32")
+    assert p50("raspberry-pi-4", "int8-dynamic") < p50("raspberry-pi-4", "fp32")
+    assert p50("jetson-orin-nano", "fp16") < p50("jetson-orin-nano", "fp32")
+    assert p50("raspberry-pi-4", "fp32", "sim-1") != p50("raspberry-pi-4", "fp32", "sim-2")  # per-device spread
+    m = stand_in(device_id="sim-1", profile="x", model="m", version=1, variant=None, base_ms=1.0, ts=0.0)
+    assert m.p95_ms >= m.p50_ms and m.source == "warmup"
