@@ -194,6 +194,7 @@ def _status(c: Call) -> Any:
         "stale": sum(d["stale"] for d in devices),
         "pending_enrollments": len(c.service.pending_enrollments()),
         "live_deployments": deployments,
+        "measured_over_budget": c.service.measured_over_budget(),
     }
 
 

@@ -84,6 +84,33 @@ def aggregate(rows: Iterable[MeasuredRow], budgets: Mapping[str, float] | None =
     return figures
 
 
+def profile_budgets() -> dict[str, float]:
+    """Each profile's ``latency_budget_ms`` (firmware_profiles/); empty when the profiles cannot be read."""
+    from server.errors import ProfileError  # noqa: PLC0415 - keeps this module free of server imports at load
+    from server.profiles import load_profiles  # noqa: PLC0415
+
+    try:
+        return {pid: p.latency_budget_ms for pid, p in load_profiles().items()}
+    except ProfileError:
+        return {}
+
+
+class BuildRow(MeasuredRow, Protocol):
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+
+def by_build(rows: Iterable[BuildRow], budgets: Mapping[str, float]) -> list[tuple[str, int, ProfileFigure]]:
+    """``aggregate`` per model version: (model, version, figure), sorted."""
+    groups: dict[tuple[str, int], list[BuildRow]] = defaultdict(list)
+    for r in rows:
+        groups[(r.model, r.version)].append(r)
+    return [(m, v, f) for (m, v), group in sorted(groups.items()) for f in aggregate(group, budgets)]
+
+
 def measured_latency(rows: Iterable[MeasuredRow], profile: str) -> dict[str, float]:
     """Per variant, the median benchmark p50 on ``profile``'s devices (what selection compares)."""
     return {f.variant: f.p50_ms for f in aggregate(r for r in rows if r.profile == profile)

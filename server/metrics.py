@@ -13,9 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from server.errors import ProfileError
-from server.measured import aggregate
-from server.profiles import load_profiles
+from server.measured import by_build, profile_budgets
 from server.registry.fleet import FleetRegistry
 
 
@@ -142,13 +140,6 @@ def render_metrics(
 
 def measured_metrics(registry: FleetRegistry) -> list[Family]:
     """Device-measured latency per model version, profile and variant (``server.measured``), budget flag included."""
-    try:
-        budgets = {pid: p.latency_budget_ms for pid, p in load_profiles().items()}
-    except ProfileError:
-        budgets = {}
-    by_build: dict[tuple[str, int], list[Any]] = {}
-    for row in registry.all_measurements():
-        by_build.setdefault((row.model, row.version), []).append(row)
     p50 = Family("edgefleet_measured_latency_p50_ms", "gauge",
                  "Median over a profile's devices of their own measured p50 latency, by build variant")
     p95 = Family("edgefleet_measured_latency_p95_ms", "gauge",
@@ -156,13 +147,12 @@ def measured_metrics(registry: FleetRegistry) -> list[Family]:
     n = Family("edgefleet_measured_devices", "gauge", "Devices that reported a latency measurement")
     over = Family("edgefleet_measured_over_budget", "gauge",
                   "1 when the measured p95 exceeds the profile's latency_budget_ms")
-    for (model, version), rows in sorted(by_build.items()):
-        for f in aggregate(rows, budgets):
-            labels = {"model": model, "version": version, "profile": f.profile, "variant": f.variant, "kind": f.kind}
-            p50.add(f.p50_ms, **labels)
-            p95.add(f.p95_ms, **labels)
-            n.add(f.devices, **labels)
-            over.add(int(f.over_budget), **labels)
+    for model, version, f in by_build(registry.all_measurements(), profile_budgets()):
+        labels = {"model": model, "version": version, "profile": f.profile, "variant": f.variant, "kind": f.kind}
+        p50.add(f.p50_ms, **labels)
+        p95.add(f.p95_ms, **labels)
+        n.add(f.devices, **labels)
+        over.add(int(f.over_budget), **labels)
     return [p50, p95, n, over]
 
 

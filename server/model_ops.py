@@ -31,8 +31,8 @@ from server.compression.gate import OPTIMIZE_CHOICES, GateSpec
 from server.compression.pipeline import BuildOptions
 from server.compression.recipes import CALIBRATION_METHODS
 from server.config import private_home
-from server.errors import InvalidRequestError, ProfileError, ServerError
-from server.measured import aggregate
+from server.errors import InvalidRequestError, ServerError
+from server.measured import aggregate, profile_budgets
 from server.probe import start_probe, wait_probe
 from server.profiles import load_profiles
 from server.registry.catalog import Catalog
@@ -86,11 +86,7 @@ def measured_figures(catalog: Any, model: str, version: int) -> list[dict[str, A
     rows = MeasurementRegistry(catalog.db).measurements(model, version)
     if not rows:
         return []
-    try:
-        budgets = {pid: p.latency_budget_ms for pid, p in load_profiles().items()}
-    except ProfileError:
-        budgets = {}
-    return [f.to_dict() for f in aggregate(rows, budgets)]
+    return [f.to_dict() for f in aggregate(rows, profile_budgets())]
 
 
 def add_model(home: Path, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -105,3 +105,21 @@ def test_simulator_stand_in_figures_follow_the_profile_model() -> None:
     assert p50("raspberry-pi-4", "fp32", "sim-1") != p50("raspberry-pi-4", "fp32", "sim-2")  # per-device spread
     m = stand_in(device_id="sim-1", profile="x", model="m", version=1, variant=None, base_ms=1.0, ts=0.0)
     assert m.p95_ms >= m.p50_ms and m.source == "warmup"
+
+
+def test_status_flags_a_build_measured_over_its_profiles_budget(tmp_path: Path) -> None:
+    from server.artifacts import ArtifactStore
+    from server.builds import StaticBuilds
+    from server.config import ServerConfig
+    from server.service import FleetService
+
+    r = FleetRegistry(Database(tmp_path / "registry.db"))
+    r.migrate()
+    r.add_device("pi-slow", profile="raspberry-pi-4", public_key=KEY, broker_hash=None)
+    r.add_device("pi5", profile="raspberry-pi-5", public_key=KEY, broker_hash=None)
+    r.record_measurements([m("pi-slow", 450.0, p95=520.0), m("pi5", 20.0, p95=25.0)])  # budgets: 400 and 200 ms
+    service = FleetService(ServerConfig(home=tmp_path), r, builds=StaticBuilds(),
+                           artifacts=ArtifactStore(tmp_path / "artifacts", r), profiles=None)
+    (flag,) = service.measured_over_budget()
+    assert (flag["profile"], flag["p95_ms"], flag["budget_ms"], flag["model"]) == ("raspberry-pi-4", 520.0, 400.0,
+                                                                                  "digits")
