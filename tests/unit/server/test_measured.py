@@ -123,3 +123,28 @@ def test_status_flags_a_build_measured_over_its_profiles_budget(tmp_path: Path) 
     (flag,) = service.measured_over_budget()
     assert (flag["profile"], flag["p95_ms"], flag["budget_ms"], flag["model"]) == ("raspberry-pi-4", 520.0, 400.0,
                                                                                   "digits")
+
+
+def test_model_show_prints_the_measured_figures_beside_the_estimate(registry: FleetRegistry, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from server import model_ops
+    from server.commands import models as model_commands
+
+    registry.record_measurements([m("pi-0", 10.0, p95=12.0), m("pi-1", 14.0, p95=500.0)])
+    catalog = SimpleNamespace(db=Database(tmp_path / "registry.db"))
+    figures = model_ops.measured_figures(catalog, "digits", 1)
+    assert [(f["profile"], f["variant"], f["devices"], f["p50_ms"]) for f in figures] == [
+        ("rpi4", "int8-dynamic", 2, 12.0)]
+    assert model_ops.measured_figures(catalog, "digits", 2) == []
+    out = Console(width=200, record=True)
+    build = SimpleNamespace(profile="rpi4", variant="int8-dynamic", provenance={"latency_ms": 3.5})
+    saved, model_commands.console = model_commands.console, out
+    try:
+        model_commands._print_measured(figures, [build])
+    finally:
+        model_commands.console = saved
+    text = out.export_text()
+    assert "measured on devices" in text and "12.00" in text and "3.50" in text and "rpi4" in text
