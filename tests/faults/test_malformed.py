@@ -42,6 +42,7 @@ from agent.protocol.envelope import (
     verify_payload,
     wrap_key,
 )
+from agent.protocol.measurement import Measurement
 from agent.protocol.messages import (
     ChunkRequest,
     Command,
@@ -318,6 +319,8 @@ def _up_samples() -> dict[str, tuple[str, Any]]:
                                            model=ModelRef("m", 1))),
         "chunkreq": (up(Channel.CHUNK_REQUEST), ChunkRequest(DEVICE, ART, ((0, 3),), NOW, "initial")),
         "enroll": (up(Channel.ENROLL), EnrollRequest(DEVICE, bytes(range(32)), "rpi4", NOW)),
+        "measure": (up(Channel.MEASUREMENT), Measurement(DEVICE, NOW, "m", 1, "probe", 20, 1.5, 2.5, artifact_id=ART,
+                                                         variant="int8-dynamic", load_avg=(1.0, 0.5, 0.2))),
     }
 
 

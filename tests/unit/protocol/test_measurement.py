@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,31 @@ def test_topic_and_acl_leaf() -> None:
     assert topic == "edgefleet/v1/dev/pi-1/up/measure"
     assert parse_topic(topic).channel is Channel.MEASUREMENT
     assert "pattern write edgefleet/v1/dev/%u/up/measure" in device_acl_lines()
+
+
+def _probe_args() -> dict[str, object]:
+    from agent.protocol.messages import ArtifactInfo, HealthSpec, ModelRef, RuntimeSpec, TensorSpec, WrappedKey
+    from agent.protocol.probe import ProbeRequest, ProbeVariant
+
+    info = ArtifactInfo("ab" * 16, 1000, "cd" * 32, "zlib", 900, "ef" * 32, 1024, 1)
+    key = WrappedKey(bytes(32), bytes(48))
+    health = HealthSpec(inputs=(TensorSpec("x", "float32", (1, 4)),), outputs=(), latency_budget_ms=10.0)
+    variants = (ProbeVariant("fp32", info, key, RuntimeSpec("onnx", "onnxruntime")),)
+    return ProbeRequest("p1", ModelRef("m", 1), health, variants).to_args()
+
+
+def test_probe_args_round_trip_and_refuse_bad_shapes() -> None:
+    from agent.protocol.probe import MAX_PROBE_BYTES, ProbeRequest
+
+    args: Any = json.loads(json.dumps(_probe_args()))
+    request = ProbeRequest.from_args(args)
+    assert request.to_args() == args and request.variants[0].variant == "fp32"
+    bad: list[dict[str, object]] = [{}, {"probe": []}, {"probe": {**args["probe"], "variants": []}},
+                                    {"probe": {**args["probe"], "variants": ["x"]}},
+                                    {"probe": {**args["probe"], "variants": [args["probe"]["variants"][0]] * 2}}]
+    huge = json.loads(json.dumps(args))
+    huge["probe"]["variants"][0]["artifact"]["size"] = MAX_PROBE_BYTES + 1
+    bad.append(huge)
+    for b in bad:
+        with pytest.raises(MalformedMessageError):
+            ProbeRequest.from_args(b)
