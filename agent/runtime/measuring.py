@@ -74,7 +74,8 @@ class Measuring(AgentParts):
             load_avg=context.load_avg,
             seconds=round(time.monotonic() - started, 3),
         )
-        self._measured[ref] = measurement
+        if source == "warmup":  # what this version measured as installed: probation's fallback baseline
+            self._measured[ref] = measurement
         self._send_measurement(measurement)
         return measurement
 
