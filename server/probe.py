@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +45,12 @@ class ProbePlan:
     version: int
     profile: str
     devices: tuple[str, ...]
-    variants: tuple[str, ...]
+    variants: tuple[str, ...]  # the variants sent (one per distinct artifact)
     started: float
+    #: a candidate whose file is byte-identical to a sent one's (e.g. two calibration methods that agree):
+    #: measured through that one
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    commands: Mapping[str, str] = field(default_factory=dict)  # device -> command id
 
 
 @dataclass
@@ -61,7 +65,8 @@ class ProbeOutcome:
     def evidence(self) -> dict[str, Any]:
         """What the provenance keeps (``selection.probe``)."""
         return {"probe_id": self.plan.probe_id, "devices": list(self.plan.devices), "answered": self.answered,
-                "missing": self.missing, "variants": list(self.plan.variants), "measured_p50_ms": self.measured,
+                "missing": self.missing, "variants": list(self.plan.variants), "same_file": dict(self.plan.aliases),
+                "measured_p50_ms": self.measured,
                 "failed": self.failed, "seconds": round(self.seconds, 3)}
 
 
@@ -89,12 +94,17 @@ def start_probe(
     candidates = candidates[:MAX_PROBE_VARIANTS]
     health = dataclasses.replace(result.health, golden=())  # the chosen variant's outputs say nothing of others
     sealed: list[tuple[Candidate, ArtifactRecord, RuntimeSpec]] = []
+    aliases: dict[str, str] = {}
     for c in candidates:
         assert c.path is not None
         runtime = _runtime_for(result, c)
         record = service.artifacts.seal_build(Build(model, version, profile.id, c.recipe.name, c.path, runtime,
                                                     health, chunk_size=profile.chunk_size,
                                                     compression=PROBE_COMPRESSION))
+        same = next((s for s in sealed if s[1].artifact_id == record.artifact_id), None)
+        if same is not None:
+            aliases[c.recipe.name] = same[0].recipe.name
+            continue
         sealed.append((c, record, runtime))
     probe_id = uuid.uuid4().hex[:16]
     ref = ModelRef(model, version)
@@ -116,11 +126,12 @@ def start_probe(
         registry.record_probe(tx, probe_id, device_ids=list(keys),
                               artifacts=[(rec.artifact_id, c.recipe.name) for c, rec, _ in sealed],
                               model=model, version=version, profile=profile.id, now=now, expires_at=now + ttl_s)
-        registry.store_commands([(uuid.uuid4().hex, d, "probe", model, version) for d in keys], sign,
+        commands = {d: uuid.uuid4().hex for d in keys}
+        registry.store_commands([(cid, d, "probe", model, version) for d, cid in commands.items()], sign,
                                 batch_id=probe_id, ttl_s=ttl_s, created_by=actor, deployment_id=None, tx=tx, now=now)
     service.kick()
     return ProbePlan(probe_id, model, version, profile.id, tuple(keys), tuple(c.recipe.name for c, _, _ in sealed),
-                     time.monotonic())
+                     time.monotonic(), aliases, commands)
 
 
 def probe_status(registry: Any, plan: ProbePlan) -> tuple[set[str], dict[str, dict[str, str]], dict[str, float]]:
@@ -134,12 +145,16 @@ def probe_status(registry: Any, plan: ProbePlan) -> tuple[set[str], dict[str, di
     failed: dict[str, dict[str, str]] = {}
     for d in plan.devices:
         for ev in registry.list_events(device_id=d, kind_prefix="probe.", limit=1000, newest=True):
-            if ev.data.get("probe_id") != plan.probe_id:
-                continue
-            if ev.kind == "probe.completed":
+            if ev.kind == "probe.completed" and ev.data.get("probe_id") == plan.probe_id:
                 done.add(d)
                 failed[d] = {str(k): str(v) for k, v in dict(ev.data.get("failed") or {}).items()}
-    return done, {d: f for d, f in failed.items() if f}, measured_latency(rows, plan.profile)
+        for ev in registry.list_events(device_id=d, kind_prefix="command.result", limit=1000, newest=True):
+            if ev.command_id == plan.commands.get(d) and not ev.data.get("ok", True):  # refused the probe
+                done.add(d)
+                failed[d] = {"*": str(ev.data.get("message") or "refused")}
+    measured = measured_latency(rows, plan.profile)
+    measured |= {alias: measured[sent] for alias, sent in plan.aliases.items() if sent in measured}
+    return done, {d: f for d, f in failed.items() if f}, measured
 
 
 def wait_probe(

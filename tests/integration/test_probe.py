@@ -49,6 +49,7 @@ def test_probe_times_every_passing_candidate_off_path_and_names_who_did_not_answ
         Candidate(FP32, "passed", path=models.good),
         Candidate(FP16_WEIGHTS, "passed", path=models.good_v2),
         Candidate(Recipe("int8-dynamic", "int8", "dynamic"), "failed", reason="cosine 0.9 < 0.99"),
+        Candidate(Recipe("fp32-copy", "fp32", "fp32"), "passed", path=models.good),  # byte-identical to fp32's
     )
     result = ProfileResult(profile.id, candidates[0], False, candidates, "none", 0,
                            RuntimeSpec("onnx", "onnxruntime"), models.health())
@@ -60,6 +61,7 @@ def test_probe_times_every_passing_candidate_off_path_and_names_who_did_not_answ
         plan = start_probe(server.service, result, model="digits", version=1, profile=profile, target="group:g",
                            actor="test")
         assert set(plan.devices) == {a.device_id for a in agents} and plan.variants == ("fp32", "fp16-weights")
+        assert plan.aliases == {"fp32-copy": "fp32"}  # one artifact is sent once
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the live devices' answers, as ingest writes them
             done, _, _ = probe_status(server.registry, plan)
@@ -69,7 +71,8 @@ def test_probe_times_every_passing_candidate_off_path_and_names_who_did_not_answ
         outcome = wait_probe(server.registry, plan, timeout_s=0)  # nothing more to wait for: who is missing
         assert outcome.answered == sorted(a.device_id for a in live)
         assert outcome.missing == [silent.device_id]
-        assert set(outcome.measured) == {"fp32", "fp16-weights"} and outcome.failed == {}, (
+        assert outcome.measured["fp32-copy"] == outcome.measured["fp32"]
+        assert set(outcome.measured) == {"fp32", "fp16-weights", "fp32-copy"} and outcome.failed == {}, (
             outcome, server.registry.list_events(kind_prefix="probe.", limit=20), live[0].log_text()[-3000:])
         rows = server.registry.measurements("digits", 1, sources=("probe",), probe_id=plan.probe_id)
         assert len(rows) == 4 and {r.profile for r in rows} == {profile.id}
