@@ -19,7 +19,8 @@ every passing candidate on that profile's agent, and builds again with the measu
 Rows (JSON), per profile: ``profile``, ``blind_variant``, ``measured_variant``, ``blind_latency_ms`` and
 ``measured_latency_ms`` (both the probe's p50 on that profile's device), ``probe_seconds`` (probe start to the
 last answer), ``serving_p99_ratio`` (p99 of the client's requests that overlapped the device's probe, from the
-probe command's result to ``probe.completed``, over p99 of the requests before any build started), plus the
+probe command's result to ``probe.completed``, over p99 of the steady phase before any build started, its first
+second left out), plus the
 counts behind them and every candidate's measured p50. ``load_avg`` is ``os.getloadavg()`` at the start and end.
 """
 
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  args=(agent.http_port, "/v2/models/serve/infer", body, stop, samples[profile]))
             t.start()
             threads.append(t)
-        time.sleep(args.steady_s)  # the steady phase: clients only
+        steady_start = time.monotonic() + 1.0  # the clients' first second (connections, first requests) left out
+        time.sleep(args.steady_s + 1.0)  # the steady phase: clients only
         steady_end = time.monotonic()
 
         catalog = Catalog.open(server.home)
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             probe = r["probe"]
             measured = probe["measured_p50_ms"]
             window = _window(server, agent.device_id, probe["probe_id"])
-            steady = [s for s in samples[profile] if s.end <= steady_end and s.ok]
+            steady = [s for s in samples[profile] if steady_start <= s.start and s.end <= steady_end and s.ok]
             wall0 = time.time() - time.monotonic()  # client samples are monotonic; events are wall clock
             during = [s for s in samples[profile] if window and s.ok
                       and s.end + wall0 >= window[0] and s.start + wall0 <= window[1]]
