@@ -198,7 +198,8 @@ def cmd_model_show(args: argparse.Namespace) -> int:
     for b in builds:
         p = b.provenance
         fid = p.get("fidelity") or {}
-        table.add_row(b.profile, b.variant + (" (fallback)" if p.get("fell_back_to_fp32") else ""),
+        measured = " (measured)" if (p.get("selection") or {}).get("measured") else ""
+        table.add_row(b.profile, b.variant + (" (fallback)" if p.get("fell_back_to_fp32") else "") + measured,
                       _mb(b.size_bytes), _mb(b.ota_size_bytes), b.compression,
                       f"{fid.get('metric', '')} {fid.get('value', 0):.4f}" if fid else "-",
                       _ms(p.get("latency_ms")), _ms(p.get("fp32_latency_ms")), b.runtime.min_version)
