@@ -12,9 +12,10 @@ different speed on this machine:
   * ``raspberry-pi-4``: pinned to one core (``taskset -a -cp 0``), one inference thread. (No cgroup CPU quota
     here: the container has no writable cgroup.)
 
-Each agent first serves the model's fp32 file (deployed as ``serve:1``), with one closed-loop client on its
-local HTTP API for the whole run. Per profile, ``model_ops.build_model`` with ``probe`` builds blind, probes
-every passing candidate on that profile's agent, and builds again with the measurements.
+Each agent first serves the digits CNN's fp32 file (deployed as ``serve:1``; the application, whatever model is
+probed), with one closed-loop client on its local HTTP API for the whole run. Per profile,
+``model_ops.build_model`` with ``probe`` builds blind, probes every passing candidate on that profile's agent,
+and builds again with the measurements.
 
 Rows (JSON), per profile: ``profile``, ``blind_variant``, ``measured_variant``, ``blind_latency_ms`` and
 ``measured_latency_ms`` (both the probe's p50 on that profile's device), ``probe_seconds`` (probe start to the
@@ -47,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # tests.support (real models, real server and age
 
 from server import model_ops  # noqa: E402
 from server.broker import MosquittoBroker  # noqa: E402
+from server.compression.gate import GateSpec  # noqa: E402
 from server.registry.catalog import Catalog  # noqa: E402
 from tests.support.devices.agent_process import AgentProcess  # noqa: E402
 from tests.support.models import real_model  # noqa: E402
@@ -100,11 +102,12 @@ def _window(server: RealServer, device_id: str, probe_id: str) -> tuple[float, f
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = real_model(args.model)
+    app = real_model("digits")  # what the devices serve to the clients meanwhile (the probed model may be larger)
     work = Path(tempfile.mkdtemp(prefix="bench-probe-"))
     load_start = os.getloadavg()
     broker = MosquittoBroker(workdir=work / "mosquitto").start()
-    serve = [{"model": "serve", "version": 1, "profile": p, "path": str(model.path),
-              "input": model.inputs[0].name, "probation_s": 0.5, "chunk_size": 16384} for p in PROFILES]
+    serve = [{"model": "serve", "version": 1, "profile": p, "path": str(app.path),
+              "input": app.inputs[0].name, "probation_s": 0.5, "chunk_size": 16384} for p in PROFILES]
     server = RealServer(work, broker.host, broker.port, serve)
     agents: dict[str, AgentProcess] = {}
     samples: dict[str, list[Any]] = {}
@@ -129,8 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   max_failures_percent=0, probation_s=0.5, actor="bench")
         _wait(lambda: all(d.active_model == "serve" and d.active_state == "committed"
                           for d in server.registry.list_devices()), "serve:1 committed", 180)
-        sample = model.load("evaluation", limit=1)
-        body, _ = hotswap.request_body(model.path, {t.name: sample[t.name] for t in model.inputs})
+        sample = app.load("evaluation", limit=1)
+        body, _ = hotswap.request_body(app.path, {t.name: sample[t.name] for t in app.inputs})
         for profile, agent in agents.items():
             agent.wait_http_ready()
             samples[profile] = []
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         catalog = Catalog.open(server.home)
         try:
-            catalog.add_model(model.path, args.model, calibration=model.calibration, evaluation=model.evaluation)
+            catalog.add_model(model.path, args.model, calibration=model.calibration, evaluation=model.evaluation,
+                              gate=GateSpec(metric=model.metric))
         finally:
             catalog.close()
         rows = []
