@@ -26,7 +26,7 @@ from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
 from agent.protocol.messages import ChunkRequest, Command, encode
 from agent.protocol.probe import ProbeRequest, ProbeVariant
 from agent.protocol.topics import Channel, device_topic
-from agent.runtime.measuring import Measuring
+from agent.runtime.measuring import Measuring, at_low_priority
 from agent.runtime.reporting import Reporting
 
 log = logging.getLogger("agent")
@@ -184,7 +184,9 @@ class Probing(Reporting, Measuring):
                 raise IntegrityError("model digest mismatch")
             folder.mkdir(mode=0o700, exist_ok=True)
             path.write_bytes(model_bytes)
-            model = self.host.load(path, ref=job.request.model, runtime=variant.runtime, variant=variant.variant)
+            # loaded on a low-priority thread: the session's own threads inherit its priority
+            model = at_low_priority(lambda: self.host.load(path, ref=job.request.model, runtime=variant.runtime,
+                                                           variant=variant.variant))
             try:
                 measured = self._benchmark(model, job.request.health, ref=job.request.model,
                                            artifact_id=info.artifact_id, variant=variant.variant, source="probe",
