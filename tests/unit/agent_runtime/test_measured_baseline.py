@@ -54,3 +54,21 @@ def test_probation_baseline_is_the_devices_own_benchmark_when_the_old_version_ha
             host.infer({models.input_name: np.zeros((1, 1, 8, 8), np.float32)})
         served = Swapping._baseline(shell, policy)  # type: ignore[arg-type]
         assert served is not None and served.requests == 5
+
+
+def test_the_benchmark_thread_runs_at_low_priority_and_hands_errors_back() -> None:
+    import os
+    import threading
+
+    from agent.runtime.measuring import BENCHMARK_NICE, at_low_priority
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = at_low_priority(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert seen == max(own, BENCHMARK_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller's own is untouched
+
+    def boom() -> None:
+        raise ValueError("from the worker")
+
+    with pytest.raises(ValueError, match="from the worker"):
+        at_low_priority(boom)
