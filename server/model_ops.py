@@ -147,11 +147,13 @@ def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: 
     options = build_options(body)
     profiles = load_profiles(profiles_dir)
     probe = body.get("probe")
+    if probe and service is None:
+        raise InvalidRequestError("a probe build needs the fleet (the server's API, or this home's registry)")
     with _catalog(home) as catalog:
         mv = catalog.resolve(ref)
         wanted = wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
-        if probe and (len(wanted) != 1 or service is None):
-            raise InvalidRequestError("a probe build names exactly one profile (and needs the fleet registry)")
+        if probe and len(wanted) != 1:
+            raise InvalidRequestError(f"a probe build names exactly one profile, not {', '.join(wanted)}")
         with build_ops.build_share(catalog.paths) as share:
             if probe:
                 timeout = float(body.get("probe_timeout_s") or 120.0)

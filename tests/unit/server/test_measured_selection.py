@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.compression.gate import Scored, select
@@ -55,3 +57,20 @@ def test_unknown_policy_is_refused() -> None:
         build_options({"profile": "x", "optimize": "speed"})
     assert build_options({"profile": "x", "optimize": "latency"}).optimize == "latency"
     assert build_options({"profile": "x"}).optimize == "balanced"
+
+
+def test_build_command_line_carries_optimize_and_probe_into_the_request() -> None:
+    from server.cli import build_parser
+    from server.commands.models import _build_body
+
+    args = build_parser().parse_args(["build", "digits:1", "--profile", "raspberry-pi-4", "--optimize", "latency",
+                                      "--probe", "group:lab", "--probe-timeout", "30"])
+    body = _build_body(args)
+    assert (body["optimize"], body["probe"], body["probe_timeout_s"]) == ("latency", "group:lab", 30.0)
+    plain = _build_body(build_parser().parse_args(["build", "digits:1", "--profile", "all"]))
+    assert plain["optimize"] == "balanced" and "probe" not in plain
+    from server import model_ops
+
+    with pytest.raises(InvalidRequestError, match="needs the fleet"):
+        model_ops.build_model(Path("/nonexistent"), "digits:1", {"profile": "a", "probe": "group:lab"})
+    assert not Path("/nonexistent").exists()  # refused before anything was opened
