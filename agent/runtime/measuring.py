@@ -71,19 +71,32 @@ class Measuring(AgentParts):
         probe_id: str | None = None,
     ) -> Measurement | None:
         """Time ``model`` off the serving path and publish the figures; None when off or it could not run."""
-        cfg = self.config.lifecycle
-        if cfg.benchmark_runs <= 0:
-            return None
         started = time.monotonic()
+        timings = self._time(model, health, ref=ref)
+        if not timings:
+            return None
+        return self._report_timings(model, timings, ref=ref, artifact_id=artifact_id, variant=variant, source=source,
+                                    probe_id=probe_id, seconds=time.monotonic() - started)
+
+    def _time(self, model: Any, health: HealthSpec, *, ref: ModelRef, share: float = 1.0) -> list[float]:
+        """``share`` of the configured runs and wall time, at low priority; [] when off or the model cannot run."""
+        cfg = self.config.lifecycle
+        runs = max(1, round(cfg.benchmark_runs * share)) if cfg.benchmark_runs > 0 else 0
+        if runs <= 0:
+            return []
         try:
-            timings = at_low_priority(lambda: self.host.benchmark(
-                model, health, runs=cfg.benchmark_runs, max_s=cfg.benchmark_max_s, cpu_share=cfg.benchmark_cpu_share
+            return at_low_priority(lambda: self.host.benchmark(
+                model, health, runs=runs, max_s=cfg.benchmark_max_s * share, cpu_share=cfg.benchmark_cpu_share
             ))
         except EdgeError as exc:
             log.warning("benchmark of %s failed: %s", _ref_text(ref), exc.message)
-            return None
-        if not timings:
-            return None
+            return []
+
+    def _report_timings(
+        self, model: Any, timings: list[float], *, ref: ModelRef, artifact_id: str | None, variant: str | None,
+        source: str, probe_id: str | None, seconds: float,
+    ) -> Measurement:
+        timings = sorted(timings)
         providers = getattr(model, "providers", ()) or ()
         context = read_cpu_context()
         measurement = Measurement(
@@ -105,7 +118,7 @@ class Measuring(AgentParts):
             cpu_mhz=context.cpu_mhz,
             temperature_c=context.temperature_c,
             load_avg=context.load_avg,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(seconds, 3),
         )
         if source == "warmup":  # what this version measured as installed: probation's fallback baseline
             self._measured[ref] = measurement

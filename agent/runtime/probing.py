@@ -1,10 +1,12 @@
 """Probes: time candidate variants the server sends, off the serving path, and forget them (docs/protocol.md §4.6).
 
-One probe at a time, variant after variant: ChunkRequest for the whole artifact, chunks authenticated
-one by one as they arrive (a forged chunk is dropped, never kept) and held in memory, both digests
-checked, the model written under ``<store>/probe/``, loaded in a side slot (the serving model is not
-touched), benchmarked within ``lifecycle.benchmark_cpu_share``, reported as a ``measurement`` with
-``source: "probe"``, unloaded and deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is
+One probe at a time. First each variant is fetched: ChunkRequest for the whole artifact, chunks
+authenticated one by one as they arrive (a forged chunk is dropped, never kept) and held in memory, both
+digests checked, the model written under ``<store>/probe/``. Then every variant is timed in two mirrored
+passes (forward, then backward, half the runs each, so drifting load biases none): loaded in a side slot
+on a nice-19 thread (the serving model is not touched), benchmarked within
+``lifecycle.benchmark_cpu_share``, unloaded. Each is reported as a ``measurement`` with ``source:
+"probe"``, and the files are deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is
 missing (doubling up to ``chunk_timeout_max_s``); after ``PROBE_RETRIES`` silent rounds the variant is
 given up (``probe.failed``). Nothing here is journaled: a restart forgets the probe, the server's
 timeout names the device.
@@ -13,11 +15,14 @@ timeout names the device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.core.lifecycle import Seen
 from agent.errors import EdgeError, IntegrityError
@@ -52,6 +57,7 @@ class _ProbeJob:
     transfer: _Transfer | None = None
     measured: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    ready: list[tuple[ProbeVariant, Path]] = field(default_factory=list)  # fetched and verified, on disk
 
 
 class Probing(Reporting, Measuring):
@@ -100,6 +106,7 @@ class Probing(Reporting, Measuring):
                 self._subscribe(info.topic)
             self._request_probe_chunks(job.transfer, "initial")
             return
+        self._measure_ready()
         self._finish_probe()
 
     def _request_probe_chunks(self, t: _Transfer, reason: str) -> None:
@@ -141,7 +148,7 @@ class Probing(Reporting, Measuring):
         t.last_new_at = self.monotonic()
         t.timeout = self.config.transfer.chunk_timeout_s
         if len(t.parts) == t.variant.artifact.chunk_count:
-            self._run_probe_variant(t)
+            self._store_probe_variant(t)
         return True
 
     def _probe_timers(self, now: float) -> None:
@@ -167,7 +174,7 @@ class Probing(Reporting, Measuring):
                 if self.link is not None:
                     self.link.unsubscribe(t.variant.artifact.topic)
 
-    def _run_probe_variant(self, t: _Transfer) -> None:
+    def _store_probe_variant(self, t: _Transfer) -> None:
         job = self._probe_job
         assert job is not None
         self._end_transfer(t)
@@ -184,24 +191,54 @@ class Probing(Reporting, Measuring):
                 raise IntegrityError("model digest mismatch")
             folder.mkdir(mode=0o700, exist_ok=True)
             path.write_bytes(model_bytes)
-            # loaded on a low-priority thread: the session's own threads inherit its priority
-            model = at_low_priority(lambda: self.host.load(path, ref=job.request.model, runtime=variant.runtime,
-                                                           variant=variant.variant))
-            try:
-                measured = self._benchmark(model, job.request.health, ref=job.request.model,
-                                           artifact_id=info.artifact_id, variant=variant.variant, source="probe",
-                                           probe_id=job.request.probe_id)
-            finally:
-                self.host.unload(model)
-            if measured is None:
-                raise IntegrityError("the benchmark could not run it")
-            job.measured.append(variant.variant)
+            job.ready.append((variant, path))
         except (EdgeError, OSError) as exc:
             self._probe_failed(variant, getattr(exc, "message", None) or str(exc))
-        finally:
             with contextlib.suppress(OSError):
                 path.unlink()
         self._next_probe_variant()
+
+    def _measure_ready(self) -> None:
+        """Time every fetched variant in two passes, forward then backward, half the runs each.
+
+        On a busy board the load drifts while one variant after another is timed; the mirrored order puts
+        each variant on both sides of that drift, so a steady trend biases none of them.
+        """
+        job = self._probe_job
+        assert job is not None
+        timings: dict[str, list[float]] = {v.variant: [] for v, _ in job.ready}
+        models: dict[str, Any] = {}
+        started = time.monotonic()
+        for order in (job.ready, job.ready[::-1]):
+            for variant, path in order:
+                if variant.variant in job.failed:
+                    continue
+                try:
+                    # loaded on a low-priority thread: the session's own threads inherit its priority
+                    model = at_low_priority(functools.partial(
+                        self.host.load, path, ref=job.request.model, runtime=variant.runtime, variant=variant.variant))
+                    try:
+                        runs = self._time(model, job.request.health, ref=job.request.model, share=0.5)
+                    finally:
+                        self.host.unload(model)
+                except EdgeError as exc:
+                    self._probe_failed(variant, exc.message)
+                    continue
+                if not runs:
+                    self._probe_failed(variant, "the benchmark could not run it")
+                    continue
+                timings[variant.variant] += runs
+                models[variant.variant] = model
+        for variant, path in job.ready:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if variant.variant in job.failed or not timings[variant.variant]:
+                continue
+            self._report_timings(models[variant.variant], timings[variant.variant], ref=job.request.model,
+                                 artifact_id=variant.artifact.artifact_id, variant=variant.variant, source="probe",
+                                 probe_id=job.request.probe_id, seconds=time.monotonic() - started)
+            job.measured.append(variant.variant)
+        job.ready.clear()
 
     def _probe_failed(self, variant: ProbeVariant, reason: str) -> None:
         job = self._probe_job

@@ -76,7 +76,8 @@ def test_probe_times_every_passing_candidate_off_path_and_names_who_did_not_answ
             outcome, server.registry.list_events(kind_prefix="probe.", limit=20), live[0].log_text()[-3000:])
         rows = server.registry.measurements("digits", 1, sources=("probe",), probe_id=plan.probe_id)
         assert len(rows) == 4 and {r.profile for r in rows} == {profile.id}
-        assert all(r.execution_provider == "CPUExecutionProvider" and r.runs >= 1 and r.p50_ms > 0 for r in rows)
+        assert all(r.execution_provider == "CPUExecutionProvider" and r.p50_ms > 0 for r in rows)
+        assert all(r.runs > 10 for r in rows), [r.runs for r in rows]  # both mirrored passes (10 runs each) counted
         evidence = outcome.evidence()
         assert evidence["missing"] == [silent.device_id] and evidence["measured_p50_ms"] == outcome.measured
         for a in live:  # never installed, never served, deleted
