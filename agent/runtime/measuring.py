@@ -75,9 +75,8 @@ class Measuring(AgentParts):
         timings = self._time(model, health, ref=ref)
         if not timings:
             return None
-        provider = (getattr(model, "providers", ()) or (getattr(model, "backend", None) or None,))[0]
-        return self._report_timings(timings, provider=provider, ref=ref, artifact_id=artifact_id, variant=variant,
-                                    source=source, probe_id=probe_id, seconds=time.monotonic() - started)
+        return self._report_timings(model, timings, ref=ref, artifact_id=artifact_id, variant=variant, source=source,
+                                    probe_id=probe_id, seconds=time.monotonic() - started)
 
     def _time(self, model: Any, health: HealthSpec, *, ref: ModelRef, share: float = 1.0) -> list[float]:
         """``share`` of the configured runs and wall time, at low priority; [] when off or the model cannot run."""
@@ -94,10 +93,11 @@ class Measuring(AgentParts):
             return []
 
     def _report_timings(
-        self, timings: list[float], *, provider: str | None, ref: ModelRef, artifact_id: str | None,
-        variant: str | None, source: str, probe_id: str | None, seconds: float,
+        self, model: Any, timings: list[float], *, ref: ModelRef, artifact_id: str | None, variant: str | None,
+        source: str, probe_id: str | None, seconds: float,
     ) -> Measurement:
         timings = sorted(timings)
+        providers = getattr(model, "providers", ()) or ()
         context = read_cpu_context()
         measurement = Measurement(
             device_id=self.device_id,
@@ -113,7 +113,7 @@ class Measuring(AgentParts):
             variant=variant,
             probe_id=probe_id,
             peak_rss_bytes=_peak_rss_bytes(),
-            execution_provider=provider,
+            execution_provider=(providers[0] if providers else getattr(model, "backend", None) or None),
             governor=context.governor,
             cpu_mhz=context.cpu_mhz,
             temperature_c=context.temperature_c,

@@ -3,9 +3,9 @@
 One probe at a time. First each variant is fetched: ChunkRequest for the whole artifact, chunks
 authenticated one by one as they arrive (a forged chunk is dropped, never kept) and held in memory, both
 digests checked, the model written under ``<store>/probe/``. Then every variant is timed in two mirrored
-passes (forward, then backward, half the runs each, so drifting load biases none), each in a child process
-at nice 19 (``agent/runtime/benchproc.py``: its own interpreter lock, so nothing in it can hold up the
-serving threads), within ``lifecycle.benchmark_cpu_share``. Each is reported as a ``measurement`` with ``source:
+passes (forward, then backward, half the runs each, so drifting load biases none): loaded in a side slot
+on a nice-19 thread (the serving model is not touched), benchmarked within
+``lifecycle.benchmark_cpu_share``, unloaded. Each is reported as a ``measurement`` with ``source:
 "probe"``, and the files are deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is
 missing (doubling up to ``chunk_timeout_max_s``); after ``PROBE_RETRIES`` silent rounds the variant is
 given up (``probe.failed``). Nothing here is journaled: a restart forgets the probe, the server's
@@ -15,12 +15,14 @@ timeout names the device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.core.lifecycle import Seen
 from agent.errors import EdgeError, IntegrityError
@@ -29,8 +31,7 @@ from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
 from agent.protocol.messages import ChunkRequest, Command, encode
 from agent.protocol.probe import ProbeRequest, ProbeVariant
 from agent.protocol.topics import Channel, device_topic
-from agent.runtime.benchproc import time_in_child
-from agent.runtime.measuring import Measuring
+from agent.runtime.measuring import Measuring, at_low_priority
 from agent.runtime.reporting import Reporting
 
 log = logging.getLogger("agent")
@@ -206,18 +207,20 @@ class Probing(Reporting, Measuring):
         job = self._probe_job
         assert job is not None
         timings: dict[str, list[float]] = {v.variant: [] for v, _ in job.ready}
-        providers: dict[str, str | None] = {}
-        cfg = self.config.lifecycle
+        models: dict[str, Any] = {}
         started = time.monotonic()
         for order in (job.ready, job.ready[::-1]):
             for variant, path in order:
-                if variant.variant in job.failed or cfg.benchmark_runs <= 0:
+                if variant.variant in job.failed:
                     continue
-                try:  # in a child process at nice 19: nothing of it can hold up the serving threads
-                    runs, ran = time_in_child(path, variant.runtime, job.request.health,
-                                              options=getattr(self.host, "options", None),
-                                              runs=max(1, round(cfg.benchmark_runs / 2)),
-                                              max_s=cfg.benchmark_max_s / 2, cpu_share=cfg.benchmark_cpu_share)
+                try:
+                    # loaded on a low-priority thread: the session's own threads inherit its priority
+                    model = at_low_priority(functools.partial(
+                        self.host.load, path, ref=job.request.model, runtime=variant.runtime, variant=variant.variant))
+                    try:
+                        runs = self._time(model, job.request.health, ref=job.request.model, share=0.5)
+                    finally:
+                        self.host.unload(model)
                 except EdgeError as exc:
                     self._probe_failed(variant, exc.message)
                     continue
@@ -225,16 +228,15 @@ class Probing(Reporting, Measuring):
                     self._probe_failed(variant, "the benchmark could not run it")
                     continue
                 timings[variant.variant] += runs
-                providers[variant.variant] = ran[0] if ran else None
+                models[variant.variant] = model
         for variant, path in job.ready:
             with contextlib.suppress(OSError):
                 path.unlink()
             if variant.variant in job.failed or not timings[variant.variant]:
                 continue
-            self._report_timings(timings[variant.variant], provider=providers.get(variant.variant),
-                                 ref=job.request.model, artifact_id=variant.artifact.artifact_id,
-                                 variant=variant.variant, source="probe", probe_id=job.request.probe_id,
-                                 seconds=time.monotonic() - started)
+            self._report_timings(models[variant.variant], timings[variant.variant], ref=job.request.model,
+                                 artifact_id=variant.artifact.artifact_id, variant=variant.variant, source="probe",
+                                 probe_id=job.request.probe_id, seconds=time.monotonic() - started)
             job.measured.append(variant.variant)
         job.ready.clear()
 

@@ -72,18 +72,3 @@ def test_the_benchmark_thread_runs_at_low_priority_and_hands_errors_back() -> No
 
     with pytest.raises(ValueError, match="from the worker"):
         at_low_priority(boom)
-
-
-def test_a_probe_is_timed_in_a_child_process_at_low_priority(models: AgentModels, tmp_path: object) -> None:
-    from pathlib import Path
-
-    from agent.errors import HealthCheckError
-    from agent.runtime.benchproc import time_in_child
-
-    timings, providers = time_in_child(models.good, ONNX, models.health(), options=InferenceOptions(intra_op_threads=1),
-                                       runs=5, max_s=30.0, cpu_share=1.0)
-    assert len(timings) == 5 and timings == sorted(timings) and providers == ("CPUExecutionProvider",)
-    bad = Path(str(tmp_path)) / "not-a-model.onnx"
-    bad.write_bytes(b"not onnx")
-    with pytest.raises(HealthCheckError):
-        time_in_child(bad, ONNX, models.health(), options=None, runs=5, max_s=5.0, cpu_share=1.0)
