@@ -194,6 +194,7 @@ def _status(c: Call) -> Any:
         "stale": sum(d["stale"] for d in devices),
         "pending_enrollments": len(c.service.pending_enrollments()),
         "live_deployments": deployments,
+        "measured_over_budget": c.service.measured_over_budget(),
     }
 
 
@@ -326,11 +327,15 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/models/{model}/versions/{version}/builds", "build_model",
           "Build compressed variants for profiles (ID[,ID...] or all) behind the accuracy gate; answers when done "
           "(seconds to minutes), one result per profile",
-          lambda c: _models(c).build_model(c.service.config.home, _model_ref(c), c.body),
+          lambda c: _models(c).build_model(c.service.config.home, _model_ref(c), c.body, service=c.service,
+                                           actor=c.actor),
           tag="models",
           body=obj({"profile": STR, "recipes": NAME_LIST, "calibration_methods": NAME_LIST, "pruning": BOOL,
                     "fallback": BOOL, "eval_limit": {"type": "integer", "minimum": 1},
-                    "latency_runs": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["profile"]),
+                    "latency_runs": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "optimize": {"type": "string", "enum": ["balanced", "latency", "size"]},
+                    "probe": STR, "probe_timeout_s": {"type": "number", "minimum": 1, "maximum": 3600}},
+              ["profile"]),
           mutating=True, audit_target=lambda c: f"model:{c.path['model']}:{c.path['version']}", role=DEPLOY),
     Route("GET", "/v1/audit", "audit", "Who did what, when, with which outcome",
           lambda c: c.service.audit(limit=c.q_int("limit", 100, 1, 10000), actor=c.query.get("actor") or None,

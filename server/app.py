@@ -133,11 +133,12 @@ class FleetServer:
         self.chunks.submit(req)
 
     def _authorize_chunks(self, device_id: str, artifact_id: str) -> bool:
-        """Only a device whose desired state names this artifact gets its chunks (cached for a minute)."""
+        """Only a device whose desired state (or a live probe) names this artifact gets its chunks (cached a minute)."""
         now = time.monotonic()
         if self._allowed.get((device_id, artifact_id), 0.0) > now:
             return True
-        allowed = self.registry.desired_names_artifact(device_id, artifact_id)
+        allowed = self.registry.desired_names_artifact(device_id, artifact_id) or \
+            self.registry.probe_names_artifact(device_id, artifact_id)
         if allowed:
             self._allowed[(device_id, artifact_id)] = now + 60.0
         return allowed

@@ -23,8 +23,10 @@ from server.compression.pipeline import BuildOptions, ProfileResult, SourceModel
 from server.compression.share import BuildShare
 from server.config import ServerPaths
 from server.errors import RegistryError
+from server.measured import measured_latency
 from server.profiles import DeviceProfile
 from server.registry.catalog import Catalog, CatalogBuild, ModelVersion
+from server.registry.measurements import MeasurementRegistry
 
 
 @contextlib.contextmanager
@@ -60,6 +62,11 @@ def build_variant(
         opts = BuildOptions(**{**opts.__dict__, "only": ("fp32",), "pruning": False, "fallback": False,
                                "synthetic": True})
         cal = None
+    if not opts.measured:  # what this version's variants measured on the profile's own devices, if anything
+        rows = MeasurementRegistry(catalog.db).measurements(mv.model, mv.version, profile=profile.id)
+        measured = measured_latency(rows, profile.id)
+        if measured:
+            opts = BuildOptions(**{**opts.__dict__, "measured": measured})
     older = catalog.get_build(mv.model, mv.version - 1, profile.id) if opts.previous is None else None
     if older is not None:  # delta-friendly quantization: start from the previous version's scales
         opts = BuildOptions(**{**opts.__dict__, "previous": older.path})

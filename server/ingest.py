@@ -40,6 +40,7 @@ from agent.protocol.messages import (
     ChunkRequest,
     EnrollRequest,
     Event,
+    Measurement,
     StateReport,
     Telemetry,
     UpMessage,
@@ -62,6 +63,7 @@ _EXPECTED_TYPE = {
     Channel.EVENT: "event",
     Channel.CHUNK_REQUEST: "chunk_request",
     Channel.ENROLL: "enroll",
+    Channel.MEASUREMENT: "measurement",
 }
 #: Rejections recorded per device per minute (all are counted in the metrics).
 REJECTS_RECORDED_PER_MINUTE = 10
@@ -284,6 +286,8 @@ class Ingestor:
                 batch.telemetry.append(msg)
             elif isinstance(msg, Event):
                 batch.events.append(msg)
+            elif isinstance(msg, Measurement):
+                batch.measurements.append(msg)
             elif isinstance(msg, ChunkRequest) and self._on_chunk_request is not None:
                 self._on_chunk_request(msg)
         for r in rejections:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from server.measured import by_build, profile_budgets
 from server.registry.fleet import FleetRegistry
 
 
@@ -132,8 +133,27 @@ def render_metrics(
                 thr.add(quota.throttled[name], quota=name)
             fams.append(thr)
     fams += delta_metrics(registry)
+    fams += measured_metrics(registry)
     fams += list(extra)
     return "\n".join(f.render() for f in fams) + "\n"
+
+
+def measured_metrics(registry: FleetRegistry) -> list[Family]:
+    """Device-measured latency per model version, profile and variant (``server.measured``), budget flag included."""
+    p50 = Family("edgefleet_measured_latency_p50_ms", "gauge",
+                 "Median over a profile's devices of their own measured p50 latency, by build variant")
+    p95 = Family("edgefleet_measured_latency_p95_ms", "gauge",
+                 "Median over a profile's devices of their own measured p95 latency, by build variant")
+    n = Family("edgefleet_measured_devices", "gauge", "Devices that reported a latency measurement")
+    over = Family("edgefleet_measured_over_budget", "gauge",
+                  "1 when the measured p95 exceeds the profile's latency_budget_ms")
+    for model, version, f in by_build(registry.all_measurements(), profile_budgets()):
+        labels = {"model": model, "version": version, "profile": f.profile, "variant": f.variant, "kind": f.kind}
+        p50.add(f.p50_ms, **labels)
+        p95.add(f.p95_ms, **labels)
+        n.add(f.devices, **labels)
+        over.add(int(f.over_budget), **labels)
+    return [p50, p95, n, over]
 
 
 def delta_metrics(registry: FleetRegistry) -> list[Family]:

@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from server import build_ops
-from server.compression.gate import GateSpec
+from server.compression.gate import OPTIMIZE_CHOICES, GateSpec
 from server.compression.pipeline import BuildOptions
 from server.compression.recipes import CALIBRATION_METHODS
 from server.config import private_home
 from server.errors import InvalidRequestError, ServerError
+from server.measured import aggregate, profile_budgets
+from server.probe import start_probe, wait_probe
 from server.profiles import load_profiles
 from server.registry.catalog import Catalog
+from server.registry.measurements import MeasurementRegistry
 
 #: Largest decoded upload per file (the HTTP body cap, ``api.max_body_bytes``, applies before this).
 MAX_UPLOAD_BYTES = 1 << 30
@@ -74,7 +77,16 @@ def version_detail(catalog: Any, mv: Any) -> dict[str, Any]:
         "builds": [{"profile": b.profile, "variant": b.variant, "size_bytes": b.size_bytes,
                     "ota_size_bytes": b.ota_size_bytes, "compression": b.compression,
                     "provenance": b.provenance} for b in catalog.builds(mv.model, mv.version)],
+        "measured": measured_figures(catalog, mv.model, mv.version),
     }
+
+
+def measured_figures(catalog: Any, model: str, version: int) -> list[dict[str, Any]]:
+    """What the devices measured of this version, per profile and variant (``server.measured.aggregate``)."""
+    rows = MeasurementRegistry(catalog.db).measurements(model, version)
+    if not rows:
+        return []
+    return [f.to_dict() for f in aggregate(rows, profile_budgets())]
 
 
 def add_model(home: Path, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,19 +135,32 @@ def show_model(home: Path, ref: str) -> dict[str, Any]:
         return version_detail(catalog, catalog.resolve(ref))
 
 
-def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: Path | None = None) -> dict[str, Any]:
+def build_model(home: Path, ref: str, body: Mapping[str, Any], *, profiles_dir: Path | None = None,
+                service: Any = None, actor: str = "local") -> dict[str, Any]:
     """Build ``ref`` for ``body["profile"]`` (``ID[,ID...]`` or ``all``), as ``edgefleet build --json`` does.
 
     Answers ``{"model", "version", "results": [row per profile], "failures": n}``; a profile that
-    cannot be built is a row with ``error`` and ``code``, not a failed call, like the CLI.
+    cannot be built is a row with ``error`` and ``code``, not a failed call, like the CLI. With
+    ``body["probe"]`` (a target) and one profile, every passing candidate is timed on the target's
+    devices of that profile (``server.probe``) and the variant chosen again with what they measured.
     """
     options = build_options(body)
     profiles = load_profiles(profiles_dir)
+    probe = body.get("probe")
+    if probe and service is None:
+        raise InvalidRequestError("a probe build needs the fleet (the server's API, or this home's registry)")
     with _catalog(home) as catalog:
         mv = catalog.resolve(ref)
         wanted = wanted_profiles(str(body.get("profile") or ""), profiles, mv.format)
+        if probe and len(wanted) != 1:
+            raise InvalidRequestError(f"a probe build names exactly one profile, not {', '.join(wanted)}")
         with build_ops.build_share(catalog.paths) as share:
-            rows = [_build_row(catalog, mv, profiles[pid], options, share) for pid in wanted]
+            if probe:
+                timeout = float(body.get("probe_timeout_s") or 120.0)
+                rows = [_probe_row(catalog, mv, profiles[wanted[0]], options, share, service=service,
+                                   target=str(probe), actor=actor, timeout_s=timeout)]
+            else:
+                rows = [_build_row(catalog, mv, profiles[pid], options, share) for pid in wanted]
         return {"model": mv.model, "version": mv.version, "results": rows,
                 "failures": sum(1 for r in rows if "error" in r)}
 
@@ -147,7 +172,10 @@ def build_options(body: Mapping[str, Any]) -> BuildOptions:
     if bad:
         raise InvalidRequestError(f"body.calibration_methods: unknown {', '.join(bad)} "
                                   f"(one of {', '.join(CALIBRATION_METHODS)})")
-    return BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)),
+    optimize = str(body.get("optimize") or "balanced")
+    if optimize not in OPTIMIZE_CHOICES:
+        raise InvalidRequestError(f"body.optimize: one of {', '.join(OPTIMIZE_CHOICES)} (got {optimize!r})")
+    return BuildOptions(methods=methods, pruning=bool(body.get("pruning", True)), optimize=optimize,
                         fallback=bool(body.get("fallback", True)), evaluation_limit=body.get("eval_limit"),
                         latency_runs=int(body.get("latency_runs", BuildOptions.latency_runs)),
                         only=tuple(body.get("recipes") or ()))
@@ -160,6 +188,23 @@ def _build_row(catalog: Any, mv: Any, profile: Any, options: Any, share: Any) ->
     except ServerError as exc:
         return error_row(profile.id, exc)
     return result_row(mv, profile.id, stored, result)
+
+
+def _probe_row(catalog: Any, mv: Any, profile: Any, options: BuildOptions, share: Any, *, service: Any,
+               target: str, actor: str, timeout_s: float) -> dict[str, Any]:
+    """Build blind, probe every passing candidate on ``target``, build again with the measurements."""
+    try:
+        _, blind = build_ops.build_variant(catalog, mv, profile, options=options, share=share)
+        plan = start_probe(service, blind, model=mv.model, version=mv.version, profile=profile, target=target,
+                           actor=actor)
+        outcome = wait_probe(service.registry, plan, timeout_s=timeout_s)
+        evidence = {**outcome.evidence(), "blind_variant": blind.chosen.recipe.name}
+        measured = BuildOptions(**{**options.__dict__, "measured": outcome.measured, "probe": evidence})
+        stored, result = build_ops.build_variant(catalog, mv, profile, options=measured, share=share)
+    except ServerError as exc:
+        return error_row(profile.id, exc)
+    return {**result_row(mv, profile.id, stored, result), "blind_variant": blind.chosen.recipe.name,
+            "probe": evidence}
 
 
 def error_row(profile_id: str, exc: ServerError) -> dict[str, Any]:

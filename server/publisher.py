@@ -33,7 +33,7 @@ from server.errors import PublishError
 
 log = logging.getLogger("edgefleet.mqtt")
 
-UP_CHANNELS = ("up/telemetry", "up/event", "up/chunkreq", "up/enroll")
+UP_CHANNELS = ("up/telemetry", "up/event", "up/chunkreq", "up/enroll", "up/measure")
 STATE_FILTER = f"{ROOT}/dev/+/up/state"
 
 

@@ -25,6 +25,7 @@ from server.delta import transfer_summary
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 from server.identity import check_device_id, server_logins
 from server.keys import load_signing_key, mosquitto_hash, new_broker_password, new_token, token_digest
+from server.measured import by_build, profile_budgets
 from server.outbox import OUTBOX_LEASE
 from server.refs import parse_model_ref
 from server.registry.console import ConsoleQueries
@@ -505,6 +506,11 @@ class FleetService:
             )
         self.kick()
         return {"batch_id": batch_id, "target": target, "devices": plan, "skipped": skipped}
+
+    def measured_over_budget(self) -> list[dict[str, Any]]:
+        """Builds whose devices measured a p95 over their profile's ``latency_budget_ms`` (``server.measured``)."""
+        return [{"model": m, "version": v, **f.to_dict()}
+                for m, v, f in by_build(self.registry.all_measurements(), profile_budgets()) if f.over_budget]
 
     def command_batch(self, batch_id: str) -> dict[str, Any]:
         if not re.fullmatch(r"[0-9a-f]{16}", batch_id):

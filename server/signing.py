@@ -130,7 +130,7 @@ class Signer:
         )
         return seal_desired(desired, self._key)
 
-    def command(self, c: StoredCommand) -> bytes:
+    def command(self, c: StoredCommand, args: Mapping[str, Any] | None = None) -> bytes:
         cmd = Command(
             device_id=c.device_id,
             seq=c.seq,
@@ -140,6 +140,7 @@ class Signer:
             action=c.action,
             model=c.model,
             version=c.version,
+            args=dict(args or {}),
         )
         return seal_command(cmd, self._key)
 

@@ -16,7 +16,9 @@ Theory of operation
         (the download reads it back);
       * ``Answered``: a command answered at once (ping, already serving, busy): feed ``seen``,
         send the result;
-      * ``Purge``: the shell removes versions nothing needs (it owns the store).
+      * ``Purge``: the shell removes versions nothing needs (it owns the store);
+      * ``Probe``: the shell times the named candidate variants off the serving path and reports
+        ``measurement`` messages (agent/protocol/probe.py); the lifecycle is not involved.
 
     Whether the device may take an event now is the transition table's answer
     (``UpdateMachine.accepts``), not a state list restated here. Trust (signature, freshness,
@@ -100,8 +102,16 @@ class Purge:
     seen: Seen
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Time candidate variants off the serving path (any lifecycle state: nothing is installed or switched)."""
+
+    command: Command
+    seen: Seen
+
+
 DesiredDecision: TypeAlias = Duplicate | Rejected | Deferred | Accepted
-CommandDecision: TypeAlias = Rejected | Answered | Switch | Purge
+CommandDecision: TypeAlias = Rejected | Answered | Switch | Purge | Probe
 
 
 class Intake:
@@ -174,6 +184,8 @@ class Intake:
             return Answered(cmd, seen, ok=True, message="pong")
         if cmd.action == "purge":
             return Purge(cmd, seen)
+        if cmd.action == "probe":
+            return Probe(cmd, seen)
         if cmd.action in ("rollback", "activate"):
             return self._switch(cmd, seen, machine, kept, now)
         return None
@@ -225,6 +237,8 @@ class IntakeShell(Protocol):
 
     def _purge(self, cmd: Command, seen: Seen) -> None: ...
 
+    def _probe(self, cmd: Command, seen: Seen) -> None: ...
+
     def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None: ...
 
     def _error_event(self, code: str, message: str) -> None: ...
@@ -262,6 +276,8 @@ def carry_out(decision: DesiredDecision | CommandDecision | None, blob: bytes, s
             shell._error_event(decision.error.code, decision.error.message)
     elif isinstance(decision, Purge):
         shell._purge(decision.command, decision.seen)
+    elif isinstance(decision, Probe):
+        shell._probe(decision.command, decision.seen)
     elif isinstance(decision, Switch):
         shell._feed(decision.event)
 
@@ -292,6 +308,7 @@ __all__ = [
     "Intake",
     "IntakeShell",
     "KeptVersions",
+    "Probe",
     "Purge",
     "Rejected",
     "Switch",

@@ -28,6 +28,7 @@ LIMITS: Mapping[str, int] = {
     "event": 32 * 1024,
     "chunk_request": 16 * 1024,
     "enroll": 8 * 1024,
+    "measurement": 4 * 1024,
 }
 #: Largest control message of any type (the signed wrapper of a desired state adds base64 overhead).
 MAX_CONTROL_MESSAGE = 512 * 1024
@@ -36,6 +37,20 @@ MAX_GOLDEN_CASES = 8
 
 Json = dict[str, Any]
 T = TypeVar("T")
+
+
+#: A model name, on the server and on every device (it becomes a directory name in the agent's store):
+#: 1-64 ASCII letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit, and no ``..``.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def model_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a model name (None when it can): the one rule server and agent share."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
+        return (f"model name {name!r}: 1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit, no '..'")
+    return None
+
 
 
 # -- field readers: every decoder goes through these, so errors name the field ---------------------

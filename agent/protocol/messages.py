@@ -17,7 +17,6 @@ the Unix epoch. Integers are JSON integers (never floats, never booleans).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from agent.protocol.fields import (
     MAX_CONTROL_MESSAGE,
     MAX_GOLDEN_CASES,
     MAX_RANGES,
+    MODEL_NAME_PATTERN,
     SCHEMA_MAJOR,
     SCHEMA_VERSION,
     Json,
@@ -46,8 +46,10 @@ from agent.protocol.fields import (
     check_schema,
     dump_json,
     load_json,
+    model_name_problem,
     strict_b64decode,
 )
+from agent.protocol.measurement import MEASUREMENT_SOURCES, Measurement
 from agent.protocol.specs import (
     DTYPES,
     MAX_RANK,
@@ -149,19 +151,6 @@ class WrappedKey:
             epk=_get_b64(d, "epk", size=32),
             ciphertext=_get_b64(d, "ct", size=48),
         )
-
-
-#: A model name, on the server and on every device (it becomes a directory name in the agent's store):
-#: 1-64 ASCII letters, digits, ``.``, ``_``, ``-``, starting with a letter or digit, and no ``..``.
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def model_name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a model name (None when it can): the one rule server and agent share."""
-    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
-        return (f"model name {name!r}: 1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter "
-                "or digit, no '..'")
-    return None
 
 
 def validate_model_name(name: str) -> str:
@@ -267,7 +256,7 @@ class DesiredState:
         )
 
 
-COMMAND_ACTIONS = ("rollback", "activate", "purge", "ping")
+COMMAND_ACTIONS = ("rollback", "activate", "purge", "ping", "probe")
 
 
 @dataclass(frozen=True)
@@ -669,13 +658,14 @@ class EnrollRequest:
 
 # -- codec entry points ----------------------------------------------------------------------------
 
-UpMessage = StateReport | Telemetry | Event | ChunkRequest | EnrollRequest
+UpMessage = StateReport | Telemetry | Event | ChunkRequest | EnrollRequest | Measurement
 _UP_TYPES: Mapping[str, type[UpMessage]] = {
     "state": StateReport,
     "telemetry": Telemetry,
     "event": Event,
     "chunk_request": ChunkRequest,
     "enroll": EnrollRequest,
+    "measurement": Measurement,
 }
 Message = UpMessage | DesiredState | Command
 
@@ -715,6 +705,7 @@ __all__ = [
     "MAX_GOLDEN_CASES",
     "MAX_RANGES",
     "MAX_RANK",
+    "MEASUREMENT_SOURCES",
     "MODEL_NAME_PATTERN",
     "ONNX_DTYPES",
     "SCHEMA_MAJOR",
@@ -732,6 +723,7 @@ __all__ = [
     "GoldenCase",
     "HealthSpec",
     "Json",
+    "Measurement",
     "Message",
     "ModelRef",
     "RuntimeSpec",

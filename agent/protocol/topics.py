@@ -8,11 +8,12 @@
     edgefleet/v1/dev/{device_id}/up/event              device -> server, Event
     edgefleet/v1/dev/{device_id}/up/chunkreq           device -> server, ChunkRequest
     edgefleet/v1/dev/{device_id}/up/enroll             device -> server, EnrollRequest
+    edgefleet/v1/dev/{device_id}/up/measure            device -> server, Measurement (latency of a variant)
     edgefleet/v1/art/{art_id}                          server -> many devices, shared chunk stream
 
 The generated broker ACL grants a device exactly these leaves (``server.broker.device_acl_lines``):
 it reads its own ``down/desired``, ``down/cmd``, ``down/chunk/+`` and ``art/+``, and writes its own
-five ``up/`` leaves. Device ids and artifact ids are validated so they can never smuggle MQTT
+six ``up/`` leaves. Device ids and artifact ids are validated so they can never smuggle MQTT
 wildcards or separators.
 """
 
@@ -41,6 +42,7 @@ class Channel(str, Enum):
     EVENT = "up/event"
     CHUNK_REQUEST = "up/chunkreq"
     ENROLL = "up/enroll"
+    MEASUREMENT = "up/measure"
     ARTIFACT = "art"
 
 

@@ -61,6 +61,7 @@ from agent.runtime.download_state import Download
 from agent.runtime.keys import public_key_b64
 from agent.runtime.mqtt import Connected, Disconnected, Message, MqttLink
 from agent.runtime.parts import HostLike, _need, _ref, _ref_text
+from agent.runtime.probing import Probing
 from agent.runtime.store import ModelStore
 from agent.runtime.swap import Swapping
 from agent.runtime.telemetry import SystemSampler, machine_arch
@@ -75,7 +76,7 @@ class _Stop:
 STOP = _Stop()
 
 
-class Agent(Downloads, Swapping):
+class Agent(Downloads, Swapping, Probing):
     """One device agent; see the module docstring. ``run()`` blocks until ``stop()``."""
 
     def __init__(
@@ -117,6 +118,8 @@ class Agent(Downloads, Swapping):
         self._standby: Any = None  # the previous model, kept loaded during probation for a fast switch back
         #: the standby is the previous *committed* version, kept after a commit (``[models] warm_standby``)
         self._standby_warm = False
+        self._measured = {}
+        self._probe_job = None
         self._probation_since: float | None = None  # host clock
         self._probation_next: float | None = None  # monotonic
         self._pending_desired: bytes | None = None
@@ -176,6 +179,7 @@ class Agent(Downloads, Swapping):
             log.warning("journal forgot the replay floor; restored", extra={"fields": {"last_seq": record.last_seq}})
         self._save_seq_floor(record.last_seq)
         removed = self.store.cleanup(record)
+        self._forget_probe_files()  # a probe does not survive a restart; the server's timeout names this device
         if removed:
             log.info("removed leftovers of an interrupted run", extra={"fields": {"paths": removed}})
         boot = self.store.next_boot()
@@ -290,6 +294,7 @@ class Agent(Downloads, Swapping):
         if self._probation_next is not None and now >= self._probation_next:
             self._probation_next = now + self.config.lifecycle.probation_check_s
             self._sample_probation()
+        self._probe_timers(now)
         if now >= self._telemetry_next:
             self._telemetry_next = now + self.config.telemetry.interval_s
             self._publish_telemetry()
@@ -363,7 +368,8 @@ class Agent(Downloads, Swapping):
         except TopicError:
             return
         if parsed.channel in (Channel.CHUNK, Channel.ARTIFACT):
-            self._on_chunk(msg.payload)
+            if not self._probe_chunk(msg.payload):
+                self._on_chunk(msg.payload)
         elif parsed.device_id != self.device_id:
             return
         elif parsed.channel is Channel.DESIRED:

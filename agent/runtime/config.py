@@ -132,6 +132,11 @@ class LifecycleConfig:
     probation_check_s: float = 1.0
     clock_skew_s: float = 300.0
     latency_scale: float = 1.0
+    #: the off-path benchmark after warm-up (and of a probe artifact): timed runs, a wall-time cap, and the
+    #: share of one core it may take (it sleeps between runs so the serving model keeps the rest); 0 runs: off
+    benchmark_runs: int = 20
+    benchmark_max_s: float = 3.0
+    benchmark_cpu_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,11 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         probation_check_s=lifecycle.number("probation_check_s", DEFAULTS.lifecycle.probation_check_s, lo=0.01, hi=600),
         clock_skew_s=lifecycle.number("clock_skew_s", DEFAULTS.lifecycle.clock_skew_s, lo=0, hi=86400 * 7),
         latency_scale=lifecycle.number("latency_scale", DEFAULTS.lifecycle.latency_scale, lo=1.0, hi=1000.0),
+        benchmark_runs=lifecycle.integer("benchmark_runs", DEFAULTS.lifecycle.benchmark_runs, lo=0, hi=10_000),
+        benchmark_max_s=lifecycle.number("benchmark_max_s", DEFAULTS.lifecycle.benchmark_max_s, lo=0.01, hi=3600),
+        benchmark_cpu_share=lifecycle.number(
+            "benchmark_cpu_share", DEFAULTS.lifecycle.benchmark_cpu_share, lo=0.01, hi=1.0
+        ),
     )
     lifecycle.done()
 
@@ -521,6 +531,9 @@ def render_config(config: AgentConfig) -> str:
         f"probation_check_s = {config.lifecycle.probation_check_s}",
         f"clock_skew_s = {config.lifecycle.clock_skew_s}",
         f"latency_scale = {config.lifecycle.latency_scale}",
+        f"benchmark_runs = {config.lifecycle.benchmark_runs}",
+        f"benchmark_max_s = {config.lifecycle.benchmark_max_s}",
+        f"benchmark_cpu_share = {config.lifecycle.benchmark_cpu_share}",
         "",
         "[telemetry]",
         f"interval_s = {config.telemetry.interval_s}",

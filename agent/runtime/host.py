@@ -439,6 +439,39 @@ class ModelHost:
                 )
         raise InvalidInputError("inputs do not fit the model")  # pragma: no cover - one of the above applies
 
+    def benchmark(
+        self,
+        model: LoadedModel,
+        health: HealthSpec,
+        *,
+        runs: int,
+        max_s: float,
+        cpu_share: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> list[float]:
+        """Time up to ``runs`` runs of a loaded (not active) model off the serving path; their ms, sorted.
+
+        The inputs are the health check's (the build's golden sample, else synthetic ones of the declared
+        shapes). Two untimed runs first; it stops at ``max_s`` of wall time; after each run it sleeps so
+        that it takes at most ``cpu_share`` of the time (what serving keeps). Raises HealthCheckError as
+        ``check`` does when the model cannot run.
+        """
+        slot = self._checkout(model)
+        try:
+            feeds = self._probe_feeds(model, health)
+            for _ in range(2):
+                self._timed_run(slot, feeds, "benchmark warm-up run")
+            deadline = self._clock() + max_s
+            timings: list[float] = []
+            while len(timings) < runs and self._clock() < deadline:
+                _, ms = self._timed_run(slot, feeds, "benchmark run")
+                timings.append(ms)
+                if cpu_share < 1.0:
+                    sleep(ms / 1000.0 * (1.0 - cpu_share) / cpu_share)
+            return sorted(timings)
+        finally:
+            self._checkin(slot, None)
+
     def _timed_run(
         self, slot: _Slot, feeds: Mapping[str, np.ndarray], what: str
     ) -> tuple[dict[str, np.ndarray], float]:

@@ -50,6 +50,8 @@ class HostLike(Protocol):
 
     def check(self, model: Any, health: HealthSpec) -> Any: ...
 
+    def benchmark(self, model: Any, health: HealthSpec, *, runs: int, max_s: float, cpu_share: float = 1.0) -> Any: ...
+
     def activate(self, model: Any, *, keep_previous: bool = False) -> Any: ...
 
     def deactivate(self) -> Any: ...
@@ -87,6 +89,7 @@ class AgentParts:
     _candidate: Any
     _standby: Any
     _standby_warm: bool
+    _measured: dict[ModelRef, Any]  # this device's own benchmark of each version it warmed up (memory only)
     _probation_since: float | None
     _probation_next: float | None
     _pending_desired: bytes | None
@@ -111,6 +114,8 @@ class AgentParts:
         def _check_memory_budget(self, candidate_bytes: int, what: str) -> None: ...
 
         def _discard_download(self, artifact_id: str) -> None: ...
+
+        def _subscribe(self, topic: str) -> None: ...
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------

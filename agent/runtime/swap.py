@@ -6,20 +6,21 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from agent.core.health import ProbationPolicy, StatsLike
+from agent.core.health import ProbationPolicy, StatsLike, WindowStats
 from agent.core.journal import Failure as LifecycleFailure
 from agent.core.journal import State
 from agent.core.lifecycle import Event, Failed, Fallback, RolledBack, Sample, WarmedUp
 from agent.errors import EdgeError, HealthCheckError, MemoryBudgetError, StorageError, VersionNotKeptError
 from agent.protocol.messages import HealthSpec, ModelRef
 from agent.runtime import faults
+from agent.runtime.measuring import Measuring
 from agent.runtime.parts import _peak_rss_bytes, _ref, _ref_text, _reset_peak_rss, _rss_bytes, _window
 from agent.runtime.reporting import Reporting
 
 log = logging.getLogger("agent")
 
 
-class Swapping(Reporting):
+class Swapping(Reporting, Measuring):
     """The executors that touch the serving model (ServeCommitted, LoadCandidate, SwitchTo, Commit, Restore)."""
 
     def _serve_committed(self, ref: ModelRef | None, *, fallback: bool) -> Event | None:
@@ -106,6 +107,7 @@ class Swapping(Reporting):
                 self.host.unload(model)
                 return Failed(now, LifecycleFailure("warming", exc.code, exc.message, "memory"))
         log.info("health check passed", extra={"fields": {"model": _ref_text(target), "report": repr(report)}})
+        self._benchmark(model, kept.health, ref=target, artifact_id=kept.artifact_id, variant=kept.variant)
         self._candidate = model
         policy = ProbationPolicy.from_health_spec(health)
         return WarmedUp(self.clock(), policy, self._baseline(policy))
@@ -176,8 +178,14 @@ class Swapping(Reporting):
         if active is None:
             return None
         window = max(policy.window_s, 30.0)
-        stats = self.host.stats(since=self.host.now() - window, version=active.ref.version, name=active.ref.name)
-        return _window(stats)
+        stats = _window(
+            self.host.stats(since=self.host.now() - window, version=active.ref.version, name=active.ref.name)
+        )
+        measured = self._measured.get(active.ref)
+        if (stats.requests == 0 or stats.p95_ms is None) and measured is not None:
+            # no recent traffic on the serving version: its own benchmark on this device is the baseline
+            return WindowStats(requests=measured.runs, p50_ms=measured.p50_ms, p95_ms=measured.p95_ms)
+        return stats
 
     def _switch_to(self, target: ModelRef) -> Event | None:
         if self._candidate is None or self._candidate.ref != target:
@@ -206,6 +214,11 @@ class Swapping(Reporting):
     def _commit(self, target: ModelRef) -> None:
         self._probation_next = None
         self._candidate = None
+        if self._probation_since is not None:
+            kept = self.store.find(target)
+            self._report_service(
+                target, kept.artifact_id if kept else None, kept.variant if kept else None, self._probation_since
+            )
         if faults.HOOK.armed is not None:
             faults.HOOK.reach("commit")
         try:

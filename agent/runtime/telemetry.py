@@ -8,6 +8,7 @@ Pi and Jetson expose the SoC there), else it is simply absent from the report.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -46,6 +47,34 @@ def read_temperature(thermal_root: Path = THERMAL_ROOT) -> float | None:
                 value = float(zone.read_text().strip())
                 readings.append(value / 1000.0 if abs(value) > 200 else value)
     return max(readings) if readings else None
+
+
+CPUFREQ_ROOT = Path("/sys/devices/system/cpu/cpu0/cpufreq")
+
+
+@dataclass(frozen=True)
+class CpuContext:
+    """What moves a latency figure besides the model: governor, clock, temperature, other load."""
+
+    governor: str | None
+    cpu_mhz: float | None
+    temperature_c: float | None
+    load_avg: tuple[float, float, float] | None
+
+
+def read_cpu_context(cpufreq_root: Path = CPUFREQ_ROOT, thermal_root: Path = THERMAL_ROOT) -> CpuContext:
+    """Each part where the board exposes it, else None (containers and VMs often hide cpufreq)."""
+    governor: str | None = None
+    mhz: float | None = None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        governor = (cpufreq_root / "scaling_governor").read_text().strip()[:32] or None
+    with contextlib.suppress(OSError, ValueError):
+        mhz = int((cpufreq_root / "scaling_cur_freq").read_text().strip()) / 1000.0
+    load: tuple[float, float, float] | None = None
+    with contextlib.suppress(OSError, AttributeError):
+        one, five, fifteen = os.getloadavg()
+        load = (round(one, 2), round(five, 2), round(fifteen, 2))
+    return CpuContext(governor, mhz, read_temperature(thermal_root), load)
 
 
 class SystemSampler:

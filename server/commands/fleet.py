@@ -82,7 +82,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"   stale: {summary['stale']}   pending enrollments: {summary['pending_enrollments']}   ",
             f"live rollouts: {live}",
         )
-        return Group(head, status_table(devices))
+        over = summary.get("measured_over_budget") or []
+        if not over:
+            return Group(head, status_table(devices))
+        flagged = Text(clean("measured over budget: " + ", ".join(
+            f"{o['model']}:{o['version']} {o['variant']} on {o['profile']} p95 {o['p95_ms']:.1f} ms > "
+            f"{o['budget_ms']:g} ms ({o['devices']} device(s))" for o in over)), style="yellow")
+        return Group(head, flagged, status_table(devices))
 
     if args.json:
         print_json(render())

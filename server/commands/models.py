@@ -25,9 +25,9 @@ from rich.table import Table
 
 from server import model_ops
 from server.build_ops import build_share, build_variant
-from server.commands.common import guarded
+from server.commands.common import api_client, guarded
 from server.commands.term import make_console
-from server.compression.gate import METRICS, GateSpec
+from server.compression.gate import METRICS, OPTIMIZE_CHOICES, GateSpec
 from server.compression.pipeline import BuildOptions, ProfileResult
 from server.compression.recipes import CALIBRATION_METHODS, plan
 from server.errors import InvalidRequestError, ServerError
@@ -178,6 +178,7 @@ def cmd_model_show(args: argparse.Namespace) -> int:
         for b in out["builds"]:
             console.print(f"  build {b['profile']}: {b['variant']} {_mb(b['size_bytes'])} "
                           f"(OTA {_mb(b['ota_size_bytes'])} {b['compression']})", highlight=False)
+        _print_measured(out.get("measured") or [])
         return 0
     catalog = _catalog(args)
     mv = catalog.resolve(args.ref)
@@ -197,12 +198,31 @@ def cmd_model_show(args: argparse.Namespace) -> int:
     for b in builds:
         p = b.provenance
         fid = p.get("fidelity") or {}
-        table.add_row(b.profile, b.variant + (" (fallback)" if p.get("fell_back_to_fp32") else ""),
+        measured = " (measured)" if (p.get("selection") or {}).get("measured") else ""
+        table.add_row(b.profile, b.variant + (" (fallback)" if p.get("fell_back_to_fp32") else "") + measured,
                       _mb(b.size_bytes), _mb(b.ota_size_bytes), b.compression,
                       f"{fid.get('metric', '')} {fid.get('value', 0):.4f}" if fid else "-",
                       _ms(p.get("latency_ms")), _ms(p.get("fp32_latency_ms")), b.runtime.min_version)
     console.print(table if builds else "  no builds yet")
+    _print_measured(model_ops.measured_figures(catalog, mv.model, mv.version), builds)
     return 0
+
+
+def _print_measured(figures: list[dict[str, Any]], builds: Any = ()) -> None:
+    """The devices' own figures per profile, beside the build machine's estimate where it made one."""
+    if not figures:
+        console.print("  measured on devices: none yet")
+        return
+    estimate = {(b.profile, b.variant): b.provenance.get("latency_ms") for b in builds}
+    table = Table(title="measured on devices", box=box.SIMPLE_HEAD)
+    for col in ("profile", "variant", "kind", "devices", "p50 ms", "p95 ms", "spread", "estimate ms", "budget"):
+        table.add_column(col)
+    for f in figures:
+        budget = "-" if f["budget_ms"] is None else f"{f['budget_ms']:g} ms" + (" OVER" if f["over_budget"] else "")
+        table.add_row(f["profile"], f["variant"] or "-", f["kind"], str(f["devices"]), _ms(f["p50_ms"]),
+                      _ms(f["p95_ms"]), f"{f['spread']:.0%}", _ms(estimate.get((f["profile"], f["variant"]))),
+                      budget)
+    console.print(table)
 
 
 # -- build ---------------------------------------------------------------------------------------------
@@ -224,13 +244,16 @@ def _result_table(result: ProfileResult) -> Table:
 def _build_body(args: argparse.Namespace) -> dict[str, Any]:
     """The API's build request from the command line (the local build reads it the same way)."""
     body: dict[str, Any] = {"profile": args.profile, "pruning": not args.no_pruning, "fallback": not args.no_fallback,
-                            "latency_runs": args.latency_runs}
+                            "latency_runs": args.latency_runs, "optimize": args.optimize}
     if args.recipe:
         body["recipes"] = list(args.recipe)
     if args.calibration_method:
         body["calibration_methods"] = list(args.calibration_method)
     if args.eval_limit:
         body["eval_limit"] = args.eval_limit
+    if args.probe:
+        body["probe"] = args.probe
+        body["probe_timeout_s"] = args.probe_timeout
     return body
 
 
@@ -263,13 +286,26 @@ def _remote_build(args: argparse.Namespace, remote: Any) -> int:
     with waiting:
         out = remote.call("build_model", path={"model": name, "version": str(version)}, body=_build_body(args),
                           timeout=6 * 3600.0)
-    return _summary(f"{name}:{version}: shipped variants ({remote.description})", out["results"], out["failures"],
+    code = _summary(f"{name}:{version}: shipped variants ({remote.description})", out["results"], out["failures"],
                     as_json=args.json)
+    for r in out["results"] if not args.json else ():
+        probe = r.get("probe")
+        if probe:
+            figures = sorted(probe["measured_p50_ms"].items(), key=lambda x: x[1])
+            measured = ", ".join(f"{k} {v:.2f} ms" for k, v in figures) or "none"
+            console.print(safe(f"  probe {probe['probe_id']} of {r['profile']}: blind {r['blind_variant']} -> "
+                               f"{r['variant']}; measured p50 on {len(probe['answered'])} device(s): {measured} "
+                               f"({probe['seconds']:.1f} s)"), highlight=False)
+            if probe["missing"]:
+                console.print(safe(f"  [yellow]no answer from {', '.join(probe['missing'])}[/]"))
+    return code
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Builds run here (with a progress bar per profile) unless a server is configured; either way the
     options, the profile list and the answer rows come from ``server.model_ops``, as the API's."""
+    if args.probe:  # needs the fleet: the running server's API, else this home's registry in-process
+        return _remote_build(args, api_client(args))
     remote = _remote(args)
     if remote is not None:
         return _remote_build(args, remote)
@@ -375,6 +411,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on the first N samples only")
     p.add_argument("--latency-runs", type=int, default=BuildOptions.latency_runs, metavar="N",
                    help=f"timed runs per variant (default {BuildOptions.latency_runs})")
+    p.add_argument("--optimize", choices=OPTIMIZE_CHOICES, default="balanced",
+                   help="latency: the fastest passing variant; size: the smallest; balanced (default): the smallest "
+                   "of those within 10%% of the fastest where the profile's devices measured them, else size first")
+    p.add_argument("--probe", metavar="TARGET",
+                   help="time every passing candidate on TARGET's devices of the profile (group:NAME, device:ID; "
+                   "off their serving path), then choose again with what they measured")
+    p.add_argument("--probe-timeout", type=float, default=120.0, metavar="S",
+                   help="how long to wait for the probed devices (default 120); who did not answer is named")
     p.add_argument("--json", action="store_true", help="print one JSON row per profile instead of tables")
     p.add_argument("--server", metavar="URL", default=None,
                    help="server API URL (default $EDGEFLEET_SERVER or [client] server; none = the local catalog)")

@@ -318,6 +318,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                    "serving": snap.active, "committed": snap.committed, "chunks": snap.chunks,
                    "duplicate_chunks": snap.duplicate_chunks, "retries": snap.retries,
                    "published_bytes": snap.published_bytes,
+                   "measurements_sent": sum(d.counters.measurements for d in fleet.devices),
                    "timeline": fleet.timeline(), "until_reached_s": reached, "ran_s": time.monotonic() - started}
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return code

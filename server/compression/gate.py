@@ -203,13 +203,43 @@ class Scored:
     fp32_compute: bool = False
 
 
-def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Scored | None:
-    """The best passing candidate, or None when none passes (the caller ships fp32, never a failure)."""
-    passing = [c for c in candidates if c.passed]
+#: how the selection trades size against latency (``edgefleet build --optimize``)
+OPTIMIZE_CHOICES = ("balanced", "latency", "size")
+#: a measured variant slower than the measured fp32 by more than this (run-to-run noise on a board) is never chosen
+MEASURED_SLACK = 1.05
+
+
+def select(
+    candidates: Sequence[Scored],
+    fp32_latency_ms: float | None,
+    *,
+    optimize: str = "balanced",
+    measured: Mapping[str, float] | None = None,
+) -> Scored | None:
+    """The best passing candidate, or None when none passes (the caller ships fp32, never a failure).
+
+    ``measured``: per candidate name, the latency the profile's own devices measured (median p50). Where
+    fp32 and a candidate are both measured, the measurement decides whether the candidate is slower than
+    fp32, and one measured slower (by > MEASURED_SLACK) is never chosen. With two or more passing
+    candidates measured, latency is compared on measurements only (a build machine's estimate is not
+    comparable): ``latency`` takes the fastest; ``balanced`` the smallest among those within LATENCY_SLACK
+    of the fastest; ``size`` the smallest (within SIZE_SLACK), then fidelity, then measured latency.
+    Without measurements ``balanced`` and ``size`` are the blind rule (size first) and ``latency`` takes
+    the fastest estimate.
+    """
+    if optimize not in OPTIMIZE_CHOICES:
+        raise ValueError(f"optimize must be one of {', '.join(OPTIMIZE_CHOICES)}, not {optimize!r}")
+    measured = {k: v for k, v in (measured or {}).items() if v is not None}
+    fp32_measured = measured.get("fp32")
+    passing = [c for c in candidates if c.passed
+               and not (fp32_measured is not None and c.name in measured
+                        and measured[c.name] > fp32_measured * MEASURED_SLACK)]
     if not passing:
         return None
 
     def slow(c: Scored) -> bool:
+        if c.name in measured and fp32_measured is not None:
+            return False  # judged on measurements above
         return (
             not c.fp32_compute
             and c.latency_ms is not None
@@ -219,7 +249,22 @@ def select(candidates: Sequence[Scored], fp32_latency_ms: float | None) -> Score
         )
 
     fast = [c for c in passing if not slow(c)] or passing
+    on_devices = [c for c in fast if c.name in measured]
+    if len(on_devices) >= 2 and optimize != "size":
+        fastest = min(measured[c.name] for c in on_devices)
+        if optimize == "latency":
+            return min(on_devices, key=lambda c: (measured[c.name], -c.fidelity, c.ota_size))
+        near_fast = [c for c in on_devices if measured[c.name] <= fastest * LATENCY_SLACK]
+        return min(near_fast, key=lambda c: (c.ota_size, -c.fidelity, measured[c.name]))
+
+    def latency(c: Scored) -> tuple[int, float]:
+        if len(on_devices) >= 2:
+            return (0, measured[c.name]) if c.name in measured else (1, math.inf)
+        return (0, c.latency_ms if c.latency_ms is not None else math.inf)
+
+    if optimize == "latency":
+        return min(fast, key=lambda c: (latency(c), -c.fidelity, c.ota_size))
     smallest = min(c.ota_size for c in fast)
     # sizes within SIZE_SLACK of the smallest count as equal: then the most faithful, then the fastest
     near = [c for c in fast if c.ota_size <= smallest * SIZE_SLACK]
-    return min(near, key=lambda c: (-c.fidelity, c.latency_ms if c.latency_ms is not None else math.inf, c.ota_size))
+    return min(near, key=lambda c: (-c.fidelity, latency(c), c.ota_size))

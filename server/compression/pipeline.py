@@ -17,7 +17,7 @@ import platform
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,12 @@ class BuildOptions:
     previous: Path | None = None  # the previous version's build for this profile: reuse its int8 scales (deltas)
     #: The evaluation data is synthetic: when the model does not run on it, ship fp32 unchecked rather than nothing.
     synthetic: bool = False
+    #: how selection trades size against latency (``gate.OPTIMIZE_CHOICES``)
+    optimize: str = "balanced"
+    #: per candidate name, the latency the profile's own devices measured (median p50, ``server.measured``)
+    measured: Mapping[str, float] = field(default_factory=dict)
+    #: a probe's evidence (``server.probe.ProbeOutcome.evidence``): kept in the provenance, marks the build measured
+    probe: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -623,6 +629,8 @@ def build_profile(
         [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_best_ms,
                 c.fidelity.value if c.fidelity else 0.0, c.recipe.fp32_compute) for c in candidates],
         fp32.latency_best_ms if fp32 else None,
+        optimize=opts.optimize,
+        measured=opts.measured,
     )
     fell_back = False
     if picked is not None:
@@ -714,6 +722,8 @@ def build_profile(
         },
         "notes": b.notes,
         "candidates": [c.to_dict() for c in candidates],
+        "selection": {"optimize": opts.optimize, "measured_latency_ms": dict(opts.measured) or None,
+                      "measured": bool(opts.measured), "probe": dict(opts.probe) if opts.probe else None},
         "built_at": time.time(),
     }
     return ProfileResult(profile.id, chosen, fell_back, tuple(candidates), choice.compression, ota, runtime, health,

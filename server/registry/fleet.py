@@ -13,6 +13,7 @@ Each table belongs to one owner module, which holds every SQL statement on it:
 ``outbox``         desired, commands, leases
 ``observations``   events, telemetry
 ``access``         api_tokens, audit
+``measurements``   device_measurements
 =================  =========================================================================
 
 ``FleetRegistry`` inherits all of them; what spans owners in one transaction (an ingest batch,
@@ -44,6 +45,7 @@ from server.registry.devices import (
     DeviceTables,
     EnrollmentRequest,
 )
+from server.registry.measurements import MeasurementTables
 from server.registry.observations import EventRecord, IngestBatch, ObservationTables
 from server.registry.outbox import CommandRecord, DesiredRecord, OutboxTables, StoredCommand, StoredDesired
 from server.registry.rollouts import (
@@ -323,14 +325,14 @@ def open_registry(config: ServerConfig) -> FleetRegistry:
 # -- the registry --------------------------------------------------------------------------------------
 
 
-class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables, AccessRegistry):
-    """Devices, rollouts, the outbox, observations, API tokens and the audit log."""
+class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables, AccessRegistry, MeasurementTables):
+    """Devices, rollouts, the outbox, observations, API tokens, the audit log and device measurements."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def migrate(self) -> list[str]:
-        return self.db.migrate(MIGRATIONS) + self.migrate_access()
+        return self.db.migrate(MIGRATIONS) + self.migrate_access() + self.migrate_measurements()
 
     # -- what spans owners -------------------------------------------------------------------------
 
@@ -370,6 +372,8 @@ class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables
                     self.record_command_result(conn, ev, now)
                 if on_event is not None:
                     on_event(conn, ev, row_id)
+            for m in batch.measurements:
+                self.record_measurement(conn, m, now)
             for device_id, kind, severity, message, code, data in batch.server_events:
                 new_ids.append(self._server_event(conn, device_id, kind, severity, message, code, data, now=now))
         return new_ids

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.protocol.measurement import Measurement
 from agent.protocol.messages import Event, StateReport, Telemetry
 from server.registry.base import TableOwner
 from server.registry.base import now as _now
@@ -52,10 +53,12 @@ class IngestBatch:
     #: state reports of devices not registered (yet): kept so that approving or registering a device that is
     #: already connected shows it online at once instead of after its next report
     unregistered_states: list[StateReport] = field(default_factory=list)
+    #: what devices measured of the variants they installed or probed (``registry.measurements``)
+    measurements: list[Measurement] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (len(self.states) + len(self.telemetry) + len(self.events) + len(self.server_events)
-                + len(self.unregistered_states))
+                + len(self.unregistered_states) + len(self.measurements))
 
 
 class ObservationTables(TableOwner):

@@ -64,6 +64,7 @@ from agent.errors import (
 from agent.protocol.delta import DeltaInfo, delta_offer
 from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
 from agent.protocol.events import EventKind, error_kind
+from agent.protocol.measurement import Measurement
 from agent.protocol.messages import (
     ActiveModel,
     ArtifactInfo,
@@ -79,7 +80,9 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.messages import Event as WireEvent
+from agent.protocol.probe import ProbeRequest
 from agent.protocol.topics import Channel, device_down_filter, device_topic, parse_topic
+from server.simulator.measure import stand_in
 from server.simulator.sink import StreamingSink
 
 log = logging.getLogger("edgefleet.simulator")
@@ -150,6 +153,7 @@ class Counters:
     published_bytes: int = 0
     connects: int = 0
     retries: int = 0
+    measurements: int = 0
     #: wall-clock times of the last update's milestones (for the timeline in ``edgefleet simulate --json``)
     milestones: dict[str, float] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
@@ -479,6 +483,9 @@ class SimDevice(EventReporter):
                                      check="latency")
             return Failed(now, Failure("warming", check.code, check.reason, check.check))
         self._candidate = target
+        self._measured(stand_in(device_id=self.device_id, profile=self.settings.profile, model=target.name,
+                                version=target.version, variant=kept.variant, base_ms=self.settings.latency_ms * 0.6,
+                                ts=now, artifact_id=kept.artifact_id))
         policy = ProbationPolicy.from_health_spec(kept.health)
         baseline = self._stats(60.0) if self.active is not None else None
         return WarmedUp(now, policy, baseline)
@@ -585,6 +592,28 @@ class SimDevice(EventReporter):
         self._state_dirty = True
         text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
         self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
+
+    def _probe(self, cmd: Command, seen: Seen) -> None:
+        """Stand-in figures for each variant asked about (no transfer, nothing run: a simulated board)."""
+        self._feed(seen)
+        try:
+            request = ProbeRequest.from_args(cmd.args)
+        except EdgeError as exc:
+            self._command_result(cmd.command_id, "probe", ok=False, message=f"bad probe: {exc.message}")
+            return
+        self._command_result(cmd.command_id, "probe", ok=True, message=f"probing {len(request.variants)} variant(s)")
+        for v in request.variants:
+            self._measured(stand_in(device_id=self.device_id, profile=self.settings.profile, model=request.model.name,
+                                    version=request.model.version, variant=v.variant,
+                                    base_ms=self.settings.latency_ms * 0.6, ts=self.clock(), source="probe",
+                                    artifact_id=v.artifact.artifact_id, probe_id=request.probe_id))
+        self._event("probe.completed", model=request.model, message=f"probe {request.probe_id} (simulated)",
+                    data={"probe_id": request.probe_id, "measured": [v.variant for v in request.variants],
+                          "failed": {}})
+
+    def _measured(self, measurement: Measurement) -> None:
+        self.counters.measurements += 1
+        self._publish(Channel.MEASUREMENT, encode(measurement))
 
     # -- publishing -----------------------------------------------------------------------------------------
 

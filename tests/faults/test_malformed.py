@@ -42,6 +42,7 @@ from agent.protocol.envelope import (
     verify_payload,
     wrap_key,
 )
+from agent.protocol.measurement import Measurement
 from agent.protocol.messages import (
     ChunkRequest,
     Command,
@@ -49,11 +50,13 @@ from agent.protocol.messages import (
     EnrollRequest,
     Event,
     ModelRef,
+    RuntimeSpec,
     StateReport,
     Telemetry,
     decode_payload,
     encode,
 )
+from agent.protocol.probe import ProbeRequest, ProbeVariant
 from agent.protocol.topics import Channel, device_topic
 from agent.runtime.agent import Agent
 from agent.runtime.config import load_config
@@ -225,7 +228,11 @@ def _signed(a: AgentUnderFuzz, kind: str, body: bytes) -> bytes:
     return sign_payload(kind, body, a.server_key)  # type: ignore[arg-type]
 
 
-AGENT_TOPICS = ("desired", "command", "chunk", "artifact")
+def _never() -> Any:
+    raise AssertionError("the sample desired state has a health spec and a key")
+
+
+AGENT_TOPICS = ("desired", "command", "probe", "chunk", "artifact")
 
 
 @pytest.mark.parametrize("topic", AGENT_TOPICS)
@@ -234,12 +241,17 @@ def test_agent_handlers(topic: str, fuzz_agent: AgentUnderFuzz, ledger: FaultLed
     sealed = seal_artifact(os.urandom(40_000), chunk_size=1024, compression="none", shared_topic=False)
     desired = _desired(a, sealed)
     command = Command(DEVICE, 7, NOW, NOW + 300, "c-1", "rollback", model="digits", version=1)
+    probe = Command(DEVICE, 8, NOW, NOW + 300, "c-2", "probe", model="digits", version=1, args=ProbeRequest(
+        "p-1", ModelRef("digits", 1), desired.health or _never(),  # the health spec's inputs are what gets timed
+        (ProbeVariant("fp32", sealed.info, desired.key or _never(), RuntimeSpec("onnx", "onnxruntime")),),
+    ).to_args())
     chunk_topic = device_topic(DEVICE, Channel.CHUNK, sealed.info.artifact_id)
     mqtt_topic, valid, structured, kind = {
         "desired": (device_topic(DEVICE, Channel.DESIRED), seal_desired(desired, a.server_key), desired.to_dict(),
                     "desired"),
         "command": (device_topic(DEVICE, Channel.COMMAND), seal_command(command, a.server_key), command.to_dict(),
                     "command"),
+        "probe": (device_topic(DEVICE, Channel.COMMAND), seal_command(probe, a.server_key), probe.to_dict(), "command"),
         "chunk": (chunk_topic, sealed.chunks[1], None, None),
         "artifact": (f"edgefleet/v1/art/{sealed.info.artifact_id}", sealed.chunks[0], None, None),
     }[topic]
@@ -318,6 +330,8 @@ def _up_samples() -> dict[str, tuple[str, Any]]:
                                            model=ModelRef("m", 1))),
         "chunkreq": (up(Channel.CHUNK_REQUEST), ChunkRequest(DEVICE, ART, ((0, 3),), NOW, "initial")),
         "enroll": (up(Channel.ENROLL), EnrollRequest(DEVICE, bytes(range(32)), "rpi4", NOW)),
+        "measure": (up(Channel.MEASUREMENT), Measurement(DEVICE, NOW, "m", 1, "probe", 20, 1.5, 2.5, artifact_id=ART,
+                                                         variant="int8-dynamic", load_avg=(1.0, 0.5, 0.2))),
     }
 
 

@@ -26,6 +26,7 @@ from server.broker import SERVER_USER, MosquittoBroker, current_user, generate_t
 from server.builds import StaticBuilds
 from server.cli import build_parser, main
 from server.config import load_config
+from server.measured import aggregate
 from server.simulator import BrokerTarget, SimFleet, SimSettings, device_ids, device_key
 from tests.conftest import SecureBrokerFactory
 from tests.support.abuse import start_mosquitto
@@ -141,6 +142,14 @@ def test_simulate_command_runs_until_every_device_commits(
     summary = json.loads(out.read_text())
     assert summary["committed"] == {"m v1": 5} and summary["until_reached_s"] > 0
     assert summary["timeline"]["lifecycle.committed"]["n"] == 5
+    assert summary["measurements_sent"] >= 5  # a stand-in warm-up figure per device
+    deadline = time.monotonic() + 20
+    while len(rows := server.registry.measurements("m", 1, sources=("warmup",))) < 5:  # as ingest writes them
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+    (figure,) = aggregate(rows)
+    assert figure.devices == 5 and figure.p50_min_ms < figure.p50_max_ms  # per-device spread of the stand-in model
+    assert {r.execution_provider for r in rows} == {"simulated"}
 
 
 def test_help_says_what_is_simulated() -> None:

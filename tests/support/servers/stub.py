@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol.envelope import SealedArtifact, seal_artifact, seal_command, seal_desired, wrap_key
+from agent.protocol.measurement import Measurement
 from agent.protocol.messages import (
     ChunkRequest,
     Command,
@@ -60,6 +61,7 @@ class DeviceLog:
     chunk_requests: list[ChunkRequest] = field(default_factory=list)
     enrolls: int = 0
     enroll_requests: list[EnrollRequest] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
 
 
 class FleetServer:
@@ -254,6 +256,7 @@ class FleetServer:
                 Channel.TELEMETRY: "telemetry",
                 Channel.CHUNK_REQUEST: "chunk_request",
                 Channel.ENROLL: "enroll",
+                Channel.MEASUREMENT: "measurement",
             }[parsed.channel]
             message = decode_up(bytes(msg.payload), kind)
         except Exception:
@@ -270,6 +273,8 @@ class FleetServer:
             elif isinstance(message, ChunkRequest):
                 d.chunk_requests.append(message)
                 self._work.put((parsed.device_id, message.artifact_id, message.ranges))
+            elif isinstance(message, Measurement):
+                d.measurements.append(message)
             elif isinstance(message, EnrollRequest):
                 d.enrolls += 1
                 d.enroll_requests.append(message)

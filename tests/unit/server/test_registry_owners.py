@@ -15,6 +15,7 @@ OWNERS = {
     "observations": {"events", "telemetry"},
     "access": {"api_tokens", "audit"},
     "catalog": {"catalog_models", "catalog_versions", "catalog_builds"},
+    "measurements": {"device_measurements", "probe_artifacts"},
 }
 WRITE = re.compile(r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE)
 READ = re.compile(r"\b(?:FROM|JOIN)\s+(\w+)", re.IGNORECASE)

@@ -1,0 +1,258 @@
+"""Probes: time candidate variants the server sends, off the serving path, and forget them (docs/protocol.md §4.6).
+
+One probe at a time. First each variant is fetched: ChunkRequest for the whole artifact, chunks
+authenticated one by one as they arrive (a forged chunk is dropped, never kept) and held in memory, both
+digests checked, the model written under ``<store>/probe/``. Then every variant is timed in two mirrored
+passes (forward, then backward, half the runs each, so drifting load biases none): loaded in a side slot
+on a nice-19 thread (the serving model is not touched), benchmarked within
+``lifecycle.benchmark_cpu_share``, unloaded. Each is reported as a ``measurement`` with ``source:
+"probe"``, and the files are deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is
+missing (doubling up to ``chunk_timeout_max_s``); after ``PROBE_RETRIES`` silent rounds the variant is
+given up (``probe.failed``). Nothing here is journaled: a restart forgets the probe, the server's
+timeout names the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.core.lifecycle import Seen
+from agent.errors import EdgeError, IntegrityError
+from agent.protocol.codec import decompress
+from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
+from agent.protocol.messages import ChunkRequest, Command, encode
+from agent.protocol.probe import ProbeRequest, ProbeVariant
+from agent.protocol.topics import Channel, device_topic
+from agent.runtime.measuring import Measuring, at_low_priority
+from agent.runtime.reporting import Reporting
+
+log = logging.getLogger("agent")
+
+PROBE_RETRIES = 5
+
+
+@dataclass
+class _Transfer:
+    variant: ProbeVariant
+    opener: ChunkOpener
+    parts: dict[int, bytes] = field(default_factory=dict)
+    last_new_at: float = 0.0
+    timeout: float = 5.0
+    retries: int = 0
+
+
+@dataclass
+class _ProbeJob:
+    request: ProbeRequest
+    command_id: str
+    pending: list[ProbeVariant]
+    transfer: _Transfer | None = None
+    measured: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    ready: list[tuple[ProbeVariant, Path]] = field(default_factory=list)  # fetched and verified, on disk
+
+
+class Probing(Reporting, Measuring):
+    """The ``probe`` command's executor and its chunk intake."""
+
+    _probe_job: _ProbeJob | None
+
+    def _probe(self, cmd: Command, seen: Seen) -> None:
+        self._feed(seen)
+        try:
+            request = ProbeRequest.from_args(cmd.args)
+        except EdgeError as exc:
+            self._command_result(cmd.command_id, "probe", ok=False, message=f"bad probe: {exc.message}")
+            return
+        if self._probe_job is not None:
+            self._command_result(cmd.command_id, "probe", ok=False,
+                                 message=f"busy with probe {self._probe_job.request.probe_id}; send it again later")
+            return
+        self._probe_job = _ProbeJob(request, cmd.command_id, list(request.variants))
+        self._command_result(cmd.command_id, "probe", ok=True,
+                             message=f"probing {len(request.variants)} variant(s) of {request.model.name}")
+        self._next_probe_variant()
+
+    def _probe_dir(self) -> Path:
+        return self.store.root / "probe"
+
+    def _forget_probe_files(self) -> None:
+        shutil.rmtree(self._probe_dir(), ignore_errors=True)
+
+    def _next_probe_variant(self) -> None:
+        job = self._probe_job
+        if job is None:
+            return
+        while job.pending:
+            variant = job.pending.pop(0)
+            try:
+                key = unwrap_key(variant.key, self.device_key, artifact_id=variant.artifact.artifact_id,
+                                 device_id=self.device_id)
+            except EdgeError as exc:
+                self._probe_failed(variant, exc.message)
+                continue
+            info = variant.artifact
+            job.transfer = _Transfer(variant, ChunkOpener(key, info), last_new_at=self.monotonic(),
+                                     timeout=self.config.transfer.chunk_timeout_s)
+            if info.topic:
+                self._subscribe(info.topic)
+            self._request_probe_chunks(job.transfer, "initial")
+            return
+        self._measure_ready()
+        self._finish_probe()
+
+    def _request_probe_chunks(self, t: _Transfer, reason: str) -> None:
+        count = t.variant.artifact.chunk_count
+        ranges: list[tuple[int, int]] = []
+        start: int | None = None
+        for i in range(count + 1):
+            have = i == count or i in t.parts
+            if not have and start is None:
+                start = i
+            elif have and start is not None:
+                ranges.append((start, i))
+                start = None
+        if ranges:
+            request = ChunkRequest(device_id=self.device_id, artifact_id=t.variant.artifact.artifact_id,
+                                   ranges=tuple(ranges[:1024]), ts=self.clock(), reason=reason)
+            self._publish(device_topic(self.device_id, Channel.CHUNK_REQUEST), encode(request))
+
+    def _probe_chunk(self, payload: bytes) -> bool:
+        """Take a chunk of the probe's current artifact; False when it belongs to something else."""
+        job = self._probe_job
+        t = job.transfer if job is not None else None
+        if t is None:
+            return False
+        try:
+            header = parse_chunk_header(payload)
+        except EdgeError:
+            return False
+        if header.artifact_id != t.variant.artifact.artifact_id:
+            return False
+        try:
+            index, plain = t.opener.open(payload)
+        except EdgeError as exc:  # failed authentication, wrong length: dropped
+            self._error_event(exc.code, f"dropped probe chunk {header.index}: {exc.message}")
+            return True
+        if index in t.parts:
+            return True
+        t.parts[index] = plain
+        t.last_new_at = self.monotonic()
+        t.timeout = self.config.transfer.chunk_timeout_s
+        if len(t.parts) == t.variant.artifact.chunk_count:
+            self._store_probe_variant(t)
+        return True
+
+    def _probe_timers(self, now: float) -> None:
+        job = self._probe_job
+        t = job.transfer if job is not None else None
+        if t is None or now < t.last_new_at + t.timeout:
+            return
+        t.retries += 1
+        if t.retries > PROBE_RETRIES:
+            self._probe_failed(t.variant, f"no chunks after {PROBE_RETRIES} requests")
+            self._end_transfer(t)
+            self._next_probe_variant()
+            return
+        t.last_new_at = now
+        t.timeout = min(t.timeout * 2, self.config.transfer.chunk_timeout_max_s)
+        self._request_probe_chunks(t, "retry")
+
+    def _end_transfer(self, t: _Transfer) -> None:
+        if self._probe_job is not None:
+            self._probe_job.transfer = None
+        if t.variant.artifact.topic:
+            with contextlib.suppress(EdgeError):
+                if self.link is not None:
+                    self.link.unsubscribe(t.variant.artifact.topic)
+
+    def _store_probe_variant(self, t: _Transfer) -> None:
+        job = self._probe_job
+        assert job is not None
+        self._end_transfer(t)
+        info, variant = t.variant.artifact, t.variant
+        folder = self._probe_dir()
+        path = folder / f"{hashlib.sha256(variant.variant.encode()).hexdigest()[:16]}.{variant.runtime.format}"
+        try:
+            packed = b"".join(t.parts[i] for i in range(info.chunk_count))
+            t.parts.clear()
+            if hashlib.sha256(packed).hexdigest() != info.compressed_sha256:
+                raise IntegrityError("compressed artifact digest mismatch")
+            model_bytes = decompress(packed, info.compression, expected_size=info.size)
+            if hashlib.sha256(model_bytes).hexdigest() != info.sha256:
+                raise IntegrityError("model digest mismatch")
+            folder.mkdir(mode=0o700, exist_ok=True)
+            path.write_bytes(model_bytes)
+            job.ready.append((variant, path))
+        except (EdgeError, OSError) as exc:
+            self._probe_failed(variant, getattr(exc, "message", None) or str(exc))
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._next_probe_variant()
+
+    def _measure_ready(self) -> None:
+        """Time every fetched variant in two passes, forward then backward, half the runs each.
+
+        On a busy board the load drifts while one variant after another is timed; the mirrored order puts
+        each variant on both sides of that drift, so a steady trend biases none of them.
+        """
+        job = self._probe_job
+        assert job is not None
+        timings: dict[str, list[float]] = {v.variant: [] for v, _ in job.ready}
+        models: dict[str, Any] = {}
+        started = time.monotonic()
+        for order in (job.ready, job.ready[::-1]):
+            for variant, path in order:
+                if variant.variant in job.failed:
+                    continue
+                try:
+                    # loaded on a low-priority thread: the session's own threads inherit its priority
+                    model = at_low_priority(functools.partial(
+                        self.host.load, path, ref=job.request.model, runtime=variant.runtime, variant=variant.variant))
+                    try:
+                        runs = self._time(model, job.request.health, ref=job.request.model, share=0.5)
+                    finally:
+                        self.host.unload(model)
+                except EdgeError as exc:
+                    self._probe_failed(variant, exc.message)
+                    continue
+                if not runs:
+                    self._probe_failed(variant, "the benchmark could not run it")
+                    continue
+                timings[variant.variant] += runs
+                models[variant.variant] = model
+        for variant, path in job.ready:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if variant.variant in job.failed or not timings[variant.variant]:
+                continue
+            self._report_timings(models[variant.variant], timings[variant.variant], ref=job.request.model,
+                                 artifact_id=variant.artifact.artifact_id, variant=variant.variant, source="probe",
+                                 probe_id=job.request.probe_id, seconds=time.monotonic() - started)
+            job.measured.append(variant.variant)
+        job.ready.clear()
+
+    def _probe_failed(self, variant: ProbeVariant, reason: str) -> None:
+        job = self._probe_job
+        if job is None:
+            return
+        job.failed[variant.variant] = reason
+        self._event("probe.failed", severity="warning", message=f"probe of {variant.variant} failed: {reason}",
+                    model=job.request.model, data={"probe_id": job.request.probe_id, "variant": variant.variant})
+
+    def _finish_probe(self) -> None:
+        job, self._probe_job = self._probe_job, None
+        if job is None:
+            return
+        self._forget_probe_files()
+        self._event("probe.completed", model=job.request.model,
+                    message=f"probe {job.request.probe_id}: {len(job.measured)} measured, {len(job.failed)} failed",
+                    data={"probe_id": job.request.probe_id, "measured": job.measured, "failed": job.failed})
