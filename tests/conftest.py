@@ -1,10 +1,16 @@
-"""Shared fixtures: a real mosquitto on a free loopback port, plain and secured.
+"""Shared fixtures: a real mosquitto on a free loopback port, plain and secured; PostgreSQL.
 
 Tests never use a public broker and never reach outside loopback.
+
+``EDGEFLEET_TEST_REGISTRY=postgresql`` (scripts/test's second pass) runs every test on a registry in
+PostgreSQL: one private server for the session (``tests/support/postgres.py``), a fresh database per
+test, named by ``$EDGEFLEET_REGISTRY_URL`` so every registry the test opens (in-process servers,
+server processes, the CLI) uses it.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +18,37 @@ from pathlib import Path
 import pytest
 
 from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, TLSFiles, generate_tls
+from server.config import REGISTRY_URL_ENV
 from tests.support.mqtt import MqttTestClient
+from tests.support.postgres import PostgresServer
+
+TEST_REGISTRY = os.environ.get("EDGEFLEET_TEST_REGISTRY", "sqlite")
+if TEST_REGISTRY not in ("sqlite", "postgresql"):
+    raise pytest.UsageError(f"EDGEFLEET_TEST_REGISTRY must be sqlite or postgresql, not {TEST_REGISTRY!r}")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the session (initdb in a temporary directory, a free loopback port)."""
+    with PostgresServer() as pg:
+        yield pg
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database of the test's own (dropped afterwards, connections and all)."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(autouse=True)
+def _registry_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under EDGEFLEET_TEST_REGISTRY=postgresql: this test's registries live in a fresh PostgreSQL database."""
+    if TEST_REGISTRY == "postgresql":
+        monkeypatch.setenv(REGISTRY_URL_ENV, request.getfixturevalue("postgres_url"))
+    else:
+        monkeypatch.delenv(REGISTRY_URL_ENV, raising=False)
 
 
 @pytest.fixture(scope="session")
