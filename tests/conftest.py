@@ -3,9 +3,9 @@
 Tests never use a public broker and never reach outside loopback.
 
 ``EDGEFLEET_TEST_REGISTRY=postgresql`` (scripts/test's second pass) runs every test on a registry in
-PostgreSQL: one private server for the session (``tests/support/postgres.py``), a fresh database per
-test, named by ``$EDGEFLEET_REGISTRY_URL`` so every registry the test opens (in-process servers,
-server processes, the CLI) uses it.
+PostgreSQL: one private server for the session (``tests/support/postgres.py``) and
+``$EDGEFLEET_REGISTRY_URL`` naming a database per server home, so every registry a test opens
+(in-process servers, server processes, the CLI) is in PostgreSQL and as fresh as a new registry.db.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 
 from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, TLSFiles, generate_tls
 from server.config import REGISTRY_URL_ENV
+from server.registry.db import HOME_PLACEHOLDER
 from tests.support.mqtt import MqttTestClient
 from tests.support.postgres import PostgresServer
 
@@ -42,13 +43,17 @@ def postgres_url(postgres: PostgresServer) -> Iterator[str]:
     postgres.drop_database(url)
 
 
-@pytest.fixture(autouse=True)
-def _registry_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under EDGEFLEET_TEST_REGISTRY=postgresql: this test's registries live in a fresh PostgreSQL database."""
+@pytest.fixture(scope="session", autouse=True)
+def _registry_backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under EDGEFLEET_TEST_REGISTRY=postgresql every server home's registry is a database of its own on the
+    session's PostgreSQL (``{home}`` in the URL: created on first use, as SQLite creates HOME/registry.db)."""
+    before = os.environ.pop(REGISTRY_URL_ENV, None)
     if TEST_REGISTRY == "postgresql":
-        monkeypatch.setenv(REGISTRY_URL_ENV, request.getfixturevalue("postgres_url"))
-    else:
-        monkeypatch.delenv(REGISTRY_URL_ENV, raising=False)
+        os.environ[REGISTRY_URL_ENV] = request.getfixturevalue("postgres").url(HOME_PLACEHOLDER)
+    yield
+    os.environ.pop(REGISTRY_URL_ENV, None)
+    if before is not None:
+        os.environ[REGISTRY_URL_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ mapping for what only one backend has (PostgreSQL's NOTIFY triggers).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sqlite3
 import threading
@@ -173,9 +174,20 @@ class RegistryDatabase(Protocol):
     def close(self) -> None: ...
 
 
+#: in a PostgreSQL URL's database name: a database of this server home's own (``home_database_name``)
+HOME_PLACEHOLDER = "{home}"
+
+
+def home_database_name(home: Path) -> str:
+    """``edgefleet_`` + 16 hex digits of the home's absolute path: one database per home on one server."""
+    return "edgefleet_" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:16]
+
+
 def open_database(url: str, default_path: Path) -> RegistryDatabase:
-    """The registry database ``url`` names: empty = SQLite at ``default_path``, ``sqlite:///PATH``,
-    or ``postgresql://...`` / ``postgres://...`` (psycopg's URL or key=value forms)."""
+    """The registry database ``url`` names: empty = SQLite at ``default_path`` (``HOME/registry.db``),
+    ``sqlite:///PATH``, or ``postgresql://...`` / ``postgres://...``. A PostgreSQL URL whose database is
+    ``{home}`` gets a database of the home's own, created when missing (several homes on one server:
+    the test suite's PostgreSQL pass)."""
     if not url:
         return Database(default_path)
     if url.startswith("sqlite:///"):
@@ -186,5 +198,8 @@ def open_database(url: str, default_path: Path) -> RegistryDatabase:
         except ImportError as exc:
             raise ConfigError(f"[registry] url is PostgreSQL but psycopg is not installed ({exc}): "
                               "pip install 'edgefleet[postgresql]'", field="registry.url") from exc
+        if HOME_PLACEHOLDER in url:  # one database per server home, created on first use
+            return PgDatabase(url.replace(HOME_PLACEHOLDER, home_database_name(default_path.parent)),
+                              create_missing=True)
         return PgDatabase(url)
     raise ConfigError("[registry] url must be empty, sqlite:///PATH or postgresql://...", field="registry.url")

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from psycopg.adapt import Dumper, Loader
 from psycopg.pq import Format
 
@@ -157,8 +158,9 @@ class PgDatabase:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, create_missing: bool = False) -> None:
         self.url = url
+        self.create_missing = create_missing
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._all: list[PgConnection] = []
@@ -173,15 +175,29 @@ class PgDatabase:
         return f"PostgreSQL {psycopg.conninfo.conninfo_to_dict(self.url).get('dbname', '')}"
 
     def _connect(self) -> psycopg.Connection[Any]:
-        try:
-            conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows,
-                                   connect_timeout=max(1, int(self.busy_timeout_s)),
-                                   options=f"-c lock_timeout={int(self.busy_timeout_s * 1000)}")
-        except psycopg.Error as exc:
-            raise RegistryError(f"cannot open registry {_redacted(self.url)}: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, row_factory=_rows,
+                                       connect_timeout=max(1, int(self.busy_timeout_s)),
+                                       options=f"-c lock_timeout={int(self.busy_timeout_s * 1000)}")
+                break
+            except psycopg.OperationalError as exc:
+                if attempt == 1 and self.create_missing and "does not exist" in str(exc):
+                    self._create_database()
+                    continue
+                raise RegistryError(f"cannot open registry {_redacted(self.url)}: {exc}") from exc
+            except psycopg.Error as exc:
+                raise RegistryError(f"cannot open registry {_redacted(self.url)}: {exc}") from exc
         conn.adapters.register_loader("numeric", _NumberLoader)
         conn.adapters.register_dumper(bool, _BoolAsInt)
         return conn
+
+    def _create_database(self) -> None:
+        """CREATE DATABASE (from the ``postgres`` maintenance database); a concurrent creator is fine."""
+        name = psycopg.conninfo.conninfo_to_dict(self.url)["dbname"]
+        with psycopg.connect(self.url, dbname="postgres", autocommit=True) as admin, \
+                contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(str(name))))
 
     def connection(self) -> PgConnection:
         conn: PgConnection | None = getattr(self._local, "conn", None)
