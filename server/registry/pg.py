@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -163,7 +164,7 @@ class PgDatabase:
         self.create_missing = create_missing
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        self._all: list[PgConnection] = []
+        self._all: weakref.WeakSet[PgConnection] = weakref.WeakSet()  # a dead thread's goes with it
         self._lock = threading.Lock()
         self._changes = threading.Condition()
         self._generation = 0
@@ -205,7 +206,7 @@ class PgDatabase:
             conn = PgConnection(self._connect())
             self._local.conn = conn
             with self._lock:
-                self._all.append(conn)
+                self._all.add(conn)
         return conn
 
     @contextmanager
@@ -282,7 +283,7 @@ class PgDatabase:
         self._closed.set()
         self._bump()
         with self._lock:
-            conns, self._all = self._all, []
+            conns, self._all = list(self._all), weakref.WeakSet()
             listener, self._listener = self._listener, None
         for conn in conns:
             with contextlib.suppress(Exception):
