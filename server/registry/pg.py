@@ -209,6 +209,11 @@ class PgDatabase:
                 self._all.add(conn)
         return conn
 
+    def table_names(self) -> list[str]:
+        return [r[0] for r in self.connection().execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            " AND table_type = 'BASE TABLE' ORDER BY table_name")]
+
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
         """BEGIN; one writer at a time across processes (the registry-wide advisory lock); COMMIT
