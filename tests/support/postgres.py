@@ -3,8 +3,8 @@
 Debian's binaries (``/usr/lib/postgresql/<version>/bin``, installed by scripts/setup); nothing
 system-wide is started or changed. PostgreSQL refuses to run as root, so under root the server
 runs as the ``postgres`` account the Debian package creates (``setpriv``), else as ``nobody``; the
-data directory belongs to that account. ``close()`` stops it (fast shutdown, then SIGKILL); the
-server is this process's child, so it never outlives the test session's process tree.
+data directory belongs to that account. ``close()`` stops it (fast shutdown, then SIGKILL); if the test
+process dies without closing it (SIGKILL, a timeout), the kernel kills the server (parent-death signal).
 
 ``python -m tests.support.postgres`` starts one in the foreground and prints its URL (manual runs).
 """
@@ -50,15 +50,19 @@ def available() -> bool:
 
 
 def _run_as() -> tuple[list[str], int, int]:
-    """The setpriv prefix (empty when not root) and the uid/gid that own the data directory."""
+    """The setpriv prefix and the uid/gid that own the data directory. ``--pdeathsig KILL`` (set after the
+    switch of account, which would clear it): if this process dies, even by SIGKILL, PostgreSQL dies too."""
+    setpriv = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
     if os.geteuid() != 0:
-        return [], os.getuid(), os.getgid()
+        return setpriv, os.getuid(), os.getgid()
+    if not setpriv:
+        raise RuntimeError("running as root without setpriv (util-linux): cannot run PostgreSQL as another account")
     for user in ("postgres", "nobody"):
         try:
             pw = pwd.getpwnam(user)
         except KeyError:
             continue
-        return (["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"],
+        return ([*setpriv, f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"],
                 pw.pw_uid, pw.pw_gid)
     raise RuntimeError("running as root and there is neither a postgres nor a nobody account for PostgreSQL")
 
