@@ -195,10 +195,11 @@ class PgDatabase:
 
     def _create_database(self) -> None:
         """CREATE DATABASE (from the ``postgres`` maintenance database); a concurrent creator is fine."""
-        name = psycopg.conninfo.conninfo_to_dict(self.url)["dbname"]
-        with psycopg.connect(self.url, dbname="postgres", autocommit=True) as admin, \
-                contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
-            admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(str(name))))
+        name = str(psycopg.conninfo.conninfo_to_dict(self.url)["dbname"])
+        with psycopg.connect(self.url, dbname="postgres", autocommit=True) as admin:
+            admin.execute("SELECT pg_advisory_lock(%s)", (WRITER_LOCK,))  # creators take turns (template1 copy)
+            if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                admin.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
 
     def connection(self) -> PgConnection:
         conn: PgConnection | None = getattr(self._local, "conn", None)
