@@ -11,8 +11,12 @@ from pathlib import Path
 
 import psycopg
 
+from server.artifacts import ArtifactStore
+from server.builds import StaticBuilds
+from server.config import RegistrySection, ServerConfig
 from server.registry.db import open_database
-from server.registry.fleet import FleetRegistry
+from server.registry.fleet import FleetRegistry, open_registry
+from server.service import FleetService
 from tests.support.postgres import PostgresServer
 from tests.support.waiting import wait_progress
 
@@ -89,3 +93,27 @@ def test_writers_take_turns_across_processes(postgres: PostgresServer, postgres_
     finally:
         first.db.close()
         second.db.close()
+
+
+def test_events_follow_is_woken_by_another_process_write(tmp_path: Path, postgres_url: str) -> None:
+    """``events --follow``'s long poll (``FleetService.events(wait_s=...)``) returns the event another
+    server process records while it waits, woken by NOTIFY."""
+    config = ServerConfig(home=tmp_path / "home", registry=RegistrySection(url=postgres_url))
+    registry = open_registry(config)
+    writer = _open(postgres_url)
+    service = FleetService(config, registry, builds=StaticBuilds(),
+                           artifacts=ArtifactStore(config.paths.artifacts_dir, registry))
+    try:
+        cursor = service.events()["cursor"]
+        generation = registry.db.change_generation()
+        result: dict[str, object] = {}
+        follower = threading.Thread(target=lambda: result.update(service.events(after=cursor, wait_s=60.0)))
+        follower.start()
+        writer.server_event("test.follow", "hello")
+        follower.join(90)
+        assert not follower.is_alive()
+        assert [e["kind"] for e in result["events"]] == ["test.follow"]  # type: ignore[attr-defined]
+        assert registry.db.change_generation() != generation  # the wake-up came from NOTIFY
+    finally:
+        registry.db.close()
+        writer.db.close()
