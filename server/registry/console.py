@@ -126,7 +126,8 @@ class ConsoleQueries:
             "group": [r[0] for r in conn.execute("SELECT DISTINCT group_name FROM device_groups ORDER BY 1")],
             "profile": [r[0] for r in conn.execute("SELECT DISTINCT profile FROM devices ORDER BY 1")],
             "model": [r[0] for r in conn.execute(
-                "SELECT DISTINCT active_model || ':' || active_version FROM devices WHERE active_model IS NOT NULL"
+                "SELECT m FROM (SELECT DISTINCT active_model, active_version,"
+                " active_model || ':' || active_version AS m FROM devices WHERE active_model IS NOT NULL) AS models"
                 " ORDER BY active_model, active_version")],
             "total": [str(conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0])],
         }
