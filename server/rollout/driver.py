@@ -228,6 +228,10 @@ class RolloutDriver:
         if dep.active and dep.status in (DEP_RUNNING, DEP_COMPLETED):
             self._add_late_joiners(dep, devices, now)
         rows = self.registry.deployment_devices(dep.deployment_id)
+        # what is decided from these rows happens after them: a device that committed while the tick ran was
+        # finished at a time later than the tick's start (seen on PostgreSQL: a later wave "dispatched" before
+        # the canary it waited for had "finished")
+        now = max(now, self._clock())
         views = [
             DeviceView(
                 device_id=r.device_id,
