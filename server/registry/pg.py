@@ -203,7 +203,7 @@ class PgDatabase:
 
     def connection(self) -> PgConnection:
         conn: PgConnection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.raw.closed:
+        if conn is None or conn.raw.closed or conn.raw.broken:  # a lost connection is replaced
             conn = PgConnection(self._connect())
             self._local.conn = conn
             with self._lock:
