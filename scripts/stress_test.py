@@ -281,12 +281,16 @@ def parse_output(text: str, run: Run) -> None:
     for line in text.splitlines():
         clean = line.strip()
         match = SUMMARY.match(clean)
-        # the counts are the pytest phase's (py310_check runs pytest too: its own verdict says how it went)
-        if match and phase_now in ("", "pytest"):
-            run.summary = match.group(1)
-            run.counts = {}
+        # the counts are the pytest phases' (py310_check runs pytest too: its own verdict says how it went);
+        # the PostgreSQL pass's are added to the first pass's
+        if match and phase_now in ("", "pytest", "pytest_postgresql"):
+            if phase_now == "pytest_postgresql":
+                run.summary += f"; on PostgreSQL: {match.group(1)}"
+            else:
+                run.summary, run.counts = match.group(1), {}
             for n, word in COUNT.findall(match.group(1)):
-                run.counts[{"error": "errors", "warning": "warnings"}.get(word, word)] = int(n)
+                key = {"error": "errors", "warning": "warnings"}.get(word, word)
+                run.counts[key] = run.counts.get(key, 0) + int(n)
         if clean.startswith(("FAILED ", "ERROR ")):
             run.failures.append(clean)
         phase = PHASE.match(clean)

@@ -205,6 +205,7 @@ class FleetServer:
             if info.get("owner") == self.owner:
                 (self.config.home / RUNTIME_FILE).unlink()
         self.artifacts.close()
+        self.registry.db.close()  # PostgreSQL: every thread's connection and the LISTEN one
         log.info("edgefleet server %s stopped", self.owner)
 
     def _loop(self) -> None:

@@ -141,7 +141,7 @@ class LocalClient:
                                profiles=default_profiles())
         self.api = Api(service)
         self.actor = local_actor()
-        self.description = f"local registry {config.paths.registry_db}"
+        self.description = f"local registry {registry.db.description}"
 
     def call(self, name: str, *, path: Mapping[str, str] | None = None, query: Mapping[str, Any] | None = None,
              body: Any = None, timeout: float | None = None) -> Any:

@@ -2,7 +2,7 @@
 
 Layout under the server home (``--home``, ``$EDGEFLEET_HOME``, default ``~/.local/share/edgefleet``):
 
-    registry.db      SQLite registry (WAL)
+    registry.db      SQLite registry (WAL), unless [registry] url names PostgreSQL
     models/          registered source models and their data sets, content-addressed
     builds/          compressed per-profile variants with provenance
     artifacts/       sealed (encrypted, chunked) artifacts, by artifact id
@@ -113,6 +113,9 @@ class ServerPaths:
 #     events_per_minute = 300
 #     bytes_per_minute = 2097152
 #
+#     [registry]
+#     url = "postgresql://edgefleet@db.example/edgefleet"   # empty = SQLite {home}/registry.db
+#
 # and [server], [publisher], [retention] as in the dataclasses below.
 
 
@@ -123,6 +126,22 @@ DEFAULT_MQTT_PORT = 1883
 def _check(cond: bool, section: str, key: str, why: str) -> None:
     if not cond:
         raise ConfigError(f"[{section}] {key}: {why}", field=f"{section}.{key}")
+
+
+#: the registry URL when ``[registry] url`` is empty (containers, the test suite's PostgreSQL pass)
+REGISTRY_URL_ENV = "EDGEFLEET_REGISTRY_URL"
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    #: empty = SQLite at {home}/registry.db (or $EDGEFLEET_REGISTRY_URL when set); "sqlite:///PATH";
+    #: "postgresql://user:password@host:port/dbname" (or psycopg's key=value form after "postgresql://")
+    url: str = ""
+
+    def validate(self) -> None:
+        _check(self.url == "" or self.url.startswith(("sqlite:///", "postgresql://", "postgres://")), "registry",
+               "url", "must be empty, sqlite:///PATH or postgresql://...")
+        _check(len(self.url) <= 1024, "registry", "url", "at most 1024 characters")
 
 
 @dataclass(frozen=True)
@@ -355,10 +374,16 @@ class ServerConfig:
     retention: RetentionSection = field(default_factory=RetentionSection)
     quotas: QuotasSection = field(default_factory=QuotasSection)
     client: ClientSection = field(default_factory=ClientSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
 
     @property
     def paths(self) -> ServerPaths:
         return ServerPaths(self.home)
+
+    @property
+    def registry_url(self) -> str:
+        """Where the registry is: ``[registry] url``, else ``$EDGEFLEET_REGISTRY_URL``, else "" (SQLite)."""
+        return self.registry.url or os.environ.get(REGISTRY_URL_ENV, "")
 
     def resolve(self, relative: str) -> Path:
         """A config path: absolute as written, else under the home."""
@@ -367,7 +392,7 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         for section in (self.server, self.broker, self.api, self.publisher, self.rollout, self.retention,
-                        self.quotas, self.client):
+                        self.quotas, self.client, self.registry):
             section.validate()
         return self
 
@@ -381,6 +406,7 @@ _SECTIONS: Mapping[str, type] = {
     "retention": RetentionSection,
     "quotas": QuotasSection,
     "client": ClientSection,
+    "registry": RegistrySection,
 }
 
 

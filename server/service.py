@@ -534,13 +534,15 @@ class FleetService:
         wait_s = max(0.0, min(float(wait_s), self.config.api.max_wait_s))
         deadline = time.monotonic() + wait_s
         newest = after <= 0 and wait_s == 0.0
+        # PostgreSQL: woken by the registry's NOTIFY; SQLite: re-read every db.POLL_S
+        generation = self.registry.db.change_generation() if wait_s > 0 else 0
         while True:
             events = self.registry.list_events(after=max(after, 0), device_id=device_id, deployment_id=deployment_id,
                                                kind_prefix=kind, limit=limit, newest=newest)
             if events or time.monotonic() >= deadline:
                 cursor = events[-1].id if events else max(after, 0) or self.registry.last_event_id()
                 return {"events": [e.to_dict() for e in events], "cursor": cursor}
-            time.sleep(0.2)
+            generation = self.registry.db.wait_change(generation, deadline - time.monotonic())
 
     def audit(self, *, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.registry.list_audit(limit=max(1, min(limit, 10000)), actor=actor,

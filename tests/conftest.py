@@ -1,10 +1,16 @@
-"""Shared fixtures: a real mosquitto on a free loopback port, plain and secured.
+"""Shared fixtures: a real mosquitto on a free loopback port, plain and secured; PostgreSQL.
 
 Tests never use a public broker and never reach outside loopback.
+
+``EDGEFLEET_TEST_REGISTRY=postgresql`` (scripts/test's second pass) runs every test on a registry in
+PostgreSQL: one private server for the session (``tests/support/postgres.py``) and
+``$EDGEFLEET_REGISTRY_URL`` naming a database per server home, so every registry a test opens
+(in-process servers, server processes, the CLI) is in PostgreSQL and as fresh as a new registry.db.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +18,42 @@ from pathlib import Path
 import pytest
 
 from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, TLSFiles, generate_tls
+from server.config import REGISTRY_URL_ENV
+from server.registry.db import HOME_PLACEHOLDER
 from tests.support.mqtt import MqttTestClient
+from tests.support.postgres import PostgresServer
+
+TEST_REGISTRY = os.environ.get("EDGEFLEET_TEST_REGISTRY", "sqlite")
+if TEST_REGISTRY not in ("sqlite", "postgresql"):
+    raise pytest.UsageError(f"EDGEFLEET_TEST_REGISTRY must be sqlite or postgresql, not {TEST_REGISTRY!r}")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the session (initdb in a temporary directory, a free loopback port)."""
+    with PostgresServer() as pg:
+        yield pg
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database of the test's own (dropped afterwards, connections and all)."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _registry_backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under EDGEFLEET_TEST_REGISTRY=postgresql every server home's registry is a database of its own on the
+    session's PostgreSQL (``{home}`` in the URL: created on first use, as SQLite creates HOME/registry.db)."""
+    before = os.environ.pop(REGISTRY_URL_ENV, None)
+    if TEST_REGISTRY == "postgresql":
+        os.environ[REGISTRY_URL_ENV] = request.getfixturevalue("postgres").url(HOME_PLACEHOLDER)
+    yield
+    os.environ.pop(REGISTRY_URL_ENV, None)
+    if before is not None:
+        os.environ[REGISTRY_URL_ENV] = before
 
 
 @pytest.fixture(scope="session")

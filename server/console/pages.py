@@ -23,6 +23,7 @@ from server.console.fleetview import (
 )
 from server.errors import NotFoundError, ServerError
 from server.registry.console import ConsoleQueries, TableQuery
+from server.registry.db import RegistryDatabase
 from server.service import FleetService
 
 log = logging.getLogger("edgefleet.console")
@@ -62,6 +63,11 @@ class PageData:
 
     def change_stamp(self) -> str:
         return self.queries.change_stamp()
+
+    @property
+    def database(self) -> RegistryDatabase:
+        """The registry's database (its ``wait_change`` wakes the live-update streams)."""
+        return self.queries.registry.db
 
     # -- pages --------------------------------------------------------------------------------------------
 

@@ -290,17 +290,25 @@ class Console:
         try:
             yield "retry: 2000\n\n"
             last, started, quiet = None, time.monotonic(), time.monotonic()
+            db = self.data.database
+            seen, generation = -1, db.change_generation()
             while not self.closing.is_set() and time.monotonic() - started < max_s:
                 if self.sessions.get(s.sid) is None:
                     return
-                stamp = await self.in_worker(self.data.change_stamp)
-                if stamp != last:
-                    yield f"event: change\ndata: {stamp}\n\n"
-                    last, quiet = stamp, time.monotonic()
-                elif time.monotonic() - quiet > 15:
+                if generation != seen:  # PostgreSQL: only after a NOTIFY; SQLite: every poll_s
+                    seen = generation
+                    stamp = await self.in_worker(self.data.change_stamp)
+                    if stamp != last:
+                        yield f"event: change\ndata: {stamp}\n\n"
+                        last, quiet = stamp, time.monotonic()
+                if time.monotonic() - quiet > 15:
                     yield ": keep-alive\n\n"
                     quiet = time.monotonic()
-                await asyncio.sleep(self.poll_s)
+                if db.dialect == "sqlite":
+                    await asyncio.sleep(self.poll_s)
+                    generation += 1
+                else:  # wake on NOTIFY; at most poll_s apart to notice a closed session or shutdown
+                    generation = await asyncio.to_thread(db.wait_change, generation, self.poll_s)
         finally:
             with self._streams_lock:
                 self._streams -= 1

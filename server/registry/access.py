@@ -16,7 +16,7 @@ from typing import Any
 
 from server.access import ChainReport, check_role, row_hash, verify_chain
 from server.errors import ConflictError, NotFoundError
-from server.registry.db import Database, Migration
+from server.registry.db import Migration, RegistryDatabase, change_notify_trigger
 
 MIGRATIONS: tuple[Migration, ...] = (
     (
@@ -27,6 +27,7 @@ ALTER TABLE audit ADD COLUMN prev_hash TEXT;
 ALTER TABLE audit ADD COLUMN hash TEXT
 """,
     ),
+    ("access_002_change_notify", {"postgresql": change_notify_trigger("audit")}),  # after fleet_005's function
 )
 #: applying this migration chains the rows written before it (in id order, from "")
 CHAIN_MIGRATION = MIGRATIONS[0][0]
@@ -55,7 +56,7 @@ def _params_text(params: Mapping[str, Any]) -> str:
 
 
 class AccessRegistry:
-    db: Database
+    db: RegistryDatabase
 
     def migrate_access(self) -> list[str]:
         applied = self.db.migrate(MIGRATIONS)
@@ -148,7 +149,7 @@ class AccessRegistry:
             args.append(action)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.db.connection().execute(
-            f"SELECT * FROM (SELECT {_AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+            f"SELECT * FROM (SELECT {_AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?) AS newest ORDER BY id",
             (*args, limit),
         ).fetchall()
         out = []

@@ -9,13 +9,12 @@ owners' steps into one); one without opens its own.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from server.registry.db import Database
+from server.registry.db import Connection, RegistryDatabase
 
 
 def now() -> float:
@@ -35,27 +34,27 @@ def placeholders(values: Sequence[Any]) -> str:
 class TableOwner:
     """Base of the registry's owner mixins: one ``Database`` shared by all of them."""
 
-    db: Database
+    db: RegistryDatabase
 
-    def tx(self) -> AbstractContextManager[sqlite3.Connection]:
+    def tx(self) -> AbstractContextManager[Connection]:
         return self.db.transaction()
 
-    def _read(self) -> sqlite3.Connection:
+    def _read(self) -> Connection:
         return self.db.connection()
 
-    def _maybe_tx(self, tx: sqlite3.Connection | None) -> AbstractContextManager[sqlite3.Connection]:
+    def _maybe_tx(self, tx: Connection | None) -> AbstractContextManager[Connection]:
         if tx is not None:
             return _Borrowed(tx)
         return self.db.transaction()
 
 
-class _Borrowed(AbstractContextManager[sqlite3.Connection]):
+class _Borrowed(AbstractContextManager[Connection]):
     """Context manager that hands back a caller's open transaction without committing it."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> Connection:
         return self.conn
 
     def __exit__(self, *exc: object) -> None:

@@ -31,11 +31,11 @@ from server.builds import Build
 from server.compression.data import load_dataset
 from server.compression.gate import GateSpec
 from server.compression.pipeline import ProfileResult, inspect_source
-from server.config import ServerPaths, private_home
+from server.config import ServerPaths, load_config, private_home
 from server.errors import ConflictError, DatasetError, NotFoundError
 from server.profiles import DeviceProfile
 from server.refs import parse_ref
-from server.registry.db import Database, Migration
+from server.registry.db import Migration, RegistryDatabase, open_database
 
 MIGRATIONS: tuple[Migration, ...] = (
     (
@@ -167,14 +167,14 @@ def _specs(raw: str) -> tuple[TensorSpec, ...]:
 
 
 class Catalog:
-    def __init__(self, db: Database, paths: ServerPaths) -> None:
+    def __init__(self, db: RegistryDatabase, paths: ServerPaths) -> None:
         self.db = db
         self.paths = paths
 
     @classmethod
     def open(cls, home: Path) -> Catalog:
         paths = ServerPaths(private_home(Path(home)))
-        catalog = cls(Database(paths.registry_db), paths)
+        catalog = cls(open_database(load_config(Path(home)).registry_url, paths.registry_db), paths)
         catalog.db.migrate(MIGRATIONS)
         return catalog
 

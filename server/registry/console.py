@@ -36,12 +36,13 @@ WITH t0 AS (
   SELECT d.device_id, d.profile, d.status, d.public_key IS NOT NULL AS has_key, d.active_model, d.active_version,
          d.online, d.p95_ms, d.cpu_percent, d.memory_percent, d.temperature_c, d.last_seen, d.lifecycle,
          (SELECT group_concat(group_name, ',') FROM (SELECT group_name FROM device_groups g
-            WHERE g.device_id = d.device_id ORDER BY group_name)) AS groups,
+            WHERE g.device_id = d.device_id ORDER BY group_name) AS gs) AS groups,
          l.deployment_id AS last_deployment, l.state AS last_state, l.code AS last_code, l.reason AS last_reason,
          l.updated_at AS last_at
   FROM devices d
-  LEFT JOIN deployment_devices l ON l.rowid = (SELECT x.rowid FROM deployment_devices x
-      WHERE x.device_id = d.device_id ORDER BY x.updated_at DESC, x.rowid DESC LIMIT 1)
+  LEFT JOIN deployment_devices l ON l.device_id = d.device_id AND l.deployment_id = (
+      SELECT x.deployment_id FROM deployment_devices x
+      WHERE x.device_id = d.device_id ORDER BY x.updated_at DESC, x.deployment_id DESC LIMIT 1)
 ), t1 AS (
   SELECT *, CASE
       WHEN status = 'revoked' THEN 'revoked'
@@ -125,7 +126,8 @@ class ConsoleQueries:
             "group": [r[0] for r in conn.execute("SELECT DISTINCT group_name FROM device_groups ORDER BY 1")],
             "profile": [r[0] for r in conn.execute("SELECT DISTINCT profile FROM devices ORDER BY 1")],
             "model": [r[0] for r in conn.execute(
-                "SELECT DISTINCT active_model || ':' || active_version FROM devices WHERE active_model IS NOT NULL"
+                "SELECT m FROM (SELECT DISTINCT active_model, active_version,"
+                " active_model || ':' || active_version AS m FROM devices WHERE active_model IS NOT NULL) AS models"
                 " ORDER BY active_model, active_version")],
             "total": [str(conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0])],
         }

@@ -9,7 +9,6 @@ reports) is kept next to it; the server never allocates below what the device ha
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from server.errors import ConflictError, NotFoundError, RegistryError
 from server.registry.base import TableOwner, iter_chunks, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
+from server.registry.db import Connection, Row
 
 DEVICE_ACTIVE = "active"
 DEVICE_AWAITING_KEY = "awaiting_key"
@@ -77,7 +77,7 @@ _DEVICE_COLUMNS = (
 )
 
 
-def _device(row: sqlite3.Row, groups: tuple[str, ...] = ()) -> Device:
+def _device(row: Row, groups: tuple[str, ...] = ()) -> Device:
     d = dict(row)
     d["online"] = bool(d["online"])
     d["kept"] = tuple(json.loads(d["kept"] or "[]"))
@@ -116,7 +116,7 @@ class DeviceTables(TableOwner):
         broker_hash: str | None,
         groups: Iterable[str] = (),
         now: float | None = None,
-        tx: sqlite3.Connection | None = None,
+        tx: Connection | None = None,
     ) -> Device:
         now = now or _now()
         with self._maybe_tx(tx) as conn:
@@ -148,7 +148,7 @@ class DeviceTables(TableOwner):
         except NotFoundError:
             return None
 
-    def _get_device(self, conn: sqlite3.Connection, device_id: str) -> Device:
+    def _get_device(self, conn: Connection, device_id: str) -> Device:
         row = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown device {device_id!r}")
@@ -169,7 +169,7 @@ class DeviceTables(TableOwner):
         rows = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY device_id").fetchall()
         return [_device(r, tuple(groups.get(r["device_id"], ()))) for r in rows]
 
-    def set_device_key(self, device_id: str, public_key: str, *, tx: sqlite3.Connection, now: float) -> None:
+    def set_device_key(self, device_id: str, public_key: str, *, tx: Connection, now: float) -> None:
         cur = tx.execute(
             "UPDATE devices SET public_key = ?, status = ?, enrolled_at = ? WHERE device_id = ? AND status != ?",
             (public_key, DEVICE_ACTIVE, now, device_id, DEVICE_REVOKED),
@@ -183,7 +183,7 @@ class DeviceTables(TableOwner):
                             (broker_hash, device_id)).rowcount == 0:
                 raise NotFoundError(f"unknown device {device_id!r}")
 
-    def revoke_device(self, device_id: str, *, tx: sqlite3.Connection, now: float) -> None:
+    def revoke_device(self, device_id: str, *, tx: Connection, now: float) -> None:
         cur = tx.execute(
             "UPDATE devices SET status = ?, revoked_at = ?, broker_hash = NULL, online = 0 WHERE device_id = ?",
             (DEVICE_REVOKED, now, device_id),
@@ -200,7 +200,7 @@ class DeviceTables(TableOwner):
         )
         return {r[0]: r[1] for r in rows}
 
-    def next_seq(self, conn: sqlite3.Connection, device_id: str) -> int:
+    def next_seq(self, conn: Connection, device_id: str) -> int:
         """Allocate the device's next sequence number (never at or below what the device reported)."""
         row = conn.execute(
             "UPDATE devices SET seq = MAX(seq, COALESCE(last_seq, 0)) + 1 WHERE device_id = ? RETURNING seq",
@@ -213,19 +213,19 @@ class DeviceTables(TableOwner):
     # -- groups ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _add_member(conn: sqlite3.Connection, group: str, device_id: str, now: float) -> None:
+    def _add_member(conn: Connection, group: str, device_id: str, now: float) -> None:
         conn.execute(
             "INSERT INTO device_groups (group_name, device_id, added_at) VALUES (?, ?, ?)"
             " ON CONFLICT (group_name, device_id) DO NOTHING",
             (group, device_id, now),
         )
 
-    def add_to_group(self, group: str, device_ids: Sequence[str], *, tx: sqlite3.Connection, now: float) -> None:
+    def add_to_group(self, group: str, device_ids: Sequence[str], *, tx: Connection, now: float) -> None:
         for d in device_ids:
             self._get_device(tx, d)
             self._add_member(tx, group, d, now)
 
-    def remove_from_group(self, group: str, device_ids: Sequence[str], *, tx: sqlite3.Connection) -> int:
+    def remove_from_group(self, group: str, device_ids: Sequence[str], *, tx: Connection) -> int:
         removed = 0
         for d in device_ids:
             removed += tx.execute(
@@ -239,7 +239,7 @@ class DeviceTables(TableOwner):
             out.setdefault(g, []).append(d)
         return out
 
-    def target_devices(self, kind: str, value: str | None, *, conn: sqlite3.Connection | None = None) -> list[Device]:
+    def target_devices(self, kind: str, value: str | None, *, conn: Connection | None = None) -> list[Device]:
         """Devices a target names (``all``, ``group``, ``device``), revoked ones excluded."""
         c = conn or self._read()
         if kind == "device":
@@ -267,7 +267,7 @@ class DeviceTables(TableOwner):
 
     # -- enrollment --------------------------------------------------------------------------------
 
-    def record_enroll_request(self, req: EnrollmentRequest, *, tx: sqlite3.Connection) -> bool:
+    def record_enroll_request(self, req: EnrollmentRequest, *, tx: Connection) -> bool:
         """Store (or refresh) a pending request; False when an identical key was already handled."""
         row = tx.execute(
             "SELECT public_key, status FROM enroll_requests WHERE device_id = ?", (req.device_id,)
@@ -304,7 +304,7 @@ class DeviceTables(TableOwner):
             ).fetchall()
         return [EnrollmentRequest(**dict(r)) for r in rows]
 
-    def get_enroll_request(self, device_id: str, *, conn: sqlite3.Connection | None = None) -> EnrollmentRequest:
+    def get_enroll_request(self, device_id: str, *, conn: Connection | None = None) -> EnrollmentRequest:
         row = (conn or self._read()).execute(
             "SELECT * FROM enroll_requests WHERE device_id = ?", (device_id,)
         ).fetchone()
@@ -312,7 +312,7 @@ class DeviceTables(TableOwner):
             raise NotFoundError(f"no enrollment request from device {device_id!r}")
         return EnrollmentRequest(**dict(row))
 
-    def set_enroll_status(self, device_id: str, status: str, *, tx: sqlite3.Connection) -> None:
+    def set_enroll_status(self, device_id: str, status: str, *, tx: Connection) -> None:
         tx.execute("UPDATE enroll_requests SET status = ? WHERE device_id = ?", (status, device_id))
 
     # -- presence ----------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ class DeviceTables(TableOwner):
     #: recorded by ``observations`` (a mixin beside this one in ``FleetRegistry``)
     _server_event: Callable[..., int]
 
-    def _apply_state(self, conn: sqlite3.Connection, r: StateReport, now: float) -> bool:
+    def _apply_state(self, conn: Connection, r: StateReport, now: float) -> bool:
         """Apply a state report unless it is older than what we have (a late Will of an older session)."""
         row = conn.execute("SELECT session, online FROM devices WHERE device_id = ?", (r.device_id,)).fetchone()
         if row is None:
@@ -368,7 +368,7 @@ class DeviceTables(TableOwner):
         )
         return True
 
-    def adopt_presence(self, device_id: str, *, tx: sqlite3.Connection) -> bool:
+    def adopt_presence(self, device_id: str, *, tx: Connection) -> bool:
         """Apply the last state report a device sent before it was registered (approval, registration).
 
         The device may have been connected for a while: without this it would show offline until
@@ -387,7 +387,7 @@ class DeviceTables(TableOwner):
             return False
         return self._apply_state(tx, report, float(row["received_at"]))
 
-    def _presence_from_telemetry(self, conn: sqlite3.Connection, t: Telemetry, now: float) -> None:
+    def _presence_from_telemetry(self, conn: Connection, t: Telemetry, now: float) -> None:
         """Telemetry proves a live connection: a device never seen in a state report (session -1) is online.
 
         Once a state report or Last Will has been applied, those (with their session numbers) decide.
@@ -403,7 +403,7 @@ class DeviceTables(TableOwner):
                                {"source": "telemetry"}, now=now)
 
 
-    def record_unregistered_state(self, conn: sqlite3.Connection, report: StateReport, now: float) -> None:
+    def record_unregistered_state(self, conn: Connection, report: StateReport, now: float) -> None:
         """Keep the newest state report of a device not registered (yet), for ``adopt_presence``."""
         conn.execute(
             "INSERT INTO unregistered_presence (device_id, session, report, received_at) VALUES (?, ?, ?, ?)"
@@ -413,12 +413,12 @@ class DeviceTables(TableOwner):
         )
 
     @staticmethod
-    def touch_last_seen(conn: sqlite3.Connection, device_id: str, now: float) -> None:
+    def touch_last_seen(conn: Connection, device_id: str, now: float) -> None:
         conn.execute("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE device_id = ?",
                      (now, device_id))
 
     @staticmethod
-    def apply_telemetry_snapshot(conn: sqlite3.Connection, t: Telemetry) -> None:
+    def apply_telemetry_snapshot(conn: Connection, t: Telemetry) -> None:
         """The device row keeps its latest telemetry sample (an older one arriving late is ignored)."""
         p95 = t.latency_ms.get("p95")
         conn.execute(
@@ -441,7 +441,7 @@ class DeviceTables(TableOwner):
         )
 
     @staticmethod
-    def prune_presence(conn: sqlite3.Connection, before: float) -> None:
+    def prune_presence(conn: Connection, before: float) -> None:
         conn.execute("DELETE FROM unregistered_presence WHERE received_at < ?", (before,))
 
     # -- reading for other layers ------------------------------------------------------------------
@@ -459,11 +459,11 @@ class DeviceTables(TableOwner):
         return out
 
     @staticmethod
-    def device_public_key(conn: sqlite3.Connection, device_id: str) -> str | None:
+    def device_public_key(conn: Connection, device_id: str) -> str | None:
         row = conn.execute("SELECT public_key FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         return None if row is None else row[0]
 
-    def device_counts(self, conn: sqlite3.Connection) -> dict[str, Any]:
+    def device_counts(self, conn: Connection) -> dict[str, Any]:
         """The device families of ``fleet_counts`` (for /metrics)."""
         out: dict[str, Any] = {}
         out["devices"] = [dict(r) for r in conn.execute(

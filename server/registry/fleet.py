@@ -27,7 +27,6 @@ replaces the owner modules one table group at a time.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,14 @@ from server.config import ServerConfig, private_home
 from server.registry.access import AccessRegistry, AuditRecord
 from server.registry.base import iter_chunks
 from server.registry.base import now as _now
-from server.registry.db import Database, Migration
+from server.registry.db import (
+    CHANGE_NOTIFY_FUNCTION,
+    Connection,
+    Migration,
+    RegistryDatabase,
+    change_notify_trigger,
+    open_database,
+)
 from server.registry.devices import (
     DEVICE_ACTIVE,
     DEVICE_AWAITING_KEY,
@@ -307,6 +313,14 @@ CREATE TABLE unregistered_presence (
 CREATE INDEX unregistered_presence_received ON unregistered_presence(received_at);
 """,
     ),
+    (
+        # PostgreSQL only: a NOTIFY per changing statement on what `events --follow` and the console show
+        # (PostgreSQL folds identical notifications of one transaction into one). SQLite readers poll.
+        "fleet_005_change_notify",
+        {"postgresql": CHANGE_NOTIFY_FUNCTION + "".join(
+            change_notify_trigger(t) for t in ("events", "devices", "deployments", "deployment_devices",
+                                               "enroll_requests"))},
+    ),
 )
 
 
@@ -314,7 +328,7 @@ def open_registry(config: ServerConfig) -> FleetRegistry:
     """The fleet registry of a server home, migrated, its files private (0600)."""
     private_home(config.home)
     db = config.paths.registry_db
-    registry = FleetRegistry(Database(db))
+    registry = FleetRegistry(open_database(config.registry_url, db))
     registry.migrate()
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         with contextlib.suppress(OSError):
@@ -328,7 +342,7 @@ def open_registry(config: ServerConfig) -> FleetRegistry:
 class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables, AccessRegistry, MeasurementTables):
     """Devices, rollouts, the outbox, observations, API tokens, the audit log and device measurements."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: RegistryDatabase) -> None:
         self.db = db
 
     def migrate(self) -> list[str]:
@@ -342,8 +356,8 @@ class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables
         *,
         bucket_s: float,
         now: float | None = None,
-        on_event: Callable[[sqlite3.Connection, Event, int], None] | None = None,
-        on_state: Callable[[sqlite3.Connection, StateReport], None] | None = None,
+        on_event: Callable[[Connection, Event, int], None] | None = None,
+        on_state: Callable[[Connection, StateReport], None] | None = None,
     ) -> list[int]:
         """Write one batch of device messages in one transaction; returns the new event row ids.
 

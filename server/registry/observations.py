@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from agent.protocol.messages import Event, StateReport, Telemetry
 from server.registry.base import TableOwner
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
+from server.registry.db import Connection, Row
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class ObservationTables(TableOwner):
     # -- writing (the ingest batch in ``FleetRegistry.write_ingest`` calls these) ------------------
 
     @staticmethod
-    def insert_device_event(conn: sqlite3.Connection, ev: Event, now: float) -> int | None:
+    def insert_device_event(conn: Connection, ev: Event, now: float) -> int | None:
         """Record a device event; None when it is a QoS 1 duplicate (already recorded and applied)."""
         row = conn.execute(
             "INSERT INTO events (device_id, event_id, ts, received_at, kind, severity, message, code,"
@@ -93,7 +93,7 @@ class ObservationTables(TableOwner):
         return None if row is None else int(row[0])
 
     @staticmethod
-    def insert_telemetry(conn: sqlite3.Connection, t: Telemetry, bucket_s: float) -> None:
+    def insert_telemetry(conn: Connection, t: Telemetry, bucket_s: float) -> None:
         """Add a sample to its time bucket of the rollup."""
         p95 = t.latency_ms.get("p95")
         bucket = (t.ts // bucket_s) * bucket_s
@@ -126,7 +126,7 @@ class ObservationTables(TableOwner):
 
     def _server_event(  # noqa: PLR0917 - mirrors the tuple layout of IngestBatch.server_events
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         device_id: str | None,
         kind: str,
         severity: str,
@@ -154,7 +154,7 @@ class ObservationTables(TableOwner):
         code: str | None = None,
         deployment_id: str | None = None,
         data: Mapping[str, Any] | None = None,
-        tx: sqlite3.Connection | None = None,
+        tx: Connection | None = None,
         now: float | None = None,
     ) -> int:
         with self._maybe_tx(tx) as conn:
@@ -186,13 +186,13 @@ class ObservationTables(TableOwner):
             args.append(kind_prefix.replace("%", "") + "%")
         where = " AND ".join(clauses)
         if newest:
-            sql = f"SELECT * FROM (SELECT * FROM events WHERE {where} ORDER BY id DESC LIMIT ?) ORDER BY id"
+            sql = f"SELECT * FROM (SELECT * FROM events WHERE {where} ORDER BY id DESC LIMIT ?) AS newest ORDER BY id"
         else:
             sql = f"SELECT * FROM events WHERE {where} ORDER BY id LIMIT ?"
         rows = self._read().execute(sql, (*args, limit)).fetchall()
         return [EventRecord(**{**dict(r), "data": json.loads(r["data"])}) for r in rows]
 
-    def delta_outcomes(self) -> dict[str, sqlite3.Row]:
+    def delta_outcomes(self) -> dict[str, Row]:
         """``delta.applied``/``delta.fallback`` -> a row of ``n`` (events retained) and ``saved`` (bytes devices
         did not fetch). ``json_extract`` is SQLite's; PostgreSQL reads ``(data::json ->> 'full_bytes')``."""
         rows = self._read().execute(
@@ -227,7 +227,7 @@ class ObservationTables(TableOwner):
             })
         return out
 
-    def prune_observations(self, conn: sqlite3.Connection, *, telemetry_before: float,
+    def prune_observations(self, conn: Connection, *, telemetry_before: float,
                            events_before: float) -> tuple[int, int]:
         t = conn.execute("DELETE FROM telemetry WHERE bucket < ?", (telemetry_before,)).rowcount
         e = conn.execute("DELETE FROM events WHERE received_at < ?", (events_before,)).rowcount

@@ -10,7 +10,6 @@ process runs next publishes them.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from agent.protocol.messages import Event
 from server.registry.base import TableOwner
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
+from server.registry.db import Connection, Row
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class OutboxTables(TableOwner):
     """Desired states, commands and leases."""
 
     #: allocated by ``devices`` (a mixin beside this one in ``FleetRegistry``)
-    next_seq: Callable[[sqlite3.Connection, str], int]
+    next_seq: Callable[[Connection, str], int]
 
     # -- leases ------------------------------------------------------------------------------------
 
@@ -124,7 +124,7 @@ class OutboxTables(TableOwner):
         sign: Callable[[StoredDesired], bytes],
         *,
         ttl_s: float,
-        tx: sqlite3.Connection,
+        tx: Connection,
         now: float,
     ) -> dict[str, int]:
         """For each (device_id, action, model, version, deployment_id): allocate a seq, sign, store.
@@ -187,7 +187,7 @@ class OutboxTables(TableOwner):
         ttl_s: float,
         created_by: str,
         deployment_id: str | None,
-        tx: sqlite3.Connection,
+        tx: Connection,
         now: float,
     ) -> list[str]:
         """(command_id, device_id, action, model, version) each -> seq, signed blob, row; returns the ids."""
@@ -235,7 +235,7 @@ class OutboxTables(TableOwner):
 
 
     @staticmethod
-    def record_command_result(conn: sqlite3.Connection, ev: Event, now: float) -> None:
+    def record_command_result(conn: Connection, ev: Event, now: float) -> None:
         """A device answered a command (its ``command.result`` event)."""
         ok = bool(ev.data.get("ok"))
         conn.execute(
@@ -247,7 +247,7 @@ class OutboxTables(TableOwner):
     # -- reading for other layers ------------------------------------------------------------------
 
     @staticmethod
-    def delete_desired(device_id: str, *, tx: sqlite3.Connection) -> None:
+    def delete_desired(device_id: str, *, tx: Connection) -> None:
         tx.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
 
     def desired_names_artifact(self, device_id: str, artifact_id: str) -> bool:
@@ -273,7 +273,7 @@ class OutboxTables(TableOwner):
         return row is not None
 
 
-def _command(row: sqlite3.Row) -> CommandRecord:
+def _command(row: Row) -> CommandRecord:
     d = dict(row)
     d["blob"] = bytes(d["blob"])
     d["result"] = json.loads(d["result"]) if d["result"] else None

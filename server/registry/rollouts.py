@@ -9,7 +9,6 @@ within one TTL.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from server.errors import ConflictError, NotFoundError
 from server.registry.base import TableOwner, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
+from server.registry.db import Connection, Row
 
 #: Deployment statuses. ``running`` and ``rolling_back`` hold their devices (a second deployment to
 #: them is refused); the others are finished, though a ``completed`` one still converges late joiners
@@ -173,7 +173,7 @@ class RolloutTables(TableOwner):
     # -- deployments -------------------------------------------------------------------------------
 
     def holding_deployments(
-        self, device_ids: Sequence[str], *, conn: sqlite3.Connection | None = None
+        self, device_ids: Sequence[str], *, conn: Connection | None = None
     ) -> dict[str, list[str]]:
         """deployment id -> the given devices it holds (running or rolling back)."""
         out: dict[str, list[str]] = {}
@@ -244,39 +244,38 @@ class RolloutTables(TableOwner):
 
     def _insert_deployment_devices(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         deployment_id: str,
         devices: Iterable[tuple[str, str, int, int | None]],
         now: float,
-    ) -> None:
+    ) -> int:
+        """Insert the rows (existing ones are kept); returns how many rows changed (inserted or superseded)."""
         rows = list(devices)
-        conn.executemany(
+        changed = conn.executemany(
             "INSERT INTO deployment_devices (deployment_id, device_id, profile, wave, state, previous_version,"
             " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING",
             [(deployment_id, d, p, w, prev, now) for d, p, w, prev in rows],
-        )
+        ).rowcount
         # a device joining a new rollout leaves the finished ones it was part of
-        conn.executemany(
+        return changed + conn.executemany(
             "UPDATE deployment_devices SET state = 'superseded', updated_at = ? WHERE device_id = ?"
             " AND deployment_id != ? AND state NOT IN ('superseded')"
             " AND deployment_id IN (SELECT deployment_id FROM deployments WHERE status NOT IN ('running',"
             " 'rolling_back'))",
             [(now, d, deployment_id) for d, *_ in rows],
-        )
+        ).rowcount
 
     def add_late_joiners(
         self, deployment_id: str, devices: Sequence[tuple[str, str, int, int | None]], *, now: float | None = None
     ) -> int:
         now = now or _now()
         with self.tx() as conn:
-            before = conn.total_changes
-            self._insert_deployment_devices(conn, deployment_id, devices, now)
-            return conn.total_changes - before
+            return self._insert_deployment_devices(conn, deployment_id, devices, now)
 
     def get_deployment(self, deployment_id: str) -> Deployment:
         return self._get_deployment(self._read(), deployment_id)
 
-    def _get_deployment(self, conn: sqlite3.Connection, deployment_id: str) -> Deployment:
+    def _get_deployment(self, conn: Connection, deployment_id: str) -> Deployment:
         row = conn.execute("SELECT * FROM deployments WHERE deployment_id = ?", (deployment_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown deployment {deployment_id!r}")
@@ -329,7 +328,7 @@ class RolloutTables(TableOwner):
         reason: str | None = None,
         current_wave: int | None = None,
         expect: Sequence[str] | None = None,
-        tx: sqlite3.Connection | None = None,
+        tx: Connection | None = None,
         now: float | None = None,
     ) -> bool:
         """Change status (only from one of ``expect`` when given); False when the row was not in ``expect``."""
@@ -339,7 +338,7 @@ class RolloutTables(TableOwner):
             sql = (
                 "UPDATE deployments SET status = ?, updated_at = ?, reason = COALESCE(?, reason),"
                 " current_wave = COALESCE(?, current_wave),"
-                " finished_at = CASE WHEN ? THEN COALESCE(finished_at, ?) ELSE NULL END"
+                " finished_at = CASE WHEN ? = 1 THEN COALESCE(finished_at, ?) ELSE NULL END"
                 " WHERE deployment_id = ?"
             )
             args: list[Any] = [status, now, reason, current_wave, int(finished), now, deployment_id]
@@ -355,7 +354,7 @@ class RolloutTables(TableOwner):
                 (wave, now or _now(), deployment_id),
             )
 
-    def deactivate_deployment(self, deployment_id: str, *, tx: sqlite3.Connection) -> None:
+    def deactivate_deployment(self, deployment_id: str, *, tx: Connection) -> None:
         tx.execute("UPDATE deployments SET active = 0 WHERE deployment_id = ?", (deployment_id,))
 
     def deployment_builds(self, deployment_id: str) -> dict[str, DeploymentBuild]:
@@ -375,7 +374,7 @@ class RolloutTables(TableOwner):
         }
 
     def deployment_devices(
-        self, deployment_id: str, *, conn: sqlite3.Connection | None = None
+        self, deployment_id: str, *, conn: Connection | None = None
     ) -> list[DeploymentDevice]:
         rows = (conn or self._read()).execute(
             "SELECT * FROM deployment_devices WHERE deployment_id = ? ORDER BY wave, device_id", (deployment_id,)
@@ -387,7 +386,7 @@ class RolloutTables(TableOwner):
         deployment_id: str,
         updates: Sequence[tuple[str, str, str | None, str | None]],
         *,
-        tx: sqlite3.Connection | None = None,
+        tx: Connection | None = None,
         now: float | None = None,
         terminal: Sequence[str] = ("committed", "failed", "rolled_back", "skipped", "superseded"),
     ) -> None:
@@ -396,12 +395,12 @@ class RolloutTables(TableOwner):
         with self._maybe_tx(tx) as conn:
             conn.executemany(
                 "UPDATE deployment_devices SET state = ?, reason = COALESCE(?, reason), code = COALESCE(?, code),"
-                " updated_at = ?, finished_at = CASE WHEN ? THEN ? ELSE finished_at END"
+                " updated_at = ?, finished_at = CASE WHEN ? = 1 THEN ? ELSE finished_at END"
                 " WHERE deployment_id = ? AND device_id = ?",
                 [(s, r, c, now, int(s in terminal), now, deployment_id, d) for d, s, r, c in updates],
             )
 
-    def mark_dispatched(self, deployment_id: str, dispatched: Mapping[str, int], *, tx: sqlite3.Connection,
+    def mark_dispatched(self, deployment_id: str, dispatched: Mapping[str, int], *, tx: Connection,
                         now: float) -> None:
         tx.executemany(
             "UPDATE deployment_devices SET state = 'dispatched', seq = ?, dispatched_at = ?, updated_at = ?"
@@ -409,7 +408,7 @@ class RolloutTables(TableOwner):
             [(seq, now, now, deployment_id, d) for d, seq in dispatched.items()],
         )
 
-    def device_rows(self, device_id: str, *, conn: sqlite3.Connection | None = None) -> list[DeploymentDevice]:
+    def device_rows(self, device_id: str, *, conn: Connection | None = None) -> list[DeploymentDevice]:
         """This device's rows in deployments that still hold it or converge it, newest first."""
         rows = (conn or self._read()).execute(
             "SELECT dd.* FROM deployment_devices dd JOIN deployments d ON d.deployment_id = dd.deployment_id"
@@ -425,7 +424,7 @@ class RolloutTables(TableOwner):
 
     @staticmethod
     def cancel_device_rows(
-        device_ids: Sequence[str], reason: str, *, tx: sqlite3.Connection, now: float, live_only: bool = False
+        device_ids: Sequence[str], reason: str, *, tx: Connection, now: float, live_only: bool = False
     ) -> None:
         """Cancel the devices' unfinished rows (``live_only``: only in running/rolling back/completed ones)."""
         sql = (
@@ -439,7 +438,7 @@ class RolloutTables(TableOwner):
         tx.executemany(sql, [(reason, now, d) for d in device_ids])
 
     @staticmethod
-    def deactivate_target(target: str, statuses: Sequence[str], *, tx: sqlite3.Connection) -> None:
+    def deactivate_target(target: str, statuses: Sequence[str], *, tx: Connection) -> None:
         """Deployments to ``target`` in one of ``statuses`` stop converging late joiners."""
         tx.execute(f"UPDATE deployments SET active = 0 WHERE target = ? AND status IN ({placeholders(statuses)})",
                    (target, *statuses))
@@ -455,7 +454,7 @@ class RolloutTables(TableOwner):
             )
 
     @staticmethod
-    def progress_rows(conn: sqlite3.Connection, device_id: str) -> list[sqlite3.Row]:
+    def progress_rows(conn: Connection, device_id: str) -> list[Row]:
         """The device's dispatched rows of deployments still watching it, with the deployment's model."""
         return conn.execute(
             "SELECT dd.deployment_id, dd.state, dd.code, dd.previous_version, d.model, d.version"
@@ -467,18 +466,18 @@ class RolloutTables(TableOwner):
 
     @staticmethod
     def set_device_progress(
-        conn: sqlite3.Connection, deployment_id: str, device_id: str, *, state: str, reason: str | None,
+        conn: Connection, deployment_id: str, device_id: str, *, state: str, reason: str | None,
         code: str | None, progress: float | None, finished: bool, now: float,
     ) -> None:
         conn.execute(
             "UPDATE deployment_devices SET state = ?, reason = COALESCE(?, reason), code = ?,"
             " progress = COALESCE(?, progress), updated_at = ?,"
-            " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE deployment_id = ? AND device_id = ?",
+            " finished_at = CASE WHEN ? = 1 THEN ? ELSE finished_at END WHERE deployment_id = ? AND device_id = ?",
             (state, reason, code, progress, now, int(finished), now, deployment_id, device_id),
         )
 
     @staticmethod
-    def touch_device_row(conn: sqlite3.Connection, deployment_id: str, device_id: str, now: float) -> None:
+    def touch_device_row(conn: Connection, deployment_id: str, device_id: str, now: float) -> None:
         """The device is making progress: restart its timeout."""
         conn.execute(
             "UPDATE deployment_devices SET updated_at = ? WHERE deployment_id = ? AND device_id = ?",
@@ -486,7 +485,7 @@ class RolloutTables(TableOwner):
         )
 
     @staticmethod
-    def rollout_counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    def rollout_counts(conn: Connection) -> dict[str, Any]:
         """The rollout families of ``fleet_counts`` (for /metrics)."""
         out: dict[str, Any] = {}
         out["rollouts"] = [dict(r) for r in conn.execute(
@@ -500,6 +499,6 @@ class RolloutTables(TableOwner):
         return out
 
 
-def _artifact(row: sqlite3.Row) -> ArtifactRecord:
+def _artifact(row: Row) -> ArtifactRecord:
     return ArtifactRecord(**{**dict(row), "info": json.loads(row["info"]), "data_key": bytes(row["data_key"])})
 

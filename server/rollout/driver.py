@@ -23,7 +23,6 @@ Theory of operation
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from server.builds import BuildSource
 from server.config import ServerConfig
 from server.delta import DeltaBuilder, DeltaOffer
 from server.errors import PublishError, ServerError
+from server.registry.db import Connection
 from server.registry.fleet import (
     DEP_COMPLETED,
     DEP_HALTED,
@@ -150,7 +150,7 @@ class Dispatcher:
         deployment_id: str | None,
         actor: str,
         now: float,
-        tx: sqlite3.Connection,
+        tx: Connection,
         clear: Iterable[str] = (),
     ) -> str:
         """Commands first, then retained pins (so each pin's seq is above its command's); one batch id."""
@@ -228,6 +228,10 @@ class RolloutDriver:
         if dep.active and dep.status in (DEP_RUNNING, DEP_COMPLETED):
             self._add_late_joiners(dep, devices, now)
         rows = self.registry.deployment_devices(dep.deployment_id)
+        # what is decided from these rows happens after them: a device that committed while the tick ran was
+        # finished at a time later than the tick's start (seen on PostgreSQL: a later wave "dispatched" before
+        # the canary it waited for had "finished")
+        now = max(now, self._clock())
         views = [
             DeviceView(
                 device_id=r.device_id,

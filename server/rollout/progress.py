@@ -8,12 +8,12 @@ round, whichever server process received it. The phase rules themselves are pure
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 
 from agent.protocol.events import EventKind
 from agent.protocol.messages import Event, StateReport
+from server.registry.db import Connection
 from server.registry.rollouts import RolloutTables
 from server.rollout.planner import IN_FLIGHT, TERMINAL, Observation, Phase, observe_event, observe_state
 
@@ -24,7 +24,7 @@ class ProgressTracker:
         #: set by the driver: called after a commit that changed any deployment row
         self.changed = False
 
-    def _apply(self, conn: sqlite3.Connection, deployment_id: str, device_id: str, obs: Observation) -> None:
+    def _apply(self, conn: Connection, deployment_id: str, device_id: str, obs: Observation) -> None:
         RolloutTables.set_device_progress(
             conn, deployment_id, device_id, state=obs.phase.value, reason=obs.reason, code=obs.code,
             progress=obs.progress if obs.phase is not Phase.COMMITTED else 1.0, finished=obs.phase in TERMINAL,
@@ -32,7 +32,7 @@ class ProgressTracker:
         )
         self.changed = True
 
-    def on_event(self, conn: sqlite3.Connection, ev: Event, event_row: int) -> None:
+    def on_event(self, conn: Connection, ev: Event, event_row: int) -> None:
         rows = RolloutTables.progress_rows(conn, ev.device_id)
         for r in rows:
             phase = Phase(r["state"])
@@ -59,7 +59,7 @@ class ProgressTracker:
             if obs is not None:
                 self._apply(conn, r["deployment_id"], ev.device_id, obs)
 
-    def on_state(self, conn: sqlite3.Connection, report: StateReport) -> None:
+    def on_state(self, conn: Connection, report: StateReport) -> None:
         if not report.online:
             return
         rows = RolloutTables.progress_rows(conn, report.device_id)

@@ -13,7 +13,6 @@ import contextlib
 import json
 import select
 import socket
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ import pytest
 from server.access import ROLES, allows, row_hash
 from server.api import ROUTES
 from server.broker import MosquittoBroker
+from server.config import load_config
+from server.registry.db import open_database
 from tests.support.faults import FaultLedger
 from tests.support.rawhttp import exchange, request, response
 from tests.support.servers.process import ServerProcess, edgefleet
@@ -284,14 +285,23 @@ def test_audit_tampering_is_detected(server: ServerProcess, ledger: FaultLedger)
     assert code == 1 and ("rewritten" in text or "truncated" in text), text
 
 
+def _database(db: Path) -> Any:
+    """The server's registry as the forger reaches it (SQLite file or, in the PostgreSQL pass, its database)."""
+    return open_database(load_config(db.parent).registry_url, db)
+
+
 def _sql(db: Path, statement: str, *args: Any) -> None:
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute(statement, args)
+    database = _database(db)
+    try:
+        with database.transaction() as conn:
+            conn.execute(statement, args)
+    finally:
+        database.close()
 
 
 def _rechain(db: Path) -> None:
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.row_factory = sqlite3.Row
+    database = _database(db)
+    with contextlib.closing(database), database.transaction() as conn:
         prev, expected = "", None
         for r in conn.execute("SELECT * FROM audit ORDER BY id").fetchall():
             rid = r["id"] if expected is None else expected

@@ -28,6 +28,9 @@ SKIPPED [1] tests/faults/test_resources.py:36: NOT RUN: needs root
 FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - AssertionError: exit 0
 ERROR tests/integration/test_x.py::test_y - RuntimeError: broker
 ============ 2 failed, 535 passed, 3 skipped, 1 error, 2 warnings in 541.20s (0:09:01) ============
+[test] pytest_postgresql on tests/integration/test_rollout.py tests/faults (at 600 s)
+FAILED tests/faults/test_crashes.py::test_z - AssertionError: lost a row
+============ 1 failed, 101 passed in 30.00s ============
 [test] py310_check (the agent on Python 3.10; at 641 s)
 335 passed in 29.84s
 py310_check: PASSED (Python 3.10.14)
@@ -40,22 +43,24 @@ arm_check NOT RUN: needs root (debootstrap, mount, chroot); run as root or set E
 def test_the_summary_failures_and_both_checks_are_read_from_the_output() -> None:
     run = Run(1, "abc")
     parse_output(OUTPUT, run)
-    # the pytest phase's counts, not py310_check's own pytest summary printed after it
-    assert run.counts == {"failed": 2, "passed": 535, "skipped": 3, "errors": 1, "warnings": 2}
+    # the pytest phases' counts (both passes), not py310_check's own pytest summary printed after them
+    assert run.counts == {"failed": 3, "passed": 636, "skipped": 3, "errors": 1, "warnings": 2}
     assert run.failures == [
         "FAILED tests/e2e/test_demo.py::test_ctrl_c_in_the_middle_stops_every_process - AssertionError: exit 0",
         "ERROR tests/integration/test_x.py::test_y - RuntimeError: broker",
+        "FAILED tests/faults/test_crashes.py::test_z - AssertionError: lost a row",
     ]
     assert run.checks == {
         "py310_check": "PASSED",
         "arm_check": "NOT RUN: needs root (debootstrap, mount, chroot); run as root or set EDGEFLEET_ARM_CHECK=0",
     }
-    assert run.phases_s == {"setup": 40, "ruff": 5, "mypy": 55, "pytest": 541, "py310_check": 59, "arm_check": 1}
+    assert run.phases_s == {"setup": 40, "ruff": 5, "mypy": 55, "pytest": 500, "pytest_postgresql": 41,
+                            "py310_check": 59, "arm_check": 1}
     quiet = Run(2, "abc")
     parse_output("..\n2 passed, 530 deselected in 3.10s\n", quiet)
     assert quiet.counts == {"passed": 2, "deselected": 530} and not quiet.failures
     table = stress_test.table([run, quiet])
-    assert "535" in table and "run 1: FAILED tests/e2e/test_demo.py" in table and "pytest 541 s" in table
+    assert "636" in table and "run 1: FAILED tests/e2e/test_demo.py" in table and "pytest 500 s" in table
 
 
 def test_arguments_after_the_double_dash_go_to_scripts_test() -> None:

@@ -155,5 +155,4 @@ class RealServer:
     def counts(self) -> dict[str, int]:
         """Rows per registry table (what a crash must not lose)."""
         conn = self.registry.db.connection()
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
+        return {t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in self.registry.db.table_names()}

@@ -1,15 +1,17 @@
-"""The fleet registry on a real SQLite file: counters, leases, conflicts, ingest rules."""
+"""The fleet registry on both backends (a real SQLite file, a real PostgreSQL database): counters, leases,
+conflicts, ingest rules."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.protocol.messages import ActiveModel, Event, StateReport, Telemetry
 from server.errors import ConflictError, NotFoundError
-from server.registry.db import Database
+from server.registry.db import open_database
 from server.registry.fleet import (
     DEP_RUNNING,
     ArtifactRecord,
@@ -22,16 +24,24 @@ from server.registry.fleet import (
 KEY = "A" * 43 + "="
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> FleetRegistry:
-    r = FleetRegistry(Database(tmp_path / "registry.db"))
+def registry(registry_url: str) -> Iterator[FleetRegistry]:
+    r = FleetRegistry(open_database(registry_url, Path("unused")))
     r.migrate()
-    return r
+    yield r
+    r.db.close()
 
 
-def other_process(tmp_path: Path) -> FleetRegistry:
-    """A second registry object on the same file: what another server process sees."""
-    return FleetRegistry(Database(tmp_path / "registry.db"))
+def other_process(registry_url: str) -> FleetRegistry:
+    """A second registry object on the same database: what another server process sees."""
+    return FleetRegistry(open_database(registry_url, Path("unused")))
 
 
 def test_migrations_apply_once(registry: FleetRegistry) -> None:
@@ -48,13 +58,13 @@ def test_device_registration_and_duplicates(registry: FleetRegistry) -> None:
         registry.get_device("nope")
 
 
-def test_seq_counter_is_shared_and_unique_across_processes(tmp_path: Path, registry: FleetRegistry) -> None:
+def test_seq_counter_is_shared_and_unique_across_processes(registry_url: str, registry: FleetRegistry) -> None:
     registry.add_device("d1", profile="rpi4", public_key=KEY, broker_hash=None)
     seen: list[int] = []
     lock = threading.Lock()
 
     def allocate() -> None:
-        r = other_process(tmp_path)
+        r = other_process(registry_url)
         for _ in range(25):
             with r.tx() as tx:
                 s = r.next_seq(tx, "d1")
@@ -78,8 +88,8 @@ def test_seq_never_goes_below_what_the_device_reported(registry: FleetRegistry) 
         assert registry.next_seq(tx, "d1") == 42
 
 
-def test_leases_exclude_other_owners_until_expiry(tmp_path: Path, registry: FleetRegistry) -> None:
-    other = other_process(tmp_path)
+def test_leases_exclude_other_owners_until_expiry(registry_url: str, registry: FleetRegistry) -> None:
+    other = other_process(registry_url)
     assert registry.acquire_lease("outbox", "a", 10, now=100.0)
     assert not other.acquire_lease("outbox", "b", 10, now=105.0)
     assert registry.acquire_lease("outbox", "a", 10, now=105.0)  # renewal
@@ -118,11 +128,11 @@ def test_second_concurrent_deployment_to_the_same_devices_is_refused(registry: F
     assert rows["d2"] == "superseded" and rows["d1"] == "pending"
 
 
-def test_only_one_process_claims_a_deployment(tmp_path: Path, registry: FleetRegistry) -> None:
+def test_only_one_process_claims_a_deployment(registry_url: str, registry: FleetRegistry) -> None:
     _artifact(registry)
     registry.add_device("d1", profile="rpi4", public_key=KEY, broker_hash=None)
     registry.create_deployment(_deployment("dep-1", ["d1"]))
-    other = other_process(tmp_path)
+    other = other_process(registry_url)
     assert registry.claim_deployment("dep-1", "a", 5, now=10.0)
     assert not other.claim_deployment("dep-1", "b", 5, now=12.0)
     assert other.claim_deployment("dep-1", "b", 5, now=16.0)
