@@ -92,6 +92,7 @@ class Row:
     connect_s: float
     retries: int
     duplicate_chunks: int
+    broker_peak_rss_mb: int = -1
 
     @property
     def budget(self) -> int:
@@ -131,16 +132,17 @@ def new_head(src: Path, dst: Path, seed: int = 11) -> Path:
     return dst
 
 
-def builds_for(model_path: Path, compression: str, v2_path: Path | None = None) -> StaticBuilds:
+def builds_for(model_path: Path, compression: str, v2_path: Path | None = None,
+               chunk_size: int = 64 * 1024) -> StaticBuilds:
     health = HealthSpec(inputs=(TensorSpec("x", "float32", (1, 64)),), outputs=(TensorSpec("y", "float32", (1, 10)),),
                         latency_budget_ms=50.0, probation_s=1.0)
     builds = StaticBuilds()
     builds.add(Build(model=MODEL, version=1, profile=PROFILE, variant="fp32", path=model_path,
-                     runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=64 * 1024,
+                     runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=chunk_size,
                      compression=compression))
     if v2_path is not None:
         builds.add(Build(model=MODEL, version=2, profile=PROFILE, variant="fp32", path=v2_path,
-                         runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=64 * 1024,
+                         runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=chunk_size,
                          compression=compression))
     return builds
 
@@ -189,10 +191,11 @@ def process_cpu(pid: int) -> float:
         return 0.0
 
 
-def _rss_mb(pid: int) -> int:
+def _rss_mb(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process in MB (``VmHWM``: its peak so far)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) // 1024
     except (OSError, ValueError):
         pass
@@ -308,6 +311,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
             time.sleep(0.1)
         server_cpu = time.process_time() - cpu0
         broker_cpu = process_cpu(broker_pid) - broker_cpu0
+        broker_peak = _rss_mb(broker_pid, "VmHWM")
         after = sysbytes.fresh()
         artifact_id = dep["artifacts"][PROFILE]
         artifact_bytes = server.artifacts.info(artifact_id).compressed_size
@@ -327,7 +331,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
             print(f"    simulator timeline (s after the first desired state): {summary.get('timeline')}")
         return Row(n, mode, None if rollout_s is None else round(rollout_s, 2), after - before, round(server_cpu, 2),
                    artifact_bytes, committed, round(broker_cpu, 2), round(sim_cpu, 2), round(connect_s, 1),
-                   int(summary.get("retries", -1)), int(summary.get("duplicate_chunks", -1)))
+                   int(summary.get("retries", -1)), int(summary.get("duplicate_chunks", -1)), broker_peak)
     finally:
         if sim is not None and sim.poll() is None:
             sim.terminate()
@@ -354,6 +358,7 @@ def main() -> int:
     parser.add_argument("--compression", default="none", choices=("none", "zlib", "lzma"),
                         help="artifact compression (default none: this fp32 model shrinks 7%% with zlib, and a "
                              "thousand simulated devices inflating it would take CPU the broker needs)")
+    parser.add_argument("--chunk-kib", type=int, default=64, help="artifact chunk size in KiB (default 64)")
     parser.add_argument("--loops", type=int, default=2, help="simulator threads (default 2)")
     parser.add_argument("--modes", default="broadcast,unicast",
                         help="comma-separated: broadcast, unicast, delta (default broadcast,unicast)")
@@ -373,8 +378,9 @@ def main() -> int:
         work = Path(tmp)
         model = write_model(work / "model.onnx", args.model_mb)
         v2 = new_head(model, work / "model-v2.onnx") if "delta" in args.modes else None
-        builds = builds_for(model, args.compression, v2)
-        print(f"model {model.stat().st_size / 1e6:.2f} MB (ONNX MLP, {args.compression}, 64 KiB chunks); "
+        builds = builds_for(model, args.compression, v2, chunk_size=args.chunk_kib * 1024)
+        print(f"model {model.stat().st_size / 1e6:.2f} MB (ONNX MLP, {args.compression}, {args.chunk_kib} KiB chunks, "
+              f"fan-out {args.egress_mb_s:g} MB/s); "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}")
         for n in sizes:
@@ -384,7 +390,8 @@ def main() -> int:
                 rows.append(row)
                 print(f"  {n:>5} {mode:<9} rollout {row.rollout_s}s  broker {row.broker_bytes / 1e6:.2f} MB  "
                       f"server cpu {row.server_cpu_s}s  committed {row.committed}/{n}  retries {row.retries}  "
-                      f"duplicate chunks {row.duplicate_chunks}", flush=True)
+                      f"duplicate chunks {row.duplicate_chunks}  broker peak RSS {row.broker_peak_rss_mb} MB",
+                      flush=True)
 
     print()
     header = (f"{'devices':>7} {'mode':<9} {'rollout_s':>9} {'broker_MB':>9} {'per_dev_KB':>10} {'budget_MB':>9} "

@@ -43,7 +43,6 @@ from server.registry.fleet import (
     ArtifactRecord,
     Deployment,
     DeploymentBuild,
-    Device,
     FleetRegistry,
     StoredCommand,
     StoredDesired,
@@ -224,16 +223,16 @@ class RolloutDriver:
             self.registry.release_deployment(dep.deployment_id, self.owner)
 
     def drive(self, dep: Deployment, now: float) -> None:
-        devices = {d.device_id: d for d in self.registry.list_devices()}
+        online = self.registry.online_device_ids()  # every tick: ids only, not 1,000 full device rows
         if dep.active and dep.status in (DEP_RUNNING, DEP_COMPLETED):
-            self._add_late_joiners(dep, devices, now)
+            self._add_late_joiners(dep, now)
         rows = self.registry.deployment_devices(dep.deployment_id)
         views = [
             DeviceView(
                 device_id=r.device_id,
                 wave=r.wave,
                 phase=Phase(r.state),
-                online=bool(devices.get(r.device_id) and devices[r.device_id].online),
+                online=r.device_id in online,
                 updated_at=r.updated_at,
                 code=r.code,
             )
@@ -299,7 +298,7 @@ class RolloutDriver:
                 self._expect(artifact_id, ids)
         log.info("deployment %s: dispatched %d device(s)", dep.deployment_id, len(sent))
 
-    def _add_late_joiners(self, dep: Deployment, devices: dict[str, Device], now: float) -> None:
+    def _add_late_joiners(self, dep: Deployment, now: float) -> None:
         last = self._membership_checked.get(dep.deployment_id, 0.0)
         if now - last < max(1.0, 4 * self.config.rollout.tick_s):
             return
