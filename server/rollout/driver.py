@@ -95,7 +95,8 @@ class Dispatcher:
         self.signer = signer
         self.artifacts = artifacts
         self.config = config
-        self.deltas = DeltaBuilder(artifacts, max_ratio=config.publisher.delta_max_ratio)
+        self.deltas = DeltaBuilder(artifacts, max_ratio=config.publisher.delta_max_ratio,
+                                   wait_s=config.publisher.delta_build_wait_s)
 
     def dispatch_deploy(self, dep: Deployment, device_ids: Sequence[str], *, now: float) -> dict[str, str]:
         """Desired states for ``device_ids`` of ``dep``; returns device -> artifact id."""
