@@ -25,11 +25,7 @@ Theory of operation (CONTRACTS.md section 3)
     paced by its fan-out: after a chunk of L bytes that N devices are expected to take, that
     artifact waits L x N / egress_bytes_s, so the broker's egress (N copies of every chunk) stays
     near the budget instead of queueing gigabytes for slow subscribers (without it, 1,000 devices
-    on one small machine stalled the broker's acknowledgements for over a minute). The budget is a
-    ceiling: a device that re-requests chunks after its chunk timeout (``reason = "retry"``) lost them
-    (a broker queue overflowed: the stream outran its subscribers), so that artifact's share of the
-    budget is halved (at most every ``BACKOFF_S``, down to ``MIN_EGRESS_SHARE``) and doubled back after
-    a round that left nobody behind.
+    on one small machine stalled the broker's acknowledgements for over a minute).
 """
 
 from __future__ import annotations
@@ -51,10 +47,6 @@ log = logging.getLogger("edgefleet.chunks")
 MAX_AUDIENCES = 64
 #: the resend budget of a device for one artifact is renewed this often (a flaky device recovers)
 RESEND_WINDOW_S = 600.0
-#: the least share of the fan-out budget a shared stream is slowed to after its devices lose chunks
-MIN_EGRESS_SHARE = 0.125
-#: one halving per this many seconds: a thousand devices' retries after one overflow are one signal
-BACKOFF_S = 2.0
 
 
 class ChunkQuotaError(ServerError):
@@ -131,9 +123,6 @@ class ArtifactSchedule:
         self._audience: set[str] = set()
         #: (monotonic) the sender leaves this artifact alone until then (fan-out pacing)
         self.paced_until = 0.0
-        #: share of the fan-out budget this stream gets (halved when devices lose chunks, see the module doc)
-        self.egress_share = 1.0
-        self._backed_off_at = float("-inf")
         self._late: dict[str, set[int]] = {}
         self._unicast: OrderedDict[str, list[int]] = OrderedDict()  # device -> indexes, descending
         self._prefer_unicast = False
@@ -183,12 +172,6 @@ class ArtifactSchedule:
             if self._window_opened is None:
                 self._window_opened = now
         return len(indexes) + len(again)
-
-    def back_off(self, now: float) -> None:
-        """A device lost chunks of the shared stream: halve its fan-out share (once per ``BACKOFF_S``)."""
-        if now - self._backed_off_at >= BACKOFF_S:
-            self.egress_share = max(MIN_EGRESS_SHARE, self.egress_share / 2)
-            self._backed_off_at = now
 
     def _resend(self, device_id: str, indexes: list[int], now: float) -> None:
         """Asked again: late (one device alone never makes a broadcast round), unless already on its way."""
@@ -242,8 +225,6 @@ class ArtifactSchedule:
         self._round_active = False
         self._cursor = 0
         late, self._late = self._late, {}
-        if not late:
-            self.egress_share = min(1.0, self.egress_share * 2)  # nobody fell behind: speed up again
         if len(late) >= self.late_threshold:
             for indexes in late.values():
                 for i in indexes:
@@ -383,8 +364,6 @@ class ChunkServer:
                         f"request names chunks beyond the artifact's {sched.chunk_count} chunks"
                     )
                 sched.request(req.device_id, req.ranges, now, self._ledger_for(req.artifact_id, sched.chunk_count))
-                if req.reason == "retry" and self._broadcast:
-                    sched.back_off(now)
             except ChunkQuotaError as exc:
                 if self._on_throttled is not None:
                     self._on_throttled(req, str(exc))
@@ -415,7 +394,7 @@ class ChunkServer:
                 if step is not None:
                     size = self._send(artifact_id, step)
                     if self._egress > 0 and step.device_id is None:
-                        sched.paced_until = now + size * sched.audience / (self._egress * sched.egress_share)
+                        sched.paced_until = now + size * sched.audience / self._egress
                     sent = True
                 elif sched.idle:
                     del self._schedules[artifact_id]

@@ -168,35 +168,3 @@ def test_repeated_or_overlapping_ranges_count_once() -> None:
     assert s.request("a", [(0, 4)] * 1024, now=0.0) == 4
     assert s.request("b", [(6, 99), (2, 7), (-5, 1)], now=0.0) == 7  # 0, 2-7
     assert drain(s, 0.0) == [Send(i, None) for i in range(8)]
-
-
-def test_lost_chunks_slow_a_shared_stream_and_a_clean_round_speeds_it_up() -> None:
-    from server.chunks import BACKOFF_S, MIN_EGRESS_SHARE
-
-    s = ArtifactSchedule(4, window_s=0.0)
-    s.back_off(0.0)
-    assert s.egress_share == 0.5
-    s.back_off(BACKOFF_S / 2)  # the other devices' retries after the same overflow: one signal
-    assert s.egress_share == 0.5
-    t = 0.0
-    for _ in range(10):
-        t += BACKOFF_S
-        s.back_off(t)
-    assert s.egress_share == MIN_EGRESS_SHARE  # never stopped
-    s.request("a", [(0, 4)], now=t)
-    assert drain(s, t) == [Send(i, None) for i in range(4)]  # a round nobody fell behind in
-    assert s.egress_share == 2 * MIN_EGRESS_SHARE
-
-
-def test_only_a_retry_backs_off_the_stream() -> None:
-    art = "ab" * 16
-    server = ChunkServer(read_chunk=lambda a, i: b"x", chunk_count=lambda a: 4, authorize=lambda d, a: True,
-                         publish=lambda t, d: None, broadcast=True, window_s=5.0, late_threshold=3,
-                         egress_bytes_s=1e6)  # not started: _accept is driven by hand
-    for device, reason in (("a", "initial"), ("b", "resume")):
-        server.submit(ChunkRequest(device_id=device, artifact_id=art, ranges=((0, 4),), ts=0.0, reason=reason))
-    server._accept(0.0)
-    assert server._schedules[art].egress_share == 1.0
-    server.submit(ChunkRequest(device_id="a", artifact_id=art, ranges=((0, 4),), ts=0.0, reason="retry"))
-    server._accept(1.0)
-    assert server._schedules[art].egress_share == 0.5
