@@ -192,6 +192,7 @@ class FleetServer:
         self._wake.set()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=15)
+        self.dispatcher.deltas.close()
         self.http.stop()
         self.chunks.stop()
         self.link.flush(timeout_s=5.0)

@@ -259,6 +259,9 @@ class PublisherSection:
     #: offer a delta (a patch over a version the device keeps) when it is at most this share of the full
     #: artifact, 0..1; 0 = always full (docs/protocol.md, delta updates)
     delta_max_ratio: float = 0.6
+    #: a delta is built on a background thread; a dispatch waits at most this long for it, then sends the full
+    #: artifact (later dispatches of the deployment get the delta once it is built), 0..600 s
+    delta_build_wait_s: float = 10.0
 
     def validate(self) -> None:
         _check(1 <= self.max_inflight <= 1000, "publisher", "max_inflight", "must be within 1..1000")
@@ -272,6 +275,7 @@ class PublisherSection:
                "must be > 0 and < desired_ttl_s")
         _check(10.0 <= self.command_ttl_s <= 7 * 86400.0, "publisher", "command_ttl_s", "must be within 10 s..7 days")
         _check(0.0 <= self.delta_max_ratio <= 1.0, "publisher", "delta_max_ratio", "must be within 0..1")
+        _check(0.0 <= self.delta_build_wait_s <= 600.0, "publisher", "delta_build_wait_s", "must be within 0..600")
 
 
 @dataclass(frozen=True)

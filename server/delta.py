@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,16 +231,26 @@ class DeltaOffer:
 class DeltaBuilder:
     """Builds, seals and caches delta artifacts between sealed full artifacts (both decrypted here with their data
     keys: the server holds them). One per (base, target) pair, shared by every device on that base (one broadcast
-    stream). A pair whose delta is over ``max_ratio`` of the full artifact is remembered as not worth it."""
+    stream). A pair whose delta is over ``max_ratio`` of the full artifact is remembered as not worth it.
 
-    def __init__(self, store: ArtifactStore, *, max_ratio: float = DEFAULT_MAX_RATIO) -> None:
+    Builds run on one background thread, off the dispatch path: ``offer`` starts the pair's build (once) and
+    waits for it at most ``wait_s`` (None: as long as it takes); a build still running then means no delta for
+    this dispatch (the device gets the full artifact, as if no delta were worth it) and the next dispatch that
+    asks after it is done gets the delta."""
+
+    def __init__(self, store: ArtifactStore, *, max_ratio: float = DEFAULT_MAX_RATIO,
+                 wait_s: float | None = None) -> None:
         self.store = store
         self.max_ratio = max_ratio
+        self.wait_s = wait_s
         self._lock = threading.Lock()
         self._none: set[tuple[str, str]] = set()
+        self._builds: dict[tuple[str, str], Future[ArtifactRecord | None]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def offer(self, model: str, profile: str, kept: Sequence[int], target: ArtifactRecord) -> DeltaOffer | None:
-        """A delta from the newest kept version below the target's, or None (no base, not worth it, error)."""
+        """A delta from the newest kept version below the target's, or None (no base, not worth it, error, or
+        still being built after ``wait_s``)."""
         older = [v for v in kept if v < target.version]
         if not older or self.max_ratio <= 0:
             return None
@@ -250,15 +261,41 @@ class DeltaBuilder:
         with self._lock:
             if pair in self._none:
                 return None
-            try:
-                record = self._build(base, target)
-            except (ServerError, EdgeError, OSError, ValueError) as exc:
-                log.warning("no delta %s -> %s: %s", base.artifact_id, target.artifact_id, exc)
-                record = None
-            if record is None:
-                self._none.add(pair)
-                return None
+            job = self._builds.get(pair)
+            if job is not None and job.done() and (
+                    job.exception() is not None or (rec := job.result()) is None
+                    or not self.store.path(rec.artifact_id).exists()):
+                job = None  # its file was collected since: build it again
+            if job is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgefleet-delta")
+                job = self._builds[pair] = self._pool.submit(self._build_pair, pair, base, target)
+        try:
+            record = job.result(timeout=self.wait_s)
+        except TimeoutError:
+            log.info("delta %s -> %s still building after %g s: this dispatch sends the full artifact",
+                     base.artifact_id, target.artifact_id, self.wait_s or 0.0)
+            return None
+        if record is None:
+            return None
         return DeltaOffer(record, base.version, str(base.info["sha256"]))
+
+    def _build_pair(self, pair: tuple[str, str], base: ArtifactRecord, target: ArtifactRecord) -> ArtifactRecord | None:
+        try:
+            record = self._build(base, target)
+        except (ServerError, EdgeError, OSError, ValueError) as exc:
+            log.warning("no delta %s -> %s: %s", base.artifact_id, target.artifact_id, exc)
+            record = None
+        if record is None:
+            with self._lock:
+                self._none.add(pair)
+                self._builds.pop(pair, None)
+        return record
+
+    def close(self) -> None:
+        """Stop the build thread (a build under way finishes first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _open(self, rec: ArtifactRecord) -> bytes:
         info = self.store.info(rec.artifact_id)

@@ -153,6 +153,13 @@ class Reassembly:
         self._bytes += len(data)
         return Added.NEW
 
+    def is_duplicate(self, index: int, fingerprint: bytes) -> bool:
+        """Whether chunk ``index`` is stored with exactly this fingerprint: a re-delivery the caller may drop
+        before decrypting it (with AEAD tags as fingerprints: the stored chunk was authenticated with this tag,
+        so a forged copy carrying it cannot change anything either). A different fingerprint is not a duplicate:
+        ``add`` decides (after authentication) whether it conflicts."""
+        return 0 <= index < self.chunk_count and self._prints[index] == fingerprint
+
     def has(self, index: int) -> bool:
         return 0 <= index < self.chunk_count and self._prints[index] is not None
 

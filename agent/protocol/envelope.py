@@ -359,8 +359,11 @@ class ChunkOpener:
         opened = self.open_chunk(wire)
         return opened.index, opened.data
 
-    def open_chunk(self, wire: bytes) -> OpenedChunk:
-        header = parse_chunk_header(wire)
+    def open_chunk(self, wire: bytes, header: ChunkHeader | None = None) -> OpenedChunk:
+        """Authenticate and decrypt one chunk. ``header``: ``parse_chunk_header(wire)`` if the caller already
+        parsed it (it looked at the artifact id first), so the chunk path parses each header once."""
+        if header is None:
+            header = parse_chunk_header(wire)
         if header.raw_artifact_id != self._artifact_id:
             raise DecryptionError(
                 f"chunk belongs to artifact {header.artifact_id}, not {self._info.artifact_id}", index=header.index

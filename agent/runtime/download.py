@@ -16,7 +16,7 @@ from agent.errors import (
     StorageError,
     TopicError,
 )
-from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import TAG_SIZE, ChunkOpener, parse_chunk_header, unwrap_key
 from agent.protocol.events import EventKind
 from agent.protocol.messages import ChunkRequest, DesiredState, ModelRef, encode
 from agent.protocol.topics import Channel, device_topic, parse_topic
@@ -142,8 +142,10 @@ class Downloads(Reporting):
             return
         if header.artifact_id != d.info.artifact_id:
             return  # another artifact's stream (an older rollout still running): not ours
+        if d.reassembly.is_duplicate(header.index, payload[-TAG_SIZE:]):
+            return  # already stored with this very tag (a round streamed for other devices): no decryption
         try:
-            opened = d.opener.open_chunk(payload)
+            opened = d.opener.open_chunk(payload, header)
             added = d.reassembly.add(opened.index, opened.data, d.partial, fingerprint=opened.tag)
         except ConflictingChunkError as exc:
             self._error_event(exc.code, exc.message)

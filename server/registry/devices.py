@@ -169,6 +169,10 @@ class DeviceTables(TableOwner):
         rows = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY device_id").fetchall()
         return [_device(r, tuple(groups.get(r["device_id"], ()))) for r in rows]
 
+    def online_device_ids(self) -> set[str]:
+        """Devices whose connection is up (the rollout driver's per-tick question; no full rows built)."""
+        return {r[0] for r in self._read().execute("SELECT device_id FROM devices WHERE online = 1")}
+
     def set_device_key(self, device_id: str, public_key: str, *, tx: Connection, now: float) -> None:
         cur = tx.execute(
             "UPDATE devices SET public_key = ?, status = ?, enrolled_at = ? WHERE device_id = ? AND status != ?",

@@ -43,7 +43,6 @@ from server.registry.fleet import (
     ArtifactRecord,
     Deployment,
     DeploymentBuild,
-    Device,
     FleetRegistry,
     StoredCommand,
     StoredDesired,
@@ -96,7 +95,8 @@ class Dispatcher:
         self.signer = signer
         self.artifacts = artifacts
         self.config = config
-        self.deltas = DeltaBuilder(artifacts, max_ratio=config.publisher.delta_max_ratio)
+        self.deltas = DeltaBuilder(artifacts, max_ratio=config.publisher.delta_max_ratio,
+                                   wait_s=config.publisher.delta_build_wait_s)
 
     def dispatch_deploy(self, dep: Deployment, device_ids: Sequence[str], *, now: float) -> dict[str, str]:
         """Desired states for ``device_ids`` of ``dep``; returns device -> artifact id."""
@@ -224,9 +224,9 @@ class RolloutDriver:
             self.registry.release_deployment(dep.deployment_id, self.owner)
 
     def drive(self, dep: Deployment, now: float) -> None:
-        devices = {d.device_id: d for d in self.registry.list_devices()}
+        online = self.registry.online_device_ids()  # every tick: ids only, not 1,000 full device rows
         if dep.active and dep.status in (DEP_RUNNING, DEP_COMPLETED):
-            self._add_late_joiners(dep, devices, now)
+            self._add_late_joiners(dep, now)
         rows = self.registry.deployment_devices(dep.deployment_id)
         # what is decided from these rows happens after them: a device that committed while the tick ran was
         # finished at a time later than the tick's start (seen on PostgreSQL: a later wave "dispatched" before
@@ -237,7 +237,7 @@ class RolloutDriver:
                 device_id=r.device_id,
                 wave=r.wave,
                 phase=Phase(r.state),
-                online=bool(devices.get(r.device_id) and devices[r.device_id].online),
+                online=r.device_id in online,
                 updated_at=r.updated_at,
                 code=r.code,
             )
@@ -303,7 +303,7 @@ class RolloutDriver:
                 self._expect(artifact_id, ids)
         log.info("deployment %s: dispatched %d device(s)", dep.deployment_id, len(sent))
 
-    def _add_late_joiners(self, dep: Deployment, devices: dict[str, Device], now: float) -> None:
+    def _add_late_joiners(self, dep: Deployment, now: float) -> None:
         last = self._membership_checked.get(dep.deployment_id, 0.0)
         if now - last < max(1.0, 4 * self.config.rollout.tick_s):
             return

@@ -62,7 +62,7 @@ from agent.errors import (
     VersionNotKeptError,
 )
 from agent.protocol.delta import DeltaInfo, delta_offer
-from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import TAG_SIZE, ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
 from agent.protocol.events import EventKind, error_kind
 from agent.protocol.measurement import Measurement
 from agent.protocol.messages import (
@@ -403,8 +403,11 @@ class SimDevice(EventReporter):
             return
         if header.artifact_id != d.info.artifact_id:
             return
+        if d.reassembly.is_duplicate(header.index, payload[-TAG_SIZE:]):  # the agent's rule: no decryption
+            self.counters.duplicate_chunks += 1
+            return
         try:
-            opened = d.opener.open_chunk(payload)
+            opened = d.opener.open_chunk(payload, header)
             added = d.reassembly.add(opened.index, opened.data, d.sink, fingerprint=opened.tag)
         except ConflictingChunkError as exc:
             self._error_event(exc.code, exc.message)

@@ -187,3 +187,16 @@ def test_running_progress_totals_match_the_bitmap_through_duplicates_resets_and_
         assert p.bytes_received == sum(len(piece(j)) for j in stored)
     r.reset()
     assert r.progress().bytes_received == 0 and r.progress().received == 0
+
+
+def test_is_duplicate_only_for_a_stored_chunk_with_the_same_fingerprint() -> None:
+    r, sink = new(), MemorySink(len(DATA))
+    tag = b"t" * 16
+    assert not r.is_duplicate(0, tag)  # nothing stored yet
+    r.add(0, piece(0), sink, fingerprint=tag)
+    assert r.is_duplicate(0, tag)
+    assert not r.is_duplicate(0, b"u" * 16)  # a different tag: add() decides, after authentication
+    assert not r.is_duplicate(1, tag)
+    assert not r.is_duplicate(COUNT, tag)  # out of range: never a duplicate (add() refuses it)
+    r.reset()
+    assert not r.is_duplicate(0, tag)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -196,3 +197,13 @@ def test_key_rotation_accepts_either_trusted_key(world) -> None:  # type: ignore
             committed_version=lambda _m: None,
         )
     _ = replace
+
+
+def test_open_chunk_with_a_parsed_header_is_the_same_open() -> None:
+    art = envelope.seal_artifact(os.urandom(5000), chunk_size=1024, compression="none")
+    opener = envelope.ChunkOpener(art.data_key, art.info)
+    for wire in art.chunks:
+        assert opener.open_chunk(wire, envelope.parse_chunk_header(wire)) == opener.open_chunk(wire)
+    forged = art.chunks[1][:-1] + bytes([art.chunks[1][-1] ^ 1])
+    with pytest.raises(DecryptionError):  # a header parsed by the caller does not skip authentication
+        opener.open_chunk(forged, envelope.parse_chunk_header(forged))

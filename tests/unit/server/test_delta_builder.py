@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from server.artifacts import ArtifactStore
 from server.builds import Build
 from server.delta import DeltaBuilder
 from server.registry.db import Database
-from server.registry.fleet import FleetRegistry
+from server.registry.fleet import ArtifactRecord, FleetRegistry
 from tests.support.delta import fine_tuned
 from tests.support.models import agent as agent_models
 from tests.support.models import real_model
@@ -68,3 +69,42 @@ def test_unrelated_versions_get_no_delta(tmp_path: Path) -> None:
     assert builder.offer("digits", "x86-64-avx2", (1,), target) is None  # remembered, not rebuilt
     n = store.registry.db.connection().execute("SELECT COUNT(*) FROM artifacts WHERE variant = 'delta'").fetchone()[0]
     assert n == 0
+
+
+class _HeldBuilder(DeltaBuilder):
+    """A builder whose build waits for ``release`` (a build that takes long, without guessing a duration)."""
+
+    def __init__(self, store: ArtifactStore, wait_s: float) -> None:
+        super().__init__(store, wait_s=wait_s)
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.builds = 0
+
+    def _build(self, base: ArtifactRecord, target: ArtifactRecord) -> ArtifactRecord | None:
+        self.builds += 1
+        self.started.set()
+        assert self.release.wait(30)
+        return super()._build(base, target)
+
+
+def test_a_slow_build_does_not_hold_the_dispatch_and_serves_later_ones(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    v1 = real_model("digits").path
+    v2 = tmp_path / "v2.onnx"
+    v2.write_bytes(fine_tuned(v1))
+    store.seal_build(_build(v1, 1))
+    target = store.seal_build(_build(v2, 2))
+    builder = _HeldBuilder(store, wait_s=0.0)
+    try:
+        assert builder.offer("digits", "x86-64-avx2", (1,), target) is None, "still building: full artifact"
+        assert builder.started.wait(30)
+        assert builder.offer("digits", "x86-64-avx2", (1,), target) is None  # the same build, not a second one
+        builder.release.set()
+        builder.wait_s = None  # the next dispatch waits for the build under way
+        offer = builder.offer("digits", "x86-64-avx2", (1,), target)
+        assert offer is not None and offer.base_version == 1
+        assert builder.offer("digits", "x86-64-avx2", (1,), target) == offer  # done: no wait, no rebuild
+        assert builder.builds == 1
+    finally:
+        builder.release.set()
+        builder.close()

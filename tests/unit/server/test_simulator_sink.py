@@ -55,3 +55,22 @@ def test_an_incomplete_stream_has_no_digest() -> None:
     assert sink.sha256() == b""
     sink.write_at(0, b"hello")
     assert sink.sha256() != b""
+
+
+def test_an_uncompressed_artifact_is_checked_against_the_model_digest_with_one_hash() -> None:
+    art = seal_artifact(MODEL, chunk_size=4096, compression="none")
+    info = art.info
+    opener = ChunkOpener(art.data_key, info)
+    sink = StreamingSink(total_size=info.compressed_size, compression="none", model_size=info.size)
+    for wire in art.chunks:
+        opened = opener.open_chunk(wire)
+        sink.write_at(opened.index * info.chunk_size, opened.data)
+    with pytest.raises(IntegrityError):
+        sink.check_model("00" * 32)
+    sink.check_model(info.sha256)  # the stream digest is still whole after a refused check
+    short = StreamingSink(total_size=info.compressed_size, compression="none", model_size=info.size - 1)
+    with pytest.raises(ArtifactTooLargeError):  # the declared size still caps an uncompressed stream
+        for wire in art.chunks:
+            opened = opener.open_chunk(wire)
+            short.write_at(opened.index * info.chunk_size, opened.data)
+        short.check_model(info.sha256)
