@@ -28,7 +28,8 @@ Columns (one JSON row per run):
   connect_s        simulator start -> every device online in the registry
   killed           the SIGKILLed server's owner id, or null; lost_devices, lost_rows: what the check found missing
                    (devices, deployment rows, committed rows, commit events, devices serving the version) once
-                   the killed server was restarted; lost_before_restart: the same check before that restart
+                   the killed server was restarted; lost_before_restart: the same check before that restart;
+                   restarted_after_s: when the killed server was restarted (--restart-after; default after the rollout)
 --quick: N = 40, one scaled run (2 servers, 2 shards, --kill) and the baseline, 1 MB model (under a minute).
 """
 
@@ -90,6 +91,7 @@ class Row:
     lost_devices: int = 0
     lost_rows: list[str] = field(default_factory=list)
     lost_before_restart: list[str] = field(default_factory=list)
+    restarted_after_s: float | None = None
     error: str | None = None
 
 
@@ -184,7 +186,7 @@ def _end(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, registry: str, kill: bool,
-            compression: str, loops: int, timeout: float, verbose: bool) -> Row:
+            compression: str, loops: int, timeout: float, verbose: bool, restart_after: float = -1.0) -> Row:
     work.mkdir(parents=True)
     begun = time.monotonic()
     row = Row(n, servers, {"name": "mosquitto" if shards == 1 else "mosquitto-shards", "nodes": shards},
@@ -257,6 +259,20 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
         sim_rss = broker_rss = 0
         sim_cpu = 0.0
         killed_pid = -1
+        killed_at: float | None = None
+
+        def restart() -> None:
+            """What a supervisor does (systemd Restart=always): the same config, so the same MQTT client id."""
+            nonlocal killed_at
+            gone = next(i for i, p in enumerate(procs) if p.pid == killed_pid)
+            procs[gone] = _start([sys.executable, str(Path(__file__).resolve()), "--serve", str(home),
+                                 str(configs[gone]), str(model), compression], work / f"server-{gone}.log")
+            pids.append(procs[gone].pid)
+            last_cpu[procs[gone].pid] = cpu0[procs[gone].pid] = 0.0
+            row.restarted_after_s = round(time.monotonic() - (killed_at or time.monotonic()), 1)
+            killed_at = None
+            phase(f"restarted the killed server after {row.restarted_after_s}s")
+
         while time.monotonic() < end:
             row.committed = db.one("SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND state = "
                                    "'committed'", dep_id)
@@ -279,7 +295,10 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.wait()
                 row.killed = owner or f"pid {victim.pid}"
+                killed_at = time.monotonic()
                 phase(f"SIGKILLed server {row.killed} with {row.committed} committed")
+            if killed_at is not None and restart_after >= 0 and time.monotonic() - killed_at >= restart_after:
+                restart()
             if verbose and int(time.monotonic() * 2) % 10 == 0:
                 phase(f"committed {row.committed}/{n}")
             time.sleep(0.5)
@@ -294,18 +313,17 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
         if row.killed and row.lost_rows:
             # mosquitto queues a shared subscription's messages for an offline persistent member (its session
             # outlives the process; eclipse-mosquitto/mosquitto#2662): events the broker had routed to the dead
-            # server wait there for its client id. A supervisor restarting it (same config) drains them.
+            # server wait there for its client id, until its restart (same config) drains them
             row.lost_before_restart = row.lost_rows
-            gone = next(i for i, p in enumerate(procs) if p.pid == killed_pid)
-            procs[gone] = _start([sys.executable, str(Path(__file__).resolve()), "--serve", str(home),
-                                 str(configs[gone]), str(model), compression], work / f"server-{gone}.log")
-            restart = time.monotonic() + 60
-            while time.monotonic() < restart:
+            if killed_at is not None:
+                restart()
+            settle = time.monotonic() + 60
+            while time.monotonic() < settle:
                 _check_nothing_lost(db, row, ids, dep_id)
                 if not row.lost_rows:
                     break
                 time.sleep(0.5)
-            phase(f"restarted the killed server: still missing {row.lost_rows}")
+            phase(f"after the restart: missing {row.lost_rows}")
         row.sim_cpu_s = round(max(sim_cpu, process_cpu(sim.pid)) - sim_cpu0, 2)
         phase(f"rollout {row.rollout_s}s, {row.committed}/{n} committed")
     except Exception as exc:  # a run that fails is a row with its reason, the next run goes on
@@ -365,6 +383,9 @@ def main() -> int:
     parser.add_argument("--registry", default="sqlite",
                         help="sqlite (the home's file) or a postgresql:// URL for the scaled runs (default sqlite)")
     parser.add_argument("--kill", action="store_true", help="SIGKILL the lease-holding server mid-rollout")
+    parser.add_argument("--restart-after", type=float, default=-1.0, metavar="S",
+                        help="restart the killed server S seconds after the kill, as a supervisor would (default: "
+                             "only after the rollout, if rows are missing)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the single-node baseline runs")
     parser.add_argument("--baseline-only", action="store_true", help="only the single-node baseline runs")
     parser.add_argument("--model-mb", type=float, default=1.0, help="model size in MB (default 1)")
@@ -395,7 +416,8 @@ def main() -> int:
             for servers, shards, registry, kill in plans:
                 row = run_one(work / f"run-{n}-{servers}-{shards}-{len(rows)}", model, n, servers=servers,
                               shards=shards, registry=registry, kill=kill, compression=args.compression,
-                              loops=args.loops, timeout=args.timeout, verbose=args.verbose)
+                              loops=args.loops, timeout=args.timeout, verbose=args.verbose,
+                              restart_after=args.restart_after)
                 rows.append(row)
                 if (servers, shards, registry) == (1, 1, "sqlite") and (row.rollout_s is None or row.error):
                     baseline_failed = True  # the baseline's largest completed size is the one before
