@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -46,9 +47,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -199,6 +202,7 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
     brokers = [MosquittoBroker(workdir=work / f"mosquitto-{i}", max_inflight_messages=BROKER_INFLIGHT,
                                max_queued_bytes=BROKER_QUEUED_BYTES) for i in range(shards)]
     procs: list[subprocess.Popen[bytes]] = []
+    cleanup: list[Callable[[], None]] = []
     sim: subprocess.Popen[bytes] | None = None
     sysbytes: list[SysBytes] = []
     try:
@@ -206,6 +210,9 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
             b.start()
         home = work / "home"
         home.mkdir()
+        if registry != "sqlite":
+            registry = fresh_database(registry, f"efbench_{os.getpid()}_{work.name.replace('-', '_')}")
+            cleanup.append(lambda: drop_database(registry))
         paths = load_config(home).paths
         init_signing_key(paths)
         configs = []
@@ -336,8 +343,26 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
             s.close()
         for b in brokers:
             b.close()
+        for undo in cleanup:
+            with contextlib.suppress(Exception):
+                undo()
         phase("stopped")
     return row
+
+
+def fresh_database(url: str, name: str) -> str:
+    """A new, empty PostgreSQL database for one run (every run starts from an empty registry); its URL."""
+    psycopg = importlib.import_module("psycopg")  # the postgresql extra, only for --registry postgresql://...
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def drop_database(url: str) -> None:
+    psycopg = importlib.import_module("psycopg")
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(urlunsplit(urlsplit(url)._replace(path="/postgres")), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _service(home: Path, config_file: Path, model: Path, compression: str, db: Db) -> Any:
