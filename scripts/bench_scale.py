@@ -336,16 +336,15 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
     except Exception as exc:  # a run that fails is a row with its reason, the next run goes on
         row.error = f"{type(exc).__name__}: {exc}"
     finally:
-        _end(sim)
-        for p in procs:
-            _end(p)
-        for s in sysbytes:
-            s.close()
-        for b in brokers:
-            b.close()
-        for undo in cleanup:
+        # a second SIGTERM must not cut the clean-up short: every child goes, whatever fails on the way
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        steps: list[Callable[[], None]] = [lambda: _end(sim)]
+        steps += [lambda p=p: _end(p) for p in procs]  # type: ignore[misc]
+        steps += [s.close for s in sysbytes] + [b.close for b in brokers] + cleanup
+        for step in steps:
             with contextlib.suppress(Exception):
-                undo()
+                step()
+        signal.signal(signal.SIGTERM, previous)
         phase("stopped")
     return row
 
