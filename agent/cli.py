@@ -30,6 +30,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import ConfigError, EdgeError
+from agent.protocol.shards import pick
 from agent.runtime import faults
 from agent.runtime.agent import Agent
 from agent.runtime.config import AgentConfig, BrokerConfig, HttpConfig, KeysConfig, load_config, render_config
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--device-id", required=True, help="this device's id (1-64 of A-Z a-z 0-9 . _ -)")
     init.add_argument("--profile", required=True, help="device profile name, e.g. rpi4-aarch64-tflite-int8")
     init.add_argument("--server-key", required=True, type=Path, help="the server's Ed25519 public key file")
-    init.add_argument("--broker", required=True, help="MQTT broker as HOST or HOST:PORT")
+    init.add_argument("--broker", required=True,
+                      help="MQTT broker as HOST or HOST:PORT; several independent brokers (shards) as a "
+                           "comma-separated list in the server's order: the device keeps its own one (docs/scale.md)")
     init.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
                       help="connect to the broker with TLS (the default; --no-tls for plain MQTT on a trusted network)")
     init.add_argument("--ca-cert", type=Path, help="CA certificate for the broker (default: system CAs)")
@@ -160,7 +163,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     config_path: Path = args.config.resolve()
     if config_path.exists() and not args.force:
         raise ConfigError(f"{config_path} exists; pass --force to replace it", field="config")
-    host, _, port_text = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+    broker = args.broker
+    if "," in broker:  # several independent brokers (shards, in the server's order): this device's own one
+        try:
+            broker = pick(args.device_id, [b.strip() for b in broker.split(",")])
+        except ValueError as exc:
+            raise ConfigError(f"--broker: {exc}", field="broker.host") from exc
+        print(f"broker shard for {args.device_id}: {broker}")
+    host, _, port_text = broker.rpartition(":") if ":" in broker else (broker, "", "")
     if not port_text.isdigit() and port_text:
         raise ConfigError(f"--broker {args.broker!r}: the port must be a number", field="broker.port")
     port = int(port_text) if port_text else (8883 if args.tls else 1883)

@@ -28,7 +28,7 @@ from server.asgi import ApiHttpServer
 from server.build_ops import default_build_source
 from server.builds import BuildSource
 from server.chunks import ChunkServer
-from server.config import RUNTIME_FILE, ServerConfig
+from server.config import RUNTIME_FILE, BrokerSection, ServerConfig
 from server.errors import ServerError
 from server.identity import server_logins
 from server.ingest import Ingestor
@@ -41,6 +41,7 @@ from server.registry.fleet import open_registry
 from server.rollout.driver import Dispatcher, RolloutDriver
 from server.rollout.progress import ProgressTracker
 from server.service import FleetService, ProfileSource
+from server.shards import ShardedLink
 from server.signing import Signer
 
 log = logging.getLogger("edgefleet.server")
@@ -85,13 +86,19 @@ class FleetServer:
             on_chunk_request=self._on_chunk_request, on_written=self._on_ingest_written, clock=clock,
             quotas=config.quotas, reserved_logins=server_logins(b.username),
         )
-        self.link = MqttLink(
-            host=b.host, port=b.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
-            username=b.username or None, password=password,
-            ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
-            tls=b.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
-            shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
-        )
+
+        def make_link(url: str) -> MqttLink:
+            where = BrokerSection(url=url)
+            return MqttLink(
+                host=where.host, port=where.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
+                username=b.username or None, password=password,
+                ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
+                tls=where.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
+                shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
+            )
+
+        # several independent brokers: one link to each, device topics routed by shard (server/shards.py)
+        self.link: MqttLink | ShardedLink = ShardedLink(b.shards, make_link) if b.shards else make_link(b.url)
         p = config.publisher
         self.chunks = ChunkServer(
             read_chunk=self.artifacts.chunk,
@@ -183,8 +190,9 @@ class FleetServer:
                         "owner": self.owner, "started_at": self.clock()}).encode(),
             mode=0o600,
         )
-        log.info("edgefleet server %s: API on %s (web console %s/ui/), broker %s:%d", self.owner, self.api_url,
-                 self.api_url.rstrip("/"), self.link.host, self.link.port)
+        brokers = self.link.describe() if isinstance(self.link, ShardedLink) else f"{self.link.host}:{self.link.port}"
+        log.info("edgefleet server %s: API on %s (web console %s/ui/), broker %s", self.owner, self.api_url,
+                 self.api_url.rstrip("/"), brokers)
         return self
 
     def stop(self) -> None:

@@ -96,6 +96,7 @@ class ServerPaths:
 #     password_file = "keys/broker-server.password"   # relative paths are under the home
 #     ca_cert = "broker/tls/ca.crt"
 #     shared_subscriptions = false           # true with several server processes (MQTT 5 $share)
+#     shards = ["mqtts://mq0:8883", "mqtts://mq1:8883"]   # several independent brokers (docs/scale.md)
 #
 #     [api]
 #     host = "127.0.0.1"
@@ -173,17 +174,29 @@ class BrokerSection:
     shared_subscriptions: bool = False
     #: 5..600 s
     keepalive_s: int = 30
+    #: several independent brokers, in order (docs/scale.md): each device uses the one
+    #: ``agent.protocol.shards.shard_of`` names and the server connects to all of them (same login,
+    #: CA and client id on each); ``url`` is then unused. Empty = the one broker of ``url``.
+    shards: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        parts = urlsplit(self.url)
-        _check(parts.scheme in ("mqtt", "mqtts"), "broker", "url", "must start with mqtt:// or mqtts://")
-        _check(bool(parts.hostname), "broker", "url", "needs a host")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"[broker] url: bad port ({exc})", field="broker.url") from exc
-        _check(port is None or 0 < port < 65536, "broker", "url", "port out of range")
+        for key, url in [("url", self.url)] + [("shards", u) for u in self.shards]:
+            parts = urlsplit(url)
+            _check(parts.scheme in ("mqtt", "mqtts"), "broker", key, "must start with mqtt:// or mqtts://")
+            _check(bool(parts.hostname), "broker", key, "needs a host")
+            try:
+                port = parts.port
+            except ValueError as exc:
+                raise ConfigError(f"[broker] {key}: bad port ({exc})", field=f"broker.{key}") from exc
+            _check(port is None or 0 < port < 65536, "broker", key, "port out of range")
+        _check(len(self.shards) <= 256, "broker", "shards", "at most 256 brokers")
+        _check(len(set(self.shards)) == len(self.shards), "broker", "shards", "a broker is listed twice")
         _check(5 <= self.keepalive_s <= 600, "broker", "keepalive_s", "must be within 5..600")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The brokers this server connects to: the shards, else ``url``."""
+        return self.shards or (self.url,)
 
     @property
     def tls(self) -> bool:
@@ -419,6 +432,8 @@ def _coerce(section: str, key: str, value: Any, default: Any, annotation: str) -
         return float(value)
     if "None" in annotation and value is None:
         return None
+    if "tuple[str" in annotation and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     expected = type(default) if default is not None else float
     if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
         raise ConfigError(f"[{section}] {key}: expected {expected.__name__}, got {type(value).__name__}",

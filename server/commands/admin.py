@@ -108,7 +108,10 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         hand_over,
         render_config,
     )
+    from server.shards import shard_users  # noqa: PLC0415
 
+    if args.port + args.shards - 1 > 65535:
+        raise ServerError(f"--port {args.port} + {args.shards} shards runs past port 65535")
     config = load_config(args.home, args.config)
     registry = open_registry(config)
     out: Path = args.out.resolve()
@@ -131,27 +134,39 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     logins = [SERVER_USER] + [f"{SERVER_USER}-{i}" for i in range(2, args.server_logins + 1)]
     servers = {login: str(server_broker_password(config.paths, login=login)) for login in logins}
     users = {login: mosquitto_hash(pw) for login, pw in servers.items()} | devices
-    try:
-        text = render_config(port=args.port, host=args.listen, workdir=out, run_as=args.run_as,
-                             security=BrokerSecurity(tls=tls, users=users, hashed=True, acl=acl_text(logins)),
-                             persistence=args.persistence,
-                             max_inflight_messages=20, max_queued_bytes=16 << 20,  # bounded per device
-                             max_packet_size=PROTOCOL_MAX_PACKET)
-        atomic_write(out / "mosquitto.conf", text.encode(), mode=0o644)
-        # mosquitto started as root switches to run_as before reading passwd and the TLS key (0600): hand them over
-        # (the directory too, for persistence, but only one this command made: never chown an existing /etc/...)
-        owned = [*([out] if created else []), out / "passwd", out / "acl", out / "mosquitto.db"]
-        if tls is not None and tls.server_key.parent == out / "tls":
-            owned += [out / "tls", tls.server_key]
-        handed = hand_over(args.run_as, owned)
-    except BrokerError as exc:
-        raise ServerError(str(exc)) from exc
+    # --shards N: N independent mosquittos (docs/scale.md), each with only its own devices' logins and the
+    # same ACL and server logins, in OUT/shard-I/ listening on PORT + I; one broker: OUT itself, as always
+    tables = shard_users(users, logins, args.shards) if args.shards > 1 else [users]
+    dirs = [out / f"shard-{i}" for i in range(args.shards)] if args.shards > 1 else [out]
     scheme = "mqtt" if tls is None else "mqtts"
     connect_host = args.listen if args.listen not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
+    urls = [f"{scheme}://{connect_host}:{args.port + i}" for i in range(len(dirs))]
+    handed = False
+    try:
+        for i, (where, table) in enumerate(zip(dirs, tables, strict=True)):
+            fresh = not where.exists()
+            where.mkdir(parents=True, exist_ok=True)
+            text = render_config(port=args.port + i, host=args.listen, workdir=where, run_as=args.run_as,
+                                 security=BrokerSecurity(tls=tls, users=table, hashed=True, acl=acl_text(logins)),
+                                 persistence=args.persistence,
+                                 max_inflight_messages=20, max_queued_bytes=16 << 20,  # bounded per device
+                                 max_packet_size=PROTOCOL_MAX_PACKET)
+            atomic_write(where / "mosquitto.conf", text.encode(), mode=0o644)
+            # mosquitto started as root switches to run_as before reading passwd and the TLS key (0600): hand them
+            # over (the directory too, for persistence, but only one this command made: never chown /etc/...)
+            owned = [*([where] if fresh or (created and where == out) else []), where / "passwd", where / "acl",
+                     where / "mosquitto.db"]
+            if tls is not None and tls.server_key.parent == out / "tls":
+                owned += [out / "tls", tls.server_key]
+            handed = hand_over(args.run_as, owned) or handed
+    except BrokerError as exc:
+        raise ServerError(str(exc)) from exc
+    where_line = (f'url = "{urls[0]}"\n' if len(urls) == 1
+                  else "shards = [" + ", ".join(f'"{u}"' for u in urls) + "]\n")
     broker_section = (
         "[broker]\n"
-        f'url = "{scheme}://{connect_host}:{args.port}"\n'
-        f'username = "{SERVER_USER}"\n'
+        + where_line
+        + f'username = "{SERVER_USER}"\n'
         'password_file = "keys/broker-server.password"\n'
         + (f'ca_cert = "{tls.ca_cert}"\n' if tls else "")
     )
@@ -162,10 +177,14 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     else:
         wrote = f"{cfg} exists; make its [broker] section read:"
     registry.record_audit(actor=f"local:{_user()}", action="broker_config", target=str(out),
-                          params={"port": args.port, "tls": tls is not None}, outcome="ok",
+                          params={"port": args.port, "tls": tls is not None, "shards": args.shards}, outcome="ok",
                           detail=f"{len(devices)} device login(s), {len(logins)} server login(s)")
-    console.print(f"mosquitto config: {out / 'mosquitto.conf'}  (run: mosquitto -c {out / 'mosquitto.conf'})")
-    console.print(f"logins: {len(logins)} server + {len(devices)} device(s); ACL: {out / 'acl'}")
+    for where, table in zip(dirs, tables, strict=True):
+        console.print(f"mosquitto config: {where / 'mosquitto.conf'}  (run: mosquitto -c {where / 'mosquitto.conf'})")
+        console.print(f"logins: {len(logins)} server + {len(table) - len(logins)} device(s); ACL: {where / 'acl'}")
+    if len(dirs) > 1:
+        console.print("each device connects to its own shard only: `edgefleet broker shard DEVICE_ID` names it, and "
+                      "`edgefleet-agent init --broker` takes the shards' list in this order")
     for login in logins[1:]:
         console.print(f"another server process: [broker] username = \"{login}\", password_file = "
                       f"\"keys/{server_password_file(login)}\"", highlight=False, markup=False)
@@ -175,6 +194,20 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         console.print(f"TLS: CA {tls.ca_cert} (give it to devices), certificate {tls.server_cert}")
     console.print(f"{wrote}\n{broker_section}", highlight=False, markup=False)
     console.print("after registering or revoking devices, run this again and reload mosquitto (kill -HUP)")
+    return 0
+
+
+def cmd_broker_shard(args: argparse.Namespace) -> int:
+    """Which broker each device belongs to, from the server config's [broker] shards (docs/scale.md)."""
+    from agent.protocol.shards import shard_of  # noqa: PLC0415
+
+    urls = load_config(args.home, args.config).broker.urls
+    for device_id in args.device_id:
+        try:
+            index = shard_of(device_id, len(urls))
+        except ValueError as exc:
+            raise ServerError(str(exc)) from exc
+        console.print(f"{device_id}\tshard {index} of {len(urls)}\t{urls[index]}", highlight=False, markup=False)
     return 0
 
 
@@ -238,9 +271,15 @@ def register(subparsers: Any) -> None:
                    help="persist retained messages and sessions across broker restarts (default on)")
     p.add_argument("--server-logins", type=int, default=1, choices=range(1, 17), metavar="N",
                    help="broker logins for N server processes (edgefleet-server, edgefleet-server-2, ...; default 1)")
+    p.add_argument("--shards", type=int, default=1, choices=range(1, 257), metavar="N",
+                   help="N independent brokers (OUT/shard-I/, port PORT+I), each device's login on its own shard "
+                        "only (docs/scale.md; default 1)")
     p.add_argument("--run-as", default="mosquitto", metavar="USER",
                    help="account mosquitto switches to when started as root (default mosquitto, the Debian "
                         "package's user); run as root, this command gives it the generated passwd, acl and key")
+
+    p = add_command(bs, "shard", "print the broker (shard) each device connects to", cmd_broker_shard)
+    p.add_argument("device_id", nargs="+")
 
     srv = subparsers.add_parser("server", help="run the control plane", description="The edgefleet server.")
     ss = srv.add_subparsers(dest="server_command", metavar="COMMAND", required=True)

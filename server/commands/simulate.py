@@ -86,7 +86,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="PATH",
                    help="server config file (default HOME/server.toml)")
     p.add_argument("--broker", metavar="URL", default=None,
-                   help="mqtt://host:port or mqtts://host:port (default: [broker] url of the server config)")
+                   help="mqtt://host:port or mqtts://host:port, or several independent brokers (shards) as a "
+                        "comma-separated list in their configured order: each device connects to its own "
+                        "(default: [broker] url or shards of the server config)")
     p.add_argument("--tls", action="store_true",
                    help="connect with TLS (implied by mqtts:// and by a [broker] url of mqtts://)")
     p.add_argument("--ca", "--ca-cert", dest="ca_cert", type=Path, default=None, metavar="FILE",
@@ -230,8 +232,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.home, args.config)
         if args.broker:
-
-            b = BrokerSection(url=args.broker)
+            b = BrokerSection(url=args.broker.split(",")[0].strip(),
+                              shards=tuple(u.strip() for u in args.broker.split(",")) if "," in args.broker else ())
             b.validate()
         else:
             b = config.broker
@@ -254,9 +256,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         profile=args.profile, fail_versions=frozenset(args.fail_version), requests_per_s=args.requests_per_s,
         latency_ms=args.latency_ms, telemetry_s=args.telemetry_s,
     )
-    target = BrokerTarget(b.host, b.port, tls=b.tls or args.tls, ca_cert=str(ca_cert) if ca_cert else None,
-                          credentials=credentials, check_hostname=not args.no_check_hostname)
-    fleet = SimFleet(ids, broker=target, trust=trust, settings=settings, seed=args.seed, loops=args.loops)
+    # several brokers (shards): each device connects to its own one, as its agent would (docs/scale.md)
+    targets = [BrokerTarget(w.host, w.port, tls=w.tls or args.tls, ca_cert=str(ca_cert) if ca_cert else None,
+                            credentials=credentials, check_hostname=not args.no_check_hostname)
+               for w in (BrokerSection(url=u) for u in b.urls)]
+    fleet = SimFleet(ids, broker=targets, trust=trust, settings=settings, seed=args.seed, loops=args.loops)
     stop = threading.Event()
     previous = {}
     signals: list[int] = []

@@ -27,7 +27,7 @@ import ssl
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -37,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol.envelope import TrustAnchor
 from agent.protocol.events import EventKind
 from agent.protocol.messages import ModelRef
+from agent.protocol.shards import pick
 from server.simulator.device import SimDevice, SimSettings
 
 log = logging.getLogger("edgefleet.simulator")
@@ -113,10 +114,12 @@ def _ref_key(ref: ModelRef | None) -> str:
 
 
 class _Shard(threading.Thread):
-    def __init__(self, index: int, devices: list[SimDevice], broker: BrokerTarget, stop: threading.Event) -> None:
+    def __init__(self, index: int, devices: list[SimDevice], brokers: Sequence[BrokerTarget],
+                 stop: threading.Event) -> None:
         super().__init__(name=f"edgefleet-sim-{index}", daemon=True)
         self.devices = devices
-        self.broker = broker
+        #: one broker, or the shard brokers in order: each device uses its own (agent.protocol.shards)
+        self.brokers = brokers
         self._stop_flag = stop
         self._selector = selectors.DefaultSelector()
         self._to_connect: deque[SimDevice] = deque(devices)
@@ -133,7 +136,7 @@ class _Shard(threading.Thread):
     def _client(self, dev: SimDevice) -> mqtt.Client:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev.device_id, clean_session=False,
                         protocol=mqtt.MQTTv311)
-        b = self.broker
+        b = self.broker_of(dev)
         login = b.login(dev.device_id)
         if login is not None:
             c.username_pw_set(*login)
@@ -178,6 +181,9 @@ class _Shard(threading.Thread):
         c.on_message = on_message
         return c
 
+    def broker_of(self, dev: SimDevice) -> BrokerTarget:
+        return pick(dev.device_id, self.brokers)
+
     def _connect(self, dev: SimDevice) -> None:
         if dev.client is None:
             dev.client = self._client(dev)
@@ -186,7 +192,8 @@ class _Shard(threading.Thread):
         dev.client.will_set(topic, payload, qos=1, retain=True)
         try:
             if dev.counters.connects == 0 and dev.session == 1:
-                dev.client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+                b = self.broker_of(dev)
+                dev.client.connect(b.host, b.port, keepalive=b.keepalive_s)
             else:
                 dev.client.reconnect()
         except ssl.SSLCertVerificationError as exc:
@@ -298,17 +305,21 @@ class SimFleet:
         self,
         ids: Iterable[str],
         *,
-        broker: BrokerTarget,
+        broker: BrokerTarget | Sequence[BrokerTarget],
         trust: TrustAnchor,
         settings: SimSettings,
         seed: str = "edgefleet",
         loops: int = 2,
     ) -> None:
         self.devices = [SimDevice(d, key=device_key(seed, d), trust=trust, settings=settings) for d in ids]
-        self.broker = broker
+        #: ``broker``: one broker, or several independent ones (shards, docs/scale.md) in their configured order
+        self.brokers: tuple[BrokerTarget, ...] = (broker,) if isinstance(broker, BrokerTarget) else tuple(broker)
+        if not self.brokers:
+            raise ValueError("no broker to connect to")
+        self.broker = self.brokers[0]
         self._stop = threading.Event()
         n = max(1, min(loops, len(self.devices) or 1))
-        self.shards = [_Shard(i, self.devices[i::n], broker, self._stop) for i in range(n)]
+        self.shards = [_Shard(i, self.devices[i::n], self.brokers, self._stop) for i in range(n)]
 
     def start(self) -> SimFleet:
         for s in self.shards:

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.cli import main
+from agent.protocol.shards import shard_of
 from agent.runtime.config import load_config
 from agent.runtime.keys import fingerprint, load_device_key, load_trust_anchor
 
@@ -70,6 +71,16 @@ def test_init_writes_keys_and_a_loadable_config(tmp_path: Path, capsys: pytest.C
     assert init(tmp_path)[0] == 78
     assert init(tmp_path, "--force")[0] == 0
     assert device_key.read_bytes() == before
+
+
+def test_init_with_shard_brokers_keeps_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    brokers = ["mq0.example.com:8883", "mq1.example.com:8884", "mq2.example.com:8885"]
+    code, config_path = init(tmp_path, "--broker", ",".join(brokers))  # the last --broker wins
+    assert code == 0
+    config = load_config(config_path)
+    own = brokers[shard_of("pi-0042", 3)]
+    assert f"{config.broker.host}:{config.broker.port}" == own
+    assert f"broker shard for pi-0042: {own}" in capsys.readouterr().out
 
 
 def test_install_service_renders_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
