@@ -11,7 +11,6 @@ SQLite and PostgreSQL both accept (``ON CONFLICT ... DO UPDATE``, no engine-spec
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from agent.protocol.measurement import Measurement
 from server.registry.base import TableOwner, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
-from server.registry.db import Database, Migration
+from server.registry.db import Connection, Migration, RegistryDatabase
 
 MIGRATIONS: tuple[Migration, ...] = (
     (
@@ -106,7 +105,7 @@ class MeasurementTables(TableOwner):
         return self.db.migrate(MIGRATIONS)
 
     @staticmethod
-    def record_measurement(conn: sqlite3.Connection, m: Measurement, now: float) -> bool:
+    def record_measurement(conn: Connection, m: Measurement, now: float) -> bool:
         """Keep ``m`` as the latest figure of its (device, build, variant, source); False for an unknown device."""
         row = conn.execute("SELECT profile FROM devices WHERE device_id = ?", (m.device_id,)).fetchone()
         if row is None:
@@ -173,7 +172,7 @@ class MeasurementTables(TableOwner):
 
     @staticmethod
     def record_probe(
-        conn: sqlite3.Connection, probe_id: str, *, device_ids: Sequence[str], artifacts: Sequence[tuple[str, str]],
+        conn: Connection, probe_id: str, *, device_ids: Sequence[str], artifacts: Sequence[tuple[str, str]],
         model: str, version: int, profile: str, now: float, expires_at: float,
     ) -> None:
         """Grant each device the (artifact id, variant) pairs of one probe until ``expires_at``."""
@@ -196,6 +195,6 @@ class MeasurementTables(TableOwner):
 class MeasurementRegistry(MeasurementTables):
     """The measurements owner on its own (``model show`` reads it beside the catalog)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: RegistryDatabase) -> None:
         self.db = db
         self.migrate_measurements()
