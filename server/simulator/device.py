@@ -49,20 +49,18 @@ from agent.core.lifecycle import (
     Verified,
     WarmedUp,
 )
-from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.core.reassembly import Reassembly, Taken, progress_due, take_chunk
 from agent.core.reports import EventReporter
 from agent.core.trust import TrustState
 from agent.errors import (
-    ConflictingChunkError,
     EdgeError,
     HealthCheckError,
     IntegrityError,
     LifecycleError,
     TopicError,
-    VersionNotKeptError,
 )
 from agent.protocol.delta import DeltaInfo, delta_offer
-from agent.protocol.envelope import ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import ChunkOpener, TrustAnchor, unwrap_key
 from agent.protocol.events import EventKind, error_kind
 from agent.protocol.messages import (
     ActiveModel,
@@ -358,10 +356,7 @@ class SimDevice(EventReporter):
             info, key = offer.artifact, offer.key
         data_key = unwrap_key(key, self.key, artifact_id=info.artifact_id, device_id=self.device_id)
         sink = StreamingSink(total_size=info.compressed_size, compression=info.compression, model_size=info.size)
-        reassembly = Reassembly(
-            artifact_id=info.artifact_id, chunk_count=info.chunk_count, chunk_size=info.chunk_size,
-            total_size=info.compressed_size, sha256=info.compressed_sha256, max_bytes=self.settings.max_artifact_bytes,
-        )
+        reassembly = Reassembly.for_artifact(info, max_bytes=self.settings.max_artifact_bytes)
         mono = self.monotonic()
         return _Download(target, desired, info, ChunkOpener(data_key, info), reassembly, sink,
                          last_new_at=mono, timeout=self.settings.chunk_timeout_s, last_progress_at=mono,
@@ -392,25 +387,12 @@ class SimDevice(EventReporter):
         d = self._download
         if d is None or d.complete:
             return
-        try:
-            header = parse_chunk_header(payload)
-        except EdgeError as exc:
-            self._error_event(exc.code, f"dropped a malformed chunk: {exc.message}")
-            return
-        if header.artifact_id != d.info.artifact_id:
-            return
-        try:
-            opened = d.opener.open_chunk(payload)
-            added = d.reassembly.add(opened.index, opened.data, d.sink, fingerprint=opened.tag)
-        except ConflictingChunkError as exc:
-            self._error_event(exc.code, exc.message)
-            return
-        except EdgeError as exc:
-            self.counters.dropped_chunks += 1
-            self._error_event(exc.code, f"dropped chunk {header.index}: {exc.message}")
-            return
-        if added is Added.DUPLICATE:
-            self.counters.duplicate_chunks += 1
+        taken = take_chunk(payload, d.opener, d.reassembly, d.sink)
+        self.counters.dropped_chunks += taken.outcome is Taken.DROPPED
+        self.counters.duplicate_chunks += taken.outcome is Taken.DUPLICATE
+        if taken.error is not None:
+            self._error_event(taken.error.code, taken.note)
+        if taken.outcome is not Taken.NEW:
             return
         self.counters.chunks += 1
         now = self.monotonic()
@@ -471,8 +453,7 @@ class SimDevice(EventReporter):
         now = self.clock()
         kept = self._kept.get(target)
         if kept is None:
-            err = VersionNotKeptError(target.name, target.version)
-            return Failed(now, Failure("warming", err.code, err.message, "load"))
+            return Failed.unkept(now, target)
         if target.version in self.settings.fail_versions:
             budget = kept.health.latency_budget_ms or 50.0
             check = HealthCheckError(f"p95 latency {budget * 4:.2f} ms over the {budget:.2f} ms budget (simulated)",
