@@ -34,9 +34,9 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
+from agent.core.device import DeviceCore
 from agent.core.executor import feed
 from agent.core.health import ProbationPolicy, WindowStats
-from agent.core.intake import Intake, carry_out
 from agent.core.journal import Failure, JournalRecord, State
 from agent.core.lifecycle import (
     DownloadComplete,
@@ -50,8 +50,6 @@ from agent.core.lifecycle import (
     WarmedUp,
 )
 from agent.core.reassembly import Reassembly, Taken, progress_due, take_chunk
-from agent.core.reports import EventReporter
-from agent.core.trust import TrustState
 from agent.errors import (
     EdgeError,
     HealthCheckError,
@@ -153,7 +151,7 @@ class Counters:
     events: dict[str, int] = field(default_factory=dict)
 
 
-class SimDevice(EventReporter):
+class SimDevice(DeviceCore):
     def __init__(
         self,
         device_id: str,
@@ -164,14 +162,11 @@ class SimDevice(EventReporter):
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.device_id = device_id
+        DeviceCore.__init__(self, device_id, trust, skew=settings.clock_skew_s, clock=clock, monotonic=monotonic)
         self.key = key
         self.trust = trust
         self.settings = settings
-        self.clock = clock
-        self.monotonic = monotonic
         self.public_key = key.public_key().public_bytes_raw()
-        self.machine = UpdateMachine()
         self.client: mqtt.Client | None = None
         self.session = 0
         self.online = False
@@ -182,18 +177,8 @@ class SimDevice(EventReporter):
         self._download: _Download | None = None
         self._candidate: ModelRef | None = None
         self._standby: ModelRef | None = None
-        self._probation_since: float | None = None
-        self._probation_next: float | None = None
-        self._pending_desired: bytes | None = None
-        self.trusted = TrustState(trust, device_id=device_id, skew=settings.clock_skew_s)
-        self.intake = Intake(self.trusted)
         self._commits = 0
-        self._error_counts: dict[str, tuple[float, int]] = {}
-        self._published_lifecycle: State | None = None
         self._state_dirty = False
-        self._last_state: bytes | None = None
-        self._birth_sent = False
-        self._telemetry_next = 0.0
         self._telemetry_start = 0.0
 
     # -- connection (called by the shard loop) ------------------------------------------------------------
@@ -296,9 +281,7 @@ class SimDevice(EventReporter):
     # -- feeding the machine ------------------------------------------------------------------------------
 
     def _after_events(self) -> None:
-        if self.machine.state is State.IDLE and self._pending_desired is not None:
-            blob, self._pending_desired = self._pending_desired, None
-            self._on_desired(blob)
+        self._take_deferred()
         if self._state_dirty:
             self._publish_state()
 
@@ -530,11 +513,8 @@ class SimDevice(EventReporter):
         kept = self._find(ref, committed_only=True)
         return kept.artifact_id if kept is not None else None
 
-    def _on_desired(self, blob: bytes) -> None:
-        carry_out(self.intake.desired(blob, self.machine, self, self.clock()), blob, self)
-
-    def _defer(self, blob: bytes) -> None:
-        self._pending_desired = blob
+    def _kept_versions(self) -> SimDevice:
+        return self
 
     def _save_desired(self, desired: DesiredState, blob: bytes) -> EdgeError | None:
         if desired.artifact is None:
@@ -546,15 +526,6 @@ class SimDevice(EventReporter):
         self.trusted.accepted(desired)
         self._event(EventKind.DESIRED_ACCEPTED, model=desired.model, deployment_id=desired.deployment_id,
                     message=message, data={"action": desired.action, "seq": desired.seq})
-
-    def _on_command(self, blob: bytes) -> None:
-        now = self.clock()
-        try:
-            cmd = self.trusted.open_command(blob, self.machine.record, now)
-        except EdgeError as exc:
-            self._error_event(exc.code, f"command rejected: {exc.message}")
-            return
-        carry_out(self.intake.command(cmd, self.machine, self, now), blob, self)
 
     def _purge(self, cmd: Command, seen: Seen) -> None:
         self._feed(seen)
