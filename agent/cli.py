@@ -32,12 +32,10 @@ from agent import __version__
 from agent.errors import ConfigError, EdgeError
 from agent.runtime import faults
 from agent.runtime.agent import Agent
-from agent.runtime.config import AgentConfig, BrokerConfig, HttpConfig, KeysConfig, load_config, render_config
+from agent.runtime.config import AgentConfig, BrokerConfig, KeysConfig, load_config, render_config
 from agent.runtime.fsutil import atomic_write
 from agent.runtime.host import ModelHost
-from agent.runtime.http import HttpConfig as ServerHttpConfig
-from agent.runtime.http import InferenceHttpServer
-from agent.runtime.inference import InferenceOptions
+from agent.runtime.http import HttpConfig, InferenceHttpServer
 from agent.runtime.keys import (
     fingerprint,
     generate_device_key,
@@ -253,33 +251,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _make_host(config: AgentConfig) -> ModelHost:
     """The serving runtime, configured from ``[inference]``."""
-    c = config.inference
-    options = InferenceOptions(
-        intra_op_threads=c.intra_op_threads,
-        inter_op_threads=c.inter_op_threads,
-        allow_spinning=c.allow_spinning,
-        cache_dir=c.cache_dir,
-        trt_fp16=c.trt_fp16,
-        trt_workspace_bytes=c.trt_workspace_bytes,
-        litert_interpreters=c.litert_interpreters,
-    )
-    return ModelHost(options)
+    return ModelHost(config.inference)
 
 
 def _start_http(config: AgentConfig, host: ModelHost) -> InferenceHttpServer | None:
-    if not config.http.enabled:
-        return None
     h = config.http
-    server_config = ServerHttpConfig(
-        host=h.host,
-        port=h.port,
-        max_body_bytes=h.max_body_bytes,
-        max_connections=h.max_connections,
-        idle_timeout_s=h.idle_timeout_s,
-        allow_remote=h.allow_remote,
-    )
+    if not h.enabled:
+        return None
     try:
-        return InferenceHttpServer(host, server_config).start()
+        return InferenceHttpServer(host, h).start()
     except OSError as exc:
         raise ConfigError(f"cannot serve HTTP on {h.host}:{h.port}: {exc.strerror or exc}", field="http.port") from exc
 
