@@ -58,6 +58,14 @@ def agent_factory(tmp_path: Path, broker: MosquittoBroker, fleet: FleetServer) -
         agent.kill()
 
 
+@pytest.fixture
+def agent_v1(fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory) -> AgentProcess:
+    """A started agent serving the good digits model as v1, committed (where most agent tests begin)."""
+    agent = agent_factory()
+    deploy_and_commit(fleet, agent, models, 1)
+    return agent
+
+
 def deploy_and_commit(
     fleet: FleetServer,
     agent: AgentProcess,
