@@ -11,13 +11,7 @@ import pytest
 from agent.runtime.store import ModelStore
 from tests.support.delta import DeltaDeploy, deploy_delta, fine_tuned, requested
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import (
-    agent_factory,
-    agent_v1,
-    assert_serves,
-    fleet,
-    models,
-)
+from tests.support.devices.fixtures import agent_factory, agent_v1, assert_serves, fleet, models
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer

@@ -20,6 +20,7 @@ from tests.support.devices.fixtures import (
     AgentFactory,
     agent_factory,
     agent_v1,
+    agent_v2,
     assert_serves,
     deploy_and_commit,
     fleet,
@@ -29,7 +30,7 @@ from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
 
-__all__ = ["agent_factory", "agent_v1", "fleet", "models"]
+__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]
 
 pytestmark = pytest.mark.broker
 
@@ -191,11 +192,10 @@ def test_retained_desired_is_not_reprocessed_on_restart(
 
 
 def test_corrupted_committed_model_falls_back_to_a_kept_version(
-    fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess
+    fleet: FleetServer, models: AgentModels, agent_v2: AgentProcess
 ) -> None:
     """Bit rot in the committed model file (found by its digest at start): serve the previous kept version."""
-    agent = agent_v1
-    deploy_and_commit(fleet, agent, models, 2, "good_v2")
+    agent = agent_v2
     agent.stop()
     (current,) = [p for p in (agent.store_dir / "models" / "digits").iterdir() if p.name.startswith("2-")]
     model_file = current / "model.onnx"

@@ -22,6 +22,7 @@ from tests.support.devices.fixtures import (
     AgentFactory,
     agent_factory,
     agent_v1,
+    agent_v2,
     assert_serves,
     deploy_and_commit,
     fleet,
@@ -31,7 +32,7 @@ from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
 
-__all__ = ["agent_factory", "agent_v1", "fleet", "models"]  # fixtures used by name below
+__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]  # fixtures used by name below
 
 pytestmark = pytest.mark.broker
 
@@ -174,10 +175,9 @@ def test_probation_error_rate_rolls_back_under_real_traffic(
 
 
 def test_rollback_activate_and_pin_need_no_chunks(
-    fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess
+    fleet: FleetServer, models: AgentModels, agent_v2: AgentProcess
 ) -> None:
-    agent = agent_v1
-    deploy_and_commit(fleet, agent, models, 2, "good_v2")
+    agent = agent_v2
     fleet.serve_chunks = False  # from here on the broker carries no chunks at all
     sent = fleet.chunks_sent
 

@@ -66,6 +66,13 @@ def agent_v1(fleet: FleetServer, models: AgentModels, agent_factory: AgentFactor
     return agent
 
 
+@pytest.fixture
+def agent_v2(fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess) -> AgentProcess:
+    """The ``agent_v1`` agent after a second deploy: v2 (``good_v2``) committed and serving, v1 kept."""
+    deploy_and_commit(fleet, agent_v1, models, 2, "good_v2")
+    return agent_v1
+
+
 def deploy_and_commit(
     fleet: FleetServer,
     agent: AgentProcess,
