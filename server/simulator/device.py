@@ -260,10 +260,11 @@ class SimDevice(DeviceCore):
             self._publish_telemetry(now)
         self._after_events()
 
-    def seed(self, ref: ModelRef) -> None:
-        """Start with ``ref`` committed, kept and serving (a device already in service; before it connects)."""
+    def seed(self, ref: ModelRef, artifact_id: str | None = None) -> None:
+        """Start with ``ref`` committed, kept and serving (a device already in service; before it connects);
+        ``artifact_id``: the artifact it was installed from (a deploy of the same one is "already serving")."""
         self._commits += 1
-        self._kept[ref] = _Kept(ref, None, None, HealthSpec((), (), 0.0), RuntimeSpec("onnx", "onnxruntime"),
+        self._kept[ref] = _Kept(ref, artifact_id, None, HealthSpec((), (), 0.0), RuntimeSpec("onnx", "onnxruntime"),
                                 committed=True, committed_order=self._commits)
         self.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: ref.version}))
         self.active = ref

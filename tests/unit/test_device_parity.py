@@ -7,6 +7,10 @@ activate), and feeds each sequence to a real ``Agent`` (real store on disk, real
 broker: ``_dispatch`` as in the malformed-input suite) and to a ``SimDevice`` (no client). After
 every message both must be in the same lifecycle state with the same journal facts, and must have
 emitted the same events (kind, code) in the same order.
+
+Downgrades: in ``test_downgrades_are_decided_alike`` both devices start with a committed version
+(installed and committed in the agent's real store; ``SimDevice.seed`` in the simulator) and the
+generated deploys and pins go below, to and above it: the version floor refuses older deploys on both.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from agent.core.journal import JournalRecord
+from agent.core.lifecycle import UpdateMachine
 from agent.protocol.envelope import TrustAnchor, seal_artifact, seal_command, seal_desired, wrap_key
 from agent.protocol.messages import Command, DesiredState, ModelRef
 from agent.protocol.topics import Channel, device_topic
@@ -81,6 +87,18 @@ class Pair:
                           for i in range(3)]
         self.device_public = key.public_key()
         self.last_blob: tuple[str, bytes] | None = None
+        self.tmp = tmp
+
+    def seed(self, version: int, variant: int = 0) -> None:
+        """Both start with m ``version`` committed, installed from artifact ``variant`` (the agent: its real store)."""
+        ref, sealed = ModelRef("m", version), self.artifacts[variant]
+        source = self.tmp / f"seed-{version}.bin"
+        source.write_bytes(bytes([variant]) * 3000)  # compression "none": the artifact is the model file
+        self.agent.store.install(ref=ref, info=sealed.info, runtime=agent_models.ONNX,
+                                 health=agent_models.digits_health(), variant=None, source=source)
+        self.agent.store.commit(ref)
+        self.agent.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: version}))
+        self.sim.seed(ref, sealed.info.artifact_id)
 
     @staticmethod
     def _tap(device: Any, sink: list[tuple[str, str | None]]) -> None:
@@ -149,6 +167,55 @@ def test_agent_and_simulator_decide_alike(sequence: list[Step], quiet: None) -> 
                 pair.feed(topic, payload)
                 assert pair.facts(pair.agent) == pair.facts(pair.sim), step
                 assert pair.agent_events == pair.sim_events, step
+        finally:
+            pair.host.close()
+
+
+#: deploys and pins around the committed version 3 (1-2 below it: downgrades; 3: the same; 4: newer)
+downgrade_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["deploy", "deploy", "deploy", "pin", "again", "rollback", "activate"]),
+        st.integers(min_value=1, max_value=12),
+        st.integers(min_value=1, max_value=4),
+        st.integers(min_value=0, max_value=5),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=downgrade_steps)
+def test_downgrades_are_decided_alike(sequence: list[Step], quiet: None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = Pair(Path(tmp))
+        try:
+            pair.seed(3)
+            assert pair.facts(pair.agent) == pair.facts(pair.sim)
+            for step in sequence:
+                topic, payload = pair.blob(step)
+                pair.feed(topic, payload)
+                assert pair.facts(pair.agent) == pair.facts(pair.sim), step
+                assert pair.agent_events == pair.sim_events, step
+            event(f"downgrades refused: {pair.agent_events.count(('desired.rejected', 'downgrade'))}")
+        finally:
+            pair.host.close()
+
+
+@pytest.mark.parametrize(("version", "refused"), [(1, True), (2, True), (3, False), (4, False)])
+def test_the_version_floor_refuses_older_deploys_on_both(version: int, refused: bool) -> None:
+    """With v3 committed, a signed deploy of v1 or v2 is refused as a downgrade (its seq used up) by both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = Pair(Path(tmp))
+        try:
+            pair.seed(3)
+            pair.feed(*pair.blob(("deploy", 5, version, 1)))
+            downgrade = ("desired.rejected", "downgrade")
+            assert (downgrade in pair.agent_events) is refused, pair.agent_events
+            assert pair.agent_events == pair.sim_events
+            assert pair.facts(pair.agent) == pair.facts(pair.sim)
+            assert pair.agent.machine.record.last_seq == 5  # authentic: the refusal uses up its seq
+            assert pair.agent.machine.record.committed == ModelRef("m", 3)
         finally:
             pair.host.close()
 
