@@ -41,6 +41,7 @@ from agent.runtime.mqtt import Message
 from server.simulator.device import SimDevice, SimSettings
 from tests.support.devices.agent_process import write_config
 from tests.support.models import agent as agent_models
+from tests.support.models import real_model
 
 DEVICE = "parity-1"
 NOW = 1_900_000_000.0
@@ -89,14 +90,18 @@ class Pair:
         self.last_blob: tuple[str, bytes] | None = None
         self.tmp = tmp
 
-    def seed(self, version: int, variant: int = 0) -> None:
-        """Both start with m ``version`` committed, installed from artifact ``variant`` (the agent: its real store)."""
-        ref, sealed = ModelRef("m", version), self.artifacts[variant]
-        source = self.tmp / f"seed-{version}.bin"
-        source.write_bytes(bytes([variant]) * 3000)  # compression "none": the artifact is the model file
-        self.agent.store.install(ref=ref, info=sealed.info, runtime=agent_models.ONNX,
-                                 health=agent_models.digits_health(), variant=None, source=source)
+    def seed(self, version: int) -> None:
+        """Both start serving m ``version``, committed, installed from artifact 0, which becomes the real digits
+        model (the agent: installed in its real store and loaded by its real host, so a restore works on both)."""
+        ref, model = ModelRef("m", version), real_model("digits").path.read_bytes()
+        sealed = seal_artifact(model, chunk_size=16 * 1024, compression="none", shared_topic=False)
+        self.artifacts[0] = sealed
+        source = self.tmp / "seed.onnx"
+        source.write_bytes(model)  # compression "none": the artifact is the model file
+        kept = self.agent.store.install(ref=ref, info=sealed.info, runtime=agent_models.ONNX,
+                                        health=agent_models.digits_health(), variant=None, source=source)
         self.agent.store.commit(ref)
+        self.host.activate(self.host.load(kept.path, ref=ref, runtime=agent_models.ONNX))
         self.agent.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: version}))
         self.sim.seed(ref, sealed.info.artifact_id)
 
@@ -141,6 +146,13 @@ class Pair:
         self.agent._after_events()
         self.sim.on_message(topic, payload)
 
+    def run(self, sequence: list[Step]) -> None:
+        """Feed each step to both; after each, the same state and facts and the same events so far."""
+        for step in sequence:
+            self.feed(*self.blob(step))
+            assert self.facts(self.agent) == self.facts(self.sim), step
+            assert self.agent_events == self.sim_events, step
+
     def facts(self, device: Agent | SimDevice) -> tuple[Any, ...]:
         r = device.machine.record
         return (r.state, r.last_seq, r.last_desired_sha256, r.target, r.committed, r.artifact_id,
@@ -162,11 +174,7 @@ def test_agent_and_simulator_decide_alike(sequence: list[Step], quiet: None) -> 
     with tempfile.TemporaryDirectory() as tmp:
         pair = Pair(Path(tmp))
         try:
-            for step in sequence:
-                topic, payload = pair.blob(step)
-                pair.feed(topic, payload)
-                assert pair.facts(pair.agent) == pair.facts(pair.sim), step
-                assert pair.agent_events == pair.sim_events, step
+            pair.run(sequence)
         finally:
             pair.host.close()
 
@@ -192,11 +200,7 @@ def test_downgrades_are_decided_alike(sequence: list[Step], quiet: None) -> None
         try:
             pair.seed(3)
             assert pair.facts(pair.agent) == pair.facts(pair.sim)
-            for step in sequence:
-                topic, payload = pair.blob(step)
-                pair.feed(topic, payload)
-                assert pair.facts(pair.agent) == pair.facts(pair.sim), step
-                assert pair.agent_events == pair.sim_events, step
+            pair.run(sequence)
             event(f"downgrades refused: {pair.agent_events.count(('desired.rejected', 'downgrade'))}")
         finally:
             pair.host.close()
