@@ -8,7 +8,7 @@ broker: ``_dispatch`` as in the malformed-input suite) and to a ``SimDevice`` (n
 every message both must be in the same lifecycle state with the same journal facts, and must have
 emitted the same events (kind, code) in the same order.
 
-Downgrades: in ``test_downgrades_are_decided_alike`` both devices start with a committed version
+Downgrades: in half the generated cases both devices start with a committed version
 (installed and committed in the agent's real store; ``SimDevice.seed`` in the simulator) and the
 generated deploys and pins go below, to and above it: the version floor refuses older deploys on both.
 """
@@ -45,6 +45,8 @@ from tests.support.models import real_model
 
 DEVICE = "parity-1"
 NOW = 1_900_000_000.0
+
+DOWNGRADE = ("desired.rejected", "downgrade")
 
 #: one message: (kind, seq, version, variant) where variant picks the artifact / recipient / expiry
 Step = tuple[str, int, int, int]
@@ -168,17 +170,6 @@ def quiet() -> Iterator[None]:
     logger.setLevel(level)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sequence=steps)
-def test_agent_and_simulator_decide_alike(sequence: list[Step], quiet: None) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        pair = Pair(Path(tmp))
-        try:
-            pair.run(sequence)
-        finally:
-            pair.host.close()
-
-
 #: deploys and pins around the committed version 3 (1-2 below it: downgrades; 3: the same; 4: newer)
 downgrade_steps = st.lists(
     st.tuples(
@@ -192,16 +183,19 @@ downgrade_steps = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sequence=downgrade_steps)
-def test_downgrades_are_decided_alike(sequence: list[Step], quiet: None) -> None:
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.one_of(st.tuples(st.none(), steps), st.tuples(st.just(3), downgrade_steps)))
+def test_agent_and_simulator_decide_alike(case: tuple[int | None, list[Step]], quiet: None) -> None:
+    """A fresh device, or one with v3 committed (then the version floor refuses older deploys)."""
+    committed, sequence = case
     with tempfile.TemporaryDirectory() as tmp:
         pair = Pair(Path(tmp))
         try:
-            pair.seed(3)
-            assert pair.facts(pair.agent) == pair.facts(pair.sim)
+            if committed is not None:
+                pair.seed(committed)
+                assert pair.facts(pair.agent) == pair.facts(pair.sim)
             pair.run(sequence)
-            event(f"downgrades refused: {pair.agent_events.count(('desired.rejected', 'downgrade'))}")
+            event(f"committed {committed}: downgrades refused {pair.agent_events.count(DOWNGRADE)}")
         finally:
             pair.host.close()
 
@@ -214,8 +208,7 @@ def test_the_version_floor_refuses_older_deploys_on_both(version: int, refused: 
         try:
             pair.seed(3)
             pair.feed(*pair.blob(("deploy", 5, version, 1)))
-            downgrade = ("desired.rejected", "downgrade")
-            assert (downgrade in pair.agent_events) is refused, pair.agent_events
+            assert (DOWNGRADE in pair.agent_events) is refused, pair.agent_events
             assert pair.agent_events == pair.sim_events
             assert pair.facts(pair.agent) == pair.facts(pair.sim)
             assert pair.agent.machine.record.last_seq == 5  # authentic: the refusal uses up its seq
