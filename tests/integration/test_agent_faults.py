@@ -25,6 +25,7 @@ from tests.support.devices.fixtures import (
     deploy_and_commit,
     fleet,
     models,
+    serving_v1,
 )
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
@@ -52,9 +53,8 @@ def rejected(fleet: FleetServer, agent: AgentProcess, mark: int, kind: str = "de
 def test_refused_desired_states_and_commands_keep_v1_serving(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
 ) -> None:
-    agent = agent_factory()
+    agent = serving_v1(agent_factory, fleet, models)
     device = agent.device_id
-    deploy_and_commit(fleet, agent, models, 1)
     deploy_and_commit(fleet, agent, models, 2, "good_v2")
     agent.wait_http_ready()
     health = models.health()

@@ -61,9 +61,7 @@ def agent_factory(tmp_path: Path, broker: MosquittoBroker, fleet: FleetServer) -
 @pytest.fixture
 def agent_v1(fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory) -> AgentProcess:
     """A started agent serving the good digits model as v1, committed (where most agent tests begin)."""
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
-    return agent
+    return serving_v1(agent_factory, fleet, models)
 
 
 @pytest.fixture
@@ -71,6 +69,13 @@ def agent_v2(fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess) ->
     """The ``agent_v1`` agent after a second deploy: v2 (``good_v2``) committed and serving, v1 kept."""
     deploy_and_commit(fleet, agent_v1, models, 2, "good_v2")
     return agent_v1
+
+
+def serving_v1(agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels, **kw: Any) -> AgentProcess:
+    """``agent_factory(**kw)`` (a started agent) once it serves the good digits model as v1, committed."""
+    agent = agent_factory(**kw)
+    deploy_and_commit(fleet, agent, models, 1)
+    return agent
 
 
 def deploy_and_commit(
