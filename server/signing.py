@@ -130,17 +130,8 @@ class Signer:
         return seal_desired(desired, self._key)
 
     def command(self, c: StoredCommand) -> bytes:
-        cmd = Command(
-            device_id=c.device_id,
-            seq=c.seq,
-            issued_at=c.issued_at,
-            expires_at=c.expires_at,
-            command_id=c.command_id,
-            action=c.action,
-            model=c.model,
-            version=c.version,
-        )
-        return seal_command(cmd, self._key)
+        """The stored command as signed: ``StoredCommand`` holds exactly the wire command's fields."""
+        return seal_command(Command(**dataclasses.asdict(c)), self._key)
 
     def resign(self, blob: bytes, stored: StoredDesired) -> bytes:
         """The same desired state with a new seq and lifetime (before expiry, or after a command)."""
