@@ -60,13 +60,7 @@ def test_broker_restart_mid_download_resumes(
     fresh_broker: MosquittoBroker, own_broker_fleet: FleetServer, models: AgentModels, tmp_path: Path
 ) -> None:
     fleet = own_broker_fleet
-    agent = AgentProcess(
-        tmp_path,
-        unique_device_id("restart"),
-        broker_host=fresh_broker.host,
-        broker_port=fresh_broker.port,
-        server=fleet,
-    )
+    agent = AgentProcess.on(fresh_broker, fleet, tmp_path, "restart")
     try:
         agent.start()
         deploy_and_commit(fleet, agent, models, 1)

@@ -16,7 +16,7 @@ from server.broker import MosquittoBroker
 from tests.support.devices.agent_process import AgentProcess
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
-from tests.support.servers.stub import FleetServer, unique_device_id
+from tests.support.servers.stub import FleetServer
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +40,7 @@ def agent_factory(tmp_path: Path, broker: MosquittoBroker, fleet: FleetServer) -
     made: list[AgentProcess] = []
 
     def make(*, settings: dict[str, Any] | None = None, prefix: str = "dev", start: bool = True) -> AgentProcess:
-        agent = AgentProcess(
-            tmp_path,
-            unique_device_id(prefix),
-            broker_host=broker.host,
-            broker_port=broker.port,
-            server=fleet,
-            settings=settings,
-        )
+        agent = AgentProcess.on(broker, fleet, tmp_path, prefix, settings)
         made.append(agent)
         if start:
             agent.start()
