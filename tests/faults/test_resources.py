@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.faults.helpers import intact
-from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, deploy_digits, fleet, models
 from tests.support.faults import FaultLedger, not_run, small_fs
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
@@ -43,8 +43,7 @@ def test_disk_full_during_download(
         deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
         held = fleet.chunk_limit = fleet.chunks_sent + 20  # the transfer holds after 20 chunks (of ~140)
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
-                     health=models.health(probation_s=0.3), chunk_size=1024)
+        deploy_digits(fleet, agent, models, 2, "good_v2", health=models.health(probation_s=0.3), chunk_size=1024)
         fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
         fleet.wait_event(agent.device_id, "download.started", after=mark)
         filler = mount / "filler"
@@ -198,8 +197,8 @@ def test_api_flood_during_swap(
     try:
         answered(50)  # the flood is on before the update starts
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
-                     health=models.health(probation_s=1.0, latency_budget_ms=500.0), chunk_size=8192)
+        deploy_digits(fleet, agent, models, 2, "good_v2",
+                      health=models.health(probation_s=1.0, latency_budget_ms=500.0), chunk_size=8192)
         done = fleet.wait_event(agent.device_id, lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back",
                                                                       "lifecycle.failed"), after=mark, timeout=120)
         answered(sum(statuses.values()) + 50)  # ... and still on after it ended

@@ -23,6 +23,7 @@ from tests.support.devices.fixtures import (
     agent_v2,
     assert_serves,
     deploy_and_commit,
+    deploy_digits,
     fleet,
     models,
     serving_v1,
@@ -162,9 +163,7 @@ def test_full_disk_fails_the_update_not_the_device(
     """The store keeps a free-space floor; an update that would cross it fails cleanly."""
     agent = agent_factory(settings={"models": {"min_free_bytes": 1 << 50}})  # more than any disk has
     mark = fleet.event_count(agent.device_id)
-    fleet.deploy(
-        agent.device_id, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX, health=models.health()
-    )
+    deploy_digits(fleet, agent, models, 1)
     failed = fleet.wait_event(agent.device_id, "lifecycle.failed", after=mark)
     assert failed.code == "disk_full"
     assert "free" in failed.message

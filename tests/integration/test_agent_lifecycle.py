@@ -25,6 +25,7 @@ from tests.support.devices.fixtures import (
     agent_v2,
     assert_serves,
     deploy_and_commit,
+    deploy_digits,
     fleet,
     models,
 )
@@ -152,13 +153,8 @@ def test_probation_error_rate_rolls_back_under_real_traffic(
     worker.start()
     try:
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(
-            agent.device_id,
-            models.bytes_of("fails_on_real_data"),
-            agent_models.ref(2),
-            runtime=agent_models.ONNX,
-            health=models.health(probation_s=30.0, min_requests=10),
-        )
+        deploy_digits(fleet, agent, models, 2, "fails_on_real_data",
+                      health=models.health(probation_s=30.0, min_requests=10))
         event = fleet.wait_event(agent.device_id, "lifecycle.rolled_back", after=mark, timeout=60)
     finally:
         stop.set()

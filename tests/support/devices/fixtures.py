@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.protocol.messages import DesiredState, HealthSpec
 from server.broker import MosquittoBroker
 from tests.support.devices.agent_process import AgentProcess
 from tests.support.models import agent as agent_models
@@ -71,6 +72,22 @@ def serving_v1(agent_factory: AgentFactory, fleet: FleetServer, models: AgentMod
     return agent
 
 
+def deploy_digits(
+    fleet: FleetServer,
+    agent: AgentProcess,
+    models: AgentModels,
+    version: int,
+    which: str = "good",
+    *,
+    health: HealthSpec | None = None,
+    **options: Any,
+) -> DesiredState:
+    """Send the digits model ``which`` (an ``AgentModels`` field) to ``agent`` as ``version`` (ONNX; ``health``
+    by default ``models.health()``; ``options`` as ``FleetServer.deploy`` takes them); no wait."""
+    return fleet.deploy(agent.device_id, models.bytes_of(which), agent_models.ref(version), runtime=agent_models.ONNX,
+                        health=health or models.health(), **options)
+
+
 def deploy_and_commit(
     fleet: FleetServer,
     agent: AgentProcess,
@@ -84,14 +101,7 @@ def deploy_and_commit(
 ) -> None:
     """Deploy ``which`` as ``version`` and wait until it is committed and serving."""
     mark = fleet.event_count(agent.device_id)
-    fleet.deploy(
-        agent.device_id,
-        models.bytes_of(which),
-        agent_models.ref(version),
-        runtime=agent_models.ONNX,
-        health=models.health(**health),
-        chunk_size=chunk_size,
-    )
+    deploy_digits(fleet, agent, models, version, which, health=models.health(**health), chunk_size=chunk_size)
     event = fleet.wait_event(
         agent.device_id,
         lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back", "lifecycle.failed"),
