@@ -151,20 +151,25 @@ class Counters:
     events: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SimShared:
+    """What every device of one simulated fleet shares: the server's trust anchor, the settings, the clocks."""
+
+    trust: TrustAnchor
+    settings: SimSettings
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+
+
 class SimDevice(DeviceCore):
-    def __init__(
-        self,
-        device_id: str,
-        *,
-        key: X25519PrivateKey,
-        trust: TrustAnchor,
-        settings: SimSettings,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        DeviceCore.__init__(self, device_id, trust, skew=settings.clock_skew_s, clock=clock, monotonic=monotonic)
+    """One simulated device: ``device_id`` with its X25519 ``key``, in a fleet that shares ``shared``."""
+
+    def __init__(self, device_id: str, *, key: X25519PrivateKey, shared: SimShared) -> None:
+        settings = shared.settings
+        DeviceCore.__init__(self, device_id, shared.trust, skew=settings.clock_skew_s, clock=shared.clock,
+                            monotonic=shared.monotonic)
         self.key = key
-        self.trust = trust
+        self.trust = shared.trust
         self.settings = settings
         self.public_key = key.public_key().public_bytes_raw()
         self.client: mqtt.Client | None = None

@@ -37,7 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol.envelope import TrustAnchor
 from agent.protocol.events import EventKind
 from agent.protocol.messages import ModelRef
-from server.simulator.device import SimDevice, SimSettings
+from server.simulator.device import SimDevice, SimSettings, SimShared
 
 log = logging.getLogger("edgefleet.simulator")
 
@@ -304,7 +304,8 @@ class SimFleet:
         seed: str = "edgefleet",
         loops: int = 2,
     ) -> None:
-        self.devices = [SimDevice(d, key=device_key(seed, d), trust=trust, settings=settings) for d in ids]
+        shared = SimShared(trust, settings)
+        self.devices = [SimDevice(d, key=device_key(seed, d), shared=shared) for d in ids]
         self.broker = broker
         self._stop = threading.Event()
         n = max(1, min(loops, len(self.devices) or 1))

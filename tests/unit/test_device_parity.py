@@ -38,7 +38,7 @@ from agent.runtime.host import ModelHost
 from agent.runtime.inference import InferenceOptions
 from agent.runtime.keys import generate_device_key
 from agent.runtime.mqtt import Message
-from server.simulator.device import SimDevice, SimSettings
+from server.simulator.device import SimDevice, SimSettings, SimShared
 from tests.support.devices.agent_process import write_config
 from tests.support.models import agent as agent_models
 from tests.support.models import real_model
@@ -81,7 +81,7 @@ class Pair:
         clock = lambda: NOW  # noqa: E731
         self.host = ModelHost(InferenceOptions(intra_op_threads=1))
         self.agent = Agent(config, host=self.host, device_key=key, trust=trust, clock=clock)
-        self.sim = SimDevice(DEVICE, key=key, trust=trust, settings=SimSettings(clock_skew_s=300.0), clock=clock)
+        self.sim = SimDevice(DEVICE, key=key, shared=SimShared(trust, SimSettings(clock_skew_s=300.0), clock=clock))
         self.agent_events: list[tuple[str, str | None]] = []
         self.sim_events: list[tuple[str, str | None]] = []
         self._tap(self.agent, self.agent_events)
