@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,10 @@ from agent.errors import ConfigError, EdgeError
 from agent.protocol.shards import pick
 from agent.runtime import faults
 from agent.runtime.agent import Agent
-from agent.runtime.config import AgentConfig, BrokerConfig, HttpConfig, KeysConfig, load_config, render_config
+from agent.runtime.config import AgentConfig, BrokerConfig, KeysConfig, load_config, render_config
 from agent.runtime.fsutil import atomic_write
 from agent.runtime.host import ModelHost
-from agent.runtime.http import HttpConfig as ServerHttpConfig
-from agent.runtime.http import InferenceHttpServer
-from agent.runtime.inference import InferenceOptions
+from agent.runtime.http import HttpConfig, InferenceHttpServer
 from agent.runtime.keys import (
     fingerprint,
     generate_device_key,
@@ -49,6 +47,7 @@ from agent.runtime.keys import (
     write_server_key,
 )
 from agent.runtime.logs import configure_logging
+from agent.runtime.procs import process_alive
 from agent.runtime.store import ModelStore
 
 DEFAULT_CONFIG = Path(os.environ.get("EDGEFLEET_AGENT_CONFIG", "/etc/edgefleet-agent/agent.toml"))
@@ -105,33 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite an existing config (never the device key)")
     init.set_defaults(handler=cmd_init)
 
-    run = sub.add_parser(
-        "run",
-        help="run the agent (foreground; systemd runs this)",
-        description="Connect, serve the committed model on the local HTTP API, and apply updates until stopped.",
-    )
-    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
-    run.set_defaults(handler=cmd_run)
-
-    status = sub.add_parser(
-        "status",
-        help="show what this device runs and where its update stands",
-        description="Reads the journal and model store (and the local API, if the agent is running).",
-    )
-    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    _command(sub, "run", cmd_run, help="run the agent (foreground; systemd runs this)",
+             description="Connect, serve the committed model on the local HTTP API, and apply updates until stopped.")
+    status = _command(sub, "status", cmd_status, help="show what this device runs and where its update stands",
+                      description="Reads the journal and model store (and the local API, if the agent is running).")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(handler=cmd_status)
-
-    service = sub.add_parser(
-        "install-service",
-        help="install the systemd unit",
-        description="Write the systemd unit for this installation (paths filled in) and print how to enable it.",
-    )
-    service.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    service = _command(sub, "install-service", cmd_install_service, help="install the systemd unit",
+                       description="Write the systemd unit for this installation (paths filled in) and print how "
+                       "to enable it.")
     service.add_argument("--path", type=Path, default=SERVICE_PATH, help=f"where to write it (default {SERVICE_PATH})")
     service.add_argument("--user", default="root", help="user the agent runs as (default root)")
     service.add_argument("--print", action="store_true", help="print the unit instead of writing it")
-    service.set_defaults(handler=cmd_install_service)
+    return parser
+
+
+def _command(
+    sub: Any, name: str, handler: Callable[[argparse.Namespace], int], *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand that reads the agent's config (``--config``), run by ``handler``."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    parser.set_defaults(handler=handler)
     return parser
 
 
@@ -263,33 +256,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _make_host(config: AgentConfig) -> ModelHost:
     """The serving runtime, configured from ``[inference]``."""
-    c = config.inference
-    options = InferenceOptions(
-        intra_op_threads=c.intra_op_threads,
-        inter_op_threads=c.inter_op_threads,
-        allow_spinning=c.allow_spinning,
-        cache_dir=c.cache_dir,
-        trt_fp16=c.trt_fp16,
-        trt_workspace_bytes=c.trt_workspace_bytes,
-        litert_interpreters=c.litert_interpreters,
-    )
-    return ModelHost(options)
+    return ModelHost(config.inference)
 
 
 def _start_http(config: AgentConfig, host: ModelHost) -> InferenceHttpServer | None:
-    if not config.http.enabled:
-        return None
     h = config.http
-    server_config = ServerHttpConfig(
-        host=h.host,
-        port=h.port,
-        max_body_bytes=h.max_body_bytes,
-        max_connections=h.max_connections,
-        idle_timeout_s=h.idle_timeout_s,
-        allow_remote=h.allow_remote,
-    )
+    if not h.enabled:
+        return None
     try:
-        return InferenceHttpServer(host, server_config).start()
+        return InferenceHttpServer(host, h).start()
     except OSError as exc:
         raise ConfigError(f"cannot serve HTTP on {h.host}:{h.port}: {exc.strerror or exc}", field="http.port") from exc
 
@@ -304,7 +279,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     record, problems = store.read_journal()
     saved = store.read_status() or {}
     pid = saved.get("pid")
-    running = isinstance(pid, int) and _alive(pid)
+    running = isinstance(pid, int) and process_alive(pid)
     serving_name = record.committed.name if record and record.committed else None
     api = _local_api(config, serving_name, saved.get("http")) if running and config.http.enabled else None
     kept = [
@@ -340,16 +315,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(_status_table(status))
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _local_api(config: AgentConfig, model: str | None, running_url: Any = None) -> dict[str, Any]:

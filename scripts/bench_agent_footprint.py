@@ -112,7 +112,7 @@ def start_agent(model: Path, work: Path) -> tuple[int, int, Callable[[], None]]:
     # agent-core's half: present only in a checkout with the full agent (see agent_available)
     from agent.runtime.config import BrokerConfig, LifecycleConfig, TelemetryConfig, TransferConfig  # noqa: PLC0415
     from tests.support.devices.agent_process import AgentProcess  # noqa: PLC0415
-    from tests.support.servers.stub import FleetServer, unique_device_id  # noqa: PLC0415
+    from tests.support.servers.stub import FleetServer  # noqa: PLC0415
 
     broker = MosquittoBroker(workdir=work / "mosquitto").start()
     fleet = FleetServer(broker.host, broker.port)
@@ -132,14 +132,7 @@ def start_agent(model: Path, work: Path) -> tuple[int, int, Callable[[], None]]:
         },
         "inference": {"intra_op_threads": 1},
     }
-    agent = AgentProcess(
-        work,
-        unique_device_id("footprint"),
-        broker_host=broker.host,
-        broker_port=broker.port,
-        server=fleet,
-        settings=production,
-    ).start()
+    agent = AgentProcess.on(broker, fleet, work, "footprint", production).start()
     try:
         deploy_and_wait(fleet, agent.device_id, model)
         agent.wait_http_ready()

@@ -99,14 +99,7 @@ def main() -> int:
 
     def open_reassemble() -> None:
         opener = envelope.ChunkOpener(key, info)
-        r = Reassembly(
-            artifact_id=artifact_id,
-            chunk_count=count,
-            chunk_size=chunk,
-            total_size=size,
-            sha256=info.compressed_sha256,
-            max_bytes=size,
-        )
+        r = Reassembly.for_artifact(info, max_bytes=size)
         sink = MemorySink(size)
         for wire in sealed:
             c = opener.open_chunk(wire)

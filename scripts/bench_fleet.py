@@ -57,17 +57,18 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
-from onnx import TensorProto, helper, load, numpy_helper, save  # noqa: E402
+from onnx import load, numpy_helper, save  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.protocol.envelope import raw_public  # noqa: E402
-from agent.protocol.messages import HealthSpec, RuntimeSpec, TensorSpec  # noqa: E402
+from agent.protocol.messages import RuntimeSpec  # noqa: E402
 from server.app import FleetServer  # noqa: E402
 from server.broker import MosquittoBroker  # noqa: E402
 from server.builds import Build, StaticBuilds  # noqa: E402
 from server.config import ServerConfig, config_from_mapping  # noqa: E402
 from server.keys import init_signing_key, load_signing_key  # noqa: E402
 from server.simulator import device_ids, device_key  # noqa: E402
+from tests.support.servers.fleet import health, write_onnx  # noqa: E402
 
 MODEL = "bench"
 PROFILE = "rpi4"
@@ -107,22 +108,8 @@ class Row:
 def write_model(path: Path, megabytes: float, seed: int = 7) -> Path:
     """A seeded MLP in ONNX whose weights make it about ``megabytes`` MB (float32, barely compressible)."""
     inputs, outputs = 64, 10
-    hidden = max(16, int(megabytes * 1e6 / ((inputs + outputs) * 4)))
-    rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((inputs, hidden)) * 0.1).astype(np.float32)
-    w2 = (rng.standard_normal((hidden, outputs)) * 0.1).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["y"])],
-        "bench-fleet",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, outputs])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    save(model, str(path))
-    return path
+    return write_onnx(path, seed=seed, inputs=inputs, outputs=outputs,
+                      hidden=max(16, int(megabytes * 1e6 / ((inputs + outputs) * 4))))
 
 
 def new_head(src: Path, dst: Path, seed: int = 11) -> Path:
@@ -139,16 +126,13 @@ def new_head(src: Path, dst: Path, seed: int = 11) -> Path:
 
 def builds_for(model_path: Path, compression: str, v2_path: Path | None = None,
                chunk_size: int = 64 * 1024) -> StaticBuilds:
-    health = HealthSpec(inputs=(TensorSpec("x", "float32", (1, 64)),), outputs=(TensorSpec("y", "float32", (1, 10)),),
-                        latency_budget_ms=50.0, probation_s=1.0)
+    spec = health(probation_s=1.0)
     builds = StaticBuilds()
-    builds.add(Build(model=MODEL, version=1, profile=PROFILE, variant="fp32", path=model_path,
-                     runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=chunk_size,
-                     compression=compression))
-    if v2_path is not None:
-        builds.add(Build(model=MODEL, version=2, profile=PROFILE, variant="fp32", path=v2_path,
-                         runtime=RuntimeSpec("onnx", "onnxruntime"), health=health, chunk_size=chunk_size,
-                         compression=compression))
+    for version, path in ((1, model_path), (2, v2_path)):
+        if path is not None:
+            builds.add(Build(model=MODEL, version=version, profile=PROFILE, variant="fp32", path=path,
+                             runtime=RuntimeSpec("onnx", "onnxruntime"), health=spec, chunk_size=chunk_size,
+                             compression=compression))
     return builds
 
 

@@ -337,7 +337,7 @@ class AgentDriver:
     ) -> None:
         # agent-core's half: present only in a checkout with the full agent (see agent_available)
         from tests.support.devices.agent_process import AgentProcess  # noqa: PLC0415
-        from tests.support.servers.stub import FleetServer, unique_device_id  # noqa: PLC0415
+        from tests.support.servers.stub import FleetServer  # noqa: PLC0415
 
         self.files = files
         self.compression = compression
@@ -355,18 +355,11 @@ class AgentDriver:
             probation_s=0.3,
             warmup_runs=3,
         )
-        self.agent = AgentProcess(
-            work,
-            unique_device_id("bench"),
-            broker_host=self.broker.host,
-            broker_port=self.broker.port,
-            server=self.fleet,
-            settings={
-                "lifecycle": {"probation_check_s": 0.05},
-                "telemetry": {"interval_s": 5.0},
-                "models": {"warm_standby": warm_standby},
-            },
-        ).start()
+        self.agent = AgentProcess.on(self.broker, self.fleet, work, "bench", {
+            "lifecycle": {"probation_check_s": 0.05},
+            "telemetry": {"interval_s": 5.0},
+            "models": {"warm_standby": warm_standby},
+        }).start()
         self.version = 1
         self._deploy(1)
         self.agent.wait_http_ready()

@@ -45,7 +45,8 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from scripts.demo_procs import DemoError, Processes, alive, demo_pids, tail  # noqa: E402
+from agent.runtime.procs import process_alive  # noqa: E402
+from scripts.demo_procs import DemoError, Processes, demo_pids, tail  # noqa: E402
 
 console = Console(highlight=False)
 if not console.is_terminal:
@@ -704,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console.print(tail(c.log, 12), markup=False)
         with contextlib.suppress(KeyboardInterrupt, Interrupted):
             stopped = procs.stop_all()
-        leftover = [pid for _, pid, _ in stopped if alive(pid)]
+        leftover = [pid for _, pid, _ in stopped if process_alive(pid)]
         leftover += demo_pids(work)
     if rc == 0:
         summary(demo, stopped, leftover, time.monotonic() - started)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.runtime.procs import process_alive
+
 #: a wait fails after this long without any child's log growing and without its own progress
 STALL_S = 180.0
 #: ... or after this long in all, even while things move
@@ -161,20 +163,6 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not running; our children are reaped by wait(), others by init
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
-
-
 def demo_pids(work: Path) -> list[int]:
     """Processes whose command line or environment names this run's directory (none after stop_all)."""
     needle = str(work).encode()
@@ -184,6 +172,6 @@ def demo_pids(work: Path) -> list[int]:
             continue
         with contextlib.suppress(OSError):
             named = needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
-            if named and alive(int(entry.name)):
+            if named and process_alive(int(entry.name)):
                 found.append(int(entry.name))
     return found

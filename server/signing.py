@@ -20,6 +20,7 @@ from agent.protocol.messages import (
     HealthSpec,
     ModelRef,
     RuntimeSpec,
+    WrappedKey,
     decode_payload,
 )
 from agent.protocol.topics import artifact_topic
@@ -56,6 +57,24 @@ def fingerprint(public_key_b64: str) -> str:
     return hashlib.sha256(base64.b64decode(public_key_b64)).digest()[:8].hex()
 
 
+def _desired(stored: StoredDesired, **fields: Any) -> DesiredState:
+    """A desired state with the seq and lifetime the registry allocated (``store_desired``)."""
+    return DesiredState(device_id=stored.device_id, seq=stored.seq, issued_at=stored.issued_at,
+                        expires_at=stored.expires_at, **fields)
+
+
+def _for_device(
+    artifact: ArtifactRecord, stored: StoredDesired, public_key_b64: str | None, broadcast: bool
+) -> tuple[ArtifactInfo, WrappedKey]:
+    """The artifact's manifest as this device is told it (the shared topic when broadcast) and its data key
+    wrapped for this device."""
+    info = ArtifactInfo.from_dict(artifact.info)
+    info = dataclasses.replace(info, topic=artifact_topic(info.artifact_id) if broadcast else None)
+    key = wrap_key(artifact.data_key, device_public_key(stored.device_id, public_key_b64),
+                   artifact_id=info.artifact_id, device_id=stored.device_id)
+    return info, key
+
+
 class Signer:
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
@@ -77,26 +96,17 @@ class Signer:
         broadcast: bool,
         delta: DeltaOffer | None = None,
     ) -> bytes:
-        info = ArtifactInfo.from_dict(artifact.info)
-        info = dataclasses.replace(info, topic=artifact_topic(info.artifact_id) if broadcast else None)
+        info, key = _for_device(artifact, stored, device_public_key_b64, broadcast)
         health_spec = HealthSpec.from_dict(health)
         if probation_s is not None:
             health_spec = dataclasses.replace(health_spec, probation_s=probation_s)
-        desired = DesiredState(
-            device_id=stored.device_id,
-            seq=stored.seq,
-            issued_at=stored.issued_at,
-            expires_at=stored.expires_at,
+        desired = _desired(
+            stored,
             action="deploy",
             model=ModelRef(model, version),
             deployment_id=deployment_id,
             artifact=info,
-            key=wrap_key(
-                artifact.data_key,
-                device_public_key(stored.device_id, device_public_key_b64),
-                artifact_id=info.artifact_id,
-                device_id=stored.device_id,
-            ),
+            key=key,
             runtime=RuntimeSpec.from_dict(runtime),
             health=health_spec,
             variant=variant,
@@ -111,38 +121,18 @@ class Signer:
         """The signed delta offer (agent/protocol/delta.py DeltaInfo), or nothing."""
         if delta is None:
             return {}
-        info = ArtifactInfo.from_dict(delta.artifact.info)
-        info = dataclasses.replace(info, topic=artifact_topic(info.artifact_id) if broadcast else None)
-        key = wrap_key(delta.artifact.data_key, device_public_key(stored.device_id, public_key_b64),
-                       artifact_id=info.artifact_id, device_id=stored.device_id)
+        info, key = _for_device(delta.artifact, stored, public_key_b64, broadcast)
         offer = DeltaInfo(info, key, delta.base_version, delta.base_sha256, full.sha256, full.size)
         return {DESIRED_FIELD: offer.to_dict()}
 
     def pin(self, stored: StoredDesired, *, model: str, version: int, deployment_id: str | None) -> bytes:
-        desired = DesiredState(
-            device_id=stored.device_id,
-            seq=stored.seq,
-            issued_at=stored.issued_at,
-            expires_at=stored.expires_at,
-            action="pin",
-            model=ModelRef(model, version),
-            deployment_id=deployment_id,
-        )
+        desired = _desired(stored, action="pin", model=ModelRef(model, version), deployment_id=deployment_id)
         return seal_desired(desired, self._key)
 
     def command(self, c: StoredCommand, args: Mapping[str, Any] | None = None) -> bytes:
-        cmd = Command(
-            device_id=c.device_id,
-            seq=c.seq,
-            issued_at=c.issued_at,
-            expires_at=c.expires_at,
-            command_id=c.command_id,
-            action=c.action,
-            model=c.model,
-            version=c.version,
-            args=dict(args or {}),
-        )
-        return seal_command(cmd, self._key)
+        """The stored command as signed: ``StoredCommand`` holds the wire command's fields; ``args`` are a
+        command's parameters (a probe's variants), kept with the probe, not in the outbox row."""
+        return seal_command(Command(**dataclasses.asdict(c), args=dict(args or {})), self._key)
 
     def resign(self, blob: bytes, stored: StoredDesired) -> bytes:
         """The same desired state with a new seq and lifetime (before expiry, or after a command)."""

@@ -51,7 +51,7 @@ from agent.core.journal import (
     Via,
     resume_action,
 )
-from agent.errors import LifecycleError
+from agent.errors import LifecycleError, VersionNotKeptError
 from agent.protocol.events import EventKind
 from agent.protocol.messages import ModelRef
 
@@ -145,6 +145,12 @@ class Sample:
 class Failed:
     now: float
     failure: Failure
+
+    @classmethod
+    def unkept(cls, now: float, target: ModelRef) -> Failed:
+        """Warming ``target`` failed before it started: the store does not keep that version."""
+        err = VersionNotKeptError(target.name, target.version)
+        return cls(now, Failure("warming", err.code, err.message, "load"))
 
 
 @dataclass(frozen=True)

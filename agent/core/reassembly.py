@@ -32,9 +32,12 @@ from agent.errors import (
     ArtifactTooLargeError,
     ChunkOutOfRangeError,
     ConflictingChunkError,
+    EdgeError,
     IntegrityError,
     StorageError,
 )
+from agent.protocol.envelope import TAG_SIZE, ChunkOpener, parse_chunk_header
+from agent.protocol.messages import ArtifactInfo
 
 FINGERPRINT_SIZE = 16
 _SNAPSHOT_MAGIC = b"EFR1"
@@ -86,12 +89,69 @@ def progress_due(last_fraction: float, fraction: float, since_last_s: float, int
     return int(fraction * 4) > int(last_fraction * 4) and fraction < 1.0 and since_last_s >= interval_s
 
 
+class Taken(Enum):
+    """What one chunk message did (``take_chunk``)."""
+
+    NEW = "new"  # stored
+    DUPLICATE = "duplicate"  # the same bytes again: nothing to do
+    FOREIGN = "foreign"  # another artifact's stream (an older rollout still running): not ours, no error
+    MALFORMED = "malformed"  # the header does not parse: dropped
+    CONFLICT = "conflict"  # other bytes for a stored chunk: dropped, nothing changed
+    DROPPED = "dropped"  # failed authentication, wrong length, the sink failed: never stored
+
+
+@dataclass(frozen=True)
+class TakenChunk:
+    outcome: Taken
+    data: bytes = b""
+    error: EdgeError | None = None
+    #: the message of the ``error.<code>`` event the shell reports (when ``error`` is set)
+    note: str = ""
+
+
+def take_chunk(payload: bytes, opener: ChunkOpener, reassembly: Reassembly, sink: ChunkSink) -> TakenChunk:
+    """Parse, authenticate and store one chunk message of the transfer in progress.
+
+    One rule for the agent's runtime and the simulator: what each outcome means is in ``Taken``; the
+    shell reports ``error`` (a StorageError from the sink is the shell's to treat as a failed download).
+    """
+    try:
+        header = parse_chunk_header(payload)
+    except EdgeError as exc:
+        return TakenChunk(Taken.MALFORMED, error=exc, note=f"dropped a malformed chunk: {exc.message}")
+    if header.artifact_id != reassembly.artifact_id:
+        return TakenChunk(Taken.FOREIGN)
+    if reassembly.is_duplicate(header.index, payload[-TAG_SIZE:]):
+        # already stored with this very tag (a round streamed for other devices): no decryption
+        return TakenChunk(Taken.DUPLICATE)
+    try:
+        opened = opener.open_chunk(payload, header)
+        added = reassembly.add(opened.index, opened.data, sink, fingerprint=opened.tag)
+    except ConflictingChunkError as exc:
+        return TakenChunk(Taken.CONFLICT, error=exc, note=exc.message)
+    except EdgeError as exc:
+        return TakenChunk(Taken.DROPPED, error=exc, note=f"dropped chunk {header.index}: {exc.message}")
+    return TakenChunk(Taken.NEW if added is Added.NEW else Taken.DUPLICATE, opened.data)
+
+
 def _fingerprint(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=FINGERPRINT_SIZE).digest()
 
 
 class Reassembly:
     """Tracks which chunks of one artifact are stored; see the module docstring for the rules."""
+
+    @classmethod
+    def for_artifact(cls, info: ArtifactInfo, *, max_bytes: int) -> Reassembly:
+        """The reassembly of the compressed artifact ``info`` describes (its chunks, size and digest)."""
+        return cls(
+            artifact_id=info.artifact_id,
+            chunk_count=info.chunk_count,
+            chunk_size=info.chunk_size,
+            total_size=info.compressed_size,
+            sha256=info.compressed_sha256,
+            max_bytes=max_bytes,
+        )
 
     def __init__(
         self,

@@ -38,9 +38,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
+from agent.core.device import DeviceCore
 from agent.core.executor import execute_all, feed
-from agent.core.intake import Intake, carry_out
-from agent.core.journal import JournalRecord, State
+from agent.core.journal import JournalRecord
 from agent.core.lifecycle import (
     Effect,
     Event,
@@ -48,7 +48,6 @@ from agent.core.lifecycle import (
     ServeCommitted,
     UpdateMachine,
 )
-from agent.core.trust import TrustState
 from agent.errors import EdgeError, LifecycleError, StorageError, TopicError
 from agent.protocol.envelope import TrustAnchor
 from agent.protocol.events import EventKind
@@ -94,11 +93,10 @@ class Agent(Downloads, Swapping, Probing):
         self.host = host
         #: where the local inference API listens (its bound port: ``[http] port = 0`` picks one), for status.json
         self.http_url = http_url
+        DeviceCore.__init__(self, config.device_id, trust, skew=config.lifecycle.clock_skew_s, clock=clock,
+                            monotonic=monotonic)
         self.device_key = device_key
         self.trust = trust
-        self.clock = clock
-        self.monotonic = monotonic
-        self.device_id = config.device_id
         self.inbox: queue.Queue[Any] = queue.Queue()
         #: resume snapshots (fsync of the chunk data, then an atomic write) run here, off the agent's thread
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-snapshot")
@@ -108,7 +106,6 @@ class Agent(Downloads, Swapping, Probing):
             min_free_bytes=config.models.min_free_bytes,
             clock=clock,
         )
-        self.machine = UpdateMachine()
         self.link: MqttLink | None = None
         self.sampler = SystemSampler(config.store_dir)
         self.public_key = public_key_b64(device_key.public_key())
@@ -120,20 +117,9 @@ class Agent(Downloads, Swapping, Probing):
         self._standby_warm = False
         self._measured = {}
         self._probe_job = None
-        self._probation_since: float | None = None  # host clock
-        self._probation_next: float | None = None  # monotonic
-        self._pending_desired: bytes | None = None
-        #: replay floor, expiry, downgrade floor, ignored blobs: the core's TrustState; decisions: its Intake
-        self.trusted = TrustState(trust, device_id=config.device_id, skew=config.lifecycle.clock_skew_s)
-        self.intake = Intake(self.trusted)
-        self._error_counts: dict[str, tuple[float, int]] = {}
-        self._telemetry_next = 0.0
         self._telemetry_since: float | None = None
         self._telemetry_window_start = 0.0
         self._state_dirty = True
-        self._published_lifecycle: State | None = None
-        self._birth_sent = False  # the full report went out on the current connection
-        self._last_state: bytes | None = None  # what the last report said (timestamp aside)
         self._head_done = False  # nothing is reported before the committed version serves
         self._started = threading.Event()
         self._stopping = False
@@ -277,9 +263,7 @@ class Agent(Downloads, Swapping, Probing):
             self._error_event(exc.code, exc.message)
 
     def _after_events(self) -> None:
-        if self.machine.state is State.IDLE and self._pending_desired is not None:
-            blob, self._pending_desired = self._pending_desired, None
-            self._on_desired(blob)
+        self._take_deferred()
         if self._state_dirty:
             self._state_dirty = False
             self._publish_state()
@@ -397,12 +381,8 @@ class Agent(Downloads, Swapping, Probing):
         if d is not None and not d.complete:
             self._request_missing(d, "resume")  # the server may have restarted and forgotten the request
 
-    def _on_desired(self, blob: bytes) -> None:
-        carry_out(self.intake.desired(blob, self.machine, self.store, self.clock()), blob, self)
-
-    def _defer(self, blob: bytes) -> None:
-        self._pending_desired = blob  # not acknowledged: a crash before it runs re-delivers it
-        log.info("desired state deferred until %s ends", self.machine.state.value)
+    def _kept_versions(self) -> ModelStore:
+        return self.store
 
     def _save_desired(self, desired: DesiredState, blob: bytes) -> EdgeError | None:
         try:
@@ -424,16 +404,6 @@ class Agent(Downloads, Swapping, Probing):
             message=message,
             data={"action": desired.action, "seq": desired.seq},
         )
-
-    def _on_command(self, blob: bytes) -> None:
-        now = self.clock()
-        try:
-            cmd = self.trusted.open_command(blob, self.machine.record, now)
-        except EdgeError as exc:
-            self._error_event(exc.code, f"command rejected: {exc.message}")
-            return
-        log.info("command", extra={"fields": {"action": cmd.action, "command_id": cmd.command_id, "seq": cmd.seq}})
-        carry_out(self.intake.command(cmd, self.machine, self.store, now), blob, self)
 
     def _purge(self, cmd: Command, seen: Seen) -> None:
         self._feed(seen)

@@ -47,6 +47,8 @@ from typing import Any, TypeVar
 
 from agent.errors import ConfigError
 from agent.protocol.topics import DEVICE_ID_PATTERN
+from agent.runtime.http import HttpConfig
+from agent.runtime.inference import InferenceOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,32 +147,6 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
-class HttpConfig:
-    """The local Open Inference Protocol server (loopback only unless you change ``host``)."""
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_connections: int = 64
-    idle_timeout_s: float = 30.0
-    allow_remote: bool = False  # serving beyond loopback must be asked for explicitly
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """How the runtimes run models (agent.runtime.inference.InferenceOptions documents each field)."""
-
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    allow_spinning: bool = False
-    cache_dir: Path | None = None
-    trt_fp16: bool = True
-    trt_workspace_bytes: int = 1 << 30
-    litert_interpreters: int = 1
-
-
-@dataclass(frozen=True)
 class LogConfig:
     format: str = "json"
     level: str = "info"
@@ -188,7 +164,7 @@ class AgentConfig:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
 
@@ -316,7 +292,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     http.done()
 
     inference = top.section("inference")
-    inference_cfg = InferenceConfig(
+    inference_cfg = InferenceOptions(
         intra_op_threads=inference.integer("intra_op_threads", DEFAULTS.inference.intra_op_threads, lo=0, hi=256),
         inter_op_threads=inference.integer("inter_op_threads", DEFAULTS.inference.inter_op_threads, lo=0, hi=64),
         allow_spinning=inference.flag("allow_spinning", DEFAULTS.inference.allow_spinning),

@@ -7,16 +7,15 @@ from pathlib import Path
 
 from agent.core.journal import Failure as LifecycleFailure
 from agent.core.lifecycle import DownloadComplete, Event, Failed, Verified
-from agent.core.reassembly import Added, Reassembly, progress_due
+from agent.core.reassembly import Reassembly, Taken, progress_due, take_chunk
 from agent.errors import (
     ArtifactTooLargeError,
-    ConflictingChunkError,
     EdgeError,
     IntegrityError,
     StorageError,
     TopicError,
 )
-from agent.protocol.envelope import TAG_SIZE, ChunkOpener, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import ChunkOpener, unwrap_key
 from agent.protocol.events import EventKind
 from agent.protocol.messages import ChunkRequest, DesiredState, ModelRef, encode
 from agent.protocol.topics import Channel, device_topic, parse_topic
@@ -85,14 +84,7 @@ class Downloads(Reporting):
         if use is not None:
             info, key, partial = use.offer.artifact, use.offer.key, delta_rt.partial(self.store, artifact_id, use.offer)
         data_key = unwrap_key(key, self.device_key, artifact_id=info.artifact_id, device_id=self.device_id)
-        reassembly = Reassembly(
-            artifact_id=info.artifact_id,
-            chunk_count=info.chunk_count,
-            chunk_size=info.chunk_size,
-            total_size=info.compressed_size,
-            sha256=info.compressed_sha256,
-            max_bytes=limit,
-        )
+        reassembly = Reassembly.for_artifact(info, max_bytes=limit)
         snapshot = partial.read_snapshot()
         if snapshot is not None:
             try:
@@ -135,35 +127,20 @@ class Downloads(Reporting):
         d = self._download
         if d is None or d.complete:
             return
-        try:
-            header = parse_chunk_header(payload)
-        except EdgeError as exc:
-            self._error_event(exc.code, f"dropped a malformed chunk: {exc.message}")
+        taken = take_chunk(payload, d.opener, d.reassembly, d.partial)
+        if isinstance(taken.error, StorageError):  # the disk failed: the download fails (not a bad chunk)
+            self._feed(Failed(self.clock(), LifecycleFailure("downloading", taken.error.code, taken.error.message)))
             return
-        if header.artifact_id != d.info.artifact_id:
-            return  # another artifact's stream (an older rollout still running): not ours
-        if d.reassembly.is_duplicate(header.index, payload[-TAG_SIZE:]):
-            return  # already stored with this very tag (a round streamed for other devices): no decryption
-        try:
-            opened = d.opener.open_chunk(payload, header)
-            added = d.reassembly.add(opened.index, opened.data, d.partial, fingerprint=opened.tag)
-        except ConflictingChunkError as exc:
-            self._error_event(exc.code, exc.message)
-            return
-        except StorageError as exc:
-            self._feed(Failed(self.clock(), LifecycleFailure("downloading", exc.code, exc.message)))
-            return
-        except EdgeError as exc:  # failed authentication, wrong length: dropped, never stored
-            self._error_event(exc.code, f"dropped chunk {header.index}: {exc.message}")
-            return
-        if added is Added.DUPLICATE:
+        if taken.error is not None:
+            self._error_event(taken.error.code, taken.note)
+        if taken.outcome is not Taken.NEW:
             return
         if faults.HOOK.armed is not None:
             faults.HOOK.reach(f"download:chunk:{d.reassembly.progress().received}")
         now = self.monotonic()
         d.last_new_at = now
         d.timeout = self.config.transfer.chunk_timeout_s
-        d.unsnapshotted += len(opened.data)
+        d.unsnapshotted += len(taken.data)
         if d.reassembly.complete:
             if (done := self._download_complete(d)) is not None:
                 self._feed(done)

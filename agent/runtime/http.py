@@ -68,8 +68,10 @@ class HttpConfig:
     max_body_bytes  requests larger than this get 413 before their body is read. 1 KiB .. 1 GiB.
     max_connections open connections served at once (one thread each). 1..1024.
     idle_timeout_s  a keep-alive connection idle this long is closed; also bounds a slow upload. 0.1..3600.
+    enabled         whether the agent serves it at all (``[http] enabled``; the server object ignores it).
     """
 
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 16 * 1024 * 1024
@@ -86,7 +88,7 @@ class HttpConfig:
             raise ConfigError("max_connections must be within 1..1024", field="max_connections")
         if not 0.1 <= self.idle_timeout_s <= 3600:
             raise ConfigError("idle_timeout_s must be within 0.1..3600", field="idle_timeout_s")
-        if self.host not in ("127.0.0.1", "::1", "localhost") and not self.allow_remote:
+        if self.enabled and self.host not in ("127.0.0.1", "::1", "localhost") and not self.allow_remote:
             raise ConfigError(
                 f"refusing to serve inference on {self.host}: set allow_remote = true to expose it beyond this device",
                 field="host",

@@ -8,8 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 from agent import __version__
+from agent.core.device import DeviceCore
 from agent.core.journal import State
-from agent.core.reports import EventReporter
 from agent.errors import EdgeError, StorageError
 from agent.protocol.messages import ActiveModel, ModelRef, StateReport, Telemetry, encode
 from agent.protocol.messages import Event as WireEvent
@@ -20,7 +20,7 @@ from agent.runtime.store import KeptVersion
 log = logging.getLogger("agent")
 
 
-class Reporting(AgentParts, EventReporter):
+class Reporting(AgentParts, DeviceCore):
     """Publishing: what the server hears from the agent."""
 
     def _will(self, session: int) -> tuple[str, bytes]:

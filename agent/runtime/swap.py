@@ -71,8 +71,7 @@ class Swapping(Reporting, Measuring):
         now = self.clock()
         kept = self.store.find(target)
         if kept is None:
-            err = VersionNotKeptError(target.name, target.version)
-            return Failed(now, LifecycleFailure("warming", err.code, err.message, "load"))
+            return Failed.unkept(now, target)
         self._make_room(kept.size, f"{_ref_text(target)} ({kept.size}-byte model file)")
         try:
             self.store.verify_file(kept)

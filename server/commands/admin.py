@@ -246,14 +246,12 @@ def register(subparsers: Any) -> None:
     tokens = subparsers.add_parser("tokens", help="API tokens (for CI pipelines and operators)",
                                    description="API tokens. The server stores only their SHA-256.")
     ts = tokens.add_subparsers(dest="tokens_command", metavar="COMMAND", required=True)
-    p = add_command(ts, "create", "create a token for NAME with a role and print it once", cmd_tokens_create)
-    p.add_argument("name")
+    p = add_command(ts, "create", "create a token for NAME with a role and print it once", cmd_tokens_create, "name")
     p.add_argument("--role", required=True, choices=("read", "deploy", "admin"),
                    help="read: status, events, audit; deploy: also deploy, rollback, halt, model add/build; "
                         "admin: also devices, enrollment, groups, broker passwords")
     add_command(ts, "list", "list tokens", cmd_tokens_list)
-    p = add_command(ts, "revoke", "revoke NAME's token", cmd_tokens_revoke)
-    p.add_argument("name")
+    add_command(ts, "revoke", "revoke NAME's token", cmd_tokens_revoke, "name")
 
     broker = subparsers.add_parser("broker", help="MQTT broker configuration", description="MQTT broker setup.")
     bs = broker.add_subparsers(dest="broker_command", metavar="COMMAND", required=True)

@@ -72,9 +72,14 @@ def guarded(fn: Handler, *, show_code: bool = False, errors: Console | None = No
     return wrapper
 
 
-def add_command(parent: Any, name: str, help_text: str, fn: Handler, *,
-                common: bool = True) -> argparse.ArgumentParser:
+def add_command(parent: Any, name: str, help_text: str, fn: Handler, *positionals: str,
+                common: bool = True, json: bool = False) -> argparse.ArgumentParser:
+    """A subcommand run by ``fn``: its plain positional arguments, ``--json`` (machine-readable output) if asked."""
     p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+    for positional in positionals:
+        p.add_argument(positional)
+    if json:
+        p.add_argument("--json", action="store_true")
     if common:
         add_common(p)
     p.set_defaults(handler=guarded(fn))
@@ -115,6 +120,15 @@ def num(value: float | None, fmt: str, unit: str = "") -> str:
 
 def print_json(value: Any) -> None:
     console.print_json(json.dumps(value, default=str))
+
+
+def fetch_for_table(args: argparse.Namespace, action: str, **request: Any) -> Any | None:
+    """The API's answer to ``action``; with ``--json`` it is printed as JSON and None is returned (no table)."""
+    value = api_client(args).call(action, **request)
+    if args.json:
+        print_json(value)
+        return None
+    return value
 
 
 STATE_STYLE = {

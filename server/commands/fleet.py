@@ -26,6 +26,7 @@ from server.commands.common import (
     api_client,
     console,
     event_line,
+    fetch_for_table,
     local_time,
     num,
     print_events,
@@ -108,9 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    devices = api_client(args).call("list_devices")
-    if args.json:
-        print_json(devices)
+    devices = fetch_for_table(args, "list_devices")
+    if devices is None:
         return 0
     table = Table("device", "profile", "status", "groups", "key fingerprint", "seq", "desired", "enrolled",
                   box=box.SIMPLE_HEAD)
@@ -127,9 +127,8 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_show(args: argparse.Namespace) -> int:
-    d = api_client(args).call("get_device", path={"device_id": args.device_id})
-    if args.json:
-        print_json(d)
+    d = fetch_for_table(args, "get_device", path={"device_id": args.device_id})
+    if d is None:
         return 0
     console.print(status_table([d]))
     console.print(safe(f"status {d['status']}, groups {', '.join(d['groups']) or '-'}, "
@@ -167,9 +166,8 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_pending(args: argparse.Namespace) -> int:
-    pending = api_client(args).call("pending_enrollments")
-    if args.json:
-        print_json(pending)
+    pending = fetch_for_table(args, "pending_enrollments")
+    if pending is None:
         return 0
     table = Table("device", "profile", "fingerprint", "agent", "arch", "hostname", "requested",
                   box=box.SIMPLE_HEAD, title="pending enrollment requests", title_justify="left")
@@ -207,9 +205,8 @@ def cmd_devices_password(args: argparse.Namespace) -> int:
 
 
 def cmd_groups_list(args: argparse.Namespace) -> int:
-    groups = api_client(args).call("list_groups")
-    if args.json:
-        print_json(groups)
+    groups = fetch_for_table(args, "list_groups")
+    if groups is None:
         return 0
     table = Table("group", "devices", "members", box=box.SIMPLE_HEAD)
     for name, members in sorted(groups.items()):
@@ -253,9 +250,8 @@ def _short(value: Any, limit: int = 24) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    records = api_client(args).call("audit", query={"limit": args.limit, "actor": args.actor, "action": args.action})
-    if args.json:
-        print_json(records)
+    records = fetch_for_table(args, "audit", query={"limit": args.limit, "actor": args.actor, "action": args.action})
+    if records is None:
         return 0
     table = Table("#", "when", "who", "what", "target", "outcome", "detail", box=box.SIMPLE_HEAD)
     for a in records:
@@ -271,42 +267,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     devices = subparsers.add_parser("devices", help="devices, enrollment, revocation", description="Devices.")
     ds = devices.add_subparsers(dest="devices_command", metavar="COMMAND", required=True)
-    p = add_command(ds, "list", "every registered device", cmd_devices_list)
-    p.add_argument("--json", action="store_true")
-    p = add_command(ds, "show", "one device: state, desired state, recent events", cmd_devices_show)
-    p.add_argument("device_id")
-    p.add_argument("--json", action="store_true")
-    p = add_command(ds, "add", "register a device (with its public key, or let it enroll)", cmd_devices_add)
-    p.add_argument("device_id")
+    add_command(ds, "list", "every registered device", cmd_devices_list, json=True)
+    add_command(ds, "show", "one device: state, desired state, recent events", cmd_devices_show, "device_id", json=True)
+    p = add_command(ds, "add", "register a device (with its public key, or let it enroll)",
+                    cmd_devices_add, "device_id")
     p.add_argument("--profile", required=True, help="device profile (firmware_profiles/NAME.toml)")
     p.add_argument("--public-key", help="the device's X25519 public key, base64 (from edgefleet-agent init)")
     p.add_argument("--public-key-file", type=Path, help="read the public key from a file")
     p.add_argument("--group", action="append", help="add it to a group (repeatable)")
     p.add_argument("--no-broker-password", action="store_true", help="do not issue an MQTT login")
-    p = add_command(ds, "pending", "enrollment requests waiting for approval", cmd_devices_pending)
-    p.add_argument("--json", action="store_true")
-    p = add_command(ds, "approve", "accept a device's enrollment request", cmd_devices_approve)
-    p.add_argument("device_id")
+    add_command(ds, "pending", "enrollment requests waiting for approval", cmd_devices_pending, json=True)
+    p = add_command(ds, "approve", "accept a device's enrollment request", cmd_devices_approve, "device_id")
     p.add_argument("--fingerprint", required=True,
                    help="the key fingerprint the device printed (compared out of band; approval refuses any other)")
     p.add_argument("--profile", help="override the profile the device announced")
     p.add_argument("--group", action="append")
-    p = add_command(ds, "reject", "reject a device's enrollment request", cmd_devices_reject)
-    p.add_argument("device_id")
-    p = add_command(ds, "revoke", "revoke a device (its messages are refused from now on)", cmd_devices_revoke)
-    p.add_argument("device_id")
-    p = add_command(ds, "password", "issue a new MQTT password for a device", cmd_devices_password)
-    p.add_argument("device_id")
+    add_command(ds, "reject", "reject a device's enrollment request", cmd_devices_reject, "device_id")
+    add_command(ds, "revoke", "revoke a device (its messages are refused from now on)", cmd_devices_revoke, "device_id")
+    add_command(ds, "password", "issue a new MQTT password for a device", cmd_devices_password, "device_id")
 
     groups = subparsers.add_parser("groups", help="device groups", description="Device groups.")
     gs = groups.add_subparsers(dest="groups_command", metavar="COMMAND", required=True)
-    p = add_command(gs, "list", "groups and members", cmd_groups_list)
-    p.add_argument("--json", action="store_true")
-    p = add_command(gs, "add", "add devices to a group", cmd_groups_add)
-    p.add_argument("group")
+    add_command(gs, "list", "groups and members", cmd_groups_list, json=True)
+    p = add_command(gs, "add", "add devices to a group", cmd_groups_add, "group")
     p.add_argument("devices", nargs="+")
-    p = add_command(gs, "remove", "remove devices from a group", cmd_groups_remove)
-    p.add_argument("group")
+    p = add_command(gs, "remove", "remove devices from a group", cmd_groups_remove, "group")
     p.add_argument("devices", nargs="+")
 
     p = add_command(subparsers, "status", "fleet table: state, model, latency, CPU, memory, temperature", cmd_status)

@@ -19,6 +19,7 @@ from server.commands.common import (
     api_client,
     console,
     err_console,
+    fetch_for_table,
     local_time,
     percent_arg,
     print_events,
@@ -132,9 +133,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_deployments_list(args: argparse.Namespace) -> int:
-    deps = api_client(args).call("list_deployments", query={"limit": args.limit})
-    if args.json:
-        print_json(deps)
+    deps = fetch_for_table(args, "list_deployments", query={"limit": args.limit})
+    if deps is None:
         return 0
     table = Table("id", "model", "target", "status", "wave", "devices", "by", "created", box=box.SIMPLE_HEAD)
     for d in deps:
@@ -267,14 +267,12 @@ def register(subparsers: Any) -> None:
     p = add_command(dps, "list", "recent deployments", cmd_deployments_list)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
-    p = add_command(dps, "show", "per-wave progress, failures and why", cmd_deployments_show)
-    p.add_argument("deployment_id")
+    p = add_command(dps, "show", "per-wave progress, failures and why", cmd_deployments_show, "deployment_id")
     p.add_argument("--devices", action="store_true", help="also list every device's phase")
     p.add_argument("--events", action="store_true", help="also list the deployment's events")
     p.add_argument("--watch", action="store_true", help="refresh until the rollout finishes")
     p.add_argument("--json", action="store_true")
-    p = add_command(dps, "halt", "halt a rollout and roll its devices back", cmd_deployments_halt)
-    p.add_argument("deployment_id")
+    p = add_command(dps, "halt", "halt a rollout and roll its devices back", cmd_deployments_halt, "deployment_id")
     p.add_argument("--no-rollback", action="store_true", help="only stop releasing waves")
     p.add_argument("--reason", help="recorded with the halt")
 

@@ -4,7 +4,7 @@ See docs/simulator.md. ``SimFleet`` (fleet.py) runs the devices on a few threads
 (device.py) is one device; ``StreamingSink`` (sink.py) checks an artifact without keeping it.
 """
 
-from server.simulator.device import SIM_AGENT_VERSION, SimDevice, SimSettings
+from server.simulator.device import SIM_AGENT_VERSION, SimDevice, SimSettings, SimShared
 from server.simulator.fleet import BrokerTarget, FleetSnapshot, SimFleet, device_ids, device_key
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "SimDevice",
     "SimFleet",
     "SimSettings",
+    "SimShared",
     "device_ids",
     "device_key",
 ]

@@ -34,9 +34,9 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import __version__
+from agent.core.device import DeviceCore
 from agent.core.executor import feed
 from agent.core.health import ProbationPolicy, WindowStats
-from agent.core.intake import Intake, carry_out
 from agent.core.journal import Failure, JournalRecord, State
 from agent.core.lifecycle import (
     DownloadComplete,
@@ -49,20 +49,16 @@ from agent.core.lifecycle import (
     Verified,
     WarmedUp,
 )
-from agent.core.reassembly import Added, Reassembly, progress_due
-from agent.core.reports import EventReporter
-from agent.core.trust import TrustState
+from agent.core.reassembly import Reassembly, Taken, progress_due, take_chunk
 from agent.errors import (
-    ConflictingChunkError,
     EdgeError,
     HealthCheckError,
     IntegrityError,
     LifecycleError,
     TopicError,
-    VersionNotKeptError,
 )
 from agent.protocol.delta import DeltaInfo, delta_offer
-from agent.protocol.envelope import TAG_SIZE, ChunkOpener, TrustAnchor, parse_chunk_header, unwrap_key
+from agent.protocol.envelope import ChunkOpener, TrustAnchor, unwrap_key
 from agent.protocol.events import EventKind, error_kind
 from agent.protocol.measurement import Measurement
 from agent.protocol.messages import (
@@ -159,25 +155,27 @@ class Counters:
     events: dict[str, int] = field(default_factory=dict)
 
 
-class SimDevice(EventReporter):
-    def __init__(
-        self,
-        device_id: str,
-        *,
-        key: X25519PrivateKey,
-        trust: TrustAnchor,
-        settings: SimSettings,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.device_id = device_id
+@dataclass(frozen=True)
+class SimShared:
+    """What every device of one simulated fleet shares: the server's trust anchor, the settings, the clocks."""
+
+    trust: TrustAnchor
+    settings: SimSettings
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+
+
+class SimDevice(DeviceCore):
+    """One simulated device: ``device_id`` with its X25519 ``key``, in a fleet that shares ``shared``."""
+
+    def __init__(self, device_id: str, *, key: X25519PrivateKey, shared: SimShared) -> None:
+        settings = shared.settings
+        DeviceCore.__init__(self, device_id, shared.trust, skew=settings.clock_skew_s, clock=shared.clock,
+                            monotonic=shared.monotonic)
         self.key = key
-        self.trust = trust
+        self.trust = shared.trust
         self.settings = settings
-        self.clock = clock
-        self.monotonic = monotonic
         self.public_key = key.public_key().public_bytes_raw()
-        self.machine = UpdateMachine()
         self.client: mqtt.Client | None = None
         self.session = 0
         self.online = False
@@ -188,18 +186,8 @@ class SimDevice(EventReporter):
         self._download: _Download | None = None
         self._candidate: ModelRef | None = None
         self._standby: ModelRef | None = None
-        self._probation_since: float | None = None
-        self._probation_next: float | None = None
-        self._pending_desired: bytes | None = None
-        self.trusted = TrustState(trust, device_id=device_id, skew=settings.clock_skew_s)
-        self.intake = Intake(self.trusted)
         self._commits = 0
-        self._error_counts: dict[str, tuple[float, int]] = {}
-        self._published_lifecycle: State | None = None
         self._state_dirty = False
-        self._last_state: bytes | None = None
-        self._birth_sent = False
-        self._telemetry_next = 0.0
         self._telemetry_start = 0.0
 
     # -- connection (called by the shard loop) ------------------------------------------------------------
@@ -281,10 +269,11 @@ class SimDevice(EventReporter):
             self._publish_telemetry(now)
         self._after_events()
 
-    def seed(self, ref: ModelRef) -> None:
-        """Start with ``ref`` committed, kept and serving (a device already in service; before it connects)."""
+    def seed(self, ref: ModelRef, artifact_id: str | None = None) -> None:
+        """Start with ``ref`` committed, kept and serving (a device already in service; before it connects);
+        ``artifact_id``: the artifact it was installed from (a deploy of the same one is "already serving")."""
         self._commits += 1
-        self._kept[ref] = _Kept(ref, None, None, HealthSpec((), (), 0.0), RuntimeSpec("onnx", "onnxruntime"),
+        self._kept[ref] = _Kept(ref, artifact_id, None, HealthSpec((), (), 0.0), RuntimeSpec("onnx", "onnxruntime"),
                                 committed=True, committed_order=self._commits)
         self.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: ref.version}))
         self.active = ref
@@ -302,9 +291,7 @@ class SimDevice(EventReporter):
     # -- feeding the machine ------------------------------------------------------------------------------
 
     def _after_events(self) -> None:
-        if self.machine.state is State.IDLE and self._pending_desired is not None:
-            blob, self._pending_desired = self._pending_desired, None
-            self._on_desired(blob)
+        self._take_deferred()
         if self._state_dirty:
             self._publish_state()
 
@@ -362,10 +349,7 @@ class SimDevice(EventReporter):
             info, key = offer.artifact, offer.key
         data_key = unwrap_key(key, self.key, artifact_id=info.artifact_id, device_id=self.device_id)
         sink = StreamingSink(total_size=info.compressed_size, compression=info.compression, model_size=info.size)
-        reassembly = Reassembly(
-            artifact_id=info.artifact_id, chunk_count=info.chunk_count, chunk_size=info.chunk_size,
-            total_size=info.compressed_size, sha256=info.compressed_sha256, max_bytes=self.settings.max_artifact_bytes,
-        )
+        reassembly = Reassembly.for_artifact(info, max_bytes=self.settings.max_artifact_bytes)
         mono = self.monotonic()
         return _Download(target, desired, info, ChunkOpener(data_key, info), reassembly, sink,
                          last_new_at=mono, timeout=self.settings.chunk_timeout_s, last_progress_at=mono,
@@ -396,28 +380,12 @@ class SimDevice(EventReporter):
         d = self._download
         if d is None or d.complete:
             return
-        try:
-            header = parse_chunk_header(payload)
-        except EdgeError as exc:
-            self._error_event(exc.code, f"dropped a malformed chunk: {exc.message}")
-            return
-        if header.artifact_id != d.info.artifact_id:
-            return
-        if d.reassembly.is_duplicate(header.index, payload[-TAG_SIZE:]):  # the agent's rule: no decryption
-            self.counters.duplicate_chunks += 1
-            return
-        try:
-            opened = d.opener.open_chunk(payload, header)
-            added = d.reassembly.add(opened.index, opened.data, d.sink, fingerprint=opened.tag)
-        except ConflictingChunkError as exc:
-            self._error_event(exc.code, exc.message)
-            return
-        except EdgeError as exc:
-            self.counters.dropped_chunks += 1
-            self._error_event(exc.code, f"dropped chunk {header.index}: {exc.message}")
-            return
-        if added is Added.DUPLICATE:
-            self.counters.duplicate_chunks += 1
+        taken = take_chunk(payload, d.opener, d.reassembly, d.sink)
+        self.counters.dropped_chunks += taken.outcome is Taken.DROPPED
+        self.counters.duplicate_chunks += taken.outcome is Taken.DUPLICATE
+        if taken.error is not None:
+            self._error_event(taken.error.code, taken.note)
+        if taken.outcome is not Taken.NEW:
             return
         self.counters.chunks += 1
         now = self.monotonic()
@@ -478,8 +446,7 @@ class SimDevice(EventReporter):
         now = self.clock()
         kept = self._kept.get(target)
         if kept is None:
-            err = VersionNotKeptError(target.name, target.version)
-            return Failed(now, Failure("warming", err.code, err.message, "load"))
+            return Failed.unkept(now, target)
         if target.version in self.settings.fail_versions:
             budget = kept.health.latency_budget_ms or 50.0
             check = HealthCheckError(f"p95 latency {budget * 4:.2f} ms over the {budget:.2f} ms budget (simulated)",
@@ -559,11 +526,8 @@ class SimDevice(EventReporter):
         kept = self._find(ref, committed_only=True)
         return kept.artifact_id if kept is not None else None
 
-    def _on_desired(self, blob: bytes) -> None:
-        carry_out(self.intake.desired(blob, self.machine, self, self.clock()), blob, self)
-
-    def _defer(self, blob: bytes) -> None:
-        self._pending_desired = blob
+    def _kept_versions(self) -> SimDevice:
+        return self
 
     def _save_desired(self, desired: DesiredState, blob: bytes) -> EdgeError | None:
         if desired.artifact is None:
@@ -575,15 +539,6 @@ class SimDevice(EventReporter):
         self.trusted.accepted(desired)
         self._event(EventKind.DESIRED_ACCEPTED, model=desired.model, deployment_id=desired.deployment_id,
                     message=message, data={"action": desired.action, "seq": desired.seq})
-
-    def _on_command(self, blob: bytes) -> None:
-        now = self.clock()
-        try:
-            cmd = self.trusted.open_command(blob, self.machine.record, now)
-        except EdgeError as exc:
-            self._error_event(exc.code, f"command rejected: {exc.message}")
-            return
-        carry_out(self.intake.command(cmd, self.machine, self, now), blob, self)
 
     def _purge(self, cmd: Command, seen: Seen) -> None:
         self._feed(seen)

@@ -38,7 +38,7 @@ from agent.protocol.envelope import TrustAnchor
 from agent.protocol.events import EventKind
 from agent.protocol.messages import ModelRef
 from agent.protocol.shards import pick
-from server.simulator.device import SimDevice, SimSettings
+from server.simulator.device import SimDevice, SimSettings, SimShared
 
 log = logging.getLogger("edgefleet.simulator")
 
@@ -311,7 +311,8 @@ class SimFleet:
         seed: str = "edgefleet",
         loops: int = 2,
     ) -> None:
-        self.devices = [SimDevice(d, key=device_key(seed, d), trust=trust, settings=settings) for d in ids]
+        shared = SimShared(trust, settings)
+        self.devices = [SimDevice(d, key=device_key(seed, d), shared=shared) for d in ids]
         #: ``broker``: one broker, or several independent ones (shards, docs/scale.md) in their configured order
         self.brokers: tuple[BrokerTarget, ...] = (broker,) if isinstance(broker, BrokerTarget) else tuple(broker)
         if not self.brokers:

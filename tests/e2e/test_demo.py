@@ -19,6 +19,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,37 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log_path: Path, st
                   describe=lambda: log_path.read_text(errors="replace")[-4000:])
 
 
+@dataclass
+class _Demo:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    work: str = ""  # the demo's working directory (every process it starts names it)
+    reached: bool = False  # the test got to stop it: the caller checks what is left
+
+    def stopped(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self.reached = True
+        return rc
+
+
+@contextlib.contextmanager
+def _held_demo(tmp_path: Path, env: dict[str, str], barrier: Path, *, sigint_ignored: bool = False) -> Iterator[_Demo]:
+    """The demo started and held at ``barrier``; on the way out its group is killed if it still runs, and its
+    processes are reaped if the test failed before ``stopped`` (leak nothing)."""
+    proc, log_path = _start_demo(tmp_path, env, sigint_ignored=sigint_ignored)
+    demo = _Demo(proc, log_path)
+    try:
+        _wait_for_file(Path(f"{barrier}.reached"), proc, log_path)
+        demo.work = _demo_dir(log_path.read_text(errors="replace"))
+        yield demo
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if not demo.reached and demo.work:
+            _reap(demo.work)
+
+
 #: where Ctrl-C lands: (environment that pauses the demo there, a command line that must be running then)
 #: step 5 pauses the demo's own code (its hook); the others hold every agent at a journal point with the
 #: agents' fault hook, so the operator command that waits on them cannot finish
@@ -163,24 +196,14 @@ def test_ctrl_c_stops_every_process(point: str, tmp_path: Path) -> None:
     barrier = tmp_path / "barrier"  # never created: the demo (or its agents) wait at the point until stopped
     template, command = CTRL_C_POINTS[point]
     env = {k: v.format(barrier=barrier) for k, v in template.items()}
-    proc, log_path = _start_demo(tmp_path, env, sigint_ignored=point == "in-a-step")
-    work, reached = "", False
-    try:
-        _wait_for_file(Path(f"{barrier}.reached"), proc, log_path)
-        work = _demo_dir(log_path.read_text(errors="replace"))
-        running = _processes_naming(work)
+    with _held_demo(tmp_path, env, barrier, sigint_ignored=point == "in-a-step") as demo:
+        running = _processes_naming(demo.work)
         assert len(running) >= 5, running  # broker, server, three agents (+ the operator command)
         if command is not None:
             assert any(command in cmd for _, cmd in running), f"`edgefleet {command}` is not running: {running}"
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-        rc = proc.wait(300)  # a hang catcher: it stops five processes, up to 15 s each, on a loaded machine
-        reached = True
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        if not reached and work:
-            _reap(work)  # the test failed early: leak nothing
+        os.killpg(demo.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        rc = demo.stopped(300)  # a hang catcher: it stops five processes, up to 15 s each, on a loaded machine
+    work, log_path = demo.work, demo.log_path
     output = log_path.read_text(errors="replace")
     assert rc == 130, output[-4000:]
     assert "interrupted" in output
@@ -192,26 +215,16 @@ def test_ctrl_c_stops_every_process(point: str, tmp_path: Path) -> None:
 def test_driver_killed_with_sigkill_the_wrapper_still_stops_every_process(tmp_path: Path) -> None:
     """scripts/demo kills the process groups the driver recorded, even when the driver could not clean up."""
     barrier = tmp_path / "barrier"  # the agents hold at probation: `edgefleet deploy --watch` keeps waiting
-    proc, log_path = _start_demo(tmp_path, {"EDGEFLEET_FAULT_AT": "journal:probation",
-                                            "EDGEFLEET_FAULT_WAIT": str(barrier)})
-    work, reached = "", False
-    try:
-        _wait_for_file(Path(f"{barrier}.reached"), proc, log_path)
-        work = _demo_dir(log_path.read_text(errors="replace"))
-        running = _processes_naming(work)
+    env = {"EDGEFLEET_FAULT_AT": "journal:probation", "EDGEFLEET_FAULT_WAIT": str(barrier)}
+    with _held_demo(tmp_path, env, barrier) as demo:
+        running = _processes_naming(demo.work)
         # broker, server, three agents, the deploy command: an operator command that would outlive the driver
         assert len(running) >= 6 and any("deploy digits:1" in cmd for _, cmd in running), running
-        drivers = [pid for pid, cmd in _processes_naming("scripts/demo.py") if _parent(pid) == proc.pid]
+        drivers = [pid for pid, cmd in _processes_naming("scripts/demo.py") if _parent(pid) == demo.proc.pid]
         assert len(drivers) == 1
         os.kill(drivers[0], signal.SIGKILL)  # no finally, no atexit: only the wrapper's trap is left
-        rc = proc.wait(300)  # a hang catcher only: the wrapper's trap kills the recorded groups at once
-        reached = True
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        if not reached and work:
-            _reap(work)  # the test failed early: leak nothing
+        rc = demo.stopped(300)  # a hang catcher only: the wrapper's trap kills the recorded groups at once
+    work = demo.work
     assert rc == 128 + signal.SIGKILL
     deadline = time.monotonic() + 30  # a hang catcher: the loop ends as soon as the kernel has delivered them
     while _processes_naming(work) and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously

@@ -7,10 +7,14 @@ Scenario names are ``<module>.<test>`` without the ``test_`` prefixes. A test th
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
+from server.broker import MosquittoBroker
+from server.builds import StaticBuilds
 from tests.support.faults import FaultLedger
+from tests.support.servers.fleet import Fleet
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -41,3 +45,10 @@ def ledger(request: pytest.FixtureRequest) -> Iterator[FaultLedger]:
         book.finish(False, not_run=reason.removeprefix("Skipped: "))
     else:
         book.finish(report.passed)
+
+
+@pytest.fixture
+def real_server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
+    """The real server (registry, signer, rollout driver) in-process on the session broker, no builds."""
+    with Fleet(tmp_path / "srv", broker, StaticBuilds()) as f:
+        yield f

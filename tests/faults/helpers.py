@@ -13,6 +13,7 @@ from tests.support.devices.fixtures import assert_serves
 from tests.support.faults import FaultLedger, kept_versions, read_journal
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
+from tests.support.servers.fleet import Fleet
 from tests.support.servers.stub import FleetServer
 
 
@@ -57,6 +58,14 @@ def _serving(fleet: FleetServer, agent: AgentProcess, models: AgentModels, versi
     assert journal is not None and journal.committed == agent_models.ref(version)
     agent.wait_http_ready()
     assert_serves(agent, models)
+
+
+def register_on(server: Fleet, fleet: FleetServer, agent: AgentProcess, profile: str, **options: Any) -> None:
+    """Register ``agent``'s device with the real ``server``, with the public key it enrolled at the test server."""
+    public = fleet.log(agent.device_id).public_key
+    assert public is not None
+    server.service.register_device(agent.device_id, profile=profile,
+                                   public_key=base64.b64encode(public.public_bytes_raw()).decode(), **options)
 
 
 def agent_status(agent: AgentProcess) -> dict[str, Any]:

@@ -64,11 +64,10 @@ from agent.runtime.host import ModelHost
 from agent.runtime.inference import InferenceOptions
 from agent.runtime.keys import generate_device_key
 from agent.runtime.mqtt import Message
-from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from server.ingest import Ingestor
 from server.rollout.progress import ProgressTracker
-from tests.faults.helpers import intact
+from tests.faults.helpers import intact, register_on
 from tests.support.devices.agent_process import write_config
 from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, read_journal, trials
@@ -370,12 +369,6 @@ def test_server_ingest(topic: str, ingest: tuple[Ingestor, list[ChunkRequest], A
 # -- a sample through the real broker into a running agent and server -----------------------------------------
 
 
-@pytest.fixture
-def real_server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path / "srv", broker, StaticBuilds())
-    yield f
-    f.close()
-
 
 @pytest.mark.broker
 def test_through_the_broker(
@@ -383,11 +376,7 @@ def test_through_the_broker(
 ) -> None:
     agent = agent_factory(prefix="fuzzbus", settings={"profile": "x86-64-avx2"})
     device = agent.device_id
-    public = fleet.log(device).public_key
-    assert public is not None
-    real_server.service.register_device(device, profile="x86-64-avx2",
-                                        public_key=base64.b64encode(public.public_bytes_raw()).decode(),
-                                        broker_password=False)
+    register_on(real_server, fleet, agent, "x86-64-avx2", broker_password=False)
     deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
     journal = read_journal(agent.store_dir)
     assert journal is not None

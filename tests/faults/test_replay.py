@@ -9,7 +9,6 @@ in ``edgefleet-agent status``, in a ``desired.expired`` event and in the server'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,7 @@ import pytest
 from agent.protocol.envelope import seal_command
 from agent.protocol.messages import Command
 from agent.protocol.topics import Channel, device_topic
-from server.broker import MosquittoBroker
-from server.builds import StaticBuilds
-from tests.faults.helpers import agent_status, intact
+from tests.faults.helpers import agent_status, intact, register_on
 from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
 from tests.support.faults import FaultLedger, read_journal
 from tests.support.models import agent as agent_models
@@ -148,12 +145,6 @@ def test_replay_refused_after_both_journal_slots_are_lost(
     assert rebuilt is not None and rebuilt.last_seq >= floor.last_seq, "the floor went back into the journal"
 
 
-@pytest.fixture
-def real_server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path / "srv", broker, StaticBuilds())
-    yield f
-    f.close()
-
 
 def test_freeze_is_visible_on_the_device_and_in_server_status(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, real_server: Fleet, ledger: FaultLedger
@@ -161,9 +152,7 @@ def test_freeze_is_visible_on_the_device_and_in_server_status(
     """The server stops re-signing: the device's desired state expires; the agent says so, and so does the server."""
     agent = agent_factory(prefix="freeze", settings={"profile": "x86-64-avx2"})
     device = agent.device_id
-    public = fleet.log(device).public_key
-    assert public is not None
-    real_server.service.register_device(device, profile="x86-64-avx2", public_key=_b64(public.public_bytes_raw()))
+    register_on(real_server, fleet, agent, "x86-64-avx2")
     mark = fleet.event_count(device)
     desired = fleet.deploy(device, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX,
                            health=models.health(probation_s=0.2), expires_in=8.0)
@@ -184,9 +173,3 @@ def test_freeze_is_visible_on_the_device_and_in_server_status(
 
 def _server_row(f: Fleet, device: str) -> dict[str, object]:
     return next(r for r in f.service.list_devices() if r["device_id"] == device)
-
-
-def _b64(raw: bytes) -> str:
-    import base64
-
-    return base64.b64encode(raw).decode()

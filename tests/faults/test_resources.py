@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.faults.helpers import intact
-from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, deploy_digits, fleet, models
 from tests.support.faults import FaultLedger, not_run, small_fs
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
@@ -42,8 +43,7 @@ def test_disk_full_during_download(
         deploy_and_commit(fleet, agent, models, 1, probation_s=0.3)
         held = fleet.chunk_limit = fleet.chunks_sent + 20  # the transfer holds after 20 chunks (of ~140)
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
-                     health=models.health(probation_s=0.3), chunk_size=1024)
+        deploy_digits(fleet, agent, models, 2, "good_v2", health=models.health(probation_s=0.3), chunk_size=1024)
         fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
         fleet.wait_event(agent.device_id, "download.started", after=mark)
         filler = mount / "filler"
@@ -66,18 +66,17 @@ def test_disk_full_during_download(
         agent.kill()
 
 
-def _big_model(path: Path, megabytes: int) -> Path:
-    """A real ONNX digits-shaped model carrying a large (unused by the output) initializer."""
-    weight = np.zeros((megabytes * 1024 * 256,), dtype=np.float32)
+def _digits_shaped(path: Path, name: str, nodes: list[Any], initializers: list[Any]) -> Path:
+    """Save a real ONNX model with the digits model's interface: ``logits = f(head)``, ``head`` the first ten
+    pixels (``nodes`` compute ``logits`` from ``head`` and their ``initializers``)."""
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["pixels"], ["flat"]),
-         helper.make_node("ReduceSum", ["big"], ["s"], keepdims=1),
          helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["head"]),
-         helper.make_node("Add", ["head", "s"], ["logits"])],
-        "big",
+         *nodes],
+        name,
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
-        [numpy_helper.from_array(weight, "big"),
+        [*initializers,
          numpy_helper.from_array(np.array([0], np.int64), "starts"),
          numpy_helper.from_array(np.array([10], np.int64), "ends"),
          numpy_helper.from_array(np.array([1], np.int64), "axes")],
@@ -86,6 +85,16 @@ def _big_model(path: Path, megabytes: int) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def _big_model(path: Path, megabytes: int) -> Path:
+    """A real ONNX digits-shaped model carrying a large (unused by the output) initializer."""
+    weight = np.zeros((megabytes * 1024 * 256,), dtype=np.float32)
+    return _digits_shaped(
+        path, "big",
+        [helper.make_node("ReduceSum", ["big"], ["s"], keepdims=1), helper.make_node("Add", ["head", "s"], ["logits"])],
+        [numpy_helper.from_array(weight, "big")],
+    )
 
 
 def test_model_over_the_ram_budget_is_refused(
@@ -116,25 +125,14 @@ def _hungry_model(path: Path, megabytes: int) -> Path:
     """A tiny real ONNX file (< 1 KB) that builds a ``megabytes`` tensor when it runs (ConstantOfShape)."""
     n = megabytes * 1024 * 256
     fill = helper.make_tensor("fill", TensorProto.FLOAT, [1], [0.5])
-    graph = helper.make_graph(
+    return _digits_shaped(
+        path, "hungry",
         [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=fill),
-         helper.make_node("Flatten", ["pixels"], ["flat"]),
-         helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["head"]),
          helper.make_node("Gather", ["big", "idx"], ["picked"], axis=0),
          helper.make_node("Mul", ["head", "picked"], ["logits"])],
-        "hungry",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
         [numpy_helper.from_array(np.array([n], np.int64), "shape"),
-         numpy_helper.from_array(np.arange(10, dtype=np.int64) * 997, "idx"),
-         numpy_helper.from_array(np.array([0], np.int64), "starts"),
-         numpy_helper.from_array(np.array([10], np.int64), "ends"),
-         numpy_helper.from_array(np.array([1], np.int64), "axes")],
+         numpy_helper.from_array(np.arange(10, dtype=np.int64) * 997, "idx")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def test_model_over_the_ram_budget_once_running_is_refused(
@@ -199,8 +197,8 @@ def test_api_flood_during_swap(
     try:
         answered(50)  # the flood is on before the update starts
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(agent.device_id, models.bytes_of("good_v2"), agent_models.ref(2), runtime=agent_models.ONNX,
-                     health=models.health(probation_s=1.0, latency_budget_ms=500.0), chunk_size=8192)
+        deploy_digits(fleet, agent, models, 2, "good_v2",
+                      health=models.health(probation_s=1.0, latency_budget_ms=500.0), chunk_size=8192)
         done = fleet.wait_event(agent.device_id, lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back",
                                                                       "lifecycle.failed"), after=mark, timeout=120)
         answered(sum(statuses.values()) + 50)  # ... and still on after it ended

@@ -22,7 +22,7 @@ from agent.protocol.envelope import CHUNK_HEADER_SIZE, seal_command, seal_desire
 from agent.protocol.messages import Command, WrappedKey
 from agent.protocol.topics import Channel, device_topic
 from tests.faults.helpers import edit_payload, flip, intact
-from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models, serving_v1
 from tests.support.faults import FaultLedger, read_journal
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
@@ -53,9 +53,8 @@ MANIFEST_EDITS: dict[str, Callable[[dict[str, Any]], None]] = {
 def test_manifest_and_command_fields(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
 ) -> None:
-    agent = agent_factory(prefix="tamper-m")
+    agent = serving_v1(agent_factory, fleet, models, prefix="tamper-m")
     device = agent.device_id
-    deploy_and_commit(fleet, agent, models, 1)
     seq_before = read_journal(agent.store_dir).last_seq  # type: ignore[union-attr]
     desired = fleet.desired_deploy(
         device, fleet.seal(models.bytes_of("good_v2")), agent_models.ref(2), runtime=agent_models.ONNX,
@@ -109,9 +108,8 @@ def test_wrapped_key(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
 ) -> None:
     """A signed manifest whose wrapped key was altered (or wrapped for another device) fails the unwrap, cleanly."""
-    agent = agent_factory(prefix="tamper-k")
+    agent = serving_v1(agent_factory, fleet, models, prefix="tamper-k")
     device = agent.device_id
-    deploy_and_commit(fleet, agent, models, 1)
     public = fleet.log(device).public_key
     assert public is not None
 
@@ -166,9 +164,8 @@ def test_chunk_header_body_tag_and_truncation(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory, ledger: FaultLedger
 ) -> None:
     """The first copy of each chunk is altered in one field (round robin); only clean re-sent copies are stored."""
-    agent = agent_factory(prefix="tamper-c")
+    agent = serving_v1(agent_factory, fleet, models, prefix="tamper-c")
     device = agent.device_id
-    deploy_and_commit(fleet, agent, models, 1)
     tamperers = list(_chunk_tamperers().items())
     seen: dict[int, str] = {}
 

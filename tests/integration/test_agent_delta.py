@@ -11,12 +11,12 @@ import pytest
 from agent.runtime.store import ModelStore
 from tests.support.delta import DeltaDeploy, deploy_delta, fine_tuned, requested
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import agent_factory, agent_v1, assert_serves, fleet, models
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
 
-__all__ = ["agent_factory", "fleet", "models"]
+__all__ = ["agent_factory", "agent_v1", "fleet", "models"]
 
 pytestmark = pytest.mark.broker
 
@@ -43,10 +43,9 @@ def _deploy_v2(
 
 
 def test_delta_is_downloaded_applied_and_served(
-    agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels
+    agent_v1: AgentProcess, fleet: FleetServer, models: AgentModels
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     dd, mark, asked = _deploy_v2(fleet, agent, models)
     assert asked == {dd.delta.info.artifact_id}, "only the patch travels"
     kinds = fleet.kinds(agent.device_id, after=mark)
@@ -58,10 +57,9 @@ def test_delta_is_downloaded_applied_and_served(
 
 
 def test_corrupted_base_falls_back_to_the_full_artifact(
-    agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels
+    agent_v1: AgentProcess, fleet: FleetServer, models: AgentModels
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     (v1,) = [v for v in ModelStore(agent.store_dir).kept(agent_models.NAME) if v.ref.version == 1]
     raw = bytearray(v1.path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # bit rot in the kept base (the served copy is already in memory)
@@ -74,10 +72,9 @@ def test_corrupted_base_falls_back_to_the_full_artifact(
 
 
 def test_foreign_base_goes_straight_to_full(
-    agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels
+    agent_v1: AgentProcess, fleet: FleetServer, models: AgentModels
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     dd, mark, asked = _deploy_v2(fleet, agent, models, base_sha256="0" * 64)
     assert asked == {dd.full.info.artifact_id}, "the patch is never fetched"
     events = [e for e in fleet.log(agent.device_id).events[mark:] if e.kind == "delta.fallback"]

@@ -16,12 +16,23 @@ from agent.protocol.envelope import seal_command, seal_desired
 from agent.protocol.messages import Command
 from agent.protocol.topics import Channel, device_topic
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import (
+    AgentFactory,
+    agent_factory,
+    agent_v1,
+    agent_v2,
+    assert_serves,
+    deploy_and_commit,
+    deploy_digits,
+    fleet,
+    models,
+    serving_v1,
+)
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
 
-__all__ = ["agent_factory", "fleet", "models"]
+__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]
 
 pytestmark = pytest.mark.broker
 
@@ -43,9 +54,8 @@ def rejected(fleet: FleetServer, agent: AgentProcess, mark: int, kind: str = "de
 def test_refused_desired_states_and_commands_keep_v1_serving(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
 ) -> None:
-    agent = agent_factory()
+    agent = serving_v1(agent_factory, fleet, models)
     device = agent.device_id
-    deploy_and_commit(fleet, agent, models, 1)
     deploy_and_commit(fleet, agent, models, 2, "good_v2")
     agent.wait_http_ready()
     health = models.health()
@@ -122,10 +132,9 @@ def test_refused_desired_states_and_commands_keep_v1_serving(
 
 
 def test_tampered_chunks_are_dropped_and_fetched_again(
-    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+    fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     tampered: set[int] = set()
 
     def flip_first_copy(index: int, chunk: bytes) -> bytes:
@@ -154,9 +163,7 @@ def test_full_disk_fails_the_update_not_the_device(
     """The store keeps a free-space floor; an update that would cross it fails cleanly."""
     agent = agent_factory(settings={"models": {"min_free_bytes": 1 << 50}})  # more than any disk has
     mark = fleet.event_count(agent.device_id)
-    fleet.deploy(
-        agent.device_id, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX, health=models.health()
-    )
+    deploy_digits(fleet, agent, models, 1)
     failed = fleet.wait_event(agent.device_id, "lifecycle.failed", after=mark)
     assert failed.code == "disk_full"
     assert "free" in failed.message
@@ -166,10 +173,9 @@ def test_full_disk_fails_the_update_not_the_device(
 
 
 def test_retained_desired_is_not_reprocessed_on_restart(
-    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+    fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     agent.stop()
     mark = fleet.event_count(agent.device_id)
     agent.start()
@@ -185,12 +191,10 @@ def test_retained_desired_is_not_reprocessed_on_restart(
 
 
 def test_corrupted_committed_model_falls_back_to_a_kept_version(
-    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+    fleet: FleetServer, models: AgentModels, agent_v2: AgentProcess
 ) -> None:
     """Bit rot in the committed model file (found by its digest at start): serve the previous kept version."""
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
-    deploy_and_commit(fleet, agent, models, 2, "good_v2")
+    agent = agent_v2
     agent.stop()
     (current,) = [p for p in (agent.store_dir / "models" / "digits").iterdir() if p.name.startswith("2-")]
     model_file = current / "model.onnx"

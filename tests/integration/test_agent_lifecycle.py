@@ -17,12 +17,23 @@ import numpy as np
 import pytest
 
 from agent.protocol.messages import ModelRef
-from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.devices.agent_process import AgentProcess
+from tests.support.devices.fixtures import (
+    AgentFactory,
+    agent_factory,
+    agent_v1,
+    agent_v2,
+    assert_serves,
+    deploy_and_commit,
+    deploy_digits,
+    fleet,
+    models,
+)
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
 
-__all__ = ["agent_factory", "fleet", "models"]  # fixtures used by name below
+__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]  # fixtures used by name below
 
 pytestmark = pytest.mark.broker
 
@@ -83,10 +94,9 @@ BAD_VARIANTS = [
 
 
 def test_misbehaving_versions_are_rolled_back_and_reported(
-    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+    fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     agent.wait_http_ready()
     for version, (which, check) in enumerate(BAD_VARIANTS, start=2):
         mark = fleet.event_count(agent.device_id)
@@ -124,11 +134,10 @@ def test_misbehaving_versions_are_rolled_back_and_reported(
 
 
 def test_probation_error_rate_rolls_back_under_real_traffic(
-    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+    fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess
 ) -> None:
     """A v2 that passes warm-up (probe inputs in [0, 1)) but fails on real pixels (0..16) during probation."""
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = agent_v1
     agent.wait_http_ready()
     stop = threading.Event()
     statuses: list[int] = []
@@ -144,13 +153,8 @@ def test_probation_error_rate_rolls_back_under_real_traffic(
     worker.start()
     try:
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(
-            agent.device_id,
-            models.bytes_of("fails_on_real_data"),
-            agent_models.ref(2),
-            runtime=agent_models.ONNX,
-            health=models.health(probation_s=30.0, min_requests=10),
-        )
+        deploy_digits(fleet, agent, models, 2, "fails_on_real_data",
+                      health=models.health(probation_s=30.0, min_requests=10))
         event = fleet.wait_event(agent.device_id, "lifecycle.rolled_back", after=mark, timeout=60)
     finally:
         stop.set()
@@ -167,11 +171,9 @@ def test_probation_error_rate_rolls_back_under_real_traffic(
 
 
 def test_rollback_activate_and_pin_need_no_chunks(
-    fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
+    fleet: FleetServer, models: AgentModels, agent_v2: AgentProcess
 ) -> None:
-    agent = agent_factory()
-    deploy_and_commit(fleet, agent, models, 1)
-    deploy_and_commit(fleet, agent, models, 2, "good_v2")
+    agent = agent_v2
     fleet.serve_chunks = False  # from here on the broker carries no chunks at all
     sent = fleet.chunks_sent
 

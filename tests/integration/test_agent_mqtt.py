@@ -10,7 +10,15 @@ import pytest
 from server.broker import SERVER_USER, MosquittoBroker
 from tests.conftest import SecureBrokerFactory
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import (
+    AgentFactory,
+    agent_factory,
+    assert_serves,
+    deploy_and_commit,
+    deploy_digits,
+    fleet,
+    models,
+)
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer, unique_device_id
@@ -60,26 +68,13 @@ def test_broker_restart_mid_download_resumes(
     fresh_broker: MosquittoBroker, own_broker_fleet: FleetServer, models: AgentModels, tmp_path: Path
 ) -> None:
     fleet = own_broker_fleet
-    agent = AgentProcess(
-        tmp_path,
-        unique_device_id("restart"),
-        broker_host=fresh_broker.host,
-        broker_port=fresh_broker.port,
-        server=fleet,
-    )
+    agent = AgentProcess.on(fresh_broker, fleet, tmp_path, "restart")
     try:
         agent.start()
         deploy_and_commit(fleet, agent, models, 1)
         fleet.chunk_limit = fleet.chunks_sent + 20  # the stream holds after 20 chunks: the broker dies mid-transfer
         mark = fleet.event_count(agent.device_id)
-        fleet.deploy(
-            agent.device_id,
-            models.bytes_of("good_v2"),
-            agent_models.ref(2),
-            runtime=agent_models.ONNX,
-            health=models.health(),
-            chunk_size=2048,
-        )
+        deploy_digits(fleet, agent, models, 2, "good_v2", chunk_size=2048)
         held = fleet.chunk_limit
         fleet.wait_for(lambda: fleet.chunks_sent >= held and not fleet.streaming, timeout=60)
         fresh_broker.restart(kill=True)  # the broker dies mid-transfer and comes back (persistence on)
@@ -117,9 +112,7 @@ def test_desired_state_published_while_offline_is_applied_on_connect(
     fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
 ) -> None:
     agent = agent_factory(start=False)
-    fleet.deploy(
-        agent.device_id, models.bytes_of("good"), agent_models.ref(1), runtime=agent_models.ONNX, health=models.health()
-    )  # retained, and acknowledged by the broker before deploy() returns
+    deploy_digits(fleet, agent, models, 1)  # retained, and acknowledged by the broker before deploy() returns
     agent.start()
     fleet.wait_state(
         agent.device_id, lambda s: s.lifecycle == "idle" and s.active is not None and s.active.version == 1
@@ -133,14 +126,7 @@ def test_shared_artifact_topic_and_telemetry(
 ) -> None:
     agent = agent_factory()
     mark = fleet.event_count(agent.device_id)
-    desired = fleet.deploy(
-        agent.device_id,
-        models.bytes_of("good"),
-        agent_models.ref(1),
-        runtime=agent_models.ONNX,
-        health=models.health(),
-        shared=True,
-    )
+    desired = deploy_digits(fleet, agent, models, 1, shared=True)
     assert desired.artifact is not None and desired.artifact.topic
     fleet.wait_event(agent.device_id, "lifecycle.committed", after=mark)
     agent.wait_http_ready()

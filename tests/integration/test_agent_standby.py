@@ -16,7 +16,15 @@ import pytest
 from onnx import numpy_helper
 
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import AgentFactory, agent_factory, assert_serves, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import (
+    AgentFactory,
+    agent_factory,
+    assert_serves,
+    deploy_and_commit,
+    fleet,
+    models,
+    serving_v1,
+)
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
@@ -60,8 +68,7 @@ def _padded(src: Path, dst: Path, megabytes: int) -> Path:
 def test_rollback_after_commit_from_the_warm_standby(
     warm: bool, fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory
 ) -> None:
-    agent = agent_factory(settings={"models": {"warm_standby": warm}})
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = serving_v1(agent_factory, fleet, models, settings={"models": {"warm_standby": warm}})
     mark = len(agent.log_records())
     deploy_and_commit(fleet, agent, models, 2, "good_v2")
     assert any(r["msg"] == KEPT_WARM for r in _logs_after(agent, mark)) is warm

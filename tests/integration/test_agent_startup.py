@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from tests.support.devices.agent_process import ROOT
-from tests.support.devices.fixtures import AgentFactory, agent_factory, deploy_and_commit, fleet, models
+from tests.support.devices.fixtures import AgentFactory, agent_factory, fleet, models, serving_v1
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
 from tests.support.waiting import WaitError
@@ -30,8 +30,7 @@ pytestmark = pytest.mark.broker
 def test_port_zero_is_the_bound_port_in_status_json_and_agent_status(
     agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels
 ) -> None:
-    agent = agent_factory(prefix="port0")
-    deploy_and_commit(fleet, agent, models, 1)
+    agent = serving_v1(agent_factory, fleet, models, prefix="port0")
     agent.wait_http_ready()
     port = agent.http_port
     assert port > 0

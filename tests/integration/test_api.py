@@ -21,7 +21,6 @@ from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from server.client import HttpClient
 from server.errors import AuthError, ConflictError, InvalidRequestError, NotFoundError
-from server.keys import new_token, token_digest
 from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
@@ -34,16 +33,13 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> StaticBuilds:
 
 @pytest.fixture
 def fleet(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, fresh_broker, builds)
-    yield f
-    f.close()
+    with Fleet(tmp_path, fresh_broker, builds) as f:
+        yield f
 
 
 @pytest.fixture
 def token(fleet: Fleet) -> str:
-    t = new_token()
-    fleet.server.registry.add_token("ci-pipeline", token_digest(t), role="admin")
-    return t
+    return fleet.token("ci-pipeline", "admin")
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, str, bytes]:

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import serialization
 from agent.protocol.envelope import raw_public
 from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
-from server.keys import new_token, token_digest
 from server.simulator import device_ids, device_key
 from tests.support.devices.agent_process import ROOT
 from tests.support.servers.fleet import Fleet, onnx_builds, public_key
@@ -40,17 +39,15 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> StaticBuilds:
 @pytest.fixture
 def fleet(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[Fleet]:
     # an offline device holds a rollout "running" for as long as the device timeout (far beyond the test)
-    f = Fleet(tmp_path, fresh_broker, builds, {"rollout": {"device_timeout_s": 3600.0}})
-    yield f
-    f.close()
+    with Fleet(tmp_path, fresh_broker, builds, {"rollout": {"device_timeout_s": 3600.0}}) as f:
+        yield f
 
 
 class Command:
     """``python -m server ...`` in its own session; stdout and stderr in files the test polls."""
 
     def __init__(self, fleet: Fleet, *args: str, api: bool = True) -> None:
-        token = new_token()
-        fleet.server.registry.add_token(f"ctrl-c-{time.monotonic_ns()}", token_digest(token), role="admin")
+        token = fleet.token(f"ctrl-c-{time.monotonic_ns()}", "admin")
         home = fleet.tmp / "cli-home"
         env = {**os.environ, "EDGEFLEET_TOKEN": token, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"}
         self.out, self.err = fleet.tmp / "cmd.out", fleet.tmp / "cmd.err"

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from server.broker import MosquittoBroker
-from server.keys import new_token, token_digest
 from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
@@ -35,8 +34,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, dic
             f.wait_online(*devices)
             for d in devices:
                 d.send_telemetry(p95=3.25, cpu=12.5)
-            token = new_token()
-            f.server.registry.add_token("ci", token_digest(token), role="deploy")
+            token = f.token("ci", "deploy")
             env = {**os.environ, "EDGEFLEET_SERVER": f"http://127.0.0.1:{f.server.http.port}",
                    "EDGEFLEET_TOKEN": token, "COLUMNS": "80", "TERM": "xterm-256color"}
             env.pop("FORCE_COLOR", None)

@@ -10,13 +10,14 @@ import http.client
 import re
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.broker import MosquittoBroker
-from server.keys import new_token, token_digest
+from server.keys import token_digest
 from tests.support.servers.fleet import Fleet, onnx_builds
 
 pytestmark = pytest.mark.broker
@@ -89,9 +90,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def tokens(fleet: Fleet, role: str) -> str:
-    token = new_token()
-    fleet.server.registry.add_token(f"{role}-{token[-6:]}", token_digest(token), role=role)
-    return token
+    return fleet.token(f"{role}-{uuid.uuid4().hex[:6]}", role)
 
 
 def client(fleet: Fleet) -> Client:

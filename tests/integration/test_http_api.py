@@ -50,6 +50,15 @@ def server(host: ModelHost) -> Iterator[InferenceHttpServer]:
         yield s
 
 
+@pytest.fixture
+def served(server: InferenceHttpServer, host: ModelHost, digits: Path) -> Iterator[Client]:
+    """The digits model served as v1; a keep-alive client of the server."""
+    serve(host, digits, ModelRef("digits", 1))
+    c = Client(server)
+    yield c
+    c.close()
+
+
 def serve(host: ModelHost, path: Path, ref: ModelRef, runtime: Any = ONNX) -> None:
     model = host.load(path, ref=ref, runtime=runtime)
     host.check(model, DIGITS_HEALTH if runtime is ONNX else SELFIE_HEALTH)
@@ -111,10 +120,9 @@ def test_health_and_metadata_follow_what_is_served(server: InferenceHttpServer, 
     c.close()
 
 
-def test_json_inference_is_accurate_and_counted(server: InferenceHttpServer, host: ModelHost, digits: Path) -> None:
-    serve(host, digits, ModelRef("digits", 1))
+def test_json_inference_is_accurate_and_counted(served: Client) -> None:
     x, labels = digits_eval()
-    c = Client(server)
+    c = served
     status, body = c.json("POST", "/v2/models/digits/infer", infer_body(x, id="batch-1"))
     assert status == 200, body
     assert body["model_name"] == "digits" and body["model_version"] == "1" and body["id"] == "batch-1"
@@ -126,46 +134,40 @@ def test_json_inference_is_accurate_and_counted(server: InferenceHttpServer, hos
     assert np.argmax(body["outputs"][0]["data"]) == labels[0]
     status, stats = c.json("GET", "/v2/models/digits/stats")
     assert status == 200 and stats["requests"] == 2 and stats["errors"] == 0
-    c.close()
 
 
-def test_binary_tensor_data_both_ways(server: InferenceHttpServer, host: ModelHost, digits: Path) -> None:
-    serve(host, digits, ModelRef("digits", 1))
+def infer_binary(
+    c: Client, model: str, name: str, x: np.ndarray, request: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], bytes]:
+    """POST ``x`` as the one FP32 input ``name`` in binary tensor data (KServe's binary extension), the rest of
+    the JSON header from ``request``; the status, the response's JSON part and its binary rest (all of the body
+    when the status is not 200)."""
+    head = json.dumps({
+        "inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes}}],
+        **request,
+    }).encode()
+    status, got, payload = c.request("POST", f"/v2/models/{model}/infer", head + x.tobytes(),
+                                     {"Inference-Header-Content-Length": str(len(head)), **(headers or {})})
+    if status != 200:
+        return status, {}, payload
+    json_length = int(got["Inference-Header-Content-Length"])
+    return status, json.loads(payload[:json_length]), payload[json_length:]
+
+
+def test_binary_tensor_data_both_ways(served: Client, host: ModelHost) -> None:
     x = digits_eval(16)[0]
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "pixels",
-                    "shape": [16, 1, 8, 8],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    c = Client(server)
-    status, headers, payload = c.request(
-        "POST",
-        "/v2/models/digits/infer",
-        head + x.tobytes(),
-        {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
-    )
+    status, meta, payload = infer_binary(served, "digits", "pixels", x,
+                                         {"outputs": [{"name": "logits", "parameters": {"binary_data": True}}]},
+                                         {"Content-Type": "application/octet-stream"})
     assert status == 200, payload
-    json_length = int(headers["Inference-Header-Content-Length"])
-    meta = json.loads(payload[:json_length])
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == 16 * 10 * 4
-    logits = np.frombuffer(payload[json_length:], "<f4").reshape(16, 10)
+    logits = np.frombuffer(payload, "<f4").reshape(16, 10)
     assert np.allclose(logits, host.infer({"pixels": x})["logits"], atol=1e-6)
-    c.close()
 
 
-def test_malformed_requests_get_4xx_and_the_connection_keeps_working(
-    server: InferenceHttpServer, host: ModelHost, digits: Path
-) -> None:
-    serve(host, digits, ModelRef("digits", 1))
-    c = Client(server)
+def test_malformed_requests_get_4xx_and_the_connection_keeps_working(served: Client, host: ModelHost) -> None:
+    c = served
     good = json.dumps(infer_body(ONE)).encode()
     cases: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
         ("POST", "/v2/models/digits/infer", b"{not json", {}, 400, "not valid JSON"),
@@ -203,17 +205,11 @@ def test_malformed_requests_get_4xx_and_the_connection_keeps_working(
     assert status == 200, payload
     stats = host.stats(version=1)
     assert (stats.requests, stats.errors) == (1, 0)  # the clients' mistakes never reached the model
-    c.close()
 
 
-def test_oversized_and_unsized_bodies_are_refused_before_reading(
-    server: InferenceHttpServer, host: ModelHost, digits: Path
-) -> None:
-    serve(host, digits, ModelRef("digits", 1))
-    c = Client(server)
-    status, _, payload = c.request("POST", "/v2/models/digits/infer", b" " * (MAX_BODY + 1))
+def test_oversized_and_unsized_bodies_are_refused_before_reading(server: InferenceHttpServer, served: Client) -> None:
+    status, _, payload = served.request("POST", "/v2/models/digits/infer", b" " * (MAX_BODY + 1))
     assert status == 413 and "limit" in json.loads(payload)["error"]
-    c.close()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         raw.sendall(
             b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
@@ -268,33 +264,15 @@ def test_serves_onnx_and_tflite_models_over_http(digits: Path) -> None:
         c.close()
 
         frame = selfie_frames(1)
-        head = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input_1",
-                        "shape": [1, 256, 256, 3],
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": frame.nbytes},
-                    }
-                ],
-                "parameters": {"binary_data_output": True},
-            }
-        ).encode()
         c = Client(tflite_server)
         status, meta = c.json("GET", "/v2/models/selfie")
         assert status == 200 and meta["platform"] == "tensorflow_lite" and meta["versions"] == ["4"]
-        status, headers, payload = c.request(
-            "POST",
-            "/v2/models/selfie/infer",
-            head + frame.tobytes(),
-            {"Inference-Header-Content-Length": str(len(head))},
-        )
+        binary_out = {"parameters": {"binary_data_output": True}}
+        status, meta, payload = infer_binary(c, "selfie", "input_1", frame, binary_out)
         assert status == 200, payload
-        json_length = int(headers["Inference-Header-Content-Length"])
-        out = json.loads(payload[:json_length])["outputs"][0]
+        out = meta["outputs"][0]
         assert out["name"] == "activation_10" and out["shape"] == [1, 256, 256, 1]
-        mask = np.frombuffer(payload[json_length:], "<f4").reshape(1, 256, 256, 1)
+        mask = np.frombuffer(payload, "<f4").reshape(1, 256, 256, 1)
         assert np.allclose(mask, tflite_host.infer({"input_1": frame})["activation_10"])
         c.close()
 

@@ -21,7 +21,6 @@ import pytest
 from server.broker import MosquittoBroker
 from server.client import HttpClient
 from server.errors import InvalidRequestError, NotFoundError, ServerError
-from server.keys import new_token, token_digest
 from server.registry.catalog import Catalog
 from tests.support.models import RealModel, real_model
 from tests.support.servers.fleet import Fleet
@@ -45,16 +44,13 @@ def digits() -> RealModel:
 
 @pytest.fixture
 def fleet(tmp_path: Path, fresh_broker: MosquittoBroker) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, fresh_broker, None)  # type: ignore[arg-type]  # None: the catalog of the home
-    yield f
-    f.close()
+    with Fleet(tmp_path, fresh_broker, None) as f:  # type: ignore[arg-type]  # None: the catalog of the home
+        yield f
 
 
 @pytest.fixture
 def api(fleet: Fleet) -> HttpClient:
-    token = new_token()
-    fleet.server.registry.add_token("ci", token_digest(token), role="deploy")
-    return HttpClient(fleet.server.api_url, token)
+    return HttpClient(fleet.server.api_url, fleet.token("ci", "deploy"))
 
 
 def test_ci_pipeline_registers_builds_and_rolls_out_over_http(fleet: Fleet, api: HttpClient,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,9 +30,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> StaticBuilds:
 
 @pytest.fixture
 def fleet(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, fresh_broker, builds)
-    yield f
-    f.close()
+    with Fleet(tmp_path, fresh_broker, builds) as f:
+        yield f
 
 
 def test_canary_then_waves_over_two_profiles_streams_each_artifact_once(fleet: Fleet) -> None:
@@ -240,14 +240,20 @@ def test_stale_desired_state_is_flagged_in_status(fleet: Fleet) -> None:
     assert row["stale"]
 
 
-def test_enrollment_request_is_approved_by_fingerprint(fleet: Fleet) -> None:
-    d = fleet.device("en-1", register=False, connect=True, groups=())
+def _enroll(fleet: Fleet, d: Any) -> list[dict[str, object]]:
+    """Send the device's enrollment request; the pending enrollments once the server has it (10 s at most)."""
     d.enroll()
     deadline = time.monotonic() + 10
     pending: list[dict[str, object]] = []
     while time.monotonic() < deadline and not pending:
         pending = fleet.service.pending_enrollments()
         time.sleep(0.1)
+    return pending
+
+
+def test_enrollment_request_is_approved_by_fingerprint(fleet: Fleet) -> None:
+    d = fleet.device("en-1", register=False, connect=True, groups=())
+    pending = _enroll(fleet, d)
     assert pending and pending[0]["device_id"] == "en-1"
     with pytest.raises(InvalidRequestError, match="fingerprint mismatch"):
         fleet.service.approve_device("en-1", fingerprint_check="00" * 8)
@@ -264,12 +270,7 @@ def test_enrollment_request_is_approved_by_fingerprint(fleet: Fleet) -> None:
 
 def test_device_approved_while_connected_is_online_without_reconnecting(fleet: Fleet) -> None:
     d = fleet.device("en-live", register=False, connect=True, groups=(), seed=("m", 1))  # birth report, then enroll
-    d.enroll()
-    deadline = time.monotonic() + 10
-    pending: list[dict[str, object]] = []
-    while time.monotonic() < deadline and not pending:
-        pending = fleet.service.pending_enrollments()
-        time.sleep(0.1)
+    pending = _enroll(fleet, d)
     assert pending and pending[0]["device_id"] == "en-live"
     out = fleet.service.approve_device("en-live", fingerprint_check=str(pending[0]["fingerprint"]), groups=["g"])
     dev = out["device"]

@@ -47,9 +47,8 @@ def _crash(server: FleetServer) -> None:
 
 @pytest.fixture
 def fleet(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[Fleet]:
-    f = Fleet(tmp_path, fresh_broker, builds, {"broker": {"shared_subscriptions": True}})
-    yield f
-    f.close()
+    with Fleet(tmp_path, fresh_broker, builds, {"broker": {"shared_subscriptions": True}}) as f:
+        yield f
 
 
 def test_two_servers_split_the_work_and_one_takes_over_when_the_other_dies(fleet: Fleet) -> None:

@@ -126,19 +126,10 @@ def test_simulate_command_runs_until_every_device_commits(
     pem.write_bytes(public_key(server.config).public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
     out = tmp_path / "sim.json"
-    codes: list[int] = []
     argv = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "5", "--prefix", "simc", "--seed", "cli",
             "--no-register", "--broker", fresh_broker.url, "--server-key", str(pem), "--until", "m:1",
             "--timeout", "60", "--quiet", "--json", str(out)]
-    runner = threading.Thread(target=lambda: codes.append(main(argv)))
-    runner.start()
-    deadline = time.monotonic() + 20
-    while sum(d.online for d in server.registry.list_devices()) < 5 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100, max_failures_percent=0,
-                          probation_s=0.2, actor="test")
-    runner.join(timeout=90)
-    assert codes == [0]
+    assert _simulate_while_deploying(server, argv, online=5) == 0
     summary = json.loads(out.read_text())
     assert summary["committed"] == {"m v1": 5} and summary["until_reached_s"] > 0
     assert summary["timeline"]["lifecycle.committed"]["n"] == 5
@@ -150,6 +141,22 @@ def test_simulate_command_runs_until_every_device_commits(
     (figure,) = aggregate(rows)
     assert figure.devices == 5 and figure.p50_min_ms < figure.p50_max_ms  # per-device spread of the stand-in model
     assert {r.execution_provider for r in rows} == {"simulated"}
+
+
+def _simulate_while_deploying(server: FleetServer, argv: list[str], *, online: int) -> int:
+    """Run ``edgefleet simulate argv`` in a thread; once ``online`` devices are (or after 20 s), deploy m:1 to
+    group:sim, all at once; the command's exit code."""
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(main(argv)))
+    runner.start()
+    deadline = time.monotonic() + 20
+    while sum(d.online for d in server.registry.list_devices()) < online and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100, max_failures_percent=0,
+                          probation_s=0.2, actor="test")
+    runner.join(timeout=90)
+    assert not runner.is_alive(), "edgefleet simulate did not end"
+    return codes[0]
 
 
 def test_help_says_what_is_simulated() -> None:
@@ -186,20 +193,11 @@ def test_simulate_rolls_out_through_a_tls_broker_with_a_login_per_device_and_the
         register(server, ids, "tls")
         creds = _creds(tmp_path / "sim.creds", {d: passwords[d] for d in ids})
         out = tmp_path / "sim.json"
-        codes: list[int] = []
         argv = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "5", "--prefix", "simtls",
                 "--seed", "tls", "--no-register", "--broker", f"mqtt://{broker.host}:{broker.port}", "--tls",
                 "--ca", str(ca), "--credentials", str(creds), "--server-key", str(_pem(config, tmp_path / "s.pem")),
                 "--until", "m:1", "--timeout", "60", "--quiet", "--json", str(out)]
-        runner = threading.Thread(target=lambda: codes.append(main(argv)))
-        runner.start()
-        deadline = time.monotonic() + 20
-        while sum(d.online for d in server.registry.list_devices()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
-                              max_failures_percent=0, probation_s=0.2, actor="test")
-        runner.join(timeout=90)
-        assert codes == [0]
+        assert _simulate_while_deploying(server, argv, online=5) == 0
         summary = json.loads(out.read_text())
         assert summary["committed"] == {"m v1": 5}
         assert summary["timeline"]["lifecycle.committed"]["n"] == 5
@@ -281,17 +279,8 @@ def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(
         proc.send_signal(signal.SIGHUP)  # mosquitto re-reads the password file and ACL ...
         first_id, first_password = lines[0].split(":", 1)
         wait_login("127.0.0.1", port, first_id, first_password, accepted=True, ca_cert=out / "tls" / "ca.crt")
-        codes: list[int] = []
         argv = [*sim, "--no-register", "--credentials", str(creds), "--until", "m:1", "--timeout", "60"]
-        runner = threading.Thread(target=lambda: codes.append(main(argv)))
-        runner.start()
-        deadline = time.monotonic() + 20
-        while sum(d.online for d in server.registry.list_devices()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100,
-                              max_failures_percent=0, probation_s=0.2, actor="test")
-        runner.join(timeout=90)
-        assert codes == [0]
+        assert _simulate_while_deploying(server, argv, online=4) == 0
     finally:
         if server is not None:
             server.stop()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.demo_procs import DemoError, Processes, alive
+from agent.runtime.procs import process_alive
+from scripts.demo_procs import DemoError, Processes
 
 
 def _procs(tmp_path: Path) -> Processes:
@@ -58,4 +59,4 @@ def test_run_captures_a_command_and_stops_it_when_a_child_dies(tmp_path: Path) -
     with pytest.raises(DemoError, match=r"server .* exited with status 1"):
         procs.run([sys.executable, "-c", command], env={}, cwd=tmp_path, capture=False, what="a long command")
     procs.stop_all()
-    assert not alive(int(pidfile.read_text()))  # the command was killed, not left behind
+    assert not process_alive(int(pidfile.read_text()))  # the command was killed, not left behind

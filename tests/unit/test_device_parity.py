@@ -7,6 +7,10 @@ activate), and feeds each sequence to a real ``Agent`` (real store on disk, real
 broker: ``_dispatch`` as in the malformed-input suite) and to a ``SimDevice`` (no client). After
 every message both must be in the same lifecycle state with the same journal facts, and must have
 emitted the same events (kind, code) in the same order.
+
+Downgrades: in half the generated cases both devices start with a committed version
+(installed and committed in the agent's real store; ``SimDevice.seed`` in the simulator) and the
+generated deploys and pins go below, to and above it: the version floor refuses older deploys on both.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from agent.core.journal import JournalRecord
+from agent.core.lifecycle import UpdateMachine
 from agent.protocol.envelope import TrustAnchor, seal_artifact, seal_command, seal_desired, wrap_key
 from agent.protocol.messages import Command, DesiredState, ModelRef
 from agent.protocol.topics import Channel, device_topic
@@ -32,12 +38,15 @@ from agent.runtime.host import ModelHost
 from agent.runtime.inference import InferenceOptions
 from agent.runtime.keys import generate_device_key
 from agent.runtime.mqtt import Message
-from server.simulator.device import SimDevice, SimSettings
+from server.simulator.device import SimDevice, SimSettings, SimShared
 from tests.support.devices.agent_process import write_config
 from tests.support.models import agent as agent_models
+from tests.support.models import real_model
 
 DEVICE = "parity-1"
 NOW = 1_900_000_000.0
+
+DOWNGRADE = ("desired.rejected", "downgrade")
 
 #: one message: (kind, seq, version, variant) where variant picks the artifact / recipient / expiry
 Step = tuple[str, int, int, int]
@@ -72,7 +81,7 @@ class Pair:
         clock = lambda: NOW  # noqa: E731
         self.host = ModelHost(InferenceOptions(intra_op_threads=1))
         self.agent = Agent(config, host=self.host, device_key=key, trust=trust, clock=clock)
-        self.sim = SimDevice(DEVICE, key=key, trust=trust, settings=SimSettings(clock_skew_s=300.0), clock=clock)
+        self.sim = SimDevice(DEVICE, key=key, shared=SimShared(trust, SimSettings(clock_skew_s=300.0), clock=clock))
         self.agent_events: list[tuple[str, str | None]] = []
         self.sim_events: list[tuple[str, str | None]] = []
         self._tap(self.agent, self.agent_events)
@@ -81,6 +90,22 @@ class Pair:
                           for i in range(3)]
         self.device_public = key.public_key()
         self.last_blob: tuple[str, bytes] | None = None
+        self.tmp = tmp
+
+    def seed(self, version: int) -> None:
+        """Both start serving m ``version``, committed, installed from artifact 0, which becomes the real digits
+        model (the agent: installed in its real store and loaded by its real host, so a restore works on both)."""
+        ref, model = ModelRef("m", version), real_model("digits").path.read_bytes()
+        sealed = seal_artifact(model, chunk_size=16 * 1024, compression="none", shared_topic=False)
+        self.artifacts[0] = sealed
+        source = self.tmp / "seed.onnx"
+        source.write_bytes(model)  # compression "none": the artifact is the model file
+        kept = self.agent.store.install(ref=ref, info=sealed.info, runtime=agent_models.ONNX,
+                                        health=agent_models.digits_health(), variant=None, source=source)
+        self.agent.store.commit(ref)
+        self.host.activate(self.host.load(kept.path, ref=ref, runtime=agent_models.ONNX))
+        self.agent.machine = UpdateMachine(JournalRecord(committed=ref, committed_versions={ref.name: version}))
+        self.sim.seed(ref, sealed.info.artifact_id)
 
     @staticmethod
     def _tap(device: Any, sink: list[tuple[str, str | None]]) -> None:
@@ -123,6 +148,13 @@ class Pair:
         self.agent._after_events()
         self.sim.on_message(topic, payload)
 
+    def run(self, sequence: list[Step]) -> None:
+        """Feed each step to both; after each, the same state and facts and the same events so far."""
+        for step in sequence:
+            self.feed(*self.blob(step))
+            assert self.facts(self.agent) == self.facts(self.sim), step
+            assert self.agent_events == self.sim_events, step
+
     def facts(self, device: Agent | SimDevice) -> tuple[Any, ...]:
         r = device.machine.record
         return (r.state, r.last_seq, r.last_desired_sha256, r.target, r.committed, r.artifact_id,
@@ -138,17 +170,49 @@ def quiet() -> Iterator[None]:
     logger.setLevel(level)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sequence=steps)
-def test_agent_and_simulator_decide_alike(sequence: list[Step], quiet: None) -> None:
+#: deploys and pins around the committed version 3 (1-2 below it: downgrades; 3: the same; 4: newer)
+downgrade_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["deploy", "deploy", "deploy", "pin", "again", "rollback", "activate"]),
+        st.integers(min_value=1, max_value=12),
+        st.integers(min_value=1, max_value=4),
+        st.integers(min_value=0, max_value=5),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.one_of(st.tuples(st.none(), steps), st.tuples(st.just(3), downgrade_steps)))
+def test_agent_and_simulator_decide_alike(case: tuple[int | None, list[Step]], quiet: None) -> None:
+    """A fresh device, or one with v3 committed (then the version floor refuses older deploys)."""
+    committed, sequence = case
     with tempfile.TemporaryDirectory() as tmp:
         pair = Pair(Path(tmp))
         try:
-            for step in sequence:
-                topic, payload = pair.blob(step)
-                pair.feed(topic, payload)
-                assert pair.facts(pair.agent) == pair.facts(pair.sim), step
-                assert pair.agent_events == pair.sim_events, step
+            if committed is not None:
+                pair.seed(committed)
+                assert pair.facts(pair.agent) == pair.facts(pair.sim)
+            pair.run(sequence)
+            event(f"committed {committed}: downgrades refused {pair.agent_events.count(DOWNGRADE)}")
+        finally:
+            pair.host.close()
+
+
+@pytest.mark.parametrize(("version", "refused"), [(1, True), (2, True), (3, False), (4, False)])
+def test_the_version_floor_refuses_older_deploys_on_both(version: int, refused: bool) -> None:
+    """With v3 committed, a signed deploy of v1 or v2 is refused as a downgrade (its seq used up) by both."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = Pair(Path(tmp))
+        try:
+            pair.seed(3)
+            pair.feed(*pair.blob(("deploy", 5, version, 1)))
+            assert (DOWNGRADE in pair.agent_events) is refused, pair.agent_events
+            assert pair.agent_events == pair.sim_events
+            assert pair.facts(pair.agent) == pair.facts(pair.sim)
+            assert pair.agent.machine.record.last_seq == 5  # authentic: the refusal uses up its seq
+            assert pair.agent.machine.record.committed == ModelRef("m", 3)
         finally:
             pair.host.close()
 

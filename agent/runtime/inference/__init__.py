@@ -90,6 +90,16 @@ class Session(Protocol):
         ...
 
 
+@dataclass
+class SessionInfo:
+    """What a backend's session reports about itself: the read-only half of ``Session``, set once at load."""
+
+    backend: str
+    providers: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
 _FORMATS = {"onnxruntime": "onnx", "litert": "tflite"}
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.errors import InferenceError, ModelLoadError
 from agent.protocol.messages import RuntimeSpec, TensorSpec
-from agent.runtime.inference import InferenceOptions, version_at_least
+from agent.runtime.inference import InferenceOptions, SessionInfo, version_at_least
 from agent.runtime.tensors import dtype_name
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,13 @@ class _Interpreter:
         return {name: interp.get_tensor(index) for name, index in self.output_index}  # get_tensor copies
 
 
-class LiteRtSession:
+class LiteRtSession(SessionInfo):
     """A pool of LiteRT interpreters for one model behind the ``Session`` interface."""
 
     def __init__(self, pool: list[_Interpreter], backend: str, delegates: tuple[str, ...]) -> None:
         first = pool[0].interpreter
-        self._inputs = tuple(_spec(d) for d in first.get_input_details())
-        self._outputs = tuple(_spec(d) for d in first.get_output_details())
-        self._backend = backend
-        self._providers = (*delegates, "cpu")
+        inputs = tuple(_spec(d) for d in first.get_input_details())
+        super().__init__(backend, (*delegates, "cpu"), inputs, tuple(_spec(d) for d in first.get_output_details()))
         self._free: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
         for item in pool:
             self._free.put(item)
@@ -119,22 +117,6 @@ class LiteRtSession:
                 raise ModelLoadError(f"LiteRT could not load {path.name}: {exc}") from exc
             pool.append(_Interpreter(interp))
         return cls(pool, backend, delegate_names)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @property
-    def providers(self) -> tuple[str, ...]:
-        return self._providers
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return self._outputs
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:

@@ -18,7 +18,7 @@ import numpy as np
 
 from agent.errors import InferenceError, ModelLoadError
 from agent.protocol.messages import ONNX_DTYPES, RuntimeSpec, TensorSpec
-from agent.runtime.inference import InferenceOptions, version_at_least
+from agent.runtime.inference import InferenceOptions, SessionInfo, version_at_least
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(name=arg.name, dtype=dtype, shape=shape)
 
 
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(SessionInfo):
     """An ``onnxruntime.InferenceSession`` behind the ``Session`` interface (``run`` is thread-safe)."""
 
     def __init__(self, session: Any, errors: tuple[type[BaseException], ...], ort: Any) -> None:
@@ -114,11 +114,13 @@ class OnnxRuntimeSession:
         # a failing request is an InferenceError for the caller and a count in the stats; keep it out of stderr
         self._run_options.log_severity_level = 4
         self._errors = errors
-        self._backend = f"onnxruntime {ort.__version__}"
-        self._providers = tuple(session.get_providers())
-        self._inputs = tuple(_spec(a) for a in session.get_inputs())
-        self._outputs = tuple(_spec(a) for a in session.get_outputs())
-        self._output_names = [o.name for o in self._outputs]
+        super().__init__(
+            f"onnxruntime {ort.__version__}",
+            tuple(session.get_providers()),
+            tuple(_spec(a) for a in session.get_inputs()),
+            tuple(_spec(a) for a in session.get_outputs()),
+        )
+        self._output_names = [o.name for o in self.outputs]
 
     @classmethod
     def load(cls, path: Path, runtime: RuntimeSpec, options: InferenceOptions) -> OnnxRuntimeSession:
@@ -156,22 +158,6 @@ class OnnxRuntimeSession:
             providers=providers,
             provider_options=[provider_options(p, options) for p in providers],
         )
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @property
-    def providers(self) -> tuple[str, ...]:
-        return self._providers
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return self._outputs
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session

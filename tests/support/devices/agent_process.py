@@ -35,7 +35,7 @@ from agent.runtime import faults
 from agent.runtime.keys import generate_device_key
 from agent.runtime.store import ModelStore
 from tests.support.processes import kill_hard, stop_gently
-from tests.support.servers.stub import FleetServer
+from tests.support.servers.stub import FleetServer, unique_device_id
 from tests.support.waiting import WaitError, wait_progress
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -74,6 +74,14 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
 
 
 class AgentProcess:
+    @classmethod
+    def on(
+        cls, broker: Any, server: FleetServer, workdir: Path, prefix: str, settings: dict[str, Any] | None = None
+    ) -> AgentProcess:
+        """A new agent with a fresh device id (``prefix``-...) on ``broker`` (its host and port) and ``server``."""
+        return cls(workdir, unique_device_id(prefix), broker_host=broker.host, broker_port=broker.port, server=server,
+                   settings=settings)
+
     def __init__(
         self,
         workdir: Path,

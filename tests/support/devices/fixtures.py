@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.protocol.messages import DesiredState, HealthSpec
 from server.broker import MosquittoBroker
 from tests.support.devices.agent_process import AgentProcess
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
-from tests.support.servers.stub import FleetServer, unique_device_id
+from tests.support.servers.stub import FleetServer
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +41,7 @@ def agent_factory(tmp_path: Path, broker: MosquittoBroker, fleet: FleetServer) -
     made: list[AgentProcess] = []
 
     def make(*, settings: dict[str, Any] | None = None, prefix: str = "dev", start: bool = True) -> AgentProcess:
-        agent = AgentProcess(
-            tmp_path,
-            unique_device_id(prefix),
-            broker_host=broker.host,
-            broker_port=broker.port,
-            server=fleet,
-            settings=settings,
-        )
+        agent = AgentProcess.on(broker, fleet, tmp_path, prefix, settings)
         made.append(agent)
         if start:
             agent.start()
@@ -56,6 +50,42 @@ def agent_factory(tmp_path: Path, broker: MosquittoBroker, fleet: FleetServer) -
     yield make
     for agent in made:
         agent.kill()
+
+
+@pytest.fixture
+def agent_v1(fleet: FleetServer, models: AgentModels, agent_factory: AgentFactory) -> AgentProcess:
+    """A started agent serving the good digits model as v1, committed (where most agent tests begin)."""
+    return serving_v1(agent_factory, fleet, models)
+
+
+@pytest.fixture
+def agent_v2(fleet: FleetServer, models: AgentModels, agent_v1: AgentProcess) -> AgentProcess:
+    """The ``agent_v1`` agent after a second deploy: v2 (``good_v2``) committed and serving, v1 kept."""
+    deploy_and_commit(fleet, agent_v1, models, 2, "good_v2")
+    return agent_v1
+
+
+def serving_v1(agent_factory: AgentFactory, fleet: FleetServer, models: AgentModels, **kw: Any) -> AgentProcess:
+    """``agent_factory(**kw)`` (a started agent) once it serves the good digits model as v1, committed."""
+    agent = agent_factory(**kw)
+    deploy_and_commit(fleet, agent, models, 1)
+    return agent
+
+
+def deploy_digits(
+    fleet: FleetServer,
+    agent: AgentProcess,
+    models: AgentModels,
+    version: int,
+    which: str = "good",
+    *,
+    health: HealthSpec | None = None,
+    **options: Any,
+) -> DesiredState:
+    """Send the digits model ``which`` (an ``AgentModels`` field) to ``agent`` as ``version`` (ONNX; ``health``
+    by default ``models.health()``; ``options`` as ``FleetServer.deploy`` takes them); no wait."""
+    return fleet.deploy(agent.device_id, models.bytes_of(which), agent_models.ref(version), runtime=agent_models.ONNX,
+                        health=health or models.health(), **options)
 
 
 def deploy_and_commit(
@@ -71,14 +101,7 @@ def deploy_and_commit(
 ) -> None:
     """Deploy ``which`` as ``version`` and wait until it is committed and serving."""
     mark = fleet.event_count(agent.device_id)
-    fleet.deploy(
-        agent.device_id,
-        models.bytes_of(which),
-        agent_models.ref(version),
-        runtime=agent_models.ONNX,
-        health=models.health(**health),
-        chunk_size=chunk_size,
-    )
+    deploy_digits(fleet, agent, models, version, which, health=models.health(**health), chunk_size=chunk_size)
     event = fleet.wait_event(
         agent.device_id,
         lambda e: e.kind in ("lifecycle.committed", "lifecycle.rolled_back", "lifecycle.failed"),

@@ -155,7 +155,21 @@ class Fleet:
             time.sleep(0.1)
         raise TimeoutError(f"condition not met: {[(d['device_id'], d['state']) for d in detail['devices']]}")
 
+    def token(self, name: str, role: str) -> str:
+        """A new API token with ``role``, registered as ``name``."""
+        from server.keys import new_token, token_digest
+
+        token = new_token()
+        self.server.registry.add_token(name, token_digest(token), role=role)
+        return token
+
     def close(self) -> None:
         for d in self.devices:
             d.close()
         self.server.stop()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -44,42 +44,32 @@ def test_tls_changes_the_default_port_and_password_file_is_read(tmp_path: Path) 
     assert "s3cret" not in repr(config), "secrets stay out of logs"
 
 
-@pytest.mark.parametrize(
-    ("extra", "field"),
-    [
-        ("[models]\nkeep_versions = 0\n", "models.keep_versions"),
-        ('[models]\nkeep_versions = "3"\n', "models.keep_versions"),
-        ("[transfer]\nchunk_timeout_s = -1\n", "transfer.chunk_timeout_s"),
-        ("[transfer]\nchunk_timeout_s = 10\nchunk_timeout_max_s = 5\n", "transfer.chunk_timeout_max_s"),
-        ("[broker]\nport = 70000\n", "broker.port"),
-        ('[broker]\ntls = "yes"\n', "broker.tls"),
-        ('[broker]\npassword = "a"\npassword_file = "b"\n', "broker.password"),
-        ('[broker]\nclient_cert = "c.pem"\n', "broker.client_cert"),
-        ('[log]\nformat = "xml"\n', "log.format"),
-        ("[telemetry]\nintervall_s = 5\n", "telemetry.intervall_s"),
-        ("surprise = 1\n", "surprise"),
-        ("[http]\nport = true\n", "http.port"),
-        ("[lifecycle]\nlatency_scale = 0.5\n", "lifecycle.latency_scale"),
-    ],
-)
-def test_bad_values_name_their_field(tmp_path: Path, extra: str, field: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, MINIMAL + extra))
-    assert info.value.field == field, info.value.message
+#: (config text, the field its error names): bad values after a valid minimal config, then bad identities
+BAD_CONFIGS = [
+    (MINIMAL + "[models]\nkeep_versions = 0\n", "models.keep_versions"),
+    (MINIMAL + '[models]\nkeep_versions = "3"\n', "models.keep_versions"),
+    (MINIMAL + "[transfer]\nchunk_timeout_s = -1\n", "transfer.chunk_timeout_s"),
+    (MINIMAL + "[transfer]\nchunk_timeout_s = 10\nchunk_timeout_max_s = 5\n", "transfer.chunk_timeout_max_s"),
+    (MINIMAL + "[broker]\nport = 70000\n", "broker.port"),
+    (MINIMAL + '[broker]\ntls = "yes"\n', "broker.tls"),
+    (MINIMAL + '[broker]\npassword = "a"\npassword_file = "b"\n', "broker.password"),
+    (MINIMAL + '[broker]\nclient_cert = "c.pem"\n', "broker.client_cert"),
+    (MINIMAL + '[log]\nformat = "xml"\n', "log.format"),
+    (MINIMAL + "[telemetry]\nintervall_s = 5\n", "telemetry.intervall_s"),
+    (MINIMAL + "surprise = 1\n", "surprise"),
+    (MINIMAL + "[http]\nport = true\n", "http.port"),
+    (MINIMAL + "[lifecycle]\nlatency_scale = 0.5\n", "lifecycle.latency_scale"),
+    ('profile = "p"\nstore_dir = "s"\n', "device_id"),
+    ('device_id = "has space"\nprofile = "p"\nstore_dir = "s"\n', "device_id"),
+    ('device_id = "d"\nstore_dir = "s"\n', "profile"),
+]
 
 
-@pytest.mark.parametrize(
-    ("text", "field"),
-    [
-        ('profile = "p"\nstore_dir = "s"\n', "device_id"),
-        ('device_id = "has space"\nprofile = "p"\nstore_dir = "s"\n', "device_id"),
-        ('device_id = "d"\nstore_dir = "s"\n', "profile"),
-    ],
-)
-def test_required_and_validated_identity(tmp_path: Path, text: str, field: str) -> None:
+@pytest.mark.parametrize(("text", "field"), BAD_CONFIGS)
+def test_bad_values_name_their_field(tmp_path: Path, text: str, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
-    assert info.value.field == field
+    assert info.value.field == field, info.value.message
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:

@@ -44,14 +44,7 @@ def download(store: ModelStore, model: bytes, compression: str = "lzma") -> tupl
     sealed = seal_artifact(model, chunk_size=4096, compression=compression)
     info = sealed.info
     partial = store.partial(info).open()
-    reassembly = Reassembly(
-        artifact_id=info.artifact_id,
-        chunk_count=info.chunk_count,
-        chunk_size=info.chunk_size,
-        total_size=info.compressed_size,
-        sha256=info.compressed_sha256,
-        max_bytes=1 << 30,
-    )
+    reassembly = Reassembly.for_artifact(info, max_bytes=1 << 30)
     opener = ChunkOpener(sealed.data_key, info)
     for wire in reversed(sealed.chunks):
         opened = opener.open_chunk(wire)

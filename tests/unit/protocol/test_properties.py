@@ -25,14 +25,7 @@ COMMAND_BLOB = envelope.seal_command(WORLD.command(), WORLD.server)
 
 def _reassemble(order: list[int]) -> bytes:
     opener = envelope.ChunkOpener(KEY, INFO)
-    r = Reassembly(
-        artifact_id=INFO.artifact_id,
-        chunk_count=INFO.chunk_count,
-        chunk_size=INFO.chunk_size,
-        total_size=INFO.compressed_size,
-        sha256=INFO.compressed_sha256,
-        max_bytes=1 << 20,
-    )
+    r = Reassembly.for_artifact(INFO, max_bytes=1 << 20)
     sink = MemorySink(INFO.compressed_size)
     for i in order:
         r.add(*opener.open(CHUNKS[i]), sink)

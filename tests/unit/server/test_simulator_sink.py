@@ -21,8 +21,7 @@ def test_a_whole_artifact_passes_both_digests_in_any_order(compression: str, ord
     info = art.info
     opener = ChunkOpener(art.data_key, info)
     sink = StreamingSink(total_size=info.compressed_size, compression=compression, model_size=info.size)
-    r = Reassembly(artifact_id=info.artifact_id, chunk_count=info.chunk_count, chunk_size=info.chunk_size,
-                   total_size=info.compressed_size, sha256=info.compressed_sha256, max_bytes=1 << 20)
+    r = Reassembly.for_artifact(info, max_bytes=1 << 20)
     chunks = art.chunks if order == "in" else list(reversed(art.chunks))
     for wire in chunks:
         opened = opener.open_chunk(wire)
