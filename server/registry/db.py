@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,13 +125,8 @@ class Database:
         applied: list[str] = []
         for name, sql in migrations:
             with self.transaction() as tx:
-                if tx.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
-                    continue
-                text = sql.get(self.dialect, "") if isinstance(sql, dict) else sql
-                for statement in _split_sql(text):
-                    tx.execute(statement)
-                tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
-                applied.append(name)
+                if apply_migration(tx, (name, sql), self.dialect, tx.execute):
+                    applied.append(name)
         return applied
 
     @property
@@ -156,6 +151,19 @@ class Database:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def apply_migration(tx: Connection, migration: Migration, dialect: str, run: Callable[[str], object]) -> bool:
+    """Apply one migration in ``tx`` (each statement through ``run``) unless schema_migrations records it;
+    True when it ran now. Both backends' ``migrate`` go through this."""
+    name, sql = migration
+    if tx.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
+        return False
+    text = sql.get(dialect, "") if isinstance(sql, dict) else sql
+    for statement in _split_sql(text):
+        run(statement)
+    tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
+    return True
 
 
 def _split_sql(sql: str) -> list[str]:
