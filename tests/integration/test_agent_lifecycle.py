@@ -18,22 +18,10 @@ import pytest
 
 from agent.protocol.messages import ModelRef
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import (
-    AgentFactory,
-    agent_factory,
-    agent_v1,
-    agent_v2,
-    assert_serves,
-    deploy_and_commit,
-    deploy_digits,
-    fleet,
-    models,
-)
+from tests.support.devices.fixtures import AgentFactory, assert_serves, deploy_and_commit, deploy_digits
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
-
-__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]  # fixtures used by name below
 
 pytestmark = pytest.mark.broker
 

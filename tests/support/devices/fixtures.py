@@ -1,6 +1,7 @@
 """pytest fixtures for agent tests against the session broker: a test server, real models, agent processes.
 
-Import the fixtures into a test module (``from tests.support.devices.fixtures import *``-style, by name).
+tests/conftest.py registers this module as a pytest plugin, so every test module can ask for its
+fixtures by name; the helpers (``deploy_and_commit``, ``assert_serves``...) are imported.
 """
 
 from __future__ import annotations
