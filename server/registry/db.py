@@ -153,6 +153,13 @@ class Database:
             self._local.conn = None
 
 
+def matching(*conditions: tuple[str, Any]) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (``"column = ?"``, value) whose value is set, and their values: a list filter's
+    WHERE parts (an empty or None filter leaves its condition out)."""
+    chosen = [(sql, value) for sql, value in conditions if value]
+    return [sql for sql, _ in chosen], [value for _, value in chosen]
+
+
 def apply_migration(tx: Connection, migration: Migration, dialect: str, run: Callable[[str], object]) -> bool:
     """Apply one migration in ``tx`` (each statement through ``run``) unless schema_migrations records it;
     True when it ran now. Both backends' ``migrate`` go through this."""
