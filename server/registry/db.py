@@ -24,12 +24,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from server.errors import ConfigError, RegistryError
+from server.registry.migrate import apply_migration
 
 Migration = tuple[str, "str | dict[str, str]"]
 
@@ -158,24 +159,6 @@ def matching(*conditions: tuple[str, Any]) -> tuple[list[str], list[Any]]:
     WHERE parts (an empty or None filter leaves its condition out)."""
     chosen = [(sql, value) for sql, value in conditions if value]
     return [sql for sql, _ in chosen], [value for _, value in chosen]
-
-
-def apply_migration(tx: Connection, migration: Migration, dialect: str, run: Callable[[str], object]) -> bool:
-    """Apply one migration in ``tx`` (each statement through ``run``) unless schema_migrations records it;
-    True when it ran now. Both backends' ``migrate`` go through this."""
-    name, sql = migration
-    if tx.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
-        return False
-    text = sql.get(dialect, "") if isinstance(sql, dict) else sql
-    for statement in _split_sql(text):
-        run(statement)
-    tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
-    return True
-
-
-def _split_sql(sql: str) -> list[str]:
-    """Split a migration script on semicolons at line ends (migrations contain no string literals with ';')."""
-    return [s.strip() for s in sql.split(";\n") if s.strip() and s.strip() != ";"]
 
 
 class RegistryDatabase(Protocol):

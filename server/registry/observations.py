@@ -11,14 +11,14 @@ from typing import Any
 
 from agent.protocol.measurement import Measurement
 from agent.protocol.messages import Event, StateReport, Telemetry
-from server.registry.base import TableOwner
+from server.registry.base import Record, TableOwner
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
 from server.registry.db import Connection, Row, matching
 
 
 @dataclass(frozen=True)
-class EventRecord:
+class EventRecord(Record):
     id: int
     device_id: str | None
     event_id: str | None
@@ -34,9 +34,6 @@ class EventRecord:
     command_id: str | None
     data: Mapping[str, Any]
     source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

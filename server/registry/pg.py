@@ -32,8 +32,8 @@ from psycopg.adapt import Dumper, Loader
 from psycopg.pq import Format
 
 from server.errors import RegistryError
-from server.registry.db import apply_migration
 from server.registry.dialect import postgres_ddl, postgres_sql
+from server.registry.migrate import apply_migration
 
 #: the advisory lock key every writer takes ("edgefleet" as a 63-bit number)
 WRITER_LOCK = 0x656467656666
