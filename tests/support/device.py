@@ -28,7 +28,7 @@ from agent.errors import EdgeError
 from agent.protocol.envelope import TrustAnchor, raw_public
 from agent.protocol.messages import ActiveModel, EnrollRequest, Event, ModelRef, Telemetry, encode
 from agent.protocol.topics import Channel, device_topic, parse_topic
-from server.simulator.device import SimDevice, SimSettings
+from server.simulator.device import SimDevice, SimSettings, SimShared
 
 TICK_S = 0.05
 
@@ -103,7 +103,7 @@ class DeviceUnderTest:
         self.events: list[Event] = []
         settings = SimSettings(profile=profile, fail_versions=frozenset(fail_versions or ()), telemetry_s=0.0,
                                chunk_timeout_s=retry_s, probation_check_s=0.1)
-        self.sim = _Recording(device_id, key=self.key, trust=TrustAnchor.of(server_public_key), settings=settings,
+        self.sim = _Recording(device_id, key=self.key, shared=SimShared(TrustAnchor.of(server_public_key), settings),
                               events=self.events)
         self.lock = threading.RLock()
         #: drop every chunk once this many were stored (a link that died mid-transfer; tests reset it to None)
