@@ -68,6 +68,7 @@ from server.builds import Build, StaticBuilds  # noqa: E402
 from server.config import ServerConfig, config_from_mapping  # noqa: E402
 from server.keys import init_signing_key, load_signing_key  # noqa: E402
 from server.simulator import device_ids, device_key  # noqa: E402
+from tests.support.processes import stop_gently  # noqa: E402
 from tests.support.servers.fleet import health, write_onnx  # noqa: E402
 
 MODEL = "bench"
@@ -324,13 +325,7 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
                    artifact_bytes, committed, round(broker_cpu, 2), round(sim_cpu, 2), round(connect_s, 1),
                    int(summary.get("retries", -1)), int(summary.get("duplicate_chunks", -1)), broker_peak)
     finally:
-        if sim is not None and sim.poll() is None:
-            sim.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                sim.wait(timeout=20)
-            if sim.poll() is None:
-                sim.kill()
-                sim.wait()
+        stop_gently(sim, 20)
         phase("simulator ended")
         if sysbytes is not None:
             sysbytes.close()

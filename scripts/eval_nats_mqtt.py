@@ -40,6 +40,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.processes import stop_gently
+
 R = "edgefleet/v1"
 
 
@@ -217,13 +220,7 @@ def run(work: Path) -> dict[str, Any]:
         out["acl_template"] = False  # static config: permissions list every user; no %u / per-username substitution
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=10)
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            stop_gently(p, 10)
     return out
 
 

@@ -350,17 +350,27 @@ def worker_minilm(src: Path, out: Path) -> None:
     np.save(out / "reference.npy", reference)
 
 
-def worker_digits(out: Path) -> None:
+def digits_data(seed: int) -> tuple[Any, Any, Any]:
+    """sklearn's digits as every digits model trains on them, torch seeded with ``seed`` and deterministic:
+    images ``[N, 1, 8, 8]`` float32 in [0, 1], labels int64, and the fixed permutation the splits cut (train
+    ``[:1097]``, calibration ``[1097:1297]``, evaluation ``[1297:]``). Runs inside the tool environment."""
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from sklearn.datasets import load_digits  # noqa: PLC0415
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(y))
+    return x, y, np.random.default_rng(0).permutation(len(y))
+
+
+def worker_digits(out: Path) -> None:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    x, y, order = digits_data(0)
     train, calib, evaluation = order[:1097], order[1097:1297], order[1297:]
 
     net = torch.nn.Sequential(

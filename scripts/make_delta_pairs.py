@@ -25,18 +25,12 @@ FILES = ("head.onnx", "finetune.onnx", "control.onnx")
 
 
 def worker(models: Path, out: Path) -> None:  # runs inside the tool environment
-    import numpy as np  # noqa: PLC0415
+    import fetch_models  # noqa: PLC0415
     import onnx  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from onnx import numpy_helper  # noqa: PLC0415
-    from sklearn.datasets import load_digits  # noqa: PLC0415
 
-    torch.manual_seed(1)
-    torch.use_deterministic_algorithms(True)
-    digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(y))
+    x, y, order = fetch_models.digits_data(1)
     train, evaluation = order[:1097], order[1297:]
     xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
 

@@ -23,6 +23,9 @@ from server.registry.db import HOME_PLACEHOLDER
 from tests.support.mqtt import MqttTestClient
 from tests.support.postgres import PostgresServer
 
+#: the agent fixtures (``models``, ``fleet``, ``agent_factory``, ``agent_v1``, ``agent_v2``) for every test module
+pytest_plugins = ("tests.support.devices.fixtures",)
+
 TEST_REGISTRY = os.environ.get("EDGEFLEET_TEST_REGISTRY", "sqlite")
 if TEST_REGISTRY not in ("sqlite", "postgresql"):
     raise pytest.UsageError(f"EDGEFLEET_TEST_REGISTRY must be sqlite or postgresql, not {TEST_REGISTRY!r}")

@@ -21,6 +21,7 @@ from agent.core.trust import TrustState
 from agent.errors import EdgeError
 from agent.protocol.envelope import TrustAnchor
 from agent.protocol.messages import Command, DesiredState
+from agent.protocol.probe import ProbeRequest
 
 log = logging.getLogger("agent")
 
@@ -67,7 +68,7 @@ class DeviceCore(EventReporter):
 
         def _purge(self, cmd: Command, seen: Seen) -> None: ...
 
-        def _probe(self, cmd: Command, seen: Seen) -> None: ...
+        def _probe(self, cmd: Command, seen: Seen, request: ProbeRequest) -> None: ...
 
     # -- signed messages in: the trust state checks, the intake decides, ``carry_out`` runs the shell --------
 

@@ -17,8 +17,9 @@ Theory of operation
       * ``Answered``: a command answered at once (ping, already serving, busy): feed ``seen``,
         send the result;
       * ``Purge``: the shell removes versions nothing needs (it owns the store);
-      * ``Probe``: the shell times the named candidate variants off the serving path and reports
-        ``measurement`` messages (agent/protocol/probe.py); the lifecycle is not involved.
+      * ``Probe``: the shell times the named candidate variants of the parsed ``request`` off the
+        serving path and reports ``measurement`` messages (agent/protocol/probe.py); the lifecycle
+        is not involved. A probe command whose arguments do not parse is ``Answered`` ("bad probe").
 
     Whether the device may take an event now is the transition table's answer
     (``UpdateMachine.accepts``), not a state list restated here. Trust (signature, freshness,
@@ -38,6 +39,7 @@ from agent.core.trust import TrustState
 from agent.errors import EdgeError, IntegrityError, VersionNotKeptError
 from agent.protocol.events import EventKind
 from agent.protocol.messages import Command, DesiredState, ModelRef
+from agent.protocol.probe import ProbeRequest
 
 
 class KeptVersions(Protocol):
@@ -108,6 +110,7 @@ class Probe:
 
     command: Command
     seen: Seen
+    request: ProbeRequest
 
 
 DesiredDecision: TypeAlias = Duplicate | Rejected | Deferred | Accepted
@@ -185,10 +188,18 @@ class Intake:
         if cmd.action == "purge":
             return Purge(cmd, seen)
         if cmd.action == "probe":
-            return Probe(cmd, seen)
+            return self._probe(cmd, seen)
         if cmd.action in ("rollback", "activate"):
             return self._switch(cmd, seen, machine, kept, now)
         return None
+
+    @staticmethod
+    def _probe(cmd: Command, seen: Seen) -> CommandDecision:
+        try:
+            request = ProbeRequest.from_args(cmd.args)
+        except EdgeError as exc:
+            return Answered(cmd, seen, ok=False, message=f"bad probe: {exc.message}")
+        return Probe(cmd, seen, request)
 
     @staticmethod
     def _switch(cmd: Command, seen: Seen, machine: UpdateMachine, kept: KeptVersions, now: float) -> CommandDecision:
@@ -237,7 +248,7 @@ class IntakeShell(Protocol):
 
     def _purge(self, cmd: Command, seen: Seen) -> None: ...
 
-    def _probe(self, cmd: Command, seen: Seen) -> None: ...
+    def _probe(self, cmd: Command, seen: Seen, request: ProbeRequest) -> None: ...
 
     def _command_result(self, command_id: str, action: str, *, ok: bool, message: str) -> None: ...
 
@@ -277,7 +288,7 @@ def carry_out(decision: DesiredDecision | CommandDecision | None, blob: bytes, s
     elif isinstance(decision, Purge):
         shell._purge(decision.command, decision.seen)
     elif isinstance(decision, Probe):
-        shell._probe(decision.command, decision.seen)
+        shell._probe(decision.command, decision.seen, decision.request)
     elif isinstance(decision, Switch):
         shell._feed(decision.event)
 

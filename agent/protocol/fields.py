@@ -142,6 +142,30 @@ def _clean(d: Json) -> Json:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def _wire_value(value: Any) -> Any:
+    """One field's JSON form: a nested message by its ``to_dict``, tuples as lists, bytes as base64."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, bytes):
+        return b64(value)
+    if isinstance(value, tuple):
+        return [_wire_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def field_dict(obj: Any) -> Json:
+    """A message dataclass's fields in declaration order as JSON values (``extra`` and ``type`` left out)."""
+    return {f.name: _wire_value(getattr(obj, f.name)) for f in fields(obj) if f.name not in ("extra", "type")}
+
+
+def wire_dict(message: Any, kind: str) -> Json:
+    """The wire form of a top-level message: its ``extra`` keys, ``schema``, ``type`` = ``kind``, then every
+    field (``field_dict``); None fields are absent."""
+    return _clean({**message.extra, "schema": SCHEMA_VERSION, "type": kind, **field_dict(message)})
+
+
 # -- envelope of every message -------------------------------------------------------------------
 
 

@@ -17,9 +17,7 @@ from typing import Any
 
 from agent.errors import MalformedMessageError
 from agent.protocol.fields import (
-    SCHEMA_VERSION,
     Json,
-    _clean,
     _expect_type,
     _extra,
     _get,
@@ -29,6 +27,7 @@ from agent.protocol.fields import (
     _get_str,
     _known,
     model_name_problem,
+    wire_dict,
 )
 
 MEASUREMENT_SOURCES = ("warmup", "probe", "service")
@@ -71,32 +70,7 @@ class Measurement:
     type: str = "measurement"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "measurement",
-                "device_id": self.device_id,
-                "ts": self.ts,
-                "model": self.model,
-                "version": self.version,
-                "source": self.source,
-                "runs": self.runs,
-                "p50_ms": self.p50_ms,
-                "p95_ms": self.p95_ms,
-                "artifact_id": self.artifact_id,
-                "variant": self.variant,
-                "probe_id": self.probe_id,
-                "min_ms": self.min_ms,
-                "peak_rss_bytes": self.peak_rss_bytes,
-                "execution_provider": self.execution_provider,
-                "governor": self.governor,
-                "cpu_mhz": self.cpu_mhz,
-                "temperature_c": self.temperature_c,
-                "load_avg": list(self.load_avg) if self.load_avg is not None else None,
-                "seconds": self.seconds,
-            }
-        )
+        return wire_dict(self, "measurement")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Measurement:

@@ -45,9 +45,11 @@ from agent.protocol.fields import (
     b64,
     check_schema,
     dump_json,
+    field_dict,
     load_json,
     model_name_problem,
     strict_b64decode,
+    wire_dict,
 )
 from agent.protocol.measurement import MEASUREMENT_SOURCES, Measurement
 from agent.protocol.specs import (
@@ -85,20 +87,7 @@ class ArtifactInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "artifact_id": self.artifact_id,
-                "size": self.size,
-                "sha256": self.sha256,
-                "compression": self.compression,
-                "compressed_size": self.compressed_size,
-                "compressed_sha256": self.compressed_sha256,
-                "chunk_size": self.chunk_size,
-                "chunk_count": self.chunk_count,
-                "topic": self.topic,
-            }
-        )
+        return _clean({**self.extra, **field_dict(self)})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArtifactInfo:
@@ -209,25 +198,7 @@ class DesiredState:
     type: str = "desired"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "desired",
-                "device_id": self.device_id,
-                "seq": self.seq,
-                "issued_at": self.issued_at,
-                "expires_at": self.expires_at,
-                "action": self.action,
-                "model": self.model.to_dict(),
-                "deployment_id": self.deployment_id,
-                "artifact": self.artifact.to_dict() if self.artifact else None,
-                "key": self.key.to_dict() if self.key else None,
-                "runtime": self.runtime.to_dict() if self.runtime else None,
-                "health": self.health.to_dict() if self.health else None,
-                "variant": self.variant,
-            }
-        )
+        return wire_dict(self, "desired")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DesiredState:
@@ -276,22 +247,7 @@ class Command:
     type: str = "command"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "command",
-                "device_id": self.device_id,
-                "seq": self.seq,
-                "issued_at": self.issued_at,
-                "expires_at": self.expires_at,
-                "command_id": self.command_id,
-                "action": self.action,
-                "model": self.model,
-                "version": self.version,
-                "args": dict(self.args),
-            }
-        )
+        return wire_dict(self, "command")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Command:
@@ -326,15 +282,7 @@ class ActiveModel:
     variant: str | None = None
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                "name": self.name,
-                "version": self.version,
-                "state": self.state,
-                "artifact_id": self.artifact_id,
-                "variant": self.variant,
-            }
-        )
+        return _clean(field_dict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ActiveModel:
@@ -373,27 +321,7 @@ class StateReport:
     type: str = "state"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "state",
-                "device_id": self.device_id,
-                "online": self.online,
-                "session": self.session,
-                "ts": self.ts,
-                "lifecycle": self.lifecycle,
-                "active": self.active.to_dict() if self.active else None,
-                "target": self.target.to_dict() if self.target else None,
-                "kept": list(self.kept),
-                "last_seq": self.last_seq,
-                "desired_expires_at": self.desired_expires_at,
-                "profile": self.profile,
-                "arch": self.arch,
-                "agent_version": self.agent_version,
-                "public_key": self.public_key,
-            }
-        )
+        return wire_dict(self, "state")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StateReport:
@@ -446,27 +374,7 @@ class Telemetry:
     type: str = "telemetry"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "telemetry",
-                "device_id": self.device_id,
-                "ts": self.ts,
-                "window_s": self.window_s,
-                "cpu_percent": self.cpu_percent,
-                "memory_percent": self.memory_percent,
-                "rss_bytes": self.rss_bytes,
-                "disk_free_bytes": self.disk_free_bytes,
-                "requests": self.requests,
-                "errors": self.errors,
-                "latency_ms": dict(self.latency_ms),
-                "temperature_c": self.temperature_c,
-                "model": self.model.to_dict() if self.model else None,
-                "lifecycle": self.lifecycle,
-                "arch": self.arch,
-            }
-        )
+        return wire_dict(self, "telemetry")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Telemetry:
@@ -522,24 +430,7 @@ class Event:
     type: str = "event"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "event",
-                "device_id": self.device_id,
-                "ts": self.ts,
-                "event_id": self.event_id,
-                "kind": self.kind,
-                "severity": self.severity,
-                "message": self.message,
-                "code": self.code,
-                "deployment_id": self.deployment_id,
-                "model": self.model.to_dict() if self.model else None,
-                "command_id": self.command_id,
-                "data": dict(self.data),
-            }
-        )
+        return wire_dict(self, "event")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Event:
@@ -626,20 +517,7 @@ class EnrollRequest:
     type: str = "enroll"
 
     def to_dict(self) -> Json:
-        return _clean(
-            {
-                **self.extra,
-                "schema": SCHEMA_VERSION,
-                "type": "enroll",
-                "device_id": self.device_id,
-                "public_key": b64(self.public_key),
-                "profile": self.profile,
-                "ts": self.ts,
-                "agent_version": self.agent_version,
-                "arch": self.arch,
-                "hostname": self.hostname,
-            }
-        )
+        return wire_dict(self, "enroll")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EnrollRequest:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import DiskFullError, StorageError
@@ -26,10 +27,24 @@ def storage_error(exc: OSError, what: str) -> StorageError:
     return StorageError(f"{what}: {exc.strerror or exc}")
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` durably; StorageError (DiskFullError) on failure, old file intact."""
+@contextlib.contextmanager
+def _replacing(path: Path, what: str) -> Iterator[Path]:
+    """A temp path beside ``path`` for the body to fill; then renamed over ``path`` and the directory synced.
+    An OSError removes the temp file and raises StorageError (DiskFullError) naming ``what``."""
     tmp = path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
     try:
+        yield tmp
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(exc, what) from exc
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` durably; StorageError (DiskFullError) on failure, old file intact."""
+    with _replacing(path, f"cannot write {path}") as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; keys must end up exactly 0600
@@ -41,27 +56,14 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.close(fd)
         if faults.HOOK.armed is not None:
             faults.HOOK.reach("write:tmp")
-        tmp.replace(path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise storage_error(exc, f"cannot write {path}") from exc
 
 
 def atomic_symlink(link: Path, target: str) -> None:
     """Point ``link`` at ``target`` with one rename (readers see the old target or the new one)."""
-    tmp = link.with_name(f"{link.name}{TMP_MARKER}{os.getpid()}")
-    try:
+    with _replacing(link, f"cannot point {link} at {target}") as tmp:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         tmp.symlink_to(target)
-        tmp.replace(link)
-        fsync_dir(link.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise storage_error(exc, f"cannot point {link} at {target}") from exc
 
 
 def sweep_temp_files(directory: Path) -> list[Path]:

@@ -65,13 +65,9 @@ class Probing(Reporting, Measuring):
 
     _probe_job: _ProbeJob | None
 
-    def _probe(self, cmd: Command, seen: Seen) -> None:
+    def _probe(self, cmd: Command, seen: Seen, request: ProbeRequest) -> None:
+        """Start ``request`` (parsed by the intake) unless a probe is already running."""
         self._feed(seen)
-        try:
-            request = ProbeRequest.from_args(cmd.args)
-        except EdgeError as exc:
-            self._command_result(cmd.command_id, "probe", ok=False, message=f"bad probe: {exc.message}")
-            return
         if self._probe_job is not None:
             self._command_result(cmd.command_id, "probe", ok=False,
                                  message=f"busy with probe {self._probe_job.request.probe_id}; send it again later")

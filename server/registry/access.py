@@ -16,7 +16,8 @@ from typing import Any
 
 from server.access import ChainReport, check_role, row_hash, verify_chain
 from server.errors import ConflictError, NotFoundError
-from server.registry.db import Migration, RegistryDatabase, change_notify_trigger
+from server.registry.base import Record
+from server.registry.db import Migration, RegistryDatabase, change_notify_trigger, matching
 
 MIGRATIONS: tuple[Migration, ...] = (
     (
@@ -36,7 +37,7 @@ _AUDIT_COLUMNS = "id, ts, actor, action, target, params, outcome, detail, prev_h
 
 
 @dataclass(frozen=True)
-class AuditRecord:
+class AuditRecord(Record):
     id: int
     ts: float
     actor: str
@@ -46,9 +47,6 @@ class AuditRecord:
     outcome: str
     detail: str | None
     hash: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _params_text(params: Mapping[str, Any]) -> str:
@@ -140,13 +138,7 @@ class AccessRegistry:
         return rid
 
     def list_audit(self, *, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[AuditRecord]:
-        clauses, args = [], []
-        if actor:
-            clauses.append("actor = ?")
-            args.append(actor)
-        if action:
-            clauses.append("action = ?")
-            args.append(action)
+        clauses, args = matching(("actor = ?", actor), ("action = ?", action))
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.db.connection().execute(
             f"SELECT * FROM (SELECT {_AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?) AS newest ORDER BY id",

@@ -31,6 +31,13 @@ def placeholders(values: Sequence[Any]) -> str:
     return ", ".join("?" * len(values))
 
 
+class Record:
+    """A registry row as a frozen dataclass; ``to_dict`` is its columns by name (what the API and console send)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 class TableOwner:
     """Base of the registry's owner mixins: one ``Database`` shared by all of them."""
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.errors import ConfigError, RegistryError
+from server.registry.migrate import apply_migration
 
 Migration = tuple[str, "str | dict[str, str]"]
 
@@ -125,13 +126,8 @@ class Database:
         applied: list[str] = []
         for name, sql in migrations:
             with self.transaction() as tx:
-                if tx.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
-                    continue
-                text = sql.get(self.dialect, "") if isinstance(sql, dict) else sql
-                for statement in _split_sql(text):
-                    tx.execute(statement)
-                tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
-                applied.append(name)
+                if apply_migration(tx, (name, sql), self.dialect, tx.execute):
+                    applied.append(name)
         return applied
 
     @property
@@ -158,9 +154,11 @@ class Database:
             self._local.conn = None
 
 
-def _split_sql(sql: str) -> list[str]:
-    """Split a migration script on semicolons at line ends (migrations contain no string literals with ';')."""
-    return [s.strip() for s in sql.split(";\n") if s.strip() and s.strip() != ";"]
+def matching(*conditions: tuple[str, Any]) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (``"column = ?"``, value) whose value is set, and their values: a list filter's
+    WHERE parts (an empty or None filter leaves its condition out)."""
+    chosen = [(sql, value) for sql, value in conditions if value]
+    return [sql for sql, _ in chosen], [value for _, value in chosen]
 
 
 class RegistryDatabase(Protocol):

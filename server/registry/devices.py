@@ -16,7 +16,7 @@ from typing import Any
 from agent.errors import EdgeError
 from agent.protocol.messages import StateReport, Telemetry, decode_up, encode
 from server.errors import ConflictError, NotFoundError, RegistryError
-from server.registry.base import TableOwner, iter_chunks, placeholders
+from server.registry.base import Record, TableOwner, iter_chunks, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
 from server.registry.db import Connection, Row
@@ -85,7 +85,7 @@ def _device(row: Row, groups: tuple[str, ...] = ()) -> Device:
 
 
 @dataclass(frozen=True)
-class EnrollmentRequest:
+class EnrollmentRequest(Record):
     device_id: str
     public_key: str
     fingerprint: str
@@ -96,10 +96,6 @@ class EnrollmentRequest:
     requested_at: float
     received_at: float
     status: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 
 class DeviceTables(TableOwner):

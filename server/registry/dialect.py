@@ -20,6 +20,7 @@ Anything else SQLite-only is a bug in the owner module (``tests/unit/server/test
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -34,9 +35,9 @@ _DDL = (
 _JSON_PATH = re.compile(r"^\s*(.+?)\s*,\s*'\$\.([A-Za-z0-9_]+)'\s*$", re.S)
 
 
-def _close_paren(sql: str, open_at: int) -> int:
-    """Index of the parenthesis closing the one at ``open_at`` (string literals skipped)."""
-    depth, i = 0, open_at
+def _scan(sql: str, start: int) -> Iterator[tuple[int, str, int]]:
+    """Each character from ``start`` outside string literals, with the parenthesis depth after it."""
+    depth, i = 0, start
     while i < len(sql):
         c = sql[i]
         if c == "'":
@@ -45,26 +46,21 @@ def _close_paren(sql: str, open_at: int) -> int:
             depth += 1
         elif c == ")":
             depth -= 1
-            if depth == 0:
-                return i
+        if c != "'":
+            yield i, c, depth
         i += 1
+
+
+def _close_paren(sql: str, open_at: int) -> int:
+    """Index of the parenthesis closing the one at ``open_at`` (string literals skipped)."""
+    for i, c, depth in _scan(sql, open_at):
+        if c == ")" and depth == 0:
+            return i
     raise ValueError(f"unbalanced parentheses in SQL: {sql[:80]!r}")
 
 
 def _top_level_commas(body: str) -> int:
-    depth, n, i = 0, 0, 0
-    while i < len(body):
-        c = body[i]
-        if c == "'":
-            i = body.index("'", i + 1)
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "," and depth == 0:
-            n += 1
-        i += 1
-    return n
+    return sum(1 for _, c, depth in _scan(body, 0) if c == "," and depth == 0)
 
 
 def _functions(sql: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.protocol.measurement import Measurement
-from server.registry.base import TableOwner, placeholders
+from server.registry.base import Record, TableOwner, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
 from server.registry.db import Connection, Migration, RegistryDatabase
@@ -69,7 +69,7 @@ _COLUMNS = ("device_id, model, version, variant, source, profile, artifact_id, p
 
 
 @dataclass(frozen=True)
-class MeasurementRecord:
+class MeasurementRecord(Record):
     device_id: str
     model: str
     version: int
@@ -87,9 +87,6 @@ class MeasurementRecord:
     peak_rss_bytes: int | None
     execution_provider: str | None
     context: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _record(row: Any) -> MeasurementRecord:

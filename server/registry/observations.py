@@ -11,14 +11,14 @@ from typing import Any
 
 from agent.protocol.measurement import Measurement
 from agent.protocol.messages import Event, StateReport, Telemetry
-from server.registry.base import TableOwner
+from server.registry.base import Record, TableOwner
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
-from server.registry.db import Connection, Row
+from server.registry.db import Connection, Row, matching
 
 
 @dataclass(frozen=True)
-class EventRecord:
+class EventRecord(Record):
     id: int
     device_id: str | None
     event_id: str | None
@@ -34,9 +34,6 @@ class EventRecord:
     command_id: str | None
     data: Mapping[str, Any]
     source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -173,18 +170,13 @@ class ObservationTables(TableOwner):
         limit: int = 200,
         newest: bool = False,
     ) -> list[EventRecord]:
-        clauses: list[str] = ["id > ?"]
-        args: list[Any] = [after]
-        if device_id:
-            clauses.append("device_id = ?")
-            args.append(device_id)
-        if deployment_id:
-            clauses.append("deployment_id = ?")
-            args.append(deployment_id)
-        if kind_prefix:
-            clauses.append("kind LIKE ?")
-            args.append(kind_prefix.replace("%", "") + "%")
-        where = " AND ".join(clauses)
+        clauses, args = matching(
+            ("device_id = ?", device_id),
+            ("deployment_id = ?", deployment_id),
+            ("kind LIKE ?", kind_prefix.replace("%", "") + "%" if kind_prefix else None),
+        )
+        where = " AND ".join(["id > ?", *clauses])
+        args = [after, *args]
         if newest:
             sql = f"SELECT * FROM (SELECT * FROM events WHERE {where} ORDER BY id DESC LIMIT ?) AS newest ORDER BY id"
         else:

@@ -19,8 +19,8 @@ The owner modules keep one SQL text (``dialect`` rewrites it); this module gives
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +33,7 @@ from psycopg.pq import Format
 
 from server.errors import RegistryError
 from server.registry.dialect import postgres_ddl, postgres_sql
+from server.registry.migrate import apply_migration
 
 #: the advisory lock key every writer takes ("edgefleet" as a 63-bit number)
 WRITER_LOCK = 0x656467656666
@@ -230,13 +231,8 @@ class PgDatabase:
             tx.raw.execute(_BOOTSTRAP)
         for name, sql in migrations:
             with self.transaction() as tx:
-                if tx.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
-                    continue
-                text = sql.get(self.dialect, "") if isinstance(sql, dict) else sql
-                for statement in _split_sql(text):
-                    tx.raw.execute(postgres_ddl(statement).encode())
-                tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, time.time()))
-                applied.append(name)
+                if apply_migration(tx, (name, sql), self.dialect, functools.partial(_run_ddl, tx)):
+                    applied.append(name)
         return applied
 
     # -- change notifications --------------------------------------------------------------------------
@@ -309,5 +305,5 @@ def _redacted(url: str) -> str:
     return " ".join(f"{k}={v}" for k, v in info.items())
 
 
-def _split_sql(sql: str) -> list[str]:
-    return [s.strip() for s in sql.split(";\n") if s.strip() and s.strip() != ";"]
+def _run_ddl(tx: PgConnection, statement: str) -> None:
+    tx.raw.execute(postgres_ddl(statement).encode())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import ConflictError, NotFoundError
-from server.registry.base import TableOwner, placeholders
+from server.registry.base import Record, TableOwner, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
 from server.registry.db import Connection, Row
@@ -48,7 +48,7 @@ class ArtifactRecord:
 
 
 @dataclass(frozen=True)
-class Deployment:
+class Deployment(Record):
     deployment_id: str
     model: str
     version: int
@@ -69,9 +69,6 @@ class Deployment:
     lease_owner: str | None
     lease_expires: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass(frozen=True)
 class DeploymentBuild:
@@ -84,7 +81,7 @@ class DeploymentBuild:
 
 
 @dataclass(frozen=True)
-class DeploymentDevice:
+class DeploymentDevice(Record):
     deployment_id: str
     device_id: str
     profile: str
@@ -98,9 +95,6 @@ class DeploymentDevice:
     dispatched_at: float | None
     updated_at: float
     finished_at: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -122,7 +116,6 @@ class NewDeployment:
     wave_count: int
     #: devices already running this exact version: recorded as committed, nothing is sent
     already_committed: Sequence[str] = ()
-
 
 
 class RolloutTables(TableOwner):
@@ -417,7 +410,6 @@ class RolloutTables(TableOwner):
             (device_id,),
         ).fetchall()
         return [DeploymentDevice(**dict(r)) for r in rows]
-
 
 
     # -- named writes for the service and the rollout layer ------------------------------------------

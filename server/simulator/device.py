@@ -551,14 +551,9 @@ class SimDevice(DeviceCore):
         text = ", ".join(f"v{r.version}" for r in removed) or "nothing"
         self._command_result(cmd.command_id, "purge", ok=True, message=f"removed {text}")
 
-    def _probe(self, cmd: Command, seen: Seen) -> None:
+    def _probe(self, cmd: Command, seen: Seen, request: ProbeRequest) -> None:
         """Stand-in figures for each variant asked about (no transfer, nothing run: a simulated board)."""
         self._feed(seen)
-        try:
-            request = ProbeRequest.from_args(cmd.args)
-        except EdgeError as exc:
-            self._command_result(cmd.command_id, "probe", ok=False, message=f"bad probe: {exc.message}")
-            return
         self._command_result(cmd.command_id, "probe", ok=True, message=f"probing {len(request.variants)} variant(s)")
         for v in request.variants:
             self._measured(stand_in(device_id=self.device_id, profile=self.settings.profile, model=request.model.name,

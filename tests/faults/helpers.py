@@ -56,8 +56,7 @@ def _serving(fleet: FleetServer, agent: AgentProcess, models: AgentModels, versi
     assert state.active is not None and state.active.state == "committed"
     journal = read_journal(agent.store_dir)
     assert journal is not None and journal.committed == agent_models.ref(version)
-    agent.wait_http_ready()
-    assert_serves(agent, models)
+    assert_serves(agent, models, wait_ready=True)
 
 
 def register_on(server: Fleet, fleet: FleetServer, agent: AgentProcess, profile: str, **options: Any) -> None:

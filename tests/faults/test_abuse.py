@@ -103,8 +103,7 @@ def _serving(server: RealServer, agent: AgentProcess, models: AgentModels, versi
         _until(f"{agent.device_id} reports v{version}", lambda: active() == version, timeout=60)
         journal = read_journal(agent.store_dir)
         assert journal is not None and journal.committed == agent_models.ref(version)
-        agent.wait_http_ready()
-        assert_serves(agent, models)
+        assert_serves(agent, models, wait_ready=True)
     except (AssertionError, TimeoutError):
         ledger.trial(False, unserving=1)
         raise

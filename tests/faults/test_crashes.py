@@ -319,8 +319,7 @@ def test_server_sigkill_mid_rollout(point: str, tmp_path: Path, broker: Mosquitt
         for a in agents:
             journal = read_journal(a.store_dir)
             assert journal is not None and journal.committed == agent_models.ref(2) and journal.state is State.IDLE
-            a.wait_http_ready()
-            assert_serves(a, models)
+            assert_serves(a, models, wait_ready=True)
             assert {1, 2} <= kept_versions(a.store_dir)
             ledger.trial()
         rows = {d["device_id"]: d for d in server.service.list_devices()}

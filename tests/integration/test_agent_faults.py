@@ -16,23 +16,10 @@ from agent.protocol.envelope import seal_command, seal_desired
 from agent.protocol.messages import Command
 from agent.protocol.topics import Channel, device_topic
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import (
-    AgentFactory,
-    agent_factory,
-    agent_v1,
-    agent_v2,
-    assert_serves,
-    deploy_and_commit,
-    deploy_digits,
-    fleet,
-    models,
-    serving_v1,
-)
+from tests.support.devices.fixtures import AgentFactory, assert_serves, deploy_and_commit, deploy_digits, serving_v1
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
-
-__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]
 
 pytestmark = pytest.mark.broker
 

@@ -18,22 +18,10 @@ import pytest
 
 from agent.protocol.messages import ModelRef
 from tests.support.devices.agent_process import AgentProcess
-from tests.support.devices.fixtures import (
-    AgentFactory,
-    agent_factory,
-    agent_v1,
-    agent_v2,
-    assert_serves,
-    deploy_and_commit,
-    deploy_digits,
-    fleet,
-    models,
-)
+from tests.support.devices.fixtures import AgentFactory, assert_serves, deploy_and_commit, deploy_digits
 from tests.support.models import agent as agent_models
 from tests.support.models.agent import AgentModels
 from tests.support.servers.stub import FleetServer
-
-__all__ = ["agent_factory", "agent_v1", "agent_v2", "fleet", "models"]  # fixtures used by name below
 
 pytestmark = pytest.mark.broker
 
@@ -45,8 +33,7 @@ def test_deploy_v1_then_v2(fleet: FleetServer, models: AgentModels, agent_factor
     assert birth.active is None and birth.public_key and birth.arch
 
     deploy_and_commit(fleet, agent, models, 1)
-    agent.wait_http_ready()
-    v1_logits = assert_serves(agent, models)
+    v1_logits = assert_serves(agent, models, wait_ready=True)
     kinds = fleet.kinds(agent.device_id)
     expected = [
         "desired.accepted",
@@ -188,8 +175,7 @@ def test_rollback_activate_and_pin_need_no_chunks(
     )
     assert state.lifecycle == "idle" and state.kept == (1, 2)
     assert "lifecycle.committed" in fleet.kinds(agent.device_id, mark)
-    agent.wait_http_ready()
-    assert_serves(agent, models)
+    assert_serves(agent, models, wait_ready=True)
 
     # forwards again to the kept v2 (warm-up + probation apply), then a retained pin back to v1
     command_id = fleet.command(agent.device_id, "activate", version=2)

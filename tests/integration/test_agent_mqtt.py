@@ -49,8 +49,7 @@ def test_tls_and_per_device_credentials(
     try:
         agent.start()
         deploy_and_commit(server, agent, models, 1)
-        agent.wait_http_ready()
-        assert_serves(agent, models)
+        assert_serves(agent, models, wait_ready=True)
         assert server.log(device_id).enrolls >= 1, "a new device announces itself on up/enroll"
     finally:
         agent.kill()
@@ -117,8 +116,7 @@ def test_desired_state_published_while_offline_is_applied_on_connect(
     fleet.wait_state(
         agent.device_id, lambda s: s.lifecycle == "idle" and s.active is not None and s.active.version == 1
     )
-    agent.wait_http_ready()
-    assert_serves(agent, models)
+    assert_serves(agent, models, wait_ready=True)
 
 
 def test_shared_artifact_topic_and_telemetry(

@@ -83,8 +83,7 @@ def test_rollback_after_commit_from_the_warm_standby(
         assert not _loaded(after, 1), "v1 was loaded from disk although it was on standby"
     else:
         assert not switched and _loaded(after, 1), after
-    agent.wait_http_ready()
-    assert_serves(agent, models)
+    assert_serves(agent, models, wait_ready=True)
     journal = agent.journal()
     assert journal is not None and journal.committed == agent_models.ref(1)
 
@@ -128,8 +127,7 @@ def test_budget_releases_the_standby_and_rollback_loads_from_disk(
     _rollback(fleet, agent, 1)
     after = _logs_after(agent, mark)
     assert _loaded(after, 1) and not any(r["msg"] == FROM_STANDBY for r in after), after
-    agent.wait_http_ready()
-    assert_serves(agent, models)
+    assert_serves(agent, models, wait_ready=True)
 
 
 def test_purge_and_eviction_release_the_standby(

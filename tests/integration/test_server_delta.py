@@ -75,8 +75,7 @@ def test_rollout_sends_one_shared_delta_to_devices_keeping_the_base(
         text = render_metrics(server.registry)
         assert 'edgefleet_delta_updates{outcome="applied"} 2' in text, text
         for a in agents:
-            a.wait_http_ready()
-            assert_serves(a, models)
+            assert_serves(a, models, wait_ready=True)
     finally:
         for a in agents:
             a.kill()

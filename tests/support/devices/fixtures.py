@@ -1,6 +1,7 @@
 """pytest fixtures for agent tests against the session broker: a test server, real models, agent processes.
 
-Import the fixtures into a test module (``from tests.support.devices.fixtures import *``-style, by name).
+tests/conftest.py registers this module as a pytest plugin, so every test module can ask for its
+fixtures by name; the helpers (``deploy_and_commit``, ``assert_serves``...) are imported.
 """
 
 from __future__ import annotations
@@ -119,8 +120,13 @@ def deploy_and_commit(
     )
 
 
-def assert_serves(agent: AgentProcess, models: AgentModels, *, samples: int = 16) -> np.ndarray:
-    """The local HTTP API answers with finite logits that classify real digits correctly."""
+def assert_serves(
+    agent: AgentProcess, models: AgentModels, *, samples: int = 16, wait_ready: bool = False
+) -> np.ndarray:
+    """The local HTTP API answers with finite logits that classify real digits correctly (``wait_ready``: once it
+    answers ready, for an agent just started or restarted)."""
+    if wait_ready:
+        agent.wait_http_ready()
     x = models.samples[:samples]
     status, body = agent.infer(agent_models.NAME, models.input_name, x)
     assert status == 200, body

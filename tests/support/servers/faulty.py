@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from tests.support.servers.settings import server_settings
 from tests.support.waiting import wait_progress
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -119,14 +120,8 @@ class RealServer:
 
         self.home = workdir / "srv-home"
         self.home.mkdir(parents=True, exist_ok=True)
-        data: dict[str, dict[str, Any]] = {
-            "broker": {"url": f"mqtt://{host}:{port}", "client_id": f"srv-{workdir.name[-20:]}"},
-            "api": {"host": "127.0.0.1", "port": 0},
-            "publisher": {"chunk_window_s": 0.2},
-            "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 60.0},
-        }
-        for section, values in (overrides or {}).items():
-            data[section] = {**data.get(section, {}), **values}
+        data = server_settings(f"mqtt://{host}:{port}", f"srv-{workdir.name[-20:]}", device_timeout_s=60.0,
+                               overrides=overrides)
         init_signing_key(ServerConfig(home=self.home).paths)
         self.config = config_from_mapping(self.home, data)
         self.registry = open_registry(self.config)

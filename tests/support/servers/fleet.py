@@ -14,6 +14,7 @@ from server.broker import MosquittoBroker
 from server.builds import Build, StaticBuilds
 from server.config import ServerConfig, config_from_mapping
 from server.keys import init_signing_key, load_signing_key
+from tests.support.servers.settings import server_settings
 
 
 def write_onnx(path: Path, *, seed: int, inputs: int = 64, outputs: int = 10, hidden: int = 256) -> Path:
@@ -63,14 +64,8 @@ def onnx_builds(root: Path, model: str, versions: list[int], profiles: list[str]
 def server_config(
     home: Path, mqtt: MosquittoBroker, overrides: dict[str, dict[str, Any]] | None = None
 ) -> ServerConfig:
-    data: dict[str, dict[str, Any]] = {
-        "broker": {"url": f"mqtt://{mqtt.host}:{mqtt.port}", "client_id": f"srv-{home.name}"},
-        "api": {"host": "127.0.0.1", "port": 0},
-        "publisher": {"chunk_window_s": 0.2},
-        "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 30.0},
-    }
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update(values)
+    data = server_settings(f"mqtt://{mqtt.host}:{mqtt.port}", f"srv-{home.name}", device_timeout_s=30.0,
+                           overrides=overrides)
     home.mkdir(parents=True, exist_ok=True)
     init_signing_key(ServerConfig(home=home).paths)
     return config_from_mapping(home, data)

@@ -27,6 +27,7 @@ from server.config import ServerConfig
 from server.keys import load_signing_key
 from tests.support.processes import kill_hard, stop_gently
 from tests.support.servers.main import build_row
+from tests.support.servers.settings import server_settings
 from tests.support.waiting import wait_progress
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -59,14 +60,8 @@ class ServerProcess:
                  settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
-        sections: dict[str, dict[str, Any]] = {
-            "broker": {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"e2e-{home.name}"},
-            "api": {"host": "127.0.0.1", "port": 0},
-            "publisher": {"chunk_window_s": 0.2},
-            "rollout": {"tick_s": 0.1, "lease_ttl_s": 2.0, "device_timeout_s": 300.0},
-        }
-        for name, values in (settings or {}).items():
-            sections.setdefault(name, {}).update(values)
+        sections = server_settings(f"mqtt://{broker.host}:{broker.port}", f"e2e-{home.name}",
+                                   device_timeout_s=300.0, overrides=settings)
         (home / "server.toml").write_text(_toml(sections))
         self.builds_path = home / "builds.json"
         self.builds_path.write_text(json.dumps([build_row(b) for b in builds], indent=1))

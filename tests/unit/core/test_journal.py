@@ -74,23 +74,15 @@ def test_next_bumps_serial_and_clears_attempts() -> None:
     assert (n.serial, n.attempts, n.state) == (5, 0, State.DOWNLOADING)
 
 
-EXPECTED_RESUME = {
-    State.IDLE: Resume.SERVE,
-    State.DOWNLOADING: Resume.CONTINUE_DOWNLOAD,
-    State.VERIFYING: Resume.REVERIFY,
-    State.STAGED: Resume.CONTINUE_WARMUP,
-    State.WARMING: Resume.ROLL_BACK,
-    State.PROBATION: Resume.ROLL_BACK,
-    State.ROLLING_BACK: Resume.FINISH_ROLLBACK,
-}
-EXPECTED_LOOP = {
-    State.IDLE: Resume.SERVE_FALLBACK,
-    State.DOWNLOADING: Resume.ABANDON,
-    State.VERIFYING: Resume.ABANDON,
-    State.STAGED: Resume.ABANDON,
-    State.WARMING: Resume.ROLL_BACK,
-    State.PROBATION: Resume.ROLL_BACK,
-    State.ROLLING_BACK: Resume.ABANDON,
+#: state -> (what a restart does, what it does once the restart limit is reached)
+EXPECTED = {
+    State.IDLE: (Resume.SERVE, Resume.SERVE_FALLBACK),
+    State.DOWNLOADING: (Resume.CONTINUE_DOWNLOAD, Resume.ABANDON),
+    State.VERIFYING: (Resume.REVERIFY, Resume.ABANDON),
+    State.STAGED: (Resume.CONTINUE_WARMUP, Resume.ABANDON),
+    State.WARMING: (Resume.ROLL_BACK, Resume.ROLL_BACK),
+    State.PROBATION: (Resume.ROLL_BACK, Resume.ROLL_BACK),
+    State.ROLLING_BACK: (Resume.FINISH_ROLLBACK, Resume.ABANDON),
 }
 
 
@@ -98,9 +90,10 @@ EXPECTED_LOOP = {
 def test_resume_table(state: State) -> None:
     assert set(RESUME_TABLE) == set(State)
     assert set(LOOP_TABLE) == set(RESUME_TABLE.values())
-    assert resume_action(JournalRecord(state=state, attempts=0), restart_limit=3) is EXPECTED_RESUME[state]
-    assert resume_action(JournalRecord(state=state, attempts=2), restart_limit=3) is EXPECTED_RESUME[state]
-    assert resume_action(JournalRecord(state=state, attempts=3), restart_limit=3) is EXPECTED_LOOP[state]
+    resume, looping = EXPECTED[state]
+    assert resume_action(JournalRecord(state=state, attempts=0), restart_limit=3) is resume
+    assert resume_action(JournalRecord(state=state, attempts=2), restart_limit=3) is resume
+    assert resume_action(JournalRecord(state=state, attempts=3), restart_limit=3) is looping
 
 
 # -- the replay floor after a lost journal ---------------------------------------------------------------------

@@ -34,13 +34,19 @@ def _build(path: Path, version: int) -> Build:
     )  # fmt: skip
 
 
-def test_delta_is_built_once_shared_and_applies(tmp_path: Path) -> None:
+def _fine_tuned_pair(tmp_path: Path) -> tuple[ArtifactStore, ArtifactRecord]:
+    """A store holding digits v1 and a fine-tuned v2 (sealed); returns the store and v2's artifact."""
     store = _store(tmp_path)
     v1 = real_model("digits").path
     v2 = tmp_path / "v2.onnx"
     v2.write_bytes(fine_tuned(v1))
     store.seal_build(_build(v1, 1))
-    target = store.seal_build(_build(v2, 2))
+    return store, store.seal_build(_build(v2, 2))
+
+
+def test_delta_is_built_once_shared_and_applies(tmp_path: Path) -> None:
+    store, target = _fine_tuned_pair(tmp_path)
+    v1, v2 = real_model("digits").path, tmp_path / "v2.onnx"
     builder = DeltaBuilder(store)
     offer = builder.offer("digits", "x86-64-avx2", (1,), target)
     assert offer is not None and offer.base_version == 1
@@ -88,12 +94,7 @@ class _HeldBuilder(DeltaBuilder):
 
 
 def test_a_slow_build_does_not_hold_the_dispatch_and_serves_later_ones(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    v1 = real_model("digits").path
-    v2 = tmp_path / "v2.onnx"
-    v2.write_bytes(fine_tuned(v1))
-    store.seal_build(_build(v1, 1))
-    target = store.seal_build(_build(v2, 2))
+    store, target = _fine_tuned_pair(tmp_path)
     builder = _HeldBuilder(store, wait_s=0.0)
     try:
         assert builder.offer("digits", "x86-64-avx2", (1,), target) is None, "still building: full artifact"
