@@ -10,6 +10,7 @@ PostgreSQL: one private server for the session (``tests/support/postgres.py``) a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -23,8 +24,9 @@ from server.registry.db import HOME_PLACEHOLDER
 from tests.support.mqtt import MqttTestClient
 from tests.support.postgres import PostgresServer
 
-#: the agent fixtures (``models``, ``fleet``, ``agent_factory``, ``agent_v1``, ``agent_v2``) for every test module
-pytest_plugins = ("tests.support.devices.fixtures",)
+#: the agent fixtures (``models``, ``fleet``, ``agent_factory``, ``agent_v1``, ``agent_v2``) for every test module;
+#: they build ONNX models, so not where onnx is absent (scripts/py310_check: the agent's unit tests on Python 3.10)
+pytest_plugins = ("tests.support.devices.fixtures",) if importlib.util.find_spec("onnx") else ()
 
 TEST_REGISTRY = os.environ.get("EDGEFLEET_TEST_REGISTRY", "sqlite")
 if TEST_REGISTRY not in ("sqlite", "postgresql"):

@@ -22,9 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from server.broker import free_port
+
+
+def _psycopg() -> Any:
+    """psycopg, imported when a PostgreSQL is used: the agent-only Python 3.10 check loads this conftest without
+    the server's extras."""
+    import psycopg
+
+    return psycopg
+
 
 PG_VERSIONS = ("17", "16", "15", "14", "13")
 
@@ -115,9 +122,9 @@ class PostgresServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited {self.proc.returncode}: {self.log_tail()}")
             try:
-                with psycopg.connect(self.admin_url, connect_timeout=2):
+                with _psycopg().connect(self.admin_url, connect_timeout=2):
                     return self
-            except psycopg.OperationalError:
+            except _psycopg().OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)  # polling the server's readiness, not guessing a duration
@@ -132,13 +139,13 @@ class PostgresServer:
         """A fresh, empty database; returns its URL."""
         self._n += 1
         name = name or f"t{os.getpid()}_{self._n}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+        with _psycopg().connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
         name = url.rsplit("/", 1)[-1]
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+        with _psycopg().connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def close(self) -> None:
