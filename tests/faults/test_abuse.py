@@ -350,12 +350,15 @@ def test_dataset_bomb_is_refused_before_inflating(tmp_path: Path, models: AgentM
         "from pathlib import Path\n"
         "from server.errors import ServerError\n"
         "from server.model_ops import add_model\n"
+        "import numpy, onnx, onnxruntime\n"
         "body = json.loads(Path(sys.argv[1]).read_text())\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "try:\n"
         "    add_model(Path(sys.argv[2]), body); out = {'error': None}\n"
         "except ServerError as exc:\n"
         "    out = {'error': exc.message}\n"
         "out['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "out['growth_mib'] = out['peak_mib'] - before\n"
         "print(json.dumps(out))\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "body.json"), str(tmp_path / "home")],
@@ -363,9 +366,13 @@ def test_dataset_bomb_is_refused_before_inflating(tmp_path: Path, models: AgentM
                                                                                        "PYTHONPATH": str(ROOT)})
     out = json.loads(done.stdout.decode().strip().splitlines()[-1])
     ledger.note(f"{bomb.stat().st_size}-byte .npz declaring 600 MiB refused before inflating; peak RSS "
-                f"{out['peak_mib']:.0f} MiB")
+                f"{out['peak_mib']:.0f} MiB, {out['growth_mib']:.0f} MiB above the process before the upload")
     assert out["error"] and "before inflating" in out["error"], out
-    assert out["peak_mib"] < 400, f"the server process peaked at {out['peak_mib']:.0f} MiB"
+    # Measured against the process's own peak after its imports, not an absolute figure: the interpreter with
+    # ONNX Runtime loaded differs by tens of MiB between machines and runs (CI saw 401 MiB absolute).
+    # Inflating the bomb adds at least its 600 MiB; registering the model itself (an ONNX Runtime session whose
+    # arenas and threads scale with the host's cores) must stay well under that.
+    assert out["growth_mib"] < 300, f"the upload grew the server process by {out['growth_mib']:.0f} MiB"
     assert not list((tmp_path / "home" / "models").glob("bomb*")), "a model was registered"
     ledger.trial()
 
