@@ -44,6 +44,11 @@ LATENCY_SLACK = 1.10
 LATENCY_FLOOR_MS = 0.1
 #: Passing variants within this factor of the smallest are ranked by fidelity, then latency.
 SIZE_SLACK = 1.10
+#: ``balanced`` on a profile whose latency is timed here (the build machine stands in for it): a candidate at
+#: most BALANCED_SIZE_CAP times the smallest passing one's download and at most BALANCED_SPEEDUP times its
+#: latency (a clear gain, well past run-to-run noise) is worth its bytes; of those, the smallest size x latency
+BALANCED_SIZE_CAP = 1.5
+BALANCED_SPEEDUP = 0.8
 
 
 @dataclass(frozen=True)
@@ -224,8 +229,11 @@ def select(
     candidates measured, latency is compared on measurements only (a build machine's estimate is not
     comparable): ``latency`` takes the fastest; ``balanced`` the smallest among those within LATENCY_SLACK
     of the fastest; ``size`` the smallest (within SIZE_SLACK), then fidelity, then measured latency.
-    Without measurements ``balanced`` and ``size`` are the blind rule (size first) and ``latency`` takes
-    the fastest estimate.
+    Without measurements ``size`` is the blind rule (size first), ``latency`` takes the fastest estimate, and
+    ``balanced`` takes the size rule's choice unless the build machine timed a candidate at most
+    BALANCED_SIZE_CAP times its size and BALANCED_SPEEDUP times its latency (then the smallest size x latency
+    of those): int8 compute that is 0.6x as fast for 1.3x the bytes of an fp32-compute variant ships. Where
+    no latency was timed here (ARM, GPU profiles) it is the size rule.
     """
     if optimize not in OPTIMIZE_CHOICES:
         raise ValueError(f"optimize must be one of {', '.join(OPTIMIZE_CHOICES)}, not {optimize!r}")
@@ -267,4 +275,16 @@ def select(
     smallest = min(c.ota_size for c in fast)
     # sizes within SIZE_SLACK of the smallest count as equal: then the most faithful, then the fastest
     near = [c for c in fast if c.ota_size <= smallest * SIZE_SLACK]
-    return min(near, key=lambda c: (-c.fidelity, latency(c), c.ota_size))
+    by_size = min(near, key=lambda c: (-c.fidelity, latency(c), c.ota_size))
+    def timed(c: Scored) -> float | None:
+        # a variant with fp32's kernels runs at fp32's speed: its own timing differs by the machine's noise only
+        return fp32_latency_ms if c.fp32_compute and fp32_latency_ms is not None else c.latency_ms
+
+    base = timed(by_size)
+    if optimize == "size" or on_devices or base is None:
+        return by_size
+    worth = [c for c in fast if (t := timed(c)) is not None
+             and c.ota_size <= by_size.ota_size * BALANCED_SIZE_CAP and t <= base * BALANCED_SPEEDUP]
+    if not worth:
+        return by_size
+    return min(worth, key=lambda c: (c.ota_size * (timed(c) or math.inf), -c.fidelity))

@@ -24,6 +24,20 @@ def test_blind_balanced_is_the_size_first_rule() -> None:
     assert select(ALL, 10.0, optimize="latency") == INT8  # the fastest estimate
 
 
+def test_balanced_pays_a_few_bytes_for_int8_compute_timed_here() -> None:
+    # face_det's case: fp32-compute int8 weights are smallest, full int8 is 1.37x the bytes and 0.6x the time
+    weights = Scored("int8-weights-searched", True, 590, 10.0, 0.995, fp32_compute=True)
+    full = Scored("litert-static-wi8-ai8", True, 805, 6.0, 0.992)
+    assert select([FP32, weights, full], 10.0) == full
+    assert select([FP32, weights, full], 10.0, optimize="size") == weights
+    # not a clear gain (0.85x), or too many bytes (1.6x): the size rule stands
+    assert select([FP32, weights, Scored("a", True, 805, 8.5, 0.99)], 10.0) == weights
+    assert select([FP32, weights, Scored("b", True, 950, 5.0, 0.99)], 10.0) == weights
+    # a profile not timed here (no estimate): size first
+    blind = [Scored(c.name, c.passed, c.ota_size, None, c.fidelity) for c in (FP32, weights, full)]
+    assert select(blind, None).name == "int8-weights-searched"
+
+
 def test_a_variant_measured_slower_than_fp32_is_never_chosen_whatever_the_policy() -> None:
     measured = {"fp32": 10.0, "int8-static": 14.0, "int8-dynamic": 10.3, "fp16-weights": 10.1}
     for optimize in ("balanced", "size", "latency"):
