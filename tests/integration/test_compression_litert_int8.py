@@ -1,0 +1,104 @@
+"""LiteRT full int8 that XNNPACK runs end to end (``server/compression/litert_int8.py``), on real models.
+
+MediaPipe's face detector (17 standalone RELUs: before fusion XNNPACK left every int8 RELU to the
+builtin kernels, 18 partitions) and face landmark model (23 PRELUs, which XNNPACK runs in float only:
+they stay float between a DEQUANTIZE and a QUANTIZE, inside the one partition). Every file must load and
+run with XNNPACK and on the builtin kernels alone, with the source's float I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from server.compression import litert_graph, litert_int8, litert_tools
+from server.compression.data import Dataset, validate_arrays
+from server.compression.gate import GateSpec, measure_fidelity
+from server.compression.runners import LiteRtRunner, run_dataset
+from tests.integration.test_compression_litert import _face_detector, _runs
+from tests.support.models import real_model
+
+
+def _split(name: str, split: str, limit: int) -> Dataset:
+    rm = real_model(name)
+    return validate_arrays(rm.load(split, limit=limit), rm.inputs, role=split)
+
+
+def _loads_both_ways(path: Path, feed: dict[str, np.ndarray]) -> None:
+    assert _runs(path, feed, xnnpack=True) is None
+    assert _runs(path, feed, xnnpack=False) is None
+
+
+def test_fused_relus_compute_the_same_and_xnnpack_takes_every_int8_op(tmp_path: Path) -> None:
+    source = _face_detector(tmp_path)
+    fused = tmp_path / "fused.tflite"
+    assert litert_graph.fuse_activations(source, fused) == 17
+    assert litert_graph.fuse_activations(fused, tmp_path / "again.tflite") == 0  # nothing left to fuse
+    feed = _split("face_det", "evaluation", 1).feed(0)
+    for xnnpack in (True, False):
+        for a, b in zip(LiteRtRunner(source, xnnpack=xnnpack).run(feed), LiteRtRunner(fused, xnnpack=xnnpack).run(feed),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    cal = _split("face_det", "calibration", 8)
+    plain = tmp_path / "plain.tflite"  # what the static recipe made before: the RELUs left to the builtin kernels
+    litert_tools.quantize(source, plain, "static_wi8_ai8", cal)
+    before = litert_graph.delegation(plain)
+    assert before.builtin == {"RELU": 17} and before.partitions == 18, before.describe()
+    out = tmp_path / "int8.tflite"
+    made = litert_int8.static_int8(source, out, cal)
+    assert made.fused == 17 and made.float_ops == () and made.fidelity is None
+    assert made.delegation.complete and made.delegation.partitions == 1, made.delegation.describe()
+    assert "RELU" not in made.delegation.delegated and made.delegation.delegated["CONV_2D"] == 21
+    assert [(t.dtype, t.shape) for t in litert_tools.io_specs(out)[0]] == [("float32", (1, 128, 128, 3))]
+    _loads_both_ways(out, feed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # the intermediates are gone
+        ["again.tflite", "face_detection_short_range.tflite", "fused.tflite", "int8.tflite", "plain.tflite",
+         "plain.fp32.tflite", "plain.signed.tflite"])
+
+
+def test_minmax_ranges_serve_the_worst_sample_better_than_the_moving_average(tmp_path: Path) -> None:
+    """The quantizer's calibrator averages each sample's min/max (weight 0.95 on the past): unusual images
+    get clipped activations, and the gate judges the worst one."""
+    source = real_model("face_det").path
+    cal, ev = _split("face_det", "calibration", 48), _split("face_det", "evaluation", 96)
+    reference = run_dataset(LiteRtRunner(source), ev)
+    worst = {}
+    for ranges in ("ema", "minmax"):
+        out = tmp_path / f"{ranges}.tflite"
+        litert_int8.static_int8(source, out, cal, ranges=ranges)
+        fid = measure_fidelity(reference, run_dataset(LiteRtRunner(out), ev), GateSpec(metric="cosine"), None)
+        worst[ranges] = fid.min_cosine
+    assert worst["minmax"] > worst["ema"] + 0.03, worst  # measured: 0.909 -> 0.976
+
+
+def test_float_tail_keeps_the_last_ops_float_with_fp16_weights(tmp_path: Path) -> None:
+    source = real_model("face_det").path
+    cal = _split("face_det", "calibration", 8)
+    out = tmp_path / "tail.tflite"
+    never = GateSpec(metric="cosine", min_cosine=1.0)  # nothing passes: the most faithful tail is kept
+    made = litert_int8.static_int8(source, out, cal, gate=never, fractions=(0.0, 0.1))
+    assert {"regressors;", "classificators;"} <= set(made.float_ops)  # the outputs' concatenations
+    assert made.fidelity is not None and 0.9 < made.fidelity < 1.0
+    assert made.delegation.complete, made.delegation.describe()
+    assert litert_tools.stores_fp16_weights(out)  # the float heads' weights
+    _loads_both_ways(out, cal.feed(0))
+    scopes = litert_int8._scopes(source)
+    assert litert_int8.tail(scopes, 0.0) == ()
+    assert litert_int8.tail(scopes, 1.0)[0] == scopes[0][1] or scopes[0][0] in {"QUANTIZE", "DEQUANTIZE"}
+
+
+def test_face_landmarks_pass_the_gate_in_int8_inside_one_partition(tmp_path: Path) -> None:
+    rm = real_model("face_mesh")
+    cal, ev = _split("face_mesh", "calibration", 16), _split("face_mesh", "evaluation", 16)
+    out = tmp_path / "mesh.tflite"
+    made = litert_int8.static_int8(rm.path, out, cal, gate=GateSpec(metric="cosine"))
+    assert made.float_ops == () and made.fidelity is not None and made.fidelity > 0.999
+    assert made.delegation.complete and made.delegation.partitions == 1
+    assert made.delegation.delegated["PRELU"] == 23  # float PRELU between DEQUANTIZE and QUANTIZE
+    assert out.stat().st_size < 0.65 * rm.path.stat().st_size
+    reference = run_dataset(LiteRtRunner(rm.path), ev)
+    fid = measure_fidelity(reference, run_dataset(LiteRtRunner(out), ev), GateSpec(metric="cosine"), None)
+    assert fid.min_cosine > 0.999
+    _loads_both_ways(out, ev.feed(0))
+
