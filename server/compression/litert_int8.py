@@ -110,13 +110,15 @@ def _scopes(model: Path) -> list[tuple[str, str]]:
     from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
     from litert_quantizer.utils import tfl_flatbuffer_utils  # noqa: PLC0415
 
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     m: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(model.read_bytes()))
     graph = m.subgraphs[0]
     out = []
     for op in graph.operators:
         code = flatbuffer_utils.get_builtin_code_from_operator_code(m.operatorCodes[op.opcodeIndex])
-        name = tfl_flatbuffer_utils.TFL_OP_CODE_TO_NAME.get(code, str(code))
-        out.append((str(name), tfl_flatbuffer_utils.get_op_scope(op, graph.tensors)))
+        out.append((names.get(code, str(code)), tfl_flatbuffer_utils.get_op_scope(op, graph.tensors)))
     return out
 
 
@@ -136,7 +138,8 @@ def _quantize(model: Path, dst: Path, calibration: dict[str, Any], float_scopes:
     lq, *_ = _quantizer()
     q = lq.Quantizer(str(model))
     q.load_quantization_recipe(_recipe(float_scopes))
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "preserve_all_tensors ... for debugging": it validates
         result = q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
     if result.quantized_model is None:
         raise ModelError("LiteRT Quantizer produced no model for static_wi8_ai8")
