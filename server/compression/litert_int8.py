@@ -107,10 +107,9 @@ def calibrate(model: Path, data: Dataset, ranges: str = "minmax") -> dict[str, A
 
 def _scopes(model: Path) -> list[tuple[str, str]]:
     """(op name, scope) of each op of the primary subgraph in graph order; scope as the quantizer reads it."""
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
     from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
     from litert_quantizer.utils import tfl_flatbuffer_utils  # noqa: PLC0415
-
-    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
 
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     m: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(model.read_bytes()))
