@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.protocol.messages import RuntimeSpec
+from agent.runtime.inference import InferenceOptions, open_session
 from server.compression import litert_graph, litert_int8, litert_tools
 from server.compression.data import Dataset, validate_arrays
 from server.compression.gate import GateSpec, measure_fidelity
@@ -101,6 +103,16 @@ def test_face_landmarks_pass_the_gate_in_int8_inside_one_partition(tmp_path: Pat
     fid = measure_fidelity(reference, run_dataset(LiteRtRunner(out), ev), GateSpec(metric="cosine"), None)
     assert fid.min_cosine > 0.999
     _loads_both_ways(out, ev.feed(0))
+    # the agent's LiteRT backend (its defaults: XNNPACK, as chosen) serves it with the source's float I/O
+    session = open_session(out, RuntimeSpec(format="tflite", runtime="litert"), InferenceOptions(intra_op_threads=1))
+    try:
+        assert [(t.name, t.dtype) for t in session.inputs] == [(t.name, t.dtype) for t in rm.inputs]
+        served = session.run(ev.feed(0))
+    finally:
+        session.close()
+    here = LiteRtRunner(out).run(ev.feed(0))
+    for spec, value in zip(rm.outputs, here, strict=True):
+        np.testing.assert_allclose(served[spec.name], value, rtol=1e-5, atol=1e-5)
 
 
 
