@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agent.protocol.messages import RuntimeSpec
 from agent.runtime.inference import InferenceOptions, open_session
@@ -18,6 +19,7 @@ from server.compression import litert_graph, litert_int8, litert_tools
 from server.compression.data import Dataset, validate_arrays
 from server.compression.gate import GateSpec, measure_fidelity
 from server.compression.runners import LiteRtRunner, run_dataset
+from server.errors import ModelError
 from tests.integration.test_compression_litert import _face_detector, _runs
 from tests.support.models import real_model
 
@@ -135,3 +137,19 @@ def test_equalization_keeps_the_function_and_lets_face_det_pass_its_gate_in_int8
     assert fid.min_cosine >= gate.min_cosine, (made, fid.min_cosine)
     assert out.stat().st_size < 0.85 * rm.path.stat().st_size
     _loads_both_ways(out, ev.feed(0))
+
+
+def test_range_rules_nest_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+    folded, signed = tmp_path / "fp32.tflite", tmp_path / "signed.tflite"
+    litert_tools.fold_fp16_weights(real_model("face_det").path, folded)
+    assert litert_tools.with_default_signature(folded, signed)  # MediaPipe's model has no signature
+    cal = _split("face_det", "calibration", 8)
+    full, q75 = litert_int8.calibrate(signed, cal, "minmax"), litert_int8.calibrate(signed, cal, "q75")
+    assert full.keys() == q75.keys()
+    ranged = [name for name, qsv in full.items() if qsv]
+    assert len(ranged) > 50
+    for name in ranged:  # a quantile of the per-sample extremes lies within the extremes over all samples
+        assert np.all(q75[name]["max"] <= full[name]["max"]) and np.all(q75[name]["min"] >= full[name]["min"])
+    assert any(np.any(q75[n]["max"] < full[n]["max"]) for n in ranged)
+    with pytest.raises(ModelError, match="unknown range rule"):
+        litert_int8.calibrate(signed, cal, "p50")
