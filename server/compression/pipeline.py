@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, delta_quant, litert_int8w, litert_tools, nncf_tools, onnx_tools
+from server.compression import codec, delta_quant, litert_int8, litert_int8w, litert_tools, nncf_tools, onnx_tools
 from server.compression.data import Dataset
 from server.compression.gate import (
     Fidelity,
@@ -410,7 +410,11 @@ class _Builder:
         elif recipe.kind == "prune":
             onnx_tools.prune(self.base, out, p["sparsity"])
         elif recipe.kind == "litert":
-            if p.get("float_io"):
+            if p["recipe"] == "static_wi8_ai8" and self.calibration is not None:  # server/compression/litert_int8.py
+                float_io = bool(p.get("float_io"))  # the Edge TPU runs int8 end to end: no float tail there
+                litert_int8.static_int8(self.source.path, out, self.calibration, float_io=float_io,
+                                        gate=self.gate if float_io else None)
+            elif p.get("float_io"):
                 quantized = folder / f"{recipe.name}.int8-io.tflite"
                 litert_tools.quantize(self.source.path, quantized, p["recipe"], self.calibration)
                 litert_tools.float_io(quantized, out)

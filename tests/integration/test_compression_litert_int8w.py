@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from server.compression import litert_int8w, litert_tools
+from server.compression import litert_graph, litert_int8w, litert_tools
 from server.compression.gate import GateSpec, check_fidelity, measure_fidelity
 from server.compression.pipeline import BuildOptions, build_profile, inspect_source
 from server.compression.runners import LiteRtRunner, run_dataset
@@ -173,6 +173,7 @@ def test_full_int8_gets_the_source_float_io_on_cpu_profiles(tmp_path: Path) -> N
                                                 latency_runs=2))
     static = next(c for c in result.candidates if c.recipe.name == "litert-static-wi8-ai8")
     assert static.recipe.params["float_io"] and static.passed, static.reason  # no "changes the I/O types"
+    assert static.path is not None and litert_graph.delegation(static.path).complete  # RELUs fused: all XNNPACK
 
 
 def test_bias_correction_takes_the_rounding_shift_off_the_biases(tmp_path: Path) -> None:
