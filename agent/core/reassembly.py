@@ -10,7 +10,8 @@ Theory of operation
     * a duplicate with identical bytes is a no-op (``Added.DUPLICATE``);
     * a duplicate with different bytes raises ConflictingChunkError and changes nothing;
     * completion is reported only after the sink's SHA-256 matches the manifest (``finish``);
-      a mismatch raises IntegrityError and clears the bitmap so the transfer starts over.
+      a mismatch raises IntegrityError and clears the bitmap so the transfer starts over (a
+      matching digest under a bitmap that lacks chunks, restored from an older snapshot, passes).
 
     Resume: ``to_bytes()`` snapshots the bitmap and the per-chunk fingerprints. The shell must
     make the chunk data durable (fsync) *before* it persists a snapshot that mentions it; on
@@ -233,9 +234,17 @@ class Reassembly:
         return self._verified
 
     def finish(self, sink: ChunkSink) -> None:
-        """Check the whole artifact's digest; the only way to reach ``verified``."""
+        """Check the whole artifact's digest; the only way to reach ``verified``.
+
+        A bitmap that still lacks chunks passes too when the data's digest matches: the shell makes the data
+        durable when the last chunk lands but does not rewrite the resume snapshot then, so after a restart the
+        restored bitmap may predate the last chunks; data matching the manifest's SHA-256 is the artifact,
+        whatever the bitmap says. Anything else incomplete raises IntegrityError and changes nothing."""
         if not self.complete:
-            raise IntegrityError(f"artifact incomplete: {self._received} of {self.chunk_count} chunks")
+            if sink.sha256() != self.sha256:
+                raise IntegrityError(f"artifact incomplete: {self._received} of {self.chunk_count} chunks")
+            self._received, self._bytes, self._verified = self.chunk_count, self.total_size, True
+            return
         if sink.sha256() != self.sha256:
             self.reset()
             raise IntegrityError("reassembled artifact does not match its SHA-256; starting the transfer over")

@@ -73,6 +73,8 @@ class _Stop:
 
 
 STOP = _Stop()
+#: at most this many queued items are dispatched back to back before the timers and state report run again
+DRAIN_MAX = 64
 
 
 class Agent(Downloads, Swapping, Probing):
@@ -138,14 +140,28 @@ class Agent(Downloads, Swapping, Probing):
         try:
             while True:
                 item = self._next_item()
-                if item is STOP:
+                if item is STOP or (item is not None and self._dispatch_queued(item)):
                     break
-                if item is not None:
-                    self._dispatch(item)
                 self._run_timers()
                 self._after_events()
         finally:
             self.shutdown()
+
+    def _dispatch_queued(self, item: Any) -> bool:
+        """Dispatch ``item`` and up to ``DRAIN_MAX - 1`` items already queued behind it (a chunk stream), so the
+        timers and the state report run once per batch rather than once per chunk; a desired state deferred
+        while busy is still taken between items, as before. True when STOP was among them."""
+        self._dispatch(item)
+        for _ in range(DRAIN_MAX - 1):
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return False
+            if item is STOP:
+                return True
+            self._take_deferred()
+            self._dispatch(item)
+        return False
 
     # -- start and stop ----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ power cut or the OOM killer would). Points (docs/faults.md lists them with what 
     switched               the candidate serves; probation has not taken a sample yet
     probation:sample       a probation sample is about to be judged
     commit                 the journal names the candidate committed; the store's pointer has not moved
-    write:tmp              an atomic write's temp file is on disk, fsynced, not yet renamed
+    write:tmp              an atomic write's temp file is on disk (fsynced, but status.json), not yet renamed
 
 Unset, the hook costs one ``is None`` test at each point. It can only stop the agent at points that
 ordinary operation reaches, so a network peer cannot trigger anything a restart would not.

@@ -4,7 +4,7 @@ Layout under ``store_dir``::
 
     journal.0, journal.1           the lifecycle journal, written alternately (newest valid serial wins)
     seq.floor                      the last accepted seq again, apart from the journal (anti-replay backup)
-    status.json                    last StateReport + pid, for `edgefleet-agent status`
+    status.json                    last StateReport + pid, for `edgefleet-agent status` (advisory: not fsynced)
     boot                           start counter (MQTT session numbers grow across restarts)
     current -> models/m/3-<art>    the committed version being served (symlink, replaced atomically)
     models/{name}/{version}-{artifact_id}/
@@ -267,7 +267,8 @@ class ModelStore:
         return boot
 
     def write_status(self, status: dict[str, Any]) -> None:
-        atomic_write(self.root / "status.json", json.dumps(status, sort_keys=True).encode())
+        # advisory (read by `edgefleet-agent status` and tests, rewritten at every transition): not fsynced
+        atomic_write(self.root / "status.json", json.dumps(status, sort_keys=True).encode(), durable=False)
 
     def read_status(self) -> dict[str, Any] | None:
         try:

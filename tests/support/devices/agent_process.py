@@ -91,7 +91,11 @@ class AgentProcess:
         broker_port: int,
         server: FleetServer,
         settings: dict[str, Any] | None = None,
+        checkout: Path | None = None,
     ) -> None:
+        """``checkout``: run the agent of another checkout of this repository (its ``.venv`` Python, its tree;
+        scripts/bench_transfer.py ``--baseline-agent`` compares two agents in one run); default this one."""
+        self.checkout = checkout
         self.device_id = device_id
         self.dir = workdir / device_id
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +142,12 @@ class AgentProcess:
             env[faults.ENV_AT] = fault_at
             if barrier is not None:
                 env[faults.ENV_WAIT] = str(barrier)
+        python, cwd = sys.executable, ROOT
+        if self.checkout is not None:
+            python, cwd = str(self.checkout / ".venv" / "bin" / "python"), self.checkout
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
-            cwd=ROOT,
+            [python, "-m", "agent", "run", "--config", str(self.config_path)],
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -216,3 +216,22 @@ def test_seq_floor_round_trips_and_a_damaged_one_counts_as_absent(tmp_path: Path
     assert store.read_seq_floor() is None
     path.write_bytes(b"\xff\xfe")
     assert store.read_seq_floor() is None
+
+
+def test_status_json_is_replaced_whole_without_fsyncs(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """status.json is advisory and rewritten at every transition on the agent's thread: no fsync (a busy disk made
+    each one 10-20 ms, stalling a download's first chunks); durable writes still fsync the data and the directory."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    store.write_status({"state": "downloading"})
+    assert store.read_status() == {"state": "downloading"}
+    assert synced == []
+    assert not [p for p in store.root.iterdir() if fsutil.TMP_MARKER in p.name]
+    fsutil.atomic_write(store.root / "durable", b"x")
+    assert len(synced) == 2  # the temp file, then the directory after the rename

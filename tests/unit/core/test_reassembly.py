@@ -90,6 +90,35 @@ def test_finish_before_complete_is_refused() -> None:
     r.add(0, piece(0), sink)
     with pytest.raises(IntegrityError, match="incomplete"):
         r.finish(sink)
+    assert not r.verified and r.missing_ranges() == ((1, COUNT),)  # nothing changed
+
+
+def test_a_stale_snapshot_over_complete_data_finishes_by_the_digest() -> None:
+    """The shell fsyncs the data when the last chunk lands but does not rewrite the snapshot: after a restart
+    the restored bitmap lacks the last chunks, and the data's digest decides."""
+    r, sink = new(), MemorySink(len(DATA))
+    for i in range(COUNT - 3):
+        r.add(i, piece(i), sink)
+    stale = r.to_bytes()
+    for i in range(COUNT - 3, COUNT):
+        r.add(i, piece(i), sink)
+    restarted = new()
+    restarted.restore(stale)
+    assert not restarted.complete
+    restarted.finish(sink)
+    assert restarted.verified and restarted.complete
+    assert restarted.progress().bytes_received == len(DATA)
+
+
+def test_a_stale_snapshot_over_incomplete_data_is_still_refused() -> None:
+    r, sink = new(), MemorySink(len(DATA))
+    for i in range(COUNT - 1):  # the last chunk never landed
+        r.add(i, piece(i), sink)
+    restarted = new()
+    restarted.restore(r.to_bytes())
+    with pytest.raises(IntegrityError, match="incomplete"):
+        restarted.finish(sink)
+    assert not restarted.verified and restarted.missing_ranges() == ((COUNT - 1, COUNT),)
 
 
 @settings(max_examples=100, deadline=None)
