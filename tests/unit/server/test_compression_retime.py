@@ -127,3 +127,19 @@ def test_a_candidate_really_slower_than_fp32_stays_set_aside_after_retiming() ->
     assert after[1].latency_best_ms is not None and abs(after[1].latency_best_ms - 14.0) < 1e-9
     picked = select(scored, fp32.latency_best_ms)
     assert picked is not None and picked.name == "fp32"
+
+
+def test_the_benchmark_reports_best_of_and_paired_ratios_beside_the_median() -> None:
+    from scripts.bench_compression import latency_figures, targets
+
+    fp32 = [10.0, 10.0, 30.0, 10.0, 10.0]
+    int8 = [7.0, 25.0, 21.0, 25.0, 7.0]  # rounds 2 and 4 hit by a spike on int8's side only
+    fig = latency_figures(int8, fp32)
+    assert fig["latency_ms"] == 21.0 and fig["latency_best_ms"] == 7.0
+    assert abs(fig["latency_ratio"] - 2.1) < 1e-9  # median against median: the spike decides
+    assert abs(fig["latency_best_ratio"] - 0.7) < 1e-9
+    assert abs(fig["latency_paired_ratio"] - 0.7) < 1e-9  # ratios 0.7, 2.5, 0.7, 2.5, 0.7
+    row = {"model": "m", "profile": "p", "variant": "edgefleet", "size_bytes": 1, "size_ratio": 0.3,
+           "passed_gate": True, "precision": "int8", "fidelity": 1.0, **fig}
+    summary = targets([row])
+    assert summary["int8_at_most_0.8x_latency"] == [] and summary["int8_at_most_0.8x_latency_paired"] == ["m"]
