@@ -26,7 +26,16 @@ import numpy as np
 
 from agent.files import file_sha256
 from agent.protocol.messages import GoldenCase, HealthSpec, RuntimeSpec, TensorData, TensorSpec
-from server.compression import codec, delta_quant, litert_int8, litert_int8w, litert_tools, nncf_tools, onnx_tools
+from server.compression import (
+    codec,
+    delta_quant,
+    litert_int8,
+    litert_int8w,
+    litert_tools,
+    nncf_tools,
+    onnx_tools,
+    retime,
+)
 from server.compression.data import Dataset
 from server.compression.gate import (
     Fidelity,
@@ -628,6 +637,10 @@ def build_profile(
         candidates += b.fallback(candidates)
 
     fp32 = next((c for c in candidates if c.recipe.name == "fp32"), None)
+    if fp32 is not None and b.measure_latency and b.unchecked is None:  # ratios from interleaved timings
+        candidates = retime.retime_against_fp32(
+            candidates, fp32, open_runner=lambda p: open_runner(p, source.format),
+            feed=lambda r: sample_feed(r, b.evaluation), cache=b.share.retimed, notes=b.notes)
     b.fp32_latency = fp32.latency_ms if fp32 else None
     picked = select(
         [Scored(c.recipe.name, c.passed, c.compressed_estimate, c.latency_best_ms,

@@ -79,6 +79,7 @@ class BuildShare:
         self.references: dict[str, list[np.ndarray] | str] = {}
         self.rankings: dict[str, list[str]] = {}
         self.by_sha: dict[str, Measured] = {}  # identical files made by different recipes: measured once
+        self.retimed: dict[tuple[str, str], Any] = {}  # (candidate, fp32) sha256: retime.PairedTiming
         self.hits = 0
 
     @classmethod

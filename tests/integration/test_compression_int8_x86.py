@@ -70,3 +70,22 @@ def test_the_fallback_is_skipped_when_int8_is_too_far_below_the_gate(tmp_path: P
     assert not any("-fallback" in c.recipe.name for c in result.candidates)
     assert any(n.startswith("fallback skipped: the best int8 candidate (int8-static-minmax)")
                for n in result.provenance["notes"])
+
+
+def test_a_passing_int8_candidate_is_compared_with_fp32_on_interleaved_timings(tmp_path: Path) -> None:
+    """The selection's latency for an int8 candidate is fp32's scaled by a ratio timed in alternation
+    (server/compression/retime.py), and the build says so; fp32-compute candidates are not re-timed."""
+    rm = real_model("digits")
+    source = inspect_source(rm.path)
+    ev = load_dataset(rm.evaluation, source.inputs).take(16)
+    cal = load_dataset(rm.calibration, source.inputs, role="calibration").take(16)
+    result = build_profile(source, _vnni(), GateSpec(metric=rm.metric), evaluation=ev, calibration=cal,
+                           workdir=tmp_path, options=BuildOptions(only=("int8-static-pertensor", "fp16-weights"),
+                                                                  pruning=False, latency_runs=3))
+    by_name = {c.recipe.name: c for c in result.candidates}
+    int8, fp32 = by_name["int8-static-pertensor"], by_name["fp32"]
+    assert int8.passed and fp32.latency_best_ms is not None and int8.latency_best_ms is not None
+    notes = [n for n in result.provenance["notes"] if "timed in alternation with fp32" in n]
+    assert len(notes) == 1 and notes[0].startswith("int8-static-pertensor:"), result.provenance["notes"]
+    ratio = float(notes[0].split("rounds): ")[1].split("x")[0])
+    assert abs(int8.latency_best_ms / fp32.latency_best_ms - ratio) < 0.01
