@@ -145,6 +145,8 @@ class LifecycleConfig:
     probe_cpu_share: float = 0.25
     probe_max_s: float = 20.0
     probe_threads: int = 1
+    #: the probe thread's scheduling: "idle" (SCHED_IDLE: only CPU time no normal thread wants) or "nice" (19)
+    probe_priority: str = "idle"
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         probe_cpu_share=lifecycle.number("probe_cpu_share", DEFAULTS.lifecycle.probe_cpu_share, lo=0.01, hi=1.0),
         probe_max_s=lifecycle.number("probe_max_s", DEFAULTS.lifecycle.probe_max_s, lo=0.01, hi=3600),
         probe_threads=lifecycle.integer("probe_threads", DEFAULTS.lifecycle.probe_threads, lo=0, hi=256),
+        probe_priority=lifecycle.choice("probe_priority", DEFAULTS.lifecycle.probe_priority, ("idle", "nice")),
     )
     lifecycle.done()
 
@@ -522,6 +525,7 @@ def render_config(config: AgentConfig) -> str:
         f"probe_cpu_share = {config.lifecycle.probe_cpu_share}",
         f"probe_max_s = {config.lifecycle.probe_max_s}",
         f"probe_threads = {config.lifecycle.probe_threads}",
+        f"probe_priority = {q(config.lifecycle.probe_priority)}",
         "",
         "[telemetry]",
         f"interval_s = {config.telemetry.interval_s}",

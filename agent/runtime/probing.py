@@ -233,7 +233,7 @@ class Probing(Reporting, Measuring):
             path.write_bytes(model_bytes)
 
         try:
-            at_low_priority(verify_and_write, idle=True)
+            at_low_priority(verify_and_write, idle=self._probe_idle())
             job.ready.append((variant, path))
         except (EdgeError, OSError) as exc:
             self._probe_failed(variant, getattr(exc, "message", None) or str(exc))
@@ -242,6 +242,9 @@ class Probing(Reporting, Measuring):
         if faults.HOOK.armed is not None:
             faults.HOOK.reach("probe:stored")
         self._next_probe_variant()
+
+    def _probe_idle(self) -> bool:
+        return self.config.lifecycle.probe_priority == "idle"
 
     def _probe_options(self) -> InferenceOptions:
         """The probe's side session: ``lifecycle.probe_threads`` threads (0: the host's), one interpreter."""
@@ -272,7 +275,7 @@ class Probing(Reporting, Measuring):
             finally:
                 self.host.unload(model)
 
-        return at_low_priority(run, idle=True)
+        return at_low_priority(run, idle=self._probe_idle())
 
     def _measure_ready(self) -> None:
         """Time every fetched variant in two passes, forward then backward, half the runs each.

@@ -19,8 +19,10 @@ from server.probe import probe_status, start_probe, wait_probe
 from server.profiles import load_profiles
 from tests.support.devices.agent_process import AgentProcess
 from tests.support.devices.fixtures import models
+from tests.support.models import real_model
 from tests.support.models.agent import AgentModels
 from tests.support.servers.faulty import RealServer
+from tests.support.servers.process import ServerProcess
 from tests.support.servers.stub import unique_device_id
 
 __all__ = ["models"]
@@ -205,3 +207,46 @@ def test_probe_variants_over_the_memory_budget_are_refused_with_a_clear_event(
     finally:
         agent.kill()
         server.process.kill()
+
+
+def test_cli_probe_build_against_a_real_agent_is_marked_measured_and_shown(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """``edgefleet build MODEL:V --profile P --probe group:G`` (the operator's command line, over the running
+    server's HTTP API) with a real agent: the build is re-chosen with what the device measured, marked measured,
+    and ``edgefleet model show`` prints the device's figures."""
+    digits = real_model("digits")
+    profile, group = "x86-64-avx2", "lab"
+    server = ServerProcess(tmp_path / "home", broker, [])
+    agent: AgentProcess | None = None
+    try:
+        server.start()
+        agent = AgentProcess(tmp_path / "agents", unique_device_id("probe"), broker_host=broker.host,
+                             broker_port=broker.port, server=server.enroller(profile, (group,)),  # type: ignore[arg-type]
+                             settings={"profile": profile}).start()
+        device = agent.device_id
+        deadline = time.monotonic() + 60
+        while not any(d["device_id"] == device and d["online"] for d in server.call("list_devices")):
+            assert time.monotonic() < deadline, agent.log_text()[-3000:]
+            time.sleep(0.2)  # polls the server's device list (observable state)
+        server.cli("model", "add", str(digits.path), "--name", "digits", "--calibration", str(digits.calibration),
+                   "--evaluation", str(digits.evaluation), "--metric", digits.metric)
+        built = server.cli("build", "digits:1", "--profile", profile, "--probe", f"group:{group}", "--probe-timeout",
+                           "120", "--recipe", "fp16-weights", "--recipe", "int8-dynamic", "--no-pruning",
+                           "--no-fallback", "--latency-runs", "3", "--json")
+        (row,) = json.loads(built.stdout)
+        probe = row["probe"]
+        assert probe["answered"] == [device] and probe["missing"] == [] and probe["failed"] == {}, row
+        assert set(probe["measured_p50_ms"]) == set(probe["variants"]) and len(probe["variants"]) >= 2, probe
+        assert row["variant"] in probe["measured_p50_ms"] and row["blind_variant"], row
+        shown = json.loads(server.cli("model", "show", "digits:1", "--json").stdout)
+        figures = [f for f in shown["measured"] if f["profile"] == profile]
+        assert {f["variant"] for f in figures} >= set(probe["variants"]), shown["measured"]
+        assert all(f["devices"] == 1 and f["p50_ms"] > 0 for f in figures), figures
+        text = server.cli("model", "show", "digits:1").stdout
+        assert f"{row['variant']} (measured)" in text, text  # the build is marked measured
+        assert "measured on devices" in text and all(v in text for v in probe["variants"]), text
+    finally:
+        if agent is not None:
+            agent.kill()
+        server.stop()
