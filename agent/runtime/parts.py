@@ -54,6 +54,7 @@ class HostLike(Protocol):
 
     def benchmark(
         self, model: Any, health: HealthSpec, *, runs: int, max_s: float, cpu_share: float = 1.0, yield_s: float = 0.0,
+        cpu_time: bool = False,
     ) -> Any: ...
 
     def activate(self, model: Any, *, keep_previous: bool = False) -> Any: ...

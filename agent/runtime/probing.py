@@ -6,9 +6,11 @@ digests checked, the model written under ``<store>/probe/``. Then every variant 
 passes (forward, then backward, half the runs each, so drifting load biases none): loaded in a side slot
 (the serving model is not touched) with ``lifecycle.probe_threads`` inference threads (1: no thread pool),
 benchmarked within ``lifecycle.probe_cpu_share`` of one core, each run waiting until no application
-request is in flight, unloaded. Loading, timing and the fetched file's digests, decompression and write
-all run on one thread in ``SCHED_IDLE`` (Linux: it gets a CPU only when no normal thread wants it), so
-serving keeps the CPU. Each is reported as a ``measurement`` with ``source: "probe"``, and the files are
+request is in flight, unloaded. With one CPU thread each run is timed in that thread's CPU time (what the
+model costs; the time the scheduler gave the serving threads is not counted), else in wall time. Loading,
+timing and the fetched file's digests, decompression and write all run on one thread in ``SCHED_IDLE``
+(``lifecycle.probe_priority``; Linux: it gets a CPU only when no normal thread wants it), so serving keeps
+the CPU. Each is reported as a ``measurement`` with ``source: "probe"``, and the files are
 deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is missing (doubling up to
 ``chunk_timeout_max_s``); after ``PROBE_RETRIES`` silent rounds the variant is given up (``probe.failed``).
 
@@ -268,9 +270,11 @@ class Probing(Reporting, Measuring):
                 if rss_before is not None and rss_after is not None:  # what loading it cost, as an update's load
                     self._probe_memory(max(rss_after - rss_before, variant.artifact.size),
                                        f"probe variant {variant.variant} once loaded")
+                # one CPU thread: time what the run costs that thread, not the waits while serving had the CPU
+                cpu_time = cfg.probe_threads == 1 and set(model.providers or ()) <= {"CPUExecutionProvider"}
                 timings: list[float] = self.host.benchmark(
                     model, job.request.health, runs=runs, max_s=cfg.probe_max_s, cpu_share=cfg.probe_cpu_share,
-                    yield_s=PROBE_YIELD_S)
+                    yield_s=PROBE_YIELD_S, cpu_time=cpu_time)
                 return model, timings
             finally:
                 self.host.unload(model)
