@@ -112,8 +112,12 @@ def test_benchmark_runs_wait_while_an_application_request_is_in_flight(models: A
         slot = host._checkout(active)  # a request in flight on the serving model, held by this test
         done = threading.Event()
         out: list[list[float]] = []
-        worker = threading.Thread(target=lambda: (out.append(host.benchmark(
-            side, models.health(), runs=3, max_s=30.0, yield_s=30.0)), done.set()))
+
+        def bench() -> None:
+            out.append(host.benchmark(side, models.health(), runs=3, max_s=30.0, yield_s=30.0))
+            done.set()
+
+        worker = threading.Thread(target=bench)
         worker.start()
         try:
             assert not done.wait(1.0)  # every run waits for the serving model to be idle (up to yield_s)
