@@ -105,12 +105,17 @@ def _serving(tmp_path: Path, broker: MosquittoBroker, models: AgentModels,
     server = RealServer(tmp_path, broker.host, broker.port, [build])
     agent = AgentProcess(tmp_path, unique_device_id("probe"), broker_host=broker.host, broker_port=broker.port,
                          server=server, settings={"profile": RealServer.PROFILE, **(settings or {})})  # type: ignore[arg-type]
-    server.process.start()
-    agent.start()
-    _online(server, {agent.device_id})
-    server.service.deploy("serve:1", target="group:g", canary_percent=0, wave_percent=100, max_failures_percent=0,
-                          probation_s=0.3, actor="test")
-    _committed(server, agent)
+    try:
+        server.process.start()
+        agent.start()
+        _online(server, {agent.device_id})
+        server.service.deploy("serve:1", target="group:g", canary_percent=0, wave_percent=100,
+                              max_failures_percent=0, probation_s=0.3, actor="test")
+        _committed(server, agent)
+    except BaseException:  # the caller's finally never runs: stop what was started here
+        agent.kill()
+        server.process.kill()
+        raise
     return server, agent
 
 
