@@ -20,9 +20,11 @@ and builds again with the measurements.
 Rows (JSON), per profile: ``profile``, ``blind_variant``, ``measured_variant``, ``blind_latency_ms`` and
 ``measured_latency_ms`` (both the probe's p50 on that profile's device), ``probe_seconds`` (probe start to the
 last answer), ``serving_p99_ratio`` (p99 of the client's requests that overlapped the device's probe, from the
-probe command's result to ``probe.completed``, over p99 of the steady phase before any build started, its first
-second left out), plus the
-counts behind them and every candidate's measured p50. ``load_avg`` is ``os.getloadavg()`` at the start and end.
+probe command's result to ``probe.completed``, over p99 of that profile's steady windows: one of ``--steady-s``
+right before its build started and one as long as its probe window (at least ``--steady-s``) right after the
+build returned, so a load trend on a shared box weighs on both sides and the sample counts are comparable),
+plus the counts and window lengths behind them and every candidate's measured p50. ``load_avg`` is
+``os.getloadavg()`` at the start and end.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ PROFILES = {  # profile -> (pin to core 0, inference threads)
     "raspberry-pi-4": (True, 1),
 }
 QUICK_RECIPES = ["fp16-weights", "int8-dynamic", "int8-static-minmax"]
+#: ``--legacy-probe``: the probe as it was before SCHED_IDLE (nice 19, the serving thread count, half a core)
+LEGACY = {"probe_priority": "nice", "probe_threads": 0, "probe_cpu_share": 0.5}
 
 
 class _Enroller:
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 work, f"bench-{profile}", broker_host=broker.host, broker_port=broker.port,
                 server=_Enroller(server, profile),  # type: ignore[arg-type]
                 settings={"profile": profile, "inference": {"intra_op_threads": threads_n},
-                          "lifecycle": {"benchmark_runs": 10 if args.quick else 30}},
+                          "lifecycle": {"benchmark_runs": 10 if args.quick else 30,
+                                        **(LEGACY if args.legacy_probe else {})}},
             ).start()
             if pin:
                 subprocess.run(["taskset", "-a", "-cp", "0", str(agents[profile].proc.pid)],  # type: ignore[union-attr]
@@ -141,9 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  args=(agent.http_port, "/v2/models/serve/infer", body, stop, samples[profile]))
             t.start()
             threads.append(t)
-        steady_start = time.monotonic() + 1.0  # the clients' first second (connections, first requests) left out
-        time.sleep(args.steady_s + 1.0)  # the steady phase: clients only
-        steady_end = time.monotonic()
+        time.sleep(1.0)  # the clients' first second (connections, first requests) left out
 
         catalog = Catalog.open(server.home)
         try:
@@ -160,6 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 req["calibration_methods"] = ["minmax"]
                 req["pruning"] = False
                 req["fallback"] = False
+            before = (time.monotonic(), time.monotonic() + args.steady_s)
+            time.sleep(args.steady_s)  # steady, before: clients only
             out = model_ops.build_model(server.home, f"{args.model}:1", req, service=server.service, actor="bench")
             r = out["results"][0]
             if "error" in r:
@@ -167,7 +172,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             probe = r["probe"]
             measured = probe["measured_p50_ms"]
             window = _window(server, agent.device_id, probe["probe_id"])
-            steady = [s for s in samples[profile] if steady_start <= s.start and s.end <= steady_end and s.ok]
+            probe_window_s = (window[1] - window[0]) if window else 0.0
+            after = (time.monotonic(), time.monotonic() + max(args.steady_s, probe_window_s))
+            time.sleep(after[1] - after[0])  # steady, after: clients only, as long as the probe window
+            steady_before = [s for s in samples[profile] if before[0] <= s.start and s.end <= before[1] and s.ok]
+            steady_after = [s for s in samples[profile] if after[0] <= s.start and s.end <= after[1] and s.ok]
+            steady = steady_before + steady_after
             wall0 = time.time() - time.monotonic()  # client samples are monotonic; events are wall clock
             during = [s for s in samples[profile] if window and s.ok
                       and s.end + wall0 >= window[0] and s.start + wall0 <= window[1]]
@@ -181,10 +191,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "serving_p99_ratio": (p99_during / p99_steady) if p99_during and p99_steady else None,
                 "serving_p99_steady_ms": p99_steady, "serving_p99_probe_ms": p99_during,
                 "requests_steady": len(steady), "requests_during_probe": len(during),
+                "requests_steady_before": len(steady_before), "requests_steady_after": len(steady_after),
+                "serving_p99_steady_before_ms": hotswap.pct(hotswap.ms(steady_before), 99),
+                "serving_p99_steady_after_ms": hotswap.pct(hotswap.ms(steady_after), 99),
+                "window_s": {"steady_before": round(before[1] - before[0], 2),
+                             "probe": round(probe_window_s, 2), "steady_after": round(after[1] - after[0], 2)},
                 "failed_requests": sum(1 for s in samples[profile] if not s.ok),
                 "candidates_measured_p50_ms": measured, "missing": probe["missing"],
             })
-        return {"model": args.model, "quick": args.quick, "rows": rows, "load_avg_start": load_start,
+        return {"model": args.model, "quick": args.quick, "legacy_probe": args.legacy_probe, "rows": rows,
+                "load_avg_start": load_start,
                 "load_avg_end": os.getloadavg(), "cpus": os.cpu_count()}
     finally:
         stop.set()
@@ -203,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the result as JSON (- = stdout)")
     p.add_argument("--model", default="digits", help="a model from the cache (default digits)")
     p.add_argument("--probe-timeout", type=float, default=180.0)
-    p.add_argument("--steady-s", type=float, default=None, help="steady phase before the builds (s)")
+    p.add_argument("--legacy-probe", action="store_true",
+                   help="the agents probe at nice 19 with their serving thread count and half a core (the baseline)")
+    p.add_argument("--steady-s", type=float, default=None,
+                   help="steady window right before each profile's build (s); the one after is at least as long")
     args = p.parse_args(argv)
-    args.steady_s = args.steady_s if args.steady_s is not None else (3.0 if args.quick else 10.0)
+    args.steady_s = args.steady_s if args.steady_s is not None else (4.0 if args.quick else 8.0)
     started = time.monotonic()
     result = run(args)
     result["seconds"] = round(time.monotonic() - started, 1)

@@ -139,6 +139,14 @@ class LifecycleConfig:
     benchmark_runs: int = 20
     benchmark_max_s: float = 3.0
     benchmark_cpu_share: float = 0.5
+    #: a probe (variants the server sends to be timed, never served): the share of one core it may take, its
+    #: wall-time cap per variant and pass, and the inference threads of its side session (1: all its work on
+    #: the one SCHED_IDLE thread that times it)
+    probe_cpu_share: float = 0.25
+    probe_max_s: float = 20.0
+    probe_threads: int = 1
+    #: the probe thread's scheduling: "idle" (SCHED_IDLE: only CPU time no normal thread wants) or "nice" (19)
+    probe_priority: str = "idle"
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,10 @@ def parse_config(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         benchmark_cpu_share=lifecycle.number(
             "benchmark_cpu_share", DEFAULTS.lifecycle.benchmark_cpu_share, lo=0.01, hi=1.0
         ),
+        probe_cpu_share=lifecycle.number("probe_cpu_share", DEFAULTS.lifecycle.probe_cpu_share, lo=0.01, hi=1.0),
+        probe_max_s=lifecycle.number("probe_max_s", DEFAULTS.lifecycle.probe_max_s, lo=0.01, hi=3600),
+        probe_threads=lifecycle.integer("probe_threads", DEFAULTS.lifecycle.probe_threads, lo=0, hi=256),
+        probe_priority=lifecycle.choice("probe_priority", DEFAULTS.lifecycle.probe_priority, ("idle", "nice")),
     )
     lifecycle.done()
 
@@ -510,6 +522,10 @@ def render_config(config: AgentConfig) -> str:
         f"benchmark_runs = {config.lifecycle.benchmark_runs}",
         f"benchmark_max_s = {config.lifecycle.benchmark_max_s}",
         f"benchmark_cpu_share = {config.lifecycle.benchmark_cpu_share}",
+        f"probe_cpu_share = {config.lifecycle.probe_cpu_share}",
+        f"probe_max_s = {config.lifecycle.probe_max_s}",
+        f"probe_threads = {config.lifecycle.probe_threads}",
+        f"probe_priority = {q(config.lifecycle.probe_priority)}",
         "",
         "[telemetry]",
         f"interval_s = {config.telemetry.interval_s}",

@@ -22,6 +22,7 @@ power cut or the OOM killer would). Points (docs/faults.md lists them with what 
     probation:sample       a probation sample is about to be judged
     commit                 the journal names the candidate committed; the store's pointer has not moved
     write:tmp              an atomic write's temp file is on disk (fsynced, but status.json), not yet renamed
+    probe:stored           a probe variant is fetched, verified and written under <store>/probe/, not timed yet
 
 Unset, the hook costs one ``is None`` test at each point. It can only stop the agent at points that
 ordinary operation reaches, so a network peer cannot trigger anything a restart would not.
@@ -45,7 +46,7 @@ ENV_WAIT = "EDGEFLEET_FAULT_WAIT"
 
 _POINT = re.compile(
     r"(journal:(idle|downloading|verifying|staged|warming|probation|rolling_back)"
-    r"|download:chunk:[1-9][0-9]{0,8}|download:snapshot|delta:apply|switched|probation:sample|commit|write:tmp)(#([1-9][0-9]{0,5}))?"
+    r"|download:chunk:[1-9][0-9]{0,8}|download:snapshot|delta:apply|switched|probation:sample|commit|write:tmp|probe:stored)(#([1-9][0-9]{0,5}))?"
 )
 
 log = logging.getLogger("agent.faults")

@@ -145,15 +145,21 @@ class ModelHost:
         self._activated_at: float | None = None
         self._window = StatsWindow(capacity=stats_capacity, max_versions=stats_versions)
         self._closed = False
+        self._idle_waiters = 0  # benchmarks waiting for the serving model to have no request in flight
 
     # -- management ------------------------------------------------------------------------------
 
-    def load(self, path: Path, *, ref: ModelRef, runtime: RuntimeSpec, variant: str | None = None) -> LoadedModel:
-        """Load ``path`` beside the active model (which keeps serving); raises ModelLoadError."""
+    def load(
+        self, path: Path, *, ref: ModelRef, runtime: RuntimeSpec, variant: str | None = None,
+        options: InferenceOptions | None = None,
+    ) -> LoadedModel:
+        """Load ``path`` beside the active model (which keeps serving); raises ModelLoadError.
+
+        ``options`` replaces the host's for this session (a probe's side slot runs on one thread)."""
         if self._closed:
             raise ModelLoadError("model host is closed")
         started = self._clock()
-        session = open_session(Path(path), runtime, self.options)
+        session = open_session(Path(path), runtime, options or self.options)
         load_ms = (self._clock() - started) * 1000.0
         model = LoadedModel(
             ref=ref,
@@ -376,7 +382,7 @@ class ModelHost:
             release = slot.state is _State.DRAINING and slot.inflight == 0
             if release:
                 slot.state = _State.RELEASED
-            if self._closed and slot.inflight == 0:
+            if slot.inflight == 0 and (self._closed or (self._idle_waiters and slot is self._active)):
                 self._changed.notify_all()
         if release:
             self._release(slot)
@@ -447,14 +453,20 @@ class ModelHost:
         runs: int,
         max_s: float,
         cpu_share: float = 1.0,
+        yield_s: float = 0.0,
+        cpu_time: bool = False,
         sleep: Callable[[float], None] = time.sleep,
     ) -> list[float]:
         """Time up to ``runs`` runs of a loaded (not active) model off the serving path; their ms, sorted.
 
         The inputs are the health check's (the build's golden sample, else synthetic ones of the declared
         shapes). Two untimed runs first; it stops at ``max_s`` of wall time; after each run it sleeps so
-        that it takes at most ``cpu_share`` of the time (what serving keeps). Raises HealthCheckError as
-        ``check`` does when the model cannot run.
+        that it takes at most ``cpu_share`` of the time (what serving keeps). With ``yield_s`` > 0, each run
+        waits (up to ``yield_s``) until no application request is in flight on the active model, so it does
+        not start beside one. ``cpu_time``: each run is the calling thread's CPU time, not wall time (only
+        for a session that computes on that thread alone: one thread, CPU); a run the scheduler preempts for
+        the serving threads then measures what the model costs, not how busy the device was. Raises
+        HealthCheckError as ``check`` does when the model cannot run.
         """
         slot = self._checkout(model)
         try:
@@ -464,13 +476,28 @@ class ModelHost:
             deadline = self._clock() + max_s
             timings: list[float] = []
             while len(timings) < runs and self._clock() < deadline:
+                if yield_s > 0:
+                    self._wait_serving_idle(yield_s)
+                cpu_started = time.thread_time()
                 _, ms = self._timed_run(slot, feeds, "benchmark run")
+                if cpu_time:
+                    ms = (time.thread_time() - cpu_started) * 1000.0
                 timings.append(ms)
                 if cpu_share < 1.0:
                     sleep(ms / 1000.0 * (1.0 - cpu_share) / cpu_share)
             return sorted(timings)
         finally:
             self._checkin(slot, None)
+
+    def _wait_serving_idle(self, timeout: float) -> bool:
+        """Block until the active model has no request in flight (or ``timeout``); whether it is idle."""
+        with self._changed:
+            self._idle_waiters += 1
+            try:
+                return self._changed.wait_for(
+                    lambda: self._active is None or self._active.inflight == 0 or self._closed, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     def _timed_run(
         self, slot: _Slot, feeds: Mapping[str, np.ndarray], what: str

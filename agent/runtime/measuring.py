@@ -31,17 +31,34 @@ T = TypeVar("T")
 BENCHMARK_NICE = 19
 
 
-def at_low_priority(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a thread of its own at ``BENCHMARK_NICE`` and wait for it (threads it starts inherit that).
+def lower_this_thread(*, idle: bool = False) -> str:
+    """Lower the calling thread's priority (Linux: per thread); what it got: ``"idle"``, ``"nice"`` or ``""``.
 
-    Linux keeps a nice value per thread, so the serving threads (the HTTP server's, at the process's priority)
-    win the CPU whenever they want it; elsewhere the call runs at normal priority.
+    ``idle``: ``SCHED_IDLE`` (the kernel runs the thread only when no normal thread wants that CPU; an
+    unprivileged thread may always move itself there), else nice ``BENCHMARK_NICE``. Threads it starts
+    inherit the policy.
+    """
+    tid = threading.get_native_id()
+    if idle and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, tid, BENCHMARK_NICE)
+        return "nice"
+    return ""
+
+
+def at_low_priority(fn: Callable[[], T], *, idle: bool = False) -> T:
+    """Run ``fn`` on a thread of its own at low priority (``lower_this_thread``) and wait for it.
+
+    Linux keeps a nice value and a scheduling policy per thread, so the serving threads (the HTTP server's,
+    at the process's priority) win the CPU whenever they want it; elsewhere the call runs at normal priority.
     """
     box: dict[str, Any] = {}
 
     def run() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BENCHMARK_NICE)
+        lower_this_thread(idle=idle)
         try:
             box["value"] = fn()
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread, re-raised there

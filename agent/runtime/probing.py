@@ -4,39 +4,54 @@ One probe at a time. First each variant is fetched: ChunkRequest for the whole a
 authenticated one by one as they arrive (a forged chunk is dropped, never kept) and held in memory, both
 digests checked, the model written under ``<store>/probe/``. Then every variant is timed in two mirrored
 passes (forward, then backward, half the runs each, so drifting load biases none): loaded in a side slot
-on a nice-19 thread (the serving model is not touched), benchmarked within
-``lifecycle.benchmark_cpu_share``, unloaded. Each is reported as a ``measurement`` with ``source:
-"probe"``, and the files are deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is
-missing (doubling up to ``chunk_timeout_max_s``); after ``PROBE_RETRIES`` silent rounds the variant is
-given up (``probe.failed``). Nothing here is journaled: a restart forgets the probe, the server's
-timeout names the device.
+(the serving model is not touched) with ``lifecycle.probe_threads`` inference threads (1: no thread pool),
+benchmarked within ``lifecycle.probe_cpu_share`` of one core, each run waiting until no application
+request is in flight, unloaded. With one CPU thread each run is timed in that thread's CPU time (what the
+model costs; the time the scheduler gave the serving threads is not counted), else in wall time. Loading,
+timing and the fetched file's digests, decompression and write all run on one thread in ``SCHED_IDLE``
+(``lifecycle.probe_priority``; Linux: it gets a CPU only when no normal thread wants it), so serving keeps
+the CPU. Each is reported as a ``measurement`` with ``source: "probe"``, and the files are
+deleted. Silence for ``transfer.chunk_timeout_s`` re-requests what is missing (doubling up to
+``chunk_timeout_max_s``); after ``PROBE_RETRIES`` silent rounds the variant is given up (``probe.failed``).
+
+Budgets: a variant bigger than ``models.max_artifact_bytes``, one that beside the committed model (and a
+warm standby) would exceed ``models.memory_budget_bytes``, or one the disk cannot hold with
+``min_free_bytes`` left is refused before it is fetched (``probe.failed`` says why). The probe is not in
+the journal: its only state on disk is ``<store>/probe/``, which every start deletes, so a restart
+(kill -9 included; fault point ``probe:stored``) forgets the probe without touching the serving model,
+and the server's timeout names the device.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import hashlib
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.core.lifecycle import Seen
-from agent.errors import EdgeError, IntegrityError
+from agent.errors import ArtifactTooLargeError, EdgeError, IntegrityError, MemoryBudgetError
 from agent.protocol.codec import decompress
 from agent.protocol.envelope import ChunkOpener, parse_chunk_header, unwrap_key
 from agent.protocol.messages import ChunkRequest, Command, encode
 from agent.protocol.probe import ProbeRequest, ProbeVariant
 from agent.protocol.topics import Channel, device_topic
+from agent.runtime import faults
+from agent.runtime.inference import InferenceOptions
 from agent.runtime.measuring import Measuring, at_low_priority
+from agent.runtime.parts import _rss_bytes
 from agent.runtime.reporting import Reporting
 
 log = logging.getLogger("agent")
 
 PROBE_RETRIES = 5
+#: how long one probe run waits for the serving model to have no request in flight before it runs anyway
+PROBE_YIELD_S = 0.05
 
 
 @dataclass
@@ -64,6 +79,9 @@ class Probing(Reporting, Measuring):
     """The ``probe`` command's executor and its chunk intake."""
 
     _probe_job: _ProbeJob | None
+
+    if TYPE_CHECKING:  # Swapping's, beside this class in Agent
+        def _warm_standby_bytes(self) -> int: ...
 
     def _probe(self, cmd: Command, seen: Seen, request: ProbeRequest) -> None:
         """Start ``request`` (parsed by the intake) unless a probe is already running."""
@@ -96,6 +114,11 @@ class Probing(Reporting, Measuring):
                 self._probe_failed(variant, exc.message)
                 continue
             info = variant.artifact
+            try:
+                self._probe_fits(variant)
+            except EdgeError as exc:
+                self._probe_failed(variant, exc.message)
+                continue
             job.transfer = _Transfer(variant, ChunkOpener(key, info), last_new_at=self.monotonic(),
                                      timeout=self.config.transfer.chunk_timeout_s)
             if info.topic:
@@ -104,6 +127,25 @@ class Probing(Reporting, Measuring):
             return
         self._measure_ready()
         self._finish_probe()
+
+    def _probe_fits(self, variant: ProbeVariant) -> None:
+        """Raise unless the variant fits the device's artifact cap, memory budget (beside what stays loaded:
+        the committed model and a warm standby) and disk (its chunks and its file, ``min_free_bytes`` left)."""
+        info, models = variant.artifact, self.config.models
+        if max(info.size, info.compressed_size) > models.max_artifact_bytes:
+            raise ArtifactTooLargeError(max(info.size, info.compressed_size), models.max_artifact_bytes)
+        self._probe_memory(info.size, f"probe variant {variant.variant} ({info.size}-byte model file)")
+        self.store.require_space(info.compressed_size + info.size, f"probe variant {variant.variant}")
+
+    def _probe_memory(self, needed: int, what: str) -> None:
+        """MemoryBudgetError when ``needed`` bytes beside the committed model and a warm standby bust the budget."""
+        budget = self.config.models.memory_budget_bytes
+        if not budget:
+            return
+        committed = self._committed_install()
+        resident = (committed.size if committed is not None else 0) + self._warm_standby_bytes()
+        if needed + resident > budget:
+            raise MemoryBudgetError(needed + resident, budget, f"{what} beside the committed model")
 
     def _request_probe_chunks(self, t: _Transfer, reason: str) -> None:
         count = t.variant.artifact.chunk_count
@@ -177,22 +219,67 @@ class Probing(Reporting, Measuring):
         info, variant = t.variant.artifact, t.variant
         folder = self._probe_dir()
         path = folder / f"{hashlib.sha256(variant.variant.encode()).hexdigest()[:16]}.{variant.runtime.format}"
-        try:
-            packed = b"".join(t.parts[i] for i in range(info.chunk_count))
-            t.parts.clear()
+        parts = [t.parts[i] for i in range(info.chunk_count)]
+        t.parts.clear()
+
+        def verify_and_write() -> None:  # digests, zlib and the write: CPU the serving threads must not wait for
+            packed = b"".join(parts)
+            parts.clear()
             if hashlib.sha256(packed).hexdigest() != info.compressed_sha256:
                 raise IntegrityError("compressed artifact digest mismatch")
             model_bytes = decompress(packed, info.compression, expected_size=info.size)
+            del packed
             if hashlib.sha256(model_bytes).hexdigest() != info.sha256:
                 raise IntegrityError("model digest mismatch")
             folder.mkdir(mode=0o700, exist_ok=True)
             path.write_bytes(model_bytes)
+
+        try:
+            at_low_priority(verify_and_write, idle=self._probe_idle())
             job.ready.append((variant, path))
         except (EdgeError, OSError) as exc:
             self._probe_failed(variant, getattr(exc, "message", None) or str(exc))
             with contextlib.suppress(OSError):
                 path.unlink()
+        if faults.HOOK.armed is not None:
+            faults.HOOK.reach("probe:stored")
         self._next_probe_variant()
+
+    def _probe_idle(self) -> bool:
+        return self.config.lifecycle.probe_priority == "idle"
+
+    def _probe_options(self) -> InferenceOptions:
+        """The probe's side session: ``lifecycle.probe_threads`` threads (0: the host's), one interpreter."""
+        base = getattr(self.host, "options", None) or InferenceOptions()
+        threads = self.config.lifecycle.probe_threads or base.intra_op_threads
+        return dataclasses.replace(base, intra_op_threads=threads, inter_op_threads=1, litert_interpreters=1,
+                                   allow_spinning=False)
+
+    def _probe_time(self, variant: ProbeVariant, path: Path, runs: int) -> tuple[Any, list[float]]:
+        """Load, time and unload one variant, all on one SCHED_IDLE thread; the (unloaded) model, its timings."""
+        job = self._probe_job
+        assert job is not None
+        cfg = self.config.lifecycle
+
+        def run() -> tuple[Any, list[float]]:
+            rss_before = _rss_bytes()
+            model = self.host.load(path, ref=job.request.model, runtime=variant.runtime, variant=variant.variant,
+                                   options=self._probe_options())
+            try:
+                rss_after = _rss_bytes()
+                if rss_before is not None and rss_after is not None:  # what loading it cost, as an update's load
+                    self._probe_memory(max(rss_after - rss_before, variant.artifact.size),
+                                       f"probe variant {variant.variant} once loaded")
+                # one CPU thread: time what the run costs that thread, not the waits while serving had the CPU
+                cpu_time = cfg.probe_threads == 1 and set(model.providers or ()) <= {"CPUExecutionProvider"}
+                timings: list[float] = self.host.benchmark(
+                    model, job.request.health, runs=runs, max_s=cfg.probe_max_s, cpu_share=cfg.probe_cpu_share,
+                    yield_s=PROBE_YIELD_S, cpu_time=cpu_time)
+                return model, timings
+            finally:
+                self.host.unload(model)
+
+        return at_low_priority(run, idle=self._probe_idle())
 
     def _measure_ready(self) -> None:
         """Time every fetched variant in two passes, forward then backward, half the runs each.
@@ -204,27 +291,23 @@ class Probing(Reporting, Measuring):
         assert job is not None
         timings: dict[str, list[float]] = {v.variant: [] for v, _ in job.ready}
         models: dict[str, Any] = {}
+        runs = max(1, round(self.config.lifecycle.benchmark_runs / 2)) if self.config.lifecycle.benchmark_runs else 0
         started = time.monotonic()
-        for order in (job.ready, job.ready[::-1]):
+        for variant, _ in job.ready if not runs else ():
+            self._probe_failed(variant, "benchmarks are off here (lifecycle.benchmark_runs = 0)")
+        for order in (job.ready, job.ready[::-1]) if runs else ():
             for variant, path in order:
                 if variant.variant in job.failed:
                     continue
                 try:
-                    # loaded on a low-priority thread: the session's own threads inherit its priority
-                    model = at_low_priority(functools.partial(
-                        self.host.load, path, ref=job.request.model, runtime=variant.runtime, variant=variant.variant))
-                    try:
-                        runs = self._time(model, job.request.health, ref=job.request.model, share=0.5)
-                    finally:
-                        self.host.unload(model)
+                    models[variant.variant], got = self._probe_time(variant, path, runs)
                 except EdgeError as exc:
                     self._probe_failed(variant, exc.message)
                     continue
-                if not runs:
+                if not got:
                     self._probe_failed(variant, "the benchmark could not run it")
                     continue
-                timings[variant.variant] += runs
-                models[variant.variant] = model
+                timings[variant.variant] += got
         for variant, path in job.ready:
             with contextlib.suppress(OSError):
                 path.unlink()

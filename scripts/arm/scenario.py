@@ -10,7 +10,8 @@ reaches the broker on 127.0.0.1 and the host reaches the agent's local HTTP API.
 Steps: enrol (the device's enroll request reaches the server with its fingerprint and ``arch``; the operator
 approves the fingerprint ``init`` printed), deploy digits:1 (fp32), hot-swap to digits:2 (int8) under a
 stream of requests (none may fail), check the device's telemetry says ``aarch64``, ``rollback`` to digits:1,
-deploy the LiteRT selfie model, stop cleanly.
+deploy the LiteRT selfie model, probe-build digits:1 on the device (``edgefleet build --probe``: both
+candidates timed off the serving path while selfie serves; figures marked emulated), stop cleanly.
 
 Emulation is ~50x slower than the board: ``lifecycle.latency_scale`` in the agent's config scales the
 profile's latency budget there (the builds keep the real 200 ms of raspberry-pi-5).
@@ -322,6 +323,30 @@ class Server:
         return dict(dep)
 
 
+def _probe(process: ServerProcess, server: Server, device_id: str) -> dict[str, Any]:
+    """``edgefleet build digits:1 --profile raspberry-pi-5 --probe device:ID`` (the CLI over the server's API):
+    the emulated agent fetches both candidates, times them off its serving path (selfie keeps serving) and
+    reports; the build is re-chosen with those figures. Marked emulated: the device says ``aarch64`` and the
+    figures are qemu's (~50x a board), never board latencies."""
+    built = process.cli("build", "digits:1", "--profile", PROFILE, "--probe", f"device:{device_id}",
+                        "--probe-timeout", f"{EMULATED_TIMEOUT:.0f}", "--recipe", "fp32", "--recipe", "fp16-weights",
+                        "--latency-runs", "3", "--no-pruning", "--no-fallback", "--json")
+    (row,) = json.loads(built.stdout)
+    probe = row.get("probe") or {}
+    expect(probe.get("answered") == [device_id] and not probe.get("missing") and not probe.get("failed"),
+           f"probe answered by {probe.get('answered')}, missing {probe.get('missing')}, failed {probe.get('failed')}")
+    measured = dict(probe.get("measured_p50_ms") or {})
+    expect(set(measured) == set(probe.get("variants") or ()) and all(v > 0 for v in measured.values()),
+           f"measured {measured} for variants {probe.get('variants')}")
+    arch = server.device().get("arch") or process.call("get_device", path={"device_id": device_id}).get("arch")
+    expect(arch == "aarch64", f"the probed device's arch is {arch!r}")
+    shown = json.loads(process.cli("model", "show", "digits:1", "--json").stdout)
+    figures = [f for f in shown.get("measured", []) if f["profile"] == PROFILE and f["variant"] in measured]
+    expect(len(figures) >= len(measured), f"model show lists {figures}")
+    return {"emulated": True, "arch": arch, "blind_variant": row["blind_variant"], "variant": row["variant"],
+            "measured_p50_ms": measured, "seconds": probe.get("seconds", 0.0)}
+
+
 def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
     """Run every step; raises on the first failure (after stopping the agent, server and broker)."""
     results: dict[str, Any] = {}
@@ -465,6 +490,13 @@ def run_scenario(root: Path, steps: Steps, host_work: Path) -> dict[str, Any]:
             expect(iou >= 0.98, f"LiteRT mask IoU vs host {iou:.3f}")
             results["selfie_iou"] = iou
             info["detail"] = f"{names[('selfie', 1)]}; mask IoU vs x86_64 LiteRT {iou:.4f}"
+
+        with steps.step("edgefleet build digits:1 --probe: timed on the emulated device") as info:
+            results["probe"] = _probe(process, server, device_id)
+            p = results["probe"]
+            info["detail"] = (f"blind {p['blind_variant']} -> {p['variant']}; EMULATED aarch64 p50 "
+                              + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(p["measured_p50_ms"].items()))
+                              + f" ({p['seconds']:.0f} s; qemu, not board figures)")
 
         with steps.step("agent stops cleanly (SIGTERM)") as info:
             code = agent.stop()

@@ -40,7 +40,9 @@ def api_client(args: argparse.Namespace) -> Any:
     # command only pays it when it calls the server, `edgefleet --help` does not
     from server.client import connect  # noqa: PLC0415
 
-    return _Cleaned(connect(args.home, server=args.server, config_path=args.config))
+    # not every subcommand takes --server/--config (``build`` does not; ``build --probe`` still needs the fleet)
+    return _Cleaned(connect(args.home, server=getattr(args, "server", None),
+                            config_path=getattr(args, "config", None)))
 
 
 class _Cleaned:

@@ -176,7 +176,8 @@ def cmd_model_show(args: argparse.Namespace) -> int:
                 console.print(safe(f"  {kind[:-1]:6} {t['name']}: {t['dtype']} {t['shape']}"), highlight=False)
         console.print(safe(f"  gate: {json.dumps(out['gate'])}"), highlight=False)
         for b in out["builds"]:
-            console.print(f"  build {b['profile']}: {b['variant']} {_mb(b['size_bytes'])} "
+            measured = " (measured)" if ((b.get("provenance") or {}).get("selection") or {}).get("measured") else ""
+            console.print(f"  build {b['profile']}: {b['variant']}{measured} {_mb(b['size_bytes'])} "
                           f"(OTA {_mb(b['ota_size_bytes'])} {b['compression']})", highlight=False)
         _print_measured(out.get("measured") or [])
         return 0

@@ -72,3 +72,57 @@ def test_the_benchmark_thread_runs_at_low_priority_and_hands_errors_back() -> No
 
     with pytest.raises(ValueError, match="from the worker"):
         at_low_priority(boom)
+
+
+def test_a_probe_thread_runs_in_sched_idle_and_the_caller_keeps_its_policy() -> None:
+    import os
+    import threading
+
+    from agent.runtime.measuring import at_low_priority
+
+    own = os.sched_getscheduler(threading.get_native_id())
+    policy = at_low_priority(lambda: os.sched_getscheduler(threading.get_native_id()), idle=True)
+    assert policy == os.SCHED_IDLE
+    assert os.sched_getscheduler(threading.get_native_id()) == own
+
+
+def test_cpu_time_benchmark_leaves_out_the_time_the_thread_was_not_running(models: AgentModels) -> None:
+    """``cpu_time`` counts what each run costs the (one) inference thread. The host's wall clock here jumps a
+    second at every reading, as if the scheduler had given the CPU to the serving threads for a second in the
+    middle of each run: wall timings say 1000 ms, CPU timings what the model computed."""
+    ticks = iter(range(10**6))
+
+    with ModelHost(InferenceOptions(intra_op_threads=1), clock=lambda: float(next(ticks))) as host:
+        model = host.load(models.good, ref=REF, runtime=ONNX)
+        wall = host.benchmark(model, models.health(), runs=5, max_s=1e9)
+        cpu = host.benchmark(model, models.health(), runs=5, max_s=1e9, cpu_time=True)
+    assert wall == [1000.0] * 5
+    assert len(cpu) == 5 and all(0 < t < 100 for t in cpu), cpu
+
+
+def test_benchmark_runs_wait_while_an_application_request_is_in_flight(models: AgentModels) -> None:
+    """With ``yield_s`` a run does not start while the serving model has a request in flight."""
+    import threading
+
+    with ModelHost(InferenceOptions(intra_op_threads=1)) as host:
+        host.activate(host.load(models.good, ref=REF, runtime=ONNX))
+        side = host.load(models.good_v2, ref=ModelRef("digits", 2), runtime=ONNX)
+        active = host.active
+        assert active is not None
+        slot = host._checkout(active)  # a request in flight on the serving model, held by this test
+        done = threading.Event()
+        out: list[list[float]] = []
+
+        def bench() -> None:
+            out.append(host.benchmark(side, models.health(), runs=3, max_s=30.0, yield_s=30.0))
+            done.set()
+
+        worker = threading.Thread(target=bench)
+        worker.start()
+        try:
+            assert not done.wait(1.0)  # every run waits for the serving model to be idle (up to yield_s)
+        finally:
+            host._checkin(slot, None)  # the request completes: the waiting run is woken and goes on
+        assert done.wait(30.0) and len(out[0]) == 3
+        worker.join()
+        assert host.stats(version=1, name="digits").requests == 0

@@ -32,6 +32,7 @@ def test_unset_means_off() -> None:
         ("probation:sample#2", "probation:sample", 2),
         ("commit", "commit", 1),
         ("write:tmp#8", "write:tmp", 8),
+        ("probe:stored#2", "probe:stored", 2),
     ],
 )
 def test_points_parse(spec: str, point: str, nth: int) -> None:
