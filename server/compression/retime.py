@@ -21,14 +21,41 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
 from server.compression.runners import Runner
 
-if TYPE_CHECKING:
-    from server.compression.pipeline import Candidate
+
+class _Recipe(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def fp32_compute(self) -> bool: ...
+
+
+class _Timed(Protocol):
+    """What re-timing reads of a pipeline candidate (``pipeline.Candidate``; a protocol, so that this
+    module does not import the pipeline that calls it)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def passed(self) -> bool: ...
+    @property
+    def path(self) -> Path | None: ...
+    @property
+    def sha256(self) -> str | None: ...
+    @property
+    def latency_ms(self) -> float | None: ...
+    @property
+    def latency_best_ms(self) -> float | None: ...
+    @property
+    def recipe(self) -> _Recipe: ...
+
+
+Candidate = TypeVar("Candidate", bound=_Timed)
 
 #: rounds of alternation, requests per side per round (best of), warm-up requests per side
 ROUNDS = 7
