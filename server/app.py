@@ -126,6 +126,7 @@ class FleetServer:
         self._last_housekeeping = 0.0
         self._last_retained_sweep = clock()  # the subscription on connect reads them the first time
         self._allowed: dict[tuple[str, str], float] = {}
+        self._allowed_bulk: dict[str, float] = {}  # artifact id -> when devices_desiring_artifact last ran
 
     # -- wiring ---------------------------------------------------------------------------------------
 
@@ -144,6 +145,14 @@ class FleetServer:
         now = time.monotonic()
         if self._allowed.get((device_id, artifact_id), 0.0) > now:
             return True
+        if now - self._allowed_bulk.get(artifact_id, -1e9) >= 1.0:
+            # a rollout's devices ask within seconds of each other: one query authorises all of them (at most once
+            # a second per artifact; a device not found there gets its own query below)
+            self._allowed_bulk[artifact_id] = now
+            for device in self.registry.devices_desiring_artifact(artifact_id):
+                self._allowed[(device, artifact_id)] = now + 60.0
+            if self._allowed.get((device_id, artifact_id), 0.0) > now:
+                return True
         allowed = self.registry.desired_names_artifact(device_id, artifact_id) or \
             self.registry.probe_names_artifact(device_id, artifact_id)
         if allowed:
