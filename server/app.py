@@ -43,6 +43,7 @@ from server.rollout.progress import ProgressTracker
 from server.service import FleetService, ProfileSource
 from server.shards import ShardedLink
 from server.signing import Signer
+from server.takeover import SessionTakeover
 
 log = logging.getLogger("edgefleet.server")
 
@@ -87,18 +88,26 @@ class FleetServer:
             quotas=config.quotas, reserved_logins=server_logins(b.username),
         )
 
-        def make_link(url: str) -> MqttLink:
+        client_id = b.client_id or f"edgefleet-server-{self.instance}"
+
+        def make_link(url: str, peer: str | None = None) -> MqttLink:
             where = BrokerSection(url=url)
             return MqttLink(
-                host=where.host, port=where.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
+                host=where.host, port=where.port, client_id=peer or client_id,
                 username=b.username or None, password=password,
                 ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
                 tls=where.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
                 shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
+                subscribe=peer is None, reconnect=peer is None,
             )
 
         # several independent brokers: one link to each, device topics routed by shard (server/shards.py)
         self.link: MqttLink | ShardedLink = ShardedLink(b.shards, make_link) if b.shards else make_link(b.url)
+        # several servers splitting device traffic: a dead peer's session is taken over (server/takeover.py)
+        self.takeover = SessionTakeover(
+            self.registry, owner=self.owner, client_id=client_id, ttl_s=config.rollout.lease_ttl_s, clock=clock,
+            connect=lambda peer: [make_link(url, peer) for url in (b.shards or [b.url])],
+        ) if b.shared_subscriptions else None
         p = config.publisher
         self.chunks = ChunkServer(
             read_chunk=self.artifacts.chunk,
@@ -214,6 +223,8 @@ class FleetServer:
         self.chunks.stop()
         self.link.flush(timeout_s=5.0)
         self.link.stop()
+        if self.takeover is not None:
+            self.takeover.stop()  # after our own link is gone: a peer may now drain our session
         self.ingest.stop()
         with contextlib.suppress(ServerError):
             self.driver.release_all()
@@ -242,6 +253,8 @@ class FleetServer:
         self.driver.tick()
         if self.link.connected.is_set():
             self._quota_housekeeping(now)
+            if self.takeover is not None:
+                self.takeover.step(now)
         if self.link.connected.is_set() and self.outbox.holds_lease(now):
             safe_flush(self.outbox, now)
             if now - self._last_housekeeping >= HOUSEKEEPING_EVERY_S:

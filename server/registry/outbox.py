@@ -111,6 +111,13 @@ class OutboxTables(TableOwner):
         with self.atomic() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
+    def leases_named(self, prefix: str) -> dict[str, tuple[str, float]]:
+        """Every lease whose name starts with ``prefix`` (expired ones included): name -> (owner, expires_at)."""
+        rows = self._read().execute(
+            "SELECT name, owner, expires_at FROM leases WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+        ).fetchall()
+        return {r[0]: (r[1], float(r[2])) for r in rows}
+
     def lease_holder(self, name: str, *, now: float | None = None) -> str | None:
         row = self._read().execute(
             "SELECT owner FROM leases WHERE name = ? AND expires_at >= ?", (name, now or _now())
