@@ -199,6 +199,8 @@ class FleetServer:
         self.ingest.start()
         self.chunks.start()
         self.link.start(wait_s=10.0)
+        if self.takeover is not None:
+            self.takeover.start()
         self.http.start()
         self._loop_thread = threading.Thread(target=self._loop, name="edgefleet-control", daemon=True)
         self._loop_thread.start()

@@ -9,7 +9,9 @@ dead member's turn of ``$share/edgefleet-server/...`` into its session queue and
 would drop the QoS 1 messages in flight to the dead member and every device event sent while no server is up.
 
 So each server renews a lease on its own broker client id (``mqtt-session:<client id>``, owner = the client id,
-so a restart renews it at once) every control-loop pass. A server that finds a peer's lease expired takes the
+so a restart renews it at once) from a thread of its own, several times per ``ttl_s`` (not from the control
+loop: a long rollout tick under load must not make a live server look dead, since taking over a live session
+disconnects its owner). A server that finds a peer's lease expired takes the
 ``mqtt-drain:<client id>`` lease (one survivor per dead peer) and connects to every broker **with the peer's
 client id**, resuming its session: the broker hands over what it queued there (and what was in flight) and
 goes on sending that member's share to the survivor, whose ingest writes it like its own. No subscription is
@@ -62,14 +64,32 @@ class SessionTakeover:
         self.ttl_s = ttl_s
         self._connect = connect  # peer client id -> links to every broker with it, not started
         self._clock = clock
+        self._stopped = threading.Event()
+        self._heartbeat: threading.Thread | None = None
         self.held: dict[str, Sequence[Link]] = {}
         self._seen_up: set[str] = set()  # held sessions whose links have connected
         self._handed_back: dict[str, float] = {}  # client id -> when its session was taken back
 
+    def start(self) -> SessionTakeover:
+        """Take our session lease and keep renewing it (every ttl_s / 5) until ``stop``."""
+        self.renew()
+        self._heartbeat = threading.Thread(target=self._renewing, name="edgefleet-session-lease", daemon=True)
+        self._heartbeat.start()
+        return self
+
+    def renew(self) -> None:
+        self.leases.acquire_lease(SESSION_LEASE + self.client_id, self.client_id, self.ttl_s, now=self._clock())
+
+    def _renewing(self) -> None:
+        while not self._stopped.wait(self.ttl_s / 5):
+            try:
+                self.renew()
+            except Exception:  # the registry is unreachable: peers may take over; retry next time
+                log.exception("cannot renew the session lease of %s", self.client_id)
+
     def step(self, now: float | None = None) -> None:
-        """Renew our session lease; take over the sessions of dead peers; let go of those that came back."""
+        """Take over the sessions of dead peers; let go of those that came back."""
         now = self._clock() if now is None else now
-        self.leases.acquire_lease(SESSION_LEASE + self.client_id, self.client_id, self.ttl_s, now=now)
         for name, (_, expires_at) in self.leases.leases_named(SESSION_LEASE).items():
             peer = name[len(SESSION_LEASE):]
             if peer == self.client_id:
@@ -113,6 +133,9 @@ class SessionTakeover:
 
     def stop(self) -> None:
         """Let go of every taken session, and give up our own lease so that a peer drains our session."""
+        self._stopped.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
         for peer in list(self.held):
             self._let_go(peer)
         with contextlib.suppress(ServerError):

@@ -41,6 +41,8 @@ def _crash(server: FleetServer) -> None:
         server._loop_thread.join(10)
     server.http.stop()
     server.chunks.stop()
+    if server.takeover is not None:
+        server.takeover._stopped.set()  # its session lease is no longer renewed (not released)
     server.link.stop()
     server.ingest.stop()
 
