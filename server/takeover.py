@@ -132,12 +132,13 @@ class SessionTakeover:
             self.leases.release_lease(DRAIN_LEASE + peer, self.owner)
 
     def stop(self) -> None:
-        """Let go of every taken session, and give up our own lease so that a peer drains our session."""
+        """Let go of every taken session, and end our own lease (expired, not deleted: peers judge by it) so that a
+        peer drains what the broker queues for our session from now on."""
         self._stopped.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=10)
         for peer in list(self.held):
             self._let_go(peer)
         with contextlib.suppress(ServerError):
-            self.leases.release_lease(SESSION_LEASE + self.client_id, self.client_id)
+            self.leases.acquire_lease(SESSION_LEASE + self.client_id, self.client_id, 0.0, now=self._clock() - 1.0)
 
