@@ -14,6 +14,8 @@ spreading the devices over the shards by ``agent.protocol.shards.shard_of``. The
 whole group in a single wave (no canary, 1 s probation); the clock runs until the registry shows every
 device committed. With --kill (and S >= 2) the server process holding the deployment's lease is
 SIGKILLed once devices are downloading; the run then checks that no device and no registry row is lost.
+Unless --restart-after is given the killed server stays down: the survivor takes over its MQTT session
+(server/takeover.py) and receives what the broker queued there.
 
 Columns (one JSON row per run):
   devices, servers, broker {name, nodes}, registry     the set-up

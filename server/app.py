@@ -43,6 +43,7 @@ from server.rollout.progress import ProgressTracker
 from server.service import FleetService, ProfileSource
 from server.shards import ShardedLink
 from server.signing import Signer
+from server.takeover import SessionTakeover
 
 log = logging.getLogger("edgefleet.server")
 
@@ -87,18 +88,26 @@ class FleetServer:
             quotas=config.quotas, reserved_logins=server_logins(b.username),
         )
 
-        def make_link(url: str) -> MqttLink:
+        client_id = b.client_id or f"edgefleet-server-{self.instance}"
+
+        def make_link(url: str, peer: str | None = None) -> MqttLink:
             where = BrokerSection(url=url)
             return MqttLink(
-                host=where.host, port=where.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
+                host=where.host, port=where.port, client_id=peer or client_id,
                 username=b.username or None, password=password,
                 ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
                 tls=where.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
                 shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
+                subscribe=peer is None, reconnect=peer is None,
             )
 
         # several independent brokers: one link to each, device topics routed by shard (server/shards.py)
         self.link: MqttLink | ShardedLink = ShardedLink(b.shards, make_link) if b.shards else make_link(b.url)
+        # several servers splitting device traffic: a dead peer's session is taken over (server/takeover.py)
+        self.takeover = SessionTakeover(
+            self.registry, owner=self.owner, client_id=client_id, ttl_s=config.rollout.lease_ttl_s, clock=clock,
+            connect=lambda peer: [make_link(url, peer) for url in (b.shards or [b.url])],
+        ) if b.shared_subscriptions else None
         p = config.publisher
         self.chunks = ChunkServer(
             read_chunk=self.artifacts.chunk,
@@ -126,6 +135,7 @@ class FleetServer:
         self._last_housekeeping = 0.0
         self._last_retained_sweep = clock()  # the subscription on connect reads them the first time
         self._allowed: dict[tuple[str, str], float] = {}
+        self._allowed_bulk: dict[str, float] = {}  # artifact id -> when devices_desiring_artifact last ran
 
     # -- wiring ---------------------------------------------------------------------------------------
 
@@ -144,6 +154,14 @@ class FleetServer:
         now = time.monotonic()
         if self._allowed.get((device_id, artifact_id), 0.0) > now:
             return True
+        if now - self._allowed_bulk.get(artifact_id, -1e9) >= 1.0:
+            # a rollout's devices ask within seconds of each other: one query authorises all of them (at most once
+            # a second per artifact; a device not found there gets its own query below)
+            self._allowed_bulk[artifact_id] = now
+            for device in self.registry.devices_desiring_artifact(artifact_id):
+                self._allowed[(device, artifact_id)] = now + 60.0
+            if self._allowed.get((device_id, artifact_id), 0.0) > now:
+                return True
         allowed = self.registry.desired_names_artifact(device_id, artifact_id) or \
             self.registry.probe_names_artifact(device_id, artifact_id)
         if allowed:
@@ -181,6 +199,8 @@ class FleetServer:
         self.ingest.start()
         self.chunks.start()
         self.link.start(wait_s=10.0)
+        if self.takeover is not None:
+            self.takeover.start()
         self.http.start()
         self._loop_thread = threading.Thread(target=self._loop, name="edgefleet-control", daemon=True)
         self._loop_thread.start()
@@ -205,6 +225,8 @@ class FleetServer:
         self.chunks.stop()
         self.link.flush(timeout_s=5.0)
         self.link.stop()
+        if self.takeover is not None:
+            self.takeover.stop()  # after our own link is gone: a peer may now drain our session
         self.ingest.stop()
         with contextlib.suppress(ServerError):
             self.driver.release_all()
@@ -233,6 +255,8 @@ class FleetServer:
         self.driver.tick()
         if self.link.connected.is_set():
             self._quota_housekeeping(now)
+            if self.takeover is not None:
+                self.takeover.step(now)
         if self.link.connected.is_set() and self.outbox.holds_lease(now):
             safe_flush(self.outbox, now)
             if now - self._last_housekeeping >= HOUSEKEEPING_EVERY_S:

@@ -301,7 +301,7 @@ class Ingestor:
             self.progress.changed = False
             self.registry.write_ingest(
                 batch, bucket_s=self.bucket_s, now=now, on_event=self.progress.on_event,
-                on_state=self.progress.on_state,
+                on_state=self.progress.on_state, prefetch=self.progress.prefetch,
             )
             for req in enrolls:
                 self._enroll(req, statuses.get(req.device_id), now)

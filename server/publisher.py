@@ -55,6 +55,7 @@ class MqttLink:
         on_message: Callable[[str, bytes, bool], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
         publish_timeout_s: float = 60.0,
+        reconnect: bool = True,
     ) -> None:
         self.host, self.port = host, port
         self._keepalive = keepalive_s
@@ -74,6 +75,7 @@ class MqttLink:
             client_id=client_id,
             clean_session=False,
             protocol=mqtt.MQTTv311,
+            reconnect_on_failure=reconnect,  # False: a taken-over session (server/takeover.py) is handed back
         )
         # paho's own in-flight window matches ours, so nothing queues inside paho either
         self.client.max_inflight_messages_set(max_inflight)

@@ -46,6 +46,11 @@ class TableOwner:
     def tx(self) -> AbstractContextManager[Connection]:
         return self.db.transaction()
 
+    def atomic(self) -> AbstractContextManager[Connection]:
+        """For one statement that is atomic on its own (a lease taken, renewed or released): on PostgreSQL it
+        does not wait for the registry-wide writer lock (``pg.PgDatabase.atomic``)."""
+        return self.db.atomic()
+
     def _read(self) -> Connection:
         return self.db.connection()
 

@@ -108,8 +108,9 @@ class Database:
         return conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception): one writer at a time, across processes."""
+    def transaction(self, *, pipelined: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception): one writer at a time, across processes.
+        ``pipelined`` is PostgreSQL's (``pg.PgDatabase.transaction``): SQLite has no round trips to save."""
         conn = self.connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -118,6 +119,10 @@ class Database:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def atomic(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One statement atomic on its own (PostgreSQL runs it without the writer lock): here a transaction."""
+        return self.transaction()
 
     def migrate(self, migrations: Sequence[Migration]) -> list[str]:
         """Apply the migrations not yet recorded; returns the names applied now."""
@@ -154,6 +159,15 @@ class Database:
             self._local.conn = None
 
 
+def execute_each(conn: Connection, sql: str, seq: Sequence[Any]) -> list[Any]:
+    """``sql`` (a statement with RETURNING) once per parameter set, in order; each one's first row or None.
+    PostgreSQL sends them together (``pg.PgConnection.execute_each``: one round trip); SQLite runs them in turn."""
+    each = getattr(conn, "execute_each", None)
+    if each is not None:
+        return list(each(sql, seq))
+    return [conn.execute(sql, params).fetchone() for params in seq]
+
+
 def matching(*conditions: tuple[str, Any]) -> tuple[list[str], list[Any]]:
     """The SQL conditions (``"column = ?"``, value) whose value is set, and their values: a list filter's
     WHERE parts (an empty or None filter leaves its condition out)."""
@@ -170,7 +184,8 @@ class RegistryDatabase(Protocol):
     def description(self) -> str: ...
     def connection(self) -> Connection: ...
     def table_names(self) -> list[str]: ...
-    def transaction(self) -> AbstractContextManager[Connection]: ...
+    def transaction(self, *, pipelined: bool = False) -> AbstractContextManager[Connection]: ...
+    def atomic(self) -> AbstractContextManager[Connection]: ...
     def migrate(self, migrations: Sequence[Migration]) -> list[str]: ...
     def change_generation(self) -> int: ...
     def wait_change(self, generation: int, timeout: float, poll_s: float = POLL_S) -> int: ...

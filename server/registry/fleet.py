@@ -27,7 +27,8 @@ replaces the owner modules one table group at a time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
 from typing import Any
 
 from agent.protocol.messages import Event, StateReport
@@ -358,17 +359,26 @@ class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables
         now: float | None = None,
         on_event: Callable[[Connection, Event, int], None] | None = None,
         on_state: Callable[[Connection, StateReport], None] | None = None,
+        prefetch: Callable[[Connection, Collection[str]], AbstractContextManager[object]] | None = None,
     ) -> list[int]:
         """Write one batch of device messages in one transaction; returns the new event row ids.
 
         ``on_event``/``on_state`` let the rollout layer update deployment progress in the same
-        transaction (so an event is never recorded without its effect, nor the other way round).
+        transaction (so an event is never recorded without its effect, nor the other way round);
+        ``prefetch(conn, device_ids)`` lets it read what they need for the batch's devices at once.
+
+        On PostgreSQL the transaction is pipelined and what it reads is read per batch, not per message
+        (``presence_of``, ``insert_device_events``, ``prefetch``): the writer lock is held for a handful of
+        round trips instead of several per message.
         """
         now = now or _now()
         new_ids: list[int] = []
-        with self.tx() as conn:
+        devices = {r.device_id for r in batch.states} | {ev.device_id for ev in batch.events}
+        with self.db.transaction(pipelined=True) as conn, (
+                prefetch(conn, devices) if prefetch is not None and devices else contextlib.nullcontext()):
+            known = self.presence_of(conn, [r.device_id for r in batch.states])
             for report in batch.states:
-                if self._apply_state(conn, report, now) and on_state is not None:
+                if self._apply_state(conn, report, now, known) and on_state is not None:
                     on_state(conn, report)
             for report in batch.unregistered_states:
                 self.record_unregistered_state(conn, report, now)
@@ -376,8 +386,7 @@ class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables
                 self.insert_telemetry(conn, t, bucket_s)
                 self.apply_telemetry_snapshot(conn, t)
                 self._presence_from_telemetry(conn, t, now)
-            for ev in batch.events:
-                row_id = self.insert_device_event(conn, ev, now)
+            for ev, row_id in zip(batch.events, self.insert_device_events(conn, batch.events, now), strict=True):
                 if row_id is None:  # a QoS 1 duplicate: already recorded and applied
                     continue
                 new_ids.append(row_id)
@@ -386,8 +395,9 @@ class FleetRegistry(DeviceTables, RolloutTables, OutboxTables, ObservationTables
                     self.record_command_result(conn, ev, now)
                 if on_event is not None:
                     on_event(conn, ev, row_id)
+            profiles = self.profiles_of(conn, [m.device_id for m in batch.measurements]) if batch.measurements else {}
             for m in batch.measurements:
-                self.record_measurement(conn, m, now)
+                self.record_measurement(conn, m, now, profiles)
             for device_id, kind, severity, message, code, data in batch.server_events:
                 new_ids.append(self._server_event(conn, device_id, kind, severity, message, code, data, now=now))
         return new_ids

@@ -11,12 +11,12 @@ SQLite and PostgreSQL both accept (``ON CONFLICT ... DO UPDATE``, no engine-spec
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.protocol.measurement import Measurement
-from server.registry.base import Record, TableOwner, placeholders
+from server.registry.base import Record, TableOwner, iter_chunks, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
 from server.registry.db import Connection, Migration, RegistryDatabase
@@ -102,10 +102,24 @@ class MeasurementTables(TableOwner):
         return self.db.migrate(MIGRATIONS)
 
     @staticmethod
-    def record_measurement(conn: Connection, m: Measurement, now: float) -> bool:
-        """Keep ``m`` as the latest figure of its (device, build, variant, source); False for an unknown device."""
-        row = conn.execute("SELECT profile FROM devices WHERE device_id = ?", (m.device_id,)).fetchone()
-        if row is None:
+    def profiles_of(conn: Connection, device_ids: Iterable[str]) -> dict[str, str]:
+        """device id -> profile of those registered (read once for an ingest batch's measurements)."""
+        out: dict[str, str] = {}
+        for part in iter_chunks(sorted(set(device_ids)), 500):
+            out.update({r[0]: r[1] for r in conn.execute(
+                f"SELECT device_id, profile FROM devices WHERE device_id IN ({placeholders(part)})",  # noqa: S608
+                part)})
+        return out
+
+    @staticmethod
+    def record_measurement(conn: Connection, m: Measurement, now: float,
+                           profiles: Mapping[str, str] | None = None) -> bool:
+        """Keep ``m`` as the latest figure of its (device, build, variant, source); False for an unknown device.
+        ``profiles``: ``profiles_of`` the batch's devices, read beforehand."""
+        if profiles is None:
+            profiles = MeasurementTables.profiles_of(conn, [m.device_id])
+        profile = profiles.get(m.device_id)
+        if profile is None:
             return False
         context = {k: v for k, v in (("governor", m.governor), ("cpu_mhz", m.cpu_mhz),
                                      ("temperature_c", m.temperature_c),
@@ -118,7 +132,7 @@ class MeasurementTables(TableOwner):
             " received_at = excluded.received_at, runs = excluded.runs, p50_ms = excluded.p50_ms,"
             " p95_ms = excluded.p95_ms, min_ms = excluded.min_ms, peak_rss_bytes = excluded.peak_rss_bytes,"
             " execution_provider = excluded.execution_provider, context = excluded.context",
-            (m.device_id, m.model, m.version, m.variant or "", m.source, row[0], m.artifact_id, m.probe_id, m.ts,
+            (m.device_id, m.model, m.version, m.variant or "", m.source, profile, m.artifact_id, m.probe_id, m.ts,
              now, m.runs, m.p50_ms, m.p95_ms, m.min_ms, m.peak_rss_bytes, m.execution_provider, _json(context)),
         )
         return True

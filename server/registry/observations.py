@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,14 @@ from agent.protocol.messages import Event, StateReport, Telemetry
 from server.registry.base import Record, TableOwner
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
-from server.registry.db import Connection, Row, matching
+from server.registry.db import Connection, Row, execute_each, matching
+
+_INSERT_DEVICE_EVENT = (
+    "INSERT INTO events (device_id, event_id, ts, received_at, kind, severity, message, code,"
+    " deployment_id, model, version, command_id, data, source)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'device')"
+    " ON CONFLICT (device_id, event_id) DO NOTHING RETURNING id"
+)
 
 
 @dataclass(frozen=True)
@@ -64,30 +71,30 @@ class ObservationTables(TableOwner):
     # -- writing (the ingest batch in ``FleetRegistry.write_ingest`` calls these) ------------------
 
     @staticmethod
-    def insert_device_event(conn: Connection, ev: Event, now: float) -> int | None:
+    def insert_device_events(conn: Connection, events: Sequence[Event], now: float) -> list[int | None]:
+        """Record device events, in order; each one's row id, or None for a QoS 1 duplicate (already recorded
+        and applied). PostgreSQL gets them in one round trip (``db.execute_each``)."""
+        rows = execute_each(conn, _INSERT_DEVICE_EVENT, [(
+            ev.device_id,
+            ev.event_id,
+            ev.ts,
+            now,
+            ev.kind,
+            ev.severity,
+            ev.message,
+            ev.code,
+            ev.deployment_id,
+            ev.model.name if ev.model else None,
+            ev.model.version if ev.model else None,
+            ev.command_id,
+            _json(dict(ev.data)),
+        ) for ev in events])
+        return [None if row is None else int(row[0]) for row in rows]
+
+    @classmethod
+    def insert_device_event(cls, conn: Connection, ev: Event, now: float) -> int | None:
         """Record a device event; None when it is a QoS 1 duplicate (already recorded and applied)."""
-        row = conn.execute(
-            "INSERT INTO events (device_id, event_id, ts, received_at, kind, severity, message, code,"
-            " deployment_id, model, version, command_id, data, source)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'device')"
-            " ON CONFLICT (device_id, event_id) DO NOTHING RETURNING id",
-            (
-                ev.device_id,
-                ev.event_id,
-                ev.ts,
-                now,
-                ev.kind,
-                ev.severity,
-                ev.message,
-                ev.code,
-                ev.deployment_id,
-                ev.model.name if ev.model else None,
-                ev.model.version if ev.model else None,
-                ev.command_id,
-                _json(dict(ev.data)),
-            ),
-        ).fetchone()
-        return None if row is None else int(row[0])
+        return cls.insert_device_events(conn, [ev], now)[0]
 
     @staticmethod
     def insert_telemetry(conn: Connection, t: Telemetry, bucket_s: float) -> None:
@@ -133,13 +140,16 @@ class ObservationTables(TableOwner):
         *,
         deployment_id: str | None = None,
         now: float,
+        returning: bool = True,
     ) -> int:
-        row = conn.execute(
-            "INSERT INTO events (device_id, event_id, ts, received_at, kind, severity, message, code, deployment_id,"
-            " data, source) VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, 'server') RETURNING id",
-            (device_id, now, now, kind, severity, message, code, deployment_id, _json(dict(data))),
-        ).fetchone()
-        return int(row[0])
+        """The new event's row id (0 without ``returning``: then nothing waits for the statement's result)."""
+        sql = ("INSERT INTO events (device_id, event_id, ts, received_at, kind, severity, message, code, deployment_id,"
+               " data, source) VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, 'server')")
+        params = (device_id, now, now, kind, severity, message, code, deployment_id, _json(dict(data)))
+        if not returning:
+            conn.execute(sql, params)
+            return 0
+        return int(conn.execute(sql + " RETURNING id", params).fetchone()[0])
 
     def server_event(
         self,

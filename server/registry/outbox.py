@@ -90,13 +90,14 @@ class OutboxTables(TableOwner):
 
     #: allocated by ``devices`` (a mixin beside this one in ``FleetRegistry``)
     next_seq: Callable[[Connection, str], int]
+    next_seqs: Callable[[Connection, Sequence[str]], list[int]]
 
     # -- leases ------------------------------------------------------------------------------------
 
     def acquire_lease(self, name: str, owner: str, ttl_s: float, *, now: float | None = None) -> bool:
         """Take or renew ``name`` for ``ttl_s``; False while another live owner holds it."""
         now = now or _now()
-        with self.tx() as conn:
+        with self.atomic() as conn:
             row = conn.execute(
                 "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at"
@@ -107,8 +108,15 @@ class OutboxTables(TableOwner):
         return row is not None and row[0] == owner
 
     def release_lease(self, name: str, owner: str) -> None:
-        with self.tx() as conn:
+        with self.atomic() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    def leases_named(self, prefix: str) -> dict[str, tuple[str, float]]:
+        """Every lease whose name starts with ``prefix`` (expired ones included): name -> (owner, expires_at)."""
+        rows = self._read().execute(
+            "SELECT name, owner, expires_at FROM leases WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+        ).fetchall()
+        return {r[0]: (r[1], float(r[2])) for r in rows}
 
     def lease_holder(self, name: str, *, now: float | None = None) -> str | None:
         row = self._read().execute(
@@ -133,19 +141,22 @@ class OutboxTables(TableOwner):
         message"). Returns device_id -> seq. The rows are owed to the broker until ``mark_published``.
         """
         out: dict[str, int] = {}
-        for device_id, action, model, version, deployment_id in items:
-            seq = self.next_seq(tx, device_id)
-            stored = StoredDesired(device_id, seq, now, now + ttl_s)
-            blob = sign(stored)
-            tx.execute(
-                "INSERT INTO desired (device_id, seq, action, model, version, deployment_id, issued_at, expires_at,"
-                " blob, published_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
-                " ON CONFLICT (device_id) DO UPDATE SET seq = excluded.seq, action = excluded.action,"
-                " model = excluded.model, version = excluded.version, deployment_id = excluded.deployment_id,"
-                " issued_at = excluded.issued_at, expires_at = excluded.expires_at, blob = excluded.blob",
-                (device_id, seq, action, model, version, deployment_id, now, now + ttl_s, blob),
-            )
+        rows: list[tuple[Any, ...]] = []
+        # seqs allocated for the whole list in one go (PostgreSQL: one round trip under the writer lock, not one
+        # per device), then signed, then stored together
+        for (device_id, action, model, version, deployment_id), seq in zip(
+                items, self.next_seqs(tx, [item[0] for item in items]), strict=True):
+            blob = sign(StoredDesired(device_id, seq, now, now + ttl_s))
+            rows.append((device_id, seq, action, model, version, deployment_id, now, now + ttl_s, blob))
             out[device_id] = seq
+        tx.executemany(
+            "INSERT INTO desired (device_id, seq, action, model, version, deployment_id, issued_at, expires_at,"
+            " blob, published_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+            " ON CONFLICT (device_id) DO UPDATE SET seq = excluded.seq, action = excluded.action,"
+            " model = excluded.model, version = excluded.version, deployment_id = excluded.deployment_id,"
+            " issued_at = excluded.issued_at, expires_at = excluded.expires_at, blob = excluded.blob",
+            rows,
+        )
         return out
 
     def get_desired(self, device_id: str) -> DesiredRecord | None:
@@ -227,7 +238,7 @@ class OutboxTables(TableOwner):
         return [_command(r) for r in rows]
 
     def expire_commands(self, now: float) -> int:
-        with self.tx() as conn:
+        with self.atomic() as conn:
             return conn.execute(
                 "UPDATE commands SET status = 'expired' WHERE status IN ('pending', 'sent') AND expires_at < ?",
                 (now,),
@@ -249,6 +260,16 @@ class OutboxTables(TableOwner):
     @staticmethod
     def delete_desired(device_id: str, *, tx: Connection) -> None:
         tx.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
+
+    def devices_desiring_artifact(self, artifact_id: str) -> list[str]:
+        """The active devices whose desired state deploys a build sealed as ``artifact_id`` (the first case of
+        ``desired_names_artifact``, for every device at once: the chunk server's bulk authorisation)."""
+        return [r[0] for r in self._read().execute(
+            "SELECT w.device_id FROM desired w JOIN devices d ON d.device_id = w.device_id"
+            " JOIN deployment_builds b ON b.deployment_id = w.deployment_id AND b.profile = d.profile"
+            " WHERE w.action = 'deploy' AND b.artifact_id = ? AND d.status = 'active'",
+            (artifact_id,),
+        )]
 
     def desired_names_artifact(self, device_id: str, artifact_id: str) -> bool:
         """Whether the device is active and its desired state deploys a build sealed as ``artifact_id``, or a

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import ConflictError, NotFoundError
-from server.registry.base import Record, TableOwner, placeholders
+from server.registry.base import Record, TableOwner, iter_chunks, placeholders
 from server.registry.base import now as _now
 from server.registry.base import to_json as _json
 from server.registry.db import Connection, Row
+
+#: deployment row states the ingest no longer applies device reports to (``progress_rows``)
+NOT_WATCHED = ("pending", "skipped", "superseded", "cancelled")
+NOT_WATCHED_SQL = "(" + ", ".join(f"'{state}'" for state in NOT_WATCHED) + ")"
 
 #: Deployment statuses. ``running`` and ``rolling_back`` hold their devices (a second deployment to
 #: them is refused); the others are finished, though a ``completed`` one still converges late joiners
@@ -297,7 +301,7 @@ class RolloutTables(TableOwner):
 
     def claim_deployment(self, deployment_id: str, owner: str, ttl_s: float, *, now: float | None = None) -> bool:
         now = now or _now()
-        with self.tx() as conn:
+        with self.atomic() as conn:
             row = conn.execute(
                 "UPDATE deployments SET lease_owner = ?, lease_expires = ? WHERE deployment_id = ?"
                 " AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires < ?) RETURNING lease_owner",
@@ -306,7 +310,7 @@ class RolloutTables(TableOwner):
         return row is not None
 
     def release_deployment(self, deployment_id: str, owner: str) -> None:
-        with self.tx() as conn:
+        with self.atomic() as conn:
             conn.execute(
                 "UPDATE deployments SET lease_owner = NULL, lease_expires = NULL"
                 " WHERE deployment_id = ? AND lease_owner = ?",
@@ -448,13 +452,23 @@ class RolloutTables(TableOwner):
     @staticmethod
     def progress_rows(conn: Connection, device_id: str) -> list[Row]:
         """The device's dispatched rows of deployments still watching it, with the deployment's model."""
-        return conn.execute(
-            "SELECT dd.deployment_id, dd.state, dd.code, dd.previous_version, d.model, d.version"
-            " FROM deployment_devices dd JOIN deployments d ON d.deployment_id = dd.deployment_id"
-            " WHERE dd.device_id = ? AND dd.state NOT IN ('pending', 'skipped', 'superseded', 'cancelled')"
-            " AND (d.status IN ('running', 'rolling_back', 'rolled_back') OR d.active = 1)",
-            (device_id,),
-        ).fetchall()
+        return RolloutTables.progress_rows_of(conn, [device_id]).get(device_id, [])
+
+    @staticmethod
+    def progress_rows_of(conn: Connection, device_ids: Iterable[str]) -> dict[str, list[Row]]:
+        """``progress_rows`` of several devices at once (by device id; a device with none is left out)."""
+        out: dict[str, list[Row]] = {}
+        for part in iter_chunks(sorted(set(device_ids)), 500):
+            rows = conn.execute(
+                "SELECT dd.device_id, dd.deployment_id, dd.state, dd.code, dd.previous_version, d.model, d.version"
+                " FROM deployment_devices dd JOIN deployments d ON d.deployment_id = dd.deployment_id"
+                f" WHERE dd.device_id IN ({placeholders(part)}) AND dd.state NOT IN {NOT_WATCHED_SQL}"
+                " AND (d.status IN ('running', 'rolling_back', 'rolled_back') OR d.active = 1)",
+                part,
+            ).fetchall()
+            for r in rows:
+                out.setdefault(r["device_id"], []).append(r)
+        return out
 
     @staticmethod
     def set_device_progress(

@@ -9,12 +9,14 @@ round, whichever server process received it. The phase rules themselves are pure
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from agent.protocol.events import EventKind
 from agent.protocol.messages import Event, StateReport
 from server.registry.db import Connection
-from server.registry.rollouts import RolloutTables
+from server.registry.rollouts import NOT_WATCHED, RolloutTables
 from server.rollout.planner import IN_FLIGHT, TERMINAL, Observation, Phase, observe_event, observe_state
 
 
@@ -23,6 +25,24 @@ class ProgressTracker:
         self._clock = clock
         #: set by the driver: called after a commit that changed any deployment row
         self.changed = False
+        #: inside ``prefetch``: the batch's devices' progress rows, kept up to date by ``_apply``
+        self._rows: dict[str, list[dict[str, Any]]] | None = None
+
+    @contextmanager
+    def prefetch(self, conn: Connection, device_ids: Collection[str]) -> Iterator[None]:
+        """For one ingest batch (``FleetRegistry.write_ingest``, inside its transaction, whose writer lock keeps
+        the rows as read): the progress rows of ``device_ids`` in one query instead of one per message."""
+        found = RolloutTables.progress_rows_of(conn, device_ids)
+        self._rows = {d: [dict(r) for r in found.get(d, [])] for d in device_ids}
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def _progress_rows(self, conn: Connection, device_id: str) -> list[Any]:
+        if self._rows is not None and device_id in self._rows:
+            return [r for r in self._rows[device_id] if r["state"] not in NOT_WATCHED]
+        return RolloutTables.progress_rows(conn, device_id)
 
     def _apply(self, conn: Connection, deployment_id: str, device_id: str, obs: Observation) -> None:
         RolloutTables.set_device_progress(
@@ -30,10 +50,13 @@ class ProgressTracker:
             progress=obs.progress if obs.phase is not Phase.COMMITTED else 1.0, finished=obs.phase in TERMINAL,
             now=self._clock(),
         )
+        for row in (self._rows or {}).get(device_id, []):
+            if row["deployment_id"] == deployment_id:
+                row["state"], row["code"] = obs.phase.value, obs.code
         self.changed = True
 
     def on_event(self, conn: Connection, ev: Event, event_row: int) -> None:
-        rows = RolloutTables.progress_rows(conn, ev.device_id)
+        rows = self._progress_rows(conn, ev.device_id)
         for r in rows:
             phase = Phase(r["state"])
             about_this = (ev.deployment_id is not None and ev.deployment_id == r["deployment_id"]) or (
@@ -62,7 +85,7 @@ class ProgressTracker:
     def on_state(self, conn: Connection, report: StateReport) -> None:
         if not report.online:
             return
-        rows = RolloutTables.progress_rows(conn, report.device_id)
+        rows = self._progress_rows(conn, report.device_id)
         now = self._clock()
         for r in rows:
             phase = Phase(r["state"])

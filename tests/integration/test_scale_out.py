@@ -41,6 +41,8 @@ def _crash(server: FleetServer) -> None:
         server._loop_thread.join(10)
     server.http.stop()
     server.chunks.stop()
+    if server.takeover is not None:
+        server.takeover._stopped.set()  # its session lease is no longer renewed (not released)
     server.link.stop()
     server.ingest.stop()
 
@@ -116,3 +118,34 @@ def test_interrupted_transfer_resumes_with_only_the_missing_chunks(fleet: Fleet)
     fleet.wait_deployment(dep["deployment_id"], ("completed",))
     assert got_before < count
     assert d.received_chunks < got_before + count  # it did not start over
+
+
+@pytest.fixture
+def short_leases(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBuilds) -> Iterator[Fleet]:
+    with Fleet(tmp_path, fresh_broker, builds,
+               {"broker": {"shared_subscriptions": True}, "rollout": {"lease_ttl_s": 2.0}}) as f:
+        yield f
+
+
+def test_a_server_killed_and_not_restarted_loses_no_device_event(short_leases: Fleet) -> None:
+    """mosquitto keeps routing a dead member's share of a shared subscription into its persistent session; the
+    survivor takes that session over (server/takeover.py) and records every event the dead one was owed."""
+    fleet = short_leases
+    other = _second_server(fleet, "b")
+    devices = [fleet.device(f"nr-{i}", seed=("m", 1)) for i in range(6)]
+    fleet.wait_online(*devices)
+    _crash(other)  # no restart: its session (and its turn of the shared subscriptions) stays in the broker
+    dep = fleet.service.deploy("m:2", target="group:g", canary_percent=0, wave_percent=100,
+                               max_failures_percent=0, probation_s=0.1, actor="t")
+    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=40)
+    assert all(d["state"] == "committed" for d in detail["devices"])
+    committed: set[str] = set()
+    deadline = time.monotonic() + 30  # the lease (2 s) expires, the survivor resumes the dead session
+    while time.monotonic() < deadline and len(committed) < len(devices):
+        committed = {e["device_id"] for e in fleet.service.events(
+            kind="lifecycle.committed", deployment_id=dep["deployment_id"], limit=100)["events"]}
+        time.sleep(0.1)
+    assert committed == {d.device_id for d in devices}
+    assert "srv-b" in fleet.server.takeover.held  # type: ignore[union-attr]
+    # the dead server's share went on arriving through the taken-over session, not only what was queued
+    assert fleet.server.ingest.stats.received["event"] > 0
