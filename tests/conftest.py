@@ -97,7 +97,9 @@ def _registry_backend(request: pytest.FixtureRequest) -> Iterator[None]:
     session's PostgreSQL (``{home}`` in the URL: created on first use, as SQLite creates HOME/registry.db)."""
     before = os.environ.pop(REGISTRY_URL_ENV, None)
     if TEST_REGISTRY == "postgresql":
-        os.environ[REGISTRY_URL_ENV] = request.getfixturevalue("postgres").url(HOME_PLACEHOLDER)
+        pg: PostgresServer = request.getfixturevalue("postgres")
+        pg.migrate_template()  # every home's database starts migrated (postgres_url's stay empty: template0)
+        os.environ[REGISTRY_URL_ENV] = pg.url(HOME_PLACEHOLDER)
     yield
     os.environ.pop(REGISTRY_URL_ENV, None)
     if before is not None:
