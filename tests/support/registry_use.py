@@ -113,9 +113,13 @@ class RegistryReach:
         for name in names:
             if name in globs:
                 value = globs[name]
-            elif _ours(name) and name in sys.modules:  # ``from server.app import X`` in a function body
+            elif "." in name and _ours(name):  # ``from server.app import X`` in a function body
+                value = next(_module_named(name), None)
+            elif _ours(name) and name in sys.modules:  # ``from server import cli``
                 value = sys.modules[name]
             else:
+                continue
+            if value is None:
                 continue
             if isinstance(value, types.ModuleType):
                 if _ours(value.__name__):  # ``module.attr``: any attribute the code names
@@ -163,10 +167,15 @@ class RegistryReach:
         return [r for r in roots if r is not None]
 
     def touches(self, item: pytest.Item) -> bool:
-        roots = self.roots(item)
+        """Whether the test's function or one of its fixtures can reach ``open_database``."""
+        return self.reaches(*self.roots(item))
+
+    def reaches(self, *roots: Any) -> bool:
+        """Whether any of ``roots`` (functions, classes, modules) can reach ``open_database``."""
+        roots = tuple(_unwrap(r) for r in roots)
         self._explore(roots)
         reaching = self._reaching_set()
-        return any(id(_unwrap(r)) in reaching or id(r) in reaching for r in roots)
+        return any(id(r) in reaching for r in roots)
 
 
 def _unwrap(obj: Any) -> Any:
