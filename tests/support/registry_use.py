@@ -110,17 +110,16 @@ class RegistryReach:
 
     def _code_refs(self, code: types.CodeType, globs: dict[str, Any]) -> Iterator[Any]:
         names = set(code.co_names)
+        imported = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "IMPORT_NAME"}
+        for name in imported:  # ``from server.app import X`` / ``from server import cli`` in a function body
+            if _ours(name):
+                module = next(_module_named(name), None) or sys.modules.get(name)
+                if module is not None:
+                    yield from (getattr(module, n) for n in names if hasattr(module, n))
         for name in names:
-            if name in globs:
-                value = globs[name]
-            elif "." in name and _ours(name):  # ``from server.app import X`` in a function body
-                value = next(_module_named(name), None)
-            elif _ours(name) and name in sys.modules:  # ``from server import cli``
-                value = sys.modules[name]
-            else:
+            if name not in globs:
                 continue
-            if value is None:
-                continue
+            value = globs[name]
             if isinstance(value, types.ModuleType):
                 if _ours(value.__name__):  # ``module.attr``: any attribute the code names
                     yield from (getattr(value, n) for n in names if n != name and hasattr(value, n))
@@ -132,8 +131,9 @@ class RegistryReach:
                 yield from self._code_refs(const, globs)
             elif isinstance(const, tuple):
                 strings.extend(c for c in const if isinstance(c, str))
-        for s in strings:  # importlib.import_module("server.commands.fleet")
-            yield from _module_named(s)
+        if names & {"import_module", "__import__"}:  # importlib.import_module("server.commands.fleet")
+            for s in strings:
+                yield from _module_named(s)
         for module in _after_dash_m(code):  # [sys.executable, "-m", "server", ...]
             yield from _main_module(module)
         if "-c" in strings:  # [sys.executable, "-c", CODE]
@@ -224,7 +224,7 @@ def _after_dash_m(code: types.CodeType) -> Iterator[str]:
 
 def _module_named(name: str) -> Iterator[types.ModuleType]:
     """The project's module a dotted string names (modules imported by name)."""
-    if "." not in name or not _ours(name) or not all(part.isidentifier() for part in name.split(".")):
+    if not _ours(name) or not all(part.isidentifier() for part in name.split(".")):
         return
     try:
         yield importlib.import_module(name)
