@@ -106,12 +106,12 @@ def test_simulated_fleet_commits_a_rollout_then_rolls_back_a_failing_version(
         assert rolled, "the released devices reported lifecycle.rolled_back"
         assert all(d.active == ModelRef("m", 1) for d in fleet.devices)
         # telemetry arrived from the simulated devices (every 0.5 s each)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while server.ingest.stats.received["telemetry"] < N:
             assert time.monotonic() < deadline, f"telemetry: {server.ingest.stats.received}"
             time.sleep(0.05)
     # a clean stop leaves every device offline (retained report), as an agent's shutdown does
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(d.online for d in server.registry.list_devices()):
         time.sleep(0.1)
     assert not any(d.online for d in server.registry.list_devices())
@@ -134,7 +134,7 @@ def test_simulate_command_runs_until_every_device_commits(
     assert summary["committed"] == {"m v1": 5} and summary["until_reached_s"] > 0
     assert summary["timeline"]["lifecycle.committed"]["n"] == 5
     assert summary["measurements_sent"] >= 5  # a stand-in warm-up figure per device
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while len(rows := server.registry.measurements("m", 1, sources=("warmup",))) < 5:  # as ingest writes them
         assert time.monotonic() < deadline, rows
         time.sleep(0.1)
@@ -149,7 +149,7 @@ def _simulate_while_deploying(server: FleetServer, argv: list[str], *, online: i
     codes: list[int] = []
     runner = threading.Thread(target=lambda: codes.append(main(argv)))
     runner.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while sum(d.online for d in server.registry.list_devices()) < online and time.monotonic() < deadline:
         time.sleep(0.1)
     server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100, max_failures_percent=0,
