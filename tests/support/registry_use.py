@@ -115,14 +115,14 @@ class RegistryReach:
             if _ours(name):
                 module = next(_module_named(name), None) or sys.modules.get(name)
                 if module is not None:
-                    yield from (getattr(module, n) for n in names if hasattr(module, n))
+                    yield from _attributes(module, names)
         for name in names:
             if name not in globs:
                 continue
             value = globs[name]
             if isinstance(value, types.ModuleType):
                 if _ours(value.__name__):  # ``module.attr``: any attribute the code names
-                    yield from (getattr(value, n) for n in names if n != name and hasattr(value, n))
+                    yield from _attributes(value, names - {name})
                 continue
             yield value
         strings = [c for c in code.co_consts if isinstance(c, str)]
@@ -206,6 +206,16 @@ def _values(obj: Any) -> Iterator[Any]:
         yield from _module_named(obj)
     elif _ours(type(obj).__module__):
         yield type(obj)
+
+
+def _attributes(module: types.ModuleType, names: set[str]) -> Iterator[Any]:
+    """The attributes of ``module`` that ``names`` names, submodules included whether imported yet or not
+    (``from server import model_ops`` must not depend on what an earlier test happened to import)."""
+    for n in names:
+        if hasattr(module, n):
+            yield getattr(module, n)
+        elif hasattr(module, "__path__"):
+            yield from _module_named(f"{module.__name__}.{n}")
 
 
 def _after_dash_m(code: types.CodeType) -> Iterator[str]:
