@@ -23,6 +23,7 @@ from server.config import REGISTRY_URL_ENV
 from server.registry.db import HOME_PLACEHOLDER
 from tests.support.mqtt import MqttTestClient
 from tests.support.postgres import PostgresServer
+from tests.support.registry_use import REGISTRY_FREE_URL, SCOPE, RegistryReach
 
 #: the agent fixtures (``models``, ``fleet``, ``agent_factory``, ``agent_v1``, ``agent_v2``) for every test module;
 #: they build ONNX models, so not where onnx is absent (scripts/py310_check: the agent's unit tests on Python 3.10)
@@ -31,6 +32,48 @@ pytest_plugins = ("tests.support.devices.fixtures",) if importlib.util.find_spec
 TEST_REGISTRY = os.environ.get("EDGEFLEET_TEST_REGISTRY", "sqlite")
 if TEST_REGISTRY not in ("sqlite", "postgresql"):
     raise pytest.UsageError(f"EDGEFLEET_TEST_REGISTRY must be sqlite or postgresql, not {TEST_REGISTRY!r}")
+#: ``all``: the PostgreSQL pass keeps the registry-free tests of tests/integration and tests/faults too
+PG_SELECT_ALL = os.environ.get("EDGEFLEET_TEST_POSTGRESQL", "") == "all"
+
+_REGISTRY_FREE = pytest.StashKey[bool]()
+_DESELECTED = pytest.StashKey[list[str]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Classify tests/integration and tests/faults: which can open the registry (tests/support/registry_use.py).
+    The PostgreSQL pass deselects the others (they would run exactly as in the SQLite pass); both passes run
+    them with a registry URL that cannot be opened, so a wrong classification fails the test."""
+    in_scope = [item for item in items if item.nodeid.startswith(SCOPE)]
+    if not in_scope:
+        return
+    reach = RegistryReach()
+    for item in in_scope:
+        item.stash[_REGISTRY_FREE] = not reach.touches(item)
+    if TEST_REGISTRY != "postgresql" or PG_SELECT_ALL:
+        return
+    free = [item for item in items if item.stash.get(_REGISTRY_FREE, False)]
+    if free:
+        config.hook.pytest_deselected(items=free)
+        items[:] = [item for item in items if not item.stash.get(_REGISTRY_FREE, False)]
+        config.stash[_DESELECTED] = [item.nodeid for item in free]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    free = config.stash.get(_DESELECTED, [])
+    if free:
+        per_file: dict[str, int] = {}
+        for nodeid in free:
+            per_file[nodeid.split("::", 1)[0]] = per_file.get(nodeid.split("::", 1)[0], 0) + 1
+        terminalreporter.write_line(
+            f"PostgreSQL pass: {len(free)} tests never reach the registry (tests/support/registry_use.py) and ran "
+            "only on SQLite: " + ", ".join(f"{path.rsplit('/', 1)[-1]} {n}" for path, n in sorted(per_file.items())))
+
+
+@pytest.fixture(autouse=True)
+def _registry_free_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test classified as never opening the registry runs with a registry URL that cannot be opened."""
+    if request.node.stash.get(_REGISTRY_FREE, False):
+        monkeypatch.setenv(REGISTRY_URL_ENV, REGISTRY_FREE_URL)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +97,9 @@ def _registry_backend(request: pytest.FixtureRequest) -> Iterator[None]:
     session's PostgreSQL (``{home}`` in the URL: created on first use, as SQLite creates HOME/registry.db)."""
     before = os.environ.pop(REGISTRY_URL_ENV, None)
     if TEST_REGISTRY == "postgresql":
-        os.environ[REGISTRY_URL_ENV] = request.getfixturevalue("postgres").url(HOME_PLACEHOLDER)
+        pg: PostgresServer = request.getfixturevalue("postgres")
+        pg.migrate_template()  # every home's database starts migrated (postgres_url's stay empty: template0)
+        os.environ[REGISTRY_URL_ENV] = pg.url(HOME_PLACEHOLDER)
     yield
     os.environ.pop(REGISTRY_URL_ENV, None)
     if before is not None:

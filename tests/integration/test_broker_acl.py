@@ -227,7 +227,7 @@ def test_a_login_cannot_take_over_another_devices_client_id(secured: Secured) ->
         victim.subscribe("edgefleet/v1/dev/dev-b/down/#", qos=1)
         assert subscribed.wait(10)
         observer.publish(device_topic("dev-b", Channel.COMMAND), b"before")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while b"before" not in got and time.monotonic() < deadline:
             time.sleep(0.02)
         assert b"before" in got
@@ -235,7 +235,7 @@ def test_a_login_cannot_take_over_another_devices_client_id(secured: Secured) ->
                                   ca_cert=secured.ca, client_id="dev-b", clean_start=True)
         assert not getattr(attacker.connect_rc, "is_failure", False)
         observer.publish(device_topic("dev-b", Channel.COMMAND), b"after")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while b"after" not in got and time.monotonic() < deadline:
             time.sleep(0.02)
         assert b"after" in got, "dev-b lost its session"
@@ -324,7 +324,7 @@ def test_several_server_processes_each_have_a_login(secured: Secured) -> None:
     second = f"{SERVER_USER}-2"
     password = (secured.home / "keys" / f"broker-{second}.password").read_text().strip()
     assert "user edgefleet-server-2\ntopic readwrite edgefleet/v1/#" in (secured.out / "acl").read_text()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:  # mosquitto re-reads passwd on SIGHUP: until the new login is accepted
         other = MqttTestClient("127.0.0.1", secured.port, username=second, password=password, ca_cert=secured.ca)
         if not getattr(other.connect_rc, "is_failure", False) or time.monotonic() > deadline:

@@ -80,7 +80,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             f.wait_online(dev)
             dev.event("lifecycle.note", severity="warning", message=XSS)
             dev.send_telemetry(p95=3.0, cpu=10.0)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while not any(e.message == XSS for e in f.server.registry.list_events(device_id="con-0")):
                 assert time.monotonic() < deadline, "the device's event was not ingested"
                 time.sleep(0.05)
@@ -198,7 +198,7 @@ def test_live_streams_are_capped_so_api_calls_keep_their_connections(fleet: Flee
         status, _, _ = c.request("GET", "/ui/live")
         assert status == 204, "over the cap: no stream, and EventSource does not retry a 204"
         conn.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while console._streams and time.monotonic() < deadline:  # the closed stream counts itself out
             time.sleep(0.05)
         assert console._streams == 0

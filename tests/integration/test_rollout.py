@@ -116,7 +116,7 @@ def test_operator_rollback_is_confirmed_per_device_and_pins_offline_ones(fleet: 
     assert {d["device_id"]: d["to"] for d in out["devices"]} == {"r-0": 1, "r-1": 1, "r-2": 1}
     for d in devices[:2]:
         d.wait_for(lambda s: s.active == ("m", 1))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         cmds = {c["device_id"]: c for c in fleet.service.command_batch(out["batch_id"])["commands"]}
         if all(cmds[d]["status"] == "ok" for d in ("r-0", "r-1")):
@@ -138,7 +138,7 @@ def test_server_restart_mid_rollout_resumes_from_the_registry(fleet: Fleet) -> N
                                max_failures_percent=0, probation_s=2.0, actor="test")
     fleet.wait_rows(dep["deployment_id"], lambda r: any(x["state"] == "probation" for x in r.values()))
     fleet.server.stop()  # its lease is released; a crash (kill -9) is covered by the e2e tests
-    deadline = time.monotonic() + 30  # the canary commits while no server is running: its events wait in the broker
+    deadline = time.monotonic() + 60  # the canary commits while no server is running: its events wait in the broker
     while not any(d.state.active_state == "committed" and d.active == ("m", 1) for d in devices):
         assert time.monotonic() < deadline, "the canary did not commit while the server was down"
         time.sleep(0.05)
@@ -195,7 +195,7 @@ def test_malformed_device_messages_are_rejected_recorded_and_harmless(fleet: Fle
     finally:
         c.close()
     expected = {"malformed", "unsupported_version", "device_mismatch", "unknown_device", "message_too_large"}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     codes: set[str] = set()
     while time.monotonic() < deadline and not expected <= codes:
         codes = {e["code"] for e in fleet.service.events(kind="ingest.rejected")["events"]}
@@ -231,7 +231,7 @@ def test_stale_desired_state_is_flagged_in_status(fleet: Fleet) -> None:
     d.state.desired_expires_at = time.time() - 60  # the device says its desired state expired
     d.disconnect()
     d.connect()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         row = next(r for r in fleet.service.list_devices() if r["device_id"] == "st-1")
         if row["stale"]:
@@ -241,9 +241,9 @@ def test_stale_desired_state_is_flagged_in_status(fleet: Fleet) -> None:
 
 
 def _enroll(fleet: Fleet, d: Any) -> list[dict[str, object]]:
-    """Send the device's enrollment request; the pending enrollments once the server has it (10 s at most)."""
+    """Send the device's enrollment request; the pending enrollments once the server has it (60 s at most)."""
     d.enroll()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     pending: list[dict[str, object]] = []
     while time.monotonic() < deadline and not pending:
         pending = fleet.service.pending_enrollments()
@@ -283,7 +283,7 @@ def test_device_approved_while_connected_is_online_without_reconnecting(fleet: F
     fleet.wait_deployment(dep["deployment_id"], ("completed",))
     assert d.active == ("m", 2)
     d.disconnect()  # the Last Will of the adopted session still takes it offline
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and fleet.server.registry.get_device("en-live").online:
         time.sleep(0.1)
     assert not fleet.server.registry.get_device("en-live").online

@@ -14,6 +14,7 @@ from server.app import FleetServer
 from server.broker import MosquittoBroker
 from server.builds import StaticBuilds
 from tests.support.servers.fleet import Fleet, onnx_builds
+from tests.support.waiting import wait_progress
 
 pytestmark = pytest.mark.broker
 
@@ -67,14 +68,23 @@ def test_two_servers_split_the_work_and_one_takes_over_when_the_other_dies(fleet
         a_events = fleet.server.ingest.stats.received["event"]
         b_events = other.ingest.stats.received["event"]
         assert a_events > 0 and b_events > 0, (a_events, b_events)
-        committed = fleet.service.events(kind="lifecycle.committed", limit=100)["events"]
-        assert len(committed) == 4  # each event recorded once, whichever server got it
+        # each event recorded once, whichever server got it. The rollout completes on the devices' state reports;
+        # a committed event ingested by the other server may still be in its batch then, so wait for it to land
+        committed: list[dict[str, object]] = []
+
+        def recorded() -> bool:
+            committed[:] = fleet.service.events(kind="lifecycle.committed", limit=100)["events"]
+            return len(committed) >= 4
+
+        wait_progress(recorded, what="4 committed events recorded", progress=lambda: len(committed),
+                      describe=lambda: repr(committed), stall_s=60.0)
+        assert sorted(str(e["device_id"]) for e in committed) == [f"so-{i}" for i in range(4)], committed
 
         # the next rollout's driver dies with its lease held; the other server resumes it
         dep3 = fleet.service.deploy("m:3", target="group:g", canary_percent=25, wave_percent=100,
                                     max_failures_percent=0, probation_s=1.5, actor="t")
         owner = None
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and owner is None:
             owner = fleet.service.registry.get_deployment(dep3["deployment_id"]).lease_owner
             time.sleep(0.05)
@@ -82,14 +92,16 @@ def test_two_servers_split_the_work_and_one_takes_over_when_the_other_dies(fleet
         dying = fleet.server if owner == fleet.server.owner else other
         survivor = other if dying is fleet.server else fleet.server
         _crash(dying)
-        deadline = time.monotonic() + 40
-        status = ""
-        while time.monotonic() < deadline:
-            status = survivor.service.deployment_detail(dep3["deployment_id"])["status"]
-            if status == "completed":
-                break
-            time.sleep(0.1)
-        assert status == "completed"
+        # the survivor takes the lease once it expires, then completes the rollout: wait while the rollout moves
+        detail3: dict[str, object] = {}
+
+        def completed() -> bool:
+            detail3.update(survivor.service.deployment_detail(dep3["deployment_id"]))
+            return detail3["status"] == "completed"
+
+        wait_progress(completed, what="the survivor completing the rollout", stall_s=60.0,
+                      progress=lambda: (detail3.get("status"), repr(detail3.get("devices"))),
+                      describe=lambda: repr(detail3))
         assert survivor.registry.get_deployment(dep3["deployment_id"]).lease_owner == survivor.owner
         assert all(d.active == ("m", 3) for d in devices)
         if dying is fleet.server:

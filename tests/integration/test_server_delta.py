@@ -54,7 +54,7 @@ def test_rollout_sends_one_shared_delta_to_devices_keeping_the_base(
         first = server.service.deploy("digits:1", target="group:g", canary_percent=0, wave_percent=100,
                                       max_failures_percent=0, probation_s=0.5, actor="test")  # fmt: skip
         assert _completed(server, first["deployment_id"])["status"] == "completed"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(  # the server learns what each device keeps
             1 in d["kept"] for d in server.service.list_devices() if d["device_id"] in {a.device_id for a in agents}
         ):

@@ -93,7 +93,7 @@ def test_one_rollout_reaches_devices_on_two_shards(
         with SimFleet(ids, broker=targets, trust=TrustAnchor.of(public_key(config)), settings=SimSettings(),
                       seed="shard", loops=2) as fleet:
             assert fleet.wait(lambda s: s.online == N, 30)
-            deadline = time.monotonic() + 30  # the server saw every birth, from both brokers
+            deadline = time.monotonic() + 60  # the server saw every birth, from both brokers
             while sum(d.online for d in server.registry.list_devices()) < N:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)

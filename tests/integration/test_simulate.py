@@ -106,12 +106,12 @@ def test_simulated_fleet_commits_a_rollout_then_rolls_back_a_failing_version(
         assert rolled, "the released devices reported lifecycle.rolled_back"
         assert all(d.active == ModelRef("m", 1) for d in fleet.devices)
         # telemetry arrived from the simulated devices (every 0.5 s each)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while server.ingest.stats.received["telemetry"] < N:
             assert time.monotonic() < deadline, f"telemetry: {server.ingest.stats.received}"
             time.sleep(0.05)
     # a clean stop leaves every device offline (retained report), as an agent's shutdown does
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(d.online for d in server.registry.list_devices()):
         time.sleep(0.1)
     assert not any(d.online for d in server.registry.list_devices())
@@ -134,7 +134,7 @@ def test_simulate_command_runs_until_every_device_commits(
     assert summary["committed"] == {"m v1": 5} and summary["until_reached_s"] > 0
     assert summary["timeline"]["lifecycle.committed"]["n"] == 5
     assert summary["measurements_sent"] >= 5  # a stand-in warm-up figure per device
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while len(rows := server.registry.measurements("m", 1, sources=("warmup",))) < 5:  # as ingest writes them
         assert time.monotonic() < deadline, rows
         time.sleep(0.1)
@@ -149,7 +149,7 @@ def _simulate_while_deploying(server: FleetServer, argv: list[str], *, online: i
     codes: list[int] = []
     runner = threading.Thread(target=lambda: codes.append(main(argv)))
     runner.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while sum(d.online for d in server.registry.list_devices()) < online and time.monotonic() < deadline:
         time.sleep(0.1)
     server.service.deploy("m:1", target="group:sim", canary_percent=0, wave_percent=100, max_failures_percent=0,
@@ -215,7 +215,7 @@ def test_simulate_stops_with_a_clear_error_on_wrong_missing_credentials_or_an_un
     config = server_config(tmp_path / "home", broker)
     pem = _pem(config, tmp_path / "s.pem")
     base = ["--home", str(tmp_path / "cli-home"), "simulate", "--devices", "3", "--prefix", "simbad",
-            "--no-register", "--broker", broker.url, "--server-key", str(pem), "--timeout", "30", "--quiet"]
+            "--no-register", "--broker", broker.url, "--server-key", str(pem), "--timeout", "300", "--quiet"]
 
     def run(*extra: str) -> tuple[int, float, str]:
         capsys.readouterr()
@@ -226,7 +226,8 @@ def test_simulate_stops_with_a_clear_error_on_wrong_missing_credentials_or_an_un
     ca = str(secure_broker.tls.ca_cert)
     wrong = _creds(tmp_path / "wrong.creds", {d: passwords[d] for d in ids} | {ids[1]: "not-" + passwords[ids[1]]})
     code, took, err = run("--ca", ca, "--credentials", str(wrong))
-    assert code == 1 and took < 25, "a refused login stops the run instead of retrying until the timeout"
+    # a refused login ends the run at once; retrying would last the whole --timeout (300 s): half is the line
+    assert code == 1 and took < 150, "a refused login stops the run instead of retrying until the timeout"
     assert f"{ids[1]}: broker refused the login" in err and "--credentials" in err
 
     missing = _creds(tmp_path / "missing.creds", {ids[0]: passwords[ids[0]]})
@@ -234,12 +235,12 @@ def test_simulate_stops_with_a_clear_error_on_wrong_missing_credentials_or_an_un
     assert code == 1 and f"has no password for {ids[1]}, {ids[2]}" in err
 
     code, took, err = run("--ca", ca)  # no credentials at all: the broker allows no anonymous login
-    assert code == 1 and took < 25 and "broker refused the login" in err
+    assert code == 1 and took < 150 and "broker refused the login" in err
 
     other_ca = generate_tls(tmp_path / "other-tls").ca_cert  # a CA that did not sign the broker's certificate
     right = _creds(tmp_path / "right.creds", {d: passwords[d] for d in ids})
     code, took, err = run("--ca", str(other_ca), "--credentials", str(right))
-    assert code == 1 and took < 25 and "TLS:" in err and "certificate" in err
+    assert code == 1 and took < 150 and "TLS:" in err and "certificate" in err
 
 
 def test_simulate_issues_credentials_then_runs_on_the_broker_config_generates(

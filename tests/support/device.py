@@ -140,14 +140,26 @@ class DeviceUnderTest:
             self.sim.seed(ModelRef(model, version))
 
     def wait_for(self, predicate: Any, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until ``predicate(self)`` holds, as long as the device moves (lifecycle, active version, chunks,
+        events, messages) at least every ``max(timeout, 60)`` s: a loaded machine is slow, not stuck
+        (tests/support/waiting.py); 300 s at most."""
+        from tests.support.waiting import wait_progress
+
+        def done() -> bool:
             with self.lock:
-                if predicate(self):
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.device_id}: condition not met within {timeout}s "
-                           f"(lifecycle {self.sim.lifecycle}, active {self.sim.active})")
+                return bool(predicate(self))
+
+        def progress() -> tuple[Any, ...]:
+            with self.lock:
+                return (self.sim.lifecycle, self.sim.active, self.sim.counters.chunks, len(self.events),
+                        self.connected.is_set())
+
+        try:
+            wait_progress(done, what=f"{self.device_id}: condition", progress=progress,
+                          describe=lambda: f"lifecycle {self.sim.lifecycle}, active {self.sim.active}",
+                          stall_s=max(timeout, 60.0), cap_s=max(timeout, 300.0), interval_s=0.05)
+        except TimeoutError as exc:
+            raise TimeoutError(str(exc)) from None
 
     # -- connection -----------------------------------------------------------------------------------
 

@@ -125,30 +125,35 @@ class Fleet:
                       describe=lambda: f"still not there: {late}", stall_s=stall_s, interval_s=0.05)
 
     def wait_deployment(self, deployment_id: str, statuses: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
-        import time
-
-        deadline = time.monotonic() + timeout
-        detail: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            detail = self.service.deployment_detail(deployment_id)
-            if detail["status"] in statuses:
-                return detail
-            time.sleep(0.1)
-        raise TimeoutError(f"deployment {deployment_id} is {detail.get('status')}, not {statuses}: "
-                           f"{[(d['device_id'], d['state'], d['reason']) for d in detail.get('devices', [])]}")
+        """Until the deployment's status is one of ``statuses`` (see ``wait_rows`` for how long)."""
+        return self._wait_detail(deployment_id, lambda detail: detail["status"] in statuses,
+                                 f"reaching {statuses}", timeout)
 
     def wait_rows(self, deployment_id: str, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
-        import time
+        """Until ``predicate`` holds for the deployment's rows by device id, as long as the deployment moves (its
+        status or a device's state) at least every ``max(timeout, 60)`` s: a loaded machine is slow, not stuck
+        (tests/support/waiting.py); 300 s at most."""
+        return self._wait_detail(deployment_id,
+                                 lambda detail: predicate({d["device_id"]: d for d in detail["devices"]}),
+                                 "rows meeting the condition", timeout)
 
-        deadline = time.monotonic() + timeout
+    def _wait_detail(self, deployment_id: str, ready: Any, what: str, timeout: float) -> dict[str, Any]:
+        from tests.support.waiting import wait_progress
+
         detail: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            detail = self.service.deployment_detail(deployment_id)
-            rows = {d["device_id"]: d for d in detail["devices"]}
-            if predicate(rows):
-                return detail
-            time.sleep(0.1)
-        raise TimeoutError(f"condition not met: {[(d['device_id'], d['state']) for d in detail['devices']]}")
+
+        def done() -> bool:
+            detail.clear()
+            detail.update(self.service.deployment_detail(deployment_id))
+            return bool(ready(detail))
+
+        def rows() -> tuple[Any, ...]:
+            return tuple((d["device_id"], d["state"], d["reason"]) for d in detail.get("devices", []))
+
+        wait_progress(done, what=f"deployment {deployment_id} {what}", progress=lambda: (detail.get("status"), rows()),
+                      describe=lambda: f"status {detail.get('status')}: {list(rows())}",
+                      stall_s=max(timeout, 60.0), cap_s=max(timeout, 300.0), interval_s=0.1)
+        return detail
 
     def token(self, name: str, role: str) -> str:
         """A new API token with ``role``, registered as ``name``."""
