@@ -88,8 +88,38 @@ class Fidelity:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _per_sample(outputs: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in outputs], axis=1)
+#: Float64 bytes of one row block of the cosine comparison: large outputs (a CTC recognizer's 64 x 40 x 6625)
+#: are compared a few samples at a time instead of as whole float64 copies (hundreds of MB, page faults).
+BLOCK_BYTES = 8 << 20
+
+
+def _per_sample(outputs: Sequence[np.ndarray], start: int = 0, stop: int | None = None) -> np.ndarray:
+    return np.concatenate([o[start:stop].reshape(len(o[start:stop]), -1).astype(np.float64) for o in outputs],
+                          axis=1)
+
+
+def _compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], n: int,
+             finite: bool) -> tuple[np.ndarray, float]:
+    """Per-sample cosine of all outputs (flattened, concatenated, float64) and the largest absolute error.
+
+    Row blocks of at most BLOCK_BYTES: each sample's sums are the same whatever the block, so the
+    values are those of comparing the whole arrays at once."""
+    width = sum(int(np.prod(o.shape[1:], dtype=np.int64)) for o in reference)
+    step = max(1, BLOCK_BYTES // max(1, 8 * width))
+    cos = np.empty(n, dtype=np.float64)
+    max_abs = 0.0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ref, cand = _per_sample(reference, start, stop), _per_sample(candidate, start, stop)
+        if not finite:
+            cand = np.nan_to_num(cand, nan=0.0, posinf=0.0, neginf=0.0)
+        dots = (ref * cand).sum(axis=1)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+        cos[start:stop] = np.where(norms > 0, dots / np.maximum(norms, 1e-30),
+                                   np.where((ref == cand).all(axis=1), 1.0, 0.0))
+        if finite and ref.size:
+            max_abs = max(max_abs, float(np.abs(ref - cand).max()))
+    return cos, max_abs if finite else math.inf
 
 
 def _classes(out: np.ndarray, threshold: float) -> np.ndarray:
@@ -112,15 +142,9 @@ def _iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
 def measure_fidelity(
     reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], spec: GateSpec, labels: np.ndarray | None
 ) -> Fidelity:
-    ref, cand = _per_sample(reference), _per_sample(candidate)
-    n = min(len(ref), len(cand))
-    ref, cand = ref[:n], cand[:n]
-    finite = bool(np.isfinite(cand).all())
-    if not finite:
-        cand = np.nan_to_num(cand, nan=0.0, posinf=0.0, neginf=0.0)
-    dots = (ref * cand).sum(axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cos = np.where(norms > 0, dots / np.maximum(norms, 1e-30), np.where((ref == cand).all(axis=1), 1.0, 0.0))
+    n = min(len(o) for o in (*reference, *candidate))
+    finite = all(bool(np.isfinite(o[:n]).all()) for o in candidate if o.dtype.kind in "fc")
+    cos, max_abs = _compare(reference, candidate, n, finite)
     first_ref, first_cand = reference[0][:n], candidate[0][:n]
     if first_ref.shape != first_cand.shape:
         raise DatasetError(f"the candidate's first output is {list(first_cand.shape[1:])} per sample, "
@@ -128,7 +152,6 @@ def measure_fidelity(
     ref_cls = _classes(first_ref, spec.iou_threshold)
     cand_cls = _classes(np.nan_to_num(first_cand), spec.iou_threshold)
     top1 = float((ref_cls == cand_cls).mean())
-    max_abs = float(np.abs(ref - cand).max()) if finite else math.inf
     accuracy = reference_acc = None
     mean_iou = None
     if labels is not None:

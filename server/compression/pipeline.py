@@ -650,7 +650,7 @@ def build_profile(
     chosen = delta_quant.reuse_previous(b, chosen, opts.previous)
 
     data = chosen.path.read_bytes()
-    choice = codec.choose_codec(data)
+    choice = b.share.codec_choice(data)
     ota = codec.ota_size(choice.compressed_size, profile.chunk_size)
     runner = open_runner(chosen.path, source.format)
     golden: tuple[GoldenCase, ...] = ()
