@@ -150,7 +150,7 @@ def measure_fidelity(
         raise DatasetError(f"the candidate's first output is {list(first_cand.shape[1:])} per sample, "
                            f"fp32's is {list(first_ref.shape[1:])}")
     ref_cls = _classes(first_ref, spec.iou_threshold)
-    cand_cls = _classes(np.nan_to_num(first_cand), spec.iou_threshold)
+    cand_cls = _classes(first_cand if finite else np.nan_to_num(first_cand), spec.iou_threshold)
     top1 = float((ref_cls == cand_cls).mean())
     accuracy = reference_acc = None
     mean_iou = None
