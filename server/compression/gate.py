@@ -232,6 +232,40 @@ OPTIMIZE_CHOICES = ("balanced", "latency", "size")
 MEASURED_SLACK = 1.05
 
 
+def _slow(c: Scored, fp32_latency_ms: float | None) -> bool:
+    """Slower than fp32 on this machine's estimate (never for a variant that computes in fp32)."""
+    return (
+        not c.fp32_compute
+        and c.latency_ms is not None
+        and fp32_latency_ms is not None
+        and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
+        and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS
+    )
+
+
+def cannot_win(
+    ota_size: int,
+    passing: Sequence[Scored],
+    fp32_latency_ms: float | None,
+    *,
+    optimize: str = "balanced",
+    measured: Mapping[str, float] | None = None,
+) -> Scored | None:
+    """A passing candidate that ``select`` prefers to any candidate of ``ota_size`` bytes, whatever its
+    fidelity and latency and whatever is measured later; None when there is none.
+
+    Only for ``balanced`` and ``size`` without device measurements (the blind rule, size first): a
+    passing candidate that is not slower than fp32 always stays in the running, and a candidate more
+    than SIZE_SLACK larger than it is never within SIZE_SLACK of the smallest. Such a candidate need
+    not be run on the evaluation data.
+    """
+    if optimize == "latency" or any(v is not None for v in (measured or {}).values()):
+        return None
+    fast = [c for c in passing if c.passed and not _slow(c, fp32_latency_ms)]
+    best = min(fast, key=lambda c: c.ota_size, default=None)
+    return best if best is not None and ota_size > best.ota_size * SIZE_SLACK else None
+
+
 def select(
     candidates: Sequence[Scored],
     fp32_latency_ms: float | None,
@@ -263,13 +297,7 @@ def select(
     def slow(c: Scored) -> bool:
         if c.name in measured and fp32_measured is not None:
             return False  # judged on measurements above
-        return (
-            not c.fp32_compute
-            and c.latency_ms is not None
-            and fp32_latency_ms is not None
-            and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
-            and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS
-        )
+        return _slow(c, fp32_latency_ms)
 
     fast = [c for c in passing if not slow(c)] or passing
     on_devices = [c for c in fast if c.name in measured]

@@ -56,6 +56,9 @@ class Measured:
     best: float | None = None
     build_s: float = 0.0
     notes: tuple[str, ...] = ()
+    #: run on the evaluation data (fidelity measured, or the run's error): a made candidate that no
+    #: profile can choose is never run (``gate.cannot_win``)
+    evaluated: bool = False
 
 
 @dataclass

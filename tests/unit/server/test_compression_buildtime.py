@@ -1,4 +1,5 @@
-"""Build-time savings that must not change a verdict: block-wise fidelity, the codec choice made once per file."""
+"""Build-time savings that must not change a verdict: block-wise fidelity, the codec choice made once per
+file, candidates that cannot be chosen left unrun."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.compression import codec, gate
-from server.compression.gate import GateSpec, measure_fidelity
+from server.compression.gate import SIZE_SLACK, GateSpec, Scored, cannot_win, measure_fidelity, select
 from server.compression.share import BuildShare
 
 
@@ -61,3 +62,34 @@ def test_the_codec_is_chosen_once_per_file_content(tmp_path: Path, monkeypatch: 
         assert share.codec_choice(bytes(50_000)) == a and calls == [50_000]
         b = share.codec_choice(b"\x01" * 50_000)  # other content: chosen again
         assert calls == [50_000, 50_000] and b.compression == "lzma"
+
+
+def test_a_candidate_that_cannot_win_is_never_selected_whatever_it_measures() -> None:
+    rng = np.random.default_rng(7)
+    fp32 = Scored("fp32", True, 1000, 10.0, 1.0, True)
+    skipped = 0
+    for trial in range(400):
+        passing = [fp32] + [Scored(f"c{i}", True, int(rng.integers(100, 1200)), float(rng.uniform(2, 30)),
+                                   float(rng.uniform(0.99, 1.0)), bool(rng.integers(0, 2)))
+                            for i in range(int(rng.integers(0, 4)))]
+        size = int(rng.integers(100, 1500))
+        winner = cannot_win(size, passing, fp32.latency_ms)
+        if winner is None:
+            continue
+        skipped += 1
+        assert winner.passed and size > winner.ota_size * SIZE_SLACK
+        for latency in (0.1, 5.0, 100.0):  # whatever it would have measured: fastest, perfect, or slow
+            for compute in (True, False):
+                x = Scored("x", True, size, latency, 1.0, compute)
+                for optimize in ("balanced", "size"):
+                    picked = select([*passing, x], fp32.latency_ms, optimize=optimize)
+                    assert picked is not None and picked.name != "x", (trial, passing, x, optimize)
+    assert skipped > 50
+    # the latency rule and device measurements can prefer a larger candidate: nothing is skipped then
+    small = Scored("small", True, 100, 9.0, 1.0, False)
+    assert cannot_win(500, [fp32, small], 10.0) is small
+    assert cannot_win(500, [fp32, small], 10.0, optimize="latency") is None
+    assert cannot_win(500, [fp32, small], 10.0, measured={"small": 3.0}) is None
+    # a passing candidate slower than fp32 may lose to a larger one: it does not count
+    slow = Scored("slow", True, 100, 50.0, 1.0, False)
+    assert cannot_win(500, [fp32, slow], 10.0) is None and cannot_win(1200, [fp32, slow], 10.0) is fp32
