@@ -532,8 +532,8 @@ class _Builder:
                                  f"than {SIZE_SLACK}x {winner.name} ({winner.ota_size} bytes), which passed and "
                                  f"is not slower than fp32 (optimize {self.options.optimize}, no device "
                                  f"measurements): not run on the evaluation data",
-                                 size_bytes=m.size, compressed_estimate=m.estimate, opset=m.opset, sha256=m.sha256,
-                                 build_s=m.build_s)
+                                 path=m.path, size_bytes=m.size, compressed_estimate=m.estimate, opset=m.opset,
+                                 sha256=m.sha256, build_s=m.build_s)
         self.run(m, recipe)
         if m.error is not None:
             return Candidate(recipe, "error", m.error, build_s=m.build_s)
