@@ -93,8 +93,38 @@ class Fidelity:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _per_sample(outputs: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([o.reshape(o.shape[0], -1).astype(np.float64) for o in outputs], axis=1)
+#: Float64 bytes of one row block of the cosine comparison: large outputs (a CTC recognizer's 64 x 40 x 6625)
+#: are compared a few samples at a time instead of as whole float64 copies (hundreds of MB, page faults).
+BLOCK_BYTES = 8 << 20
+
+
+def _per_sample(outputs: Sequence[np.ndarray], start: int = 0, stop: int | None = None) -> np.ndarray:
+    return np.concatenate([o[start:stop].reshape(len(o[start:stop]), -1).astype(np.float64) for o in outputs],
+                          axis=1)
+
+
+def _compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], n: int,
+             finite: bool) -> tuple[np.ndarray, float]:
+    """Per-sample cosine of all outputs (flattened, concatenated, float64) and the largest absolute error.
+
+    Row blocks of at most BLOCK_BYTES: each sample's sums are the same whatever the block, so the
+    values are those of comparing the whole arrays at once."""
+    width = sum(int(np.prod(o.shape[1:], dtype=np.int64)) for o in reference)
+    step = max(1, BLOCK_BYTES // max(1, 8 * width))
+    cos = np.empty(n, dtype=np.float64)
+    max_abs = 0.0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ref, cand = _per_sample(reference, start, stop), _per_sample(candidate, start, stop)
+        if not finite:
+            cand = np.nan_to_num(cand, nan=0.0, posinf=0.0, neginf=0.0)
+        dots = (ref * cand).sum(axis=1)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+        cos[start:stop] = np.where(norms > 0, dots / np.maximum(norms, 1e-30),
+                                   np.where((ref == cand).all(axis=1), 1.0, 0.0))
+        if finite and ref.size:
+            max_abs = max(max_abs, float(np.abs(ref - cand).max()))
+    return cos, max_abs if finite else math.inf
 
 
 def _classes(out: np.ndarray, threshold: float) -> np.ndarray:
@@ -117,23 +147,16 @@ def _iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
 def measure_fidelity(
     reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], spec: GateSpec, labels: np.ndarray | None
 ) -> Fidelity:
-    ref, cand = _per_sample(reference), _per_sample(candidate)
-    n = min(len(ref), len(cand))
-    ref, cand = ref[:n], cand[:n]
-    finite = bool(np.isfinite(cand).all())
-    if not finite:
-        cand = np.nan_to_num(cand, nan=0.0, posinf=0.0, neginf=0.0)
-    dots = (ref * cand).sum(axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cos = np.where(norms > 0, dots / np.maximum(norms, 1e-30), np.where((ref == cand).all(axis=1), 1.0, 0.0))
+    n = min(len(o) for o in (*reference, *candidate))
+    finite = all(bool(np.isfinite(o[:n]).all()) for o in candidate if o.dtype.kind in "fc")
+    cos, max_abs = _compare(reference, candidate, n, finite)
     first_ref, first_cand = reference[0][:n], candidate[0][:n]
     if first_ref.shape != first_cand.shape:
         raise DatasetError(f"the candidate's first output is {list(first_cand.shape[1:])} per sample, "
                            f"fp32's is {list(first_ref.shape[1:])}")
     ref_cls = _classes(first_ref, spec.iou_threshold)
-    cand_cls = _classes(np.nan_to_num(first_cand), spec.iou_threshold)
+    cand_cls = _classes(first_cand if finite else np.nan_to_num(first_cand), spec.iou_threshold)
     top1 = float((ref_cls == cand_cls).mean())
-    max_abs = float(np.abs(ref - cand).max()) if finite else math.inf
     accuracy = reference_acc = None
     mean_iou = None
     if labels is not None:
@@ -214,6 +237,45 @@ OPTIMIZE_CHOICES = ("balanced", "latency", "size")
 MEASURED_SLACK = 1.05
 
 
+def _slow(c: Scored, fp32_latency_ms: float | None) -> bool:
+    """Slower than fp32 on this machine's estimate (never for a variant that computes in fp32)."""
+    return (
+        not c.fp32_compute
+        and c.latency_ms is not None
+        and fp32_latency_ms is not None
+        and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
+        and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS
+    )
+
+
+def cannot_win(
+    ota_size: int,
+    passing: Sequence[Scored],
+    fp32_latency_ms: float | None,
+    *,
+    optimize: str = "balanced",
+    measured: Mapping[str, float] | None = None,
+) -> Scored | None:
+    """A passing candidate that ``select`` prefers to any candidate of ``ota_size`` bytes, whatever its
+    fidelity and latency and whatever is measured later; None when there is none.
+
+    Only for ``balanced`` and ``size`` without device measurements (the blind rule, size first): a
+    passing candidate that is not slower than fp32 always stays in the running, and a candidate more
+    than SIZE_SLACK larger than it is never within SIZE_SLACK of the smallest. ``balanced`` on a profile
+    timed here may pay up to BALANCED_SIZE_CAP times the size rule's choice for speed, so there the bound is
+    that much wider. Such a candidate need not be run on the evaluation data.
+    """
+    if optimize == "latency" or any(v is not None for v in (measured or {}).values()):
+        return None
+    fast = [c for c in passing if c.passed and not _slow(c, fp32_latency_ms)]
+    best = min(fast, key=lambda c: c.ota_size, default=None)
+    if best is None:
+        return None
+    timed_here = optimize == "balanced" and any(c.latency_ms is not None for c in fast)
+    bound = best.ota_size * SIZE_SLACK * (BALANCED_SIZE_CAP if timed_here else 1.0)
+    return best if ota_size > bound else None
+
+
 def select(
     candidates: Sequence[Scored],
     fp32_latency_ms: float | None,
@@ -248,13 +310,7 @@ def select(
     def slow(c: Scored) -> bool:
         if c.name in measured and fp32_measured is not None:
             return False  # judged on measurements above
-        return (
-            not c.fp32_compute
-            and c.latency_ms is not None
-            and fp32_latency_ms is not None
-            and c.latency_ms > fp32_latency_ms * LATENCY_SLACK
-            and c.latency_ms - fp32_latency_ms > LATENCY_FLOOR_MS
-        )
+        return _slow(c, fp32_latency_ms)
 
     fast = [c for c in passing if not slow(c)] or passing
     on_devices = [c for c in fast if c.name in measured]

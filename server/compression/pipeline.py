@@ -38,9 +38,11 @@ from server.compression import (
 )
 from server.compression.data import Dataset
 from server.compression.gate import (
+    SIZE_SLACK,
     Fidelity,
     GateSpec,
     Scored,
+    cannot_win,
     check_fidelity,
     measure_fidelity,
     select,
@@ -299,6 +301,8 @@ class _Builder:
         self.builtin_ok: bool | None = None  # whether the .tflite source runs without XNNPACK (checked once)
         self.unchecked: str | None = None  # why fp32 could not be run here (synthetic inputs the model refuses)
         self.produce_notes: list[str] = []  # what making the current candidate noted (kept with its measurement)
+        self.passing: list[Scored] = []  # the candidates that passed so far, as selection sees them
+        self.fp32_best: float | None = None  # fp32's best latency here (what selection compares)
 
     # ---- setup
 
@@ -449,29 +453,37 @@ class _Builder:
                       cal.sha256 if cal else None, cal.samples if cal else 0, self.unchecked is None)
 
     def measure(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Measured:
-        """Make and run the candidate, or take what an earlier profile of this build measured."""
+        """Make the candidate, or take what an earlier profile of this build made (and maybe measured)."""
         key = self._candidate_key(recipe, exclude)
         m = self.share.measured.get(key)
         if m is None:
-            m = self.share.measured[key] = self._measure(recipe, exclude, self.share.folder(key))
+            m = self.share.measured[key] = self._make(recipe, exclude, self.share.folder(key))
         else:
             self.share.hits += 1
+        return m
+
+    def run(self, m: Measured, recipe: Recipe) -> None:
+        """Run the made candidate on the evaluation data (once per build) and, where this machine stands in
+        for the profile, time it (once per build)."""
+        if not m.evaluated and m.error is None and m.path is not None:
+            self._evaluate_made(m, recipe)
         if self.measure_latency and m.latency is None and m.error is None and m.path is not None \
                 and self.unchecked is None:
             runner = open_runner(m.path, self.source.format)
             m.latency, m.best = latency_ms(runner, sample_feed(runner, self.evaluation), runs=self.options.latency_runs)
-        return m
 
-    def _measure(self, recipe: Recipe, exclude: Sequence[str], folder: Path) -> Measured:
+    def _same_key(self, sha: str) -> str:
+        return digest("file", sha, self.evaluation.sha256, self.evaluation.samples, self.gate.to_dict(),
+                      self.unchecked is None)
+
+    def _make(self, recipe: Recipe, exclude: Sequence[str], folder: Path) -> Measured:
         t0 = time.monotonic()
         self.produce_notes = []
         try:
             path = self.produce(recipe, folder, exclude)
             data = path.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
-            same_key = digest("file", sha, self.evaluation.sha256, self.evaluation.samples, self.gate.to_dict(),
-                              self.unchecked is None)
-            same = self.share.by_sha.get(same_key)
+            same = self.share.by_sha.get(self._same_key(sha))
             if same is not None:  # another recipe made the very same file (entropy ranges = minmax ranges)
                 self.share.hits += 1
                 return replace(same, path=path, latency=None, best=None, build_s=time.monotonic() - t0)
@@ -480,22 +492,34 @@ class _Builder:
                 model = onnx_tools.load(path)
                 op_set, ops = onnx_tools.opset(model), onnx_tools.domain_ops(model)
                 del model
-            runner = open_runner(path, self.source.format)
-            if self.source.format == "tflite" and recipe.kind != "fp32":
-                self.check_builtin_kernels(path)
-            fid = None
-            if self.unchecked is None:
-                outputs = run_dataset(runner, self.evaluation)
-                fid = measure_fidelity(self.reference, outputs, self.gate, self.evaluation.labels)
         except ServerError as exc:
-            return Measured(error=exc.message[:300], build_s=time.monotonic() - t0)
+            return Measured(error=exc.message[:300], build_s=time.monotonic() - t0, evaluated=True)
         except Exception as exc:  # quantizers raise anything; one broken recipe must not stop the others
             log.info("recipe %s failed", recipe.name, exc_info=True)
-            return Measured(error=f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0)
-        m = Measured(path=path, fidelity=fid, size=len(data), estimate=len(zlib.compress(data, 1)), sha256=sha,
-                     opset=op_set, ops=ops, build_s=time.monotonic() - t0, notes=tuple(self.produce_notes))
-        self.share.by_sha[same_key] = m
-        return m
+            return Measured(error=f"{type(exc).__name__}: {str(exc)[:300]}", build_s=time.monotonic() - t0,
+                            evaluated=True)
+        return Measured(path=path, size=len(data), estimate=len(zlib.compress(data, 1)), sha256=sha,
+                        opset=op_set, ops=ops, build_s=time.monotonic() - t0, notes=tuple(self.produce_notes))
+
+    def _evaluate_made(self, m: Measured, recipe: Recipe) -> None:
+        assert m.path is not None
+        t0 = time.monotonic()
+        try:
+            runner = open_runner(m.path, self.source.format)
+            if self.source.format == "tflite" and recipe.kind != "fp32":
+                self.check_builtin_kernels(m.path)
+            if self.unchecked is None:
+                outputs = run_dataset(runner, self.evaluation)
+                m.fidelity = measure_fidelity(self.reference, outputs, self.gate, self.evaluation.labels)
+        except ServerError as exc:
+            m.error = exc.message[:300]
+        except Exception as exc:
+            log.info("recipe %s failed to run", recipe.name, exc_info=True)
+            m.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        m.evaluated = True
+        m.build_s += time.monotonic() - t0
+        if m.error is None:
+            self.share.by_sha[self._same_key(m.sha256)] = m
 
     def evaluate(self, recipe: Recipe, exclude: Sequence[str] = ()) -> Candidate:
         """The shared measurement, judged by this profile: opset and ops, the gate, size and latency limits."""
@@ -513,6 +537,30 @@ class _Builder:
                 onnx_tools.check_op_types(m.ops, self.rt.max_opset, self.profile.id, self.runtime_name)
             except ServerError as exc:
                 return Candidate(recipe, "error", exc.message[:300], build_s=m.build_s)
+        if not m.evaluated and recipe.kind != "fp32":
+            winner = cannot_win(m.estimate, self.passing, self.fp32_best, optimize=self.options.optimize,
+                                measured=self.options.measured)
+            if winner is not None:
+                return Candidate(recipe, "skipped", f"skipped: cannot be chosen: {m.estimate} bytes compressed, more "
+                                 f"than {SIZE_SLACK}x {winner.name} ({winner.ota_size} bytes), which passed and "
+                                 f"is not slower than fp32 (optimize {self.options.optimize}, no device "
+                                 f"measurements): not run on the evaluation data",
+                                 path=m.path, size_bytes=m.size, compressed_estimate=m.estimate, opset=m.opset,
+                                 sha256=m.sha256, build_s=m.build_s)
+        self.run(m, recipe)
+        if m.error is not None:
+            return Candidate(recipe, "error", m.error, build_s=m.build_s)
+        cand = self._judge(recipe, m)
+        if cand.passed:
+            self.passing.append(Scored(recipe.name, True, cand.compressed_estimate, cand.latency_best_ms,
+                                       cand.fidelity.value if cand.fidelity else 0.0, recipe.fp32_compute))
+        if recipe.kind == "fp32":
+            self.fp32_best = cand.latency_best_ms
+        return cand
+
+    def _judge(self, recipe: Recipe, m: Measured) -> Candidate:
+        """The gate's verdict and this profile's size and latency limits on a measured candidate."""
+        assert m.path is not None
         fid, size, estimate, latency = m.fidelity, m.size, m.estimate, m.latency
         reason = check_fidelity(fid, self.gate) if fid is not None else None
         if fid is None and recipe.kind != "fp32":
@@ -558,6 +606,13 @@ class _Builder:
             self.notes.append(f"fallback skipped: the best int8 candidate ({best.recipe.name}) is {gap:.3f} below "
                               f"the gate, more than keeping nodes in float recovered on the models measured "
                               f"(<= {self.options.fallback_max_gap})")
+            return []
+        winner = cannot_win(best.compressed_estimate, self.passing, self.fp32_best, optimize=self.options.optimize,
+                            measured=self.options.measured)
+        if winner is not None:  # float nodes only grow the file
+            self.notes.append(f"fallback skipped: {best.recipe.name} with nodes kept in float cannot be chosen: "
+                              f"{best.compressed_estimate} bytes compressed already, more than {SIZE_SLACK}x "
+                              f"{winner.name} ({winner.ota_size} bytes), which passed")
             return []
         self.progress(f"{best.recipe.name}: finding divergent nodes")
         rank_key = digest("ranking", best.sha256, self.prep_key, best.recipe.kind, best.recipe.params)
@@ -667,7 +722,7 @@ def build_profile(
     chosen = delta_quant.reuse_previous(b, chosen, opts.previous)
 
     data = chosen.path.read_bytes()
-    choice = codec.choose_codec(data)
+    choice = b.share.codec_choice(data)
     ota = codec.ota_size(choice.compressed_size, profile.chunk_size)
     runner = open_runner(chosen.path, source.format)
     golden: tuple[GoldenCase, ...] = ()

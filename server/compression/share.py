@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from server.compression import codec
 from server.compression.gate import Fidelity
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class Measured:
     best: float | None = None
     build_s: float = 0.0
     notes: tuple[str, ...] = ()
+    #: run on the evaluation data (fidelity measured, or the run's error): a made candidate that no
+    #: profile can choose is never run (``gate.cannot_win``)
+    evaluated: bool = False
 
 
 @dataclass
@@ -80,6 +84,7 @@ class BuildShare:
         self.rankings: dict[str, list[str]] = {}
         self.by_sha: dict[str, Measured] = {}  # identical files made by different recipes: measured once
         self.retimed: dict[tuple[str, str], Any] = {}  # (candidate, fp32) sha256: retime.PairedTiming
+        self.codecs: dict[str, codec.CodecChoice] = {}  # by the chosen file's sha256: lzma runs once per file
         self.hits = 0
 
     @classmethod
@@ -97,6 +102,14 @@ class BuildShare:
         path = self.dir / key[:24]
         path.mkdir(exist_ok=True)
         return path
+
+    def codec_choice(self, data: bytes) -> codec.CodecChoice:
+        """``codec.choose_codec`` of the file, once per content: profiles that ship the same file share it."""
+        key = hashlib.sha256(data).hexdigest()
+        choice = self.codecs.get(key)
+        if choice is None:
+            choice = self.codecs[key] = codec.choose_codec(data)
+        return choice
 
     # -- reference outputs ---------------------------------------------------------------------
 
