@@ -4,7 +4,7 @@
 
 For each real model (scripts/fetch_models.py cache): ``edgefleet build NAME --profile all`` through the
 catalog (timed: ``build_seconds``), then for each CPU profile this machine stands in for (same
-architecture and ISA features; server.compression.pipeline.stand_in) one row per variant:
+architecture and ISA features; server.compression.host.stand_in) one row per variant:
 
   fp32                   the source model as registered
   ort_default            ONNX Runtime's quantizer as its docs show it, defaults only: quantize_dynamic for
@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.compression import codec, litert_tools, nncf_tools
 from server.compression.data import Dataset, load_dataset
 from server.compression.gate import GateSpec, check_fidelity, measure_fidelity
-from server.compression.pipeline import inspect_source, stand_in
+from server.compression.host import stand_in
+from server.compression.pipeline import inspect_source
 from server.compression.runners import open_runner, run_dataset, sample_feed
 from server.model_ops import build_model
 from server.profiles import load_profiles
