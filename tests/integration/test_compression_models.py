@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import pytest
 
 from server.compression import onnx_tools
 from server.compression.data import load_dataset
@@ -55,7 +56,10 @@ def test_ppocr_static_qdq_is_built_and_gated_on_the_probability_map(tmp_path: Pa
     assert result.provenance["datasets"]["calibration_samples"] == 24
 
 
-def test_minilm_int8_keeps_cosine_and_shrinks_4x(tmp_path: Path) -> None:
+def test_minilm_int8_keeps_cosine_and_shrinks_4x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # This test is about sizes and fidelity. Timed on a busy machine, int8 can look slower than fp32 and be set
+    # aside (the selection's own tests cover that with injected timings), so this build times nothing.
+    monkeypatch.setattr("server.compression.pipeline.stand_in", lambda _profile: (False, "not timed in this test"))
     result = _build("minilm", "x86-64-avx2", tmp_path, GateSpec(metric="cosine", min_cosine=0.99),
                     BuildOptions(only=("int8-dynamic", "int8-weight-only"), pruning=False, fallback=False,
                                  evaluation_limit=100, latency_runs=5))
