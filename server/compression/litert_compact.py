@@ -127,12 +127,9 @@ def _dedupe_buffers(model: Any) -> int:
     return dropped
 
 
-def compact(src: Path, dst: Path) -> Compaction:
-    """Write ``src`` without what the runtime does not read, identical arrays stored once (module doc)."""
-    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
-
-    raw = src.read_bytes()
-    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(raw))
+def strip(model: Any) -> tuple[int, int, int, int]:
+    """Drop from ``model`` (a ModelT, in place) what the runtime never reads (module doc); returns how many
+    (names, min/max ranges, buffers, metadata entries) went. ``serialize`` it then."""
     names = ranges = 0
     for index, graph in enumerate(model.subgraphs):
         kept = _kept_names(model, index)
@@ -151,7 +148,16 @@ def compact(src: Path, dst: Path) -> Compaction:
         metadata = len(model.metadata) - len(kept_meta)
         model.metadata = kept_meta
     model.description = None
-    buffers = _dedupe_buffers(model)
+    return names, ranges, _dedupe_buffers(model), metadata
+
+
+def compact(src: Path, dst: Path) -> Compaction:
+    """Write ``src`` without what the runtime does not read, identical arrays stored once (module doc)."""
+    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415
+
+    raw = src.read_bytes()
+    model: Any = flatbuffer_utils.read_model_from_bytearray(bytearray(raw))
+    names, ranges, buffers, metadata = strip(model)
     data = serialize(model)
     dst.write_bytes(data)
     return Compaction(names, ranges, buffers, metadata, len(raw), len(data))

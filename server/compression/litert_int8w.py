@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from server.compression import litert_compact
 from server.compression.data import Dataset
 from server.compression.gate import GateSpec, check_fidelity, measure_fidelity
 from server.compression.litert_tools import FP16_MAX, _drop_unused_tensors, fix_operator_codes
@@ -222,7 +223,8 @@ def int8_weights(src: Path, dst: Path, *, max_tensor_error: float = 0.0, keep: C
     for index in range(len(model.subgraphs)):
         _drop_unused_tensors(model, index)
     _drop_unused_codes(model)
-    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    litert_compact.strip(model)  # unread names out, identical arrays once (the graph's I/O names stay)
+    dst.write_bytes(litert_compact.serialize(model))
     return plans
 
 
