@@ -19,6 +19,10 @@ Four things stood between LiteRT Quantizer's ``static_wi8_ai8`` and an int8 mode
   more each round (``TAIL_FRACTIONS`` of the quantizable ops), until the model passes with
   ``litert_int8w.SEARCH_BUDGET_SHARE`` of the gate's budget; their weights are stored as fp16.
 
+Then the file is made small (docs/compression.md "File size"): ``per_tensor_search`` gives the ops the
+gate can afford it one weight scale instead of one per channel, and every file is compacted
+(``litert_compact``: unread names out, identical arrays stored once).
+
 Not solved here: XNNPACK has no int8 PRELU (face_mesh's 23 stay float inside the partition, 0.78-0.86x
 fp32), and selfie's AVERAGE_POOL_2D and HARD_SWISH stay on the builtin kernels (docs/compression.md).
 """
