@@ -19,6 +19,10 @@ Four things stood between LiteRT Quantizer's ``static_wi8_ai8`` and an int8 mode
   more each round (``TAIL_FRACTIONS`` of the quantizable ops), until the model passes with
   ``litert_int8w.SEARCH_BUDGET_SHARE`` of the gate's budget; their weights are stored as fp16.
 
+Then the file is made small (docs/compression.md "File size"): ``per_tensor_search`` gives the ops the
+gate can afford it one weight scale instead of one per channel, and every file is compacted
+(``litert_compact``: unread names out, identical arrays stored once).
+
 Not solved here: XNNPACK has no int8 PRELU (face_mesh's 23 stay float inside the partition, 0.78-0.86x
 fp32), and selfie's AVERAGE_POOL_2D and HARD_SWISH stay on the builtin kernels (docs/compression.md).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import lzma
 import math
 import re
 import warnings
@@ -37,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from server.compression import litert_graph, litert_tools
+from server.compression import litert_compact, litert_graph, litert_tools
 from server.compression.data import Dataset
-from server.compression.gate import GateSpec, check_fidelity, measure_fidelity, shortfall
+from server.compression.gate import Fidelity, GateSpec, check_fidelity, measure_fidelity, shortfall
 from server.errors import ModelError
 
 #: How per-sample ranges combine: min/max over all samples, a quantile of the per-sample extremes (q95:
@@ -70,6 +75,7 @@ class StaticInt8:
     float_ops: tuple[str, ...]  # op scopes (output tensor names) kept in float
     fidelity: float | None  # the gate's metric on the calibration split (None without a gate)
     delegation: litert_graph.Delegation
+    per_tensor: tuple[str, ...] = ()  # op scopes whose weights have one scale (``per_tensor_search``)
 
 
 def _quantizer() -> tuple[Any, Any, Any, Any]:
@@ -81,14 +87,22 @@ def _quantizer() -> tuple[Any, Any, Any, Any]:
     return lq, recipe_manager, algorithm_manager, qtyping
 
 
-def _recipe(float_scopes: Sequence[str]) -> Any:
+def _scope_regex(scopes: Sequence[str]) -> str:
+    return "^(" + "|".join(re.escape(s) for s in scopes) + ")$"
+
+
+def _recipe(float_scopes: Sequence[str], per_tensor: Sequence[str] = ()) -> Any:
     _, recipe_manager, algorithm_manager, qtyping = _quantizer()
     rm = recipe_manager.RecipeManager()
     rm.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                          activation_num_bits=8, weight_num_bits=8)
+    if per_tensor:  # one weight scale for these ops (the latest matching config wins)
+        rm.add_static_config(regex=_scope_regex(per_tensor), operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                             activation_num_bits=8, weight_num_bits=8,
+                             weight_granularity=qtyping.QuantGranularity.TENSORWISE)
     if float_scopes:  # an op's scope is its output tensor names, each followed by ";"
-        regex = "^(" + "|".join(re.escape(s) for s in float_scopes) + ")$"
-        rm.add_quantization_config(regex=regex, operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        rm.add_quantization_config(regex=_scope_regex(float_scopes),
+                                   operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                    algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
     return rm.get_quantization_recipe()
 
@@ -153,10 +167,10 @@ def tail(scopes: Sequence[tuple[str, str]], fraction: float) -> tuple[str, ...]:
 
 
 def _quantize(model: Path, dst: Path, calibration: dict[str, Any], float_scopes: Sequence[str],
-              float_io: bool) -> None:
+              float_io: bool, *, per_tensor: Sequence[str] = ()) -> None:
     lq, *_ = _quantizer()
     q = lq.Quantizer(str(model))
-    q.load_quantization_recipe(_recipe(float_scopes))
+    q.load_quantization_recipe(_recipe(float_scopes, per_tensor))
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "preserve_all_tensors ... for debugging": it validates
         result = q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
@@ -170,8 +184,8 @@ def _quantize(model: Path, dst: Path, calibration: dict[str, Any], float_scopes:
         litert_tools.float_io(raw, staged)
     if float_scopes:  # the float ops' weights: fp16 behind DEQUANTIZE, as MediaPipe ships them
         litert_tools.fp16_weights(staged, dst)
-    else:
-        dst.write_bytes(staged.read_bytes())
+        staged = dst
+    litert_compact.compact(staged, dst)  # names, ranges, spare buffers out; identical arrays once
 
 
 def static_int8(src: Path, dst: Path, calibration: Dataset, *, gate: GateSpec | None = None,
@@ -220,7 +234,7 @@ def _static_int8(src: Path, dst: Path, staged: list[Path], calibration: Dataset,
         return StaticInt8(fused, pairs, options[0], (), None, litert_graph.delegation(dst))
     strict = _tighter(gate)
     reference = run_dataset(LiteRtRunner(src), calibration)
-    results: list[tuple[float, bool, float | None, tuple[str, ...]]] = []  # value, passes the gate, power, tail
+    results: list[tuple[Fidelity, bool, float | None, tuple[str, ...]]] = []  # passes the gate, power, tail
     closest = math.inf
     for fraction in fractions:  # the cheapest float tail first, each with every equalization
         for power in options:
@@ -232,20 +246,92 @@ def _static_int8(src: Path, dst: Path, staged: list[Path], calibration: Dataset,
             fid = measure_fidelity(reference, run_dataset(LiteRtRunner(trial), calibration), strict,
                                    calibration.labels)
             if check_fidelity(fid, strict) is None:  # passes with a margin: done
-                trial.replace(dst)
-                pairs = prepared[power][1]
-                return StaticInt8(fused, pairs, power, floats, fid.value, litert_graph.delegation(dst))
-            results.append((fid.value, check_fidelity(fid, gate) is None, power, floats))
+                return _finish(prepared[power], dst, fused=fused, power=power, floats=floats, fid=fid,
+                               float_io=float_io, calibration=calibration, gate=gate, reference=reference)
+            results.append((fid, check_fidelity(fid, gate) is None, power, floats))
             closest = min(closest, shortfall(fid, gate))
         if closest > HOPELESS_SHORTFALL:  # no float tail closes such a gap: spare the build the other tails
             break
     if not results:
         raise ModelError("no float-tail fraction to try")
     # no margin anywhere: the first (cheapest) that passes the gate itself on calibration, else the most faithful
-    value, _, power, floats = next((r for r in results if r[1]), max(results, key=lambda r: r[0]))
-    model, pairs, ranges_result = prepare(power)
-    _quantize(model, dst, ranges_result, floats, float_io)
-    return StaticInt8(fused, pairs, power, floats, value, litert_graph.delegation(dst))
+    fid, _, power, floats = next((r for r in results if r[1]), max(results, key=lambda r: r[0].value))
+    return _finish(prepare(power), dst, fused=fused, power=power, floats=floats, fid=fid, float_io=float_io,
+                   calibration=calibration, gate=gate, reference=reference)
+
+
+def _finish(prepared: tuple[Path, int, dict[str, Any]], dst: Path, *, fused: int, power: float | None,
+            floats: tuple[str, ...], fid: Fidelity, float_io: bool, calibration: Dataset, gate: GateSpec,
+            reference: list[Any]) -> StaticInt8:
+    """The chosen power and tail, with one weight scale wherever the gate affords it, into ``dst``."""
+    model, pairs, ranges = prepared
+    chosen, fid = per_tensor_search(model, dst, ranges, floats=floats, float_io=float_io, calibration=calibration,
+                                    gate=gate, reference=reference, base=fid)
+    _quantize(model, dst, ranges, floats, float_io, per_tensor=chosen)
+    return StaticInt8(fused, pairs, power, floats, fid.value, litert_graph.delegation(dst), chosen)
+
+
+#: Ops whose int8 weights may get one scale for the whole tensor (``per_tensor_search``).
+PER_TENSOR_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+#: Mean-cosine changes this small are noise when ranking ops (face_det's single-op changes on its 48
+#: calibration images spread over +-1.5e-4, rises included).
+MEAN_COSINE_NOISE = 3e-4
+#: The mean cosine may fall by this share of the margin kept on the worst sample. face_det's evaluation
+#: split, worst-sample cosine 0.9924 all per-channel: without the stop at the first failure the shares
+#: 0.5 / 0.25 / 0.125 took 19 / 13 / 10 ops and 0.989 / 0.986 / 0.989 (fails); with it 0.25 takes 6: 0.9929.
+MEAN_COSINE_SHARE = 0.25
+
+
+def per_tensor_search(model: Path, dst: Path, ranges: dict[str, Any], *, floats: Sequence[str], float_io: bool,
+                      calibration: Dataset, gate: GateSpec, reference: list[Any],
+                      base: Fidelity) -> tuple[tuple[str, ...], Fidelity]:
+    """The int8 ops (scopes) of ``model`` whose weights get one scale instead of one per output channel,
+    and the metric then, on ``calibration``.
+
+    One scale saves the per-channel weight and bias scales, and leaves the small-range channels' int8
+    weights near zero, which the transfer codec packs far tighter (face_det with every conv so: 112 KB
+    -> 77 KB after lzma, worst-sample cosine 0.992 -> 0.974). Chosen by ``litert_int8w.greedy``: ordered
+    by the drop of the *mean* cosine per byte saved after the codec (the worst sample of 48 is too noisy
+    to rank by: single early convs "raised" it on calibration and cost 0.003-0.015 on the evaluation
+    split's), each kept while the gate's metric keeps ``SEARCH_BUDGET_SHARE`` of the slack the model
+    has above the gate's floor (at most the strict gate's margin) and the mean cosine falls by at most
+    ``MEAN_COSINE_SHARE`` of that (the mean cosine whatever the gate's metric: it is the smooth one);
+    stops at the first op that fails. ``2 N + 1`` quantize-and-run trials for N candidate ops (~0.4 s
+    each for face_det; face_mesh's 45 ops double its build to ~90 s; taking all 45 at once passes
+    too, in one trial, but at min cosine 0.9990 on the evaluation split against the search's 0.9997).
+    """
+    from server.compression.litert_int8w import SEARCH_BUDGET_SHARE, _tighter, greedy  # noqa: PLC0415
+    from server.compression.runners import LiteRtRunner, run_dataset  # noqa: PLC0415
+
+    slack = -shortfall(base, gate)
+    if slack <= 0:
+        return (), base
+    keep = min(shortfall(base, _tighter(gate)) - shortfall(base, gate), slack * SEARCH_BUDGET_SHARE)
+    names = [scope for op, scope in _scopes(model) if op in PER_TENSOR_OPS and scope not in floats]
+    trial = dst.with_name(dst.stem + ".per-tensor.tflite")
+    measured: dict[tuple[str, ...], Fidelity] = {}
+
+    def measure(scopes: Sequence[str]) -> tuple[float, bool]:
+        _quantize(model, trial, ranges, floats, float_io, per_tensor=scopes)
+        fid = measure_fidelity(reference, run_dataset(LiteRtRunner(trial), calibration), gate, calibration.labels)
+        measured[tuple(scopes)] = fid
+        drop = base.mean_cosine - fid.mean_cosine
+        return fid.mean_cosine, shortfall(fid, gate) <= -keep and drop <= keep * MEAN_COSINE_SHARE
+
+    try:
+        _quantize(model, trial, ranges, floats, float_io)
+        before = _ota(trial)
+        chosen = tuple(greedy(base.mean_cosine, names, measure, lambda _: before - _ota(trial),
+                              noise=MEAN_COSINE_NOISE, prefix=True))
+    finally:
+        for suffix in ("", ".int8-io", ".float-io"):
+            trial.with_name(trial.stem + suffix + ".tflite").unlink(missing_ok=True)
+    return chosen, measured.get(chosen, base)
+
+
+def _ota(path: Path) -> int:
+    """Bytes after the transfer codec's lzma (``codec.choose_codec``'s preset)."""
+    return len(lzma.compress(path.read_bytes(), preset=6))
 
 
 def channel_ranges(model: Path, data: Dataset, names: Collection[str]) -> dict[str, np.ndarray]:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from server.compression import litert_compact
 from server.compression.data import Dataset
 from server.compression.gate import GateSpec, check_fidelity, measure_fidelity
 from server.compression.litert_tools import FP16_MAX, _drop_unused_tensors, fix_operator_codes
@@ -222,7 +223,8 @@ def int8_weights(src: Path, dst: Path, *, max_tensor_error: float = 0.0, keep: C
     for index in range(len(model.subgraphs)):
         _drop_unused_tensors(model, index)
     _drop_unused_codes(model)
-    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    litert_compact.strip(model)  # unread names out, identical arrays once (the graph's I/O names stay)
+    dst.write_bytes(litert_compact.serialize(model))
     return plans
 
 
@@ -318,6 +320,33 @@ def _tighter(gate: GateSpec) -> GateSpec:
                    min_iou=1 - (1 - gate.min_iou) * share)
 
 
+def greedy(base: float, names: Sequence[str], measure: Callable[[Sequence[str]], tuple[float, bool]],
+           saved: Callable[[str], int], *, noise: float = 0.0, prefix: bool = False) -> list[str]:
+    """The names to switch (to one scale per tensor), by measured metric drop per byte saved.
+
+    ``base``: the metric with none switched; ``saved(name)``: the bytes switching ``name`` alone saves
+    (called right after ``measure([name])``, so it may read what that trial made); ``measure(names)``:
+    the metric with ``names`` switched and whether that still passes. Each name is measured alone, then
+    tried cheapest first on top of those kept (drops do not add up, so each step is measured):
+    ``2 N`` trials for N names. ``noise``: added to every drop, so that drops within the metric's
+    run-to-run noise (or a lucky rise) do not put a small saving ahead of a large one. ``prefix``: stop
+    at the first name that fails (the rest save less each, at a cost the measurement cannot resolve).
+    """
+    cost = {}
+    for name in names:
+        value, _ = measure([name])
+        gained = saved(name)
+        if gained > 0:
+            cost[name] = (max(base - value, 0.0) + noise) / gained
+    chosen: list[str] = []
+    for name in sorted(cost, key=lambda n: cost[n]):
+        if measure([*chosen, name])[1]:
+            chosen.append(name)
+        elif prefix:
+            break
+    return chosen
+
+
 def search(src: Path, dst: Path, data: Dataset, gate: GateSpec) -> list[Plan]:
     """Per-channel int8 weights, then one scale per tensor wherever the gate's metric can afford it.
 
@@ -346,14 +375,6 @@ def search(src: Path, dst: Path, data: Dataset, gate: GateSpec) -> list[Plan]:
         return plans  # per-channel already spends the budget: the gate will judge it as it is
     savings = {p.name: CHANNEL_PARAM_BYTES * (p.channels - 1) if p.granularity == "per-channel"
                else p.elements - CHANNEL_PARAM_BYTES for p in plans if p.granularity != "per-tensor"}
-    cost = {}
-    for name, saved in savings.items():
-        if saved > 0:
-            value, _ = measure([name])
-            cost[name] = max(base - value, 0.0) / saved
-    chosen: list[str] = []
-    for name in sorted(cost, key=lambda n: cost[n]):  # greedy: drops do not add up, so each step is measured
-        if measure([*chosen, name])[1]:
-            chosen.append(name)
+    chosen = greedy(base, [n for n, saved in savings.items() if saved > 0], measure, savings.__getitem__)
     trial.unlink(missing_ok=True)
     return int8_weights(src, dst, per_tensor=chosen, means=means, cache=cache)

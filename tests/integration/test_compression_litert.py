@@ -84,7 +84,8 @@ def _conv_weights_symmetric(path: Path) -> int:
             assert weight.type == schema.TensorType.INT8
             assert not np.any(np.asarray(weight.quantization.zeroPoint)), weight.name
             channels = weight.shape[3] if code == schema.BuiltinOperator.DEPTHWISE_CONV_2D else weight.shape[0]
-            assert len(weight.quantization.scale) == channels, f"{weight.name!r} is not per-channel"
+            # per channel, or one scale where the gate affords it (litert_int8.per_tensor_search)
+            assert len(weight.quantization.scale) in (1, channels), f"{weight.name!r}: scales per channel or one"
             assert bias.type == schema.TensorType.INT32
             convs += 1
     return convs

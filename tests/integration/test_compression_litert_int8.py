@@ -21,7 +21,7 @@ from server.compression.gate import GateSpec, measure_fidelity
 from server.compression.runners import LiteRtRunner, run_dataset
 from server.errors import ModelError
 from tests.integration.test_compression_litert import _face_detector, _runs
-from tests.support.models import real_model
+from tests.support.models import RealModel, real_model
 
 
 def _split(name: str, split: str, limit: int) -> Dataset:
@@ -32,6 +32,19 @@ def _split(name: str, split: str, limit: int) -> Dataset:
 def _loads_both_ways(path: Path, feed: dict[str, np.ndarray]) -> None:
     assert _runs(path, feed, xnnpack=True) is None
     assert _runs(path, feed, xnnpack=False) is None
+
+
+def _agent_serves(path: Path, rm: RealModel, feed: dict[str, np.ndarray]) -> None:
+    """The agent's LiteRT backend (its defaults: XNNPACK, as chosen) serves ``path`` with the source's float
+    I/O and the outputs LiteRT gives here."""
+    session = open_session(path, RuntimeSpec(format="tflite", runtime="litert"), InferenceOptions(intra_op_threads=1))
+    try:
+        assert [(t.name, t.dtype) for t in session.inputs] == [(t.name, t.dtype) for t in rm.inputs]
+        served = session.run(feed)
+    finally:
+        session.close()
+    for spec, value in zip(rm.outputs, LiteRtRunner(path).run(feed), strict=True):
+        np.testing.assert_allclose(served[spec.name], value, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_relus_compute_the_same_and_xnnpack_takes_every_int8_op(tmp_path: Path) -> None:
@@ -105,16 +118,7 @@ def test_face_landmarks_pass_the_gate_in_int8_inside_one_partition(tmp_path: Pat
     fid = measure_fidelity(reference, run_dataset(LiteRtRunner(out), ev), GateSpec(metric="cosine"), None)
     assert fid.min_cosine > 0.999
     _loads_both_ways(out, ev.feed(0))
-    # the agent's LiteRT backend (its defaults: XNNPACK, as chosen) serves it with the source's float I/O
-    session = open_session(out, RuntimeSpec(format="tflite", runtime="litert"), InferenceOptions(intra_op_threads=1))
-    try:
-        assert [(t.name, t.dtype) for t in session.inputs] == [(t.name, t.dtype) for t in rm.inputs]
-        served = session.run(ev.feed(0))
-    finally:
-        session.close()
-    here = LiteRtRunner(out).run(ev.feed(0))
-    for spec, value in zip(rm.outputs, here, strict=True):
-        np.testing.assert_allclose(served[spec.name], value, rtol=1e-5, atol=1e-5)
+    _agent_serves(out, rm, ev.feed(0))
 
 
 

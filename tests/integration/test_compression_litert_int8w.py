@@ -185,7 +185,8 @@ def test_bias_correction_takes_the_rounding_shift_off_the_biases(tmp_path: Path)
     means = litert_int8w.activation_means(source, cal)
     assert "input" in means and means["input"].shape == (3,)
     litert_int8w.int8_weights(source, corrected, max_tensor_error=1.0, means=means)
-    assert corrected.stat().st_size == plain.stat().st_size  # the same bytes, other bias values
+    # the same tensors, other bias values (within 2 %: identical bias vectors of the plain file are stored once)
+    assert plain.stat().st_size <= corrected.stat().st_size < 1.02 * plain.stat().st_size
     reference = run_dataset(LiteRtRunner(source), ev)
     gate = GateSpec(metric="cosine")
 
