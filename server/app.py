@@ -70,6 +70,7 @@ class FleetServer:
         self.clock = clock
         self.instance = instance_id(config)
         self.owner = f"{self.instance}:{os.getpid()}:{secrets.token_hex(3)}"
+        peers = peer_broker_passwords(config.paths, config.broker.peer_logins)  # before anything is opened
         self.registry = open_registry(config)
         self.signer = Signer(load_signing_key(config.paths))
         self.artifacts = ArtifactStore(config.paths.artifacts_dir, self.registry)
@@ -89,8 +90,7 @@ class FleetServer:
         )
 
         # a broker that binds client id to login (peer_logins set): the client id is the login, and a dead peer's
-        # session is taken over with its own login; the passwords are read now, so a missing one stops the start
-        peers = peer_broker_passwords(config.paths, b.peer_logins)
+        # session is taken over with its own login (passwords read first thing: a missing one stops the start)
         client_id = b.username if b.peer_logins else (b.client_id or f"edgefleet-server-{self.instance}")
 
         def make_link(url: str, peer: str | None = None) -> MqttLink:

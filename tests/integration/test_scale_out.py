@@ -18,6 +18,7 @@ from server.broker import SERVER_USER, MosquittoBroker, current_user
 from server.builds import StaticBuilds
 from server.cli import main as edgefleet
 from server.config import ServerConfig, config_from_mapping, load_config
+from server.errors import ConfigError
 from server.keys import load_signing_key
 from tests.support.abuse import local_service, start_mosquitto
 from tests.support.device import DeviceUnderTest
@@ -216,6 +217,12 @@ def test_on_the_generated_secured_broker_a_survivor_takes_over_as_the_dead_serve
             broker = dataclasses.replace(generated, username=login, password_file=password_file)
             return dataclasses.replace(cfg, broker=broker).validate()
 
+        # a server without a peer's password refuses to start, naming the file (not when that peer dies)
+        lacking = config(SERVER_USER, "x")
+        lacking = dataclasses.replace(lacking, broker=dataclasses.replace(
+            lacking.broker, peer_logins=(*lacking.broker.peer_logins, f"{SERVER_USER}-3")))
+        with pytest.raises(ConfigError, match=rf"keys/broker-{SERVER_USER}-3\.password"):
+            FleetServer(lacking, builds=builds)
         a = FleetServer(config(SERVER_USER, "a"), builds=builds).start()
         servers.append(a)
         b = FleetServer(config(f"{SERVER_USER}-2", "b"), builds=builds).start()
