@@ -140,11 +140,13 @@ def builds_for(model_path: Path, compression: str, v2_path: Path | None = None,
 class SysBytes:
     """mosquitto's own byte counter, from $SYS (a pass every second: sys_interval 1)."""
 
-    def __init__(self, broker: MosquittoBroker) -> None:
+    def __init__(self, broker: MosquittoBroker, login: tuple[str, str] | None = None) -> None:
         self.received = -1
         self.updates = 0
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sys-{os.getpid()}")
+        if login is not None:  # a secured broker (bench_scale.py --secured)
+            self.client.username_pw_set(*login)
         self.client.on_connect = lambda c, *_: c.subscribe([("$SYS/broker/bytes/received", 0),
                                                              ("$SYS/broker/uptime", 0)])
         self.client.on_message = self._on_message

@@ -2,7 +2,7 @@
 shards, against the single-node baseline (one server, one mosquitto, SQLite). docs/scale.md.
 
     .venv/bin/python scripts/bench_scale.py [--quick] [--json PATH] [--devices 1000,10000] [--servers 2]
-        [--shards 2] [--registry sqlite|postgresql://...] [--kill] [--model-mb 1] [--timeout 600]
+        [--shards 2] [--registry sqlite|postgresql://...] [--kill] [--secured] [--model-mb 1] [--timeout 600]
 
 Each run: K private mosquittos (``server.broker.MosquittoBroker``, bounded per-client queues as in
 bench_fleet.py), one server home whose registry all servers share (SQLite file, or ``[registry] url`` when
@@ -15,7 +15,10 @@ whole group in a single wave (no canary, 1 s probation); the clock runs until th
 device committed. With --kill (and S >= 2) the server process holding the deployment's lease is
 SIGKILLed once devices are downloading; the run then checks that no device and no registry row is lost.
 Unless --restart-after is given the killed server stays down: the survivor takes over its MQTT session
-(server/takeover.py) and receives what the broker queued there.
+(server/takeover.py) and receives what the broker queued there. With --secured the brokers are secured as
+``edgefleet broker config --server-logins S`` secures them (a password per device and per server process, the
+generated ACL, client id bound to login; no TLS): the survivor then takes the session over as the dead server's
+login (``[broker] peer_logins``).
 
 Columns (one JSON row per run):
   devices, servers, broker {name, nodes}, registry     the set-up
@@ -43,6 +46,7 @@ import contextlib
 import importlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -63,9 +67,17 @@ from bench_fleet import MODEL, PROFILE, SysBytes, _rss_mb, builds_for, process_c
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from agent.protocol.envelope import raw_public  # noqa: E402
-from server.broker import MosquittoBroker  # noqa: E402
+from server.broker import SERVER_USER, BrokerSecurity, MosquittoBroker, acl_text  # noqa: E402
 from server.config import load_config  # noqa: E402
-from server.keys import init_signing_key, load_signing_key  # noqa: E402
+from server.keys import (  # noqa: E402
+    atomic_write,
+    init_signing_key,
+    load_signing_key,
+    mosquitto_hash,
+    server_broker_password,
+    server_password_file,
+)
+from server.shards import shard_users  # noqa: E402
 from server.simulator import device_ids, device_key  # noqa: E402
 
 GROUP = "fleet"
@@ -97,6 +109,7 @@ class Row:
     lost_rows: list[str] = field(default_factory=list)
     lost_before_restart: list[str] = field(default_factory=list)
     restarted_after_s: float | None = None
+    secured: bool = False
     error: str | None = None
 
 
@@ -131,11 +144,22 @@ def _toml(data: dict[str, dict[str, Any]]) -> str:
     return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n" for s, kv in data.items())
 
 
-def server_settings(brokers: list[MosquittoBroker], index: int, servers: int, registry: str) -> dict[str, Any]:
+def server_logins(servers: int) -> list[str]:
+    """What ``broker config --server-logins N`` names them."""
+    return [SERVER_USER] + [f"{SERVER_USER}-{i}" for i in range(2, servers + 1)]
+
+
+def server_settings(brokers: list[MosquittoBroker], index: int, servers: int, registry: str,
+                    secured: bool = False) -> dict[str, Any]:
     urls = [b.url for b in brokers]
+    logins = server_logins(servers)
+    # secured: each server its own login (the broker makes it the client id); every login, for the takeover
+    who = ({"username": logins[index], "password_file": f"keys/{server_password_file(logins[index])}",
+            **({"peer_logins": logins} if servers > 1 else {})} if secured
+           else {"client_id": f"bench-server-{index}"})
     data: dict[str, dict[str, Any]] = {
         "server": {"instance_id": f"bench-{index}"},
-        "broker": {"client_id": f"bench-server-{index}", "shared_subscriptions": servers > 1,
+        "broker": {**who, "shared_subscriptions": servers > 1,
                    **({"shards": urls} if len(urls) > 1 else {"url": urls[0]})},
         "api": {"host": "127.0.0.1", "port": 0},
         "publisher": {"broadcast": True, "broadcast_egress_mb_s": 150.0, "chunk_window_s": 5.0},
@@ -191,11 +215,12 @@ def _end(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, registry: str, kill: bool,
-            compression: str, loops: int, timeout: float, verbose: bool, restart_after: float = -1.0) -> Row:
+            compression: str, loops: int, timeout: float, verbose: bool, restart_after: float = -1.0,
+            secured: bool = False) -> Row:
     work.mkdir(parents=True)
     begun = time.monotonic()
     row = Row(n, servers, {"name": "mosquitto" if shards == 1 else "mosquitto-shards", "nodes": shards},
-              "sqlite" if registry == "sqlite" else "postgresql", None, 0, 0, 0.0, None)
+              "sqlite" if registry == "sqlite" else "postgresql", None, 0, 0, 0.0, None, secured=secured)
 
     def phase(what: str) -> None:
         if verbose:
@@ -208,8 +233,6 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
     sim: subprocess.Popen[bytes] | None = None
     sysbytes: list[SysBytes] = []
     try:
-        for b in brokers:
-            b.start()
         home = work / "home"
         home.mkdir()
         if registry != "sqlite":
@@ -217,18 +240,37 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
             cleanup.append(lambda: drop_database(registry))
         paths = load_config(home).paths
         init_signing_key(paths)
+        registry_only = home / "registry.toml"  # registration comes before the brokers (they need the logins)
+        registry_only.write_text(_toml({"registry": {"url": registry}} if registry != "sqlite" else {}))
+        db = Db(home, registry_only)
+        registrar = _service(home, registry_only, model, compression, db)
+        ids = device_ids(n, "dev")
+        passwords = {}
+        for device_id in ids:
+            key = raw_public(device_key("bench", device_id).public_key())
+            passwords[device_id] = registrar.register_device(
+                device_id, profile=PROFILE, groups=[GROUP], broker_password=secured,
+                public_key=base64.b64encode(key).decode()).get("broker_password")
+        creds = work / "sim.creds"
+        bytes_login: tuple[str, str] | None = None
+        if secured:  # as `broker config --server-logins S [--shards K]` writes them, less TLS
+            logins = server_logins(servers)
+            users = {login: mosquitto_hash(str(server_broker_password(paths, login=login))) for login in logins}
+            bytes_login = (f"{SERVER_USER}-bench-bytes", secrets.token_urlsafe(16))  # reads $SYS (SysBytes)
+            users[bytes_login[0]] = mosquitto_hash(bytes_login[1])
+            users |= db.registry.broker_users()
+            tables = shard_users(users, [*logins, bytes_login[0]], shards) if shards > 1 else [users]
+            for b, table in zip(brokers, tables, strict=True):
+                b.security = BrokerSecurity(tls=None, users=table, hashed=True, acl=acl_text([*logins, bytes_login[0]]))
+            atomic_write(creds, "".join(f"{d}:{pw}\n" for d, pw in passwords.items()).encode())
+        for b in brokers:
+            b.start()
         configs = []
         for i in range(servers):
             cfg = home / f"server-{i}.toml"
-            cfg.write_text(_toml(server_settings(brokers, i, servers, registry)))
+            cfg.write_text(_toml(server_settings(brokers, i, servers, registry, secured)))
             configs.append(cfg)
-        db = Db(home, configs[0])
         service = _service(home, configs[0], model, compression, db)
-        ids = device_ids(n, "dev")
-        for device_id in ids:
-            key = raw_public(device_key("bench", device_id).public_key())
-            service.register_device(device_id, profile=PROFILE, groups=[GROUP], broker_password=False,
-                                    public_key=base64.b64encode(key).decode())
         pem = work / "server-key.pem"
         pem.write_bytes(load_signing_key(paths).public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -236,13 +278,14 @@ def run_one(work: Path, model: Path, n: int, *, servers: int, shards: int, regis
         for i, cfg in enumerate(configs):
             procs.append(_start([sys.executable, str(Path(__file__).resolve()), "--serve", str(home), str(cfg),
                                  str(model), compression], work / f"server-{i}.log"))
-        sysbytes = [SysBytes(b) for b in brokers]
+        sysbytes = [SysBytes(b, bytes_login) for b in brokers]
         t_sim = time.perf_counter()
         sim = _start([sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
                       "--home", str(work / "sim-home"), "simulate", "--devices", str(n), "--prefix", "dev",
                       "--seed", "bench", "--no-register", "--broker", ",".join(b.url for b in brokers),
                       "--server-key", str(pem), "--until", f"{MODEL}:1", "--timeout", str(timeout + 300),
-                      "--loops", str(loops), "--quiet", "--telemetry-s", "0", "--json", str(work / "sim.json")],
+                      "--loops", str(loops), "--quiet", "--telemetry-s", "0", "--json", str(work / "sim.json"),
+                      *(["--credentials", str(creds)] if secured else [])],
                      work / "sim.log")
         deadline = time.monotonic() + 120 + n * 0.05
         while db.one("SELECT COUNT(*) FROM devices WHERE online = 1") < n:
@@ -409,6 +452,8 @@ def main() -> int:
     parser.add_argument("--registry", default="sqlite",
                         help="sqlite (the home's file) or a postgresql:// URL for the scaled runs (default sqlite)")
     parser.add_argument("--kill", action="store_true", help="SIGKILL the lease-holding server mid-rollout")
+    parser.add_argument("--secured", action="store_true",
+                        help="scaled runs on brokers secured as `broker config --server-logins S` writes them")
     parser.add_argument("--restart-after", type=float, default=-1.0, metavar="S",
                         help="restart the killed server S seconds after the kill, as a supervisor would (default: "
                              "only after the rollout, if rows are missing)")
@@ -436,14 +481,14 @@ def main() -> int:
         for n in sizes:
             plans = []
             if not args.baseline_only:
-                plans.append((args.servers, args.shards, args.registry, args.kill))
+                plans.append((args.servers, args.shards, args.registry, args.kill, args.secured))
             if not args.no_baseline and not baseline_failed:
-                plans.append((1, 1, "sqlite", False))
-            for servers, shards, registry, kill in plans:
+                plans.append((1, 1, "sqlite", False, False))
+            for servers, shards, registry, kill, secured in plans:
                 row = run_one(work / f"run-{n}-{servers}-{shards}-{len(rows)}", model, n, servers=servers,
                               shards=shards, registry=registry, kill=kill, compression=args.compression,
                               loops=args.loops, timeout=args.timeout, verbose=args.verbose,
-                              restart_after=args.restart_after)
+                              restart_after=args.restart_after, secured=secured)
                 rows.append(row)
                 if (servers, shards, registry) == (1, 1, "sqlite") and (row.rollout_s is None or row.error):
                     baseline_failed = True  # the baseline's largest completed size is the one before

@@ -32,7 +32,7 @@ from server.config import RUNTIME_FILE, BrokerSection, ServerConfig
 from server.errors import ServerError
 from server.identity import server_logins
 from server.ingest import Ingestor
-from server.keys import atomic_write, load_signing_key, read_token_file
+from server.keys import atomic_write, load_signing_key, peer_broker_passwords, read_token_file
 from server.metrics import PublishStats, render_metrics
 from server.outbox import Outbox, safe_flush
 from server.publisher import MqttLink
@@ -70,6 +70,7 @@ class FleetServer:
         self.clock = clock
         self.instance = instance_id(config)
         self.owner = f"{self.instance}:{os.getpid()}:{secrets.token_hex(3)}"
+        peers = peer_broker_passwords(config.paths, config.broker.peer_logins)  # before anything is opened
         self.registry = open_registry(config)
         self.signer = Signer(load_signing_key(config.paths))
         self.artifacts = ArtifactStore(config.paths.artifacts_dir, self.registry)
@@ -85,16 +86,19 @@ class FleetServer:
         self.ingest = Ingestor(
             self.registry, self.progress, bucket_s=config.retention.telemetry_bucket_s,
             on_chunk_request=self._on_chunk_request, on_written=self._on_ingest_written, clock=clock,
-            quotas=config.quotas, reserved_logins=server_logins(b.username),
+            quotas=config.quotas, reserved_logins=server_logins(b.username) | frozenset(b.peer_logins),
         )
 
-        client_id = b.client_id or f"edgefleet-server-{self.instance}"
+        # a broker that binds client id to login (peer_logins set): the client id is the login, and a dead peer's
+        # session is taken over with its own login (passwords read first thing: a missing one stops the start)
+        client_id = b.username if b.peer_logins else (b.client_id or f"edgefleet-server-{self.instance}")
 
         def make_link(url: str, peer: str | None = None) -> MqttLink:
             where = BrokerSection(url=url)
             return MqttLink(
                 host=where.host, port=where.port, client_id=peer or client_id,
-                username=b.username or None, password=password,
+                username=(peer if peer in peers else b.username) or None,
+                password=peers.get(peer or "", password),
                 ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
                 tls=where.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
                 shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
@@ -107,6 +111,8 @@ class FleetServer:
         self.takeover = SessionTakeover(
             self.registry, owner=self.owner, client_id=client_id, ttl_s=config.rollout.lease_ttl_s, clock=clock,
             connect=lambda peer: [make_link(url, peer) for url in (b.shards or [b.url])],
+            # anonymous broker: any client id; secured: only a login we hold (with our own we would take our session)
+            may_take=lambda peer: not b.username or peer in peers,
         ) if b.shared_subscriptions else None
         p = config.publisher
         self.chunks = ChunkServer(

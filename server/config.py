@@ -97,6 +97,7 @@ class ServerPaths:
 #     ca_cert = "broker/tls/ca.crt"
 #     shared_subscriptions = false           # true with several server processes (MQTT 5 $share)
 #     shards = ["mqtts://mq0:8883", "mqtts://mq1:8883"]   # several independent brokers (docs/scale.md)
+#     peer_logins = ["edgefleet-server", "edgefleet-server-2"]   # every server's login: takeover (docs/scale.md)
 #
 #     [api]
 #     host = "127.0.0.1"
@@ -158,6 +159,10 @@ class ServerSection:
         _check(len(self.instance_id) <= 128, "server", "instance_id", "at most 128 characters")
 
 
+def _login_ok(login: str) -> bool:
+    return 0 < len(login) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in login)
+
+
 @dataclass(frozen=True)
 class BrokerSection:
     #: mqtt://host:port or mqtts://host:port (TLS)
@@ -178,6 +183,13 @@ class BrokerSection:
     #: ``agent.protocol.shards.shard_of`` names and the server connects to all of them (same login,
     #: CA and client id on each); ``url`` is then unused. Empty = the one broker of ``url``.
     shards: tuple[str, ...] = ()
+    #: the broker logins of every server process sharing this broker (``broker config --server-logins N`` prints
+    #: the list), so a survivor can take over a dead peer's session on a broker that binds client id to login
+    #: (``use_username_as_clientid``, the generated config): it connects as the peer, with the password in
+    #: ``keys/broker-server.password`` (edgefleet-server) or ``keys/broker-LOGIN.password``, which must then be
+    #: in this home too (checked at server start). Needs ``username`` and ``shared_subscriptions``; the client id
+    #: is then the login. Empty = no takeover on a secured broker (docs/scale.md).
+    peer_logins: tuple[str, ...] = ()
 
     def validate(self) -> None:
         for key, url in [("url", self.url)] + [("shards", u) for u in self.shards]:
@@ -192,6 +204,16 @@ class BrokerSection:
         _check(len(self.shards) <= 256, "broker", "shards", "at most 256 brokers")
         _check(len(set(self.shards)) == len(self.shards), "broker", "shards", "a broker is listed twice")
         _check(5 <= self.keepalive_s <= 600, "broker", "keepalive_s", "must be within 5..600")
+        if self.peer_logins:
+            _check(len(self.peer_logins) <= 256, "broker", "peer_logins", "at most 256 logins")
+            _check(len(set(self.peer_logins)) == len(self.peer_logins), "broker", "peer_logins",
+                   "a login is listed twice")
+            _check(all(_login_ok(login) for login in self.peer_logins), "broker", "peer_logins",
+                   "logins are 1..64 letters, digits, '.', '_' or '-'")
+            _check(bool(self.username), "broker", "peer_logins", "needs [broker] username (a secured broker)")
+            _check(self.shared_subscriptions, "broker", "peer_logins", "needs shared_subscriptions = true")
+            _check(self.client_id in ("", self.username), "broker", "peer_logins",
+                   "the broker binds client id to login: leave client_id empty (it is the username)")
 
     @property
     def urls(self) -> tuple[str, ...]:

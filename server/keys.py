@@ -6,6 +6,7 @@ Files under ``{home}/keys`` (all 0600, written atomically: temp file, fsync, ren
     signing.pub              its public key, PEM; what devices install as their trust anchor
     cli.token                the local operator's API token (``edgefleet keys init`` creates "admin")
     broker-server.password   the server's own MQTT password (``edgefleet broker config`` creates it)
+    broker-LOGIN.password    another server login's password (``--server-logins N``; read for [broker] peer_logins)
 
 API tokens and device broker passwords are stored in the registry only as hashes: SHA-256 for
 API tokens (they are 256-bit random, so a slow hash adds nothing), and mosquitto's own
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.protocol.envelope import key_id, raw_public
 from server.config import ServerPaths, private_home
-from server.errors import KeyStoreError
+from server.errors import ConfigError, KeyStoreError
 from server.identity import SERVER_USER
 
 SIGNING_KEY = "signing.key"
@@ -198,3 +199,16 @@ def server_broker_password(paths: ServerPaths, *, create: bool = True, login: st
     password = new_broker_password()
     atomic_write(_keys_dir(paths) / server_password_file(login), (password + "\n").encode())
     return password
+
+
+def peer_broker_passwords(paths: ServerPaths, logins: tuple[str, ...]) -> dict[str, str]:
+    """The broker password of every login in ``[broker] peer_logins`` (login -> password), from the files
+    ``broker config --server-logins N`` wrote; ConfigError naming each missing file, so a server refuses to
+    start rather than find out when a peer dies."""
+    found = {login: read_token_file(paths.keys_dir / server_password_file(login)) for login in logins}
+    missing = [str(paths.keys_dir / server_password_file(login)) for login, pw in found.items() if not pw]
+    if missing:
+        raise ConfigError(f"[broker] peer_logins: no password file for {len(missing)} login(s): {', '.join(missing)} "
+                          "(copy them, 0600, from the home where `edgefleet broker config --server-logins N` ran)",
+                          field="broker.peer_logins")
+    return {login: pw for login, pw in found.items() if pw}

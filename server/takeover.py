@@ -18,8 +18,10 @@ goes on sending that member's share to the survivor, whose ingest writes it like
 made (the session has them) and paho does not reconnect: when the peer comes back, its connection takes the
 session back (the broker drops the survivor's), its lease is renewed, and the survivor lets go.
 
-A secured broker binds client ids to logins (``use_username_as_clientid``): the survivor then needs the peer's
-login, which this module does not have (docs/scale.md).
+A secured broker binds client ids to logins (``use_username_as_clientid``, the generated config): there each
+server's client id is its login, and the survivor connects **as the peer's login** (``[broker] peer_logins``,
+whose passwords the server reads at start; ``connect`` does that). A peer it has no login for is not taken
+(``may_take``): connecting with its own login would take over its own session instead.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class Leases(Protocol):
 
 class SessionTakeover:
     def __init__(self, leases: Leases, *, owner: str, client_id: str, ttl_s: float,
-                 connect: Callable[[str], Sequence[Link]], clock: Callable[[], float] = time.time) -> None:
+                 connect: Callable[[str], Sequence[Link]], may_take: Callable[[str], bool] = lambda peer: True,
+                 clock: Callable[[], float] = time.time) -> None:
         self.leases = leases
         self.owner = owner
         self.client_id = client_id
         self.ttl_s = ttl_s
         self._connect = connect  # peer client id -> links to every broker with it, not started
+        self._may_take = may_take  # False: no login to resume that peer's session with
+        self._refused: set[str] = set()  # peers whose sessions we cannot take, already logged
         self._clock = clock
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -107,6 +112,12 @@ class SessionTakeover:
                 continue
             if now - self._handed_back.get(peer, -1e9) < self.ttl_s:
                 continue  # it was just taken back: give the peer's lease time to show it
+            if not self._may_take(peer):
+                if peer not in self._refused:
+                    self._refused.add(peer)
+                    log.error("server session %s: its lease expired, but it is not in [broker] peer_logins: what "
+                              "the broker queues for it waits until that server comes back", peer)
+                continue
             if self.leases.acquire_lease(DRAIN_LEASE + peer, self.owner, self.ttl_s, now=now):
                 self._take(peer)
 

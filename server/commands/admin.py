@@ -169,6 +169,9 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         + f'username = "{SERVER_USER}"\n'
         'password_file = "keys/broker-server.password"\n'
         + (f'ca_cert = "{tls.ca_cert}"\n' if tls else "")
+        # several servers: they split device traffic, and a survivor takes over a dead one's session as its login
+        + ("shared_subscriptions = true\npeer_logins = [" + ", ".join(f'"{login}"' for login in logins) + "]\n"
+           if len(logins) > 1 else "")
     )
     cfg = config_path(args.home)
     if not cfg.exists():
@@ -188,6 +191,10 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     for login in logins[1:]:
         console.print(f"another server process: [broker] username = \"{login}\", password_file = "
                       f"\"keys/{server_password_file(login)}\"", highlight=False, markup=False)
+    if len(logins) > 1:
+        console.print(f"every server's home needs all {len(logins)} keys/broker-*.password files (0600): a survivor "
+                      "takes over a dead server's session with its login ([broker] peer_logins, docs/scale.md)",
+                      highlight=False, markup=False)
     console.print(f"mosquitto runs as user {args.run_as} when started as root"
                   + (f" (its files in {out} now belong to {args.run_as})" if handed else ""))
     if tls:

@@ -3,17 +3,27 @@ interrupted by a connection drop resumes with only the missing chunks."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.protocol.envelope import raw_public
 from server.app import FleetServer
-from server.broker import MosquittoBroker
+from server.broker import SERVER_USER, MosquittoBroker, current_user
 from server.builds import StaticBuilds
+from server.cli import main as edgefleet
+from server.config import ServerConfig, config_from_mapping, load_config
+from server.errors import ConfigError
+from server.keys import load_signing_key
+from tests.support.abuse import local_service, start_mosquitto
+from tests.support.device import DeviceUnderTest
 from tests.support.servers.fleet import Fleet, onnx_builds
+from tests.support.servers.settings import server_settings
 from tests.support.waiting import wait_progress
 
 pytestmark = pytest.mark.broker
@@ -139,6 +149,32 @@ def short_leases(tmp_path: Path, fresh_broker: MosquittoBroker, builds: StaticBu
         yield f
 
 
+def _rollout_loses_no_event(survivor: FleetServer, dead: str, devices: list[DeviceUnderTest]) -> None:
+    """Roll m:2 out to ``devices`` while the server whose session is ``dead`` lies dead: every device's commit
+    event reaches the registry, through the dead session the survivor took over."""
+    dep = survivor.service.deploy("m:2", target="group:g", canary_percent=0, wave_percent=100,
+                                  max_failures_percent=0, probation_s=0.1, actor="t")
+    detail: dict[str, object] = {}
+
+    def completed() -> bool:
+        detail.update(survivor.service.deployment_detail(dep["deployment_id"]))
+        return detail["status"] == "completed"
+
+    wait_progress(completed, what="the rollout completing", stall_s=60.0, describe=lambda: repr(detail),
+                  progress=lambda: (detail.get("status"), repr(detail.get("devices"))))
+    assert all(d["state"] == "committed" for d in detail["devices"])  # type: ignore[attr-defined]
+    committed: set[str] = set()
+    deadline = time.monotonic() + 30  # the lease (2 s) expires, the survivor resumes the dead session
+    while time.monotonic() < deadline and len(committed) < len(devices):
+        committed = {e["device_id"] for e in survivor.service.events(
+            kind="lifecycle.committed", deployment_id=dep["deployment_id"], limit=100)["events"]}
+        time.sleep(0.1)
+    assert committed == {d.device_id for d in devices}
+    assert dead in survivor.takeover.held  # type: ignore[union-attr]
+    # the dead server's share went on arriving through the taken-over session, not only what was queued
+    assert survivor.ingest.stats.received["event"] > 0
+
+
 def test_a_server_killed_and_not_restarted_loses_no_device_event(short_leases: Fleet) -> None:
     """mosquitto keeps routing a dead member's share of a shared subscription into its persistent session; the
     survivor takes that session over (server/takeover.py) and records every event the dead one was owed."""
@@ -147,17 +183,76 @@ def test_a_server_killed_and_not_restarted_loses_no_device_event(short_leases: F
     devices = [fleet.device(f"nr-{i}", seed=("m", 1)) for i in range(6)]
     fleet.wait_online(*devices)
     _crash(other)  # no restart: its session (and its turn of the shared subscriptions) stays in the broker
-    dep = fleet.service.deploy("m:2", target="group:g", canary_percent=0, wave_percent=100,
-                               max_failures_percent=0, probation_s=0.1, actor="t")
-    detail = fleet.wait_deployment(dep["deployment_id"], ("completed",), timeout=40)
-    assert all(d["state"] == "committed" for d in detail["devices"])
-    committed: set[str] = set()
-    deadline = time.monotonic() + 30  # the lease (2 s) expires, the survivor resumes the dead session
-    while time.monotonic() < deadline and len(committed) < len(devices):
-        committed = {e["device_id"] for e in fleet.service.events(
-            kind="lifecycle.committed", deployment_id=dep["deployment_id"], limit=100)["events"]}
-        time.sleep(0.1)
-    assert committed == {d.device_id for d in devices}
-    assert "srv-b" in fleet.server.takeover.held  # type: ignore[union-attr]
-    # the dead server's share went on arriving through the taken-over session, not only what was queued
-    assert fleet.server.ingest.stats.received["event"] > 0
+    _rollout_loses_no_event(fleet.server, "srv-b", devices)
+
+
+def test_on_the_generated_secured_broker_a_survivor_takes_over_as_the_dead_servers_login(
+    tmp_path: Path, builds: StaticBuilds
+) -> None:
+    """The broker `edgefleet broker config --server-logins 2` writes (TLS, passwords, ACL, client id bound to the
+    login) and the [broker] section it writes: the survivor takes over the dead server's session with that
+    server's login ([broker] peer_logins), and no device event is lost."""
+    home, out = tmp_path / "home", tmp_path / "broker"
+    service = local_service(home)
+    keys = {f"sec-{i}": X25519PrivateKey.generate() for i in range(6)}
+    passwords = {dev: service.register_device(
+        dev, profile="rpi4", public_key=base64.b64encode(raw_public(key.public_key())).decode(), groups=["g"],
+    )["broker_password"] for dev, key in keys.items()}
+
+    def configure(port: int) -> Path:
+        assert edgefleet(["--home", str(home), "broker", "config", "--out", str(out), "--listen", "127.0.0.1",
+                          "--port", str(port), "--run-as", current_user(), "--server-logins", "2"]) == 0
+        return out / "mosquitto.conf"
+
+    proc, port = start_mosquitto(configure, tmp_path / "mosquitto.log")
+    servers: list[FleetServer] = []
+    devices: list[DeviceUnderTest] = []
+    try:
+        generated = load_config(home).broker  # the [broker] section broker config wrote (for the first server)
+
+        def config(login: str, instance: str) -> ServerConfig:
+            cfg = config_from_mapping(home, server_settings(generated.url, "", device_timeout_s=30.0,
+                                                            overrides={"server": {"instance_id": instance}}))
+            password_file = "keys/broker-server.password" if login == SERVER_USER else f"keys/broker-{login}.password"
+            broker = dataclasses.replace(generated, username=login, password_file=password_file)
+            return dataclasses.replace(cfg, broker=broker).validate()
+
+        # a server without a peer's password refuses to start, naming the file (not when that peer dies)
+        lacking = config(SERVER_USER, "x")
+        lacking = dataclasses.replace(lacking, broker=dataclasses.replace(
+            lacking.broker, peer_logins=(*lacking.broker.peer_logins, f"{SERVER_USER}-3")))
+        with pytest.raises(ConfigError, match=rf"keys/broker-{SERVER_USER}-3\.password"):
+            FleetServer(lacking, builds=builds)
+        a = FleetServer(config(SERVER_USER, "a"), builds=builds).start()
+        servers.append(a)
+        b = FleetServer(config(f"{SERVER_USER}-2", "b"), builds=builds).start()
+        servers.append(b)
+        assert a.config.broker.peer_logins == (SERVER_USER, f"{SERVER_USER}-2")
+        ca = str(out / "tls" / "ca.crt")
+        trust = load_signing_key(a.config.paths).public_key()
+        for dev, key in keys.items():
+            d = DeviceUnderTest(dev, host="127.0.0.1", port=port, server_public_key=trust, key=key, username=dev,
+                                password=passwords[dev], ca_cert=ca)
+            d.seed("m", 1)
+            devices.append(d.connect())
+
+        seen: list[str] = []
+
+        def online() -> bool:
+            seen[:] = [d.device_id for d in a.registry.list_devices() if d.online]
+            return len(seen) == len(devices)
+
+        wait_progress(online, what="devices online", progress=lambda: len(seen), describe=lambda: repr(seen),
+                      stall_s=60.0)
+        _crash(b)  # no restart; the broker binds client id to login: only b's login resumes b's session
+        servers.remove(b)
+        _rollout_loses_no_event(a, f"{SERVER_USER}-2", devices)
+        assert all(link.connected.is_set() for link in a.takeover.held[f"{SERVER_USER}-2"])  # type: ignore[union-attr]
+    finally:
+        for d in devices:
+            d.close()
+        for s in servers:
+            s.stop()
+        proc.terminate()
+        proc.wait(timeout=10)
+        service.registry.db.close()

@@ -115,3 +115,26 @@ def test_a_clean_stop_gives_the_session_to_a_peer() -> None:
     assert leases.rows[SESSION_LEASE + "b"][1] < clock[0]  # ended at once, not left to expire
     a.step()
     assert list(a.held) == ["b"]  # what the broker queues for b's session from now on reaches a
+
+
+def test_a_peer_without_a_login_is_not_taken() -> None:
+    """On a broker binding client id to login, a session is resumed only with that login: a peer missing from
+    ``[broker] peer_logins`` is left alone (connecting with our own login would take over our own session)."""
+    leases, clock = Leases(), [100.0]
+    links: list[Link] = []
+
+    def connect(peer: str) -> list[Link]:
+        links.append(Link(peer))
+        return links[-1:]
+
+    a = SessionTakeover(leases, owner="a:1", client_id="a", ttl_s=5.0, clock=lambda: clock[0], connect=connect,
+                        may_take=lambda p: p == "c")
+    a.renew()
+    for peer in ("b", "c"):
+        leases.acquire_lease(SESSION_LEASE + peer, peer, 5.0, now=100.0)
+    clock[0] = 106.0
+    a.renew()
+    a.step()
+    a.step()
+    assert list(a.held) == ["c"] and [link.client_id for link in links] == ["c"]
+    assert DRAIN_LEASE + "b" not in leases.rows  # nor does it keep another survivor from b
