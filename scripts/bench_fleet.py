@@ -295,9 +295,11 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
                     "SELECT state, COUNT(*) FROM deployment_devices WHERE deployment_id = ? GROUP BY state", (dep_id,)
                 ).fetchall()
                 st = server.ingest.stats
+                factor, lead, cuts = server.chunks.pace_state()
                 print(f"    {time.perf_counter() - t0:6.1f}s rows {[tuple(r) for r in states]} "
                       f"ingest {dict(st.received)} batches {st.batches} ({st.batch_seconds:.1f}s) "
                       f"chunks {dict(server.publish_stats.chunks)} msgs {dict(server.publish_stats.messages)} "
+                      f"pace {factor:.2f} (lead {lead}, cuts {cuts}) "
                       f"cpu {time.process_time() - cpu0:.1f}s broker {_rss_mb(broker_pid)} MB "
                       f"{'alive' if broker.process and broker.process.poll() is None else 'EXITED'}", flush=True)
             time.sleep(0.1)

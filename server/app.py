@@ -30,6 +30,7 @@ from server.builds import BuildSource
 from server.chunks import ChunkServer
 from server.config import RUNTIME_FILE, BrokerSection, ServerConfig
 from server.errors import ServerError
+from server.fanout import SYS_TOPICS, FanoutPace, PaceSettings
 from server.identity import server_logins
 from server.ingest import Ingestor
 from server.keys import atomic_write, load_signing_key, read_token_file
@@ -87,19 +88,25 @@ class FleetServer:
             quotas=config.quotas, reserved_logins=server_logins(b.username),
         )
 
+        p = config.publisher
+        paced = p.broadcast and p.broadcast_egress_mb_s > 0 and p.broadcast_max_lead_kib > 0
+        pace = FanoutPace(PaceSettings(max_lead_bytes=p.broadcast_max_lead_kib * 1024)) if paced else None
+
         def make_link(url: str) -> MqttLink:
             where = BrokerSection(url=url)
+            source = f"{where.host}:{where.port}"
             return MqttLink(
                 host=where.host, port=where.port, client_id=b.client_id or f"edgefleet-server-{self.instance}",
                 username=b.username or None, password=password,
                 ca_cert=str(config.resolve(b.ca_cert)) if b.ca_cert else None,
                 tls=where.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
                 shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
+                sys_topics=SYS_TOPICS if pace is not None else (),
+                on_sys=lambda topic, payload: self.chunks.observe_broker(source, topic, payload),
             )
 
         # several independent brokers: one link to each, device topics routed by shard (server/shards.py)
         self.link: MqttLink | ShardedLink = ShardedLink(b.shards, make_link) if b.shards else make_link(b.url)
-        p = config.publisher
         self.chunks = ChunkServer(
             read_chunk=self.artifacts.chunk,
             chunk_count=lambda a: self.artifacts.info(a).chunk_count,
@@ -109,7 +116,7 @@ class FleetServer:
             egress_bytes_s=p.broadcast_egress_mb_s * 1e6,
             on_reject=self._on_chunk_reject, on_sent=self.publish_stats.chunk_sent,
             resend_limit=lambda n: int(config.quotas.chunk_resend_factor * n) + config.quotas.chunk_resend_floor,
-            on_throttled=self._on_chunk_throttled,
+            on_throttled=self._on_chunk_throttled, pace=pace,
         )
         self.dispatcher = Dispatcher(self.registry, self.signer, self.artifacts, config)
         self.driver = RolloutDriver(self.registry, self.dispatcher, self.builds, config, owner=self.owner,

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from agent.protocol.messages import ChunkRequest
 from agent.protocol.topics import Channel, artifact_topic, device_topic
 from server.errors import ServerError
+from server.fanout import FanoutPace
 
 log = logging.getLogger("edgefleet.chunks")
 
@@ -275,7 +276,10 @@ class ChunkServer:
         egress_bytes_s: float = 0.0,
         resend_limit: Callable[[int], int | None] = lambda count: None,
         on_throttled: Callable[[ChunkRequest, str], None] | None = None,
+        pace: FanoutPace | None = None,
     ) -> None:
+        self._pace = pace
+        self._pace_lock = threading.Lock()
         self._resend_limit = resend_limit
         self._on_throttled = on_throttled
         self._ledgers: OrderedDict[str, ResendLedger] = OrderedDict()
@@ -308,6 +312,19 @@ class ChunkServer:
         with self._cond:
             self._expected.setdefault(artifact_id, set()).update(device_ids)
             self._cond.notify()
+
+    def observe_broker(self, source: str, topic: str, payload: bytes) -> None:
+        """A broker $SYS counter (paho's thread, one per broker): feeds the fan-out pace."""
+        if self._pace is not None:
+            with self._pace_lock:
+                self._pace.observe(source, topic, payload, self._clock())
+
+    def pace_state(self) -> tuple[float, int, int]:
+        """(share of the fan-out budget in use, 1 = the configured one; lead in chunks; cuts so far)."""
+        if self._pace is None:
+            return 1.0, 0, 0
+        with self._pace_lock:
+            return self._pace.factor(self._clock()), self._pace.lead, self._pace.decreases
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgefleet-chunks", daemon=True)
@@ -394,7 +411,7 @@ class ChunkServer:
                 if step is not None:
                     size = self._send(artifact_id, step)
                     if self._egress > 0 and step.device_id is None:
-                        sched.paced_until = now + size * sched.audience / self._egress
+                        sched.paced_until = now + size * sched.audience / (self._egress * self._paced(size))
                     sent = True
                 elif sched.idle:
                     del self._schedules[artifact_id]
@@ -406,6 +423,13 @@ class ChunkServer:
             with self._cond:
                 if not self._inbox and not self._stop.is_set():
                     self._cond.wait(timeout=min(timeout, 1.0) if timeout > 0 else 0.005)
+
+    def _paced(self, size: int) -> float:
+        if self._pace is None or size <= 0:
+            return 1.0
+        with self._pace_lock:
+            self._pace.note_chunk(size)
+            return self._pace.factor(self._clock())
 
     def _send(self, artifact_id: str, step: Send) -> int:
         try:

@@ -1,0 +1,131 @@
+"""The broadcast fan-out pace that follows the subscribers: a pure controller fed by the broker's own counters.
+
+Theory of operation
+    A shared chunk stream (``edgefleet/v1/art/{id}``) is paced by a fan-out budget
+    (``publisher.broadcast_egress_mb_s``, see server/chunks.py). A fixed budget is right only while
+    every subscriber keeps up: when they fall behind (a loaded machine, slow devices), the broker
+    holds each chunk until the slowest subscriber has acknowledged it, its per-client queues fill
+    (``max_queued_bytes``), overflow and drop, and the devices re-request what they lost.
+
+    The broker says how far the stream is ahead of its slowest subscriber: mosquitto publishes
+    ``$SYS/broker/store/messages/count`` (every message it still holds) and
+    ``$SYS/broker/retained messages/count`` every ``sys_interval`` (1 s in ``edgefleet broker
+    config``). A broadcast chunk is stored once, shared by every subscriber's queue, and freed when
+    the last one has acknowledged it, so the held messages that are not retained, over their
+    recent minimum (``baseline_s``: other sessions' leftovers and chunks pinned by an offline
+    persistent session are in the minimum), are the chunks no longer acknowledged by at least one
+    subscriber: the *lead*, in chunks (``chunk_bytes``, the last chunk streamed, turns
+    ``max_lead_bytes`` into chunks). Device messages on their way to the server are held too (a
+    thousand chunk requests as a rollout starts): the lead may grow from one sample to the next by
+    no more than the chunks streamed in between (``note_chunk``), so a burst of them is not a lead.
+
+    ``FanoutPace`` turns those samples into a factor of the budget (AIMD): a lead above
+    ``max_lead_bytes`` in two samples in a row, not shrinking, halves the factor (at most once per
+    ``hold_s``, so a halving is seen before the next), a lead under half of it raises the factor by
+    ``increase`` per sample, up to 1. The factor never falls under ``floor``. It starts at 1, so a
+    fleet that keeps up is streamed exactly as with the fixed budget; without samples (another
+    broker, an ACL without ``$SYS``) for ``stale_s`` the factor is 1 again.
+
+    Pure: no clock, no I/O; the MQTT link feeds ``observe`` and the chunk server reads ``factor``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+#: the broker counters the pace follows (mosquitto 2.0, sys_interval)
+STORED_TOPIC = "$SYS/broker/store/messages/count"
+RETAINED_TOPIC = "$SYS/broker/retained messages/count"
+SYS_TOPICS = (STORED_TOPIC, RETAINED_TOPIC)
+
+
+def parse_counter(payload: bytes, limit: int = 1 << 62) -> int | None:
+    """A $SYS counter's payload (ASCII digits) as an int, or None when it is not one (untrusted input)."""
+    if not payload or len(payload) > 20 or not payload.isdigit():
+        return None
+    value = int(payload)
+    return value if value <= limit else None
+
+
+@dataclass(frozen=True)
+class PaceSettings:
+    max_lead_bytes: int = 1 << 20
+    floor: float = 1 / 16
+    increase: float = 0.25
+    hold_s: float = 2.0
+    baseline_s: float = 60.0
+    stale_s: float = 5.0
+
+
+class FanoutPace:
+    """What share of the fan-out budget the next chunks may use, from samples of the broker's held messages."""
+
+    def __init__(self, settings: PaceSettings | None = None) -> None:
+        self.settings = settings or PaceSettings()
+        self.chunk_bytes = 64 * 1024
+        self._factor = 1.0
+        self._retained: dict[str, int] = {}
+        self._stored: dict[str, int] = {}
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+        self._last_sample = float("-inf")
+        self._last_decrease = float("-inf")
+        self._lead_prev = 0
+        self._sent = 0
+        self.lead = 0
+        self.decreases = 0
+
+    def note_chunk(self, size: int) -> None:
+        """A broadcast chunk of ``size`` bytes went out (the lead's unit)."""
+        self.chunk_bytes = max(1, size)
+        self._sent += 1
+
+    def observe(self, source: str, topic: str, payload: bytes, now: float) -> None:
+        """One $SYS message from the broker ``source`` (several brokers: the largest lead counts)."""
+        value = parse_counter(payload)
+        if value is None:
+            return
+        # held = stored - retained, may be negative (mosquitto counts its own $SYS messages as retained, not
+        # as stored); the counters of one pass come one after the other (only those that changed), so a
+        # change of the retained count is seen a sample late (bounded like any other burst, see ``sample``)
+        if topic == RETAINED_TOPIC:
+            self._retained[source] = value
+        elif topic == STORED_TOPIC:
+            self._stored[source] = value
+        else:
+            return
+        if source in self._retained and source in self._stored:
+            self.sample(source, now, self._stored[source] - self._retained[source])
+
+    def sample(self, source: str, now: float, held: int) -> None:
+        """``held``: messages the broker ``source`` holds that are not retained."""
+        s = self.settings
+        samples = self._samples.setdefault(source, deque())
+        samples.append((now, held))
+        while samples[0][0] < now - s.baseline_s:
+            samples.popleft()
+        self._last_sample = now
+        held_over = max(
+            (q[-1][1] - min(v for _, v in q) for q in self._samples.values() if q and q[-1][0] >= now - s.stale_s),
+            default=0,
+        )
+        # the lead grows by at most the chunks streamed since the last sample: a burst of device messages
+        # (a thousand chunk requests as a rollout starts, telemetry) held on their way to the server is not one
+        lead = min(held_over, self._lead_prev + self._sent)
+        self._sent = 0
+        limit = max(2, s.max_lead_bytes // self.chunk_bytes)
+        was_over = self._lead_prev > limit
+        shrinking, self._lead_prev, self.lead = lead < self._lead_prev, lead, lead
+        if lead > limit:
+            if was_over and not shrinking and now - self._last_decrease >= s.hold_s and self._factor > s.floor:
+                self._factor = max(s.floor, self._factor / 2)
+                self._last_decrease = now
+                self.decreases += 1
+        elif lead < limit / 2:
+            self._factor = min(1.0, self._factor + s.increase)
+
+    def factor(self, now: float) -> float:
+        """The share of the budget to use now: 1 unless recent samples say the subscribers lag."""
+        if now - self._last_sample > self.settings.stale_s:
+            return 1.0
+        return self._factor

@@ -1,0 +1,126 @@
+"""The broadcast fan-out pace that follows the subscribers (server/fanout.py): pure, fed samples by hand."""
+
+from __future__ import annotations
+
+from server.fanout import RETAINED_TOPIC, STORED_TOPIC, FanoutPace, PaceSettings, parse_counter
+
+CHUNK = 64 * 1024
+#: 1 MiB of 64 KiB chunks: a lead over 16 chunks is lagging, under 8 is keeping up
+SETTINGS = PaceSettings(max_lead_bytes=16 * CHUNK, floor=1 / 16, increase=0.1, hold_s=2.0, baseline_s=60.0,
+                        stale_s=5.0)
+
+
+def paced() -> FanoutPace:
+    pace = FanoutPace(SETTINGS)
+    pace.note_chunk(CHUNK)
+    return pace
+
+
+def feed(pace: FanoutPace, held: list[int], start: float = 0.0, sent: int = 20) -> float:
+    """One sample a second (mosquitto's sys_interval 1), ``sent`` chunks streamed before each; returns the
+    time of the last one."""
+    t = start
+    for i, h in enumerate(held):
+        t = start + i
+        for _ in range(sent):
+            pace.note_chunk(pace.chunk_bytes)
+        pace.sample("broker", t, h)
+    return t
+
+
+def test_subscribers_that_keep_up_leave_the_budget_alone() -> None:
+    pace = paced()
+    # retained leftovers and a few chunks in flight: the lead over the minimum stays small
+    t = feed(pace, [2000, 2003, 2005, 2004, 2006, 2003, 2005, 2002] * 4)
+    assert pace.factor(t) == 1.0
+    assert pace.decreases == 0
+
+
+def test_a_growing_lead_halves_the_budget_once_per_hold_and_not_below_the_floor() -> None:
+    pace = paced()
+    t = feed(pace, [0, 5, 10, 18])  # over 16 once: could be a burst of device messages, no cut yet
+    assert pace.factor(t) == 1.0
+    t = feed(pace, [20], start=t + 1)  # twice in a row and growing: halve
+    assert pace.factor(t) == 0.5
+    t = feed(pace, [22], start=t + 1)  # within hold_s of the last cut: wait to see its effect
+    assert pace.factor(t) == 0.5
+    t = feed(pace, [25, 30, 35, 40, 45, 50, 55, 60, 65, 70], start=t + 1)
+    assert pace.factor(t) == SETTINGS.floor
+    assert pace.decreases == 4
+
+
+def test_a_shrinking_lead_is_not_cut_again_and_a_small_one_raises_the_budget() -> None:
+    pace = paced()
+    t = feed(pace, [0, 20, 24])
+    assert pace.factor(t) == 0.5
+    t = feed(pace, [23, 21, 19, 17], start=t + 1)  # still over, but the cut works: hold
+    assert pace.factor(t) == 0.5
+    t = feed(pace, [12], start=t + 1)  # between half and the limit: hold
+    assert pace.factor(t) == 0.5
+    t = feed(pace, [6, 3, 2, 1, 1], start=t + 1)  # caught up: +0.1 a sample, up to 1
+    assert abs(pace.factor(t) - 1.0) < 1e-9
+    t = feed(pace, [1] * 5, start=t + 1)
+    assert pace.factor(t) == 1.0
+
+
+def test_without_samples_the_fixed_budget_applies() -> None:
+    pace = paced()
+    assert pace.factor(0.0) == 1.0  # never a sample: another broker, or $SYS not readable
+    t = feed(pace, [0, 20, 24])
+    assert pace.factor(t) == 0.5
+    assert pace.factor(t + SETTINGS.stale_s + 0.1) == 1.0
+
+
+def test_a_burst_of_device_messages_is_not_a_lead() -> None:
+    pace = paced()
+    # a thousand chunk requests held on their way to the server as the stream starts (2 chunks a second)
+    t = feed(pace, [0, 1322, 1300, 900, 3, 4], sent=2)
+    assert pace.decreases == 0
+    assert pace.factor(t) == 1.0
+    # a real lead grows with the chunks streamed: 5 a second, behind by all of them
+    t = feed(pace, [9, 14, 19, 24, 29], start=t + 1, sent=5)
+    assert pace.factor(t) == 0.5
+
+
+def test_chunks_pinned_for_a_minute_become_the_baseline() -> None:
+    pace = paced()
+    # an offline persistent session holds 40 chunks of an earlier stream: after baseline_s it is the minimum
+    t = feed(pace, [0] + [40] * 70)
+    assert pace.lead == 0
+    assert pace.factor(t) == 1.0
+
+
+def test_the_lead_is_counted_in_chunks_of_the_stream() -> None:
+    pace = FanoutPace(SETTINGS)
+    pace.note_chunk(256 * 1024)  # 1 MiB is 4 chunks of 256 KiB
+    t = feed(pace, [0, 5, 6])
+    assert pace.factor(t) == 0.5
+
+
+def test_several_brokers_the_largest_lead_counts() -> None:
+    pace = paced()
+    for i, (a, b) in enumerate([(0, 0), (1, 20), (2, 24)]):
+        for _ in range(20):
+            pace.note_chunk(CHUNK)
+        pace.sample("a", float(i), a)
+        pace.sample("b", float(i), b)
+    assert pace.factor(2.0) == 0.5
+
+
+def test_sys_messages_subtract_retained_and_ignore_garbage() -> None:
+    pace = paced()
+    pace.observe("b", STORED_TOPIC, b"3002", 0.0)  # nothing until the retained count is known
+    assert pace.factor(0.0) == 1.0
+    pace.observe("b", RETAINED_TOPIC, b"3000", 0.0)
+    pace.observe("b", STORED_TOPIC, b"3002", 0.0)
+    for _ in range(40):
+        pace.note_chunk(CHUNK)
+    pace.observe("b", STORED_TOPIC, b"3030", 1.0)
+    assert pace.lead == 28
+    pace.observe("b", STORED_TOPIC, b"-1", 2.0)
+    pace.observe("b", STORED_TOPIC, b"9" * 30, 2.0)
+    pace.observe("b", "$SYS/broker/uptime", b"12 seconds", 2.0)
+    assert pace.lead == 28
+    assert parse_counter(b"12") == 12
+    assert parse_counter(b"") is None
+    assert parse_counter(b"1.5") is None
