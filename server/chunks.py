@@ -122,7 +122,10 @@ class ArtifactSchedule:
         self._requesters: set[str] = set()
         self._expected: frozenset[str] = frozenset()
         self._audience: set[str] = set()
-        #: (monotonic) the sender leaves this artifact alone until then (fan-out pacing)
+        #: fan-out pacing: the last broadcast chunk went at ``paced_from`` (monotonic) and costs ``paced_s``
+        #: seconds of the full budget; the sender leaves this artifact alone until ``paced_until``
+        self.paced_from = 0.0
+        self.paced_s = 0.0
         self.paced_until = 0.0
         self._late: dict[str, set[int]] = {}
         self._unicast: OrderedDict[str, list[int]] = OrderedDict()  # device -> indexes, descending
@@ -315,9 +318,16 @@ class ChunkServer:
 
     def observe_broker(self, source: str, topic: str, payload: bytes) -> None:
         """A broker $SYS counter (paho's thread, one per broker): feeds the fan-out pace."""
-        if self._pace is not None:
-            with self._pace_lock:
-                self._pace.observe(source, topic, payload, self._clock())
+        if self._pace is None:
+            return
+        with self._pace_lock:
+            now = self._clock()
+            before = self._pace.factor(now)
+            self._pace.observe(source, topic, payload, now)
+            raised = self._pace.factor(now) > before
+        if raised:  # a waiting stream may go sooner
+            with self._cond:
+                self._cond.notify()
 
     def pace_state(self) -> tuple[float, int, int]:
         """(share of the fan-out budget in use, 1 = the configured one; lead in chunks; cuts so far)."""
@@ -403,15 +413,20 @@ class ChunkServer:
             now = self._clock()
             self._accept(now)
             sent = False
+            factor = self._pace_factor(now)
             for artifact_id in list(self._schedules):
                 sched = self._schedules[artifact_id]
+                # the wait follows the pace as it changes: a stream cut to 1/16 resumes as soon as it is raised
+                sched.paced_until = sched.paced_from + sched.paced_s / factor
                 if sched.paced_until > now:
                     continue
                 step = sched.next_send(now)
                 if step is not None:
                     size = self._send(artifact_id, step)
                     if self._egress > 0 and step.device_id is None:
-                        sched.paced_until = now + size * sched.audience / (self._egress * self._paced(size))
+                        self._note_chunk(size)
+                        sched.paced_from, sched.paced_s = now, size * sched.audience / self._egress
+                        sched.paced_until = now + sched.paced_s / factor
                     sent = True
                 elif sched.idle:
                     del self._schedules[artifact_id]
@@ -424,12 +439,16 @@ class ChunkServer:
                 if not self._inbox and not self._stop.is_set():
                     self._cond.wait(timeout=min(timeout, 1.0) if timeout > 0 else 0.005)
 
-    def _paced(self, size: int) -> float:
-        if self._pace is None or size <= 0:
+    def _pace_factor(self, now: float) -> float:
+        if self._pace is None:
             return 1.0
         with self._pace_lock:
-            self._pace.note_chunk(size)
-            return self._pace.factor(self._clock())
+            return self._pace.factor(now)
+
+    def _note_chunk(self, size: int) -> None:
+        if self._pace is not None and size > 0:
+            with self._pace_lock:
+                self._pace.note_chunk(size)
 
     def _send(self, artifact_id: str, step: Send) -> int:
         try:

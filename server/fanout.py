@@ -54,7 +54,7 @@ class PaceSettings:
     floor: float = 1 / 16
     increase: float = 0.25
     hold_s: float = 2.0
-    baseline_s: float = 60.0
+    baseline_s: float = 30.0
     stale_s: float = 5.0
 
 

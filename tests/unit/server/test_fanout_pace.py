@@ -82,9 +82,9 @@ def test_a_burst_of_device_messages_is_not_a_lead() -> None:
     assert pace.factor(t) == 0.5
 
 
-def test_chunks_pinned_for_a_minute_become_the_baseline() -> None:
+def test_chunks_pinned_longer_than_the_baseline_window_become_the_baseline() -> None:
     pace = paced()
-    # an offline persistent session holds 40 chunks of an earlier stream: after baseline_s it is the minimum
+    # an offline persistent session holds 40 chunks of an earlier stream: after baseline_s (60 s here) it is the minimum
     t = feed(pace, [0] + [40] * 70)
     assert pace.lead == 0
     assert pace.factor(t) == 1.0
