@@ -10,14 +10,16 @@ Theory of operation
     The broker says how far the stream is ahead of its slowest subscriber: mosquitto publishes
     ``$SYS/broker/store/messages/count`` (every message it still holds) and
     ``$SYS/broker/retained messages/count`` every ``sys_interval`` (1 s in ``edgefleet broker
-    config``). A broadcast chunk is stored once, shared by every subscriber's queue, and freed when
-    the last one has acknowledged it, so the held messages that are not retained, over their
+    config``) when they changed, after ``$SYS/broker/uptime`` (every pass: the sample's tick). A
+    broadcast chunk is stored once, shared by every subscriber's queue, and freed when the last one
+    has acknowledged it, so the held messages that are not retained, over their
     recent minimum (``baseline_s``: other sessions' leftovers and chunks pinned by an offline
     persistent session are in the minimum), are the chunks no longer acknowledged by at least one
     subscriber: the *lead*, in chunks (``chunk_bytes``, the last chunk streamed, turns
     ``max_lead_bytes`` into chunks). Device messages on their way to the server are held too (a
     thousand chunk requests as a rollout starts): the lead may grow from one sample to the next by
-    no more than the chunks streamed in between (``note_chunk``), so a burst of them is not a lead.
+    no more than the chunks streamed in the two intervals before it (``note_chunk``; the counters
+    are a pass older than the sample), so a burst of them is not a lead.
 
     ``FanoutPace`` turns those samples into a factor of the budget (AIMD): a lead above
     ``max_lead_bytes`` in two samples in a row, not shrinking, halves the factor (at most once per
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 #: the broker counters the pace follows (mosquitto 2.0, sys_interval)
 STORED_TOPIC = "$SYS/broker/store/messages/count"
 RETAINED_TOPIC = "$SYS/broker/retained messages/count"
-SYS_TOPICS = (STORED_TOPIC, RETAINED_TOPIC)
+UPTIME_TOPIC = "$SYS/broker/uptime"
+SYS_TOPICS = (UPTIME_TOPIC, STORED_TOPIC, RETAINED_TOPIC)
 
 
 def parse_counter(payload: bytes, limit: int = 1 << 62) -> int | None:
@@ -72,6 +75,7 @@ class FanoutPace:
         self._last_decrease = float("-inf")
         self._lead_prev = 0
         self._sent = 0
+        self._sent_before = 0
         self.lead = 0
         self.decreases = 0
 
@@ -82,19 +86,17 @@ class FanoutPace:
 
     def observe(self, source: str, topic: str, payload: bytes, now: float) -> None:
         """One $SYS message from the broker ``source`` (several brokers: the largest lead counts)."""
-        value = parse_counter(payload)
+        value = parse_counter(payload.split(b" ", 1)[0])  # uptime is "12 seconds"
         if value is None:
             return
         # held = stored - retained, may be negative (mosquitto counts its own $SYS messages as retained, not
-        # as stored); the counters of one pass come one after the other (only those that changed), so a
-        # change of the retained count is seen a sample late (bounded like any other burst, see ``sample``)
+        # as stored). A pass publishes uptime first, then only the counters that changed: one sample per pass,
+        # at its uptime, from the counters of the pass before (consistent with each other, a pass late)
         if topic == RETAINED_TOPIC:
             self._retained[source] = value
         elif topic == STORED_TOPIC:
             self._stored[source] = value
-        else:
-            return
-        if source in self._retained and source in self._stored:
+        elif topic == UPTIME_TOPIC and source in self._retained and source in self._stored:
             self.sample(source, now, self._stored[source] - self._retained[source])
 
     def sample(self, source: str, now: float, held: int) -> None:
@@ -111,8 +113,9 @@ class FanoutPace:
         )
         # the lead grows by at most the chunks streamed since the last sample: a burst of device messages
         # (a thousand chunk requests as a rollout starts, telemetry) held on their way to the server is not one
-        lead = min(held_over, self._lead_prev + self._sent)
-        self._sent = 0
+        # (the counters are a pass older than the sample: chunks of the interval before count too)
+        lead = min(held_over, self._lead_prev + self._sent + self._sent_before)
+        self._sent, self._sent_before = 0, self._sent
         limit = max(2, s.max_lead_bytes // self.chunk_bytes)
         was_over = self._lead_prev > limit
         shrinking, self._lead_prev, self.lead = lead < self._lead_prev, lead, lead

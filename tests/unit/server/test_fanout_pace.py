@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.fanout import RETAINED_TOPIC, STORED_TOPIC, FanoutPace, PaceSettings, parse_counter
+from server.fanout import RETAINED_TOPIC, STORED_TOPIC, UPTIME_TOPIC, FanoutPace, PaceSettings, parse_counter
 
 CHUNK = 64 * 1024
 #: 1 MiB of 64 KiB chunks: a lead over 16 chunks is lagging, under 8 is keeping up
@@ -107,19 +107,25 @@ def test_several_brokers_the_largest_lead_counts() -> None:
     assert pace.factor(2.0) == 0.5
 
 
-def test_sys_messages_subtract_retained_and_ignore_garbage() -> None:
+def test_sys_messages_sample_once_a_pass_at_its_uptime_and_ignore_garbage() -> None:
     pace = paced()
-    pace.observe("b", STORED_TOPIC, b"3002", 0.0)  # nothing until the retained count is known
-    assert pace.factor(0.0) == 1.0
-    pace.observe("b", RETAINED_TOPIC, b"3000", 0.0)
     pace.observe("b", STORED_TOPIC, b"3002", 0.0)
+    pace.observe("b", UPTIME_TOPIC, b"10 seconds", 1.0)  # nothing until the retained count is known too
+    assert pace.factor(1.0) == 1.0
+    pace.observe("b", RETAINED_TOPIC, b"3000", 1.0)
+    pace.observe("b", UPTIME_TOPIC, b"11 seconds", 2.0)  # the first sample: held 2
     for _ in range(40):
         pace.note_chunk(CHUNK)
-    pace.observe("b", STORED_TOPIC, b"3030", 1.0)
+    pace.observe("b", STORED_TOPIC, b"3030", 2.0)
+    assert pace.lead == 0  # counters alone are not a sample
+    pace.observe("b", UPTIME_TOPIC, b"12 seconds", 3.0)
     assert pace.lead == 28
-    pace.observe("b", STORED_TOPIC, b"-1", 2.0)
-    pace.observe("b", STORED_TOPIC, b"9" * 30, 2.0)
-    pace.observe("b", "$SYS/broker/uptime", b"12 seconds", 2.0)
+    pace.observe("b", UPTIME_TOPIC, b"13 seconds", 4.0)  # unchanged counters are not published: same lead
+    assert pace.lead == 28
+    pace.observe("b", STORED_TOPIC, b"-1", 4.0)
+    pace.observe("b", STORED_TOPIC, b"9" * 30, 4.0)
+    pace.observe("b", "$SYS/broker/clients/connected", b"5", 4.0)
+    pace.observe("b", UPTIME_TOPIC, b"14 seconds", 5.0)
     assert pace.lead == 28
     assert parse_counter(b"12") == 12
     assert parse_counter(b"") is None
