@@ -130,7 +130,7 @@ def test_a_shared_stream_is_paced_by_its_fan_out() -> None:
 def test_subscribers_lagging_behind_slow_the_shared_stream() -> None:
     pace = FanoutPace(PaceSettings(max_lead_bytes=160_000, hold_s=0.0, stale_s=600.0))
     now = time.monotonic()
-    for i, held in enumerate([0, 20, 40, 60]):  # the broker holds ever more chunks: cut twice, to a quarter
+    for i, held in enumerate([0, 10, 20, 40]):  # the broker holds ever more chunks: cut twice, to a quarter
         for _ in range(20):
             pace.note_chunk(10_000)
         pace.sample("broker", now - 3 + i, held)

@@ -38,9 +38,9 @@ def test_subscribers_that_keep_up_leave_the_budget_alone() -> None:
 
 def test_a_growing_lead_halves_the_budget_once_per_hold_and_not_below_the_floor() -> None:
     pace = paced()
-    t = feed(pace, [0, 5, 10, 18])  # over 16 once: could be a burst of device messages, no cut yet
+    t = feed(pace, [0, 5, 10, 16])  # at the limit: nothing yet
     assert pace.factor(t) == 1.0
-    t = feed(pace, [20], start=t + 1)  # twice in a row and growing: halve
+    t = feed(pace, [18], start=t + 1)  # over it: halve
     assert pace.factor(t) == 0.5
     t = feed(pace, [22], start=t + 1)  # within hold_s of the last cut: wait to see its effect
     assert pace.factor(t) == 0.5
@@ -79,7 +79,7 @@ def test_a_burst_of_device_messages_is_not_a_lead() -> None:
     assert pace.factor(t) == 1.0
     # a real lead grows with the chunks streamed: 5 a second, behind by all of them
     t = feed(pace, [9, 14, 19, 24, 29], start=t + 1, sent=5)
-    assert pace.factor(t) == 0.5
+    assert pace.factor(t) == 0.25  # over 16 at 19 and 29 (hold_s between)
 
 
 def test_chunks_pinned_longer_than_the_baseline_window_become_the_baseline() -> None:
