@@ -10,16 +10,20 @@ Theory of operation
     The broker says how far the stream is ahead of its slowest subscriber: mosquitto publishes
     ``$SYS/broker/store/messages/count`` (every message it still holds) and
     ``$SYS/broker/retained messages/count`` every ``sys_interval`` (1 s in ``edgefleet broker
-    config``) when they changed, after ``$SYS/broker/uptime`` (every pass: the sample's tick). A
+    config``) when they changed, after ``$SYS/broker/uptime`` (every pass: the sample's tick), and
+    ``$SYS/broker/store/messages/bytes`` (their payload bytes, retained included). A
     broadcast chunk is stored once, shared by every subscriber's queue, and freed when the last one
     has acknowledged it, so the held messages that are not retained, over their
     recent minimum (``baseline_s``: other sessions' leftovers and chunks pinned by an offline
     persistent session are in the minimum), are the chunks no longer acknowledged by at least one
     subscriber: the *lead*, in chunks (``chunk_bytes``, the last chunk streamed, turns
     ``max_lead_bytes`` into chunks). Device messages on their way to the server are held too (a
-    thousand chunk requests as a rollout starts): the lead may grow from one sample to the next by
-    no more than the chunks streamed in the two intervals before it (``note_chunk``; the counters
-    are a pass older than the sample), so a burst of them is not a lead.
+    thousand chunk requests as a rollout starts, ``download.progress`` events at each quarter), and
+    so the lead is also bounded by the held bytes over their minimum (in chunks: a burst of small
+    messages is few bytes; the retained desired states a rollout adds are many bytes but cancel out
+    of the message count), and it may grow from one sample to the next by no more than the chunks
+    streamed in the two intervals before it (``note_chunk``; the counters are a pass older than the
+    sample).
 
     ``FanoutPace`` turns those samples into a factor of the budget (AIMD): a lead above
     ``max_lead_bytes``, not shrinking, halves the factor (at most once per ``hold_s``; mosquitto's
@@ -40,9 +44,10 @@ from dataclasses import dataclass
 
 #: the broker counters the pace follows (mosquitto 2.0, sys_interval)
 STORED_TOPIC = "$SYS/broker/store/messages/count"
+STORED_BYTES_TOPIC = "$SYS/broker/store/messages/bytes"
 RETAINED_TOPIC = "$SYS/broker/retained messages/count"
 UPTIME_TOPIC = "$SYS/broker/uptime"
-SYS_TOPICS = (UPTIME_TOPIC, STORED_TOPIC, RETAINED_TOPIC)
+SYS_TOPICS = (UPTIME_TOPIC, STORED_TOPIC, RETAINED_TOPIC, STORED_BYTES_TOPIC)
 
 
 def parse_counter(payload: bytes, limit: int = 1 << 62) -> int | None:
@@ -72,7 +77,8 @@ class FanoutPace:
         self._factor = 1.0
         self._retained: dict[str, int] = {}
         self._stored: dict[str, int] = {}
-        self._samples: dict[str, deque[tuple[float, int]]] = {}
+        self._stored_bytes: dict[str, int] = {}
+        self._samples: dict[str, deque[tuple[float, int, int | None]]] = {}
         self._last_sample = float("-inf")
         self._last_decrease = float("-inf")
         self._lead_prev = 0
@@ -98,21 +104,21 @@ class FanoutPace:
             self._retained[source] = value
         elif topic == STORED_TOPIC:
             self._stored[source] = value
+        elif topic == STORED_BYTES_TOPIC:
+            self._stored_bytes[source] = value
         elif topic == UPTIME_TOPIC and source in self._retained and source in self._stored:
-            self.sample(source, now, self._stored[source] - self._retained[source])
+            self.sample(source, now, self._stored[source] - self._retained[source], self._stored_bytes.get(source))
 
-    def sample(self, source: str, now: float, held: int) -> None:
-        """``held``: messages the broker ``source`` holds that are not retained."""
+    def sample(self, source: str, now: float, held: int, stored_bytes: int | None = None) -> None:
+        """``held``: messages the broker ``source`` holds that are not retained; ``stored_bytes``: the payload
+        bytes of all it holds (retained included), when known."""
         s = self.settings
         samples = self._samples.setdefault(source, deque())
-        samples.append((now, held))
+        samples.append((now, held, stored_bytes))
         while samples[0][0] < now - s.baseline_s:
             samples.popleft()
         self._last_sample = now
-        held_over = max(
-            (q[-1][1] - min(v for _, v in q) for q in self._samples.values() if q and q[-1][0] >= now - s.stale_s),
-            default=0,
-        )
+        held_over = max((self._over(q) for q in self._samples.values() if q[-1][0] >= now - s.stale_s), default=0)
         # the lead grows by at most the chunks streamed since the last sample: a burst of device messages
         # (a thousand chunk requests as a rollout starts, telemetry) held on their way to the server is not one
         # (the counters are a pass older than the sample: chunks of the interval before count too)
@@ -127,6 +133,17 @@ class FanoutPace:
                 self.decreases += 1
         elif lead < limit / 2:
             self._factor = min(1.0, self._factor + s.increase)
+
+    def _over(self, q: deque[tuple[float, int, int | None]]) -> int:
+        """One broker's held messages over their minimum, and no more than its held bytes over theirs allow in
+        chunks: a burst of small device messages is many messages but few bytes; retained desired states
+        (1.8 KB each, new as a rollout starts) are many bytes but cancel out of the message count."""
+        over = q[-1][1] - min(v for _, v, _ in q)
+        last_bytes = q[-1][2]
+        if last_bytes is not None:
+            known = [b for _, _, b in q if b is not None]
+            over = min(over, (last_bytes - min(known)) // self.chunk_bytes)
+        return over
 
     def factor(self, now: float) -> float:
         """The share of the budget to use now: 1 unless recent samples say the subscribers lag."""

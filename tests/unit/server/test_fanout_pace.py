@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from server.fanout import RETAINED_TOPIC, STORED_TOPIC, UPTIME_TOPIC, FanoutPace, PaceSettings, parse_counter
+from server.fanout import (
+    RETAINED_TOPIC,
+    STORED_BYTES_TOPIC,
+    STORED_TOPIC,
+    UPTIME_TOPIC,
+    FanoutPace,
+    PaceSettings,
+    parse_counter,
+)
 
 CHUNK = 64 * 1024
 #: 1 MiB of 64 KiB chunks: a lead over 16 chunks is lagging, under 8 is keeping up
@@ -82,6 +90,22 @@ def test_a_burst_of_device_messages_is_not_a_lead() -> None:
     assert pace.factor(t) == 0.25  # over 16 at 19 and 29 (hold_s between)
 
 
+def test_many_small_messages_or_new_retained_bytes_alone_are_not_a_lead() -> None:
+    pace = paced()
+    kb = 1000
+    # (held messages, stored bytes): a thousand 300-byte events held; then a thousand 1.8 KB retained desired
+    # states (not in the held count); then a real lead: 20 more chunks, both counts grow
+    samples = [(5, 900 * kb), (1005, 1200 * kb), (5, 2700 * kb), (25, 2700 * kb + 20 * CHUNK)]
+    for i, (held, stored) in enumerate(samples):
+        for _ in range(10):
+            pace.note_chunk(CHUNK)
+        pace.sample("b", float(i * 3), held, stored)
+        if i < 3:
+            assert pace.lead <= 4, i  # 300 kB of events: 4 chunks' worth at most
+    assert pace.lead == 20
+    assert pace.factor(9.0) == 0.5
+
+
 def test_chunks_pinned_longer_than_the_baseline_window_become_the_baseline() -> None:
     pace = paced()
     # an offline persistent session holds 40 chunks of an earlier stream: after baseline_s (60 s here) it is the minimum
@@ -110,6 +134,7 @@ def test_several_brokers_the_largest_lead_counts() -> None:
 def test_sys_messages_sample_once_a_pass_at_its_uptime_and_ignore_garbage() -> None:
     pace = paced()
     pace.observe("b", STORED_TOPIC, b"3002", 0.0)
+    pace.observe("b", STORED_BYTES_TOPIC, str(100 * CHUNK).encode(), 0.0)
     pace.observe("b", UPTIME_TOPIC, b"10 seconds", 1.0)  # nothing until the retained count is known too
     assert pace.factor(1.0) == 1.0
     pace.observe("b", RETAINED_TOPIC, b"3000", 1.0)
@@ -117,6 +142,7 @@ def test_sys_messages_sample_once_a_pass_at_its_uptime_and_ignore_garbage() -> N
     for _ in range(40):
         pace.note_chunk(CHUNK)
     pace.observe("b", STORED_TOPIC, b"3030", 2.0)
+    pace.observe("b", STORED_BYTES_TOPIC, str(128 * CHUNK).encode(), 2.0)
     assert pace.lead == 0  # counters alone are not a sample
     pace.observe("b", UPTIME_TOPIC, b"12 seconds", 3.0)
     assert pace.lead == 28
