@@ -30,7 +30,7 @@ from server.builds import BuildSource
 from server.chunks import ChunkServer
 from server.config import RUNTIME_FILE, BrokerSection, ServerConfig
 from server.errors import ServerError
-from server.fanout import SYS_TOPICS, FanoutPace, PaceSettings
+from server.fanout import SYS_TOPICS, FanoutPace
 from server.identity import server_logins
 from server.ingest import Ingestor
 from server.keys import atomic_write, load_signing_key, read_token_file
@@ -89,8 +89,7 @@ class FleetServer:
         )
 
         p = config.publisher
-        paced = p.broadcast and p.broadcast_egress_mb_s > 0 and p.broadcast_max_lead_kib > 0
-        pace = FanoutPace(PaceSettings(max_lead_bytes=p.broadcast_max_lead_kib * 1024)) if paced else None
+        pace = FanoutPace.for_settings(p.broadcast, p.broadcast_egress_mb_s, p.broadcast_max_lead_kib)
 
         def make_link(url: str) -> MqttLink:
             where = BrokerSection(url=url)

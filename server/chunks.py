@@ -329,6 +329,11 @@ class ChunkServer:
             with self._cond:
                 self._cond.notify()
 
+    @property
+    def pace(self) -> FanoutPace | None:
+        """The fan-out pace (None: the fixed budget, or no budget); read it under no lock for a look only."""
+        return self._pace
+
     def pace_state(self) -> tuple[float, int, int]:
         """(share of the fan-out budget in use, 1 = the configured one; lead in chunks; cuts so far)."""
         if self._pace is None:

@@ -86,6 +86,14 @@ class FanoutPace:
         self._sent_before = 0
         self.lead = 0
         self.decreases = 0
+        self.samples = 0
+
+    @classmethod
+    def for_settings(cls, broadcast: bool, egress_mb_s: float, max_lead_kib: int) -> FanoutPace | None:
+        """The pace for ``[publisher]`` settings: only shared streams with a fan-out budget are paced."""
+        if not broadcast or egress_mb_s <= 0 or max_lead_kib <= 0:
+            return None
+        return cls(PaceSettings(max_lead_bytes=max_lead_kib * 1024))
 
     def note_chunk(self, size: int) -> None:
         """A broadcast chunk of ``size`` bytes went out (the lead's unit)."""
@@ -118,6 +126,7 @@ class FanoutPace:
         while samples[0][0] < now - s.baseline_s:
             samples.popleft()
         self._last_sample = now
+        self.samples += 1
         held_over = max((self._over(q) for q in self._samples.values() if q[-1][0] >= now - s.stale_s), default=0)
         # the lead grows by at most the chunks streamed since the last sample: a burst of device messages
         # (a thousand chunk requests as a rollout starts, telemetry) held on their way to the server is not one

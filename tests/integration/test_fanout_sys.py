@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol.topics import artifact_topic
-from server.broker import SERVER_USER
+from server.app import FleetServer
+from server.broker import SERVER_USER, MosquittoBroker
+from server.builds import StaticBuilds
 from server.fanout import RETAINED_TOPIC, STORED_TOPIC, SYS_TOPICS, FanoutPace, PaceSettings
 from server.publisher import MqttLink
 from tests.conftest import SecureBrokerFactory
+from tests.support.servers.fleet import server_config
 
 ART = "cd" * 16
 
@@ -59,3 +63,19 @@ def test_a_subscriber_that_does_not_acknowledge_makes_a_lead(secure_broker: Secu
         assert not [t for t in ingested if t.startswith("$SYS")]  # counters never reach the device ingest
     finally:
         link.stop()
+
+
+def test_the_server_follows_the_broker_only_with_a_budget(tmp_path: Path, fresh_broker: MosquittoBroker) -> None:
+    builds = StaticBuilds({})
+    paced = FleetServer(server_config(tmp_path / "a", fresh_broker, {"publisher": {"broadcast_egress_mb_s": 100.0}}),
+                        builds=builds).start()
+    try:
+        pace = paced.chunks.pace
+        assert pace is not None
+        deadline = time.monotonic() + 15
+        while pace.samples < 2 and time.monotonic() < deadline:  # two broker passes: the link reads $SYS
+            time.sleep(0.05)
+        assert pace.samples >= 2
+        assert paced.chunks.pace_state()[0] == 1.0  # nothing streamed: the full budget
+    finally:
+        paced.stop()

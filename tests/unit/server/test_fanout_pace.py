@@ -156,3 +156,12 @@ def test_sys_messages_sample_once_a_pass_at_its_uptime_and_ignore_garbage() -> N
     assert parse_counter(b"12") == 12
     assert parse_counter(b"") is None
     assert parse_counter(b"1.5") is None
+
+
+def test_only_shared_streams_with_a_budget_and_a_limit_are_paced() -> None:
+    pace = FanoutPace.for_settings(True, 250.0, 512)
+    assert pace is not None
+    assert pace.settings.max_lead_bytes == 512 * 1024
+    assert FanoutPace.for_settings(True, 0.0, 1024) is None  # unpaced: nothing to scale
+    assert FanoutPace.for_settings(True, 250.0, 0) is None  # the fixed budget
+    assert FanoutPace.for_settings(False, 250.0, 1024) is None  # unicast
