@@ -34,7 +34,7 @@ from server.fanout import SYS_TOPICS, FanoutPace
 from server.identity import server_logins
 from server.ingest import Ingestor
 from server.keys import atomic_write, load_signing_key, read_token_file
-from server.metrics import PublishStats, render_metrics
+from server.metrics import Family, PublishStats, render_metrics
 from server.outbox import Outbox, safe_flush
 from server.publisher import MqttLink
 from server.quotas import CHUNK_RESENDS
@@ -174,7 +174,21 @@ class FleetServer:
 
     def render_metrics(self) -> str:
         return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats,
-                              quota=self.ingest.quota_stats, extra=self.http.stats.families())
+                              quota=self.ingest.quota_stats,
+                              extra=[*self.http.stats.families(), *self._pace_families()])
+
+    def _pace_families(self) -> list[Family]:
+        if self.chunks.pace is None:
+            return []
+        factor, lead, cuts = self.chunks.pace_state()
+        return [
+            Family("edgefleet_broadcast_pace", "gauge",
+                   "Share of publisher.broadcast_egress_mb_s in use (it follows the subscribers)").add(factor),
+            Family("edgefleet_broadcast_lead_chunks", "gauge",
+                   "Chunks the broker holds for the slowest subscriber of the shared streams").add(lead),
+            Family("edgefleet_broadcast_pace_cuts_total", "counter",
+                   "Times the fan-out budget was halved because subscribers lagged").add(cuts),
+        ]
 
     # -- lifecycle ------------------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ def test_a_subscriber_that_does_not_acknowledge_makes_a_lead(secure_broker: Secu
         link.stop()
 
 
-def test_the_server_follows_the_broker_only_with_a_budget(tmp_path: Path, fresh_broker: MosquittoBroker) -> None:
+def test_a_server_with_a_fan_out_budget_reads_the_broker(tmp_path: Path, fresh_broker: MosquittoBroker) -> None:
     builds = StaticBuilds({})
     paced = FleetServer(server_config(tmp_path / "a", fresh_broker, {"publisher": {"broadcast_egress_mb_s": 100.0}}),
                         builds=builds).start()
@@ -77,5 +77,8 @@ def test_the_server_follows_the_broker_only_with_a_budget(tmp_path: Path, fresh_
             time.sleep(0.05)
         assert pace.samples >= 2
         assert paced.chunks.pace_state()[0] == 1.0  # nothing streamed: the full budget
+        metrics = paced.render_metrics()
+        assert "edgefleet_broadcast_pace 1" in metrics
+        assert "edgefleet_broadcast_pace_cuts_total 0" in metrics
     finally:
         paced.stop()
