@@ -10,8 +10,9 @@ Theory of operation
     The broker says how far the stream is ahead of its slowest subscriber: mosquitto publishes
     ``$SYS/broker/store/messages/count`` (every message it still holds) and
     ``$SYS/broker/retained messages/count`` every ``sys_interval`` (1 s in ``edgefleet broker
-    config``) when they changed, after ``$SYS/broker/uptime`` (every pass: the sample's tick), and
-    ``$SYS/broker/store/messages/bytes`` (their payload bytes, retained included). A
+    config``; a pass came every ~2 s here) when they changed, after ``$SYS/broker/uptime``, and
+    ``$SYS/broker/store/messages/bytes`` (their payload bytes, retained included); one sample a pass,
+    at ``$SYS/broker/bytes/sent`` (after those, and changed in every pass for a $SYS subscriber). A
     broadcast chunk is stored once, shared by every subscriber's queue, and freed when the last one
     has acknowledged it, so the held messages that are not retained, over their
     recent minimum (``baseline_s``: other sessions' leftovers and chunks pinned by an offline
@@ -22,13 +23,12 @@ Theory of operation
     so the lead is also bounded by the held bytes over their minimum (in chunks: a burst of small
     messages is few bytes; the retained desired states a rollout adds are many bytes but cancel out
     of the message count), and it may grow from one sample to the next by no more than the chunks
-    streamed in the two intervals before it (``note_chunk``; the counters are a pass older than the
-    sample).
+    streamed in the two intervals before it (``note_chunk``).
 
     ``FanoutPace`` turns those samples into a factor of the budget (AIMD): a lead above
     ``max_lead_bytes``, not shrinking, halves the factor (at most once per ``hold_s``; mosquitto's
-    passes came every ~2 s here, and a sample is a pass late, so the lead overshoots the limit by
-    up to ~3 s of the stream: keep the limit near half of the broker's per-client queue), a lead
+    a sample is up to a pass old, so the lead overshoots the limit by a few seconds of the stream:
+    keep the limit near half of the broker's per-client queue), a lead
     under half of it raises the factor by ``increase`` per sample, up to 1. The factor never falls
     under ``floor``. It starts at 1, so a fleet that keeps up is streamed exactly as with the fixed
     budget; without samples (another broker, an ACL without ``$SYS``) for ``stale_s`` the factor is
@@ -47,7 +47,10 @@ STORED_TOPIC = "$SYS/broker/store/messages/count"
 STORED_BYTES_TOPIC = "$SYS/broker/store/messages/bytes"
 RETAINED_TOPIC = "$SYS/broker/retained messages/count"
 UPTIME_TOPIC = "$SYS/broker/uptime"
-SYS_TOPICS = (UPTIME_TOPIC, STORED_TOPIC, RETAINED_TOPIC, STORED_BYTES_TOPIC)
+#: published after the store and retained counters in each pass, and changed in every pass for a subscriber of
+#: $SYS (the uptime it was sent last pass): the end of a pass
+LAST_COUNTER_TOPIC = "$SYS/broker/bytes/sent"
+SYS_TOPICS = (UPTIME_TOPIC, STORED_TOPIC, STORED_BYTES_TOPIC, RETAINED_TOPIC, LAST_COUNTER_TOPIC)
 
 
 def parse_counter(payload: bytes, limit: int = 1 << 62) -> int | None:
@@ -63,7 +66,7 @@ class PaceSettings:
     max_lead_bytes: int = 1 << 20
     floor: float = 1 / 16
     increase: float = 0.25
-    hold_s: float = 2.0
+    hold_s: float = 1.5
     baseline_s: float = 30.0
     stale_s: float = 5.0
 
@@ -78,6 +81,7 @@ class FanoutPace:
         self._retained: dict[str, int] = {}
         self._stored: dict[str, int] = {}
         self._stored_bytes: dict[str, int] = {}
+        self._pass_sampled: dict[str, bool] = {}
         self._samples: dict[str, deque[tuple[float, int, int | None]]] = {}
         self._last_sample = float("-inf")
         self._last_decrease = float("-inf")
@@ -106,16 +110,22 @@ class FanoutPace:
         if value is None:
             return
         # held = stored - retained, may be negative (mosquitto counts its own $SYS messages as retained, not
-        # as stored). A pass publishes uptime first, then only the counters that changed: one sample per pass,
-        # at its uptime, from the counters of the pass before (consistent with each other, a pass late)
+        # as stored). A pass publishes uptime first, then only the counters that changed (store count, store
+        # bytes, retained count, ..., bytes sent): one sample per pass, at its end (bytes sent), or at the next
+        # uptime if the end was not seen
         if topic == RETAINED_TOPIC:
             self._retained[source] = value
         elif topic == STORED_TOPIC:
             self._stored[source] = value
         elif topic == STORED_BYTES_TOPIC:
             self._stored_bytes[source] = value
-        elif topic == UPTIME_TOPIC and source in self._retained and source in self._stored:
+        elif (topic == LAST_COUNTER_TOPIC or (topic == UPTIME_TOPIC and not self._pass_sampled.get(source, False))) \
+                and source in self._retained and source in self._stored:
             self.sample(source, now, self._stored[source] - self._retained[source], self._stored_bytes.get(source))
+        if topic == UPTIME_TOPIC:
+            self._pass_sampled[source] = False
+        elif topic == LAST_COUNTER_TOPIC:
+            self._pass_sampled[source] = True
 
     def sample(self, source: str, now: float, held: int, stored_bytes: int | None = None) -> None:
         """``held``: messages the broker ``source`` holds that are not retained; ``stored_bytes``: the payload
@@ -130,7 +140,7 @@ class FanoutPace:
         held_over = max((self._over(q) for q in self._samples.values() if q[-1][0] >= now - s.stale_s), default=0)
         # the lead grows by at most the chunks streamed since the last sample: a burst of device messages
         # (a thousand chunk requests as a rollout starts, telemetry) held on their way to the server is not one
-        # (the counters are a pass older than the sample: chunks of the interval before count too)
+        # (chunks of the interval before count too: a chunk sent just before a pass is counted in the next)
         lead = min(held_over, self._lead_prev + self._sent + self._sent_before)
         self._sent, self._sent_before = 0, self._sent
         limit = max(2, s.max_lead_bytes // self.chunk_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from server.fanout import (
+    LAST_COUNTER_TOPIC,
     RETAINED_TOPIC,
     STORED_BYTES_TOPIC,
     STORED_TOPIC,
@@ -131,28 +132,37 @@ def test_several_brokers_the_largest_lead_counts() -> None:
     assert pace.factor(2.0) == 0.5
 
 
-def test_sys_messages_sample_once_a_pass_at_its_uptime_and_ignore_garbage() -> None:
+def test_sys_messages_sample_once_a_pass_at_its_end_and_ignore_garbage() -> None:
     pace = paced()
-    pace.observe("b", STORED_TOPIC, b"3002", 0.0)
-    pace.observe("b", STORED_BYTES_TOPIC, str(100 * CHUNK).encode(), 0.0)
-    pace.observe("b", UPTIME_TOPIC, b"10 seconds", 1.0)  # nothing until the retained count is known too
-    assert pace.factor(1.0) == 1.0
-    pace.observe("b", RETAINED_TOPIC, b"3000", 1.0)
-    pace.observe("b", UPTIME_TOPIC, b"11 seconds", 2.0)  # the first sample: held 2
+
+    def broker_pass(t: float, **counters: bytes) -> None:  # mosquitto's order; unchanged counters are left out
+        pace.observe("b", UPTIME_TOPIC, f"{int(t)} seconds".encode(), t)
+        for topic, key in ((STORED_TOPIC, "stored"), (STORED_BYTES_TOPIC, "stored_bytes"),
+                           (RETAINED_TOPIC, "retained")):
+            if key in counters:
+                pace.observe("b", topic, counters[key], t)
+        if counters.get("end", True):
+            pace.observe("b", LAST_COUNTER_TOPIC, str(int(t) * 100).encode(), t)
+
+    broker_pass(0.0, stored=b"3002", stored_bytes=str(100 * CHUNK).encode())
+    assert pace.samples == 0  # nothing until the retained count is known too
+    broker_pass(2.0, retained=b"3000")
+    assert (pace.samples, pace.lead) == (1, 0)  # the first sample: held 2
     for _ in range(40):
         pace.note_chunk(CHUNK)
-    pace.observe("b", STORED_TOPIC, b"3030", 2.0)
-    pace.observe("b", STORED_BYTES_TOPIC, str(128 * CHUNK).encode(), 2.0)
-    assert pace.lead == 0  # counters alone are not a sample
-    pace.observe("b", UPTIME_TOPIC, b"12 seconds", 3.0)
-    assert pace.lead == 28
-    pace.observe("b", UPTIME_TOPIC, b"13 seconds", 4.0)  # unchanged counters are not published: same lead
-    assert pace.lead == 28
-    pace.observe("b", STORED_TOPIC, b"-1", 4.0)
-    pace.observe("b", STORED_TOPIC, b"9" * 30, 4.0)
-    pace.observe("b", "$SYS/broker/clients/connected", b"5", 4.0)
-    pace.observe("b", UPTIME_TOPIC, b"14 seconds", 5.0)
-    assert pace.lead == 28
+    broker_pass(4.0, stored=b"3030", stored_bytes=str(128 * CHUNK).encode())
+    assert (pace.samples, pace.lead) == (2, 28)  # this pass's counters, at its end
+    broker_pass(6.0)  # nothing changed: the same lead
+    assert (pace.samples, pace.lead) == (3, 28)
+    broker_pass(8.0, stored=b"3002", end=False)  # the end not seen: sampled at the next pass's uptime
+    assert pace.samples == 3
+    pace.observe("b", UPTIME_TOPIC, b"10 seconds", 10.0)
+    assert (pace.samples, pace.lead) == (4, 0)
+    pace.observe("b", STORED_TOPIC, b"-1", 10.0)
+    pace.observe("b", STORED_TOPIC, b"9" * 30, 10.0)
+    pace.observe("b", "$SYS/broker/clients/connected", b"5", 10.0)
+    pace.observe("b", LAST_COUNTER_TOPIC, b"1000", 10.0)
+    assert (pace.samples, pace.lead) == (5, 0)
     assert parse_counter(b"12") == 12
     assert parse_counter(b"") is None
     assert parse_counter(b"1.5") is None
