@@ -26,9 +26,10 @@ Theory of operation
     streamed in the two intervals before it (``note_chunk``).
 
     ``FanoutPace`` turns those samples into a factor of the budget (AIMD): a lead above
-    ``max_lead_bytes``, not shrinking, halves the factor (at most once per ``hold_s``; mosquitto's
-    a sample is up to a pass old, so the lead overshoots the limit by a few seconds of the stream:
-    keep the limit near half of the broker's per-client queue), a lead
+    ``max_lead_bytes``, not shrinking, halves the factor (at most once per ``hold_s``, 3.5 s: every
+    other pass, so a cut shows in the lead before the next; cutting every pass fell to the floor in
+    8 s and left the subscribers idle; a sample is up to a pass old and the lead overshoots the limit
+    by a few seconds of the stream: keep the limit near half of the broker's per-client queue), a lead
     under half of it raises the factor by ``increase`` per sample, up to 1. The factor never falls
     under ``floor``. It starts at 1, so a fleet that keeps up is streamed exactly as with the fixed
     budget; without samples (another broker, an ACL without ``$SYS``) for ``stale_s`` the factor is
@@ -66,7 +67,7 @@ class PaceSettings:
     max_lead_bytes: int = 1 << 20
     floor: float = 1 / 16
     increase: float = 0.25
-    hold_s: float = 1.5
+    hold_s: float = 3.5
     baseline_s: float = 30.0
     stale_s: float = 5.0
 
