@@ -11,7 +11,10 @@ inference, see docs/simulator.md). Then one deploy to the whole group in a singl
 canary, 1 s probation) and the clock runs until the registry shows every device committed.
 Settings for fleet size (docs/simulator.md says why): mosquitto's per-client QoS 1 window 640 KiB of chunks
 (10 of 64 KiB, at least 2) and queue 2 MiB, ``publisher.broadcast_egress_mb_s`` 250 (``--egress-mb-s``),
-``publisher.chunk_window_s`` 5. ``--chunk-kib`` sets the chunk size (default 64, the rpi4 profile's).
+``publisher.chunk_window_s`` 5, ``publisher.broadcast_max_lead_kib`` 1024 (the default: the budget follows the
+subscribers, server/fanout.py; ``--verbose`` prints the pace). ``--chunk-kib`` sets the chunk size (default 64,
+the rpi4 profile's). ``--stall 10:15`` stops the simulator for 15 s once 10 chunks are out (a subscriber that
+falls behind, on purpose).
 
 Modes: ``broadcast`` = the chunks go once on the shared artifact topic (publisher.broadcast = true,
 the default); ``unicast`` = the baseline, the same rollout served per device on its own chunk
@@ -217,7 +220,7 @@ def count(server: FleetServer, sql: str, *params: object) -> int:
 
 
 def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, timeout: float,
-            egress_mb_s: float, verbose: bool = False) -> Row:
+            egress_mb_s: float, verbose: bool = False, stall: tuple[int, float] | None = None) -> Row:
     work.mkdir(parents=True)
     begun = time.perf_counter()
     version = 2 if mode == "delta" else 1
@@ -285,7 +288,17 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
         committed = 0
         end = time.monotonic() + timeout
         next_report = time.monotonic() + 2.0
+        stall_until: float | None = None  # --stall: the simulator is SIGSTOPped until then
         while time.monotonic() < end:
+            if stall is not None and sim is not None and stall_until is None \
+                    and server.publish_stats.chunks["broadcast"] >= stall[0]:
+                sim.send_signal(signal.SIGSTOP)
+                stall_until = time.monotonic() + stall[1]
+                phase(f"simulator stopped for {stall[1]:g} s")
+            if stall_until is not None and sim is not None and time.monotonic() >= stall_until:
+                sim.send_signal(signal.SIGCONT)
+                stall, stall_until = None, None
+                phase("simulator resumed")
             committed = count(server, "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ?"
                               " AND state = 'committed'", dep_id)
             if committed >= n:
@@ -297,9 +310,11 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
                     "SELECT state, COUNT(*) FROM deployment_devices WHERE deployment_id = ? GROUP BY state", (dep_id,)
                 ).fetchall()
                 st = server.ingest.stats
+                factor, lead, cuts = server.chunks.pace_state()
                 print(f"    {time.perf_counter() - t0:6.1f}s rows {[tuple(r) for r in states]} "
                       f"ingest {dict(st.received)} batches {st.batches} ({st.batch_seconds:.1f}s) "
                       f"chunks {dict(server.publish_stats.chunks)} msgs {dict(server.publish_stats.messages)} "
+                      f"pace {factor:.2f} (lead {lead}, cuts {cuts}) "
                       f"cpu {time.process_time() - cpu0:.1f}s broker {_rss_mb(broker_pid)} MB "
                       f"{'alive' if broker.process and broker.process.poll() is None else 'EXITED'}", flush=True)
             time.sleep(0.1)
@@ -314,6 +329,8 @@ def run_one(work: Path, builds: StaticBuilds, n: int, mode: str, *, loops: int, 
                 "SELECT artifact_id FROM artifacts WHERE variant = 'delta' AND version = 2").fetchone()
             artifact_bytes = server.artifacts.info(delta[0]).compressed_size if delta else artifact_bytes
         phase("rollout measured")
+        if stall_until is not None and sim is not None:  # timed out while stopped
+            sim.send_signal(signal.SIGCONT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             sim.wait(timeout=30)  # it exits by itself once it sees every device committed
         sim_cpu = _children_cpu() - children0  # the simulator's whole run (connects included)
@@ -354,12 +371,22 @@ def main() -> int:
                         help="server setting publisher.broadcast_egress_mb_s (default 250; 0 = unpaced)")
     parser.add_argument("--verbose", action="store_true", help="print the simulator's timeline of each run")
     parser.add_argument("--timeout", type=float, default=240.0, help="per-rollout limit in seconds (default 240)")
+    parser.add_argument("--stall", metavar="CHUNKS:SECONDS",
+                        help="stop the simulator (SIGSTOP) for SECONDS once CHUNKS broadcast chunks are out: "
+                             "a subscriber that falls behind, on purpose")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up brokers and simulators on kill
     default = [10, 50] if args.quick else [10, 100, 1000]
     if args.quick and args.model_mb == 5.0:
         args.model_mb = 2.0
     sizes = [int(x) for x in args.devices.split(",")] if args.devices else default
+    stall: tuple[int, float] | None = None
+    if args.stall:
+        chunks, _, seconds = args.stall.partition(":")
+        try:
+            stall = (int(chunks), float(seconds))
+        except ValueError:
+            parser.error(f"--stall takes CHUNKS:SECONDS, e.g. 10:15, not {args.stall!r}")
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
@@ -374,7 +401,7 @@ def main() -> int:
         for n in sizes:
             for mode in args.modes.split(","):
                 row = run_one(work / f"{mode}-{n}", builds, n, mode, loops=args.loops, timeout=args.timeout,
-                              egress_mb_s=args.egress_mb_s, verbose=args.verbose)
+                              egress_mb_s=args.egress_mb_s, verbose=args.verbose, stall=stall)
                 rows.append(row)
                 print(f"  {n:>5} {mode:<9} rollout {row.rollout_s}s  broker {row.broker_bytes / 1e6:.2f} MB  "
                       f"server cpu {row.server_cpu_s}s  committed {row.committed}/{n}  retries {row.retries}  "

@@ -30,10 +30,11 @@ from server.builds import BuildSource
 from server.chunks import ChunkServer
 from server.config import RUNTIME_FILE, BrokerSection, ServerConfig
 from server.errors import ServerError
+from server.fanout import SYS_TOPICS, FanoutPace
 from server.identity import server_logins
 from server.ingest import Ingestor
 from server.keys import atomic_write, load_signing_key, peer_broker_passwords, read_token_file
-from server.metrics import PublishStats, render_metrics
+from server.metrics import Family, PublishStats, render_metrics
 from server.outbox import Outbox, safe_flush
 from server.publisher import MqttLink
 from server.quotas import CHUNK_RESENDS
@@ -93,8 +94,12 @@ class FleetServer:
         # session is taken over with its own login (passwords read first thing: a missing one stops the start)
         client_id = b.username if b.peer_logins else (b.client_id or f"edgefleet-server-{self.instance}")
 
+        p = config.publisher
+        pace = FanoutPace.for_settings(p.broadcast, p.broadcast_egress_mb_s, p.broadcast_max_lead_kib)
+
         def make_link(url: str, peer: str | None = None) -> MqttLink:
             where = BrokerSection(url=url)
+            source = f"{where.host}:{where.port}"
             return MqttLink(
                 host=where.host, port=where.port, client_id=peer or client_id,
                 username=(peer if peer in peers else b.username) or None,
@@ -103,6 +108,9 @@ class FleetServer:
                 tls=where.tls, keepalive_s=b.keepalive_s, max_inflight=config.publisher.max_inflight,
                 shared_subscriptions=b.shared_subscriptions, on_message=self.ingest.submit,
                 subscribe=peer is None, reconnect=peer is None,
+                # a dead peer's session taken over only drains: the pace samples the broker on our own link
+                sys_topics=SYS_TOPICS if pace is not None and peer is None else (),
+                on_sys=lambda topic, payload: self.chunks.observe_broker(source, topic, payload),
             )
 
         # several independent brokers: one link to each, device topics routed by shard (server/shards.py)
@@ -114,7 +122,6 @@ class FleetServer:
             # anonymous broker: any client id; secured: only a login we hold (with our own we would take our session)
             may_take=lambda peer: not b.username or peer in peers,
         ) if b.shared_subscriptions else None
-        p = config.publisher
         self.chunks = ChunkServer(
             read_chunk=self.artifacts.chunk,
             chunk_count=lambda a: self.artifacts.info(a).chunk_count,
@@ -124,7 +131,7 @@ class FleetServer:
             egress_bytes_s=p.broadcast_egress_mb_s * 1e6,
             on_reject=self._on_chunk_reject, on_sent=self.publish_stats.chunk_sent,
             resend_limit=lambda n: int(config.quotas.chunk_resend_factor * n) + config.quotas.chunk_resend_floor,
-            on_throttled=self._on_chunk_throttled,
+            on_throttled=self._on_chunk_throttled, pace=pace,
         )
         self.dispatcher = Dispatcher(self.registry, self.signer, self.artifacts, config)
         self.driver = RolloutDriver(self.registry, self.dispatcher, self.builds, config, owner=self.owner,
@@ -192,7 +199,21 @@ class FleetServer:
 
     def render_metrics(self) -> str:
         return render_metrics(self.registry, ingest=self.ingest.stats, publish=self.publish_stats,
-                              quota=self.ingest.quota_stats, extra=self.http.stats.families())
+                              quota=self.ingest.quota_stats,
+                              extra=[*self.http.stats.families(), *self._pace_families()])
+
+    def _pace_families(self) -> list[Family]:
+        if self.chunks.pace is None:
+            return []
+        factor, lead, cuts = self.chunks.pace_state()
+        return [
+            Family("edgefleet_broadcast_pace", "gauge",
+                   "Share of publisher.broadcast_egress_mb_s in use (it follows the subscribers)").add(factor),
+            Family("edgefleet_broadcast_lead_chunks", "gauge",
+                   "Chunks the broker holds for the slowest subscriber of the shared streams").add(lead),
+            Family("edgefleet_broadcast_pace_cuts_total", "counter",
+                   "Times the fan-out budget was halved because subscribers lagged").add(cuts),
+        ]
 
     # -- lifecycle ------------------------------------------------------------------------------------
 

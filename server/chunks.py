@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from agent.protocol.messages import ChunkRequest
 from agent.protocol.topics import Channel, artifact_topic, device_topic
 from server.errors import ServerError
+from server.fanout import FanoutPace
 
 log = logging.getLogger("edgefleet.chunks")
 
@@ -121,7 +122,10 @@ class ArtifactSchedule:
         self._requesters: set[str] = set()
         self._expected: frozenset[str] = frozenset()
         self._audience: set[str] = set()
-        #: (monotonic) the sender leaves this artifact alone until then (fan-out pacing)
+        #: fan-out pacing: the last broadcast chunk went at ``paced_from`` (monotonic) and costs ``paced_s``
+        #: seconds of the full budget; the sender leaves this artifact alone until ``paced_until``
+        self.paced_from = 0.0
+        self.paced_s = 0.0
         self.paced_until = 0.0
         self._late: dict[str, set[int]] = {}
         self._unicast: OrderedDict[str, list[int]] = OrderedDict()  # device -> indexes, descending
@@ -275,7 +279,10 @@ class ChunkServer:
         egress_bytes_s: float = 0.0,
         resend_limit: Callable[[int], int | None] = lambda count: None,
         on_throttled: Callable[[ChunkRequest, str], None] | None = None,
+        pace: FanoutPace | None = None,
     ) -> None:
+        self._pace = pace
+        self._pace_lock = threading.Lock()
         self._resend_limit = resend_limit
         self._on_throttled = on_throttled
         self._ledgers: OrderedDict[str, ResendLedger] = OrderedDict()
@@ -308,6 +315,31 @@ class ChunkServer:
         with self._cond:
             self._expected.setdefault(artifact_id, set()).update(device_ids)
             self._cond.notify()
+
+    def observe_broker(self, source: str, topic: str, payload: bytes) -> None:
+        """A broker $SYS counter (paho's thread, one per broker): feeds the fan-out pace."""
+        if self._pace is None:
+            return
+        with self._pace_lock:
+            now = self._clock()
+            before = self._pace.factor(now)
+            self._pace.observe(source, topic, payload, now)
+            raised = self._pace.factor(now) > before
+        if raised:  # a waiting stream may go sooner
+            with self._cond:
+                self._cond.notify()
+
+    @property
+    def pace(self) -> FanoutPace | None:
+        """The fan-out pace (None: the fixed budget, or no budget); read it under no lock for a look only."""
+        return self._pace
+
+    def pace_state(self) -> tuple[float, int, int]:
+        """(share of the fan-out budget in use, 1 = the configured one; lead in chunks; cuts so far)."""
+        if self._pace is None:
+            return 1.0, 0, 0
+        with self._pace_lock:
+            return self._pace.factor(self._clock()), self._pace.lead, self._pace.decreases
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgefleet-chunks", daemon=True)
@@ -386,15 +418,20 @@ class ChunkServer:
             now = self._clock()
             self._accept(now)
             sent = False
+            factor = self._pace_factor(now)
             for artifact_id in list(self._schedules):
                 sched = self._schedules[artifact_id]
+                # the wait follows the pace as it changes: a stream cut to 1/16 resumes as soon as it is raised
+                sched.paced_until = sched.paced_from + sched.paced_s / factor
                 if sched.paced_until > now:
                     continue
                 step = sched.next_send(now)
                 if step is not None:
                     size = self._send(artifact_id, step)
                     if self._egress > 0 and step.device_id is None:
-                        sched.paced_until = now + size * sched.audience / self._egress
+                        self._note_chunk(size)
+                        sched.paced_from, sched.paced_s = now, size * sched.audience / self._egress
+                        sched.paced_until = now + sched.paced_s / factor
                     sent = True
                 elif sched.idle:
                     del self._schedules[artifact_id]
@@ -406,6 +443,17 @@ class ChunkServer:
             with self._cond:
                 if not self._inbox and not self._stop.is_set():
                     self._cond.wait(timeout=min(timeout, 1.0) if timeout > 0 else 0.005)
+
+    def _pace_factor(self, now: float) -> float:
+        if self._pace is None:
+            return 1.0
+        with self._pace_lock:
+            return self._pace.factor(now)
+
+    def _note_chunk(self, size: int) -> None:
+        if self._pace is not None and size > 0:
+            with self._pace_lock:
+                self._pace.note_chunk(size)
 
     def _send(self, artifact_id: str, step: Send) -> int:
         try:

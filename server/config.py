@@ -285,6 +285,10 @@ class PublisherSection:
     #: broker fan-out budget for shared streams, MB/s; 0 = unpaced. A stream expected by N devices goes at
     #: this / N MB/s, so the broker's egress (N copies) stays near it (docs/simulator.md measures why)
     broadcast_egress_mb_s: float = 0.0
+    #: follow the subscribers: when a shared stream runs more than this many KiB ahead of its slowest
+    #: subscriber (the broker's $SYS counters), the fan-out budget is halved, and raised again as they
+    #: catch up (server/fanout.py); keep it under the broker's per-client queue; 0 = the fixed budget
+    broadcast_max_lead_kib: int = 1024
     #: lifetime of a signed desired state, 60 s..365 days
     desired_ttl_s: float = 7 * 86400.0
     #: re-sign a desired state this long before it expires (must be < desired_ttl_s)
@@ -304,6 +308,8 @@ class PublisherSection:
         _check(self.late_broadcast_threshold >= 1, "publisher", "late_broadcast_threshold", "must be >= 1")
         _check(0.0 <= self.broadcast_egress_mb_s <= 1e6, "publisher", "broadcast_egress_mb_s",
                "must be within 0 (unpaced)..1e6")
+        _check(0 <= self.broadcast_max_lead_kib <= 1 << 20, "publisher", "broadcast_max_lead_kib",
+               "must be within 0 (fixed budget)..1048576")
         _check(60.0 <= self.desired_ttl_s <= 365 * 86400.0, "publisher", "desired_ttl_s",
                "must be within 60 s..365 days")
         _check(0.0 < self.resign_margin_s < self.desired_ttl_s, "publisher", "resign_margin_s",

@@ -10,7 +10,9 @@ Theory of operation
     server's own threads, never from paho's callback thread.
 
     Incoming messages are handed to ``on_message(topic, payload, retained)`` on paho's thread;
-    the receiver must return quickly (the ingest queues them for its own thread).
+    the receiver must return quickly (the ingest queues them for its own thread). With
+    ``sys_topics`` the link also subscribes those broker ``$SYS`` counters and hands them to
+    ``on_sys(topic, payload)`` instead (the broadcast fan-out pace, server/fanout.py).
 
     With ``shared_subscriptions`` the device traffic (except retained state, which every
     process wants to see on connect) is subscribed as ``$share/edgefleet-server/...`` so that
@@ -23,7 +25,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -56,7 +58,11 @@ class MqttLink:
         on_connection: Callable[[bool], None] | None = None,
         publish_timeout_s: float = 60.0,
         reconnect: bool = True,
+        sys_topics: Sequence[str] = (),
+        on_sys: Callable[[str, bytes], None] | None = None,
     ) -> None:
+        self._sys_topics = tuple(sys_topics) if on_sys is not None else ()
+        self._on_sys = on_sys
         self.host, self.port = host, port
         self._keepalive = keepalive_s
         self._subscribe = subscribe
@@ -121,6 +127,8 @@ class MqttLink:
                 topic = f"{ROOT}/dev/+/{channel}"
                 subs.append((shared_subscription(topic) if self._shared else topic, 1))
             client.subscribe(subs)
+        if self._sys_topics:
+            client.subscribe([(topic, 0) for topic in self._sys_topics])
         self.connected.set()
         if self._on_connection is not None:
             self._on_connection(True)
@@ -140,10 +148,12 @@ class MqttLink:
             self._on_connection(False)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        if self._on_message_cb is None:
-            return
         try:
-            self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
+            if msg.topic.startswith("$SYS/"):
+                if self._on_sys is not None:
+                    self._on_sys(msg.topic, bytes(msg.payload))
+            elif self._on_message_cb is not None:
+                self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:  # a bug in a receiver must not kill paho's network thread
             log.exception("message handler failed on %s", msg.topic)
 

@@ -7,6 +7,7 @@ import time
 
 from agent.protocol.messages import ChunkRequest
 from server.chunks import ArtifactSchedule, ChunkServer, Send
+from server.fanout import FanoutPace, PaceSettings
 
 
 def drain(s: ArtifactSchedule, now: float, limit: int = 10_000) -> list[Send]:
@@ -95,7 +96,7 @@ def test_out_of_range_indexes_are_clamped() -> None:
     assert drain(s, 0.0) == [Send(2, None)]
 
 
-def _paced_run(egress_bytes_s: float) -> list[float]:
+def _paced_run(egress_bytes_s: float, pace: FanoutPace | None = None) -> list[float]:
     sent: list[float] = []
     done = threading.Event()
 
@@ -106,7 +107,7 @@ def _paced_run(egress_bytes_s: float) -> list[float]:
 
     server = ChunkServer(read_chunk=lambda a, i: b"x" * 10_000, chunk_count=lambda a: 5, authorize=lambda d, a: True,
                          publish=publish, broadcast=True, window_s=0.0, late_threshold=3,
-                         egress_bytes_s=egress_bytes_s)
+                         egress_bytes_s=egress_bytes_s, pace=pace)
     art = "ab" * 16
     server.expect(art, [f"d{i}" for i in range(10)])
     server.start()
@@ -124,6 +125,18 @@ def test_a_shared_stream_is_paced_by_its_fan_out() -> None:
     assert paced[-1] - paced[0] >= 0.35
     unpaced = _paced_run(0.0)
     assert unpaced[-1] - unpaced[0] < 0.3
+
+
+def test_subscribers_lagging_behind_slow_the_shared_stream() -> None:
+    pace = FanoutPace(PaceSettings(max_lead_bytes=160_000, hold_s=0.0, stale_s=600.0))
+    now = time.monotonic()
+    for i, held in enumerate([0, 10, 20, 40]):  # the broker holds ever more chunks: cut twice, to a quarter
+        for _ in range(20):
+            pace.note_chunk(10_000)
+        pace.sample("broker", now - 3 + i, held)
+    assert pace.factor(now) == 0.25
+    paced = _paced_run(1e6, pace)  # 0.1 s between chunks at the full budget, 0.4 s at a quarter
+    assert paced[-1] - paced[0] >= 1.4
 
 
 # -- asking again (quotas) ---------------------------------------------------------------------------------
