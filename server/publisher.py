@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol.topics import ROOT, shared_subscription
+from agent.tcp import no_delay
 from server.errors import PublishError
 
 log = logging.getLogger("edgefleet.mqtt")
@@ -95,6 +96,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_socket_open = no_delay  # agent/tcp.py: no Nagle stalls on small publishes and acks
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.errors import TransportError
 from agent.runtime.config import BrokerConfig
+from agent.tcp import no_delay
 
 log = logging.getLogger("agent.mqtt")
 
@@ -107,6 +108,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
+        client.on_socket_open = no_delay  # see agent/tcp.py: Nagle cost ~40 ms per chunk request
         self._client = client
         self._set_will()
 
