@@ -60,10 +60,11 @@ def test_ppocr_det_int8_on_x86_is_fused_and_passes_with_elementwise_ops_and_4_co
     convs = [n.name for n in graph if n.op_type in ("Conv", "ConvTranspose")]
     assert {n for n in convs if n in kept} == set(convs[:4]) and convs[0] == "p2o.Conv.0", sorted(kept)
     elementwise = {n.name for n in onnx.load(str(static.path)).graph.node
-                   if n.op_type in ("Add", "Mul", "Clip", "HardSigmoid")}
+                   if n.op_type in ("Add", "Mul", "HardSigmoid")}
     assert elementwise and elementwise <= kept
     # LCNetV3's scalar affine after 28 convolutions is folded into them before quantizing
     assert "28 scalar Mul/Add after a Conv folded into its weights and bias" in result.provenance["notes"]
+    assert "24 hardswish (Add, Clip, Mul, Div) rewritten as x * HardSigmoid(x)" in result.provenance["notes"]
     assert fallbacks[0].path is not None
     fused = _ops_after_session_optimization(fallbacks[0].path, tmp_path)
     assert fused["QLinearConv"] == 62 - 4 and fused["Conv"] == 4 and fused["QLinearAdd"] == 0, fused
@@ -134,3 +135,24 @@ def test_scalar_affine_after_a_conv_is_folded_exactly_and_shared_outputs_are_lef
     after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
     assert onnx_tools.fold_conv_scalar_affine(path) == 0  # nothing left to fold
+
+
+def test_exported_hardswish_is_rewritten_as_hardsigmoid_times_x(tmp_path: Path) -> None:
+    h = onnx.helper
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((3.0, "three"), (0.0, "zero"),
+                                                                               (6.0, "six"))]
+    nodes = [h.make_node("Add", ["x", "three"], ["a"], name="add"),
+             h.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
+             h.make_node("Mul", ["x", "c"], ["m"], name="mul"),
+             h.make_node("Div", ["m", "six"], ["y"], name="div"),
+             h.make_node("Add", ["y", "six"], ["z"], name="not_hardswish")]  # + 6, no Clip after it
+    graph = h.make_graph(nodes, "hswish", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                         [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 64])], inits)
+    path = tmp_path / "hswish.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), str(path))
+    x = {"x": np.linspace(-8, 8, 128, dtype=np.float32).reshape(2, 64)}
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert onnx_tools.fuse_hardswish(path) == 1
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["HardSigmoid", "Mul", "Add"]
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
