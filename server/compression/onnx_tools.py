@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,22 @@ def _scalar(inits: dict[str, onnx.TensorProto], name: str, rank: int) -> float |
     return float(a.reshape(-1)[0]) if a.size == 1 else None
 
 
+def _sole_consumer(g: onnx.GraphProto) -> Callable[[str, str], onnx.NodeProto | None]:
+    """``f(name, op)``: the one node reading tensor ``name`` when it is an ``op`` and ``name`` is not a
+    graph output, else None."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def sole(name: str, op: str) -> onnx.NodeProto | None:
+        cs = consumers.get(name, [])
+        return cs[0] if len(cs) == 1 and cs[0].op_type == op and name not in outputs else None
+
+    return sole
+
+
 def fold_conv_scalar_affine(path: Path) -> int:
     """Fold ``Conv -> Mul(c) [-> Add(d)]`` with scalar constants ``c``, ``d`` into the Conv (weights * c,
     bias * c + d), in place; exact in float. PP-OCRv4's LCNetV3 ends 28 convolutions with such a
@@ -217,15 +233,7 @@ def fold_conv_scalar_affine(path: Path) -> int:
     if any(True for _ in _subgraphs(g)):  # outer-scope names in If/Loop bodies: left alone
         return 0
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
-
-    def only_consumer(name: str, op: str) -> onnx.NodeProto | None:
-        cs = consumers.get(name, [])
-        return cs[0] if len(cs) == 1 and cs[0].op_type == op and name not in outputs else None
+    only_consumer = _sole_consumer(g)
 
     folded = 0
     for conv in list(g.node):
@@ -276,21 +284,13 @@ def fuse_hardswish(path: Path) -> int:
     tenth of its time (PP-OCRv4 det 0.60x fp32 instead of 0.68x, docs/benchmarks.md). Returns how many."""
     model = load(path)
     g = model.graph
-    if any(True for _ in _subgraphs(g)):
+    if any(True for _ in _subgraphs(g)):  # outer-scope names in If/Loop bodies: left alone
         return 0
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    next_node = _sole_consumer(g)
 
     def value(name: str) -> float | None:
         return _scalar(inits, name, 4)
-
-    def next_node(name: str, op: str) -> onnx.NodeProto | None:
-        cs = consumers.get(name, [])
-        return cs[0] if len(cs) == 1 and cs[0].op_type == op and name not in outputs else None
 
     replaced: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
