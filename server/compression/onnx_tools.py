@@ -222,6 +222,14 @@ def _sole_consumer(g: onnx.GraphProto) -> Callable[[str, str], onnx.NodeProto | 
     return sole
 
 
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads (a graph without subgraphs; graph inputs are kept)."""
+    used = {i for n in g.node for i in n.input} | {i.name for i in g.input}
+    live = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(live)
+
+
 def fold_conv_scalar_affine(path: Path) -> int:
     """Fold ``Conv -> Mul(c) [-> Add(d)]`` with scalar constants ``c``, ``d`` into the Conv (weights * c,
     bias * c + d), in place; exact in float. PP-OCRv4's LCNetV3 ends 28 convolutions with such a
@@ -269,10 +277,7 @@ def fold_conv_scalar_affine(path: Path) -> int:
     keep = [n for n in g.node if n.op_type != "_folded"]
     del g.node[:]
     g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | {i.name for i in g.input}
-    live = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(live)
+    _drop_unused_initializers(g)
     save(model, path)
     return folded
 
@@ -320,6 +325,7 @@ def fuse_hardswish(path: Path) -> int:
     nodes = [m for n in g.node if id(n) not in dropped for m in replaced.get(id(n), [n])]
     del g.node[:]
     g.node.extend(nodes)
+    _drop_unused_initializers(g)  # the 3 and 6 constants
     save(model, path)
     return len(replaced)
 
