@@ -586,7 +586,7 @@ class _Builder:
             if rank_key not in self.share.rankings and best.recipe.kind == "dynamic":
                 bits = 7 if best.recipe.params.get("reduce_range") else 8
                 ranked = onnx_tools.matmul_sensitivity(self.pre, self.evaluation, weight_bits=bits)
-            elif rank_key not in self.share.rankings:  # static: the first layers first (front_nodes says why)
+            elif rank_key not in self.share.rankings:  # static: element-wise, then first layers (front_nodes)
                 ranked = onnx_tools.front_nodes(self.pre, best.path)
             self.share.rankings[rank_key] = ranked
         except Exception as exc:
@@ -594,12 +594,7 @@ class _Builder:
             self.notes.append(f"fallback skipped: divergence analysis failed ({type(exc).__name__})")
             return []
         out: list[Candidate] = []
-        previous = 0
-        for share in FALLBACK_SHARES:
-            k = max(previous + 1, math.ceil(len(ranked) * share))
-            if k >= len(ranked):  # keeping every quantized node in float is just fp32
-                break
-            previous = k
+        for k in onnx_tools.fallback_cuts(self.pre, ranked, FALLBACK_SHARES):
             keep = ranked[:k]
             recipe = replace(
                 best.recipe,
