@@ -32,6 +32,7 @@ def test_balanced_pays_a_few_bytes_for_int8_compute_timed_here() -> None:
     assert select([FP32, weights, full], 10.0, optimize="size") == weights
     # not a clear gain (0.85x), or too many bytes (1.6x): the size rule stands
     assert select([FP32, weights, Scored("a", True, 805, 8.5, 0.99)], 10.0) == weights
+    assert select([FP32, weights, Scored("rec-like", True, 805, 7.9, 0.99)], 10.0) == weights  # within noise
     assert select([FP32, weights, Scored("b", True, 950, 5.0, 0.99)], 10.0) == weights
     # a profile not timed here (no estimate): size first
     blind = [Scored(c.name, c.passed, c.ota_size, None, c.fidelity) for c in (FP32, weights, full)]
