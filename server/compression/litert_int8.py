@@ -336,20 +336,11 @@ def _ota(path: Path) -> int:
 
 def channel_ranges(model: Path, data: Dataset, names: Collection[str]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of the named float tensors of ``model`` over ``data``."""
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
-
-    with warnings.catch_warnings():  # "intended for debugging purposes only": it is what this needs
-        warnings.simplefilter("ignore", UserWarning)
-        interp = Interpreter(model_path=str(model), experimental_preserve_all_tensors=True)
-    interp.allocate_tensors()
-    inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
-    wanted = [d for d in interp.get_tensor_details() if d["name"] in names]
     out: dict[str, np.ndarray] = {}
-    for i in range(data.samples):
-        for name, arr in data.feed(i).items():
-            interp.set_tensor(inputs[name], arr.astype(np.float32))
-        interp.invoke()
-        for d in wanted:
+    for interp, details in litert_tools.run_preserving_tensors(model, data):
+        for d in details:
+            if d["name"] not in names:
+                continue
             value = np.abs(interp.get_tensor(d["index"]).reshape(-1, d["shape"][-1])).max(axis=0)
             out[d["name"]] = np.maximum(out.get(d["name"], value), value)
     return out

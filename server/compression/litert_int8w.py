@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from server.compression import litert_compact
 from server.compression.data import Dataset
 from server.compression.gate import GateSpec, check_fidelity, measure_fidelity
-from server.compression.litert_tools import FP16_MAX, _drop_unused_tensors, fix_operator_codes
+from server.compression.litert_tools import FP16_MAX, _drop_unused_tensors, fix_operator_codes, run_preserving_tensors
 
 #: (op name, weight input index, output-channel axis of the weight tensor, bias input index)
 WEIGHT_OPS = {
@@ -250,20 +249,11 @@ def _correct_bias(model: Any, bias: Any, error: np.ndarray, mean: np.ndarray, de
 
 def activation_means(src: Path, data: Dataset) -> dict[str, np.ndarray]:
     """Per-channel mean (last axis) of every float tensor of ``src`` over ``data``, by tensor name."""
-    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
-
-    with warnings.catch_warnings():  # "intended for debugging purposes only": it is what this needs
-        warnings.simplefilter("ignore", UserWarning)
-        interp = Interpreter(model_path=str(src), experimental_preserve_all_tensors=True)
-    interp.allocate_tensors()
-    inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
-    tensors = [d for d in interp.get_tensor_details() if np.dtype(d["dtype"]) == np.float32 and len(d["shape"])]
     sums: dict[str, np.ndarray] = {}
-    for i in range(data.samples):
-        for name, arr in data.feed(i).items():
-            interp.set_tensor(inputs[name], arr.astype(np.float32))
-        interp.invoke()
-        for d in tensors:
+    for interp, details in run_preserving_tensors(src, data):
+        for d in details:
+            if np.dtype(d["dtype"]) != np.float32 or not len(d["shape"]):
+                continue
             try:
                 value = interp.get_tensor(d["index"])
             except ValueError:

@@ -13,6 +13,8 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -389,3 +391,21 @@ def float_io(src: Path, dst: Path) -> int:
                     m.tensorIndex = renamed.get(m.tensorIndex, m.tensorIndex)
     dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
     return wrapped
+
+
+def run_preserving_tensors(model: Path, data: Dataset) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+    """Run ``model`` on each sample of ``data`` with every intermediate tensor kept readable: yields the
+    interpreter after each invoke and the tensor details to read with ``get_tensor`` (calibration statistics)."""
+    from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+    with warnings.catch_warnings():  # "intended for debugging purposes only": it is what this needs
+        warnings.simplefilter("ignore", UserWarning)
+        interp = Interpreter(model_path=str(model), experimental_preserve_all_tensors=True)
+    interp.allocate_tensors()
+    inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
+    details = interp.get_tensor_details()
+    for i in range(data.samples):
+        for name, arr in data.feed(i).items():
+            interp.set_tensor(inputs[name], arr.astype(np.float32))
+        interp.invoke()
+        yield interp, details
