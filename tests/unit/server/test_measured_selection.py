@@ -34,6 +34,14 @@ def test_balanced_pays_a_few_bytes_for_int8_compute_timed_here() -> None:
     assert select([FP32, weights, Scored("a", True, 805, 8.5, 0.99)], 10.0) == weights
     assert select([FP32, weights, Scored("rec-like", True, 805, 7.9, 0.99)], 10.0) == weights  # within noise
     assert select([FP32, weights, Scored("b", True, 950, 5.0, 0.99)], 10.0) == weights
+    # the same bytes (within SIZE_SLACK): a clear gain (<= 0.93x) wins over the size rule's fidelity order,
+    # noise (0.95x) does not; face_mesh: full int8 1.004x the bytes, 0.83x the time, less faithful (0.9997 against 1.0)
+    same = Scored("litert-static-wi8-ai8", True, 592, 8.3, 0.994)
+    assert select([FP32, weights, same], 10.0) == same
+    assert select([FP32, weights, same], 10.0, optimize="size") == weights
+    assert select([FP32, weights, Scored("c", True, 592, 9.5, 0.994)], 10.0) == weights
+    # just past SIZE_SLACK the clear-gain rule (0.75x) applies again
+    assert select([FP32, weights, Scored("d", True, 660, 8.3, 0.994)], 10.0) == weights
     # a profile not timed here (no estimate): size first
     blind = [Scored(c.name, c.passed, c.ota_size, None, c.fidelity) for c in (FP32, weights, full)]
     assert select(blind, None).name == "int8-weights-searched"
