@@ -46,9 +46,12 @@ def test_select_prefers_small_passing_variants_and_never_ships_a_failure() -> No
     # ... but not over sub-0.1 ms noise
     picked = select([Scored("fp32", True, 1000, 0.02), Scored("q", True, 300, 0.03)], 0.02)
     assert picked is not None and picked.name == "q"
-    # near-equal sizes: the more faithful wins
-    a, b = Scored("a", True, 300, 6.0, 0.985), Scored("b", True, 310, 7.0, 0.99)
+    # near-equal sizes: the more faithful wins, unless (balanced) the other is clearly faster
+    a, b = Scored("a", True, 300, 6.8, 0.985), Scored("b", True, 310, 7.0, 0.99)
     assert select([fp32, a, b], 10.0) == b
+    fast_a = Scored("a", True, 300, 6.0, 0.985)
+    assert select([fp32, fast_a, b], 10.0, optimize="size") == b
+    assert select([fp32, fast_a, b], 10.0) == fast_a
 
 
 def test_fidelity_metrics_and_thresholds() -> None:
