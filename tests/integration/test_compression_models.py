@@ -105,12 +105,16 @@ def test_selfie_tflite_goes_through_litert_quantizer(tmp_path: Path) -> None:
     assert result.runtime.runtime == "litert" and result.runtime.format == "tflite"
     assert result.chosen.path is not None and result.chosen.path.suffix == ".tflite"
     for c in result.candidates:  # fp16 weights are folded so the quantizer has weights to work on
-        assert c.status in ("passed", "failed"), c.reason
-        assert c.fidelity is not None and c.fidelity.metric == "iou"
         if c.recipe.name != "fp32":
             assert c.size_bytes != rm.path.stat().st_size  # the quantizer did change the model
-    if result.chosen.recipe.name != "fp32":
-        assert result.chosen.passed and result.chosen.size_bytes < rm.path.stat().st_size
+        if c.status == "skipped":  # larger than a passing candidate: not evaluated (gate.cannot_win)
+            assert "cannot be chosen" in c.reason and c.fidelity is None
+            continue
+        assert c.status in ("passed", "failed"), c.reason
+        assert c.fidelity is not None and c.fidelity.metric == "iou"
+    # on real people int8 weight storage keeps the mask (IoU >= 0.97): selfie no longer ships fp32
+    assert result.chosen.recipe.name != "fp32"
+    assert result.chosen.passed and result.chosen.size_bytes < 0.7 * rm.path.stat().st_size
     # the Edge TPU runs full int8 only: it gets that variant, or a clear refusal when it fails the gate
     (tmp_path / "coral").mkdir()
     try:
