@@ -274,7 +274,8 @@ class ApiSection:
 
 @dataclass(frozen=True)
 class PublisherSection:
-    #: QoS 1 publishes in flight at once (paced: the broker's queues never overflow), 1..1000
+    #: QoS 1 publishes in flight at once (paced: the broker's queues never overflow), 1..1000; as many again may
+    #: wait in the server's MQTT client, which sends each as an acknowledgement frees the window (server/publisher.py)
     max_inflight: int = 64
     #: how long chunk requests for one artifact are collected before a broadcast round, 0..10 s
     chunk_window_s: float = 0.5

@@ -3,11 +3,15 @@
 Theory of operation
     One paho-mqtt 2.x client per server process, with a persistent session (clean_session
     false, a stable client id per instance): device events published while the server was
-    down or restarting wait in the broker and arrive when it reconnects. Publishing is paced:
-    a semaphore of ``max_inflight`` slots is taken before each QoS 1 publish and given back by
-    paho's ``on_publish`` (the broker's PUBACK), so a large artifact never piles up unbounded in
-    paho's or the broker's queues. Publishing blocks, so it is only ever called from the
-    server's own threads, never from paho's callback thread.
+    down or restarting wait in the broker and arrive when it reconnects. Publishing is paced: paho
+    keeps ``max_inflight`` QoS 1 messages in flight and queues the rest, sending each from its own
+    thread when a PUBACK frees the window (as a bare paho publisher does); a publisher that finds
+    2 x ``max_inflight`` messages unacknowledged waits until only ``max_inflight`` are, so a large
+    artifact never piles up unbounded in paho's or the broker's queues, and the publishing thread
+    wakes once per ``max_inflight`` acknowledgements rather than once per message (a semaphore slot
+    per message woke it 512 times a 32 MB artifact: ~20 ms of the server's CPU per transfer,
+    docs/benchmarks.md). Publishing blocks, so it is only ever called from the server's own threads,
+    never from paho's callback thread.
 
     Incoming messages are handed to ``on_message(topic, payload, retained)`` on paho's thread;
     the receiver must return quickly (the ingest queues them for its own thread). With
@@ -71,10 +75,14 @@ class MqttLink:
         self._on_message_cb = on_message
         self._on_connection = on_connection
         self._publish_timeout = publish_timeout_s
-        self._slots = threading.BoundedSemaphore(max_inflight)
+        #: published and not yet acknowledged, and the levels a publisher waits at and for (module doc)
+        self._unacked = 0
+        self._high = 2 * max_inflight
+        self._low = max_inflight
+        self._waiting = 0
         self._pending: set[int] = set()
         self._early: set[int] = set()
-        self._pending_lock = threading.Lock()
+        self._pending_lock = threading.Condition(threading.Lock())
         self.connected = threading.Event()
         self._closing = False
         self.client = mqtt.Client(
@@ -84,7 +92,7 @@ class MqttLink:
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=reconnect,  # False: a taken-over session (server/takeover.py) is handed back
         )
-        # paho's own in-flight window matches ours, so nothing queues inside paho either
+        # paho's in-flight window; what is published beyond it (up to max_inflight more) waits in paho's queue
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -165,34 +173,52 @@ class MqttLink:
         with self._pending_lock:
             if mid in self._pending:
                 self._pending.discard(mid)
+                self._acked()
             else:
                 self._early.add(mid)
-                return
-        self._slots.release()
+
+    def _acked(self) -> None:
+        """One publish acknowledged or given up (under ``_pending_lock``): wake the publishers at the low level."""
+        self._unacked -= 1
+        if self._waiting and self._unacked <= self._low:
+            self._pending_lock.notify_all()
 
     # -- publishing (server threads only) -------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """QoS 1 publish, waiting for an in-flight slot (pacing); raises PublishError when it cannot."""
-        deadline = time.monotonic() + self._publish_timeout
-        while not self._slots.acquire(timeout=0.5):
-            if self._closing or time.monotonic() > deadline:
-                raise PublishError(f"publish to {topic} timed out waiting for the broker")
+        """QoS 1 publish, waiting while 2 x max_inflight are unacknowledged (pacing); PublishError when it cannot."""
+        with self._pending_lock:
+            if self._unacked >= self._high:
+                deadline = time.monotonic() + self._publish_timeout
+                self._waiting += 1
+                try:
+                    while self._unacked > self._low:
+                        if self._closing or time.monotonic() > deadline:
+                            raise PublishError(f"publish to {topic} timed out waiting for the broker")
+                        self._pending_lock.wait(0.5)
+                finally:
+                    self._waiting -= 1
+            self._unacked += 1
+        # not under the lock: paho holds its own message lock when it calls _on_publish
         try:
             info = self.client.publish(topic, payload, qos=1, retain=retain)
             self._checked(info, topic)
         except BaseException:
-            self._slots.release()
+            with self._pending_lock:
+                self._acked()
             raise
         with self._pending_lock:
             if info.mid in self._early:
                 self._early.discard(info.mid)
-                acked = True
+                self._acked()
             else:
                 self._pending.add(info.mid)
-                acked = False
-        if acked:
-            self._slots.release()
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes not yet acknowledged by the broker (in paho's window or queued behind it)."""
+        with self._pending_lock:
+            return self._unacked
 
     @staticmethod
     def _checked(info: mqtt.MQTTMessageInfo, topic: str) -> None:

@@ -57,6 +57,7 @@ from agent.runtime import faults
 from agent.runtime.config import AgentConfig
 from agent.runtime.download import Downloads
 from agent.runtime.download_state import Download
+from agent.runtime.heap import settle_heap
 from agent.runtime.keys import public_key_b64
 from agent.runtime.mqtt import Connected, Disconnected, Message, MqttLink
 from agent.runtime.parts import HostLike, _need, _ref, _ref_text
@@ -225,6 +226,7 @@ class Agent(Downloads, Swapping, Probing):
         self._telemetry_next = self.monotonic() + self.config.telemetry.interval_s
         self._telemetry_since = self.host.now()
         self._telemetry_window_start = self.monotonic()
+        settle_heap()  # the startup heap out of the collector's full passes (agent/runtime/heap.py)
         self._started.set()
 
     def _record_from_store(self) -> JournalRecord:

@@ -13,6 +13,7 @@ from agent.core.lifecycle import Event, Failed, Fallback, RolledBack, Sample, Wa
 from agent.errors import EdgeError, HealthCheckError, MemoryBudgetError, StorageError, VersionNotKeptError
 from agent.protocol.messages import HealthSpec, ModelRef
 from agent.runtime import faults
+from agent.runtime.heap import settle_heap
 from agent.runtime.measuring import Measuring
 from agent.runtime.parts import _peak_rss_bytes, _ref, _ref_text, _reset_peak_rss, _rss_bytes, _window
 from agent.runtime.reporting import Reporting
@@ -226,15 +227,15 @@ class Swapping(Reporting, Measuring):
             log.warning("cannot mark %s committed in the store: %s", _ref_text(target), exc.message)
             self._error_event(exc.code, exc.message)
         standby = self._standby
-        if standby is None or _ref(self.host.active) != target:
-            return
-        if self.config.models.warm_standby and self._standby_fits(target, standby.ref):
-            self._standby_warm = True  # memory only: after a restart the committed version serves alone
-            log.info("keeping the previous version loaded as a warm standby", extra={
-                "fields": {"model": _ref_text(target), "standby": _ref_text(standby.ref)}
-            })
-        else:
-            self._release_standby()
+        if standby is not None and _ref(self.host.active) == target:
+            if self.config.models.warm_standby and self._standby_fits(target, standby.ref):
+                self._standby_warm = True  # memory only: after a restart the committed version serves alone
+                log.info("keeping the previous version loaded as a warm standby", extra={
+                    "fields": {"model": _ref_text(target), "standby": _ref_text(standby.ref)}
+                })
+            else:
+                self._release_standby()
+        settle_heap()  # the new version's objects (and a first load's runtime modules) out of full collections
 
     def _release_standby(self) -> None:
         standby, self._standby = self._standby, None
