@@ -230,17 +230,26 @@ def _drop_unused_initializers(g: onnx.GraphProto) -> None:
     g.initializer.extend(live)
 
 
+def _flat_graph(path: Path) -> tuple[onnx.ModelProto, onnx.GraphProto, dict[str, onnx.TensorProto]] | None:
+    """The model at ``path``, its graph and initializers by name; None when the graph has If/Loop bodies (their
+    outer-scope names make a rewrite unsafe: such graphs are left alone)."""
+    model = load(path)
+    g = model.graph
+    if any(True for _ in _subgraphs(g)):
+        return None
+    return model, g, {t.name: t for t in g.initializer}
+
+
 def fold_conv_scalar_affine(path: Path) -> int:
     """Fold ``Conv -> Mul(c) [-> Add(d)]`` with scalar constants ``c``, ``d`` into the Conv (weights * c,
     bias * c + d), in place; exact in float. PP-OCRv4's LCNetV3 ends 28 convolutions with such a
     learnable affine; ORT's Conv+Mul/Add fusions leave it (constants of shape [1]). Quantized, each is
     two more requantized element-wise ops; folded, the int8 fallback runs 0.69x fp32 instead of 0.73x
     (docs/benchmarks.md). Returns how many were folded."""
-    model = load(path)
-    g = model.graph
-    if any(True for _ in _subgraphs(g)):  # outer-scope names in If/Loop bodies: left alone
+    flat = _flat_graph(path)
+    if flat is None:
         return 0
-    inits = {t.name: t for t in g.initializer}
+    model, g, inits = flat
     only_consumer = _sole_consumer(g)
 
     folded = 0
@@ -287,11 +296,10 @@ def fuse_hardswish(path: Path) -> int:
     ``x * HardSigmoid(x, 1/6, 1/2)``, in place: equal up to float rounding, two element-wise ops instead
     of four. Paddle exports LCNetV3's 24 hardswish so; kept in float by the int8 fallback, they were a
     tenth of its time (PP-OCRv4 det 0.60x fp32 instead of 0.68x, docs/benchmarks.md). Returns how many."""
-    model = load(path)
-    g = model.graph
-    if any(True for _ in _subgraphs(g)):  # outer-scope names in If/Loop bodies: left alone
+    flat = _flat_graph(path)
+    if flat is None:
         return 0
-    inits = {t.name: t for t in g.initializer}
+    model, g, inits = flat
     next_node = _sole_consumer(g)
 
     def value(name: str) -> float | None:
